@@ -1,0 +1,64 @@
+// JobSpec <-> YAML, defaults and validation: the one place where a job
+// specification is checked, used by the CLI (before sending) and by the
+// coordinator (before storing). Depends only on protobuf and yaml-cpp, so the
+// trainer can read the same YAML.
+//
+// YAML keys are the JobSpec field names, which follow HF TrainingArguments,
+// PEFT LoraConfig and BitsAndBytesConfig:
+//
+//   name: llama3-8b-guanaco
+//   model: {model_name_or_path: /models/Meta-Llama-3-8B}
+//   dataset: {data_files: [train.jsonl], format: text}
+//   lora: {r: 16, lora_alpha: 32, lora_dropout: 0.05}
+//   quantization: {load_in_4bit: true, bnb_4bit_use_double_quant: true}
+//   fsdp: {sharding_strategy: FULL_SHARD, offload_params: false}
+//   training: {learning_rate: 2.0e-4, max_steps: 100, gradient_accumulation_steps: 4}
+//   resources: {num_ranks: 4, gpus_per_host: 4, min_gpu_memory: 40GiB}
+//
+// Thread-safe: all functions are pure.
+#ifndef FTUNE_PROTO_JOBSPEC_H_
+#define FTUNE_PROTO_JOBSPEC_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "ftune/v1/job.pb.h"
+
+namespace ftune {
+
+// Parses YAML text into *spec (cleared first). Unknown keys, wrong types and
+// unparsable values are errors; each names the key path and the bad value,
+// e.g. "training.learning_rate: expected a number, got 'fast'".
+// Returns true when there were no errors. Does not apply defaults or validate.
+bool ParseJobSpecYaml(const std::string& yaml_text, v1::JobSpec* spec,
+                      std::vector<std::string>* errors);
+
+// Reads and parses a YAML file; a file that cannot be read is an error.
+bool LoadJobSpecFile(const std::string& path, v1::JobSpec* spec,
+                     std::vector<std::string>* errors);
+
+// Renders a spec as YAML in the same layout ParseJobSpecYaml reads.
+std::string JobSpecToYaml(const v1::JobSpec& spec);
+
+// Fills every unset field with its default (documented in README's job
+// reference; mostly HF / PEFT / bitsandbytes defaults). Idempotent.
+void ApplyJobSpecDefaults(v1::JobSpec* spec);
+
+// Checks a spec (after defaults) and returns one message per problem, each
+// naming the key and the offending value:
+//   "training.gradient_accumulation_steps (0) must be >= 1"
+// Empty when the spec is valid.
+std::vector<std::string> ValidateJobSpec(const v1::JobSpec& spec);
+
+// Parses "40GiB", "80 GB", "512MiB", "1073741824" into bytes; false if not a size.
+bool ParseByteSize(const std::string& text, int64_t* bytes);
+// 42949672960 -> "40GiB" (exact binary units when possible).
+std::string FormatByteSize(int64_t bytes);
+
+// The LoRA target modules ftune knows (Llama projections).
+const std::vector<std::string>& KnownLoraTargets();
+
+}  // namespace ftune
+
+#endif  // FTUNE_PROTO_JOBSPEC_H_
