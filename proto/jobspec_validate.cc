@@ -90,7 +90,7 @@ void ApplyJobSpecDefaults(v1::JobSpec* spec) {
     f->set_reshard_after_forward(f->sharding_strategy() == "FULL_SHARD");
 
   auto* t = spec->mutable_training();  // HF TrainingArguments defaults
-  if (t->learning_rate() == 0) t->set_learning_rate(5e-5);
+  if (!t->has_learning_rate()) t->set_learning_rate(5e-5);
   if (t->lr_scheduler_type().empty()) t->set_lr_scheduler_type("linear");
   if (t->max_steps() == 0 && t->num_train_epochs() == 0) t->set_num_train_epochs(3);
   if (t->per_device_train_batch_size() == 0) t->set_per_device_train_batch_size(8);

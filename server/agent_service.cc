@@ -1,0 +1,109 @@
+#include "agent_service.h"
+
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
+
+#include "grpc_util.h"
+
+namespace ftune::server {
+namespace {
+
+using Stream = grpc::ServerReaderWriter<v1::CoordinatorToAgent, v1::AgentToCoordinator>;
+
+class StreamLink : public AgentLink {
+ public:
+  explicit StreamLink(Stream* stream) : stream_(stream), writer_([this] { Run(); }) {}
+  ~StreamLink() override { Close(); }
+
+  void Send(const v1::CoordinatorToAgent& msg) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) return;
+    queue_.push_back(msg);
+    cv_.notify_one();
+  }
+
+  void Close() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      closed_ = true;
+      cv_.notify_one();
+    }
+    if (writer_.joinable()) writer_.join();
+  }
+
+ private:
+  void Run() {
+    for (;;) {
+      v1::CoordinatorToAgent msg;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return closed_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        msg = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      if (!stream_->Write(msg)) {
+        std::lock_guard<std::mutex> lock(mu_);
+        closed_ = true;
+        queue_.clear();
+        return;
+      }
+    }
+  }
+
+  Stream* stream_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<v1::CoordinatorToAgent> queue_;
+  bool closed_ = false;
+  std::thread writer_;
+};
+
+}  // namespace
+
+AgentServiceImpl::AgentServiceImpl(JobManager* manager, std::string agent_token)
+    : manager_(manager), token_(std::move(agent_token)) {}
+
+grpc::Status AgentServiceImpl::Connect(grpc::ServerContext* ctx, Stream* stream) {
+  if (auto auth = CheckBearer(*ctx, token_, "agent"); !auth.ok()) return auth;
+  v1::AgentToCoordinator first;
+  if (!stream->Read(&first)) return grpc::Status::OK;
+  if (!first.has_register_())
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                        "the first message on an agent stream must be RegisterAgent");
+  const std::string agent_id = first.register_().agent_id();
+  auto link = std::make_shared<StreamLink>(stream);
+  if (auto st = manager_->RegisterAgent(first.register_(), link); !st.ok()) {
+    link->Close();
+    return ToGrpc(st);
+  }
+  grpc::Status result = grpc::Status::OK;
+  v1::AgentToCoordinator msg;
+  while (stream->Read(&msg)) {
+    if (msg.has_heartbeat()) {
+      manager_->Heartbeat(agent_id);
+    } else if (msg.has_events()) {
+      auto acked = manager_->IngestEvents(agent_id, msg.events());
+      if (!acked.ok()) {
+        result = ToGrpc(acked.status());  // the agent reconnects and resends
+        break;
+      }
+      v1::CoordinatorToAgent ack;
+      ack.mutable_ack()->set_agent_seq(*acked);
+      link->Send(ack);
+    } else if (msg.has_rendezvous()) {
+      manager_->Rendezvous(agent_id, msg.rendezvous());
+    } else if (msg.has_register_()) {
+      result = grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                            "agent registered twice on one stream");
+      break;
+    }
+  }
+  manager_->AgentDisconnected(agent_id, link.get());
+  link->Close();
+  return result;
+}
+
+}  // namespace ftune::server

@@ -1,0 +1,830 @@
+#include "job_manager.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <set>
+
+#include "job_state.h"
+#include "jobspec.h"
+
+namespace ftune::server {
+namespace {
+
+#define FTUNE_RETURN_IF_ERROR(expr)      \
+  do {                                   \
+    absl::Status _st = (expr);           \
+    if (!_st.ok()) return _st;           \
+  } while (0)
+
+std::string JobIdFor(int64_t ordinal) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "job-%06lld", static_cast<long long>(ordinal));
+  return buf;
+}
+
+std::string HostOf(const v1::Job& job, int rank) {
+  for (const auto& p : job.placement())
+    if (p.rank() == rank) return p.host();
+  return "?";
+}
+
+v1::RankStatus* RankStatusOf(v1::Job* job, int rank) {
+  for (auto& r : *job->mutable_ranks())
+    if (r.rank() == rank) return &r;
+  return nullptr;
+}
+
+}  // namespace
+
+int64_t SystemClock::NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+JobManager::JobManager(Store* store, Clock* clock, EventBus* bus, MetricsSink* metrics,
+                       ManagerOptions options)
+    : store_(store), clock_(clock), bus_(bus), metrics_(metrics), options_(options) {}
+
+absl::Status JobManager::Recover() {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto agents = store_->ListAgents();
+  if (!agents.ok()) return agents.status();
+  const int64_t now = clock_->NowMs();
+  for (auto& a : *agents) {
+    AgentState s;
+    s.stored = std::move(a);
+    // Known agents count as alive until they miss a full timeout, so running
+    // jobs survive a coordinator restart while their agents reconnect.
+    s.alive = true;
+    s.last_seen_ms = now;
+    agents_[s.stored.agent.agent_id()] = std::move(s);
+  }
+  RefreshGaugesLocked();
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------- helpers
+
+void JobManager::AddEvent(v1::Job* job, v1::JobEvent event, Pending* p) {
+  event.set_job_id(job->id());
+  event.set_seq(job->last_event_seq() + 1);
+  if (event.time_unix_ms() == 0) event.set_time_unix_ms(clock_->NowMs());
+  job->set_last_event_seq(event.seq());
+  p->events.push_back(std::move(event));
+}
+
+absl::Status JobManager::Transition(v1::Job* job, v1::JobState to, const std::string& reason,
+                                    const std::string& reason_code, Pending* p) {
+  FTUNE_RETURN_IF_ERROR(CheckTransition(job->state(), to));
+  v1::JobEvent e;
+  e.set_rank(-1);
+  e.set_attempt(job->attempt());
+  e.mutable_state_change()->set_from(job->state());
+  e.mutable_state_change()->set_to(to);
+  e.mutable_state_change()->set_reason(reason);
+  job->set_state(to);
+  job->set_state_reason(reason);
+  job->set_reason_code(reason_code);
+  job->set_update_time_unix_ms(clock_->NowMs());
+  AddEvent(job, std::move(e), p);
+  if (IsTerminal(to)) p->ended_jobs.push_back(job->id());
+  return absl::OkStatus();
+}
+
+bool JobManager::AllExited(const v1::Job& job) const {
+  for (const auto& r : job.ranks())
+    if (!r.exited()) return false;
+  return true;
+}
+
+void JobManager::StopRanks(const v1::Job& job, bool save_checkpoint, const std::string& reason,
+                           Pending* p) {
+  std::set<std::string> agents;
+  for (const auto& pl : job.placement()) {
+    for (const auto& r : job.ranks())
+      if (r.rank() == pl.rank() && !r.exited()) agents.insert(pl.agent_id());
+  }
+  for (const auto& a : agents) {
+    v1::CoordinatorToAgent msg;
+    auto* stop = msg.mutable_stop();
+    stop->set_job_id(job.id());
+    stop->set_attempt(job.attempt());
+    stop->set_reason(reason);
+    stop->set_save_checkpoint(save_checkpoint);
+    stop->set_grace_seconds(options_.grace_seconds);
+    p->outbox.emplace_back(a, std::move(msg));
+  }
+}
+
+absl::Status JobManager::Requeue(v1::Job* job, Pending* p) {
+  job->set_restarts(job->restarts() + 1);
+  const std::string from = job->resume_checkpoint().empty()
+                               ? "from the start (no complete checkpoint yet)"
+                               : "from checkpoint " + job->resume_checkpoint();
+  FTUNE_RETURN_IF_ERROR(Transition(
+      job, v1::QUEUED,
+      "restart " + std::to_string(job->restarts()) + " of " +
+          std::to_string(job->spec().max_restarts()) + ": gang restarts " + from,
+      "restarting", p));
+  job->set_attempt(job->attempt() + 1);
+  job->clear_placement();
+  job->clear_ranks();
+  p->restarted_jobs.push_back(job->id());
+  return absl::OkStatus();
+}
+
+absl::Status JobManager::FailAttempt(v1::Job* job, const std::string& why,
+                                     const std::string& code, Pending* p) {
+  if (job->restarts() < job->spec().max_restarts()) {
+    FTUNE_RETURN_IF_ERROR(Transition(job, v1::RESTARTING, why, code, p));
+    StopRanks(*job, /*save_checkpoint=*/false, "gang restart: " + why, p);
+    if (AllExited(*job)) return Requeue(job, p);
+    return absl::OkStatus();
+  }
+  FTUNE_RETURN_IF_ERROR(Transition(
+      job, v1::FAILED,
+      why + " (no restarts left: max_restarts is " + std::to_string(job->spec().max_restarts()) +
+          ")",
+      code, p));
+  StopRanks(*job, /*save_checkpoint=*/false, "job failed: " + why, p);
+  return absl::OkStatus();
+}
+
+absl::Status JobManager::RankExited(v1::Job* job, int32_t rank, int32_t exit_code,
+                                    const std::string& failure, Pending* p) {
+  v1::RankStatus* rs = RankStatusOf(job, rank);
+  if (rs == nullptr || rs->exited()) return absl::OkStatus();
+  rs->set_exited(true);
+  rs->set_exit_code(exit_code);
+  switch (job->state()) {
+    case v1::SCHEDULED:
+    case v1::RUNNING:
+      if (exit_code != 0) return FailAttempt(job, failure, "rank_failed", p);
+      if (AllExited(*job)) {
+        return Transition(job, v1::SUCCEEDED,
+                          "all " + std::to_string(job->ranks_size()) + " ranks finished", "", p);
+      }
+      return absl::OkStatus();
+    case v1::RESTARTING:
+      return AllExited(*job) ? Requeue(job, p) : absl::OkStatus();
+    case v1::CANCELLING:
+      return AllExited(*job) ? Transition(job, v1::CANCELLED, "cancelled by user; ranks stopped",
+                                          "cancelled", p)
+                             : absl::OkStatus();
+    default:
+      return absl::OkStatus();
+  }
+}
+
+absl::Status JobManager::HandleRankEvent(v1::Job* job, const AgentState& agent,
+                                         const v1::RankEvent& ev, Pending* p) {
+  const bool current = ev.attempt() == job->attempt() && !IsTerminal(job->state());
+  v1::JobEvent je;
+  je.set_rank(ev.rank());
+  je.set_attempt(ev.attempt());
+  je.set_time_unix_ms(ev.time_unix_ms());
+  const std::string& host = agent.stored.agent.host();
+  switch (ev.payload_case()) {
+    case v1::RankEvent::kMessage: {
+      const v1::RankMessage& m = ev.message();
+      switch (m.payload_case()) {
+        case v1::RankMessage::kHello: {
+          const auto& h = m.hello();
+          je.mutable_log()->set_level("INFO");
+          je.mutable_log()->set_text("rank " + std::to_string(ev.rank()) + " started on " + host +
+                                     " (" + h.device() + ", pid " + std::to_string(h.pid()) +
+                                     (h.start_step() > 0
+                                          ? ", resuming at step " + std::to_string(h.start_step())
+                                          : "") +
+                                     ")");
+          AddEvent(job, std::move(je), p);
+          if (current) {
+            if (auto* rs = RankStatusOf(job, ev.rank())) rs->set_started(true);
+            bool all = true;
+            for (const auto& r : job->ranks()) all = all && r.started();
+            if (all && job->state() == v1::SCHEDULED)
+              return Transition(job, v1::RUNNING,
+                                "all " + std::to_string(job->ranks_size()) + " ranks started", "",
+                                p);
+          }
+          return absl::OkStatus();
+        }
+        case v1::RankMessage::kStep:
+          *je.mutable_step() = m.step();
+          if (current && ev.rank() == 0) {
+            job->set_last_step(m.step().step());
+            job->set_last_loss(m.step().loss());
+          }
+          break;
+        case v1::RankMessage::kMemory:
+          *je.mutable_memory() = m.memory();
+          break;
+        case v1::RankMessage::kCheckpoint:
+          *je.mutable_checkpoint() = m.checkpoint();
+          if (m.checkpoint().complete() && ev.rank() == 0) {
+            v1::Checkpoint c;
+            c.set_job_id(job->id());
+            c.set_step(m.checkpoint().step());
+            c.set_path(m.checkpoint().path());
+            c.set_bytes(m.checkpoint().bytes());
+            c.set_complete(true);
+            c.set_create_time_unix_ms(ev.time_unix_ms());
+            FTUNE_RETURN_IF_ERROR(store_->InsertCheckpoint(c));
+            if (job->spec().training().save_total_limit() > 0)
+              FTUNE_RETURN_IF_ERROR(store_->PruneCheckpoints(
+                  job->id(), job->spec().training().save_total_limit()));
+            job->set_resume_checkpoint(c.path());
+          }
+          break;
+        case v1::RankMessage::kEval:
+          *je.mutable_eval() = m.eval();
+          break;
+        case v1::RankMessage::kLog:
+          *je.mutable_log() = m.log();
+          break;
+        case v1::RankMessage::kError:
+          *je.mutable_error() = m.error();
+          break;
+        case v1::RankMessage::kDone:
+          *je.mutable_done() = m.done();
+          if (ev.rank() == 0 && !m.done().adapter_path().empty())
+            job->set_adapter_path(m.done().adapter_path());
+          break;
+        default:
+          je.mutable_log()->set_level("WARNING");
+          je.mutable_log()->set_text("rank sent a message this coordinator does not know");
+      }
+      AddEvent(job, std::move(je), p);
+      return absl::OkStatus();
+    }
+    case v1::RankEvent::kExit: {
+      const auto& x = ev.exit();
+      std::string what;
+      if (x.hung()) what = "was silent too long and was killed";
+      else if (x.exit_code() < 0) what = "was killed by signal " + std::to_string(-x.exit_code());
+      else what = "exited with code " + std::to_string(x.exit_code());
+      const std::string msg = "rank " + std::to_string(ev.rank()) + " on " + host + " " + what;
+      const bool failed = x.exit_code() != 0 || x.hung();
+      if (failed) {
+        je.mutable_error()->set_message(msg);
+        *je.mutable_error()->mutable_stderr_tail() = x.stderr_tail();
+      } else {
+        je.mutable_log()->set_level("INFO");
+        je.mutable_log()->set_text(msg);
+      }
+      AddEvent(job, std::move(je), p);
+      if (!current) return absl::OkStatus();
+      std::string failure = msg;
+      if (failed && x.stderr_tail_size() > 0)
+        failure += ": " + x.stderr_tail(x.stderr_tail_size() - 1);
+      return RankExited(job, ev.rank(), failed ? (x.exit_code() != 0 ? x.exit_code() : -9) : 0,
+                        failure, p);
+    }
+    case v1::RankEvent::kLaunchFailed: {
+      *je.mutable_error() = ev.launch_failed();
+      const std::string msg = "rank " + std::to_string(ev.rank()) + " could not start on " +
+                              host + ": " + ev.launch_failed().message();
+      je.mutable_error()->set_message(msg);
+      AddEvent(job, std::move(je), p);
+      if (!current) return absl::OkStatus();
+      return RankExited(job, ev.rank(), -1, msg, p);
+    }
+    default:
+      return absl::OkStatus();
+  }
+}
+
+// ---------------------------------------------------------------- JobService
+
+absl::StatusOr<v1::Job> JobManager::CreateJob(v1::JobSpec spec, const std::string& request_id) {
+  ApplyJobSpecDefaults(&spec);
+  std::vector<std::string> errors = ValidateJobSpec(spec);
+  if (!errors.empty()) {
+    std::string msg = "invalid job spec: ";
+    for (size_t i = 0; i < errors.size(); ++i) msg += (i ? "; " : "") + errors[i];
+    return absl::InvalidArgumentError(msg);
+  }
+  if (request_id.size() > 128)
+    return absl::InvalidArgumentError("request_id is longer than 128 characters");
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!request_id.empty()) {
+    auto found = store_->FindJobByRequestId(request_id);
+    if (!found.ok()) return found.status();
+    if (found->has_value()) {
+      v1::JobSpec same = spec;
+      if (same.name().empty()) same.set_name((*found)->spec().name());
+      if ((*found)->spec().SerializeAsString() != same.SerializeAsString())
+        return absl::AlreadyExistsError("request_id '" + request_id +
+                                        "' was already used for job " + (*found)->id() +
+                                        " with a different spec");
+      return **found;
+    }
+  }
+  auto fleet = FleetLocked(/*include_used=*/false);
+  if (auto st = CheckFits(spec.resources(), fleet); !st.ok()) return st;
+
+  Pending p;
+  v1::Job job;
+  auto st = store_->Transaction([&]() -> absl::Status {
+    auto ordinal = store_->NextOrdinal();
+    if (!ordinal.ok()) return ordinal.status();
+    job.set_id(JobIdFor(*ordinal));
+    if (spec.name().empty()) spec.set_name(job.id());
+    *job.mutable_spec() = spec;
+    job.set_request_id(request_id);
+    job.set_state(v1::QUEUED);
+    job.set_state_reason("waiting for the scheduler");
+    job.set_create_time_unix_ms(clock_->NowMs());
+    job.set_update_time_unix_ms(job.create_time_unix_ms());
+    v1::JobEvent e;
+    e.set_rank(-1);
+    e.mutable_state_change()->set_to(v1::QUEUED);
+    e.mutable_state_change()->set_reason("submitted");
+    AddEvent(&job, std::move(e), &p);
+    FTUNE_RETURN_IF_ERROR(store_->InsertJob(job, *ordinal));
+    for (const auto& ev : p.events) FTUNE_RETURN_IF_ERROR(store_->AppendEvent(ev));
+    return absl::OkStatus();
+  });
+  if (!st.ok()) return st;
+  Flush(&p);
+  Pending sched;
+  ScheduleLocked(&sched);
+  Flush(&sched);
+  auto fresh = store_->GetJob(job.id());
+  return fresh.ok() ? *fresh : job;
+}
+
+absl::StatusOr<v1::Job> JobManager::GetJob(const std::string& job_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return store_->GetJob(job_id);
+}
+
+absl::StatusOr<ListJobsResult> JobManager::ListJobs(const v1::ListJobsRequest& req) {
+  if (req.page_size() < 0) return absl::InvalidArgumentError("page_size must be >= 0");
+  JobFilter f;
+  f.limit = req.page_size() == 0 ? 100 : std::min(req.page_size(), 1000);
+  if (!req.page_token().empty()) {
+    char* end = nullptr;
+    f.after_ordinal = std::strtoll(req.page_token().c_str(), &end, 10);
+    if (*end != '\0' || f.after_ordinal < 0)
+      return absl::InvalidArgumentError("page_token '" + req.page_token() +
+                                        "' is not one this server returned");
+  }
+  for (int s : req.states()) f.states.push_back(static_cast<v1::JobState>(s));
+  for (const auto& [k, v] : req.labels()) f.labels.emplace_back(k, v);
+  std::lock_guard<std::mutex> lock(mu_);
+  // One extra row tells whether another page exists.
+  ++f.limit;
+  auto rows = store_->ListJobs(f);
+  if (!rows.ok()) return rows.status();
+  ListJobsResult out;
+  const size_t page = static_cast<size_t>(f.limit - 1);
+  for (size_t i = 0; i < rows->size() && i < page; ++i) out.jobs.push_back((*rows)[i].second);
+  if (rows->size() > page) out.next_page_token = std::to_string((*rows)[page - 1].first);
+  return out;
+}
+
+absl::StatusOr<v1::Job> JobManager::CancelJob(const std::string& job_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Pending p;
+  v1::Job job;
+  auto st = store_->Transaction([&]() -> absl::Status {
+    auto got = store_->GetJob(job_id);
+    if (!got.ok()) return got.status();
+    job = *got;
+    if (IsTerminal(job.state()))
+      return absl::FailedPreconditionError("job " + job_id + " already ended (" +
+                                           StateName(job.state()) + "); nothing to cancel");
+    if (job.state() == v1::CANCELLING) return absl::OkStatus();
+    if (job.state() == v1::QUEUED) {
+      FTUNE_RETURN_IF_ERROR(
+          Transition(&job, v1::CANCELLED, "cancelled by user while queued", "cancelled", &p));
+    } else {
+      FTUNE_RETURN_IF_ERROR(Transition(&job, v1::CANCELLING,
+                                       "cancelled by user; ranks save a checkpoint and stop",
+                                       "cancelled", &p));
+      StopRanks(job, /*save_checkpoint=*/true, "cancelled by user", &p);
+      if (AllExited(job))
+        FTUNE_RETURN_IF_ERROR(
+            Transition(&job, v1::CANCELLED, "cancelled by user", "cancelled", &p));
+    }
+    FTUNE_RETURN_IF_ERROR(store_->UpdateJob(job));
+    for (const auto& ev : p.events) FTUNE_RETURN_IF_ERROR(store_->AppendEvent(ev));
+    return absl::OkStatus();
+  });
+  if (!st.ok()) return st;
+  Flush(&p);
+  Pending sched;
+  ScheduleLocked(&sched);
+  Flush(&sched);
+  return job;
+}
+
+absl::StatusOr<std::vector<v1::Checkpoint>> JobManager::ListCheckpoints(
+    const std::string& job_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (auto job = store_->GetJob(job_id); !job.ok()) return job.status();
+  return store_->ListCheckpoints(job_id);
+}
+
+std::vector<v1::Agent> JobManager::ListAgents() {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<v1::Agent> out;
+  for (auto& [id, a] : agents_) {
+    v1::Agent agent = a.stored.agent;
+    agent.set_alive(a.alive);
+    agent.set_last_seen_unix_ms(a.last_seen_ms);
+    out.push_back(std::move(agent));
+  }
+  JobFilter f;
+  f.states = {v1::SCHEDULED, v1::RUNNING, v1::RESTARTING, v1::CANCELLING};
+  f.limit = 1 << 20;
+  if (auto rows = store_->ListJobs(f); rows.ok()) {
+    for (const auto& [ord, job] : *rows)
+      for (const auto& pl : job.placement())
+        for (auto& agent : out)
+          if (agent.agent_id() == pl.agent_id()) {
+            auto* u = agent.add_used();
+            *u = pl;
+            u->set_agent_id(job.id());  // in `used`, agent_id names the job holding the slot
+          }
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<v1::JobEvent>> JobManager::ReadEvents(const std::string& job_id,
+                                                                 int64_t after_seq, int limit) {
+  // Reads need no manager lock: events are immutable once committed.
+  return store_->ReadEvents(job_id, after_seq, INT64_MAX, limit);
+}
+
+// ---------------------------------------------------------------- agents
+
+absl::Status JobManager::RegisterAgent(const v1::RegisterAgent& reg,
+                                       std::shared_ptr<AgentLink> link) {
+  if (reg.agent_id().empty()) return absl::InvalidArgumentError("register: agent_id is empty");
+  if (reg.slots_size() == 0)
+    return absl::InvalidArgumentError("register: agent " + reg.host() +
+                                      " has no slots (no GPUs found and no --cpu-slots)");
+  std::lock_guard<std::mutex> lock(mu_);
+  AgentState& a = agents_[reg.agent_id()];
+  a.stored.agent.set_agent_id(reg.agent_id());
+  a.stored.agent.set_host(reg.host());
+  *a.stored.agent.mutable_slots() = reg.slots();
+  if (auto st = store_->PutAgent(a.stored); !st.ok()) return st;
+  a.link = std::move(link);
+  a.alive = true;
+  a.last_seen_ms = clock_->NowMs();
+  a.reported_running.assign(reg.running().begin(), reg.running().end());
+
+  v1::CoordinatorToAgent registered;
+  registered.mutable_registered()->set_heartbeat_interval_ms(options_.heartbeat_interval_ms);
+  for (const auto& r : reg.running()) {
+    auto job = store_->GetJob(r.job_id());
+    bool wanted = false;
+    if (job.ok() && HoldsSlots(job->state()) && job->state() != v1::CANCELLING &&
+        job->state() != v1::RESTARTING && job->attempt() == r.attempt()) {
+      for (const auto& pl : job->placement())
+        if (pl.rank() == r.rank() && pl.agent_id() == reg.agent_id()) wanted = true;
+    }
+    if (!wanted) *registered.mutable_registered()->add_stale() = r;
+  }
+  a.link->Send(registered);
+  v1::CoordinatorToAgent ack;
+  ack.mutable_ack()->set_agent_seq(a.stored.acked_seq);
+  a.link->Send(ack);
+
+  Pending p;
+  a.lost_check_seq = reg.last_agent_seq();
+  if (a.stored.acked_seq >= a.lost_check_seq) CheckLostRanks(&a, &p);
+  Flush(&p);
+  RefreshGaugesLocked();
+  return absl::OkStatus();
+}
+
+void JobManager::CheckLostRanks(AgentState* agent, Pending* p) {
+  agent->lost_check_seq = -1;
+  const std::string& agent_id = agent->stored.agent.agent_id();
+  JobFilter f;
+  f.states = {v1::SCHEDULED, v1::RUNNING, v1::RESTARTING, v1::CANCELLING};
+  f.limit = 1 << 20;
+  auto rows = store_->ListJobs(f);
+  if (!rows.ok()) return;
+  for (auto& [ord, job_row] : *rows) {
+    v1::Job job = job_row;
+    Pending local;
+    v1::Assignment resend;
+    auto st = store_->Transaction([&]() -> absl::Status {
+      for (const auto& pl : job.placement()) {
+        if (pl.agent_id() != agent_id) continue;
+        const v1::RankStatus* rs = RankStatusOf(&job, pl.rank());
+        if (rs == nullptr || rs->exited()) continue;
+        bool running = false;
+        for (const auto& r : agent->reported_running)
+          if (r.job_id() == job.id() && r.attempt() == job.attempt() && r.rank() == pl.rank())
+            running = true;
+        if (running) continue;
+        if (!rs->started() && job.state() == v1::SCHEDULED) {
+          // The assignment may never have reached the agent: send it again.
+          auto* ra = resend.add_ranks();
+          ra->set_rank(pl.rank());
+          ra->set_slot(pl.slot());
+          continue;
+        }
+        FTUNE_RETURN_IF_ERROR(RankExited(&job, pl.rank(), -1,
+                                         "rank " + std::to_string(pl.rank()) + " on " +
+                                             pl.host() + " was lost: its agent restarted",
+                                         &local));
+      }
+      if (local.events.empty()) return absl::OkStatus();
+      FTUNE_RETURN_IF_ERROR(store_->UpdateJob(job));
+      for (const auto& ev : local.events) FTUNE_RETURN_IF_ERROR(store_->AppendEvent(ev));
+      return absl::OkStatus();
+    });
+    if (!st.ok()) continue;
+    if (resend.ranks_size() > 0) {
+      resend.set_job_id(job.id());
+      resend.set_attempt(job.attempt());
+      *resend.mutable_spec() = job.spec();
+      resend.set_world_size(job.placement_size());
+      resend.set_resume_checkpoint(job.resume_checkpoint());
+      v1::CoordinatorToAgent msg;
+      *msg.mutable_assign() = resend;
+      local.outbox.emplace_back(agent_id, std::move(msg));
+    }
+    for (auto& e : local.events) p->events.push_back(std::move(e));
+    for (auto& m : local.outbox) p->outbox.push_back(std::move(m));
+    for (auto& j : local.ended_jobs) p->ended_jobs.push_back(j);
+    for (auto& j : local.restarted_jobs) p->restarted_jobs.push_back(j);
+  }
+}
+
+absl::StatusOr<int64_t> JobManager::IngestEvents(const std::string& agent_id,
+                                                 const v1::RankEventBatch& batch) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = agents_.find(agent_id);
+  if (it == agents_.end())
+    return absl::FailedPreconditionError("agent " + agent_id + " sent events before registering");
+  AgentState& agent = it->second;
+  agent.last_seen_ms = clock_->NowMs();
+  int64_t acked = agent.stored.acked_seq;
+  Pending p;
+  int stored = 0;
+  auto st = store_->Transaction([&]() -> absl::Status {
+    std::map<std::string, v1::Job> jobs;
+    for (const auto& ev : batch.events()) {
+      if (ev.agent_seq() <= acked) continue;  // a resend of something stored
+      acked = ev.agent_seq();
+      auto jit = jobs.find(ev.job_id());
+      if (jit == jobs.end()) {
+        auto job = store_->GetJob(ev.job_id());
+        if (!job.ok()) continue;  // a job this store never had: nothing to attach it to
+        jit = jobs.emplace(ev.job_id(), *job).first;
+      }
+      FTUNE_RETURN_IF_ERROR(HandleRankEvent(&jit->second, agent, ev, &p));
+      ++stored;
+    }
+    for (const auto& [id, job] : jobs) FTUNE_RETURN_IF_ERROR(store_->UpdateJob(job));
+    for (const auto& ev : p.events) FTUNE_RETURN_IF_ERROR(store_->AppendEvent(ev));
+    if (acked != agent.stored.acked_seq)
+      FTUNE_RETURN_IF_ERROR(store_->SetAgentAck(agent_id, acked));
+    return absl::OkStatus();
+  });
+  if (!st.ok()) return st;
+  agent.stored.acked_seq = acked;
+  if (metrics_ && stored > 0) metrics_->EventsIngested(stored);
+  if (agent.lost_check_seq >= 0 && acked >= agent.lost_check_seq) CheckLostRanks(&agent, &p);
+  Flush(&p);
+  if (!p.ended_jobs.empty() || !p.restarted_jobs.empty()) {
+    Pending sched;
+    ScheduleLocked(&sched);
+    Flush(&sched);
+  }
+  return acked;
+}
+
+void JobManager::Heartbeat(const std::string& agent_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = agents_.find(agent_id);
+  if (it != agents_.end()) it->second.last_seen_ms = clock_->NowMs();
+}
+
+void JobManager::Rendezvous(const std::string& agent_id, const v1::RendezvousPublish& pub) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto job = store_->GetJob(pub.job_id());
+  if (!job.ok() || job->attempt() != pub.attempt() || IsTerminal(job->state())) return;
+  std::set<std::string> targets;
+  for (const auto& pl : job->placement()) targets.insert(pl.agent_id());
+  for (const auto& t : targets) {
+    auto it = agents_.find(t);
+    if (it == agents_.end() || !it->second.link) continue;
+    v1::CoordinatorToAgent msg;
+    *msg.mutable_rendezvous() = pub;
+    it->second.link->Send(msg);
+  }
+}
+
+void JobManager::AgentDisconnected(const std::string& agent_id, const AgentLink* link) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = agents_.find(agent_id);
+  if (it != agents_.end() && it->second.link.get() == link) it->second.link.reset();
+}
+
+// ---------------------------------------------------------------- scheduling
+
+std::vector<AgentView> JobManager::FleetLocked(bool include_used) {
+  std::vector<AgentView> out;
+  std::map<std::string, size_t> index;
+  for (const auto& [id, a] : agents_) {
+    AgentView v;
+    v.agent_id = id;
+    v.host = a.stored.agent.host();
+    v.alive = a.alive;
+    v.slots.assign(a.stored.agent.slots().begin(), a.stored.agent.slots().end());
+    index[id] = out.size();
+    out.push_back(std::move(v));
+  }
+  if (include_used) {
+    JobFilter f;
+    f.states = {v1::SCHEDULED, v1::RUNNING, v1::RESTARTING, v1::CANCELLING};
+    f.limit = 1 << 20;
+    if (auto rows = store_->ListJobs(f); rows.ok()) {
+      for (const auto& [ord, job] : *rows)
+        for (const auto& pl : job.placement()) {
+          bool exited = false;
+          for (const auto& r : job.ranks())
+            if (r.rank() == pl.rank()) exited = r.exited();
+          auto it = index.find(pl.agent_id());
+          if (!exited && it != index.end()) out[it->second].used.insert(pl.slot());
+        }
+    }
+  }
+  return out;
+}
+
+void JobManager::ScheduleLocked(Pending* p) {
+  JobFilter f;
+  f.states = {v1::QUEUED};
+  f.limit = 1 << 20;
+  auto rows = store_->ListJobs(f);
+  if (!rows.ok() || rows->empty()) return;
+  std::vector<PendingJob> pending;
+  std::map<std::string, v1::Job> jobs;
+  for (const auto& [ord, job] : *rows) {
+    pending.push_back({job.id(), job.spec().priority(), ord, job.spec().resources()});
+    jobs[job.id()] = job;
+  }
+  const auto decisions = Schedule(pending, FleetLocked(/*include_used=*/true));
+  for (const auto& d : decisions) {
+    v1::Job& job = jobs[d.job_id];
+    Pending local;
+    auto st = store_->Transaction([&]() -> absl::Status {
+      if (!d.placed) {
+        if (job.state_reason() == d.reason) return absl::OkStatus();
+        job.set_state_reason(d.reason);
+        job.set_reason_code(d.reason_code);
+        return store_->UpdateJob(job);
+      }
+      job.clear_placement();
+      job.clear_ranks();
+      std::set<std::string> hosts;
+      for (const auto& pl : d.placement) {
+        *job.add_placement() = pl;
+        auto* rs = job.add_ranks();
+        rs->set_rank(pl.rank());
+        hosts.insert(pl.host());
+      }
+      std::string where;
+      for (const auto& h : hosts) where += (where.empty() ? "" : ", ") + h;
+      FTUNE_RETURN_IF_ERROR(Transition(&job, v1::SCHEDULED,
+                                       "placed " + std::to_string(d.placement.size()) +
+                                           " ranks on " + where,
+                                       "", &local));
+      FTUNE_RETURN_IF_ERROR(store_->UpdateJob(job));
+      for (const auto& ev : local.events) FTUNE_RETURN_IF_ERROR(store_->AppendEvent(ev));
+      std::map<std::string, v1::Assignment> per_agent;
+      for (const auto& pl : d.placement) {
+        auto& as = per_agent[pl.agent_id()];
+        auto* ra = as.add_ranks();
+        ra->set_rank(pl.rank());
+        ra->set_slot(pl.slot());
+      }
+      for (auto& [agent_id, as] : per_agent) {
+        as.set_job_id(job.id());
+        as.set_attempt(job.attempt());
+        *as.mutable_spec() = job.spec();
+        as.set_world_size(static_cast<int32_t>(d.placement.size()));
+        as.set_resume_checkpoint(job.resume_checkpoint());
+        v1::CoordinatorToAgent msg;
+        *msg.mutable_assign() = as;
+        local.outbox.emplace_back(agent_id, std::move(msg));
+      }
+      return absl::OkStatus();
+    });
+    if (!st.ok()) continue;
+    for (auto& e : local.events) p->events.push_back(std::move(e));
+    for (auto& m : local.outbox) p->outbox.push_back(std::move(m));
+  }
+}
+
+void JobManager::SweepLocked(Pending* p) {
+  const int64_t now = clock_->NowMs();
+  std::set<std::string> dead;
+  for (auto& [id, a] : agents_) {
+    if (a.alive && now - a.last_seen_ms > options_.agent_timeout_ms) {
+      a.alive = false;
+      a.link.reset();
+      dead.insert(id);
+    }
+  }
+  JobFilter f;
+  f.states = {v1::SCHEDULED, v1::RUNNING, v1::RESTARTING, v1::CANCELLING};
+  f.limit = 1 << 20;
+  auto rows = store_->ListJobs(f);
+  if (!rows.ok()) return;
+  const int64_t cancel_deadline_ms =
+      2LL * options_.grace_seconds * 1000 + options_.agent_timeout_ms;
+  for (auto& [ord, row] : *rows) {
+    v1::Job job = row;
+    Pending local;
+    auto st = store_->Transaction([&]() -> absl::Status {
+      for (const auto& pl : job.placement()) {
+        if (!dead.count(pl.agent_id())) continue;
+        FTUNE_RETURN_IF_ERROR(RankExited(
+            &job, pl.rank(), -1,
+            "rank " + std::to_string(pl.rank()) + " lost: agent on " + pl.host() +
+                " sent no heartbeat for " + std::to_string(options_.agent_timeout_ms / 1000) + "s",
+            &local));
+      }
+      if (job.state() == v1::CANCELLING && now - job.update_time_unix_ms() > cancel_deadline_ms) {
+        for (auto& r : *job.mutable_ranks()) r.set_exited(true);
+        FTUNE_RETURN_IF_ERROR(Transition(&job, v1::CANCELLED,
+                                         "cancelled by user; some ranks did not confirm they "
+                                         "stopped within " +
+                                             std::to_string(cancel_deadline_ms / 1000) + "s",
+                                         "cancelled", &local));
+      }
+      if (local.events.empty()) return absl::OkStatus();
+      FTUNE_RETURN_IF_ERROR(store_->UpdateJob(job));
+      for (const auto& ev : local.events) FTUNE_RETURN_IF_ERROR(store_->AppendEvent(ev));
+      return absl::OkStatus();
+    });
+    if (!st.ok()) continue;
+    for (auto& e : local.events) p->events.push_back(std::move(e));
+    for (auto& m : local.outbox) p->outbox.push_back(std::move(m));
+    for (auto& j : local.ended_jobs) p->ended_jobs.push_back(j);
+    for (auto& j : local.restarted_jobs) p->restarted_jobs.push_back(j);
+  }
+}
+
+void JobManager::Tick() {
+  std::lock_guard<std::mutex> lock(mu_);
+  Pending p;
+  SweepLocked(&p);
+  Flush(&p);
+  Pending sched;
+  ScheduleLocked(&sched);
+  Flush(&sched);
+  RefreshGaugesLocked();
+}
+
+void JobManager::Flush(Pending* p) {
+  if (!p->events.empty()) bus_->Publish(p->events);
+  for (auto& [agent_id, msg] : p->outbox) {
+    auto it = agents_.find(agent_id);
+    if (it != agents_.end() && it->second.link) it->second.link->Send(msg);
+  }
+  if (metrics_) {
+    for (const auto& e : p->events) {
+      if (e.has_step()) metrics_->Step(e.job_id(), e.rank(), e.step());
+      if (e.has_memory()) metrics_->Memory(e.job_id(), e.rank(), e.memory());
+      if (e.has_checkpoint() && e.checkpoint().complete() && e.rank() == 0)
+        metrics_->CheckpointSaved(e.job_id(), e.time_unix_ms());
+    }
+    for (const auto& j : p->restarted_jobs) metrics_->Restarted(j);
+    for (const auto& j : p->ended_jobs) metrics_->JobEnded(j);
+  }
+  p->events.clear();
+  p->outbox.clear();
+}
+
+void JobManager::RefreshGaugesLocked() {
+  if (!metrics_) return;
+  std::map<v1::JobState, int> counts;
+  for (int s = v1::QUEUED; s <= v1::CANCELLED; ++s) counts[static_cast<v1::JobState>(s)] = 0;
+  if (auto rows = store_->CountJobsByState(); rows.ok())
+    for (const auto& [state, n] : *rows) counts[static_cast<v1::JobState>(state)] = n;
+  metrics_->JobStates(counts);
+  int alive = 0, dead = 0, free = 0, used = 0;
+  for (const auto& v : FleetLocked(/*include_used=*/true)) {
+    (v.alive ? alive : dead)++;
+    if (!v.alive) continue;
+    used += static_cast<int>(v.used.size());
+    free += static_cast<int>(v.slots.size() - v.used.size());
+  }
+  metrics_->Fleet(alive, dead, free, used);
+}
+
+}  // namespace ftune::server

@@ -1,0 +1,45 @@
+// JobService: the public API. Handlers check the client token, call the
+// JobManager and translate its status; no logic lives here.
+#ifndef FTUNE_SERVER_JOB_SERVICE_H_
+#define FTUNE_SERVER_JOB_SERVICE_H_
+
+#include <atomic>
+#include <string>
+
+#include "ftune/v1/job_service.grpc.pb.h"
+#include "job_manager.h"
+#include "metrics.h"
+
+namespace ftune::server {
+
+class JobServiceImpl final : public v1::JobService::Service {
+ public:
+  JobServiceImpl(JobManager* manager, Metrics* metrics, std::string client_token);
+  // Makes open WatchJob streams return (server shutdown).
+  void Shutdown() { shutting_down_ = true; }
+
+  grpc::Status CreateJob(grpc::ServerContext* ctx, const v1::CreateJobRequest* req,
+                         v1::Job* resp) override;
+  grpc::Status GetJob(grpc::ServerContext* ctx, const v1::GetJobRequest* req,
+                      v1::Job* resp) override;
+  grpc::Status ListJobs(grpc::ServerContext* ctx, const v1::ListJobsRequest* req,
+                        v1::ListJobsResponse* resp) override;
+  grpc::Status CancelJob(grpc::ServerContext* ctx, const v1::CancelJobRequest* req,
+                         v1::Job* resp) override;
+  grpc::Status WatchJob(grpc::ServerContext* ctx, const v1::WatchJobRequest* req,
+                        grpc::ServerWriter<v1::JobEvent>* writer) override;
+  grpc::Status ListCheckpoints(grpc::ServerContext* ctx, const v1::ListCheckpointsRequest* req,
+                               v1::ListCheckpointsResponse* resp) override;
+  grpc::Status ListAgents(grpc::ServerContext* ctx, const v1::ListAgentsRequest* req,
+                          v1::ListAgentsResponse* resp) override;
+
+ private:
+  JobManager* manager_;
+  Metrics* metrics_;
+  std::string token_;
+  std::atomic<bool> shutting_down_{false};
+};
+
+}  // namespace ftune::server
+
+#endif  // FTUNE_SERVER_JOB_SERVICE_H_

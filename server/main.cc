@@ -1,0 +1,140 @@
+// ftune-coordinator: job API, agent streams, scheduler, metrics.
+#include <csignal>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include <CLI/CLI.hpp>
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include "agent_service.h"
+#include "grpc_util.h"
+#include "job_manager.h"
+#include "job_service.h"
+#include "metrics.h"
+#include "store.h"
+
+namespace {
+
+std::atomic<bool> g_stop{false};
+void OnSignal(int) { g_stop = true; }
+
+bool ReadFile(const std::string& path, std::string* out) {
+  std::ifstream in(path);
+  if (!in) return false;
+  std::stringstream buf;
+  buf << in.rdbuf();
+  *out = buf.str();
+  return true;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace ftune::server;
+  CLI::App app{"ftune-coordinator: accepts fine-tuning jobs, schedules them onto agents, "
+               "streams their events and exports metrics"};
+  std::string state_dir = "ftune-state";
+  std::string listen = "127.0.0.1:7450";
+  std::string metrics_listen = "127.0.0.1:9464";
+  std::string client_token_file, agent_token_file, tls_cert, tls_key;
+  double agent_timeout_s = 15;
+  int grace_seconds = 30;
+  int heartbeat_ms = 2000;
+  int tick_ms = 200;
+  app.add_option("--state-dir", state_dir, "directory of the SQLite state (ftune.db)");
+  app.add_option("--listen", listen, "gRPC address (JobService, AgentService, health, reflection)");
+  app.add_option("--metrics-listen", metrics_listen, "Prometheus /metrics address; empty: off");
+  app.add_option("--client-token-file", client_token_file, "bearer token clients must send");
+  app.add_option("--agent-token-file", agent_token_file, "bearer token agents must send");
+  app.add_option("--tls-cert", tls_cert, "PEM certificate: serve TLS (with --tls-key)");
+  app.add_option("--tls-key", tls_key, "PEM private key of --tls-cert");
+  app.add_option("--agent-timeout", agent_timeout_s,
+                 "seconds without a heartbeat after which an agent is dead");
+  app.add_option("--grace-seconds", grace_seconds,
+                 "seconds a stopping rank gets before SIGTERM, and again before SIGKILL");
+  app.add_option("--heartbeat-ms", heartbeat_ms, "heartbeat interval asked of agents");
+  app.add_option("--tick-ms", tick_ms, "how often liveness and the scheduler run");
+  CLI11_PARSE(app, argc, argv);
+
+  std::string client_token, agent_token;
+  for (auto [path, token] : {std::pair{&client_token_file, &client_token},
+                             std::pair{&agent_token_file, &agent_token}}) {
+    if (auto st = ReadTokenFile(*path, token); !st.ok()) {
+      std::fprintf(stderr, "ftune-coordinator: %s\n", std::string(st.message()).c_str());
+      return 2;
+    }
+  }
+  auto store = Store::Open(state_dir);
+  if (!store.ok()) {
+    std::fprintf(stderr, "ftune-coordinator: %s\n", std::string(store.status().message()).c_str());
+    return 1;
+  }
+  Metrics metrics;
+  if (!metrics_listen.empty()) {
+    if (auto err = metrics.Serve(metrics_listen); !err.empty()) {
+      std::fprintf(stderr, "ftune-coordinator: %s (choose another --metrics-listen)\n",
+                   err.c_str());
+      return 1;
+    }
+  }
+  SystemClock clock;
+  EventBus bus;
+  ManagerOptions opts;
+  opts.agent_timeout_ms = static_cast<int64_t>(agent_timeout_s * 1000);
+  opts.grace_seconds = grace_seconds;
+  opts.heartbeat_interval_ms = heartbeat_ms;
+  JobManager manager(store->get(), &clock, &bus, &metrics, opts);
+  if (auto st = manager.Recover(); !st.ok()) {
+    std::fprintf(stderr, "ftune-coordinator: recovering state: %s\n",
+                 std::string(st.message()).c_str());
+    return 1;
+  }
+  JobServiceImpl job_service(&manager, &metrics, client_token);
+  AgentServiceImpl agent_service(&manager, agent_token);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  if (!tls_cert.empty() || !tls_key.empty()) {
+    grpc::SslServerCredentialsOptions ssl;
+    grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
+    if (!ReadFile(tls_cert, &pair.cert_chain) || !ReadFile(tls_key, &pair.private_key)) {
+      std::fprintf(stderr, "ftune-coordinator: cannot read --tls-cert '%s' or --tls-key '%s'\n",
+                   tls_cert.c_str(), tls_key.c_str());
+      return 2;
+    }
+    ssl.pem_key_cert_pairs.push_back(pair);
+    creds = grpc::SslServerCredentials(ssl);
+  }
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(listen, creds, &port);
+  builder.RegisterService(&job_service);
+  builder.RegisterService(&agent_service);
+  // Many WatchJob streams each hold a thread of the sync server.
+  builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS, 4);
+  auto server = builder.BuildAndStart();
+  if (!server || port == 0) {
+    std::fprintf(stderr, "ftune-coordinator: cannot listen on %s (in use? choose another --listen)\n",
+                 listen.c_str());
+    return 1;
+  }
+  std::printf("ftune-coordinator: serving on %s (metrics %s, state %s)\n", listen.c_str(),
+              metrics_listen.empty() ? "off" : metrics_listen.c_str(), state_dir.c_str());
+  std::fflush(stdout);
+
+  std::signal(SIGINT, OnSignal);
+  std::signal(SIGTERM, OnSignal);
+  while (!g_stop) {
+    manager.Tick();
+    std::this_thread::sleep_for(std::chrono::milliseconds(tick_ms));
+  }
+  std::printf("ftune-coordinator: shutting down\n");
+  job_service.Shutdown();
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  return 0;
+}

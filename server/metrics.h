@@ -1,0 +1,48 @@
+// Prometheus metrics of the coordinator (prometheus-cpp), served on
+// --metrics-listen at /metrics. Names and labels: docs/control-plane.md.
+// Per-job series are removed when the job ends, so a long-lived coordinator
+// does not accumulate dead series.
+//
+// Thread-safe.
+#ifndef FTUNE_SERVER_METRICS_H_
+#define FTUNE_SERVER_METRICS_H_
+
+#include <memory>
+#include <string>
+
+#include "job_manager.h"
+
+namespace prometheus {
+class Registry;
+}
+
+namespace ftune::server {
+
+class Metrics : public MetricsSink {
+ public:
+  Metrics();
+  ~Metrics() override;
+
+  // Starts the HTTP exposer ("127.0.0.1:9464"); throws nothing, returns error text.
+  std::string Serve(const std::string& listen);
+  std::shared_ptr<prometheus::Registry> registry();
+
+  void JobStates(const std::map<v1::JobState, int>& counts) override;
+  void Fleet(int agents_alive, int agents_dead, int slots_free, int slots_used) override;
+  void Step(const std::string& job_id, int rank, const v1::StepMetrics& m) override;
+  void Memory(const std::string& job_id, int rank, const v1::MemoryStats& m) override;
+  void CheckpointSaved(const std::string& job_id, int64_t time_ms) override;
+  void Restarted(const std::string& job_id) override;
+  void JobEnded(const std::string& job_id) override;
+  void EventsIngested(int n) override;
+  // Latency of one RPC, by method name.
+  void RpcLatency(const std::string& method, double seconds);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace ftune::server
+
+#endif  // FTUNE_SERVER_METRICS_H_

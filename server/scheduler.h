@@ -1,0 +1,55 @@
+// Gang scheduler: priority, then FIFO; all ranks of a job or none.
+//
+// Pure functions over a snapshot of the fleet, so the job manager can call
+// them under its lock and tests can drive them with hand-made fleets.
+// Ordering is strict: a job that cannot be placed blocks the jobs behind it
+// (no backfill), so a large high-priority job is never starved by small ones;
+// each blocked job gets a reason saying what it waits for.
+#ifndef FTUNE_SERVER_SCHEDULER_H_
+#define FTUNE_SERVER_SCHEDULER_H_
+
+#include <cstdint>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "ftune/v1/job_service.pb.h"
+
+namespace ftune::server {
+
+struct AgentView {
+  std::string agent_id;
+  std::string host;
+  bool alive = true;
+  std::vector<v1::Slot> slots;
+  std::set<int> used;  // slot indexes held by live jobs
+};
+
+struct PendingJob {
+  std::string job_id;
+  int32_t priority = 0;
+  int64_t ordinal = 0;  // submission order
+  v1::ResourceSpec resources;
+};
+
+struct Decision {
+  std::string job_id;
+  bool placed = false;
+  std::vector<v1::RankPlacement> placement;  // by rank, when placed
+  std::string reason;                        // why not, otherwise
+  std::string reason_code;                   // "jobs_ahead" | "slots_missing"
+};
+
+// Places pending jobs in priority-then-FIFO order onto the free slots of live
+// agents. Returns one decision per pending job, in scheduling order.
+std::vector<Decision> Schedule(std::vector<PendingJob> pending,
+                               const std::vector<AgentView>& agents);
+
+// Whether the job could ever run on this fleet (all agents, alive or not,
+// with every slot free). RESOURCE_EXHAUSTED with the numbers when not.
+absl::Status CheckFits(const v1::ResourceSpec& resources, const std::vector<AgentView>& agents);
+
+}  // namespace ftune::server
+
+#endif  // FTUNE_SERVER_SCHEDULER_H_

@@ -1,0 +1,367 @@
+#include "store.h"
+
+#include <sqlite3.h>
+
+#include <filesystem>
+
+namespace ftune::server {
+namespace {
+
+// Each entry migrates the schema from version i to i + 1.
+const char* const kMigrations[] = {
+    R"sql(
+    CREATE TABLE jobs(
+      id TEXT PRIMARY KEY,
+      ordinal INTEGER NOT NULL UNIQUE,
+      request_id TEXT UNIQUE,
+      state INTEGER NOT NULL,
+      priority INTEGER NOT NULL,
+      job BLOB NOT NULL);
+    CREATE INDEX jobs_by_state ON jobs(state, ordinal);
+    CREATE TABLE job_labels(
+      job_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+      PRIMARY KEY(job_id, key));
+    CREATE INDEX job_labels_by_kv ON job_labels(key, value);
+    CREATE TABLE events(
+      job_id TEXT NOT NULL, seq INTEGER NOT NULL, event BLOB NOT NULL,
+      PRIMARY KEY(job_id, seq)) WITHOUT ROWID;
+    CREATE TABLE checkpoints(
+      job_id TEXT NOT NULL, step INTEGER NOT NULL, checkpoint BLOB NOT NULL,
+      PRIMARY KEY(job_id, step));
+    CREATE TABLE agents(
+      agent_id TEXT PRIMARY KEY, agent BLOB NOT NULL, acked_seq INTEGER NOT NULL);
+    )sql",
+};
+
+std::string Blob(sqlite3_stmt* st, int col) {
+  const void* p = sqlite3_column_blob(st, col);
+  const int n = sqlite3_column_bytes(st, col);
+  return p ? std::string(static_cast<const char*>(p), n) : std::string();
+}
+
+// Resets a cached statement however the scope is left.
+struct Reset {
+  sqlite3_stmt* st;
+  ~Reset() {
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+  }
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
+  std::unique_ptr<Store> s(new Store());
+  std::string path = dir;
+  if (dir != ":memory:") {
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec)
+      return absl::FailedPreconditionError("cannot create state dir '" + dir +
+                                           "': " + ec.message());
+    path = (std::filesystem::path(dir) / "ftune.db").string();
+  }
+  if (sqlite3_open_v2(path.c_str(), &s->db_,
+                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
+                      nullptr) != SQLITE_OK) {
+    return absl::FailedPreconditionError("cannot open state database '" + path +
+                                         "': " + sqlite3_errmsg(s->db_));
+  }
+  sqlite3_busy_timeout(s->db_, 5000);
+  // WAL + synchronous=FULL: a committed transaction survives power loss, and
+  // readers never block the writer.
+  for (const char* pragma : {"PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL",
+                             "PRAGMA foreign_keys=ON"}) {
+    if (auto st = s->Exec(pragma); !st.ok()) return st;
+  }
+  if (auto st = s->Migrate(); !st.ok()) return st;
+  return s;
+}
+
+Store::~Store() {
+  for (auto& [sql, st] : stmts_) sqlite3_finalize(st);
+  if (db_) sqlite3_close(db_);
+}
+
+absl::Status Store::Error(const std::string& what) {
+  return absl::InternalError(what + ": " + sqlite3_errmsg(db_));
+}
+
+absl::Status Store::Exec(const std::string& sql) {
+  char* err = nullptr;
+  if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err) != SQLITE_OK) {
+    std::string msg = err ? err : "unknown error";
+    sqlite3_free(err);
+    return absl::InternalError("sqlite: " + msg + " in: " + sql.substr(0, 80));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Store::Migrate() {
+  if (auto st = Exec("CREATE TABLE IF NOT EXISTS schema_version(version INTEGER NOT NULL)");
+      !st.ok())
+    return st;
+  sqlite3_stmt* q = nullptr;
+  sqlite3_prepare_v2(db_, "SELECT version FROM schema_version", -1, &q, nullptr);
+  int version = 0;
+  bool have_row = false;
+  if (sqlite3_step(q) == SQLITE_ROW) {
+    version = sqlite3_column_int(q, 0);
+    have_row = true;
+  }
+  sqlite3_finalize(q);
+  if (version > kSchemaVersion)
+    return absl::FailedPreconditionError(
+        "state database has schema version " + std::to_string(version) +
+        ", newer than this coordinator understands (" + std::to_string(kSchemaVersion) +
+        "): upgrade ftune-coordinator");
+  for (int v = version; v < kSchemaVersion; ++v) {
+    auto st = Transaction([&]() -> absl::Status {
+      if (auto s2 = Exec(kMigrations[v]); !s2.ok()) return s2;
+      const std::string bump =
+          (v == 0 && !have_row) ? "INSERT INTO schema_version VALUES(" + std::to_string(v + 1) + ")"
+                                : "UPDATE schema_version SET version=" + std::to_string(v + 1);
+      return Exec(bump);
+    });
+    if (!st.ok()) return st;
+  }
+  schema_version_ = kSchemaVersion;
+  return absl::OkStatus();
+}
+
+sqlite3_stmt* Store::Prepare(const char* sql) {
+  for (auto& [s, st] : stmts_)
+    if (s == sql) return st;
+  sqlite3_stmt* st = nullptr;
+  if (sqlite3_prepare_v2(db_, sql, -1, &st, nullptr) != SQLITE_OK) return nullptr;
+  stmts_.push_back({sql, st});
+  return st;
+}
+
+absl::Status Store::Transaction(const std::function<absl::Status()>& fn) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  if (!sqlite3_get_autocommit(db_)) return fn();  // nested: join the outer one
+  if (auto st = Exec("BEGIN IMMEDIATE"); !st.ok()) return st;
+  absl::Status st = fn();
+  if (st.ok()) st = Exec("COMMIT");
+  if (!st.ok()) Exec("ROLLBACK").IgnoreError();
+  return st;
+}
+
+#define FTUNE_PREPARE(var, sql)                                  \
+  std::lock_guard<std::recursive_mutex> lock(mu_);               \
+  static const char kSql[] = sql;                                \
+  sqlite3_stmt* var = Prepare(kSql);                             \
+  if (var == nullptr) return Error("prepare");                   \
+  Reset reset_##var{var}
+
+absl::Status Store::InsertJob(const v1::Job& job, int64_t ordinal) {
+  return Transaction([&]() -> absl::Status {
+    {
+      FTUNE_PREPARE(st,
+                    "INSERT INTO jobs(id, ordinal, request_id, state, priority, job) "
+                    "VALUES(?,?,?,?,?,?)");
+      const std::string blob = job.SerializeAsString();
+      sqlite3_bind_text(st, 1, job.id().c_str(), -1, SQLITE_TRANSIENT);
+      sqlite3_bind_int64(st, 2, ordinal);
+      if (job.request_id().empty()) sqlite3_bind_null(st, 3);
+      else sqlite3_bind_text(st, 3, job.request_id().c_str(), -1, SQLITE_TRANSIENT);
+      sqlite3_bind_int(st, 4, job.state());
+      sqlite3_bind_int(st, 5, job.spec().priority());
+      sqlite3_bind_blob(st, 6, blob.data(), static_cast<int>(blob.size()), SQLITE_TRANSIENT);
+      if (sqlite3_step(st) != SQLITE_DONE) return Error("insert job " + job.id());
+    }
+    for (const auto& [k, v] : job.spec().labels()) {
+      FTUNE_PREPARE(st, "INSERT INTO job_labels(job_id, key, value) VALUES(?,?,?)");
+      sqlite3_bind_text(st, 1, job.id().c_str(), -1, SQLITE_TRANSIENT);
+      sqlite3_bind_text(st, 2, k.c_str(), -1, SQLITE_TRANSIENT);
+      sqlite3_bind_text(st, 3, v.c_str(), -1, SQLITE_TRANSIENT);
+      if (sqlite3_step(st) != SQLITE_DONE) return Error("insert label of " + job.id());
+    }
+    return absl::OkStatus();
+  });
+}
+
+absl::Status Store::UpdateJob(const v1::Job& job) {
+  FTUNE_PREPARE(st, "UPDATE jobs SET state=?, job=? WHERE id=?");
+  const std::string blob = job.SerializeAsString();
+  sqlite3_bind_int(st, 1, job.state());
+  sqlite3_bind_blob(st, 2, blob.data(), static_cast<int>(blob.size()), SQLITE_TRANSIENT);
+  sqlite3_bind_text(st, 3, job.id().c_str(), -1, SQLITE_TRANSIENT);
+  if (sqlite3_step(st) != SQLITE_DONE) return Error("update job " + job.id());
+  if (sqlite3_changes(db_) != 1) return absl::NotFoundError("job " + job.id() + " not found");
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::Job> Store::GetJob(const std::string& id) {
+  FTUNE_PREPARE(st, "SELECT job FROM jobs WHERE id=?");
+  sqlite3_bind_text(st, 1, id.c_str(), -1, SQLITE_TRANSIENT);
+  const int rc = sqlite3_step(st);
+  if (rc == SQLITE_DONE) return absl::NotFoundError("job '" + id + "' not found");
+  if (rc != SQLITE_ROW) return Error("read job " + id);
+  v1::Job job;
+  if (!job.ParseFromString(Blob(st, 0))) return absl::DataLossError("job " + id + " is corrupt");
+  return job;
+}
+
+absl::StatusOr<std::optional<v1::Job>> Store::FindJobByRequestId(const std::string& request_id) {
+  FTUNE_PREPARE(st, "SELECT job FROM jobs WHERE request_id=?");
+  sqlite3_bind_text(st, 1, request_id.c_str(), -1, SQLITE_TRANSIENT);
+  const int rc = sqlite3_step(st);
+  if (rc == SQLITE_DONE) return std::optional<v1::Job>();
+  if (rc != SQLITE_ROW) return Error("find request id");
+  v1::Job job;
+  if (!job.ParseFromString(Blob(st, 0))) return absl::DataLossError("job is corrupt");
+  return std::optional<v1::Job>(job);
+}
+
+absl::StatusOr<std::vector<std::pair<int64_t, v1::Job>>> Store::ListJobs(const JobFilter& f) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  std::string sql = "SELECT ordinal, job FROM jobs WHERE ordinal > ?";
+  if (!f.states.empty()) {
+    sql += " AND state IN (";
+    for (size_t i = 0; i < f.states.size(); ++i) sql += i ? ",?" : "?";
+    sql += ")";
+  }
+  for (size_t i = 0; i < f.labels.size(); ++i)
+    sql += " AND id IN (SELECT job_id FROM job_labels WHERE key=? AND value=?)";
+  sql += " ORDER BY ordinal LIMIT ?";
+  sqlite3_stmt* st = nullptr;
+  if (sqlite3_prepare_v2(db_, sql.c_str(), -1, &st, nullptr) != SQLITE_OK)
+    return Error("prepare list jobs");
+  int i = 1;
+  sqlite3_bind_int64(st, i++, f.after_ordinal);
+  for (auto s : f.states) sqlite3_bind_int(st, i++, s);
+  for (const auto& [k, v] : f.labels) {
+    sqlite3_bind_text(st, i++, k.c_str(), -1, SQLITE_TRANSIENT);
+    sqlite3_bind_text(st, i++, v.c_str(), -1, SQLITE_TRANSIENT);
+  }
+  sqlite3_bind_int(st, i++, f.limit);
+  std::vector<std::pair<int64_t, v1::Job>> out;
+  int rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    v1::Job job;
+    job.ParseFromString(Blob(st, 1));
+    out.emplace_back(sqlite3_column_int64(st, 0), std::move(job));
+  }
+  sqlite3_finalize(st);
+  if (rc != SQLITE_DONE) return Error("list jobs");
+  return out;
+}
+
+absl::StatusOr<int64_t> Store::NextOrdinal() {
+  FTUNE_PREPARE(st, "SELECT COALESCE(MAX(ordinal), 0) + 1 FROM jobs");
+  if (sqlite3_step(st) != SQLITE_ROW) return Error("next ordinal");
+  return sqlite3_column_int64(st, 0);
+}
+
+absl::StatusOr<std::map<int, int>> Store::CountJobsByState() {
+  FTUNE_PREPARE(st, "SELECT state, COUNT(*) FROM jobs GROUP BY state");
+  std::map<int, int> out;
+  int rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+    out[sqlite3_column_int(st, 0)] = sqlite3_column_int(st, 1);
+  if (rc != SQLITE_DONE) return Error("count jobs");
+  return out;
+}
+
+absl::Status Store::AppendEvent(const v1::JobEvent& e) {
+  FTUNE_PREPARE(st, "INSERT INTO events(job_id, seq, event) VALUES(?,?,?)");
+  const std::string blob = e.SerializeAsString();
+  sqlite3_bind_text(st, 1, e.job_id().c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_int64(st, 2, e.seq());
+  sqlite3_bind_blob(st, 3, blob.data(), static_cast<int>(blob.size()), SQLITE_TRANSIENT);
+  if (sqlite3_step(st) != SQLITE_DONE)
+    return Error("append event " + std::to_string(e.seq()) + " of " + e.job_id());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<v1::JobEvent>> Store::ReadEvents(const std::string& job_id,
+                                                            int64_t after_seq, int64_t up_to_seq,
+                                                            int limit) {
+  FTUNE_PREPARE(st,
+                "SELECT event FROM events WHERE job_id=? AND seq>? AND seq<=? ORDER BY seq "
+                "LIMIT ?");
+  sqlite3_bind_text(st, 1, job_id.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_int64(st, 2, after_seq);
+  sqlite3_bind_int64(st, 3, up_to_seq);
+  sqlite3_bind_int(st, 4, limit);
+  std::vector<v1::JobEvent> out;
+  int rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    v1::JobEvent e;
+    e.ParseFromString(Blob(st, 0));
+    out.push_back(std::move(e));
+  }
+  if (rc != SQLITE_DONE) return Error("read events of " + job_id);
+  return out;
+}
+
+absl::Status Store::InsertCheckpoint(const v1::Checkpoint& c) {
+  FTUNE_PREPARE(st, "INSERT OR REPLACE INTO checkpoints(job_id, step, checkpoint) VALUES(?,?,?)");
+  const std::string blob = c.SerializeAsString();
+  sqlite3_bind_text(st, 1, c.job_id().c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_int64(st, 2, c.step());
+  sqlite3_bind_blob(st, 3, blob.data(), static_cast<int>(blob.size()), SQLITE_TRANSIENT);
+  if (sqlite3_step(st) != SQLITE_DONE) return Error("insert checkpoint of " + c.job_id());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<v1::Checkpoint>> Store::ListCheckpoints(const std::string& job_id) {
+  FTUNE_PREPARE(st, "SELECT checkpoint FROM checkpoints WHERE job_id=? ORDER BY step");
+  sqlite3_bind_text(st, 1, job_id.c_str(), -1, SQLITE_TRANSIENT);
+  std::vector<v1::Checkpoint> out;
+  int rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    v1::Checkpoint c;
+    c.ParseFromString(Blob(st, 0));
+    out.push_back(std::move(c));
+  }
+  if (rc != SQLITE_DONE) return Error("list checkpoints of " + job_id);
+  return out;
+}
+
+absl::Status Store::PruneCheckpoints(const std::string& job_id, int keep) {
+  FTUNE_PREPARE(st,
+                "DELETE FROM checkpoints WHERE job_id=? AND step NOT IN (SELECT step FROM "
+                "checkpoints WHERE job_id=? ORDER BY step DESC LIMIT ?)");
+  sqlite3_bind_text(st, 1, job_id.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_text(st, 2, job_id.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_int(st, 3, keep);
+  if (sqlite3_step(st) != SQLITE_DONE) return Error("prune checkpoints of " + job_id);
+  return absl::OkStatus();
+}
+
+absl::Status Store::PutAgent(const StoredAgent& a) {
+  FTUNE_PREPARE(st, "INSERT OR REPLACE INTO agents(agent_id, agent, acked_seq) VALUES(?,?,?)");
+  const std::string blob = a.agent.SerializeAsString();
+  sqlite3_bind_text(st, 1, a.agent.agent_id().c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_blob(st, 2, blob.data(), static_cast<int>(blob.size()), SQLITE_TRANSIENT);
+  sqlite3_bind_int64(st, 3, a.acked_seq);
+  if (sqlite3_step(st) != SQLITE_DONE) return Error("put agent " + a.agent.agent_id());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<StoredAgent>> Store::ListAgents() {
+  FTUNE_PREPARE(st, "SELECT agent, acked_seq FROM agents ORDER BY agent_id");
+  std::vector<StoredAgent> out;
+  int rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    StoredAgent a;
+    a.agent.ParseFromString(Blob(st, 0));
+    a.acked_seq = sqlite3_column_int64(st, 1);
+    out.push_back(std::move(a));
+  }
+  if (rc != SQLITE_DONE) return Error("list agents");
+  return out;
+}
+
+absl::Status Store::SetAgentAck(const std::string& agent_id, int64_t acked_seq) {
+  FTUNE_PREPARE(st, "UPDATE agents SET acked_seq=? WHERE agent_id=?");
+  sqlite3_bind_int64(st, 1, acked_seq);
+  sqlite3_bind_text(st, 2, agent_id.c_str(), -1, SQLITE_TRANSIENT);
+  if (sqlite3_step(st) != SQLITE_DONE) return Error("ack agent " + agent_id);
+  return absl::OkStatus();
+}
+
+}  // namespace ftune::server

@@ -1,0 +1,101 @@
+// Durable state of the coordinator in SQLite (WAL mode, synchronous=FULL).
+//
+// Jobs, agents and checkpoints are stored as serialized protobuf next to the
+// few columns that are queried (state, priority, order, request id, labels);
+// events are rows keyed by (job_id, seq). Every mutation that belongs
+// together runs in one transaction (Transaction below), so a kill -9 at any
+// point leaves either all or none of a state change on disk. The schema is
+// versioned; Open() applies the missing migrations in order.
+//
+// Thread-safety: a Store serializes all calls with an internal mutex; the
+// job manager additionally holds its own lock across read-modify-write.
+#ifndef FTUNE_SERVER_STORE_H_
+#define FTUNE_SERVER_STORE_H_
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "ftune/v1/job_service.pb.h"
+
+struct sqlite3;
+struct sqlite3_stmt;
+
+namespace ftune::server {
+
+struct StoredAgent {
+  v1::Agent agent;
+  int64_t acked_seq = 0;  // highest agent_seq stored from this agent
+};
+
+struct JobFilter {
+  std::vector<v1::JobState> states;  // empty: all
+  std::vector<std::pair<std::string, std::string>> labels;
+  int64_t after_ordinal = 0;  // pagination cursor
+  int limit = 100;
+};
+
+class Store {
+ public:
+  // Opens (creating if needed) <dir>/ftune.db; ":memory:" for tests.
+  static absl::StatusOr<std::unique_ptr<Store>> Open(const std::string& dir);
+  ~Store();
+
+  static constexpr int kSchemaVersion = 1;
+  int schema_version() const { return schema_version_; }
+
+  // Runs fn inside BEGIN IMMEDIATE ... COMMIT; rolls back if fn fails.
+  absl::Status Transaction(const std::function<absl::Status()>& fn);
+
+  // --- jobs (call inside Transaction for multi-step changes)
+  absl::Status InsertJob(const v1::Job& job, int64_t ordinal);
+  absl::Status UpdateJob(const v1::Job& job);
+  absl::StatusOr<v1::Job> GetJob(const std::string& id);
+  absl::StatusOr<std::optional<v1::Job>> FindJobByRequestId(const std::string& request_id);
+  // Jobs matching the filter in submission order, each with its ordinal.
+  absl::StatusOr<std::vector<std::pair<int64_t, v1::Job>>> ListJobs(const JobFilter& filter);
+  absl::StatusOr<int64_t> NextOrdinal();
+  // Number of jobs in each state (states with none are absent).
+  absl::StatusOr<std::map<int, int>> CountJobsByState();
+
+  // --- events
+  absl::Status AppendEvent(const v1::JobEvent& event);
+  // Events of a job with seq in (after_seq, up_to_seq], at most limit.
+  absl::StatusOr<std::vector<v1::JobEvent>> ReadEvents(const std::string& job_id,
+                                                       int64_t after_seq, int64_t up_to_seq,
+                                                       int limit);
+
+  // --- checkpoints
+  absl::Status InsertCheckpoint(const v1::Checkpoint& ckpt);
+  absl::StatusOr<std::vector<v1::Checkpoint>> ListCheckpoints(const std::string& job_id);
+  // Deletes all but the newest keep records of a job.
+  absl::Status PruneCheckpoints(const std::string& job_id, int keep);
+
+  // --- agents
+  absl::Status PutAgent(const StoredAgent& agent);
+  absl::StatusOr<std::vector<StoredAgent>> ListAgents();
+  absl::Status SetAgentAck(const std::string& agent_id, int64_t acked_seq);
+
+ private:
+  Store() = default;
+  absl::Status Exec(const std::string& sql);
+  absl::Status Migrate();
+  sqlite3_stmt* Prepare(const char* sql);  // cached
+  absl::Status Error(const std::string& what);
+
+  std::recursive_mutex mu_;
+  sqlite3* db_ = nullptr;
+  int schema_version_ = 0;
+  std::vector<std::pair<const char*, sqlite3_stmt*>> stmts_;
+};
+
+}  // namespace ftune::server
+
+#endif  // FTUNE_SERVER_STORE_H_

@@ -1,0 +1,340 @@
+// JobManager driven by hand: fake clock, fake agent links, real SQLite store.
+#include <gtest/gtest.h>
+
+#include "job_manager.h"
+#include "jobspec.h"
+
+namespace ftune::server {
+namespace {
+
+class FakeClock : public Clock {
+ public:
+  int64_t NowMs() override { return now; }
+  int64_t now = 1700000000000;
+};
+
+class FakeLink : public AgentLink {
+ public:
+  void Send(const v1::CoordinatorToAgent& msg) override { sent.push_back(msg); }
+  std::vector<v1::Assignment> Assignments() const {
+    std::vector<v1::Assignment> out;
+    for (const auto& m : sent)
+      if (m.has_assign()) out.push_back(m.assign());
+    return out;
+  }
+  std::vector<v1::StopJob> Stops() const {
+    std::vector<v1::StopJob> out;
+    for (const auto& m : sent)
+      if (m.has_stop()) out.push_back(m.stop());
+    return out;
+  }
+  std::vector<v1::CoordinatorToAgent> sent;
+};
+
+class JobManagerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    store_ = std::move(*Store::Open(":memory:"));
+    Restart();
+  }
+  void Restart() {
+    ManagerOptions o;
+    o.agent_timeout_ms = 10000;
+    o.grace_seconds = 5;
+    manager_ = std::make_unique<JobManager>(store_.get(), &clock_, &bus_, nullptr, o);
+    ASSERT_TRUE(manager_->Recover().ok());
+  }
+  std::shared_ptr<FakeLink> Register(const std::string& id, int slots,
+                                     std::vector<v1::RunningRank> running = {},
+                                     int64_t last_seq = 0) {
+    v1::RegisterAgent reg;
+    reg.set_agent_id(id);
+    reg.set_host(id + "-host");
+    for (int i = 0; i < slots; ++i) {
+      auto* s = reg.add_slots();
+      s->set_index(i);
+      s->set_memory_bytes(80LL << 30);
+    }
+    for (auto& r : running) *reg.add_running() = r;
+    reg.set_last_agent_seq(last_seq);
+    auto link = std::make_shared<FakeLink>();
+    EXPECT_TRUE(manager_->RegisterAgent(reg, link).ok());
+    return link;
+  }
+  v1::JobSpec Spec(int ranks, int max_restarts = 2, int priority = 0) {
+    v1::JobSpec s;
+    s.mutable_model()->set_model_name_or_path("/models/tiny");
+    s.mutable_dataset()->add_data_files("train.jsonl");
+    s.mutable_resources()->set_num_ranks(ranks);
+    s.set_max_restarts(max_restarts);
+    s.set_priority(priority);
+    return s;
+  }
+  // Sends one rank event from an agent, as the agent would.
+  int64_t Send(const std::string& agent, const std::string& job, int attempt, int rank,
+               const std::function<void(v1::RankEvent*)>& fill) {
+    v1::RankEventBatch b;
+    auto* e = b.add_events();
+    e->set_agent_seq(++seq_[agent]);
+    e->set_job_id(job);
+    e->set_attempt(attempt);
+    e->set_rank(rank);
+    e->set_time_unix_ms(clock_.now);
+    fill(e);
+    last_batch_ = b;
+    auto acked = manager_->IngestEvents(agent, b);
+    EXPECT_TRUE(acked.ok()) << acked.status();
+    return acked.ok() ? *acked : -1;
+  }
+  void Hello(const std::string& agent, const std::string& job, int attempt, int rank) {
+    Send(agent, job, attempt, rank, [&](v1::RankEvent* e) {
+      e->mutable_message()->mutable_hello()->set_rank(rank);
+    });
+  }
+  void Exit(const std::string& agent, const std::string& job, int attempt, int rank, int code) {
+    Send(agent, job, attempt, rank, [&](v1::RankEvent* e) {
+      e->mutable_exit()->set_exit_code(code);
+      if (code != 0) e->mutable_exit()->add_stderr_tail("CUDA error: out of memory");
+    });
+  }
+  void Checkpoint(const std::string& agent, const std::string& job, int attempt, int step) {
+    Send(agent, job, attempt, 0, [&](v1::RankEvent* e) {
+      auto* c = e->mutable_message()->mutable_checkpoint();
+      c->set_step(step);
+      c->set_path("/out/checkpoint-" + std::to_string(step));
+      c->set_complete(true);
+    });
+  }
+  v1::Job Get(const std::string& id) { return *manager_->GetJob(id); }
+  std::vector<v1::JobEvent> Events(const std::string& id) {
+    return *manager_->ReadEvents(id, 0, 100000);
+  }
+
+  FakeClock clock_;
+  EventBus bus_;
+  std::unique_ptr<Store> store_;
+  std::unique_ptr<JobManager> manager_;
+  std::map<std::string, int64_t> seq_;
+  v1::RankEventBatch last_batch_;
+};
+
+TEST_F(JobManagerTest, RefusesWhatNoFleetCanRunAndBadSpecs) {
+  auto r = manager_->CreateJob(Spec(1), "");
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
+  Register("a", 2);
+  r = manager_->CreateJob(Spec(3), "");
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(r.status().message().find("needs 3 ranks"), std::string::npos);
+  v1::JobSpec bad = Spec(1);
+  bad.mutable_training()->set_gradient_accumulation_steps(-1);
+  r = manager_->CreateJob(bad, "");
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(r.status().message().find("training.gradient_accumulation_steps (-1)"),
+            std::string::npos);
+  EXPECT_TRUE(manager_->ListJobs({})->jobs.empty());  // nothing stored
+}
+
+TEST_F(JobManagerTest, HappyPathWithGapFreeEvents) {
+  auto link = Register("a", 2);
+  auto job = manager_->CreateJob(Spec(2), "req-1");
+  ASSERT_TRUE(job.ok()) << job.status();
+  EXPECT_EQ(job->state(), v1::SCHEDULED);
+  ASSERT_EQ(link->Assignments().size(), 1u);
+  EXPECT_EQ(link->Assignments()[0].ranks_size(), 2);
+  EXPECT_EQ(link->Assignments()[0].world_size(), 2);
+  // Idempotent create.
+  auto again = manager_->CreateJob(Spec(2), "req-1");
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->id(), job->id());
+  EXPECT_EQ(manager_->ListJobs({})->jobs.size(), 1u);
+
+  const std::string id = job->id();
+  Hello("a", id, 0, 0);
+  EXPECT_EQ(Get(id).state(), v1::SCHEDULED);
+  Hello("a", id, 0, 1);
+  EXPECT_EQ(Get(id).state(), v1::RUNNING);
+  Send("a", id, 0, 0, [](v1::RankEvent* e) {
+    e->mutable_message()->mutable_step()->set_step(1);
+    e->mutable_message()->mutable_step()->set_loss(2.5);
+  });
+  Checkpoint("a", id, 0, 1);
+  Send("a", id, 0, 0, [](v1::RankEvent* e) {
+    e->mutable_message()->mutable_done()->set_adapter_path("/out/adapter");
+  });
+  Exit("a", id, 0, 0, 0);
+  Exit("a", id, 0, 1, 0);
+  v1::Job done = Get(id);
+  EXPECT_EQ(done.state(), v1::SUCCEEDED);
+  EXPECT_EQ(done.last_step(), 1);
+  EXPECT_DOUBLE_EQ(done.last_loss(), 2.5);
+  EXPECT_EQ(done.adapter_path(), "/out/adapter");
+  EXPECT_EQ(manager_->ListCheckpoints(id)->size(), 1u);
+  auto events = Events(id);
+  for (size_t i = 0; i < events.size(); ++i) EXPECT_EQ(events[i].seq(), int64_t(i + 1));
+  EXPECT_EQ(events.back().state_change().to(), v1::SUCCEEDED);
+  EXPECT_EQ(done.last_event_seq(), events.back().seq());
+}
+
+TEST_F(JobManagerTest, ResentBatchIsStoredOnce) {
+  Register("a", 1);
+  auto job = manager_->CreateJob(Spec(1), "");
+  Hello("a", job->id(), 0, 0);
+  const size_t n = Events(job->id()).size();
+  auto acked = manager_->IngestEvents("a", last_batch_);  // the agent resends after a reconnect
+  ASSERT_TRUE(acked.ok());
+  EXPECT_EQ(*acked, 1);
+  EXPECT_EQ(Events(job->id()).size(), n);
+}
+
+TEST_F(JobManagerTest, RankCrashRestartsGangFromLatestCheckpoint) {
+  auto link = Register("a", 2);
+  const std::string id = manager_->CreateJob(Spec(2, /*max_restarts=*/1), "")->id();
+  Hello("a", id, 0, 0);
+  Hello("a", id, 0, 1);
+  Checkpoint("a", id, 0, 10);
+  Exit("a", id, 0, 1, 3);
+  v1::Job j = Get(id);
+  EXPECT_EQ(j.state(), v1::RESTARTING);
+  EXPECT_EQ(j.reason_code(), "rank_failed");
+  EXPECT_NE(j.state_reason().find("exited with code 3: CUDA error: out of memory"),
+            std::string::npos)
+      << j.state_reason();
+  ASSERT_EQ(link->Stops().size(), 1u);
+  EXPECT_FALSE(link->Stops()[0].save_checkpoint());
+  Exit("a", id, 0, 0, -15);  // the survivor, stopped
+  j = Get(id);
+  EXPECT_EQ(j.state(), v1::SCHEDULED);  // requeued and placed again
+  EXPECT_EQ(j.attempt(), 1);
+  EXPECT_EQ(j.restarts(), 1);
+  ASSERT_EQ(link->Assignments().size(), 2u);
+  EXPECT_EQ(link->Assignments()[1].attempt(), 1);
+  EXPECT_EQ(link->Assignments()[1].resume_checkpoint(), "/out/checkpoint-10");
+  // A late event of attempt 0 must not move attempt 1.
+  Exit("a", id, 0, 1, 0);
+  EXPECT_EQ(Get(id).state(), v1::SCHEDULED);
+  // Second crash: no restarts left.
+  Hello("a", id, 1, 0);
+  Hello("a", id, 1, 1);
+  Exit("a", id, 1, 0, 1);
+  j = Get(id);
+  EXPECT_EQ(j.state(), v1::FAILED);
+  EXPECT_NE(j.state_reason().find("no restarts left"), std::string::npos);
+}
+
+TEST_F(JobManagerTest, DeadAgentFailsItsRanks) {
+  Register("a", 1);
+  const std::string id = manager_->CreateJob(Spec(1, /*max_restarts=*/0), "")->id();
+  Hello("a", id, 0, 0);
+  clock_.now += 5000;
+  manager_->Tick();
+  EXPECT_EQ(Get(id).state(), v1::RUNNING);
+  clock_.now += 20000;
+  manager_->Tick();
+  v1::Job j = Get(id);
+  EXPECT_EQ(j.state(), v1::FAILED);
+  EXPECT_NE(j.state_reason().find("sent no heartbeat"), std::string::npos) << j.state_reason();
+  auto agents = manager_->ListAgents();
+  ASSERT_EQ(agents.size(), 1u);
+  EXPECT_FALSE(agents[0].alive());
+}
+
+TEST_F(JobManagerTest, CancelStopsWithCheckpointThenCancels) {
+  auto link = Register("a", 1);
+  const std::string id = manager_->CreateJob(Spec(1), "")->id();
+  Hello("a", id, 0, 0);
+  auto c = manager_->CancelJob(id);
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->state(), v1::CANCELLING);
+  ASSERT_EQ(link->Stops().size(), 1u);
+  EXPECT_TRUE(link->Stops()[0].save_checkpoint());
+  Checkpoint("a", id, 0, 7);
+  Exit("a", id, 0, 0, 0);
+  EXPECT_EQ(Get(id).state(), v1::CANCELLED);
+  EXPECT_EQ(manager_->ListCheckpoints(id)->back().step(), 7);
+  EXPECT_EQ(manager_->CancelJob(id).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(manager_->CancelJob("job-nope").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(JobManagerTest, SecondJobWaitsWithReasonThenRuns) {
+  Register("a", 2);
+  const std::string first = manager_->CreateJob(Spec(2), "")->id();
+  const std::string second = manager_->CreateJob(Spec(1), "")->id();
+  v1::Job w = Get(second);
+  EXPECT_EQ(w.state(), v1::QUEUED);
+  EXPECT_EQ(w.reason_code(), "slots_missing");
+  EXPECT_NE(w.state_reason().find("0 such slots free"), std::string::npos) << w.state_reason();
+  Hello("a", first, 0, 0);
+  Hello("a", first, 0, 1);
+  Exit("a", first, 0, 0, 0);
+  Exit("a", first, 0, 1, 0);
+  EXPECT_EQ(Get(second).state(), v1::SCHEDULED);
+}
+
+TEST_F(JobManagerTest, SurvivesCoordinatorRestart) {
+  Register("a", 1);
+  const std::string id = manager_->CreateJob(Spec(1), "")->id();
+  Hello("a", id, 0, 0);
+  Restart();  // same store, fresh manager: as after kill -9
+  v1::RunningRank rr;
+  rr.set_job_id(id);
+  rr.set_attempt(0);
+  rr.set_rank(0);
+  auto link = Register("a", 1, {rr}, seq_["a"]);
+  EXPECT_TRUE(link->sent[0].registered().stale().empty());
+  EXPECT_EQ(link->sent[1].ack().agent_seq(), seq_["a"]);
+  EXPECT_EQ(Get(id).state(), v1::RUNNING);
+  Exit("a", id, 0, 0, 0);
+  EXPECT_EQ(Get(id).state(), v1::SUCCEEDED);
+}
+
+TEST_F(JobManagerTest, AgentRestartedWithoutItsRankMeansLost) {
+  Register("a", 1);
+  const std::string id = manager_->CreateJob(Spec(1, 0), "")->id();
+  Hello("a", id, 0, 0);
+  // The agent comes back with nothing running and nothing left in its spool.
+  Register("a", 1, {}, seq_["a"]);
+  v1::Job j = Get(id);
+  EXPECT_EQ(j.state(), v1::FAILED);
+  EXPECT_NE(j.state_reason().find("was lost"), std::string::npos);
+}
+
+TEST_F(JobManagerTest, ExitSpooledWhileCoordinatorWasAwayIsNotALoss) {
+  Register("a", 1);
+  const std::string id = manager_->CreateJob(Spec(1, 0), "")->id();
+  Hello("a", id, 0, 0);
+  Restart();
+  // The agent's spool still holds the clean exit (seq + 1) when it registers.
+  Register("a", 1, {}, seq_["a"] + 1);
+  EXPECT_EQ(Get(id).state(), v1::RUNNING);
+  Exit("a", id, 0, 0, 0);
+  EXPECT_EQ(Get(id).state(), v1::SUCCEEDED);
+}
+
+TEST_F(JobManagerTest, ListJobsPagesAndFilters) {
+  Register("a", 8);
+  for (int i = 0; i < 5; ++i) {
+    v1::JobSpec s = Spec(1);
+    (*s.mutable_labels())["team"] = i < 2 ? "nlp" : "cv";
+    ASSERT_TRUE(manager_->CreateJob(s, "").ok());
+  }
+  v1::ListJobsRequest req;
+  req.set_page_size(2);
+  std::vector<std::string> ids;
+  for (;;) {
+    auto page = manager_->ListJobs(req);
+    ASSERT_TRUE(page.ok());
+    for (auto& j : page->jobs) ids.push_back(j.id());
+    if (page->next_page_token.empty()) break;
+    req.set_page_token(page->next_page_token);
+  }
+  EXPECT_EQ(ids.size(), 5u);
+  v1::ListJobsRequest by_label;
+  (*by_label.mutable_labels())["team"] = "nlp";
+  EXPECT_EQ(manager_->ListJobs(by_label)->jobs.size(), 2u);
+  v1::ListJobsRequest bad;
+  bad.set_page_token("garbage");
+  EXPECT_EQ(manager_->ListJobs(bad).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace ftune::server

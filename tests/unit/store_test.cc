@@ -1,0 +1,152 @@
+#include <unistd.h>
+
+#include <filesystem>
+
+#include <gtest/gtest.h>
+#include <sqlite3.h>
+
+#include "store.h"
+
+namespace ftune::server {
+namespace {
+
+std::string TempDir() {
+  std::string t = (std::filesystem::temp_directory_path() /
+                   ("ftune-store-" + std::to_string(getpid()) + "-" +
+                    ::testing::UnitTest::GetInstance()->current_test_info()->name()))
+                      .string();
+  std::filesystem::remove_all(t);
+  return t;
+}
+
+v1::Job MakeJob(const std::string& id, v1::JobState state, const std::string& label = "") {
+  v1::Job j;
+  j.set_id(id);
+  j.set_state(state);
+  j.mutable_spec()->set_name(id);
+  if (!label.empty()) (*j.mutable_spec()->mutable_labels())["team"] = label;
+  return j;
+}
+
+TEST(Store, PersistsAcrossReopen) {
+  const std::string dir = TempDir();
+  {
+    auto s = Store::Open(dir);
+    ASSERT_TRUE(s.ok()) << s.status();
+    ASSERT_TRUE((*s)->InsertJob(MakeJob("job-1", v1::RUNNING), 1).ok());
+    v1::JobEvent e;
+    e.set_job_id("job-1");
+    e.set_seq(1);
+    e.mutable_step()->set_loss(1.5);
+    ASSERT_TRUE((*s)->AppendEvent(e).ok());
+    StoredAgent a;
+    a.agent.set_agent_id("ag");
+    a.acked_seq = 7;
+    ASSERT_TRUE((*s)->PutAgent(a).ok());
+  }
+  auto s = Store::Open(dir);
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ((*s)->schema_version(), Store::kSchemaVersion);
+  auto job = (*s)->GetJob("job-1");
+  ASSERT_TRUE(job.ok());
+  EXPECT_EQ(job->state(), v1::RUNNING);
+  auto events = (*s)->ReadEvents("job-1", 0, INT64_MAX, 10);
+  ASSERT_TRUE(events.ok());
+  ASSERT_EQ(events->size(), 1u);
+  EXPECT_DOUBLE_EQ((*events)[0].step().loss(), 1.5);
+  auto agents = (*s)->ListAgents();
+  ASSERT_EQ(agents->size(), 1u);
+  EXPECT_EQ((*agents)[0].acked_seq, 7);
+}
+
+TEST(Store, FailedTransactionLeavesNothing) {
+  auto s = Store::Open(":memory:");
+  ASSERT_TRUE(s.ok());
+  auto st = (*s)->Transaction([&]() -> absl::Status {
+    EXPECT_TRUE((*s)->InsertJob(MakeJob("job-1", v1::QUEUED), 1).ok());
+    return absl::InternalError("boom");
+  });
+  EXPECT_FALSE(st.ok());
+  EXPECT_EQ((*s)->GetJob("job-1").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(Store, DuplicateEventSeqIsRejected) {
+  auto s = Store::Open(":memory:");
+  v1::JobEvent e;
+  e.set_job_id("j");
+  e.set_seq(1);
+  ASSERT_TRUE((*s)->AppendEvent(e).ok());
+  EXPECT_FALSE((*s)->AppendEvent(e).ok());
+}
+
+TEST(Store, ListFiltersByStateAndLabelAndPages) {
+  auto s = Store::Open(":memory:");
+  for (int i = 1; i <= 5; ++i)
+    ASSERT_TRUE((*s)
+                    ->InsertJob(MakeJob("job-" + std::to_string(i),
+                                        i % 2 ? v1::QUEUED : v1::RUNNING, i <= 3 ? "nlp" : "cv"),
+                                i)
+                    .ok());
+  JobFilter f;
+  f.states = {v1::QUEUED};
+  auto rows = (*s)->ListJobs(f);
+  ASSERT_EQ(rows->size(), 3u);
+  f.labels = {{"team", "nlp"}};
+  rows = (*s)->ListJobs(f);
+  ASSERT_EQ(rows->size(), 2u);  // job-1, job-3
+  JobFilter page;
+  page.limit = 2;
+  rows = (*s)->ListJobs(page);
+  ASSERT_EQ(rows->size(), 2u);
+  page.after_ordinal = rows->back().first;
+  rows = (*s)->ListJobs(page);
+  ASSERT_EQ(rows->size(), 2u);
+  EXPECT_EQ((*rows)[0].second.id(), "job-3");
+  auto counts = (*s)->CountJobsByState();
+  EXPECT_EQ((*counts)[v1::QUEUED], 3);
+  EXPECT_EQ((*counts)[v1::RUNNING], 2);
+}
+
+TEST(Store, RequestIdIsUnique) {
+  auto s = Store::Open(":memory:");
+  v1::Job a = MakeJob("job-1", v1::QUEUED);
+  a.set_request_id("r1");
+  ASSERT_TRUE((*s)->InsertJob(a, 1).ok());
+  v1::Job b = MakeJob("job-2", v1::QUEUED);
+  b.set_request_id("r1");
+  EXPECT_FALSE((*s)->InsertJob(b, 2).ok());
+  auto found = (*s)->FindJobByRequestId("r1");
+  ASSERT_TRUE(found.ok() && found->has_value());
+  EXPECT_EQ((*found)->id(), "job-1");
+}
+
+TEST(Store, PruneKeepsNewestCheckpoints) {
+  auto s = Store::Open(":memory:");
+  for (int step : {10, 20, 30, 40}) {
+    v1::Checkpoint c;
+    c.set_job_id("j");
+    c.set_step(step);
+    ASSERT_TRUE((*s)->InsertCheckpoint(c).ok());
+  }
+  ASSERT_TRUE((*s)->PruneCheckpoints("j", 2).ok());
+  auto list = (*s)->ListCheckpoints("j");
+  ASSERT_EQ(list->size(), 2u);
+  EXPECT_EQ((*list)[0].step(), 30);
+  EXPECT_EQ((*list)[1].step(), 40);
+}
+
+TEST(Store, RefusesNewerSchema) {
+  const std::string dir = TempDir();
+  { ASSERT_TRUE(Store::Open(dir).ok()); }
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open((dir + "/ftune.db").c_str(), &db), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(db, "UPDATE schema_version SET version=99", nullptr, nullptr, nullptr),
+            SQLITE_OK);
+  sqlite3_close(db);
+  auto s = Store::Open(dir);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.status().message().find("upgrade ftune-coordinator"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace ftune::server
