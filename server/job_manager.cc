@@ -448,7 +448,7 @@ std::vector<v1::Agent> JobManager::ListAgents() {
           if (agent.agent_id() == pl.agent_id()) {
             auto* u = agent.add_used();
             *u = pl;
-            u->set_agent_id(job.id());  // in `used`, agent_id names the job holding the slot
+            u->set_job_id(job.id());
           }
   }
   return out;

@@ -101,7 +101,8 @@ grpc::Status JobServiceImpl::WatchJob(grpc::ServerContext* ctx, const v1::WatchJ
       auto events = manager_->ReadEvents(req->job_id(), last, 1000);
       if (!events.ok()) return ToGrpc(events.status());
       if (events->empty()) return grpc::Status::OK;
-      for (const auto& e : *events) {
+      for (size_t i = 0; i < events->size(); ++i) {
+        const auto& e = (*events)[i];
         if (!writer->Write(e)) return grpc::Status(grpc::StatusCode::CANCELLED, "watcher left");
         last = e.seq();
         if (IsTerminalEvent(e)) ended = true;
@@ -114,7 +115,8 @@ grpc::Status JobServiceImpl::WatchJob(grpc::ServerContext* ctx, const v1::WatchJ
     bool overflowed = false;
     auto events = sub->Wait(std::chrono::milliseconds(500), &overflowed);
     bool gap = overflowed;
-    for (const auto& e : events) {
+    for (size_t i = 0; i < events.size(); ++i) {
+      const auto& e = events[i];
       if (e.seq() <= last) continue;
       if (e.seq() != last + 1) {
         gap = true;

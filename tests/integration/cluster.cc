@@ -1,0 +1,248 @@
+#include "cluster.h"
+
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <climits>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+namespace ftune::testing {
+
+int FreePort() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  socklen_t len = sizeof(a);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  close(fd);
+  return ntohs(a.sin_port);
+}
+
+Process::Process(std::vector<std::string> argv, const std::string& log_path) : log_(log_path) {
+  pid_ = fork();
+  if (pid_ == 0) {
+    int fd = open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    dup2(fd, 1);
+    dup2(fd, 2);
+    setpgid(0, 0);
+    std::vector<char*> args;
+    for (auto& a : argv) args.push_back(a.data());
+    args.push_back(nullptr);
+    execv(args[0], args.data());
+    _exit(127);
+  }
+}
+
+Process::~Process() {
+  if (Running()) {
+    kill(pid_, SIGKILL);
+    Wait(std::chrono::seconds(5));
+  }
+}
+
+void Process::Signal(int sig) {
+  if (!reaped_) kill(pid_, sig);
+}
+
+bool Process::Running() {
+  if (reaped_) return false;
+  int st = 0;
+  pid_t r = waitpid(pid_, &st, WNOHANG);
+  if (r == pid_) {
+    reaped_ = true;
+    status_ = st;
+    return false;
+  }
+  return true;
+}
+
+int Process::Wait(std::chrono::milliseconds timeout) {
+  if (!WaitFor([&] { return !Running(); }, timeout)) return INT_MIN;
+  if (WIFSIGNALED(status_)) return -WTERMSIG(status_);
+  return WEXITSTATUS(status_);
+}
+
+bool WaitFor(const std::function<bool()>& pred, std::chrono::milliseconds timeout) {
+  const auto end = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    if (pred()) return true;
+    if (std::chrono::steady_clock::now() > end) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream b;
+  b << in.rdbuf();
+  return b.str();
+}
+
+Cluster::Cluster() {
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  dir_ = (std::filesystem::temp_directory_path() /
+          ("ftune-it-" + std::string(info->name()) + "-" + std::to_string(getpid())))
+             .string();
+  std::filesystem::remove_all(dir_);
+  std::filesystem::create_directories(dir_);
+  std::ofstream(dir_ + "/client.token") << client_token() << "\n";
+  std::ofstream(dir_ + "/agent.token") << agent_token() << "\n";
+  grpc_port_ = FreePort();
+  metrics_port_ = FreePort();
+}
+
+Cluster::~Cluster() {
+  agents_.clear();
+  coordinator_.reset();
+  if (!::testing::Test::HasFailure()) std::filesystem::remove_all(dir_);
+  else std::fprintf(stderr, "logs kept in %s\n", dir_.c_str());
+}
+
+void Cluster::StartCoordinator(std::vector<std::string> extra) {
+  std::vector<std::string> argv = {FTUNE_COORDINATOR_BIN,
+                                   "--state-dir=" + dir_ + "/state",
+                                   "--listen=" + address(),
+                                   "--metrics-listen=127.0.0.1:" + std::to_string(metrics_port_),
+                                   "--client-token-file=" + dir_ + "/client.token",
+                                   "--agent-token-file=" + dir_ + "/agent.token",
+                                   "--agent-timeout=3",
+                                   "--grace-seconds=2",
+                                   "--heartbeat-ms=300",
+                                   "--tick-ms=50"};
+  for (auto& e : extra) argv.push_back(e);
+  coordinator_ = std::make_unique<Process>(
+      argv, dir_ + "/coordinator-" + std::to_string(coordinator_starts_++) + ".log");
+  auto stub = Client();
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        grpc::ClientContext ctx;
+        AddAuth(&ctx);
+        v1::ListAgentsResponse r;
+        return stub->ListAgents(&ctx, {}, &r).ok();
+      },
+      std::chrono::seconds(20)))
+      << "coordinator did not come up; log: " << ReadFile(coordinator_->log_path());
+}
+
+void Cluster::KillCoordinator(int sig) {
+  coordinator_->Signal(sig);
+  coordinator_->Wait(std::chrono::seconds(10));
+}
+
+int Cluster::StartAgent(const std::string& host, int cpu_slots, std::vector<std::string> extra) {
+  std::vector<std::string> argv = {FTUNE_AGENT_BIN,
+                                   "--coordinator=" + address(),
+                                   "--token-file=" + dir_ + "/agent.token",
+                                   "--work-dir=" + dir_ + "/agent-" + host,
+                                   "--cpu-slots=" + std::to_string(cpu_slots),
+                                   "--host=" + host,
+                                   "--rank-binary=" FTUNE_TEST_RANK_BIN,
+                                   "--grace-seconds=2"};
+  for (auto& e : extra) argv.push_back(e);
+  agents_.push_back(std::make_unique<Process>(argv, dir_ + "/agent-" + host + ".log"));
+  return static_cast<int>(agents_.size()) - 1;
+}
+
+std::shared_ptr<grpc::Channel> Cluster::Channel() {
+  return grpc::CreateChannel(address(), grpc::InsecureChannelCredentials());
+}
+
+std::unique_ptr<v1::JobService::Stub> Cluster::Client(const std::string& /*token*/) {
+  return v1::JobService::NewStub(Channel());
+}
+
+void Cluster::AddAuth(grpc::ClientContext* ctx, const std::string& token) {
+  ctx->AddMetadata("authorization",
+                   "Bearer " + (token == "\x01" ? client_token() : token));
+}
+
+bool Cluster::WaitAgents(int n, std::chrono::milliseconds timeout) {
+  auto stub = Client();
+  return WaitFor(
+      [&] {
+        grpc::ClientContext ctx;
+        AddAuth(&ctx);
+        v1::ListAgentsResponse r;
+        if (!stub->ListAgents(&ctx, {}, &r).ok()) return false;
+        int alive = 0;
+        for (const auto& a : r.agents()) alive += a.alive();
+        return alive >= n;
+      },
+      timeout);
+}
+
+v1::Job Cluster::GetJob(const std::string& id) {
+  auto stub = Client();
+  grpc::ClientContext ctx;
+  AddAuth(&ctx);
+  v1::GetJobRequest req;
+  req.set_job_id(id);
+  v1::Job job;
+  stub->GetJob(&ctx, req, &job);
+  return job;
+}
+
+bool Cluster::WaitState(const std::string& id, v1::JobState state,
+                        std::chrono::milliseconds timeout) {
+  return WaitFor([&] { return GetJob(id).state() == state; }, timeout);
+}
+
+std::vector<v1::JobEvent> Cluster::Events(const std::string& id, int64_t after_seq) {
+  auto stub = Client();
+  grpc::ClientContext ctx;
+  AddAuth(&ctx);
+  v1::WatchJobRequest req;
+  req.set_job_id(id);
+  req.set_after_seq(after_seq);
+  auto reader = stub->WatchJob(&ctx, req);
+  std::vector<v1::JobEvent> out;
+  v1::JobEvent e;
+  while (reader->Read(&e)) out.push_back(e);
+  reader->Finish();
+  return out;
+}
+
+bool Cluster::WaitFor_Step(const std::string& id, int64_t step,
+                           std::chrono::milliseconds timeout) {
+  return WaitFor([&] { return GetJob(id).last_step() >= step; }, timeout);
+}
+
+v1::JobSpec Cluster::Spec(int ranks, int steps, int save_steps) {
+  v1::JobSpec s;
+  s.set_name("it");
+  s.mutable_model()->set_model_name_or_path(dir_ + "/model");
+  s.mutable_dataset()->add_data_files(dir_ + "/train.jsonl");
+  s.mutable_resources()->set_num_ranks(ranks);
+  s.mutable_training()->set_save_steps(save_steps);
+  s.mutable_training()->set_max_steps(steps);
+  (*s.mutable_labels())["test.steps"] = std::to_string(steps);
+  (*s.mutable_labels())["test.step_ms"] = "40";
+  s.set_output_dir(dir_ + "/out-" + std::to_string(FreePort()));
+  return s;
+}
+
+v1::Job Cluster::Submit(const v1::JobSpec& spec) {
+  auto stub = Client();
+  grpc::ClientContext ctx;
+  AddAuth(&ctx);
+  v1::CreateJobRequest req;
+  *req.mutable_spec() = spec;
+  v1::Job job;
+  auto st = stub->CreateJob(&ctx, req, &job);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  return job;
+}
+
+}  // namespace ftune::testing
