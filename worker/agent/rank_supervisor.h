@@ -1,0 +1,164 @@
+// The rank supervisor: starts one rank process per assigned slot, relays its
+// channel into the spool, delivers commands to it, and notices when it exits,
+// hangs or must be stopped (docs/control-plane.md, "Rank processes").
+//
+// Per rank:
+//   * a channel (socketpair): the rank's end is inherited as --channel-fd;
+//   * a reader thread: every RankMessage becomes a spooled RankEvent, except
+//     rendezvous_publish, which goes up at once through the RendezvousSink
+//     (rendezvous data is only meaningful while the attempt runs, so it is not
+//     spooled; see LocalPublications for resending it after a reconnect);
+//   * a waiter thread: reaps the process, lets the reader drain what the rank
+//     wrote before it died, then spools RankExit. RankExit is therefore always
+//     the last event of a rank.
+// A timer thread (or the test, through CheckTimers) kills ranks silent for
+// longer than silence_timeout (RankExit.hung) and escalates stops:
+// StopRank on the channel, SIGTERM after the grace period, SIGKILL after
+// another one.
+//
+// Stops the agent decides on its own (shutdown, stale ranks) skip StopRank
+// and start at SIGTERM: a rank that exits 0 after a StopRank reads as a clean
+// finish, and the coordinator, which asked for nothing, would count the
+// attempt as done. Terminated, the rank exits non-zero and the coordinator
+// restarts the gang from its last checkpoint.
+//
+// Whatever cannot be done (bad slot, unwritable work dir, binary that does not
+// execute) becomes a RankEvent.launch_failed naming the cause; the supervisor
+// never throws or aborts.
+//
+// An assignment is idempotent: a rank (job, attempt, rank) that runs or ran in
+// this process is not started again when the coordinator re-sends it after a
+// reconnect.
+//
+// Thread-safety: all public methods may be called from any thread. Assign
+// calls are serialized internally.
+#ifndef FTUNE_WORKER_AGENT_RANK_SUPERVISOR_H_
+#define FTUNE_WORKER_AGENT_RANK_SUPERVISOR_H_
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "ftune/v1/agent_service.pb.h"
+#include "worker/agent/clock.h"
+#include "worker/agent/process_launcher.h"
+#include "worker/agent/slots.h"
+#include "worker/agent/spool.h"
+
+namespace ftune::agent {
+
+class RankSupervisor {
+ public:
+  struct Options {
+    // Absolute; job files go to <work_dir>/jobs/<job_id>/.
+    std::string work_dir;
+    std::string rank_binary;
+    absl::Duration silence_timeout = absl::Seconds(600);
+    // Used when a StopJob says 0, for stale ranks and at shutdown.
+    absl::Duration default_grace = absl::Seconds(30);
+    // Period of the timer thread; zero: no thread, the caller runs CheckTimers.
+    absl::Duration poll_interval = absl::Milliseconds(100);
+    size_t stderr_tail_lines = 20;
+    // Null: the real clock.
+    Clock* clock = nullptr;
+  };
+  using RendezvousSink = std::function<void(const v1::RendezvousPublish&)>;
+
+  // spool and launcher must outlive the supervisor. sink is called from a
+  // rank's reader thread.
+  RankSupervisor(Options options, std::vector<HostSlot> slots, Spool* spool,
+                 ProcessLauncher* launcher, RendezvousSink sink);
+  // Kills (SIGKILL) ranks still running and waits for them; call Shutdown
+  // first for an orderly stop.
+  ~RankSupervisor();
+  RankSupervisor(const RankSupervisor&) = delete;
+  RankSupervisor& operator=(const RankSupervisor&) = delete;
+
+  // Starts every rank of the assignment that this process has not started yet.
+  void Assign(const v1::Assignment& assignment);
+
+  // StopRank(save_checkpoint) to each rank of (job_id, attempt), SIGTERM
+  // after the grace period, SIGKILL after another; grace_seconds <= 0 means
+  // default_grace.
+  void Stop(const v1::StopJob& stop);
+
+  // Ranks the coordinator no longer wants (Registered.stale): SIGTERM at
+  // once, SIGKILL after default_grace.
+  void StopStale(const std::vector<v1::RunningRank>& stale);
+
+  // Hands rendezvous data to each rank of its (job, attempt), once per rank;
+  // ranks started later for that attempt get it right after they start.
+  void DeliverRendezvous(const v1::RendezvousPublish& publish);
+
+  // Ranks started and not yet reported exited.
+  std::vector<v1::RunningRank> Running() const;
+  size_t num_running() const;
+
+  // Rendezvous data local ranks published for attempts that still have live
+  // ranks here; the agent re-sends them after a reconnect, since the
+  // coordinator may have missed them.
+  std::vector<v1::RendezvousPublish> LocalPublications() const;
+
+  // Runs the silence and stop timers once and joins finished rank threads.
+  void CheckTimers();
+
+  // Terminates every rank (SIGTERM at once, SIGKILL after grace) and waits
+  // until all have exited, at most grace + 5 s; assignments after this are
+  // reported as launch_failed. Returns true when no rank is left.
+  bool Shutdown(absl::Duration grace);
+
+  // Blocks until no rank runs or the timeout passes; true when none runs.
+  bool WaitIdle(absl::Duration timeout);
+
+ private:
+  using Key = std::tuple<std::string, int, int>;   // job_id, attempt, rank
+  using AttemptKey = std::pair<std::string, int>;  // job_id, attempt
+  struct Rank;
+
+  void LaunchRank(const v1::Assignment& a, const v1::RankAssignment& ra,
+                  const std::string& spec_path, const std::string& attempt_dir,
+                  const std::string& output_dir);
+  void ReadLoop(const std::shared_ptr<Rank>& rank);
+  void WaitLoop(const std::shared_ptr<Rank>& rank);
+  void ReportLaunchFailed(const std::string& job_id, int attempt, int rank,
+                          const std::string& message);
+  void SpoolEvent(v1::RankEvent* event);
+  void SendToRank(const std::shared_ptr<Rank>& rank, const v1::AgentMessage& msg);
+  // For ranks already marked stopping with term_at due: logs and signals.
+  void TerminateNow(const std::vector<std::shared_ptr<Rank>>& ranks, const std::string& why);
+  void TimerLoop();
+  std::vector<std::string> BuildEnv(const HostSlot& slot) const;
+
+  const Options options_;
+  const std::vector<HostSlot> slots_;
+  Spool* const spool_;
+  ProcessLauncher* const launcher_;
+  const RendezvousSink sink_;
+  Clock* const clock_;
+
+  absl::Mutex assign_mu_;  // serializes Assign
+  mutable absl::Mutex mu_;
+  std::map<Key, std::shared_ptr<Rank>> live_ ABSL_GUARDED_BY(mu_);
+  // Ranks whose waiter has finished; their threads still need joining.
+  std::vector<std::shared_ptr<Rank>> finished_ ABSL_GUARDED_BY(mu_);
+  // Every rank this process started or failed to start.
+  std::set<Key> started_ ABSL_GUARDED_BY(mu_);
+  std::map<AttemptKey, std::string> rendezvous_in_ ABSL_GUARDED_BY(mu_);
+  std::map<AttemptKey, std::string> rendezvous_out_ ABSL_GUARDED_BY(mu_);
+  bool stop_timer_ ABSL_GUARDED_BY(mu_) = false;
+  // Set by Shutdown: later assignments are refused (launch_failed).
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread timer_;
+};
+
+}  // namespace ftune::agent
+
+#endif  // FTUNE_WORKER_AGENT_RANK_SUPERVISOR_H_

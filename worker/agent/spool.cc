@@ -1,0 +1,456 @@
+#include "worker/agent/spool.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "worker/agent/file_util.h"
+#include "worker/agent/log.h"
+
+namespace ftune::agent {
+namespace {
+
+// A length prefix above this is corruption, not an event (events are small;
+// the biggest, a RankExit, carries ~20 stderr lines).
+constexpr uint64_t kMaxRecordBytes = 16u << 20;
+constexpr size_t kMaxVarintBytes = 10;
+
+std::array<uint32_t, 256> MakeCrcTable() {
+  std::array<uint32_t, 256> table{};
+  for (uint32_t i = 0; i < 256; ++i) {
+    uint32_t c = i;
+    for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+    table[i] = c;
+  }
+  return table;
+}
+
+void AppendVarint(uint64_t v, std::string* out) {
+  while (v >= 0x80) {
+    out->push_back(static_cast<char>((v & 0x7f) | 0x80));
+    v >>= 7;
+  }
+  out->push_back(static_cast<char>(v));
+}
+
+void AppendFixed32(uint32_t v, std::string* out) {
+  for (int i = 0; i < 4; ++i) out->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+
+uint32_t DecodeFixed32(const char* p) {
+  uint32_t v = 0;
+  for (int i = 0; i < 4; ++i)
+    v |= static_cast<uint32_t>(static_cast<unsigned char>(p[i])) << (8 * i);
+  return v;
+}
+
+// Reads exactly n bytes at offset; false on a short read or error.
+bool PreadExact(int fd, char* buf, size_t n, int64_t offset) {
+  size_t got = 0;
+  while (got < n) {
+    ssize_t r = ::pread(fd, buf + got, n - got, offset + static_cast<int64_t>(got));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return false;
+    got += static_cast<size_t>(r);
+  }
+  return true;
+}
+
+bool WriteAll(int fd, const char* p, size_t n) {
+  while (n > 0) {
+    ssize_t w = ::write(fd, p, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0) return false;
+    p += w;
+    n -= static_cast<size_t>(w);
+  }
+  return true;
+}
+
+absl::StatusOr<std::string> NewAgentId() {
+  unsigned char bytes[16];
+  size_t got = 0;
+  while (got < sizeof(bytes)) {
+    ssize_t n = ::getrandom(bytes + got, sizeof(bytes) - got, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return absl::InternalError(absl::StrCat("getrandom failed: ", ErrnoText(errno)));
+    got += static_cast<size_t>(n);
+  }
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string id;
+  for (unsigned char b : bytes) {
+    id.push_back(kHex[b >> 4]);
+    id.push_back(kHex[b & 15]);
+  }
+  return id;
+}
+
+// Serializes one record: varint length | payload | CRC of both.
+std::string EncodeRecord(const v1::RankEvent& event) {
+  std::string record;
+  AppendVarint(event.ByteSizeLong(), &record);
+  event.AppendToString(&record);
+  AppendFixed32(Crc32(record.data(), record.size()), &record);
+  return record;
+}
+
+}  // namespace
+
+uint32_t Crc32(const void* data, size_t size) {
+  static const std::array<uint32_t, 256> kTable = MakeCrcTable();
+  uint32_t c = 0xFFFFFFFFu;
+  const auto* p = static_cast<const unsigned char*>(data);
+  for (size_t i = 0; i < size; ++i) c = kTable[(c ^ p[i]) & 0xff] ^ (c >> 8);
+  return c ^ 0xFFFFFFFFu;
+}
+
+Spool::Spool(Options options) : options_(std::move(options)), dir_(options_.dir) {}
+
+Spool::~Spool() {
+  absl::MutexLock lock(&mu_);
+  if (fd_ >= 0) ::close(fd_);
+}
+
+absl::StatusOr<std::unique_ptr<Spool>> Spool::Open(const Options& options) {
+  if (options.dir.empty())
+    return absl::InvalidArgumentError("spool directory is empty: pass --work-dir");
+  if (absl::Status s = MakeDirs(options.dir); !s.ok()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("spool: ", s.message(), "; pass a writable --work-dir"));
+  }
+  std::unique_ptr<Spool> spool(new Spool(options));
+  const std::string& dir = spool->dir_;
+
+  // Leftovers of a crash in the middle of an atomic write or a compaction:
+  // the real files are intact, these are garbage.
+  for (const char* name : {"agent_id.tmp", "acked.tmp", "events.log.compact"}) {
+    ::unlink(absl::StrCat(dir, "/", name).c_str());
+  }
+
+  const std::string id_path = dir + "/agent_id";
+  absl::StatusOr<std::string> id = ReadFile(id_path);
+  if (id.ok()) {
+    std::string trimmed(absl::StripAsciiWhitespace(*id));
+    const bool hex =
+        !trimmed.empty() && trimmed.size() <= 64 &&
+        std::all_of(trimmed.begin(), trimmed.end(), [](char c) { return absl::ascii_isxdigit(c); });
+    if (!hex) {
+      return absl::DataLossError(absl::StrCat(
+          "spool: ", id_path, " does not hold a hex agent id ('", trimmed.substr(0, 40),
+          "'); restore it, or delete the whole spool directory to register as a new agent"));
+    }
+    spool->agent_id_ = trimmed;
+  } else if (absl::IsNotFound(id.status())) {
+    absl::StatusOr<std::string> fresh = NewAgentId();
+    if (!fresh.ok()) return fresh.status();
+    if (absl::Status s = WriteFileAtomic(id_path, *fresh + "\n"); !s.ok()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("spool: ", s.message(), "; pass a writable --work-dir"));
+    }
+    spool->agent_id_ = *fresh;
+  } else {
+    return id.status();
+  }
+
+  if (absl::Status s = spool->Recover(); !s.ok()) return s;
+  return spool;
+}
+
+absl::Status Spool::Recover() {
+  absl::MutexLock lock(&mu_);
+  const std::string acked_path = dir_ + "/acked";
+  absl::StatusOr<std::string> acked_text = ReadFile(acked_path);
+  if (acked_text.ok()) {
+    // A wrong ack is worse than none: guessing low resends duplicates (fine),
+    // but with a compacted log it would also restart seqs at 1, and the
+    // coordinator would drop those new events as duplicates. So refuse.
+    std::string t(absl::StripAsciiWhitespace(*acked_text));
+    if (!absl::SimpleAtoi(t, &acked_) || acked_ < 0) {
+      return absl::DataLossError(absl::StrCat(
+          "spool: ", acked_path, " does not hold an agent_seq ('", t.substr(0, 40),
+          "'); write the coordinator's last stored agent_seq for agent ", agent_id_, " into it"));
+    }
+  } else if (!absl::IsNotFound(acked_text.status())) {
+    return acked_text.status();
+  }
+  last_seq_ = acked_;
+
+  const std::string path = log_path();
+  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  if (fd_ < 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "spool: cannot open ", path, ": ", ErrnoText(errno), "; pass a writable --work-dir"));
+  }
+  struct stat st;
+  if (::fstat(fd_, &st) != 0)
+    return absl::InternalError(absl::StrCat("spool: cannot stat ", path, ": ", ErrnoText(errno)));
+  const int64_t size = st.st_size;
+
+  int64_t off = 0;
+  int64_t prev_seq = 0;
+  std::string why;
+  std::string buf;
+  while (off < size) {
+    char head[kMaxVarintBytes];
+    const size_t head_len = static_cast<size_t>(std::min<int64_t>(kMaxVarintBytes, size - off));
+    if (!PreadExact(fd_, head, head_len, off)) {
+      why = "unreadable record header";
+      break;
+    }
+    uint64_t len = 0;
+    size_t vlen = 0;
+    bool complete = false;
+    for (size_t i = 0; i < head_len; ++i) {
+      len |= static_cast<uint64_t>(static_cast<unsigned char>(head[i]) & 0x7f) << (7 * i);
+      if ((static_cast<unsigned char>(head[i]) & 0x80) == 0) {
+        vlen = i + 1;
+        complete = true;
+        break;
+      }
+    }
+    if (!complete) {
+      why = "torn length prefix";
+      break;
+    }
+    if (len > kMaxRecordBytes) {
+      why = absl::StrCat("length prefix ", len, " is not plausible");
+      break;
+    }
+    const int64_t total = static_cast<int64_t>(vlen + len + 4);
+    if (off + total > size) {
+      why = "record cut short";
+      break;
+    }
+    buf.resize(static_cast<size_t>(total));
+    if (!PreadExact(fd_, buf.data(), buf.size(), off)) {
+      why = "unreadable record";
+      break;
+    }
+    if (Crc32(buf.data(), vlen + len) != DecodeFixed32(buf.data() + vlen + len)) {
+      why = "checksum mismatch";
+      break;
+    }
+    v1::RankEvent event;
+    if (!event.ParseFromArray(buf.data() + vlen, static_cast<int>(len))) {
+      why = "record does not parse as a RankEvent";
+      break;
+    }
+    if (event.agent_seq() <= prev_seq) {
+      why = absl::StrCat("agent_seq ", event.agent_seq(), " does not increase (previous ", prev_seq,
+                         ")");
+      break;
+    }
+    prev_seq = event.agent_seq();
+    if (event.agent_seq() > acked_) index_.push_back(Entry{event.agent_seq(), off, total});
+    off += total;
+  }
+  if (off < size) {
+    LogWarning(absl::StrCat(
+        "spool ", path, ": dropping ", size - off, " bytes from offset ", off, " (", why,
+        "); a crash during an append leaves such a tail (its events were never sent), "
+        "anything else is disk corruption"));
+    if (::ftruncate(fd_, off) != 0 || ::fsync(fd_) != 0) {
+      return absl::InternalError(absl::StrCat("spool: cannot truncate ", path, " to ", off,
+                                              " bytes: ", ErrnoText(errno),
+                                              "; check the disk and --work-dir"));
+    }
+  }
+  file_size_ = off;
+  last_seq_ = std::max(acked_, prev_seq);
+  return TrimLocked();
+}
+
+void Spool::SetAppendListener(std::function<void()> listener) {
+  absl::MutexLock lock(&listener_mu_);
+  listener_ = std::move(listener);
+}
+
+absl::Status Spool::Append(v1::RankEvent* event) {
+  std::vector<v1::RankEvent> events(1);
+  events[0].Swap(event);
+  absl::Status s = Append(&events);
+  events[0].Swap(event);
+  return s;
+}
+
+absl::Status Spool::Append(std::vector<v1::RankEvent>* events) {
+  if (events->empty()) return absl::OkStatus();
+  {
+    absl::MutexLock lock(&mu_);
+    std::string buf;
+    std::vector<Entry> added;
+    int64_t seq = last_seq_;
+    int64_t off = file_size_;
+    for (v1::RankEvent& e : *events) {
+      e.set_agent_seq(++seq);
+      std::string record = EncodeRecord(e);
+      added.push_back(Entry{seq, off, static_cast<int64_t>(record.size())});
+      off += static_cast<int64_t>(record.size());
+      buf += record;
+    }
+    const bool written = WriteAll(fd_, buf.data(), buf.size()) && ::fdatasync(fd_) == 0;
+    if (!written) {
+      const int err = errno;
+      // Cut off whatever part did land, so the next append starts on a
+      // record boundary and recovery never sees half a batch.
+      if (::ftruncate(fd_, file_size_) != 0) {
+        LogError(absl::StrCat("spool ", log_path(),
+                              ": cannot undo a failed append: ", ErrnoText(errno)));
+      }
+      for (v1::RankEvent& e : *events) e.clear_agent_seq();
+      return absl::ResourceExhaustedError(absl::StrCat("spool: cannot append to ", log_path(), ": ",
+                                                       ErrnoText(err),
+                                                       "; free disk space under --work-dir"));
+    }
+    file_size_ = off;
+    last_seq_ = seq;
+    index_.insert(index_.end(), added.begin(), added.end());
+  }
+  std::function<void()> listener;
+  {
+    absl::MutexLock lock(&listener_mu_);
+    listener = listener_;
+  }
+  if (listener) listener();
+  return absl::OkStatus();
+}
+
+absl::Status Spool::Ack(int64_t seq) {
+  absl::MutexLock lock(&mu_);
+  if (seq <= acked_) return absl::OkStatus();
+  if (absl::Status s = WriteFileAtomic(dir_ + "/acked", absl::StrCat(seq, "\n")); !s.ok()) {
+    return absl::InternalError(absl::StrCat("spool: cannot persist ack ", seq, ": ", s.message()));
+  }
+  acked_ = seq;
+  if (seq > last_seq_) {
+    LogWarning(absl::StrCat("spool: coordinator acknowledged agent_seq ", seq,
+                            " but the last one assigned here is ", last_seq_,
+                            "; new events continue above ", seq));
+    last_seq_ = seq;
+  }
+  while (!index_.empty() && index_.front().seq <= seq) index_.pop_front();
+  return TrimLocked();
+}
+
+absl::Status Spool::TrimLocked() {
+  if (index_.empty()) {
+    if (file_size_ == 0) return absl::OkStatus();
+    if (::ftruncate(fd_, 0) != 0 || ::fsync(fd_) != 0) {
+      return absl::InternalError(
+          absl::StrCat("spool: cannot truncate ", log_path(), ": ", ErrnoText(errno)));
+    }
+    file_size_ = 0;
+    return absl::OkStatus();
+  }
+  if (index_.front().offset >= options_.compact_bytes) return CompactLocked();
+  return absl::OkStatus();
+}
+
+absl::Status Spool::CompactLocked() {
+  const std::string path = log_path();
+  const std::string tmp = dir_ + "/events.log.compact";
+  const int64_t start = index_.front().offset;
+  int out = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (out < 0)
+    return absl::InternalError(absl::StrCat("spool: cannot create ", tmp, ": ", ErrnoText(errno)));
+  std::string buf(1 << 20, '\0');
+  int64_t off = start;
+  bool ok = true;
+  while (ok && off < file_size_) {
+    const size_t n =
+        static_cast<size_t>(std::min<int64_t>(static_cast<int64_t>(buf.size()), file_size_ - off));
+    ok = PreadExact(fd_, buf.data(), n, off) && WriteAll(out, buf.data(), n);
+    off += static_cast<int64_t>(n);
+  }
+  ok = ok && ::fsync(out) == 0;
+  const int err = errno;
+  ::close(out);
+  if (!ok || ::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int e = ok ? errno : err;
+    ::unlink(tmp.c_str());
+    return absl::InternalError(
+        absl::StrCat("spool: compaction of ", path, " failed: ", ErrnoText(e),
+                     "; the log is intact, check free space under --work-dir"));
+  }
+  // The rename is durable only once the directory is synced; until then a
+  // crash brings back the old (still valid) file.
+  if (absl::Status s = FsyncDir(dir_); !s.ok()) LogWarning(s.message());
+  int fd = ::open(path.c_str(), O_RDWR | O_APPEND | O_CLOEXEC);
+  if (fd < 0) {
+    return absl::InternalError(
+        absl::StrCat("spool: cannot reopen ", path, " after compaction: ", ErrnoText(errno)));
+  }
+  ::close(fd_);
+  fd_ = fd;
+  for (Entry& e : index_) e.offset -= start;
+  file_size_ -= start;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<v1::RankEvent>> Spool::ReadAfter(int64_t after_seq, size_t max_events,
+                                                            size_t max_bytes) const {
+  absl::MutexLock lock(&mu_);
+  std::vector<v1::RankEvent> out;
+  auto it = std::upper_bound(index_.begin(), index_.end(), after_seq,
+                             [](int64_t seq, const Entry& e) { return seq < e.seq; });
+  size_t bytes = 0;
+  std::string buf;
+  for (; it != index_.end() && out.size() < max_events; ++it) {
+    if (!out.empty() && bytes + static_cast<size_t>(it->size) > max_bytes) break;
+    buf.resize(static_cast<size_t>(it->size));
+    if (!PreadExact(fd_, buf.data(), buf.size(), it->offset)) {
+      return absl::InternalError(absl::StrCat("spool: cannot read ", log_path(), " at offset ",
+                                              it->offset, ": ", ErrnoText(errno)));
+    }
+    // Re-decode the length prefix; the index does not keep its width.
+    uint64_t len = 0;
+    size_t vlen = 0;
+    for (size_t i = 0; i < buf.size() && i < kMaxVarintBytes; ++i) {
+      len |= static_cast<uint64_t>(static_cast<unsigned char>(buf[i]) & 0x7f) << (7 * i);
+      if ((static_cast<unsigned char>(buf[i]) & 0x80) == 0) {
+        vlen = i + 1;
+        break;
+      }
+    }
+    v1::RankEvent event;
+    if (vlen == 0 || vlen + len + 4 != buf.size() ||
+        !event.ParseFromArray(buf.data() + vlen, static_cast<int>(len))) {
+      return absl::DataLossError(
+          absl::StrCat("spool: record of agent_seq ", it->seq, " in ", log_path(),
+                       " changed on disk; stop the agent and inspect the file"));
+    }
+    bytes += static_cast<size_t>(it->size);
+    out.push_back(std::move(event));
+  }
+  return out;
+}
+
+int64_t Spool::acked_seq() const {
+  absl::MutexLock lock(&mu_);
+  return acked_;
+}
+
+int64_t Spool::last_seq() const {
+  absl::MutexLock lock(&mu_);
+  return last_seq_;
+}
+
+size_t Spool::num_unacked() const {
+  absl::MutexLock lock(&mu_);
+  return index_.size();
+}
+
+int64_t Spool::log_bytes() const {
+  absl::MutexLock lock(&mu_);
+  return file_size_;
+}
+
+}  // namespace ftune::agent
