@@ -67,6 +67,20 @@ absl::Status JobManager::Recover() {
 
 // ---------------------------------------------------------------- helpers
 
+void JobManager::Pending::Merge(Pending&& other) {
+  for (auto& e : other.events) events.push_back(std::move(e));
+  for (auto& m : other.outbox) outbox.push_back(std::move(m));
+  for (auto& j : other.ended_jobs) ended_jobs.push_back(std::move(j));
+  for (auto& j : other.restarted_jobs) restarted_jobs.push_back(std::move(j));
+}
+
+absl::StatusOr<std::vector<std::pair<int64_t, v1::Job>>> JobManager::ListSlotHolders() {
+  JobFilter f;
+  f.states = {v1::SCHEDULED, v1::RUNNING, v1::RESTARTING, v1::CANCELLING};
+  f.limit = 1 << 20;
+  return store_->ListJobs(f);
+}
+
 void JobManager::AddEvent(v1::Job* job, v1::JobEvent event, Pending* p) {
   event.set_job_id(job->id());
   event.set_seq(job->last_event_seq() + 1);
@@ -438,10 +452,7 @@ std::vector<v1::Agent> JobManager::ListAgents() {
     agent.set_last_seen_unix_ms(a.last_seen_ms);
     out.push_back(std::move(agent));
   }
-  JobFilter f;
-  f.states = {v1::SCHEDULED, v1::RUNNING, v1::RESTARTING, v1::CANCELLING};
-  f.limit = 1 << 20;
-  if (auto rows = store_->ListJobs(f); rows.ok()) {
+  if (auto rows = ListSlotHolders(); rows.ok()) {
     for (const auto& [ord, job] : *rows)
       for (const auto& pl : job.placement())
         for (auto& agent : out)
@@ -507,10 +518,7 @@ absl::Status JobManager::RegisterAgent(const v1::RegisterAgent& reg,
 void JobManager::CheckLostRanks(AgentState* agent, Pending* p) {
   agent->lost_check_seq = -1;
   const std::string& agent_id = agent->stored.agent.agent_id();
-  JobFilter f;
-  f.states = {v1::SCHEDULED, v1::RUNNING, v1::RESTARTING, v1::CANCELLING};
-  f.limit = 1 << 20;
-  auto rows = store_->ListJobs(f);
+  auto rows = ListSlotHolders();
   if (!rows.ok()) return;
   for (auto& [ord, job_row] : *rows) {
     v1::Job job = job_row;
@@ -554,10 +562,7 @@ void JobManager::CheckLostRanks(AgentState* agent, Pending* p) {
       *msg.mutable_assign() = resend;
       local.outbox.emplace_back(agent_id, std::move(msg));
     }
-    for (auto& e : local.events) p->events.push_back(std::move(e));
-    for (auto& m : local.outbox) p->outbox.push_back(std::move(m));
-    for (auto& j : local.ended_jobs) p->ended_jobs.push_back(j);
-    for (auto& j : local.restarted_jobs) p->restarted_jobs.push_back(j);
+    p->Merge(std::move(local));
   }
 }
 
@@ -647,10 +652,7 @@ std::vector<AgentView> JobManager::FleetLocked(bool include_used) {
     out.push_back(std::move(v));
   }
   if (include_used) {
-    JobFilter f;
-    f.states = {v1::SCHEDULED, v1::RUNNING, v1::RESTARTING, v1::CANCELLING};
-    f.limit = 1 << 20;
-    if (auto rows = store_->ListJobs(f); rows.ok()) {
+    if (auto rows = ListSlotHolders(); rows.ok()) {
       for (const auto& [ord, job] : *rows)
         for (const auto& pl : job.placement()) {
           bool exited = false;
@@ -724,8 +726,7 @@ void JobManager::ScheduleLocked(Pending* p) {
       return absl::OkStatus();
     });
     if (!st.ok()) continue;
-    for (auto& e : local.events) p->events.push_back(std::move(e));
-    for (auto& m : local.outbox) p->outbox.push_back(std::move(m));
+    p->Merge(std::move(local));
   }
 }
 
@@ -739,10 +740,7 @@ void JobManager::SweepLocked(Pending* p) {
       dead.insert(id);
     }
   }
-  JobFilter f;
-  f.states = {v1::SCHEDULED, v1::RUNNING, v1::RESTARTING, v1::CANCELLING};
-  f.limit = 1 << 20;
-  auto rows = store_->ListJobs(f);
+  auto rows = ListSlotHolders();
   if (!rows.ok()) return;
   const int64_t cancel_deadline_ms =
       2LL * options_.grace_seconds * 1000 + options_.agent_timeout_ms;
@@ -772,10 +770,7 @@ void JobManager::SweepLocked(Pending* p) {
       return absl::OkStatus();
     });
     if (!st.ok()) continue;
-    for (auto& e : local.events) p->events.push_back(std::move(e));
-    for (auto& m : local.outbox) p->outbox.push_back(std::move(m));
-    for (auto& j : local.ended_jobs) p->ended_jobs.push_back(j);
-    for (auto& j : local.restarted_jobs) p->restarted_jobs.push_back(j);
+    p->Merge(std::move(local));
   }
 }
 

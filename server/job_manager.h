@@ -125,9 +125,12 @@ class JobManager {
     Outbox outbox;
     std::vector<std::string> ended_jobs;
     std::vector<std::string> restarted_jobs;
+    void Merge(Pending&& other);
   };
 
   // All below: mu_ held.
+  // Jobs whose ranks may hold slots (SCHEDULED, RUNNING, RESTARTING, CANCELLING).
+  absl::StatusOr<std::vector<std::pair<int64_t, v1::Job>>> ListSlotHolders();
   void AddEvent(v1::Job* job, v1::JobEvent event, Pending* p);
   absl::Status Transition(v1::Job* job, v1::JobState to, const std::string& reason,
                           const std::string& reason_code, Pending* p);
