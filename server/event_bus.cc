@@ -2,30 +2,16 @@
 
 namespace ftune::server {
 
-std::vector<v1::JobEvent> EventBus::Subscription::Wait(std::chrono::milliseconds timeout,
-                                                       bool* overflowed) {
-  std::unique_lock<std::mutex> lock(mu_);
-  cv_.wait_for(lock, timeout, [&] { return !queue_.empty() || overflowed_; });
-  std::vector<v1::JobEvent> out(std::make_move_iterator(queue_.begin()),
-                                std::make_move_iterator(queue_.end()));
-  queue_.clear();
-  *overflowed = overflowed_;
-  overflowed_ = false;
-  return out;
-}
-
-std::shared_ptr<EventBus::Subscription> EventBus::Subscribe(const std::string& job_id) {
-  auto sub = std::make_shared<Subscription>();
+void EventBus::Subscribe(const std::string& job_id, Listener* listener) {
   std::lock_guard<std::mutex> lock(mu_);
-  subs_.emplace(job_id, sub);
-  return sub;
+  subs_.emplace(job_id, listener);
 }
 
-void EventBus::Unsubscribe(const std::string& job_id, const std::shared_ptr<Subscription>& sub) {
+void EventBus::Unsubscribe(const std::string& job_id, Listener* listener) {
   std::lock_guard<std::mutex> lock(mu_);
   auto range = subs_.equal_range(job_id);
   for (auto it = range.first; it != range.second; ++it) {
-    if (it->second == sub) {
+    if (it->second == listener) {
       subs_.erase(it);
       return;
     }
@@ -33,20 +19,13 @@ void EventBus::Unsubscribe(const std::string& job_id, const std::shared_ptr<Subs
 }
 
 void EventBus::Publish(const std::vector<v1::JobEvent>& events) {
+  // Group by job, keeping seq order within each job.
+  std::map<std::string, std::vector<SharedEvent>> by_job;
+  for (const auto& e : events) by_job[e.job_id()].push_back(std::make_shared<v1::JobEvent>(e));
   std::lock_guard<std::mutex> lock(mu_);
-  for (const auto& e : events) {
-    auto range = subs_.equal_range(e.job_id());
-    for (auto it = range.first; it != range.second; ++it) {
-      Subscription& s = *it->second;
-      std::lock_guard<std::mutex> sl(s.mu_);
-      if (s.queue_.size() >= kMaxQueued) {
-        s.queue_.clear();
-        s.overflowed_ = true;
-      } else if (!s.overflowed_) {
-        s.queue_.push_back(e);
-      }
-      s.cv_.notify_one();
-    }
+  for (const auto& [job, list] : by_job) {
+    auto range = subs_.equal_range(job);
+    for (auto it = range.first; it != range.second; ++it) it->second->OnEvents(list);
   }
 }
 

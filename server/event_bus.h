@@ -3,17 +3,18 @@
 // The job manager publishes events after their transaction commits, in seq
 // order. A watcher subscribes BEFORE reading stored events, then drops live
 // events it has already seen by seq: that ordering is what makes "stored
-// events, then live ones" gap-free and duplicate-free. A subscriber that
-// falls more than kMaxQueued events behind is marked overflowed; its watcher
-// then re-reads from the store instead of growing memory without bound.
+// events, then live ones" gap-free and duplicate-free.
 //
-// Thread-safe.
+// Each published event is wrapped once in a shared_ptr and handed to every
+// listener of its job, one call per listener per Publish, so 1000 watchers
+// cost 1000 cheap calls per batch rather than 1000 copies per event.
+//
+// Thread-safe. Listeners are called with the bus lock held: OnEvents must not
+// block (queue and return) and must not call back into the bus. Once
+// Unsubscribe returns, the listener is never called again.
 #ifndef FTUNE_SERVER_EVENT_BUS_H_
 #define FTUNE_SERVER_EVENT_BUS_H_
 
-#include <chrono>
-#include <condition_variable>
-#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -24,32 +25,25 @@
 
 namespace ftune::server {
 
+using SharedEvent = std::shared_ptr<const v1::JobEvent>;
+
 class EventBus {
  public:
-  static constexpr size_t kMaxQueued = 10000;
-
-  class Subscription {
+  class Listener {
    public:
-    // Waits up to `timeout` for events; returns what arrived (maybe nothing).
-    // *overflowed tells the caller to catch up from the store.
-    std::vector<v1::JobEvent> Wait(std::chrono::milliseconds timeout, bool* overflowed);
-
-   private:
-    friend class EventBus;
-    std::mutex mu_;
-    std::condition_variable cv_;
-    std::deque<v1::JobEvent> queue_;
-    bool overflowed_ = false;
+    virtual ~Listener() = default;
+    // Events of the subscribed job, in seq order.
+    virtual void OnEvents(const std::vector<SharedEvent>& events) = 0;
   };
 
-  std::shared_ptr<Subscription> Subscribe(const std::string& job_id);
-  void Unsubscribe(const std::string& job_id, const std::shared_ptr<Subscription>& sub);
+  void Subscribe(const std::string& job_id, Listener* listener);
+  void Unsubscribe(const std::string& job_id, Listener* listener);
   void Publish(const std::vector<v1::JobEvent>& events);
   size_t num_subscribers() const;
 
  private:
   mutable std::mutex mu_;
-  std::multimap<std::string, std::shared_ptr<Subscription>> subs_;
+  std::multimap<std::string, Listener*> subs_;
 };
 
 }  // namespace ftune::server

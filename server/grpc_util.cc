@@ -5,7 +5,7 @@
 
 namespace ftune::server {
 
-grpc::Status CheckBearer(const grpc::ServerContext& ctx, const std::string& token,
+grpc::Status CheckBearer(const grpc::ServerContextBase& ctx, const std::string& token,
                          const char* who) {
   if (token.empty()) return grpc::Status::OK;
   const auto& md = ctx.client_metadata();

@@ -18,7 +18,7 @@ inline grpc::Status ToGrpc(const absl::Status& s) {
 
 // OK when `token` is empty (auth off) or the call carries
 // "authorization: Bearer <token>"; UNAUTHENTICATED naming what is missing.
-grpc::Status CheckBearer(const grpc::ServerContext& ctx, const std::string& token,
+grpc::Status CheckBearer(const grpc::ServerContextBase& ctx, const std::string& token,
                          const char* who);
 
 // Reads a token file (whitespace trimmed); empty path -> empty token.

@@ -1,6 +1,8 @@
 #include "job_service.h"
 
 #include <chrono>
+#include <deque>
+#include <mutex>
 
 #include "grpc_util.h"
 #include "job_state.h"
@@ -24,10 +26,6 @@ class RpcTimer {
   const char* method_;
   std::chrono::steady_clock::time_point start_;
 };
-
-bool IsTerminalEvent(const v1::JobEvent& e) {
-  return e.has_state_change() && IsTerminal(e.state_change().to());
-}
 
 }  // namespace
 
@@ -78,60 +76,147 @@ grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext* ctx, const v1::Cance
   return grpc::Status::OK;
 }
 
-grpc::Status JobServiceImpl::WatchJob(grpc::ServerContext* ctx, const v1::WatchJobRequest* req,
-                                      grpc::ServerWriter<v1::JobEvent>* writer) {
-  FTUNE_AUTH();
-  if (req->after_seq() < 0)
-    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "after_seq must be >= 0");
-  // Subscribe before reading the store: see event_bus.h for why.
-  auto sub = manager_->bus()->Subscribe(req->job_id());
-  struct Unsub {
-    EventBus* bus;
-    std::string id;
-    std::shared_ptr<EventBus::Subscription> sub;
-    ~Unsub() { bus->Unsubscribe(id, sub); }
-  } unsub{manager_->bus(), req->job_id(), sub};
+namespace {
 
-  auto job = manager_->GetJob(req->job_id());
-  if (!job.ok()) return ToGrpc(job.status());
-  int64_t last = req->after_seq();
-  bool ended = false;
-  auto catch_up = [&]() -> grpc::Status {
-    for (;;) {
-      auto events = manager_->ReadEvents(req->job_id(), last, 1000);
-      if (!events.ok()) return ToGrpc(events.status());
-      if (events->empty()) return grpc::Status::OK;
-      for (size_t i = 0; i < events->size(); ++i) {
-        const auto& e = (*events)[i];
-        if (!writer->Write(e)) return grpc::Status(grpc::StatusCode::CANCELLED, "watcher left");
-        last = e.seq();
-        if (IsTerminalEvent(e)) ended = true;
-      }
+// One WatchJob stream. Sends stored events after `after_seq`, then live ones
+// from the bus, one write in flight at a time; falls back to reading the store
+// whenever a live event does not follow the last one sent (it was published
+// before this watcher caught up, or the live queue overflowed). Deletes itself
+// in OnDone, after leaving the bus.
+class WatchReactor : public grpc::ServerWriteReactor<v1::JobEvent>, public EventBus::Listener {
+ public:
+  static constexpr size_t kMaxLive = 10000;
+  static constexpr int kPage = 256;
+
+  WatchReactor(JobManager* manager, const v1::WatchJobRequest& req, const grpc::Status& auth)
+      : manager_(manager), job_id_(req.job_id()), follow_(req.follow()), last_(req.after_seq()) {
+    if (!auth.ok()) {
+      finished_ = true;
+      Finish(auth);
+      return;
     }
-  };
-  if (auto st = catch_up(); !st.ok()) return st;
-  if (!req->follow() || ended) return grpc::Status::OK;
-  while (!ctx->IsCancelled() && !shutting_down_) {
-    bool overflowed = false;
-    auto events = sub->Wait(std::chrono::milliseconds(500), &overflowed);
-    bool gap = overflowed;
-    for (size_t i = 0; i < events.size(); ++i) {
-      const auto& e = events[i];
-      if (e.seq() <= last) continue;
-      if (e.seq() != last + 1) {
-        gap = true;
-        break;
-      }
-      if (!writer->Write(e)) return grpc::Status(grpc::StatusCode::CANCELLED, "watcher left");
-      last = e.seq();
-      if (IsTerminalEvent(e)) return grpc::Status::OK;
+    if (req.after_seq() < 0) {
+      finished_ = true;
+      Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "after_seq must be >= 0"));
+      return;
     }
-    if (gap) {
-      if (auto st = catch_up(); !st.ok()) return st;
-      if (ended) return grpc::Status::OK;
+    // Subscribe before the first store read: see event_bus.h.
+    manager_->bus()->Subscribe(job_id_, this);
+    subscribed_ = true;
+    auto job = manager_->GetJob(job_id_);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!job.ok()) {
+      FinishLocked(ToGrpc(job.status()));
+      return;
     }
+    NextLocked();
   }
-  return grpc::Status(grpc::StatusCode::UNAVAILABLE, "coordinator shutting down; watch again with after_seq");
+
+  void OnEvents(const std::vector<SharedEvent>& events) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (finished_ || !follow_) return;
+    if (live_.size() + events.size() > kMaxLive) {
+      live_.clear();
+      catching_up_ = true;  // re-read from the store instead of growing
+    } else {
+      live_.insert(live_.end(), events.begin(), events.end());
+    }
+    NextLocked();
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    writing_ = false;
+    if (!ok) return FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "watcher left"));
+    if (ended_) return FinishLocked(grpc::Status::OK);
+    NextLocked();
+  }
+
+  void OnCancel() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "watch cancelled"));
+  }
+
+  void OnDone() override {
+    if (subscribed_) manager_->bus()->Unsubscribe(job_id_, this);
+    delete this;
+  }
+
+ private:
+  static bool Terminal(const v1::JobEvent& e) {
+    return e.has_state_change() && IsTerminal(e.state_change().to());
+  }
+
+  // Picks the next event after last_ and starts writing it. mu_ held.
+  void NextLocked() {
+    if (writing_ || finished_) return;
+    SharedEvent next;
+    while (!next) {
+      if (!stored_.empty()) {
+        next = std::move(stored_.front());
+        stored_.pop_front();
+        if (next->seq() <= last_) next.reset();
+        continue;
+      }
+      if (catching_up_) {
+        auto page = manager_->ReadEvents(job_id_, last_, kPage);
+        if (!page.ok()) return FinishLocked(ToGrpc(page.status()));
+        if (page->empty()) {
+          catching_up_ = false;
+          if (!follow_) return FinishLocked(grpc::Status::OK);
+          continue;
+        }
+        for (auto& e : *page) stored_.push_back(std::make_shared<v1::JobEvent>(std::move(e)));
+        continue;
+      }
+      if (live_.empty()) return;  // wait for OnEvents
+      SharedEvent e = std::move(live_.front());
+      live_.pop_front();
+      if (e->seq() <= last_) continue;
+      if (e->seq() != last_ + 1) {
+        live_.clear();
+        catching_up_ = true;
+        continue;
+      }
+      next = std::move(e);
+    }
+    last_ = next->seq();
+    ended_ = Terminal(*next);
+    current_ = std::move(next);
+    writing_ = true;
+    // No buffer_hint here: a hinted write completes only when flushed, and
+    // with one write in flight nothing would ever flush it.
+    StartWrite(current_.get());
+  }
+
+  void FinishLocked(const grpc::Status& status) {
+    if (finished_) return;
+    finished_ = true;
+    live_.clear();
+    stored_.clear();
+    Finish(status);
+  }
+
+  JobManager* manager_;
+  const std::string job_id_;
+  const bool follow_;
+  bool subscribed_ = false;
+  std::mutex mu_;
+  int64_t last_;
+  bool catching_up_ = true;  // start by sending what is stored
+  bool writing_ = false;
+  bool ended_ = false;
+  bool finished_ = false;
+  std::deque<SharedEvent> stored_;
+  std::deque<SharedEvent> live_;
+  SharedEvent current_;
+};
+
+}  // namespace
+
+grpc::ServerWriteReactor<v1::JobEvent>* JobServiceImpl::WatchJob(
+    grpc::CallbackServerContext* ctx, const v1::WatchJobRequest* req) {
+  return new WatchReactor(manager_, *req, CheckBearer(*ctx, token_, "client"));
 }
 
 grpc::Status JobServiceImpl::ListCheckpoints(grpc::ServerContext* ctx,

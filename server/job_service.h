@@ -1,9 +1,12 @@
 // JobService: the public API. Handlers check the client token, call the
 // JobManager and translate its status; no logic lives here.
+//
+// WatchJob uses gRPC's callback API (a ServerWriteReactor per watcher, no
+// thread per stream), so thousands of watchers cost queued writes, not
+// threads; the unary methods stay synchronous.
 #ifndef FTUNE_SERVER_JOB_SERVICE_H_
 #define FTUNE_SERVER_JOB_SERVICE_H_
 
-#include <atomic>
 #include <string>
 
 #include "ftune/v1/job_service.grpc.pb.h"
@@ -12,11 +15,10 @@
 
 namespace ftune::server {
 
-class JobServiceImpl final : public v1::JobService::Service {
+class JobServiceImpl final
+    : public v1::JobService::WithCallbackMethod_WatchJob<v1::JobService::Service> {
  public:
   JobServiceImpl(JobManager* manager, Metrics* metrics, std::string client_token);
-  // Makes open WatchJob streams return (server shutdown).
-  void Shutdown() { shutting_down_ = true; }
 
   grpc::Status CreateJob(grpc::ServerContext* ctx, const v1::CreateJobRequest* req,
                          v1::Job* resp) override;
@@ -26,8 +28,8 @@ class JobServiceImpl final : public v1::JobService::Service {
                         v1::ListJobsResponse* resp) override;
   grpc::Status CancelJob(grpc::ServerContext* ctx, const v1::CancelJobRequest* req,
                          v1::Job* resp) override;
-  grpc::Status WatchJob(grpc::ServerContext* ctx, const v1::WatchJobRequest* req,
-                        grpc::ServerWriter<v1::JobEvent>* writer) override;
+  grpc::ServerWriteReactor<v1::JobEvent>* WatchJob(grpc::CallbackServerContext* ctx,
+                                                   const v1::WatchJobRequest* req) override;
   grpc::Status ListCheckpoints(grpc::ServerContext* ctx, const v1::ListCheckpointsRequest* req,
                                v1::ListCheckpointsResponse* resp) override;
   grpc::Status ListAgents(grpc::ServerContext* ctx, const v1::ListAgentsRequest* req,
@@ -37,7 +39,6 @@ class JobServiceImpl final : public v1::JobService::Service {
   JobManager* manager_;
   Metrics* metrics_;
   std::string token_;
-  std::atomic<bool> shutting_down_{false};
 };
 
 }  // namespace ftune::server

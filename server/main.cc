@@ -134,7 +134,6 @@ int main(int argc, char** argv) {
     std::this_thread::sleep_for(std::chrono::milliseconds(tick_ms));
   }
   std::printf("ftune-coordinator: shutting down\n");
-  job_service.Shutdown();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   return 0;
 }
