@@ -10,7 +10,8 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libpcre2-dev
   libtorch-dev libgloo-dev
-  curl jq procps
+  curl jq procps openssl
+  clang libclang-rt-14-dev
 )
 
 missing=()

@@ -124,9 +124,11 @@ void Cluster::StartCoordinator(std::vector<std::string> extra) {
   for (auto& e : extra) argv.push_back(e);
   coordinator_ = std::make_unique<Process>(
       argv, dir_ + "/coordinator-" + std::to_string(coordinator_starts_++) + ".log");
-  auto stub = Client();
   ASSERT_TRUE(WaitFor(
       [&] {
+        // A fresh channel per try: a reused one backs off for seconds after
+        // its first refused connection.
+        auto stub = Client();
         grpc::ClientContext ctx;
         AddAuth(&ctx);
         v1::ListAgentsResponse r;
