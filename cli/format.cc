@@ -264,7 +264,7 @@ std::string FormatCheckpointsTable(const std::vector<v1::Checkpoint>& checkpoint
 }
 
 std::string FormatAgentsTable(const std::vector<v1::Agent>& agents, int64_t now_ms) {
-  TextTable table({"AGENT", "HOST", "STATE", "SLOTS", "DEVICES", "LAST SEEN"});
+  TextTable table({"AGENT", "HOST", "STATE", "SLOTS", "JOBS", "DEVICES", "LAST SEEN"});
   for (const v1::Agent& agent : agents) {
     // Group identical devices: "8x NVIDIA H100 80GB HBM3 (79.6GiB)".
     std::vector<std::pair<std::string, int>> devices;
@@ -284,12 +284,18 @@ std::string FormatAgentsTable(const std::vector<v1::Agent>& agents, int64_t now_
       if (!device_text.empty()) device_text += ", ";
       device_text += std::to_string(count) + "x " + name;
     }
-    // RankPlacement names no job, so the table shows how many slots are
-    // busy; `ftune describe` tells which job holds which slot.
+    // Jobs holding slots here, in order of first appearance.
+    std::vector<std::string> jobs;
+    for (const v1::RankPlacement& used : agent.used())
+      if (!used.job_id().empty() &&
+          std::find(jobs.begin(), jobs.end(), used.job_id()) == jobs.end())
+        jobs.push_back(used.job_id());
+    std::string job_text;
+    for (const auto& j : jobs) job_text += (job_text.empty() ? "" : ",") + j;
     table.AddRow({agent.agent_id(), agent.host(), agent.alive() ? "alive" : "dead",
                   std::to_string(agent.used_size()) + "/" + std::to_string(agent.slots_size()) +
                       " used",
-                  device_text.empty() ? "-" : device_text,
+                  job_text.empty() ? "-" : job_text, device_text.empty() ? "-" : device_text,
                   FormatRelativeTime(agent.last_seen_unix_ms(), now_ms)});
   }
   return table.Render();

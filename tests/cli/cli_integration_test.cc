@@ -614,7 +614,9 @@ TEST_F(CliIntegrationTest, CheckpointsAndAgentsTables) {
       slot->set_name("NVIDIA H100");
       slot->set_memory_bytes(85899345920);
     }
-    a.add_used()->set_rank(0);
+    v1::RankPlacement* used = a.add_used();
+    used->set_rank(0);
+    used->set_job_id("job-7");
     s.agents = {a};
   }
   Result r = RunFtune(Args({"checkpoints", "job-1"}));
@@ -629,7 +631,8 @@ TEST_F(CliIntegrationTest, CheckpointsAndAgentsTables) {
   lines = Lines(r.out);
   ASSERT_EQ(lines.size(), 2u);
   EXPECT_THAT(lines[1], AllOf(HasSubstr("agent-a"), HasSubstr("gpu-host-a"), HasSubstr("alive"),
-                              HasSubstr("1/2 used"), HasSubstr("2x NVIDIA H100 (80GiB)")));
+                              HasSubstr("1/2 used"), HasSubstr("job-7"),
+                              HasSubstr("2x NVIDIA H100 (80GiB)")));
 }
 
 TEST_F(CliIntegrationTest, CoordinatorFromEnvironmentAndUnreachableCoordinator) {
