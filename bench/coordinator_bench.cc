@@ -130,7 +130,7 @@ void FanoutBench(int watchers, int events, int batch, int period_ms) {
 
   // Callback-API readers: the watchers cost no thread each here either, so
   // the figures are the server's rather than 1000 client threads'.
-  class Watcher : public grpc::ClientReadReactor<v1::JobEvent> {
+  class Watcher : public grpc::ClientReadReactor<v1::WatchJobResponse> {
    public:
     Watcher(v1::JobService::Stub* stub, const v1::WatchJobRequest& req, int events,
             std::mutex* mu, std::vector<double>* out, std::atomic<int>* finished)
@@ -141,7 +141,9 @@ void FanoutBench(int watchers, int events, int batch, int period_ms) {
     }
     void OnReadDone(bool ok) override {
       if (!ok) return;
-      if (event_.has_step()) mine_.push_back((NowNs() - event_.step().tokens_total()) / 1e6);
+      const int64_t now = NowNs();
+      for (const auto& e : event_.events())
+        if (e.has_step()) mine_.push_back((now - e.step().tokens_total()) / 1e6);
       if (static_cast<int>(mine_.size()) >= events_) {
         ctx_.TryCancel();
         return;
@@ -162,7 +164,7 @@ void FanoutBench(int watchers, int events, int batch, int period_ms) {
     std::mutex* mu_;
     std::vector<double>* out_;
     std::atomic<int>* finished_;
-    v1::JobEvent event_;
+    v1::WatchJobResponse event_;
     std::vector<double> mine_;
   };
 

@@ -95,9 +95,11 @@ absl::Status JobClient::WatchJob(const v1::WatchJobRequest& request,
                                  const std::function<void(const v1::JobEvent&)>& on_event) {
   grpc::ClientContext context;
   Prepare(&context, false);
-  std::unique_ptr<grpc::ClientReader<v1::JobEvent>> reader = stub_->WatchJob(&context, request);
-  v1::JobEvent event;
-  while (reader->Read(&event)) on_event(event);
+  std::unique_ptr<grpc::ClientReader<v1::WatchJobResponse>> reader =
+      stub_->WatchJob(&context, request);
+  v1::WatchJobResponse response;
+  while (reader->Read(&response))
+    for (const v1::JobEvent& event : response.events()) on_event(event);
   return FromGrpcStatus(reader->Finish());
 }
 

@@ -79,14 +79,17 @@ grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext* ctx, const v1::Cance
 namespace {
 
 // One WatchJob stream. Sends stored events after `after_seq`, then live ones
-// from the bus, one write in flight at a time; falls back to reading the store
+// from the bus, one write in flight at a time, each write carrying every
+// event ready by then (up to kMaxBatch); falls back to reading the store
 // whenever a live event does not follow the last one sent (it was published
 // before this watcher caught up, or the live queue overflowed). Deletes itself
 // in OnDone, after leaving the bus.
-class WatchReactor : public grpc::ServerWriteReactor<v1::JobEvent>, public EventBus::Listener {
+class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
+                     public EventBus::Listener {
  public:
   static constexpr size_t kMaxLive = 10000;
   static constexpr int kPage = 256;
+  static constexpr int kMaxBatch = 500;
 
   WatchReactor(JobManager* manager, const v1::WatchJobRequest& req, const grpc::Status& auth)
       : manager_(manager), job_id_(req.job_id()), follow_(req.follow()), last_(req.after_seq()) {
@@ -147,29 +150,30 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::JobEvent>, public Event
     return e.has_state_change() && IsTerminal(e.state_change().to());
   }
 
-  // Picks the next event after last_ and starts writing it. mu_ held.
-  void NextLocked() {
-    if (writing_ || finished_) return;
-    SharedEvent next;
-    while (!next) {
+  // The next event after last_, or null when none is ready. mu_ held; may
+  // finish the stream (then returns null with finished_ set).
+  SharedEvent TakeNextLocked() {
+    for (;;) {
       if (!stored_.empty()) {
-        next = std::move(stored_.front());
+        SharedEvent e = std::move(stored_.front());
         stored_.pop_front();
-        if (next->seq() <= last_) next.reset();
+        if (e->seq() > last_) return e;
         continue;
       }
       if (catching_up_) {
         auto page = manager_->ReadEvents(job_id_, last_, kPage);
-        if (!page.ok()) return FinishLocked(ToGrpc(page.status()));
+        if (!page.ok()) {
+          FinishLocked(ToGrpc(page.status()));
+          return nullptr;
+        }
         if (page->empty()) {
           catching_up_ = false;
-          if (!follow_) return FinishLocked(grpc::Status::OK);
           continue;
         }
         for (auto& e : *page) stored_.push_back(std::make_shared<v1::JobEvent>(std::move(e)));
         continue;
       }
-      if (live_.empty()) return;  // wait for OnEvents
+      if (live_.empty()) return nullptr;
       SharedEvent e = std::move(live_.front());
       live_.pop_front();
       if (e->seq() <= last_) continue;
@@ -178,15 +182,29 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::JobEvent>, public Event
         catching_up_ = true;
         continue;
       }
-      next = std::move(e);
+      return e;
     }
-    last_ = next->seq();
-    ended_ = Terminal(*next);
-    current_ = std::move(next);
+  }
+
+  // Gathers what is ready and starts writing it. mu_ held.
+  void NextLocked() {
+    if (writing_ || finished_) return;
+    response_.clear_events();
+    while (response_.events_size() < kMaxBatch && !ended_) {
+      SharedEvent e = TakeNextLocked();
+      if (finished_) return;
+      if (!e) break;
+      last_ = e->seq();
+      ended_ = Terminal(*e);
+      *response_.add_events() = *e;
+    }
+    if (response_.events_size() == 0) {
+      // Caught up: a plain read ends here, a follower waits for OnEvents.
+      if (!follow_ && !catching_up_) FinishLocked(grpc::Status::OK);
+      return;
+    }
     writing_ = true;
-    // No buffer_hint here: a hinted write completes only when flushed, and
-    // with one write in flight nothing would ever flush it.
-    StartWrite(current_.get());
+    StartWrite(&response_);
   }
 
   void FinishLocked(const grpc::Status& status) {
@@ -209,12 +227,12 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::JobEvent>, public Event
   bool finished_ = false;
   std::deque<SharedEvent> stored_;
   std::deque<SharedEvent> live_;
-  SharedEvent current_;
+  v1::WatchJobResponse response_;
 };
 
 }  // namespace
 
-grpc::ServerWriteReactor<v1::JobEvent>* JobServiceImpl::WatchJob(
+grpc::ServerWriteReactor<v1::WatchJobResponse>* JobServiceImpl::WatchJob(
     grpc::CallbackServerContext* ctx, const v1::WatchJobRequest* req) {
   return new WatchReactor(manager_, *req, CheckBearer(*ctx, token_, "client"));
 }

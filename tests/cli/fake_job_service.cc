@@ -123,7 +123,7 @@ grpc::Status FakeJobService::CancelJob(grpc::ServerContext* context,
 
 grpc::Status FakeJobService::WatchJob(grpc::ServerContext* context,
                                       const v1::WatchJobRequest* request,
-                                      grpc::ServerWriter<v1::JobEvent>* writer) {
+                                      grpc::ServerWriter<v1::WatchJobResponse>* writer) {
   std::vector<v1::JobEvent> to_send;
   int drop_after = -1;
   {
@@ -145,7 +145,9 @@ grpc::Status FakeJobService::WatchJob(grpc::ServerContext* context,
     if (sent == drop_after) {
       return grpc::Status(grpc::StatusCode::UNAVAILABLE, "stream dropped by the test");
     }
-    if (!writer->Write(e)) return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
+    v1::WatchJobResponse one;
+    *one.add_events() = e;
+    if (!writer->Write(one)) return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
     ++sent;
   }
   if (sent == drop_after) {

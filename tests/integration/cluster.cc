@@ -210,8 +210,9 @@ std::vector<v1::JobEvent> Cluster::Events(const std::string& id, int64_t after_s
   req.set_after_seq(after_seq);
   auto reader = stub->WatchJob(&ctx, req);
   std::vector<v1::JobEvent> out;
-  v1::JobEvent e;
-  while (reader->Read(&e)) out.push_back(e);
+  v1::WatchJobResponse r;
+  while (reader->Read(&r))
+    for (const auto& e : r.events()) out.push_back(e);
   reader->Finish();
   return out;
 }

@@ -222,8 +222,9 @@ TEST(System, FollowingWatchersSeeEveryEventOnce) {
     req.set_after_seq(after);
     req.set_follow(true);
     auto reader = stub->WatchJob(&ctx, req);
-    v1::JobEvent e;
-    while (reader->Read(&e)) out->push_back(e);
+    v1::WatchJobResponse r;
+    while (reader->Read(&r))
+      for (const auto& e : r.events()) out->push_back(e);
     *st = reader->Finish();
   };
   std::vector<v1::JobEvent> from_start, resumed;
@@ -248,8 +249,8 @@ TEST(System, FollowingWatchersSeeEveryEventOnce) {
   v1::WatchJobRequest req;
   req.set_job_id(job.id());
   auto reader = stub->WatchJob(&ctx, req);
-  v1::JobEvent e;
-  EXPECT_FALSE(reader->Read(&e));
+  v1::WatchJobResponse r;
+  EXPECT_FALSE(reader->Read(&r));
   EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::UNAUTHENTICATED);
 }
 
