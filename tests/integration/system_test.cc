@@ -3,14 +3,20 @@
 // lands), driven through the public gRPC API.
 #include <signal.h>
 
+#include <sys/wait.h>
+
+#include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <set>
 #include <thread>
 
 #include <gtest/gtest.h>
 
+#include "bad_specs.h"
 #include "cluster.h"
+#include "jobspec.h"
 
 namespace ftune::testing {
 namespace {
@@ -252,6 +258,53 @@ TEST(System, FollowingWatchersSeeEveryEventOnce) {
   v1::WatchJobResponse r;
   EXPECT_FALSE(reader->Read(&r));
   EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::UNAUTHENTICATED);
+}
+
+// The fifty malformed specs of bad_specs.h, sent the two ways users send
+// them: `ftune submit` refuses each locally (exit 2, key named, no RPC), and
+// CreateJob refuses every one that is a well-formed JobSpec with
+// INVALID_ARGUMENT naming the key. Nothing is stored either way.
+TEST(System, FiftyMalformedSpecsAreRefusedAndNothingIsStored) {
+  Cluster c;
+  c.StartCoordinator();
+  c.StartAgent("host-a", 1);
+  ASSERT_TRUE(c.WaitAgents(1));
+  auto stub = c.Client();
+  int via_grpc = 0;
+  int i = 0;
+  for (const BadSpec& b : kBadSpecs) {
+    const std::string file = c.dir() + "/bad-" + std::to_string(i++) + ".yaml";
+    { std::ofstream(file) << b.yaml; }
+    const std::string out_file = file + ".out";
+    const std::string cmd = std::string(FTUNE_CLI_BIN) + " --coordinator " + c.address() +
+                            " --token-file " + c.dir() + "/client.token submit " + file + " >" +
+                            out_file + " 2>&1";
+    const int rc = std::system(cmd.c_str());
+    ASSERT_TRUE(WIFEXITED(rc));
+    EXPECT_EQ(WEXITSTATUS(rc), 2) << b.yaml;
+    EXPECT_NE(ReadFile(out_file).find(b.key), std::string::npos)
+        << "ftune submit output does not name '" << b.key << "': " << ReadFile(out_file);
+
+    v1::JobSpec spec;
+    std::vector<std::string> parse_errors;
+    if (!ParseJobSpecYaml(b.yaml, &spec, &parse_errors)) continue;  // not a JobSpec at all
+    grpc::ClientContext ctx;
+    c.AddAuth(&ctx);
+    v1::CreateJobRequest req;
+    *req.mutable_spec() = spec;
+    v1::Job job;
+    grpc::Status st = stub->CreateJob(&ctx, req, &job);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << b.yaml;
+    EXPECT_NE(st.error_message().find(b.key), std::string::npos)
+        << "CreateJob error does not name '" << b.key << "': " << st.error_message();
+    ++via_grpc;
+  }
+  EXPECT_GE(via_grpc, 35);
+  grpc::ClientContext ctx;
+  c.AddAuth(&ctx);
+  v1::ListJobsResponse r;
+  ASSERT_TRUE(stub->ListJobs(&ctx, {}, &r).ok());
+  EXPECT_EQ(r.jobs_size(), 0);
 }
 
 TEST(System, AuthAndValidationErrorsStoreNothing) {
