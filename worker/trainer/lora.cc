@@ -1,0 +1,163 @@
+// LoRA over frozen base layers; see lora.h for the semantics and seeding.
+#include "worker/trainer/lora.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+#include <sstream>
+#include <utility>
+
+namespace ftune::trainer {
+
+std::vector<std::string> LoraConfig::DefaultTargetModules() {
+  return {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+}
+
+double LoraConfig::Scaling() const {
+  return use_rslora ? lora_alpha / std::sqrt(static_cast<double>(r))
+                    : lora_alpha / static_cast<double>(r);
+}
+
+Status LoraConfig::Validate() const {
+  auto bad = [](const std::string& m) { return InvalidArgumentError(m); };
+  if (r < 1) return bad("lora r (" + std::to_string(r) + ") must be >= 1");
+  if (!(lora_alpha > 0) || !std::isfinite(lora_alpha)) {
+    std::ostringstream m;
+    m << "lora_alpha (" << lora_alpha << ") must be a positive number";
+    return bad(m.str());
+  }
+  if (!(lora_dropout >= 0 && lora_dropout < 1)) {
+    std::ostringstream m;
+    m << "lora_dropout (" << lora_dropout << ") must be in [0, 1)";
+    return bad(m.str());
+  }
+  if (target_modules.empty()) return bad("lora target_modules must not be empty");
+  const auto known = DefaultTargetModules();
+  for (const auto& t : target_modules) {
+    bool found = false;
+    for (const auto& k : known) found = found || (t == k);
+    if (!found) {
+      return bad("lora target_modules: unknown module '" + t +
+                 "' (Llama has q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)");
+    }
+  }
+  return OkStatus();
+}
+
+DenseLinear::DenseLinear(at::Tensor weight) : weight_(std::move(weight)) {
+  TORCH_CHECK(weight_.dim() == 2, "DenseLinear: weight must be (out, in), got ", weight_.sizes());
+  weight_ = weight_.detach();
+  weight_.set_requires_grad(false);
+}
+
+int64_t DenseLinear::in_features() const { return weight_.size(1); }
+int64_t DenseLinear::out_features() const { return weight_.size(0); }
+
+at::Tensor DenseLinear::Forward(const at::Tensor& x) const {
+  TORCH_CHECK(x.size(-1) == weight_.size(1), "DenseLinear: input ", x.sizes(),
+              " does not match weight (out, in) = ", weight_.sizes());
+  TORCH_CHECK(x.scalar_type() == weight_.scalar_type(), "DenseLinear: input dtype ",
+              x.scalar_type(), " differs from the weight's ", weight_.scalar_type());
+  return at::linear(x, weight_);  // (..., out)
+}
+
+at::Tensor DenseLinear::DenseWeight(c10::ScalarType dtype) const { return weight_.to(dtype); }
+
+LoraLinear::LoraLinear(std::unique_ptr<BaseLinear> base) : base_(std::move(base)) {
+  TORCH_CHECK(base_ != nullptr, "LoraLinear needs a base layer");
+}
+
+void LoraLinear::Attach(LoraAdapter adapter) {
+  TORCH_CHECK(adapter.a.defined() && adapter.b.defined(), "LoRA adapter without tensors");
+  TORCH_CHECK(adapter.a.dim() == 2 && adapter.b.dim() == 2 &&
+                  adapter.a.size(1) == in_features() && adapter.b.size(0) == out_features() &&
+                  adapter.b.size(1) == adapter.a.size(0),
+              "LoRA adapter shapes A ", adapter.a.sizes(), " and B ", adapter.b.sizes(),
+              " do not fit a base layer (out, in) = (", out_features(), ", ", in_features(),
+              "): want A (r, in) and B (out, r)");
+  TORCH_CHECK(adapter.a.scalar_type() == at::kFloat && adapter.b.scalar_type() == at::kFloat,
+              "LoRA adapters are kept in fp32, got A ", adapter.a.scalar_type(), " and B ",
+              adapter.b.scalar_type());
+  TORCH_CHECK(adapter.dropout >= 0 && adapter.dropout < 1, "LoRA dropout (", adapter.dropout,
+              ") must be in [0, 1)");
+  adapter.a = adapter.a.detach().contiguous();
+  adapter.b = adapter.b.detach().contiguous();
+  adapter.a.set_requires_grad(true);
+  adapter.b.set_requires_grad(true);
+  adapter_ = std::make_unique<LoraAdapter>(std::move(adapter));
+}
+
+const LoraAdapter& LoraLinear::adapter() const {
+  TORCH_CHECK(adapter_ != nullptr, "LoraLinear has no adapter");
+  return *adapter_;
+}
+
+LoraAdapter& LoraLinear::mutable_adapter() {
+  TORCH_CHECK(adapter_ != nullptr, "LoraLinear has no adapter");
+  return *adapter_;
+}
+
+at::Tensor LoraLinear::Forward(const at::Tensor& x, bool training) const {
+  at::Tensor y = base_->Forward(x);  // (..., out) in x's dtype
+  if (!adapter_) return y;
+  const LoraAdapter& ad = *adapter_;
+  // PEFT casts the input to the adapter's dtype (fp32) and the sum back to
+  // the base output's dtype; doing the same keeps bf16 runs comparable.
+  at::Tensor xa = x.to(at::kFloat);  // (..., in)
+  if (training && ad.dropout > 0) xa = at::dropout(xa, ad.dropout, /*train=*/true);
+  at::Tensor delta = at::linear(at::linear(xa, ad.a), ad.b) * ad.scaling;  // (..., out) fp32
+  return (y + delta).to(y.scalar_type());
+}
+
+at::Tensor LoraLinear::MergedWeight(c10::ScalarType dtype) const {
+  at::Tensor w = base_->DenseWeight(at::kFloat);  // (out, in)
+  if (adapter_) {
+    at::NoGradGuard no_grad;
+    w = w + at::matmul(adapter_->b, adapter_->a) * adapter_->scaling;
+  }
+  return w.to(dtype);
+}
+
+at::Tensor KaimingUniformA(int64_t r, int64_t in_features, uint64_t seed) {
+  TORCH_CHECK(r >= 1 && in_features >= 1, "KaimingUniformA: bad shape (", r, ", ", in_features,
+              ")");
+  // torch.nn.init.kaiming_uniform_(a=sqrt(5)), step by step in double as
+  // Python computes it, so the bound is the same double.
+  const double a = std::sqrt(5.0);
+  const double gain = std::sqrt(2.0 / (1 + a * a));
+  const double std_dev = gain / std::sqrt(static_cast<double>(in_features));
+  const double bound = std::sqrt(3.0) * std_dev;
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  at::Tensor out = at::empty({r, in_features}, at::TensorOptions().dtype(at::kFloat));
+  out.uniform_(-bound, bound, gen);
+  return out;  // (r, in)
+}
+
+uint64_t LoraModuleSeed(uint64_t seed, int64_t layer, const std::string& module) {
+  // FNV-1a over the name, then splitmix64 finalisation of the combination:
+  // cheap, portable and well mixed, so neighbouring layers get unrelated
+  // streams.
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : module) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  uint64_t z = seed ^ (h + 0x9e3779b97f4a7c15ull * static_cast<uint64_t>(layer + 1));
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+LoraAdapter NewLoraAdapter(const LoraConfig& config, int64_t in_features, int64_t out_features,
+                           uint64_t module_seed, c10::Device device) {
+  LoraAdapter ad;
+  ad.a = KaimingUniformA(config.r, in_features, module_seed).to(device);  // (r, in)
+  ad.b = at::zeros({out_features, config.r},
+                   at::TensorOptions().dtype(at::kFloat).device(device));  // (out, r)
+  ad.scaling = config.Scaling();
+  ad.dropout = config.lora_dropout;
+  return ad;
+}
+
+}  // namespace ftune::trainer

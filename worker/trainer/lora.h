@@ -1,0 +1,135 @@
+// LoRA adapters with PEFT's semantics over frozen base linear layers.
+//
+//   y = base(x) + B(A(dropout(x))) * scaling
+//   A: (r, in)  kaiming_uniform(a = sqrt(5)), seeded;  B: (out, r) zeros
+//   scaling = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora
+// Adapters are kept in fp32 whatever the compute dtype: as PEFT does, the
+// input is cast to fp32 for the adapter path and the sum is cast back to the
+// base output's dtype.
+//
+// The base weight sits behind BaseLinear so that the same LoraLinear runs
+// over a dense weight today and an NF4 weight that is dequantized on the fly
+// later: a base layer only has to compute x W^T (and give its dense W for
+// merging and export); it decides itself what autograd keeps for backward.
+//
+// Seeding: every adapter's A is drawn from its own CPU generator seeded by
+// LoraModuleSeed(seed, layer, module), so the initial adapter does not depend
+// on the order modules are built in, on the device, or on how FSDP shards
+// the model. KaimingUniformA(r, in, s) is bit-for-bit what Python's
+// torch.manual_seed(s); kaiming_uniform_(torch.empty(r, in), a=sqrt(5)) gives.
+//
+// Thread-safety: a LoraLinear is read-only during Forward (any number of
+// threads may run forwards at once); Attach/Detach need exclusive access.
+#ifndef FTUNE_WORKER_TRAINER_LORA_H_
+#define FTUNE_WORKER_TRAINER_LORA_H_
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "worker/trainer/status.h"
+
+namespace ftune::trainer {
+
+// PEFT LoraConfig fields ftune honours. bias is always "none" and
+// fan_in_fan_out false (Llama's nn.Linear layout).
+struct LoraConfig {
+  int64_t r = 8;
+  double lora_alpha = 16.0;
+  double lora_dropout = 0.0;
+  bool use_rslora = false;
+  // HF module names (last path component): q_proj, k_proj, v_proj, o_proj,
+  // gate_proj, up_proj, down_proj.
+  std::vector<std::string> target_modules = DefaultTargetModules();
+  uint64_t seed = 0;  // A's initialisation
+
+  static std::vector<std::string> DefaultTargetModules();
+  double Scaling() const;  // alpha / r or alpha / sqrt(r)
+  // INVALID_ARGUMENT naming the field and value: "lora r (0) must be >= 1".
+  Status Validate() const;
+};
+
+// A frozen base linear layer: y = x W^T, W (out, in).
+class BaseLinear {
+ public:
+  virtual ~BaseLinear() = default;
+  virtual int64_t in_features() const = 0;
+  virtual int64_t out_features() const = 0;
+  // x (..., in) in the compute dtype -> (..., out) in x's dtype. Gradients
+  // flow to x only.
+  virtual at::Tensor Forward(const at::Tensor& x) const = 0;
+  // W (out, in) as a dense tensor of `dtype` on the layer's device (merging,
+  // export, tests).
+  virtual at::Tensor DenseWeight(c10::ScalarType dtype) const = 0;
+};
+
+// A plain dense weight held in the compute dtype.
+class DenseLinear final : public BaseLinear {
+ public:
+  explicit DenseLinear(at::Tensor weight);  // (out, in); stored frozen
+  int64_t in_features() const override;
+  int64_t out_features() const override;
+  at::Tensor Forward(const at::Tensor& x) const override;
+  at::Tensor DenseWeight(c10::ScalarType dtype) const override;
+  const at::Tensor& weight() const { return weight_; }
+
+ private:
+  at::Tensor weight_;  // (out, in)
+};
+
+// One adapter's trainable tensors (fp32 leaves with requires_grad).
+struct LoraAdapter {
+  at::Tensor a;  // (r, in)
+  at::Tensor b;  // (out, r)
+  double scaling = 1.0;
+  double dropout = 0.0;
+};
+
+class LoraLinear {
+ public:
+  explicit LoraLinear(std::unique_ptr<BaseLinear> base);
+
+  const BaseLinear& base() const { return *base_; }
+  int64_t in_features() const { return base_->in_features(); }
+  int64_t out_features() const { return base_->out_features(); }
+
+  // Checks shapes ((r, in) and (out, r)) and dtypes (fp32); makes a and b
+  // leaves that require grad.
+  void Attach(LoraAdapter adapter);
+  void Detach() { adapter_.reset(); }
+  bool has_adapter() const { return adapter_ != nullptr; }
+  const LoraAdapter& adapter() const;
+  LoraAdapter& mutable_adapter();
+
+  // x (..., in) -> (..., out) in x's dtype. Dropout on the adapter input only
+  // while training.
+  at::Tensor Forward(const at::Tensor& x, bool training) const;
+  // W + scaling * B A in `dtype` (W alone without an adapter).
+  at::Tensor MergedWeight(c10::ScalarType dtype) const;
+
+ private:
+  std::unique_ptr<BaseLinear> base_;
+  std::unique_ptr<LoraAdapter> adapter_;
+};
+
+// PEFT's default A: uniform(-b, b) with b = sqrt(3) * sqrt(2 / (1 + 5)) /
+// sqrt(in), drawn on the CPU from a generator seeded with `seed`. fp32 (r, in).
+at::Tensor KaimingUniformA(int64_t r, int64_t in_features, uint64_t seed);
+
+// Seed of one module's A: a 64-bit mix of the config seed, the layer index and
+// the module name, so modules draw independent streams.
+uint64_t LoraModuleSeed(uint64_t seed, int64_t layer, const std::string& module);
+
+// A fresh adapter as PEFT initialises one: A from KaimingUniformA, B zeros,
+// both fp32 on `device`.
+LoraAdapter NewLoraAdapter(const LoraConfig& config, int64_t in_features, int64_t out_features,
+                           uint64_t module_seed, c10::Device device);
+
+}  // namespace ftune::trainer
+
+#endif  // FTUNE_WORKER_TRAINER_LORA_H_

@@ -1,0 +1,519 @@
+// Llama decoder forward/backward; see model.h for the design.
+#include "worker/trainer/model.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <cmath>
+#include <limits>
+#include <mutex>
+#include <sstream>
+#include <utility>
+
+#include "worker/trainer/loss.h"
+#include "worker/trainer/torch_compat.h"
+
+namespace ftune::trainer {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// transformers' LlamaRMSNorm: fp32 statistics, cast back before the weight.
+at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  at::Tensor xf = x.to(at::kFloat);                     // (..., hidden)
+  at::Tensor variance = xf.pow(2).mean({-1}, /*keepdim=*/true);
+  xf = xf * at::rsqrt(variance + eps);
+  return weight * xf.to(x.scalar_type());
+}
+
+// HF's rotate_half: (x1, x2) -> (-x2, x1) over the two halves of head_dim.
+at::Tensor RotateHalf(const at::Tensor& x) {
+  const int64_t half = x.size(-1) / 2;
+  return at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
+}
+
+// (batch, kv_heads, seq, head_dim) -> (batch, kv_heads * groups, seq, head_dim),
+// each kv head repeated for its group of query heads (HF's repeat_kv).
+at::Tensor RepeatKv(const at::Tensor& x, int64_t groups) {
+  if (groups == 1) return x;
+  const int64_t b = x.size(0), kv = x.size(1), s = x.size(2), d = x.size(3);
+  return x.unsqueeze(2).expand({b, kv, groups, s, d}).reshape({b, kv * groups, s, d});
+}
+
+// True where token t starts a new document: its position id is not the
+// previous one plus 1 (t = 0 always starts one). (batch, seq) bool.
+at::Tensor DocumentStarts(const at::Tensor& position_ids) {
+  at::Tensor starts = at::ones_like(position_ids, position_ids.options().dtype(at::kBool));
+  if (position_ids.size(1) > 1) {
+    starts.slice(1, 1).copy_(position_ids.slice(1, 1) != position_ids.slice(1, 0, -1) + 1);
+  }
+  return starts;
+}
+
+// The layer recomputed in backward (activation checkpointing). Forward runs
+// the layer without building a graph and keeps only its input; backward
+// re-runs it with grad enabled from the same RNG state and differentiates.
+struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
+  // params: the layer's LoRA tensors, so autograd routes their gradients
+  // through this node. model/ctx travel as integers: they are not tensors,
+  // and the model outlives every backward of its forwards.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, at::TensorList params,
+                            int64_t model_ptr, int64_t layer, int64_t attn_ptr, bool training) {
+    const auto* model = reinterpret_cast<const LlamaModel*>(model_ptr);
+    const auto& actx = *reinterpret_cast<const LlamaModel::AttentionContext*>(attn_ptr);
+    ctx->save_for_backward({h});
+    ctx->saved_data["model"] = model_ptr;
+    ctx->saved_data["layer"] = layer;
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["num_params"] = static_cast<int64_t>(params.size());
+    ctx->saved_data["cos"] = actx.cos;
+    ctx->saved_data["sin"] = actx.sin;
+    ctx->saved_data["has_mask"] = actx.allowed.defined();
+    if (actx.allowed.defined()) ctx->saved_data["allowed"] = actx.allowed;
+    ctx->saved_data["plain_causal"] = actx.plain_causal;
+    // Dropout draws from the device's default generator; backward must see
+    // the same stream to recompute the same masks.
+    at::Generator gen = at::globalContext().defaultGenerator(h.device());
+    {
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      ctx->saved_data["rng"] = gen.get_state();
+    }
+    return model->LayerForward(layer, h, actx, training);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const at::Tensor h = ctx->get_saved_variables()[0];
+    const auto* model = reinterpret_cast<const LlamaModel*>(ctx->saved_data["model"].toInt());
+    const int64_t layer = ctx->saved_data["layer"].toInt();
+    const bool training = ctx->saved_data["training"].toBool();
+    const int64_t num_params = ctx->saved_data["num_params"].toInt();
+    LlamaModel::AttentionContext actx;
+    actx.cos = ctx->saved_data["cos"].toTensor();
+    actx.sin = ctx->saved_data["sin"].toTensor();
+    if (ctx->saved_data["has_mask"].toBool()) actx.allowed = ctx->saved_data["allowed"].toTensor();
+    actx.plain_causal = ctx->saved_data["plain_causal"].toBool();
+
+    at::Generator gen = at::globalContext().defaultGenerator(h.device());
+    at::Tensor current_rng;
+    {
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      current_rng = gen.get_state();
+      gen.set_state(ctx->saved_data["rng"].toTensor());
+    }
+    at::Tensor x = h.detach();
+    x.set_requires_grad(true);
+    at::Tensor out;
+    {
+      at::AutoGradMode enable(true);
+      out = model->LayerForward(layer, x, actx, training);
+    }
+    {
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      gen.set_state(current_rng);
+    }
+
+    // The layer's LoRA tensors in the order forward received them.
+    variable_list inputs{x};
+    const DecoderLayer& dl = model->layers()[layer];
+    for (const char* name : {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                             "down_proj"}) {
+      const LoraLinear* m = dl.Module(name);
+      if (m->has_adapter()) {
+        inputs.push_back(m->adapter().a);
+        inputs.push_back(m->adapter().b);
+      }
+    }
+    TORCH_CHECK(static_cast<int64_t>(inputs.size()) == num_params + 1,
+                "checkpointed layer ", layer, ": adapters changed between forward (", num_params,
+                " tensors) and backward (", inputs.size() - 1, ")");
+    variable_list grads = torch::autograd::grad({out}, inputs, {grad_outputs[0]},
+                                                /*retain_graph=*/false, /*create_graph=*/false,
+                                                /*allow_unused=*/true);
+    variable_list result;
+    result.push_back(ctx->needs_input_grad(0) ? grads[0] : at::Tensor());
+    for (int64_t i = 0; i < num_params; ++i) result.push_back(grads[i + 1]);
+    // model_ptr, layer, attn_ptr, training.
+    for (int i = 0; i < 4; ++i) result.emplace_back();
+    return result;
+  }
+};
+
+const char* const kModules[] = {"q_proj", "k_proj", "v_proj", "o_proj",
+                                "gate_proj", "up_proj", "down_proj"};
+
+}  // namespace
+
+ModelOptions DefaultModelOptions(c10::Device device) {
+  ModelOptions o;
+  o.device = device;
+  o.dtype = device.is_cuda() ? c10::ScalarType::BFloat16 : c10::ScalarType::Float;
+  return o;
+}
+
+LoraLinear* DecoderLayer::Module(const std::string& name) {
+  return const_cast<LoraLinear*>(static_cast<const DecoderLayer*>(this)->Module(name));
+}
+
+const LoraLinear* DecoderLayer::Module(const std::string& name) const {
+  if (name == "q_proj") return q_proj.get();
+  if (name == "k_proj") return k_proj.get();
+  if (name == "v_proj") return v_proj.get();
+  if (name == "o_proj") return o_proj.get();
+  if (name == "gate_proj") return gate_proj.get();
+  if (name == "up_proj") return up_proj.get();
+  if (name == "down_proj") return down_proj.get();
+  return nullptr;
+}
+
+at::Tensor LossOutput::Mean() const {
+  return num_tokens > 0 ? loss_sum / static_cast<double>(num_tokens) : loss_sum;
+}
+
+LlamaModel::LlamaModel(LlamaConfig config, ModelOptions options)
+    : config_(std::move(config)), options_(options) {}
+
+void LlamaModel::set_loss_chunk_tokens(int64_t n) {
+  TORCH_CHECK(n >= 1, "loss_chunk_tokens (", n, ") must be >= 1");
+  options_.loss_chunk_tokens = n;
+}
+
+void LlamaModel::set_attention(AttentionImpl impl) {
+  TORCH_CHECK(impl != AttentionImpl::kSdpa || compat::kHasSdpa,
+              "scaled_dot_product_attention is not available in LibTorch ",
+              compat::TorchVersion());
+  options_.attention = impl;
+}
+
+bool LlamaModel::UseSdpa() const {
+  switch (options_.attention) {
+    case AttentionImpl::kMath: return false;
+    case AttentionImpl::kSdpa: return true;
+    case AttentionImpl::kAuto: return compat::kHasSdpa;
+  }
+  return false;
+}
+
+Result<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& dir,
+                                                     const ModelOptions& options) {
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(LlamaConfig config, LoadLlamaConfig(dir));
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsModel> st,
+                                 SafetensorsModel::OpenDirectory(dir));
+  const SafetensorsModel* stp = st.get();
+  const c10::ScalarType dtype = options.dtype;
+  const c10::Device device = options.device;
+  TensorSource source = [stp, dtype, device](const std::string& name) {
+    return ReadTensor(*stp, name, dtype, device);
+  };
+  return Build(config, source, options, st->source());
+}
+
+Result<std::unique_ptr<LlamaModel>> LlamaModel::Build(const LlamaConfig& config,
+                                                      const TensorSource& tensors,
+                                                      const ModelOptions& options,
+                                                      const std::string& source_name) {
+  if (config.attention_bias || config.mlp_bias) {
+    return InvalidArgumentError(source_name +
+                                ": attention_bias/mlp_bias are not supported (no Llama uses them)");
+  }
+  if (config.head_dim % 2 != 0) {
+    return InvalidArgumentError(source_name + ": head_dim (" + std::to_string(config.head_dim) +
+                                ") must be even for RoPE");
+  }
+  if (options.loss_chunk_tokens < 1) {
+    return InvalidArgumentError("loss_chunk_tokens (" +
+                                std::to_string(options.loss_chunk_tokens) + ") must be >= 1");
+  }
+  if (options.attention == AttentionImpl::kSdpa && !compat::kHasSdpa) {
+    return InvalidArgumentError(std::string("attention sdpa needs LibTorch >= 2.1, this is ") +
+                                compat::TorchVersion());
+  }
+  std::unique_ptr<LlamaModel> m(new LlamaModel(config, options));
+  const auto opts = at::TensorOptions().dtype(options.dtype).device(options.device);
+  // Reads one frozen tensor and checks its shape against the config.
+  auto load = [&](const std::string& name, std::vector<int64_t> shape) -> Result<at::Tensor> {
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor t, tensors(name));
+    FTUNE_TRAINER_RETURN_IF_ERROR(CheckShape(t, shape, source_name, name));
+    t = t.to(opts).detach().contiguous();
+    t.set_requires_grad(false);
+    return t;
+  };
+  auto linear = [&](const std::string& name, int64_t out,
+                    int64_t in) -> Result<std::unique_ptr<LoraLinear>> {
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor w, load(name, {out, in}));
+    return std::make_unique<LoraLinear>(std::make_unique<DenseLinear>(std::move(w)));
+  };
+
+  const int64_t h = config.hidden_size, inter = config.intermediate_size;
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(m->embed_tokens_,
+                                 load("model.embed_tokens.weight", {config.vocab_size, h}));
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(m->norm_, load("model.norm.weight", {h}));
+  if (config.tie_word_embeddings) {
+    // transformers ties lm_head to the embedding whether or not the file
+    // also carries an lm_head.weight.
+    m->lm_head_ = m->embed_tokens_;
+  } else {
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(m->lm_head_, load("lm_head.weight", {config.vocab_size, h}));
+  }
+  m->layers_.resize(config.num_hidden_layers);
+  for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
+    DecoderLayer& l = m->layers_[i];
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(l.input_layernorm, load(p + "input_layernorm.weight", {h}));
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(l.post_attention_layernorm,
+                                   load(p + "post_attention_layernorm.weight", {h}));
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(l.q_proj, linear(p + "self_attn.q_proj.weight", config.q_size(), h));
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(l.k_proj, linear(p + "self_attn.k_proj.weight", config.kv_size(), h));
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(l.v_proj, linear(p + "self_attn.v_proj.weight", config.kv_size(), h));
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(l.o_proj, linear(p + "self_attn.o_proj.weight", h, config.q_size()));
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(l.gate_proj, linear(p + "mlp.gate_proj.weight", inter, h));
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(l.up_proj, linear(p + "mlp.up_proj.weight", inter, h));
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(l.down_proj, linear(p + "mlp.down_proj.weight", h, inter));
+  }
+  const std::vector<float> inv = RopeInverseFrequencies(config);
+  m->inv_freq_ = at::tensor(inv, at::TensorOptions().dtype(at::kFloat)).to(options.device);
+  return m;
+}
+
+Status LlamaModel::AttachLora(const LoraConfig& lora) {
+  FTUNE_TRAINER_RETURN_IF_ERROR(lora.Validate());
+  for (int64_t i = 0; i < static_cast<int64_t>(layers_.size()); ++i) {
+    for (const char* name : kModules) layers_[i].Module(name)->Detach();
+    for (const std::string& name : lora.target_modules) {
+      LoraLinear* m = layers_[i].Module(name);
+      m->Attach(NewLoraAdapter(lora, m->in_features(), m->out_features(),
+                               LoraModuleSeed(lora.seed, i, name), options_.device));
+    }
+  }
+  lora_config_ = lora;
+  has_lora_ = true;
+  return OkStatus();
+}
+
+Status LlamaModel::AttachAdapter(const PeftAdapter& adapter) {
+  FTUNE_TRAINER_RETURN_IF_ERROR(adapter.config.Validate());
+  // Check everything before touching the model, so a bad adapter leaves the
+  // model as it was.
+  std::vector<std::vector<LoraAdapter>> staged(layers_.size());
+  size_t used = 0;
+  for (int64_t i = 0; i < static_cast<int64_t>(layers_.size()); ++i) {
+    for (const std::string& name : adapter.config.target_modules) {
+      const LoraLinear* m = layers_[i].Module(name);
+      LoraAdapter ad;
+      for (const char* kind : {"lora_A", "lora_B"}) {
+        const std::string key = PeftLoraName(i, name, kind);
+        auto it = adapter.tensors.find(key);
+        if (it == adapter.tensors.end()) {
+          return NotFoundError("PEFT adapter: tensor '" + key + "' is missing");
+        }
+        const bool is_a = kind[5] == 'A';
+        const std::vector<int64_t> want =
+            is_a ? std::vector<int64_t>{adapter.config.r, m->in_features()}
+                 : std::vector<int64_t>{m->out_features(), adapter.config.r};
+        FTUNE_TRAINER_RETURN_IF_ERROR(CheckShape(it->second, want, "PEFT adapter", key));
+        (is_a ? ad.a : ad.b) =
+            it->second.to(at::TensorOptions().dtype(at::kFloat).device(options_.device)).clone();
+        ++used;
+      }
+      ad.scaling = adapter.config.Scaling();
+      ad.dropout = adapter.config.lora_dropout;
+      staged[i].push_back(std::move(ad));
+    }
+  }
+  if (used != adapter.tensors.size()) {
+    for (const auto& [key, t] : adapter.tensors) {
+      bool known = false;
+      for (int64_t i = 0; i < static_cast<int64_t>(layers_.size()) && !known; ++i) {
+        for (const std::string& name : adapter.config.target_modules) {
+          known = known || key == PeftLoraName(i, name, "lora_A") ||
+                  key == PeftLoraName(i, name, "lora_B");
+        }
+      }
+      if (!known) {
+        return InvalidArgumentError("PEFT adapter: tensor '" + key +
+                                    "' does not belong to this model's LoRA targets");
+      }
+    }
+  }
+  for (int64_t i = 0; i < static_cast<int64_t>(layers_.size()); ++i) {
+    for (const char* name : kModules) layers_[i].Module(name)->Detach();
+    for (size_t k = 0; k < adapter.config.target_modules.size(); ++k) {
+      layers_[i].Module(adapter.config.target_modules[k])->Attach(std::move(staged[i][k]));
+    }
+  }
+  lora_config_ = adapter.config;
+  has_lora_ = true;
+  return OkStatus();
+}
+
+Status LlamaModel::LoadAdapter(const std::string& dir) {
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(PeftAdapter adapter, ReadPeftAdapter(dir));
+  return AttachAdapter(adapter);
+}
+
+std::vector<NamedTensor> LlamaModel::LoraParameters() const {
+  std::vector<NamedTensor> out;
+  for (int64_t i = 0; i < static_cast<int64_t>(layers_.size()); ++i) {
+    for (const char* name : kModules) {
+      const LoraLinear* m = layers_[i].Module(name);
+      if (!m->has_adapter()) continue;
+      out.push_back({PeftLoraName(i, name, "lora_A"), m->adapter().a});
+      out.push_back({PeftLoraName(i, name, "lora_B"), m->adapter().b});
+    }
+  }
+  return out;
+}
+
+at::Tensor LlamaModel::CheckedPositions(const at::Tensor& input_ids,
+                                        const at::Tensor& position_ids) const {
+  TORCH_CHECK(input_ids.dim() == 2 && input_ids.size(1) >= 1,
+              "input_ids must be (batch, seq), got ", input_ids.sizes());
+  TORCH_CHECK(input_ids.scalar_type() == at::kLong, "input_ids must be int64, got ",
+              input_ids.scalar_type());
+  TORCH_CHECK(input_ids.device() == options_.device, "input_ids on ", input_ids.device(),
+              " but the model is on ", options_.device);
+  if (!position_ids.defined()) {
+    return at::arange(input_ids.size(1), input_ids.options()).unsqueeze(0).expand_as(input_ids);
+  }
+  TORCH_CHECK(position_ids.sizes() == input_ids.sizes(), "position_ids ", position_ids.sizes(),
+              " must match input_ids ", input_ids.sizes());
+  TORCH_CHECK(position_ids.scalar_type() == at::kLong && position_ids.device() == options_.device,
+              "position_ids must be int64 on ", options_.device);
+  return position_ids;
+}
+
+LlamaModel::AttentionContext LlamaModel::MakeAttentionContext(const at::Tensor& position_ids) const {
+  AttentionContext ctx;
+  // RoPE as LlamaRotaryEmbedding: fp32 angles pos * inv_freq, duplicated
+  // over both halves, cos/sin in fp32, then cast to the compute dtype.
+  at::Tensor freqs = position_ids.to(at::kFloat).unsqueeze(-1) * inv_freq_;  // (b, s, hd/2)
+  at::Tensor emb = at::cat({freqs, freqs}, -1);                              // (b, s, hd)
+  ctx.cos = emb.cos().to(options_.dtype).unsqueeze(1);                       // (b, 1, s, hd)
+  ctx.sin = emb.sin().to(options_.dtype).unsqueeze(1);
+
+  const at::Tensor starts = DocumentStarts(position_ids);  // (b, s)
+  const int64_t s = position_ids.size(1);
+  ctx.plain_causal = !starts.slice(1, 1).any().item<bool>();
+  if (ctx.plain_causal && UseSdpa()) return ctx;
+  at::Tensor causal = at::ones({s, s}, position_ids.options().dtype(at::kBool)).tril();  // (s, s)
+  if (ctx.plain_causal) {
+    ctx.allowed = causal.view({1, 1, s, s});
+  } else {
+    at::Tensor doc = starts.to(at::kLong).cumsum(1);                         // (b, s)
+    at::Tensor same = doc.unsqueeze(2) == doc.unsqueeze(1);                  // (b, s, s)
+    ctx.allowed = (same & causal).unsqueeze(1);                              // (b, 1, s, s)
+  }
+  return ctx;
+}
+
+at::Tensor LlamaModel::Attention(const DecoderLayer& layer, const at::Tensor& x,
+                                 const AttentionContext& ctx, bool training) const {
+  const int64_t b = x.size(0), s = x.size(1);
+  const int64_t nh = config_.num_attention_heads, nkv = config_.num_key_value_heads;
+  const int64_t hd = config_.head_dim;
+  // (b, s, heads * hd) -> (b, heads, s, hd)
+  at::Tensor q = layer.q_proj->Forward(x, training).view({b, s, nh, hd}).transpose(1, 2);
+  at::Tensor k = layer.k_proj->Forward(x, training).view({b, s, nkv, hd}).transpose(1, 2);
+  at::Tensor v = layer.v_proj->Forward(x, training).view({b, s, nkv, hd}).transpose(1, 2);
+  q = q * ctx.cos + RotateHalf(q) * ctx.sin;
+  k = k * ctx.cos + RotateHalf(k) * ctx.sin;
+  k = RepeatKv(k, config_.num_kv_groups());  // (b, nh, s, hd)
+  v = RepeatKv(v, config_.num_kv_groups());
+  const double scale = std::pow(static_cast<double>(hd), -0.5);  // HF: head_dim ** -0.5
+
+  at::Tensor out;  // (b, nh, s, hd)
+  if (UseSdpa()) {
+    out = compat::ScaledDotProductAttention(q, k, v, ctx.plain_causal ? at::Tensor() : ctx.allowed,
+                                            ctx.plain_causal, scale);
+  } else {
+    // HF eager: scores * scaling, masked, fp32 softmax cast back, @ v.
+    at::Tensor w = at::matmul(q, k.transpose(2, 3)) * scale;  // (b, nh, s, s)
+    w = w.masked_fill(ctx.allowed.logical_not(), std::numeric_limits<float>::lowest());
+    w = at::softmax(w, -1, at::kFloat).to(q.scalar_type());
+    out = at::matmul(w, v);
+  }
+  out = out.transpose(1, 2).contiguous().view({b, s, nh * hd});  // (b, s, nh * hd)
+  return layer.o_proj->Forward(out, training);
+}
+
+at::Tensor LlamaModel::LayerForward(int64_t layer, const at::Tensor& h, const AttentionContext& ctx,
+                                    bool training) const {
+  const DecoderLayer& l = layers_[layer];
+  const double eps = config_.rms_norm_eps;
+  at::Tensor x = RmsNorm(h, l.input_layernorm, eps);  // (b, s, hidden)
+  at::Tensor out = h + Attention(l, x, ctx, training);
+  x = RmsNorm(out, l.post_attention_layernorm, eps);
+  at::Tensor mlp = l.down_proj->Forward(
+      at::silu(l.gate_proj->Forward(x, training)) * l.up_proj->Forward(x, training), training);
+  return out + mlp;  // (b, s, hidden)
+}
+
+at::Tensor LlamaModel::Hidden(const at::Tensor& input_ids, const at::Tensor& position_ids,
+                              bool training) const {
+  const at::Tensor pos = CheckedPositions(input_ids, position_ids);
+  const AttentionContext ctx = MakeAttentionContext(pos);
+  at::Tensor h = at::embedding(embed_tokens_, input_ids);  // (b, s, hidden)
+  const bool checkpoint = options_.activation_checkpointing && at::GradMode::is_enabled();
+  for (int64_t i = 0; i < static_cast<int64_t>(layers_.size()); ++i) {
+    if (!checkpoint) {
+      h = LayerForward(i, h, ctx, training);
+      continue;
+    }
+    std::vector<at::Tensor> params;
+    for (const char* name : kModules) {
+      const LoraLinear* m = layers_[i].Module(name);
+      if (m->has_adapter()) {
+        params.push_back(m->adapter().a);
+        params.push_back(m->adapter().b);
+      }
+    }
+    h = CheckpointedLayer::apply(h, at::TensorList(params), reinterpret_cast<int64_t>(this), i,
+                                 reinterpret_cast<int64_t>(&ctx), training);
+  }
+  return RmsNorm(h, norm_, config_.rms_norm_eps);
+}
+
+at::Tensor LlamaModel::Logits(const at::Tensor& input_ids, const at::Tensor& position_ids) const {
+  return at::linear(Hidden(input_ids, position_ids, /*training=*/false), lm_head_).to(at::kFloat);
+}
+
+LossOutput LlamaModel::Loss(const at::Tensor& input_ids, const at::Tensor& position_ids,
+                            const at::Tensor& labels, bool training) const {
+  const at::Tensor pos = CheckedPositions(input_ids, position_ids);
+  TORCH_CHECK(labels.sizes() == input_ids.sizes(), "labels ", labels.sizes(),
+              " must match input_ids ", input_ids.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.device() == options_.device,
+              "labels must be int64 on ", options_.device);
+  const int64_t s = input_ids.size(1), hidden = config_.hidden_size;
+  at::Tensor h = Hidden(input_ids, pos, training);  // (b, s, hidden)
+  // Position t predicts labels[t + 1]; skip ignored targets and targets that
+  // open a new document (they would be predicted across the boundary).
+  at::Tensor targets = labels.slice(1, 1);                                   // (b, s - 1)
+  at::Tensor valid = (targets != kIgnoreIndex) & DocumentStarts(pos).slice(1, 1).logical_not();
+  at::Tensor rows = valid.reshape({-1}).nonzero().squeeze(1);                // (n)
+  const at::Tensor t = targets.reshape({-1}).index_select(0, rows);          // (n)
+  TORCH_CHECK(t.numel() == 0 || (t.min().item<int64_t>() >= 0 &&
+                                 t.max().item<int64_t>() < config_.vocab_size),
+              "labels must be -100 or in [0, ", config_.vocab_size, ")");
+  at::Tensor hs = h.slice(1, 0, s - 1).reshape({-1, hidden}).index_select(0, rows);  // (n, hidden)
+  LossOutput out;
+  out.loss_sum = ChunkedCrossEntropySum(hs, lm_head_, t, options_.loss_chunk_tokens);
+  out.num_tokens = rows.size(0);
+  return out;
+}
+
+at::Tensor LlamaModel::TokenLogProbs(const at::Tensor& input_ids,
+                                     const at::Tensor& position_ids) const {
+  at::NoGradGuard no_grad;
+  const at::Tensor pos = CheckedPositions(input_ids, position_ids);
+  const int64_t b = input_ids.size(0), s = input_ids.size(1), hidden = config_.hidden_size;
+  at::Tensor h = Hidden(input_ids, pos, /*training=*/false);
+  at::Tensor lp = ChunkedTargetLogProbs(h.slice(1, 0, s - 1).reshape({-1, hidden}), lm_head_,
+                                        input_ids.slice(1, 1).reshape({-1}),
+                                        options_.loss_chunk_tokens)
+                      .view({b, s - 1});  // (b, s - 1)
+  return lp.masked_fill(DocumentStarts(pos).slice(1, 1), std::numeric_limits<float>::quiet_NaN());
+}
+
+}  // namespace ftune::trainer

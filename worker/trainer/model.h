@@ -1,0 +1,195 @@
+// The Llama decoder (LlamaForCausalLM) over plain tensors, with LoRA.
+//
+// Functional style: the model owns its tensors and LoraLinear layers and
+// runs them with ATen ops; there are no nn::Modules. Every step computes
+// what transformers' modeling_llama.py computes, in the same order and
+// precision, so fp32 results agree with it to rounding:
+//   embedding -> per layer [RMSNorm -> attention (q/k/v + LoRA, RoPE in
+//   rotate_half layout, GQA by repeating kv heads, causal mask) -> o_proj ->
+//   residual -> RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> lm_head.
+// RMSNorm computes in fp32 and casts back before the weight (HF's
+// LlamaRMSNorm); RoPE's cos/sin are computed in fp32 from the config's
+// inverse frequencies (llama3/linear scaling included, llama_config.h) and
+// cast to the compute dtype.
+//
+// Packed sequences: a new document starts wherever a position id is not the
+// previous one plus 1 (transformers' rule for packed batches, e.g. position
+// ids restarting at 0). Attention never crosses a document boundary, and the
+// loss never asks a token to predict the first token of the next document.
+//
+// Attention: LibTorch's scaled_dot_product_attention where this LibTorch has
+// it (>= 2.1), else an exact math path (HF's eager attention). A batch with
+// no document boundary uses SDPA's is_causal (flash attention on CUDA); a
+// packed batch passes the block-diagonal causal mask.
+//
+// Precision: ModelOptions::dtype is the compute dtype of activations and of
+// the frozen weights (fp32 on the CPU, bf16 on CUDA); LoRA adapters are fp32
+// always. Embeddings, norms and lm_head are frozen like the base linears.
+//
+// Memory: the loss never materializes (tokens x vocab) logits (loss.h), and
+// per-layer activation checkpointing keeps only each layer's input and
+// recomputes the layer in backward (with the RNG state restored, so LoRA
+// dropout masks are the same).
+//
+// Thread-safety: forwards only read the model; several threads may run them
+// at once. Attaching adapters or changing options needs exclusive access.
+#ifndef FTUNE_WORKER_TRAINER_MODEL_H_
+#define FTUNE_WORKER_TRAINER_MODEL_H_
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "worker/trainer/llama_config.h"
+#include "worker/trainer/lora.h"
+#include "worker/trainer/status.h"
+#include "worker/trainer/weights.h"
+
+namespace ftune::trainer {
+
+enum class AttentionImpl {
+  kAuto,  // SDPA where this LibTorch has it, else math
+  kMath,  // HF's eager attention, exact
+  kSdpa,  // scaled_dot_product_attention (LibTorch >= 2.1 only)
+};
+
+struct ModelOptions {
+  c10::Device device = c10::Device(c10::DeviceType::CPU);
+  c10::ScalarType dtype = c10::ScalarType::Float;  // compute dtype
+  bool activation_checkpointing = false;
+  int64_t loss_chunk_tokens = 1024;
+  AttentionImpl attention = AttentionImpl::kAuto;
+};
+
+// fp32 on the CPU, bf16 on CUDA (the precision policy).
+ModelOptions DefaultModelOptions(c10::Device device);
+
+struct DecoderLayer {
+  at::Tensor input_layernorm;           // (hidden)
+  at::Tensor post_attention_layernorm;  // (hidden)
+  std::unique_ptr<LoraLinear> q_proj, k_proj, v_proj, o_proj;
+  std::unique_ptr<LoraLinear> gate_proj, up_proj, down_proj;
+
+  // By HF module name ("q_proj", ...); nullptr for an unknown name.
+  LoraLinear* Module(const std::string& name);
+  const LoraLinear* Module(const std::string& name) const;
+};
+
+struct LossOutput {
+  at::Tensor loss_sum;     // () fp32, sum of -log p(target), differentiable
+  int64_t num_tokens = 0;  // targets counted in loss_sum
+  // loss_sum / num_tokens (loss_sum itself when no token counts).
+  at::Tensor Mean() const;
+};
+
+struct NamedTensor {
+  std::string name;
+  at::Tensor tensor;
+};
+
+class LlamaModel {
+ public:
+  // Returns a tensor by HF name in any dtype on any device, or a Status.
+  using TensorSource = std::function<Result<at::Tensor>(const std::string& name)>;
+
+  // An HF model directory: config.json + model.safetensors or a sharded
+  // index; BF16/F16/F32 weights converted to options.dtype on options.device.
+  static Result<std::unique_ptr<LlamaModel>> Load(const std::string& dir,
+                                                  const ModelOptions& options);
+  // The same from any source of tensors (tests, random-weight benchmarks).
+  // `source_name` names it in errors.
+  static Result<std::unique_ptr<LlamaModel>> Build(const LlamaConfig& config,
+                                                   const TensorSource& tensors,
+                                                   const ModelOptions& options,
+                                                   const std::string& source_name);
+
+  const LlamaConfig& config() const { return config_; }
+  const ModelOptions& options() const { return options_; }
+  void set_activation_checkpointing(bool on) { options_.activation_checkpointing = on; }
+  void set_loss_chunk_tokens(int64_t n);
+  void set_attention(AttentionImpl impl);
+
+  // Fresh adapters on config.target_modules of every layer (A seeded per
+  // module, B zeros). Replaces adapters already attached.
+  Status AttachLora(const LoraConfig& config);
+  // A PEFT adapter: every target of every layer must be present with the
+  // right shapes, and every tensor of the file must be used.
+  Status AttachAdapter(const PeftAdapter& adapter);
+  Status LoadAdapter(const std::string& dir);
+  // The LoRA config last attached (meaningful only when has_lora()).
+  const LoraConfig& lora_config() const { return lora_config_; }
+  bool has_lora() const { return has_lora_; }
+
+  // Trainable tensors with PEFT's saved names, ordered by layer, then
+  // q, k, v, o, gate, up, down, then A before B.
+  std::vector<NamedTensor> LoraParameters() const;
+
+  // input_ids (batch, seq) int64; position_ids (batch, seq) int64 or
+  // undefined (0..seq-1 in every row). Returns the final-norm hidden states
+  // (batch, seq, hidden) in the compute dtype. `training` enables LoRA
+  // dropout.
+  at::Tensor Hidden(const at::Tensor& input_ids, const at::Tensor& position_ids,
+                    bool training) const;
+  // (batch, seq, vocab) fp32. Materializes every logit: for tests and small
+  // inputs; training uses Loss.
+  at::Tensor Logits(const at::Tensor& input_ids, const at::Tensor& position_ids) const;
+  // Causal-LM loss with HF's label convention: labels (batch, seq) int64,
+  // labels[t] is predicted from position t - 1, -100 ignored; targets that
+  // start a new document are ignored too.
+  LossOutput Loss(const at::Tensor& input_ids, const at::Tensor& position_ids,
+                  const at::Tensor& labels, bool training) const;
+  // log p(input_ids[t + 1] | ..t), (batch, seq - 1) fp32, no autograd; NaN
+  // where t + 1 starts a new document.
+  at::Tensor TokenLogProbs(const at::Tensor& input_ids, const at::Tensor& position_ids) const;
+
+  const at::Tensor& embed_tokens() const { return embed_tokens_; }  // (vocab, hidden)
+  const at::Tensor& lm_head() const { return lm_head_; }            // (vocab, hidden)
+  const at::Tensor& final_norm() const { return norm_; }            // (hidden)
+  const at::Tensor& inv_freq() const { return inv_freq_; }          // (head_dim / 2) fp32
+  const std::vector<DecoderLayer>& layers() const { return layers_; }
+  std::vector<DecoderLayer>& mutable_layers() { return layers_; }
+
+  // One decoder layer; public for the checkpointing autograd function.
+  struct AttentionContext;
+  at::Tensor LayerForward(int64_t layer, const at::Tensor& h, const AttentionContext& ctx,
+                          bool training) const;
+
+ private:
+  LlamaModel(LlamaConfig config, ModelOptions options);
+
+  at::Tensor CheckedPositions(const at::Tensor& input_ids, const at::Tensor& position_ids) const;
+  AttentionContext MakeAttentionContext(const at::Tensor& position_ids) const;
+  at::Tensor Attention(const DecoderLayer& layer, const at::Tensor& x, const AttentionContext& ctx,
+                       bool training) const;
+  bool UseSdpa() const;
+
+  LlamaConfig config_;
+  ModelOptions options_;
+  at::Tensor embed_tokens_;  // (vocab, hidden)
+  at::Tensor norm_;          // (hidden)
+  at::Tensor lm_head_;       // (vocab, hidden); the embedding itself when tied
+  at::Tensor inv_freq_;      // (head_dim / 2) fp32 on the device
+  std::vector<DecoderLayer> layers_;
+  LoraConfig lora_config_;
+  bool has_lora_ = false;
+};
+
+// Per-forward attention inputs shared by all layers.
+struct LlamaModel::AttentionContext {
+  at::Tensor cos;      // (batch, 1, seq, head_dim) compute dtype
+  at::Tensor sin;      // (batch, 1, seq, head_dim)
+  // (batch, 1, seq, seq) bool, true = may attend; undefined when the batch is
+  // plain causal and SDPA runs (is_causal needs no mask).
+  at::Tensor allowed;
+  bool plain_causal = true;  // no document boundary in the batch
+};
+
+}  // namespace ftune::trainer
+
+#endif  // FTUNE_WORKER_TRAINER_MODEL_H_
