@@ -1,0 +1,175 @@
+#include "worker/trainer/file_util.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <utility>
+
+namespace ftune::trainer {
+namespace {
+
+std::string DirName(const std::string& path) {
+  const size_t slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  if (slash == 0) return "/";
+  return path.substr(0, slash);
+}
+
+// Makes a completed rename durable: without the directory fsync a crash can
+// leave the old directory entry in place although the data blocks are on
+// disk.
+Status FsyncDirectory(const std::string& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) {
+    return InternalError(dir + ": cannot open directory to fsync: " + ErrnoMessage(errno));
+  }
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  if (rc != 0) return InternalError(dir + ": fsync of directory failed: " + ErrnoMessage(err));
+  return OkStatus();
+}
+
+}  // namespace
+
+std::string ErrnoMessage(int err) {
+  char buf[256];
+  // GNU strerror_r may return a static string instead of filling buf.
+  const char* msg = strerror_r(err, buf, sizeof(buf));
+  return msg;
+}
+
+Result<std::string> ReadFileToString(const std::string& path, uint64_t max_bytes) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    const int err = errno;
+    if (err == ENOENT) return NotFoundError(path + ": no such file");
+    return InternalError(path + ": cannot open: " + ErrnoMessage(err));
+  }
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    return InternalError(path + ": fstat failed: " + ErrnoMessage(err));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return InvalidArgumentError(path + ": not a regular file");
+  }
+  if (static_cast<uint64_t>(st.st_size) > max_bytes) {
+    ::close(fd);
+    return DataLossError(path + ": file is " + std::to_string(st.st_size) +
+                         " bytes, more than the " + std::to_string(max_bytes) +
+                         " bytes allowed for it");
+  }
+  std::string out(static_cast<size_t>(st.st_size), '\0');
+  size_t done = 0;
+  while (done < out.size()) {
+    const ssize_t n = ::read(fd, out.data() + done, out.size() - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      const int err = errno;
+      ::close(fd);
+      return InternalError(path + ": read failed: " + ErrnoMessage(err));
+    }
+    if (n == 0) break;  // shrank while reading: keep what is there
+    done += static_cast<size_t>(n);
+  }
+  ::close(fd);
+  out.resize(done);
+  return out;
+}
+
+AtomicFileWriter::AtomicFileWriter(std::string path, std::string tmp_path, int fd)
+    : path_(std::move(path)), tmp_path_(std::move(tmp_path)), fd_(fd) {}
+
+Result<std::unique_ptr<AtomicFileWriter>> AtomicFileWriter::Create(const std::string& path) {
+  // pid + a process-wide counter make the name unique among concurrent
+  // writers; O_EXCL turns a leftover from a crashed process with a recycled
+  // pid into a retry instead of a clobber.
+  static std::atomic<uint64_t> counter{0};
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    std::string tmp = path + ".tmp." + std::to_string(::getpid()) + "." +
+                      std::to_string(counter.fetch_add(1));
+    const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd >= 0) {
+      return std::unique_ptr<AtomicFileWriter>(new AtomicFileWriter(path, std::move(tmp), fd));
+    }
+    if (errno != EEXIST) {
+      const int err = errno;
+      return InternalError(path + ": cannot create temporary file " + tmp + ": " +
+                           ErrnoMessage(err));
+    }
+  }
+  return InternalError(path + ": cannot find an unused temporary file name");
+}
+
+AtomicFileWriter::~AtomicFileWriter() {
+  if (!committed_) Abandon();
+}
+
+void AtomicFileWriter::Abandon() {
+  if (fd_ >= 0) {
+    ::close(fd_);
+    fd_ = -1;
+  }
+  if (!tmp_path_.empty()) {
+    ::unlink(tmp_path_.c_str());
+    tmp_path_.clear();
+  }
+}
+
+Status AtomicFileWriter::Append(const void* data, size_t size) {
+  if (fd_ < 0) return FailedPreconditionError(path_ + ": writer already finished");
+  const char* p = static_cast<const char*>(data);
+  while (size > 0) {
+    const ssize_t n = ::write(fd_, p, size);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      const int err = errno;
+      return InternalError(path_ + ": write to " + tmp_path_ + " failed after " +
+                           std::to_string(bytes_written_) + " bytes: " + ErrnoMessage(err));
+    }
+    p += n;
+    size -= static_cast<size_t>(n);
+    bytes_written_ += static_cast<uint64_t>(n);
+  }
+  return OkStatus();
+}
+
+Status AtomicFileWriter::Commit() {
+  if (fd_ < 0) return FailedPreconditionError(path_ + ": writer already finished");
+  if (::fsync(fd_) != 0) {
+    const int err = errno;
+    Abandon();
+    return InternalError(path_ + ": fsync failed: " + ErrnoMessage(err));
+  }
+  const int rc = ::close(fd_);
+  fd_ = -1;
+  if (rc != 0) {
+    const int err = errno;
+    Abandon();
+    return InternalError(path_ + ": close failed: " + ErrnoMessage(err));
+  }
+  if (::rename(tmp_path_.c_str(), path_.c_str()) != 0) {
+    const int err = errno;
+    Abandon();
+    return InternalError(path_ + ": rename from " + tmp_path_ + " failed: " + ErrnoMessage(err));
+  }
+  tmp_path_.clear();
+  committed_ = true;
+  return FsyncDirectory(DirName(path_));
+}
+
+Status WriteFileAtomically(const std::string& path, std::string_view contents) {
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::unique_ptr<AtomicFileWriter> writer,
+                                 AtomicFileWriter::Create(path));
+  FTUNE_TRAINER_RETURN_IF_ERROR(writer->Append(contents));
+  return writer->Commit();
+}
+
+}  // namespace ftune::trainer

@@ -1,0 +1,68 @@
+// Small file helpers for the trainer: bounded whole-file reads (config.json,
+// index files) and atomic writes (adapters, checkpoints, quantized models).
+//
+// Atomicity: AtomicFileWriter writes to a unique temporary file in the
+// destination's directory, and Commit() fsyncs it, renames it over the
+// destination and fsyncs the directory. A reader therefore sees either the old
+// file or the complete new one, never a torn file, also across a crash; a
+// writer that is destroyed without Commit() removes its temporary file.
+//
+// Thread-safety: the free functions may be called from any thread. An
+// AtomicFileWriter is used by one thread at a time; different writers (even
+// for the same destination) are independent, and the last Commit() wins.
+#ifndef FTUNE_WORKER_TRAINER_FILE_UTIL_H_
+#define FTUNE_WORKER_TRAINER_FILE_UTIL_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "worker/trainer/status.h"
+
+namespace ftune::trainer {
+
+// Reads a whole regular file. Files larger than max_bytes are refused
+// (DATA_LOSS naming the path and both sizes) instead of being read: config
+// and index files are small, and a huge one is a mistake, not a model.
+// A missing file is NOT_FOUND.
+Result<std::string> ReadFileToString(const std::string& path, uint64_t max_bytes);
+
+// strerror(errno) as a string, for messages.
+std::string ErrnoMessage(int err);
+
+class AtomicFileWriter {
+ public:
+  // Creates "<path>.tmp.<pid>.<n>" (mode 0644 before umask) next to path.
+  static Result<std::unique_ptr<AtomicFileWriter>> Create(const std::string& path);
+  ~AtomicFileWriter();  // removes the temporary file unless committed
+  AtomicFileWriter(const AtomicFileWriter&) = delete;
+  AtomicFileWriter& operator=(const AtomicFileWriter&) = delete;
+
+  Status Append(const void* data, size_t size);
+  Status Append(std::string_view data) { return Append(data.data(), data.size()); }
+  // Makes the written bytes the content of path. The writer is finished
+  // afterwards whatever the outcome; a failed Commit leaves path untouched.
+  Status Commit();
+
+  const std::string& path() const { return path_; }
+  uint64_t bytes_written() const { return bytes_written_; }
+
+ private:
+  AtomicFileWriter(std::string path, std::string tmp_path, int fd);
+  void Abandon();
+
+  std::string path_;
+  std::string tmp_path_;
+  int fd_ = -1;
+  uint64_t bytes_written_ = 0;
+  bool committed_ = false;
+};
+
+// Writes contents to path atomically (AtomicFileWriter in one call).
+Status WriteFileAtomically(const std::string& path, std::string_view contents);
+
+}  // namespace ftune::trainer
+
+#endif  // FTUNE_WORKER_TRAINER_FILE_UTIL_H_
