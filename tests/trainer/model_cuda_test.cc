@@ -3,6 +3,7 @@
 // CUDA against them tightly, and CUDA against this engine's own CPU run.
 // Skipped, with a message, where LibTorch sees no CUDA device.
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 #include <gtest/gtest.h>
 
 #include <cstdio>
@@ -71,7 +72,7 @@ TEST_P(CudaGoldenTest, Bf16WithinBf16Tolerances) {
       const std::string what = GetParam() + " bf16 " + (p == "a" ? "batch" : "packed") +
                                (checkpointing ? "/checkpointed" : "");
       {
-        at::NoGradGuard no_grad;
+        c10::NoGradGuard no_grad;
         at::Tensor logits = m->Logits(ids, pos);
         const double rel = RelL2(logits, golden_->Get(p + ".logits"));
         std::printf("PARITY-CUDA %s logits l2-rel=%.3g max-abs=%.3g\n", what.c_str(), rel,
@@ -100,7 +101,7 @@ TEST_P(CudaGoldenTest, Fp32OnCudaMatchesTightly) {
     const at::Tensor pos = p == "p" ? G("p.position_ids") : at::Tensor();
     const std::string what = GetParam() + " fp32 " + (p == "a" ? "batch" : "packed");
     {
-      at::NoGradGuard no_grad;
+      c10::NoGradGuard no_grad;
       const double d = RelDiff(m->Logits(ids, pos), golden_->Get(p + ".logits"));
       std::printf("PARITY-CUDA %s logits max-rel=%.3g\n", what.c_str(), d);
       EXPECT_LT(d, 1e-4) << what;
@@ -116,7 +117,7 @@ TEST_P(CudaGoldenTest, Fp32OnCudaMatchesTightly) {
 TEST_P(CudaGoldenTest, CudaBf16AgainstCpuFp32) {
   auto cpu = LoadGoldenModel(GetParam(), DefaultModelOptions(c10::kCPU), true);
   auto gpu = LoadGoldenModel(GetParam(), DefaultModelOptions(c10::Device(c10::kCUDA, 0)), true);
-  at::NoGradGuard no_grad;
+  c10::NoGradGuard no_grad;
   at::Tensor a = cpu->Logits(G("p.input_ids", false), G("p.position_ids", false));
   at::Tensor b = gpu->Logits(G("p.input_ids"), G("p.position_ids"));
   const double rel = RelL2(b, a);

@@ -6,6 +6,7 @@
 // every LoRA gradient within 1e-4 relative (max |g - ref| / max |ref| per
 // tensor). Each check prints a PARITY line with the measured numbers.
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 #include <gtest/gtest.h>
 
 #include <cstdio>
@@ -79,7 +80,7 @@ TEST_P(GoldenModelTest, RopeInverseFrequenciesMatchTransformers) {
 
 TEST_P(GoldenModelTest, BaseModelLogits) {
   auto m = Model(false);
-  at::NoGradGuard no_grad;
+  c10::NoGradGuard no_grad;
   at::Tensor logits = m->Logits(golden_.Get("a.input_ids"), at::Tensor());
   at::Tensor ref = golden_.Get("a.base_logits");
   ASSERT_EQ(logits.sizes(), ref.sizes());
@@ -95,7 +96,7 @@ TEST_P(GoldenModelTest, AdapterLogitsLossAndGradients) {
     const std::string what = impl == AttentionImpl::kMath ? "batch/math" : "batch/sdpa";
     auto m = Model(true, impl);
     {
-      at::NoGradGuard no_grad;
+      c10::NoGradGuard no_grad;
       at::Tensor logits = m->Logits(golden_.Get("a.input_ids"), at::Tensor());
       const double d = MaxAbsDiff(logits, golden_.Get("a.logits"));
       std::printf("PARITY %s %s logits max-abs=%.3g\n", GetParam().c_str(), what.c_str(), d);
@@ -117,7 +118,7 @@ TEST_P(GoldenModelTest, PackedSequencesLogitsLossAndGradients) {
     auto m = Model(true, impl);
     const at::Tensor ids = golden_.Get("p.input_ids"), pos = golden_.Get("p.position_ids");
     {
-      at::NoGradGuard no_grad;
+      c10::NoGradGuard no_grad;
       const double d = MaxAbsDiff(m->Logits(ids, pos), golden_.Get("p.logits"));
       std::printf("PARITY %s %s logits max-abs=%.3g\n", GetParam().c_str(), what.c_str(), d);
       EXPECT_LT(d, kLogitsMaxAbs) << what;

@@ -4,6 +4,7 @@
 // the chunked loss against ATen's cross_entropy, and loading HF/PEFT files
 // (BF16 conversion, tied embeddings, error messages).
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -11,6 +12,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <string>
@@ -96,7 +98,7 @@ std::unique_ptr<LlamaModel> TinyModel(bool tie = false, ModelOptions o = Default
 // Random B so the adapter path changes outputs and A gets gradients.
 void RandomizeB(LlamaModel& m, uint64_t seed) {
   at::Generator g = at::make_generator<at::CPUGeneratorImpl>(seed);
-  at::NoGradGuard no_grad;
+  c10::NoGradGuard no_grad;
   for (auto& p : m.LoraParameters()) {
     if (p.name.find("lora_B") != std::string::npos) {
       p.tensor.copy_(at::normal(0.0, 0.1, p.tensor.sizes(), g));
@@ -108,10 +110,23 @@ at::Tensor Ids(std::vector<int64_t> v) {
   return at::tensor(v, at::kLong).unsqueeze(0);  // (1, seq)
 }
 
+// Fresh directories under /tmp, removed when the test binary exits.
+std::vector<std::string>& TempDirs() {
+  static auto* dirs = [] {
+    auto* v = new std::vector<std::string>();
+    std::atexit([] {
+      for (const auto& d : TempDirs()) std::filesystem::remove_all(d);
+    });
+    return v;
+  }();
+  return *dirs;
+}
+
 std::string TempDir() {
   char tmpl[] = "/tmp/ftune_model_test_XXXXXX";
   const char* d = mkdtemp(tmpl);
   EXPECT_NE(d, nullptr);
+  TempDirs().push_back(d);
   return d;
 }
 
@@ -129,7 +144,7 @@ TEST(PackedSequences, DocumentsDoNotSeeEachOther) {
     m->set_attention(impl);
     ASSERT_TRUE(m->AttachLora(LoraConfig{}).ok());
     RandomizeB(*m, 3);
-    at::NoGradGuard no_grad;
+    c10::NoGradGuard no_grad;
     const at::Tensor doc1 = Ids({5, 9, 1, 33, 2}), doc2 = Ids({7, 7, 12, 30, 4, 0, 39});
     const at::Tensor pos = Ids({0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6});
     at::Tensor packed = m->Logits(at::cat({doc1, doc2}, 1), pos);  // (1, 12, vocab)
@@ -149,7 +164,7 @@ TEST(PackedSequences, DocumentsDoNotSeeEachOther) {
 
 TEST(PackedSequences, AnyPositionJumpStartsADocument) {
   auto m = TinyModel();
-  at::NoGradGuard no_grad;
+  c10::NoGradGuard no_grad;
   // A row that starts mid-document (positions 3, 4, 5), then a new one.
   const at::Tensor ids = Ids({5, 9, 1, 7, 7, 12});
   at::Tensor packed = m->Logits(ids, Ids({3, 4, 5, 0, 1, 2}));
@@ -187,7 +202,7 @@ TEST(Lora, FreshAdapterIsTheIdentityAndOnlyAdaptersTrain) {
   const at::Tensor ids = Ids({3, 1, 4, 1, 5, 9, 2, 6});
   at::Tensor base;
   {
-    at::NoGradGuard no_grad;
+    c10::NoGradGuard no_grad;
     base = m->Logits(ids, at::Tensor());
   }
   LoraConfig cfg;
@@ -195,7 +210,7 @@ TEST(Lora, FreshAdapterIsTheIdentityAndOnlyAdaptersTrain) {
   ASSERT_TRUE(m->AttachLora(cfg).ok());
   EXPECT_EQ(m->LoraParameters().size(), 2u * 7u * 2u);
   {
-    at::NoGradGuard no_grad;
+    c10::NoGradGuard no_grad;
     EXPECT_TRUE(at::equal(m->Logits(ids, at::Tensor()), base));  // B = 0
   }
   // Tied: lm_head is the embedding itself, not a copy.
@@ -260,7 +275,7 @@ TEST(Lora, ScalingAndRsLora) {
   ad.b = at::normal(0.0, 0.1, {6, 3}, g);
   lin.Attach(ad);
   at::Tensor x = at::normal(0.0, 1.0, {2, 4, 5}, g);  // (batch, seq, in)
-  at::NoGradGuard no_grad;
+  c10::NoGradGuard no_grad;
   const double s = 16.0 / std::sqrt(3.0);
   at::Tensor want = at::matmul(x, w.t()) + at::matmul(at::matmul(x, ad.a.t()), ad.b.t()) * s;
   EXPECT_LT(MaxAbsDiff(lin.Forward(x, false), want), 1e-6);
@@ -276,7 +291,7 @@ TEST(Lora, DropoutOnlyWhileTrainingAndCheckpointReplaysIt) {
   RandomizeB(*m, 8);
   const at::Tensor ids = Ids({3, 1, 4, 1, 5, 9, 2, 6, 5, 3});
   {
-    at::NoGradGuard no_grad;
+    c10::NoGradGuard no_grad;
     at::Tensor a = m->Hidden(ids, at::Tensor(), /*training=*/false);
     at::Tensor b = m->Hidden(ids, at::Tensor(), /*training=*/false);
     EXPECT_TRUE(at::equal(a, b));
@@ -404,7 +419,7 @@ TEST(Loading, Bf16CheckpointBecomesFp32OnTheCpu) {
   std::map<std::string, at::Tensor> rounded;
   for (const auto& [k, v] : w) rounded[k] = v.to(at::kBFloat16).to(at::kFloat);
   auto ref = BuildModel(c, rounded);
-  at::NoGradGuard no_grad;
+  c10::NoGradGuard no_grad;
   EXPECT_TRUE(at::equal(m.value()->Logits(Ids({1, 2, 3}), at::Tensor()),
                         ref->Logits(Ids({1, 2, 3}), at::Tensor())));
 }

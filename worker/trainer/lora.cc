@@ -2,6 +2,7 @@
 #include "worker/trainer/lora.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <cmath>
@@ -113,7 +114,7 @@ at::Tensor LoraLinear::Forward(const at::Tensor& x, bool training) const {
 at::Tensor LoraLinear::MergedWeight(c10::ScalarType dtype) const {
   at::Tensor w = base_->DenseWeight(at::kFloat);  // (out, in)
   if (adapter_) {
-    at::NoGradGuard no_grad;
+    c10::NoGradGuard no_grad;
     w = w + at::matmul(adapter_->b, adapter_->a) * adapter_->scaling;
   }
   return w.to(dtype);

@@ -2,6 +2,7 @@
 #include "worker/trainer/loss.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
@@ -89,7 +90,7 @@ at::Tensor ChunkedCrossEntropySum(const at::Tensor& hidden, const at::Tensor& we
 at::Tensor ChunkedTargetLogProbs(const at::Tensor& hidden, const at::Tensor& weight,
                                  const at::Tensor& targets, int64_t chunk_tokens) {
   CheckInputs(hidden, weight, targets, chunk_tokens);
-  at::NoGradGuard no_grad;
+  c10::NoGradGuard no_grad;
   const int64_t n = hidden.size(0);
   at::Tensor out = at::empty({n}, hidden.options().dtype(at::kFloat));
   for (int64_t b = 0; b < n; b += chunk_tokens) {

@@ -2,6 +2,7 @@
 #include "worker/trainer/model.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -503,9 +504,20 @@ LossOutput LlamaModel::Loss(const at::Tensor& input_ids, const at::Tensor& posit
   return out;
 }
 
+int64_t LlamaModel::CountLossTokens(const at::Tensor& labels, const at::Tensor& position_ids) {
+  TORCH_CHECK(labels.dim() == 2, "labels must be (batch, seq), got ", labels.sizes());
+  at::Tensor valid = labels.slice(1, 1) != kIgnoreIndex;  // (b, s - 1)
+  if (position_ids.defined()) {
+    TORCH_CHECK(position_ids.sizes() == labels.sizes(), "position_ids ", position_ids.sizes(),
+                " must match labels ", labels.sizes());
+    valid = valid & DocumentStarts(position_ids).slice(1, 1).logical_not();
+  }
+  return valid.sum().item<int64_t>();
+}
+
 at::Tensor LlamaModel::TokenLogProbs(const at::Tensor& input_ids,
                                      const at::Tensor& position_ids) const {
-  at::NoGradGuard no_grad;
+  c10::NoGradGuard no_grad;
   const at::Tensor pos = CheckedPositions(input_ids, position_ids);
   const int64_t b = input_ids.size(0), s = input_ids.size(1), hidden = config_.hidden_size;
   at::Tensor h = Hidden(input_ids, pos, /*training=*/false);

@@ -144,6 +144,10 @@ class LlamaModel {
   // start a new document are ignored too.
   LossOutput Loss(const at::Tensor& input_ids, const at::Tensor& position_ids,
                   const at::Tensor& labels, bool training) const;
+  // The number of targets Loss counts for these labels: what transformers
+  // calls num_items_in_batch, needed before the forwards of an accumulated
+  // step so every micro-batch can be scaled by the step's token count.
+  static int64_t CountLossTokens(const at::Tensor& labels, const at::Tensor& position_ids);
   // log p(input_ids[t + 1] | ..t), (batch, seq - 1) fp32, no autograd; NaN
   // where t + 1 starts a new document.
   at::Tensor TokenLogProbs(const at::Tensor& input_ids, const at::Tensor& position_ids) const;
