@@ -1,0 +1,32 @@
+// `ftune data ...`: local data-pipeline tools that need no coordinator.
+//
+//   ftune data tokenize --tokenizer DIR [--add-special-tokens]
+//       stdin: one JSON string per line; stdout: one JSON array of ids per
+//       line (HF tokenizer.encode(text, add_special_tokens=...).ids)
+//   ftune data detokenize --tokenizer DIR [--skip-special-tokens]
+//       stdin: one JSON array of ids per line; stdout: one JSON string per
+//       line (HF tokenizer.decode(ids, skip_special_tokens=...))
+//
+// DIR holds tokenizer.json (and optionally tokenizer_config.json), as in a
+// Hugging Face model directory. Output is flushed per line so the commands
+// work as co-processes. Exit codes: 0 ok, 2 usage error, unreadable
+// tokenizer or a malformed input line (the message names the line).
+//
+// Thread-safety: none needed; the CLI is single-threaded.
+#ifndef FTUNE_CLI_DATA_COMMANDS_H_
+#define FTUNE_CLI_DATA_COMMANDS_H_
+
+#include <istream>
+#include <ostream>
+#include <string>
+#include <vector>
+
+namespace ftune::cli {
+
+// Runs `ftune data ...`; args[0] is the program name and args[1] "data".
+int RunDataCommand(const std::vector<std::string>& args, std::istream& in, std::ostream& out,
+                   std::ostream& err);
+
+}  // namespace ftune::cli
+
+#endif  // FTUNE_CLI_DATA_COMMANDS_H_
