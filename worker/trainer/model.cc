@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <sstream>
 #include <utility>
@@ -351,6 +352,14 @@ Status LlamaModel::AttachAdapter(const PeftAdapter& adapter) {
 Status LlamaModel::LoadAdapter(const std::string& dir) {
   FTUNE_TRAINER_ASSIGN_OR_RETURN(PeftAdapter adapter, ReadPeftAdapter(dir));
   return AttachAdapter(adapter);
+}
+
+Status LlamaModel::SaveAdapter(const std::string& dir,
+                               const std::string& base_model_name_or_path) const {
+  if (!has_lora_) return FailedPreconditionError("SaveAdapter: no LoRA adapter is attached");
+  std::map<std::string, at::Tensor> tensors;
+  for (const NamedTensor& p : LoraParameters()) tensors[p.name] = p.tensor;
+  return WritePeftAdapter(dir, lora_config_, tensors, base_model_name_or_path);
 }
 
 std::vector<NamedTensor> LlamaModel::LoraParameters() const {

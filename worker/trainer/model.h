@@ -122,6 +122,9 @@ class LlamaModel {
   // right shapes, and every tensor of the file must be used.
   Status AttachAdapter(const PeftAdapter& adapter);
   Status LoadAdapter(const std::string& dir);
+  // Writes the attached adapters as a PEFT adapter directory
+  // (WritePeftAdapter); FAILED_PRECONDITION without adapters.
+  Status SaveAdapter(const std::string& dir, const std::string& base_model_name_or_path) const;
   // The LoRA config last attached (meaningful only when has_lora()).
   const LoraConfig& lora_config() const { return lora_config_; }
   bool has_lora() const { return has_lora_; }

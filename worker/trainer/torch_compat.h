@@ -8,6 +8,11 @@
 //     attention), which is also what the fp32 parity tests compare.
 //   * c10::optional became an alias of std::optional in 2.x and may be gone
 //     later; Optional<T> names whichever this LibTorch's signatures take.
+//   * Not a header difference but a link-time one: the pip LibTorch of the GPU
+//     hosts exports std::filesystem symbols of its own toolchain, and the
+//     dynamic linker binds our calls to them; std::filesystem::remove_all
+//     then jumps to address 0 (seen with 2.11 + gcc 13). Trainer code and its
+//     tests use POSIX calls (mkdir, nftw) instead of std::filesystem.
 //
 // Thread-safety: stateless.
 #ifndef FTUNE_WORKER_TRAINER_TORCH_COMPAT_H_

@@ -4,6 +4,9 @@
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
+#include <sys/stat.h>
+
+#include <cerrno>
 #include <sstream>
 #include <utility>
 
@@ -33,6 +36,24 @@ Result<at::Tensor> ReadFromFile(const SafetensorsFile& file, const TensorInfo& i
   }
   if (t.nbytes() > 0) FTUNE_TRAINER_RETURN_IF_ERROR(file.Read(info.name, t.data_ptr()));
   return t;
+}
+
+// mkdir -p. Not std::filesystem: the pip LibTorch (GPU hosts) exports its
+// own std::filesystem symbols, which interpose on ours and crash
+// (torch_compat.h).
+Status MakeDirectories(const std::string& dir) {
+  for (size_t pos = 1; pos <= dir.size(); ++pos) {
+    if (pos != dir.size() && dir[pos] != '/') continue;
+    const std::string prefix = dir.substr(0, pos);
+    if (mkdir(prefix.c_str(), 0755) != 0 && errno != EEXIST) {
+      return InternalError(prefix + ": cannot create directory: " + ErrnoMessage(errno));
+    }
+  }
+  struct stat st;
+  if (stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return InternalError(dir + ": not a directory");
+  }
+  return OkStatus();
 }
 
 }  // namespace
@@ -152,6 +173,50 @@ Result<PeftAdapter> ReadPeftAdapter(const std::string& dir) {
     out.tensors[info.name] = t.to(at::kFloat);
   }
   return out;
+}
+
+Status WritePeftAdapter(const std::string& dir, const LoraConfig& config,
+                        const std::map<std::string, at::Tensor>& tensors,
+                        const std::string& base_model_name_or_path) {
+  FTUNE_TRAINER_RETURN_IF_ERROR(config.Validate());
+  FTUNE_TRAINER_RETURN_IF_ERROR(MakeDirectories(dir));
+
+  nlohmann::json j;
+  j["peft_type"] = "LORA";
+  j["task_type"] = "CAUSAL_LM";
+  j["base_model_name_or_path"] = base_model_name_or_path;
+  j["r"] = config.r;
+  j["lora_alpha"] = config.lora_alpha;
+  j["lora_dropout"] = config.lora_dropout;
+  j["target_modules"] = config.target_modules;
+  j["use_rslora"] = config.use_rslora;
+  j["bias"] = "none";
+  j["fan_in_fan_out"] = false;
+  j["use_dora"] = false;
+  j["init_lora_weights"] = true;
+  j["inference_mode"] = true;
+  j["modules_to_save"] = nullptr;
+  j["layers_to_transform"] = nullptr;
+  j["layers_pattern"] = nullptr;
+  j["rank_pattern"] = nlohmann::json::object();
+  j["alpha_pattern"] = nlohmann::json::object();
+  j["revision"] = nullptr;
+
+  std::vector<at::Tensor> keep;  // contiguous fp32 CPU copies backing `out`
+  std::vector<TensorToWrite> out;
+  for (const auto& [name, t] : tensors) {
+    keep.push_back(t.detach().to(at::TensorOptions().dtype(at::kFloat).device(at::kCPU)).contiguous());
+    TensorToWrite w;
+    w.name = name;
+    w.dtype = Dtype::kF32;
+    for (int64_t s : keep.back().sizes()) w.shape.push_back(static_cast<uint64_t>(s));
+    w.data = keep.back().data_ptr();
+    w.num_bytes = keep.back().nbytes();
+    out.push_back(std::move(w));
+  }
+  FTUNE_TRAINER_RETURN_IF_ERROR(
+      WriteSafetensors(dir + "/adapter_model.safetensors", out, {{"format", "pt"}}));
+  return WriteFileAtomically(dir + "/adapter_config.json", j.dump(2) + "\n");
 }
 
 }  // namespace ftune::trainer

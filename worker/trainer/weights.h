@@ -64,6 +64,15 @@ struct PeftAdapter {
 // fan_in_fan_out, per-module rank_pattern/alpha_pattern, modules_to_save.
 Result<PeftAdapter> ReadPeftAdapter(const std::string& dir);
 
+// Writes a PEFT adapter directory (created if missing): adapter_config.json
+// with the fields PEFT's LoraConfig reads, and adapter_model.safetensors with
+// the fp32 tensors under their PEFT names and PEFT's {"format": "pt"}
+// metadata, so the file is byte-identical to what peft's save_pretrained
+// writes for the same tensors. Files are replaced atomically.
+Status WritePeftAdapter(const std::string& dir, const LoraConfig& config,
+                        const std::map<std::string, at::Tensor>& tensors,
+                        const std::string& base_model_name_or_path);
+
 // The PEFT tensor name of one LoRA matrix: kind is "lora_A" or "lora_B",
 // module one of LoraConfig::DefaultTargetModules().
 std::string PeftLoraName(int64_t layer, const std::string& module, const std::string& kind);

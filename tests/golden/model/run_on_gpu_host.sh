@@ -21,8 +21,18 @@ ninja -C "$build" -j"$(nproc)" $tests > "$logs/build.log" 2>&1 ||
 echo "build: $(( $(date +%s) - start )) s"
 rc=0
 for t in $tests; do
-  "$build/tests/trainer/$t" > "$logs/$t.log" 2>&1 || rc=1
+  trc=0
+  "$build/tests/trainer/$t" > "$logs/$t.log" 2>&1 || trc=$?
   grep -E 'PARITY|FAILED|PASSED|SKIPPED|Failure|Expected|actual|Which is' "$logs/$t.log" || true
+  echo "$t exit code $trc"
+  if [ "$trc" -ne 0 ]; then
+    rc=1
+    # A crash rather than a failed expectation: get a backtrace (the host has
+    # cuda-gdb, which also debugs host code, but no gdb).
+    if command -v cuda-gdb > /dev/null; then
+      cuda-gdb -batch -ex run -ex bt --args "$build/tests/trainer/$t" 2>&1 | grep -E '^#|signal' | head -30
+    fi
+  fi
 done
 python3 tests/golden/model/bf16_baseline.py tests/golden/model 2>&1 | grep -v Warning | tee "$logs/bf16_baseline.log" || rc=1
 exit $rc
