@@ -214,7 +214,8 @@ Result<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& dir,
 Result<std::unique_ptr<LlamaModel>> LlamaModel::Build(const LlamaConfig& config,
                                                       const TensorSource& tensors,
                                                       const ModelOptions& options,
-                                                      const std::string& source_name) {
+                                                      const std::string& source_name,
+                                                      const BaseLinearSource& bases) {
   if (config.attention_bias || config.mlp_bias) {
     return InvalidArgumentError(source_name +
                                 ": attention_bias/mlp_bias are not supported (no Llama uses them)");
@@ -243,7 +244,24 @@ Result<std::unique_ptr<LlamaModel>> LlamaModel::Build(const LlamaConfig& config,
   };
   auto linear = [&](const std::string& name, int64_t out,
                     int64_t in) -> Result<std::unique_ptr<LoraLinear>> {
+    if (bases) {
+      FTUNE_TRAINER_ASSIGN_OR_RETURN(std::unique_ptr<BaseLinear> base, bases(name, out, in));
+      if (base->out_features() != out || base->in_features() != in) {
+        return InvalidArgumentError(source_name + ": base layer '" + name + "' is (" +
+                                    std::to_string(base->out_features()) + ", " +
+                                    std::to_string(base->in_features()) +
+                                    ") but the config implies (" + std::to_string(out) + ", " +
+                                    std::to_string(in) + ")");
+      }
+      return std::make_unique<LoraLinear>(std::move(base));
+    }
     FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor w, load(name, {out, in}));
+    if (options.quantize_base) {
+      // Quantized from the weight in the compute dtype on the device, as
+      // transformers quantizes a load_in_4bit weight after casting it to
+      // torch_dtype; the dense copy is freed when `w` goes out of scope.
+      return std::make_unique<LoraLinear>(Nf4Linear::Quantize(w, options.nf4));
+    }
     return std::make_unique<LoraLinear>(std::make_unique<DenseLinear>(std::move(w)));
   };
 

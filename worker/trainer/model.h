@@ -48,6 +48,7 @@
 
 #include "worker/trainer/llama_config.h"
 #include "worker/trainer/lora.h"
+#include "worker/trainer/nf4_linear.h"
 #include "worker/trainer/status.h"
 #include "worker/trainer/weights.h"
 
@@ -65,6 +66,11 @@ struct ModelOptions {
   bool activation_checkpointing = false;
   int64_t loss_chunk_tokens = 1024;
   AttentionImpl attention = AttentionImpl::kAuto;
+  // NF4 base weights for all 7 projections of every layer, quantized at load
+  // time on options.device (bitsandbytes' load_in_4bit); embeddings, norms
+  // and lm_head stay dense. See nf4_linear.h.
+  bool quantize_base = false;
+  Nf4Options nf4;
 };
 
 // fp32 on the CPU, bf16 on CUDA (the precision policy).
@@ -102,12 +108,20 @@ class LlamaModel {
   // index; BF16/F16/F32 weights converted to options.dtype on options.device.
   static Result<std::unique_ptr<LlamaModel>> Load(const std::string& dir,
                                                   const ModelOptions& options);
+  // A projection's frozen base layer by HF weight name and (out, in), for
+  // checkpoints that store it in another form (pre-quantized NF4,
+  // bnb_checkpoint.h); on the options' device, computing in options.dtype.
+  using BaseLinearSource = std::function<Result<std::unique_ptr<BaseLinear>>(
+      const std::string& name, int64_t out_features, int64_t in_features)>;
+
   // The same from any source of tensors (tests, random-weight benchmarks).
-  // `source_name` names it in errors.
+  // `source_name` names it in errors. With `bases`, the 7 projections come
+  // from it instead of `tensors`.
   static Result<std::unique_ptr<LlamaModel>> Build(const LlamaConfig& config,
                                                    const TensorSource& tensors,
                                                    const ModelOptions& options,
-                                                   const std::string& source_name);
+                                                   const std::string& source_name,
+                                                   const BaseLinearSource& bases = nullptr);
 
   const LlamaConfig& config() const { return config_; }
   const ModelOptions& options() const { return options_; }
