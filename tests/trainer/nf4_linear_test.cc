@@ -152,6 +152,50 @@ TEST(Nf4LinearTest, BitsPerParameterAtScale) {
   EXPECT_EQ(plain.StorageBytes(), 524288 + 16384 * 4);  // 4.5 bits
 }
 
+// --- CUDA (run on the GPU host; skipped where there is no GPU).
+
+TEST(Nf4CudaTest, QuantizeAndDequantizeMatchCpu) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  const c10::Device dev(c10::kCUDA, 0);
+  for (bool nested : {true, false}) {
+    for (auto dtype : {at::kFloat, at::kBFloat16}) {
+      // 2560 blocks: 10 nested blocks, the last one partial.
+      at::Tensor w = RandomWeight(512, 320, 11).to(dtype);
+      const Nf4Weight cpu = QuantizeNf4Weight(w, {64, nested});
+      const Nf4Weight gpu = QuantizeNf4Weight(w.to(dev), {64, nested});
+      ASSERT_EQ(gpu.device(), dev);
+      EXPECT_TRUE(at::equal(cpu.packed, gpu.packed.cpu())) << nested << " " << dtype;
+      EXPECT_TRUE(at::equal(cpu.absmax, gpu.absmax.cpu())) << nested << " " << dtype;
+      if (nested) {
+        EXPECT_TRUE(at::equal(cpu.nested_absmax, gpu.nested_absmax.cpu()));
+        EXPECT_TRUE(at::equal(cpu.offset, gpu.offset.cpu()));
+      }
+      for (auto out : {at::kFloat, at::kBFloat16}) {
+        EXPECT_TRUE(at::equal(DequantizeNf4Weight(gpu, out).cpu(), DequantizeNf4Weight(cpu, out)))
+            << "dequantize to " << out << " nested " << nested;
+      }
+    }
+  }
+}
+
+TEST(Nf4CudaTest, ForwardAndInputGradientEqualDense) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  const c10::Device dev(c10::kCUDA, 0);
+  auto layer = Nf4Linear::Quantize(RandomWeight(96, 320, 12).to(dev), {});
+  at::Generator gen = at::detail::createCPUGenerator(13);
+  for (auto dtype : {at::kBFloat16, at::kFloat}) {
+    DenseLinear dense(layer->DenseWeight(dtype));
+    at::Tensor x0 = at::randn({4, 7, 320}, gen, at::TensorOptions().dtype(at::kFloat)).to(dev, dtype);
+    at::Tensor g = at::randn({4, 7, 96}, gen, at::TensorOptions().dtype(at::kFloat)).to(dev, dtype);
+    at::Tensor x1 = x0.clone().set_requires_grad(true), x2 = x0.clone().set_requires_grad(true);
+    at::Tensor y1 = layer->Forward(x1), y2 = dense.Forward(x2);
+    EXPECT_TRUE(at::equal(y1, y2)) << dtype;
+    (y1 * g).sum().backward();
+    (y2 * g).sum().backward();
+    EXPECT_TRUE(at::equal(x1.grad(), x2.grad())) << dtype;
+  }
+}
+
 // --- A whole model.
 
 class Nf4ModelTest : public ::testing::TestWithParam<std::string> {
@@ -166,8 +210,9 @@ class Nf4ModelTest : public ::testing::TestWithParam<std::string> {
   }
 
   // The same model, dense, with every projection replaced by the NF4 model's
-  // dequantized weight.
+  // dequantized weight (in the compute dtype, on the model's device).
   std::unique_ptr<LlamaModel> DequantizedDense(const LlamaModel& q) {
+    const ModelOptions o = DefaultModelOptions(q.options().device);
     const std::string dir = GoldenDir() + "/" + GetParam();
     auto config = LoadLlamaConfig(dir);
     EXPECT_TRUE(config.ok()) << config.status().ToString();
@@ -180,13 +225,13 @@ class Nf4ModelTest : public ::testing::TestWithParam<std::string> {
           const std::string kind = (m == "gate_proj" || m == "up_proj" || m == "down_proj")
                                        ? "mlp." : "self_attn.";
           if (name == "model.layers." + std::to_string(i) + "." + kind + m + ".weight") {
-            return q.layers()[i].Module(m)->base().DenseWeight(at::kFloat);
+            return q.layers()[i].Module(m)->base().DenseWeight(o.dtype);
           }
         }
       }
-      return ReadTensor(*stp, name, at::kFloat, c10::kCPU);
+      return ReadTensor(*stp, name, o.dtype, o.device);
     };
-    auto m = LlamaModel::Build(*config, src, DefaultModelOptions(c10::kCPU), "dequantized");
+    auto m = LlamaModel::Build(*config, src, o, "dequantized");
     EXPECT_TRUE(m.ok()) << m.status().ToString();
     Status s = (*m)->LoadAdapter(dir + "_adapter");
     EXPECT_TRUE(s.ok()) << s.ToString();
@@ -267,6 +312,35 @@ TEST_P(Nf4ModelTest, QuantizedProjectionBytes) {
               "(tiny tensors pay one nested block + offset each; 4.127 at scale)\n",
               GetParam().c_str(), static_cast<long long>(bytes), static_cast<long long>(params),
               8.0 * bytes / params);
+}
+
+// bf16 on CUDA (run on the GPU host; skipped elsewhere): the same model
+// equality, with the NF4 weights quantized and dequantized by the CUDA kernels.
+TEST_P(Nf4ModelTest, CudaBf16EqualsDenseModelWithDequantizedWeights) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  const c10::Device dev(c10::kCUDA, 0);
+  ModelOptions o = DefaultModelOptions(dev);
+  ASSERT_EQ(o.dtype, at::kBFloat16);
+  o.quantize_base = true;
+  auto q = testing::LoadGoldenModel(GetParam(), o, /*with_adapter=*/true);
+  auto d = DequantizedDense(*q);
+  GoldenFile golden(GetParam());
+  const at::Tensor ids = golden.Get("p.input_ids", dev), pos = golden.Get("p.position_ids", dev);
+  double logits_diff;
+  {
+    c10::NoGradGuard no_grad;
+    logits_diff = MaxAbsDiff(q->Logits(ids, pos), d->Logits(ids, pos));
+  }
+  LossAndGrads gq = ComputeLossAndGrads(*q, ids, pos, golden.Get("p.labels", dev));
+  LossAndGrads gd = ComputeLossAndGrads(*d, ids, pos, golden.Get("p.labels", dev));
+  double worst = 0;
+  for (const auto& [name, g] : gq.grads) worst = std::max(worst, RelDiff(g, gd.grads.at(name)));
+  std::printf("NF4 CUDA bf16 %s logits max-abs %.3g loss %.6f vs %.6f LoRA grads worst max-rel %.3g\n",
+              GetParam().c_str(), logits_diff, gq.loss, gd.loss, worst);
+  // Same kernels and ops on both sides: equal up to run-to-run order effects.
+  EXPECT_LE(logits_diff, 1e-3);
+  EXPECT_NEAR(gq.loss, gd.loss, 1e-4 * std::abs(gd.loss));
+  EXPECT_LE(worst, 1e-3);
 }
 
 INSTANTIATE_TEST_SUITE_P(Golden, Nf4ModelTest, ::testing::Values("llama3_tiny", "llama2_tiny"));
