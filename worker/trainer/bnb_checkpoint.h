@@ -91,7 +91,11 @@ Result<bool> IsBnb4bitDirectory(const std::string& dir);
 // Any model directory ftune can train from: a bitsandbytes 4-bit one (the
 // projections become Nf4Linear from their saved bytes, moved to
 // options.device, whatever options.quantize_base says) or a dense one
-// (LlamaModel::Load).
+// (LlamaModel::Load). Not yet matched: bitsandbytes dequantizes to the quant
+// state's "dtype" and then casts to the compute dtype, while Nf4Linear
+// dequantizes straight to the compute dtype; the two agree whenever they are
+// the same dtype (bf16 on CUDA, fp32 checkpoints on the CPU) but a bf16-
+// quantized checkpoint run in fp32 here skips that bf16 rounding.
 Result<std::unique_ptr<LlamaModel>> LoadModelDirectory(const std::string& dir,
                                                        const ModelOptions& options);
 
