@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <optional>
@@ -287,7 +288,10 @@ TEST_P(GoldenScoreTest, ChunkSizeDoesNotChangeTheScores) {
       const auto& x = ref->sequences[b].logprobs[t];
       const auto& y = one->sequences[b].logprobs[t];
       ASSERT_EQ(x.has_value(), y.has_value());
-      if (x) EXPECT_NEAR(*x, *y, 1e-6) << "row " << b << " position " << t;
+      // Rounding only: one-row and many-row matmuls take different BLAS
+      // kernels (LibTorch 2.x on the GPU host differed by more than 1e-6 at
+      // |logprob| ~ 30, a few fp32 ulps); a chunking bug is off by O(1).
+      if (x) EXPECT_NEAR(*x, *y, 1e-5 * std::max(1.0, std::abs(*x))) << "row " << b << " position " << t;
     }
   }
 }

@@ -7,8 +7,8 @@
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
 
-#include <cmath>
-#include <sstream>
+#include <cstdint>
+#include <memory>
 #include <utility>
 
 #include "worker/trainer/file_util.h"
