@@ -161,7 +161,7 @@ std::shared_ptr<grpc::Channel> Cluster::Channel() {
   return grpc::CreateChannel(address(), grpc::InsecureChannelCredentials());
 }
 
-std::unique_ptr<v1::JobService::Stub> Cluster::Client(const std::string& /*token*/) {
+std::unique_ptr<v1::JobService::Stub> Cluster::Client() {
   return v1::JobService::NewStub(Channel());
 }
 

@@ -56,8 +56,8 @@ class Cluster {
   Process& agent(int i) { return *agents_[i]; }
   Process& coordinator() { return *coordinator_; }
 
-  // Stub carrying the client token (or `token` when given).
-  std::unique_ptr<v1::JobService::Stub> Client(const std::string& token = "\x01");
+  // A stub on a fresh channel; calls add the token with AddAuth.
+  std::unique_ptr<v1::JobService::Stub> Client();
   std::shared_ptr<grpc::Channel> Channel();
   void AddAuth(grpc::ClientContext* ctx, const std::string& token = "\x01");
 
