@@ -1,168 +1,32 @@
-// Status and Result<T>: the trainer's error values.
-//
-// Why not absl::Status: the trainer must build on a GPU host that has only
-// LibTorch, CUDA, NCCL and protobuf (ARCHITECTURE.md), so it links no abseil.
-// Why not exceptions: the file and config readers are the boundary to
-// untrusted bytes (downloaded checkpoints, fuzzed headers); a value that says
-// what went wrong, and that the caller must look at, keeps that boundary
-// explicit and lets the fuzzer run without unwinding machinery in the way.
-// Tensor code further in keeps TORCH_CHECK (STYLE.md, errors by layer); the
-// rank's main converts a bad Status into its error event.
-//
-// The codes are the canonical ones the control plane uses too, so a rank
-// error maps onto the job's failure reason without translation tables.
-//
-// Thread-safety: values; a const Status or Result may be read from any
-// thread.
+// Errors of the trainer (safetensors, configs, model, optimizer).
+// The type itself is the shared ftune::Status (common/ftune/status.h); this
+// header names it inside ftune::trainer and keeps the module's macro names.
 #ifndef FTUNE_WORKER_TRAINER_STATUS_H_
 #define FTUNE_WORKER_TRAINER_STATUS_H_
 
-#include <optional>
-#include <stdexcept>
-#include <string>
-#include <string_view>
-#include <utility>
+#include "ftune/status.h"
 
 namespace ftune::trainer {
 
-enum class StatusCode {
-  kOk = 0,
-  kInvalidArgument,     // a caller's request or a config value is wrong
-  kNotFound,            // a file, shard or tensor does not exist
-  kOutOfRange,          // a byte/element range outside a tensor
-  kFailedPrecondition,  // a request that the object's state does not allow
-  kDataLoss,            // a file's bytes are malformed or truncated
-  kInternal,            // an OS call failed (open, mmap, write, rename)
-};
-
-std::string_view StatusCodeName(StatusCode code);
-
-class Status {
- public:
-  Status() = default;  // OK
-  Status(StatusCode code, std::string message)
-      : code_(code), message_(std::move(message)) {}
-
-  bool ok() const { return code_ == StatusCode::kOk; }
-  StatusCode code() const { return code_; }
-  const std::string& message() const { return message_; }
-  // "DATA_LOSS: model.safetensors: ..." (or "OK").
-  std::string ToString() const;
-
- private:
-  StatusCode code_ = StatusCode::kOk;
-  std::string message_;
-};
-
-inline Status OkStatus() { return Status(); }
-inline Status InvalidArgumentError(std::string m) {
-  return Status(StatusCode::kInvalidArgument, std::move(m));
-}
-inline Status NotFoundError(std::string m) {
-  return Status(StatusCode::kNotFound, std::move(m));
-}
-inline Status OutOfRangeError(std::string m) {
-  return Status(StatusCode::kOutOfRange, std::move(m));
-}
-inline Status FailedPreconditionError(std::string m) {
-  return Status(StatusCode::kFailedPrecondition, std::move(m));
-}
-inline Status DataLossError(std::string m) {
-  return Status(StatusCode::kDataLoss, std::move(m));
-}
-inline Status InternalError(std::string m) {
-  return Status(StatusCode::kInternal, std::move(m));
-}
-
-// Thrown only by Result::value() on a non-OK Result: reading a value that is
-// not there is a programming error, not an input error.
-class BadResultAccess : public std::logic_error {
- public:
-  explicit BadResultAccess(const Status& s)
-      : std::logic_error("Result::value() on error: " + s.ToString()) {}
-};
-
-// Either a T or a non-OK Status.
-template <typename T>
-class Result {
- public:
-  Result(T value) : value_(std::move(value)) {}  // NOLINT: implicit by design
-  Result(Status status) : status_(std::move(status)) {  // NOLINT
-    if (status_.ok()) {
-      status_ = InternalError("Result constructed from an OK Status without a value");
-    }
-  }
-
-  bool ok() const { return value_.has_value(); }
-  const Status& status() const { return status_; }
-
-  T& value() & {
-    Check();
-    return *value_;
-  }
-  const T& value() const& {
-    Check();
-    return *value_;
-  }
-  T&& value() && {
-    Check();
-    return std::move(*value_);
-  }
-  T& operator*() & { return value(); }
-  const T& operator*() const& { return value(); }
-  T&& operator*() && { return std::move(*this).value(); }
-  T* operator->() { return &value(); }
-  const T* operator->() const { return &value(); }
-
- private:
-  void Check() const {
-    if (!value_.has_value()) throw BadResultAccess(status_);
-  }
-
-  std::optional<T> value_;
-  Status status_;  // OK exactly when value_ holds a value
-};
-
-inline std::string_view StatusCodeName(StatusCode code) {
-  switch (code) {
-    case StatusCode::kOk: return "OK";
-    case StatusCode::kInvalidArgument: return "INVALID_ARGUMENT";
-    case StatusCode::kNotFound: return "NOT_FOUND";
-    case StatusCode::kOutOfRange: return "OUT_OF_RANGE";
-    case StatusCode::kFailedPrecondition: return "FAILED_PRECONDITION";
-    case StatusCode::kDataLoss: return "DATA_LOSS";
-    case StatusCode::kInternal: return "INTERNAL";
-  }
-  return "UNKNOWN";
-}
-
-inline std::string Status::ToString() const {
-  if (ok()) return "OK";
-  std::string out(StatusCodeName(code_));
-  out += ": ";
-  out += message_;
-  return out;
-}
+using ::ftune::Status;
+using ::ftune::StatusCode;
+using ::ftune::StatusCodeName;
+using ::ftune::Result;
+using ::ftune::BadResultAccess;
+using ::ftune::OkStatus;
+using ::ftune::InvalidArgumentError;
+using ::ftune::NotFoundError;
+using ::ftune::OutOfRangeError;
+using ::ftune::FailedPreconditionError;
+using ::ftune::DataLossError;
+using ::ftune::DeadlineExceededError;
+using ::ftune::UnavailableError;
+using ::ftune::AbortedError;
+using ::ftune::InternalError;
 
 }  // namespace ftune::trainer
 
-// Early return of a non-OK Status from a function returning Status or
-// Result<T>. Named FTUNE_TRAINER_* so they never meet absl's macros in a
-// translation unit that includes both (tests, tools).
-#define FTUNE_TRAINER_RETURN_IF_ERROR(expr)             \
-  do {                                                  \
-    ::ftune::trainer::Status ftune_status_ = (expr);    \
-    if (!ftune_status_.ok()) return ftune_status_;      \
-  } while (false)
-
-#define FTUNE_TRAINER_CONCAT_INNER_(a, b) a##b
-#define FTUNE_TRAINER_CONCAT_(a, b) FTUNE_TRAINER_CONCAT_INNER_(a, b)
-#define FTUNE_TRAINER_ASSIGN_OR_RETURN(lhs, expr)                             \
-  FTUNE_TRAINER_ASSIGN_OR_RETURN_IMPL_(                                       \
-      FTUNE_TRAINER_CONCAT_(ftune_result_, __LINE__), lhs, expr)
-#define FTUNE_TRAINER_ASSIGN_OR_RETURN_IMPL_(result, lhs, expr) \
-  auto result = (expr);                                         \
-  if (!result.ok()) return result.status();                     \
-  lhs = std::move(result).value()
+#define FTUNE_TRAINER_RETURN_IF_ERROR(expr) FTUNE_STATUS_RETURN_IF_ERROR(expr)
+#define FTUNE_TRAINER_ASSIGN_OR_RETURN(lhs, expr) FTUNE_STATUS_ASSIGN_OR_RETURN(lhs, expr)
 
 #endif  // FTUNE_WORKER_TRAINER_STATUS_H_
