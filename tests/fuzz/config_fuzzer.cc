@@ -29,7 +29,7 @@ void Check(bool ok, const char* what) {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string_view text(reinterpret_cast<const char*>(data), size);
-  ftune::trainer::Result<ftune::trainer::LlamaConfig> config =
+  ftune::Result<ftune::trainer::LlamaConfig> config =
       ftune::trainer::ParseLlamaConfig(text, "fuzz/config.json");
   if (config.ok()) {
     const ftune::trainer::LlamaConfig& c = *config;
@@ -43,7 +43,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     Check(!config.status().message().empty(), "error without a message");
   }
 
-  ftune::trainer::Result<ftune::trainer::SafetensorsIndex> index =
+  ftune::Result<ftune::trainer::SafetensorsIndex> index =
       ftune::trainer::ParseSafetensorsIndex(text, "fuzz/model.safetensors.index.json");
   if (index.ok()) {
     for (const auto& [name, shard] : index->weight_map) {

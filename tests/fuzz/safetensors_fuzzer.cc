@@ -21,7 +21,7 @@ namespace {
 using ftune::trainer::DtypeBits;
 using ftune::trainer::ElementRangeToBytes;
 using ftune::trainer::ParseSafetensorsHeader;
-using ftune::trainer::Result;
+using ftune::Result;
 using ftune::trainer::SafetensorsHeader;
 using ftune::trainer::SerializeSafetensors;
 using ftune::trainer::TensorInfo;

@@ -124,11 +124,11 @@ int main(int argc, char** argv) {
   launch.nproc = nproc;
   launch.host = options.host;
   std::unique_ptr<ftune::comm::LocalRankGroup> group;
-  ftune::comm::Status s = ftune::comm::LocalRankGroup::Start(
+  ftune::Status s = ftune::comm::LocalRankGroup::Start(
       launch,
       [&](int rank, const std::string& store) {
         std::unique_ptr<ftune::comm::LocalRendezvous> rdzv;
-        ftune::comm::Status st = ftune::comm::LocalRendezvous::Connect(
+        ftune::Status st = ftune::comm::LocalRendezvous::Connect(
             store, rank, nproc, options.timeout, &rdzv);
         ftune::comm::SelftestResult result;
         if (st.ok()) {

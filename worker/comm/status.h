@@ -1,31 +1,11 @@
-// Errors of the collectives: a timeout is DEADLINE_EXCEEDED, a dead peer UNAVAILABLE,
-// a communicator broken by an earlier failure ABORTED.
-// The type itself is the shared ftune::Status (common/ftune/status.h); this
-// header names it inside ftune::comm and keeps the module's macro names.
+// Errors of the collectives: a timeout is DEADLINE_EXCEEDED, a dead peer
+// UNAVAILABLE, a communicator broken by an earlier failure ABORTED.
+// The type is the shared ftune::Status / ftune::Result (common/ftune/status.h),
+// visible unqualified inside ftune::comm; the macro keeps the module's name.
 #ifndef FTUNE_WORKER_COMM_STATUS_H_
 #define FTUNE_WORKER_COMM_STATUS_H_
 
 #include "ftune/status.h"
-
-namespace ftune::comm {
-
-using ::ftune::Status;
-using ::ftune::StatusCode;
-using ::ftune::StatusCodeName;
-using ::ftune::Result;
-using ::ftune::BadResultAccess;
-using ::ftune::OkStatus;
-using ::ftune::InvalidArgumentError;
-using ::ftune::NotFoundError;
-using ::ftune::OutOfRangeError;
-using ::ftune::FailedPreconditionError;
-using ::ftune::DataLossError;
-using ::ftune::DeadlineExceededError;
-using ::ftune::UnavailableError;
-using ::ftune::AbortedError;
-using ::ftune::InternalError;
-
-}  // namespace ftune::comm
 
 #define FTUNE_COMM_RETURN_IF_ERROR(expr) FTUNE_STATUS_RETURN_IF_ERROR(expr)
 

@@ -53,12 +53,12 @@ int main(int argc, char** argv) {
   }
 
   if (score_cmd->parsed()) {
-    ftune::trainer::Result<std::string> out = ftune::trainer::RunScore(score);
+    ftune::Result<std::string> out = ftune::trainer::RunScore(score);
     if (!out.ok()) {
       std::cerr << "ftune-rank score: " << out.status().ToString() << "\n";
       // INTERNAL is the engine failing (a tensor or device error); every other
       // code is about what the user gave us.
-      return out.status().code() == ftune::trainer::StatusCode::kInternal ? kFailed : kUsage;
+      return out.status().code() == ftune::StatusCode::kInternal ? kFailed : kUsage;
     }
     std::cout << *out << "\n";
     return kOk;
