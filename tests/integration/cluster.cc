@@ -217,6 +217,28 @@ std::vector<v1::JobEvent> Cluster::Events(const std::string& id, int64_t after_s
   return out;
 }
 
+grpc::Status Cluster::Cancel(const std::string& id) {
+  auto stub = Client();
+  grpc::ClientContext ctx;
+  AddAuth(&ctx);
+  v1::CancelJobRequest req;
+  req.set_job_id(id);
+  v1::Job resp;
+  return stub->CancelJob(&ctx, req, &resp);
+}
+
+std::vector<v1::Checkpoint> Cluster::Checkpoints(const std::string& id) {
+  auto stub = Client();
+  grpc::ClientContext ctx;
+  AddAuth(&ctx);
+  v1::ListCheckpointsRequest req;
+  req.set_job_id(id);
+  v1::ListCheckpointsResponse resp;
+  grpc::Status st = stub->ListCheckpoints(&ctx, req, &resp);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  return {resp.checkpoints().begin(), resp.checkpoints().end()};
+}
+
 bool Cluster::WaitFor_Step(const std::string& id, int64_t step,
                            std::chrono::milliseconds timeout) {
   return WaitFor([&] { return GetJob(id).last_step() >= step; }, timeout);

@@ -71,6 +71,9 @@ class Cluster {
   // A small valid spec for the scripted test rank.
   v1::JobSpec Spec(int ranks, int steps, int save_steps);
   v1::Job Submit(const v1::JobSpec& spec);
+  grpc::Status Cancel(const std::string& id);
+  // The job's checkpoints; fails the test if the RPC fails.
+  std::vector<v1::Checkpoint> Checkpoints(const std::string& id);
   // Waits until the job's rank 0 has reported step >= step.
   bool WaitFor_Step(const std::string& id, int64_t step,
                     std::chrono::milliseconds timeout = std::chrono::seconds(30));

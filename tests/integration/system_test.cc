@@ -57,15 +57,9 @@ TEST(System, JobRunsToSuccessWithEventsCheckpointsAndAdapter) {
   int steps = 0;
   for (const auto& e : events) steps += e.has_step();
   EXPECT_EQ(steps, 24);  // 12 steps x 2 ranks
-  auto stub = c.Client();
-  grpc::ClientContext ctx;
-  c.AddAuth(&ctx);
-  v1::ListCheckpointsRequest req;
-  req.set_job_id(job.id());
-  v1::ListCheckpointsResponse ck;
-  ASSERT_TRUE(stub->ListCheckpoints(&ctx, req, &ck).ok());
-  ASSERT_EQ(ck.checkpoints_size(), 3);  // steps 4, 8, 12
-  EXPECT_EQ(ck.checkpoints(2).step(), 12);
+  auto ck = c.Checkpoints(job.id());
+  ASSERT_EQ(ck.size(), 3u);  // steps 4, 8, 12
+  EXPECT_EQ(ck[2].step(), 12);
 }
 
 TEST(System, CoordinatorKill9MidJobLosesAndDuplicatesNothing) {
@@ -158,31 +152,12 @@ TEST(System, CancelMidRunSavesCheckpointAndCancels) {
   ASSERT_TRUE(c.WaitAgents(1));
   v1::Job job = c.Submit(c.Spec(2, 1000, 1000));
   ASSERT_TRUE(c.WaitFor_Step(job.id(), 5));
-  auto stub = c.Client();
-  {
-    grpc::ClientContext ctx;
-    c.AddAuth(&ctx);
-    v1::CancelJobRequest req;
-    req.set_job_id(job.id());
-    v1::Job resp;
-    ASSERT_TRUE(stub->CancelJob(&ctx, req, &resp).ok());
-  }
+  ASSERT_TRUE(c.Cancel(job.id()).ok());
   ASSERT_TRUE(c.WaitState(job.id(), v1::CANCELLED, seconds(20)));
-  grpc::ClientContext ctx;
-  c.AddAuth(&ctx);
-  v1::ListCheckpointsRequest req;
-  req.set_job_id(job.id());
-  v1::ListCheckpointsResponse ck;
-  ASSERT_TRUE(stub->ListCheckpoints(&ctx, req, &ck).ok());
-  ASSERT_GE(ck.checkpoints_size(), 1);
-  EXPECT_GE(ck.checkpoints(0).step(), 5);
-  grpc::ClientContext ctx2;
-  c.AddAuth(&ctx2);
-  v1::CancelJobRequest again;
-  again.set_job_id(job.id());
-  v1::Job resp;
-  EXPECT_EQ(stub->CancelJob(&ctx2, again, &resp).error_code(),
-            grpc::StatusCode::FAILED_PRECONDITION);
+  auto ck = c.Checkpoints(job.id());
+  ASSERT_GE(ck.size(), 1u);
+  EXPECT_GE(ck[0].step(), 5);
+  EXPECT_EQ(c.Cancel(job.id()).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
 }
 
 TEST(System, SecondJobWaitsForSlotsAndPriorityGoesFirst) {

@@ -43,7 +43,7 @@ std::string ErrnoMessage(int err) {
   return msg;
 }
 
-Result<std::string> ReadFileToString(const std::string& path, uint64_t max_bytes) {
+Result<OpenedFile> OpenRegularFile(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     const int err = errno;
@@ -60,13 +60,20 @@ Result<std::string> ReadFileToString(const std::string& path, uint64_t max_bytes
     ::close(fd);
     return InvalidArgumentError(path + ": not a regular file");
   }
-  if (static_cast<uint64_t>(st.st_size) > max_bytes) {
+  return OpenedFile{fd, static_cast<uint64_t>(st.st_size)};
+}
+
+Result<std::string> ReadFileToString(const std::string& path, uint64_t max_bytes) {
+  Result<OpenedFile> opened = OpenRegularFile(path);
+  if (!opened.ok()) return opened.status();
+  const int fd = opened->fd;
+  if (opened->size > max_bytes) {
     ::close(fd);
-    return DataLossError(path + ": file is " + std::to_string(st.st_size) +
+    return DataLossError(path + ": file is " + std::to_string(opened->size) +
                          " bytes, more than the " + std::to_string(max_bytes) +
                          " bytes allowed for it");
   }
-  std::string out(static_cast<size_t>(st.st_size), '\0');
+  std::string out(static_cast<size_t>(opened->size), '\0');
   size_t done = 0;
   while (done < out.size()) {
     const ssize_t n = ::read(fd, out.data() + done, out.size() - done);

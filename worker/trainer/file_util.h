@@ -29,6 +29,14 @@ namespace ftune::trainer {
 // A missing file is NOT_FOUND.
 Result<std::string> ReadFileToString(const std::string& path, uint64_t max_bytes);
 
+// An open read-only descriptor of a regular file and its size. Errors name
+// the path: NOT_FOUND when missing, INVALID_ARGUMENT when not a regular file.
+struct OpenedFile {
+  int fd = -1;  // owned by the caller
+  uint64_t size = 0;
+};
+Result<OpenedFile> OpenRegularFile(const std::string& path);
+
 // strerror(errno) as a string, for messages.
 std::string ErrnoMessage(int err);
 
