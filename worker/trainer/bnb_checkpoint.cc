@@ -62,34 +62,8 @@ Result<at::Tensor> ReadStored(const SafetensorsModel& model, const std::string& 
   return ReadTensorAsStored(*ref.file, name);
 }
 
-Status MakeDirectory(const std::string& dir) {
-  if (::mkdir(dir.c_str(), 0755) == 0) return OkStatus();
-  const int err = errno;
-  struct stat st {};
-  if (err == EEXIST && ::stat(dir.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) return OkStatus();
-  return InternalError("cannot create directory " + dir + ": " + ErrnoMessage(err));
-}
-
 // Regular files of dir that are not the weights or config.json: tokenizer
 // files, generation_config.json, README, ... (sorted, for a stable order).
-Result<std::vector<std::string>> FilesToCopy(const std::string& dir) {
-  DIR* d = ::opendir(dir.c_str());
-  if (d == nullptr) return NotFoundError("cannot list " + dir + ": " + ErrnoMessage(errno));
-  std::vector<std::string> names;
-  while (const dirent* e = ::readdir(d)) {
-    const std::string name = e->d_name;
-    struct stat st {};
-    if (::stat((dir + "/" + name).c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
-    if (name == "config.json" || name == kSafetensorsIndexName || EndsWith(name, ".safetensors") ||
-        EndsWith(name, ".bin") || EndsWith(name, ".pt") || EndsWith(name, ".pth")) {
-      continue;
-    }
-    names.push_back(name);
-  }
-  ::closedir(d);
-  std::sort(names.begin(), names.end());
-  return names;
-}
 
 // transformers' BitsAndBytesConfig.to_dict() for load_in_4bit (keys sorted,
 // as save_pretrained writes config.json).
@@ -112,6 +86,36 @@ json QuantizationConfig(const QuantizeModelOptions& o) {
 }
 
 }  // namespace
+
+Result<std::vector<std::string>> ModelSideFiles(const std::string& dir) {
+
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return NotFoundError("cannot list " + dir + ": " + ErrnoMessage(errno));
+  std::vector<std::string> names;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    struct stat st {};
+    if (::stat((dir + "/" + name).c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
+    if (name == "config.json" || name == kSafetensorsIndexName || EndsWith(name, ".safetensors") ||
+        EndsWith(name, ".bin") || EndsWith(name, ".pt") || EndsWith(name, ".pth")) {
+      continue;
+    }
+    names.push_back(name);
+  }
+  ::closedir(d);
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+Status CopyModelSideFiles(const std::string& in_dir, const std::string& out_dir) {
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::vector<std::string> extra, ModelSideFiles(in_dir));
+  for (const std::string& f : extra) {
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(std::string bytes,
+                                   ReadFileToString(in_dir + "/" + f, kMaxCopiedFileBytes));
+    FTUNE_TRAINER_RETURN_IF_ERROR(WriteFileAtomically(out_dir + "/" + f, bytes));
+  }
+  return OkStatus();
+}
 
 bool IsQuantizedProjection(const std::string& name) {
   static const std::regex kProjection(
@@ -335,13 +339,7 @@ Status QuantizeModelDirectory(const std::string& in_dir, const std::string& out_
   FTUNE_TRAINER_RETURN_IF_ERROR(
       WriteFileAtomically(out_dir + "/config.json", config.dump(2) + "\n"));
 
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::vector<std::string> extra, FilesToCopy(in_dir));
-  for (const std::string& f : extra) {
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(std::string bytes,
-                                   ReadFileToString(in_dir + "/" + f, kMaxCopiedFileBytes));
-    FTUNE_TRAINER_RETURN_IF_ERROR(WriteFileAtomically(out_dir + "/" + f, bytes));
-  }
-  return OkStatus();
+  return CopyModelSideFiles(in_dir, out_dir);
 }
 
 Result<bool> IsBnb4bitDirectory(const std::string& dir) {

@@ -75,6 +75,13 @@ using RawTensorLookup = std::function<Result<at::Tensor>(const std::string& name
 Result<Nf4Weight> Nf4WeightFromStateDict(const std::string& name, const RawTensorLookup& lookup,
                                          const std::string& source);
 
+// The regular files of a model directory other than weights and
+// config.json (tokenizer files, generation_config.json, ...), sorted: what a
+// derived model directory (quantized, merged) carries over unchanged.
+Result<std::vector<std::string>> ModelSideFiles(const std::string& dir);
+// Copies ModelSideFiles(in_dir) into out_dir, each atomically.
+Status CopyModelSideFiles(const std::string& in_dir, const std::string& out_dir);
+
 // Reads the HF Llama directory in_dir and writes out_dir (created if missing;
 // its parent must exist): model.safetensors with the projections quantized,
 // config.json with quantization_config, and every other regular file of

@@ -1,5 +1,6 @@
 #include "worker/trainer/file_util.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -7,6 +8,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <algorithm>
 #include <utility>
 
 namespace ftune::trainer {
@@ -177,6 +179,65 @@ Status WriteFileAtomically(const std::string& path, std::string_view contents) {
                                  AtomicFileWriter::Create(path));
   FTUNE_TRAINER_RETURN_IF_ERROR(writer->Append(contents));
   return writer->Commit();
+}
+
+Status MakeDirectory(const std::string& dir) {
+  if (::mkdir(dir.c_str(), 0755) == 0) return OkStatus();
+  const int err = errno;
+  if (err == EEXIST && IsDirectory(dir)) return OkStatus();
+  return InternalError("cannot create directory " + dir + ": " + ErrnoMessage(err));
+}
+
+Status MakeDirectories(const std::string& path) {
+  if (path.empty() || IsDirectory(path)) return OkStatus();
+  const size_t slash = path.find_last_of('/');
+  if (slash != std::string::npos && slash > 0) {
+    FTUNE_TRAINER_RETURN_IF_ERROR(MakeDirectories(path.substr(0, slash)));
+  }
+  return MakeDirectory(path);
+}
+
+bool IsDirectory(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+bool IsRegularFile(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+Result<std::vector<std::string>> ListDirectory(const std::string& dir) {
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return NotFoundError("cannot list " + dir + ": " + ErrnoMessage(errno));
+  std::vector<std::string> names;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    if (name != "." && name != "..") names.push_back(name);
+  }
+  ::closedir(d);
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+Status RemoveTree(const std::string& path) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return OkStatus();
+    return InternalError("cannot stat " + path + ": " + ErrnoMessage(errno));
+  }
+  if (S_ISDIR(st.st_mode)) {
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(std::vector<std::string> names, ListDirectory(path));
+    for (const std::string& n : names) FTUNE_TRAINER_RETURN_IF_ERROR(RemoveTree(path + "/" + n));
+    if (::rmdir(path.c_str()) != 0) {
+      return InternalError("cannot remove " + path + ": " + ErrnoMessage(errno));
+    }
+    return OkStatus();
+  }
+  if (::unlink(path.c_str()) != 0) {
+    return InternalError("cannot remove " + path + ": " + ErrnoMessage(errno));
+  }
+  return OkStatus();
 }
 
 }  // namespace ftune::trainer

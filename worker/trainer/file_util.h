@@ -18,6 +18,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "worker/trainer/status.h"
 
@@ -70,6 +71,19 @@ class AtomicFileWriter {
 
 // Writes contents to path atomically (AtomicFileWriter in one call).
 Status WriteFileAtomically(const std::string& path, std::string_view contents);
+
+// mkdir that succeeds when the directory already exists; the parent must.
+Status MakeDirectory(const std::string& dir);
+// mkdir -p. (Not std::filesystem: the pip LibTorch on GPU hosts exports its
+// own std::filesystem symbols, which interpose on ours and crash.)
+Status MakeDirectories(const std::string& path);
+// Whether path names an existing directory / regular file.
+bool IsDirectory(const std::string& path);
+bool IsRegularFile(const std::string& path);
+// Names in dir (no "." or ".."), sorted; NOT_FOUND when dir cannot be listed.
+Result<std::vector<std::string>> ListDirectory(const std::string& dir);
+// rm -r of a directory tree ftune wrote (regular files and directories).
+Status RemoveTree(const std::string& path);
 
 }  // namespace ftune::trainer
 

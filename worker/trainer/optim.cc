@@ -74,6 +74,32 @@ void AdamW::Step(double lr) {
   }
 }
 
+Status AdamW::RestoreState(size_t i, int64_t step, const at::Tensor& exp_avg,
+                           const at::Tensor& exp_avg_sq) {
+  if (i >= params_.size()) {
+    return InvalidArgumentError("AdamW state for parameter " + std::to_string(i) + " but only " +
+                                std::to_string(params_.size()) + " parameters");
+  }
+  if (step < 0) return InvalidArgumentError("AdamW step (" + std::to_string(step) + ") < 0");
+  steps_[i] = step;
+  if (step == 0 && !exp_avg.defined()) {
+    exp_avg_[i] = at::Tensor();
+    exp_avg_sq_[i] = at::Tensor();
+    return OkStatus();
+  }
+  const at::Tensor& p = params_[i];
+  if (!exp_avg.defined() || !exp_avg_sq.defined() || exp_avg.numel() != p.numel() ||
+      exp_avg_sq.numel() != p.numel()) {
+    return InvalidArgumentError("AdamW state for parameter " + std::to_string(i) + " has " +
+                                std::to_string(exp_avg.defined() ? exp_avg.numel() : 0) +
+                                " elements, the parameter " + std::to_string(p.numel()));
+  }
+  c10::NoGradGuard no_grad;
+  exp_avg_[i] = exp_avg.reshape(p.sizes()).to(p.options().requires_grad(false)).clone();
+  exp_avg_sq_[i] = exp_avg_sq.reshape(p.sizes()).to(p.options().requires_grad(false)).clone();
+  return OkStatus();
+}
+
 void AdamW::ZeroGrad() {
   for (at::Tensor& p : params_) p.mutable_grad().reset();
 }

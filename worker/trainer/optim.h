@@ -61,6 +61,11 @@ class AdamW {
   int64_t step_count(size_t i) const { return steps_.at(i); }
   const at::Tensor& exp_avg(size_t i) const { return exp_avg_.at(i); }
   const at::Tensor& exp_avg_sq(size_t i) const { return exp_avg_sq_.at(i); }
+  // Restores parameter i's state from a checkpoint (step 0 with undefined
+  // moments = not yet updated). The moments are copied, shaped like the
+  // parameter, onto its device.
+  Status RestoreState(size_t i, int64_t step, const at::Tensor& exp_avg,
+                      const at::Tensor& exp_avg_sq);
 
  private:
   std::vector<at::Tensor> params_;

@@ -1,24 +1,327 @@
-// ftune-rank: the rank engine's command line. Only flag parsing lives here;
-// each command is a library function (score.h) so tests can call it without
-// a process.
+// ftune-rank: the rank engine's command line. Only flag parsing and process
+// plumbing live here; each command is a library function (train.h, score.h,
+// merge.h, bnb_checkpoint.h) so tests can call it without a process.
 //
-//   ftune-rank score --model DIR [--adapter DIR] --tokens FILE
-//                    [--chunk N] [--device cpu|cuda]
+//   ftune-rank train --spec job.yaml [--nproc N] [--device cpu|cuda]
+//                    [--output-dir DIR] [--resume-from CKPT|auto] [--json]
+//       A standalone fine-tune: N local ranks (forked, Gloo on CPU, NCCL on
+//       GPUs 0..N-1), events printed to stderr, a JSON summary on stdout.
+//   ftune-rank run --channel-fd FD --spec FILE --job-id ID --attempt N
+//                  --rank R --world-size W --device DEV --output-dir DIR
+//                  [--resume-from CKPT]
+//       One rank launched by ftune-agent (docs/control-plane.md): events on
+//       the channel, rendezvous through it, StopRank honoured.
+//   ftune-rank score --model DIR [--adapter DIR] --tokens FILE ...
+//   ftune-rank quantize --model DIR --out DIR [--blocksize 64]
+//                       [--no-double-quant] [--compute-dtype bfloat16]
+//       The model pre-quantized in transformers + bitsandbytes' 4-bit layout.
+//   ftune-rank export --model DIR --adapter DIR --out DIR
+//       A merged dense model directory (PEFT merge_and_unload).
 //
-// Exit codes: 0 ok; 2 usage error or bad input (flags, tokens file, model or
-// adapter directory); 1 failure while computing (tensor or device errors).
+// Exit codes: 0 ok; 2 usage error or bad input (flags, spec, files);
+// 1 failure while computing or communicating.
+#include <signal.h>
+#include <unistd.h>
+
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <chrono>
+#include <iomanip>
 #include <iostream>
+#include <memory>
+#include <sstream>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 
+#include "channel.h"
+#include "ftune/v1/rank_channel.pb.h"
+#include "jobspec.h"
+#include "worker/comm/channel_rendezvous.h"
+#include "worker/comm/communicator.h"
+#include "worker/comm/local_launcher.h"
+#include "worker/comm/local_rendezvous.h"
+#if defined(FTUNE_COMM_HAVE_GLOO)
+#include "worker/comm/gloo_communicator.h"
+#endif
+#if defined(FTUNE_COMM_HAVE_NCCL)
+#include "worker/comm/nccl_communicator.h"
+#endif
+#include "worker/trainer/bnb_checkpoint.h"
+#include "worker/trainer/checkpoint.h"
+#include "worker/trainer/events.h"
+#include "worker/trainer/merge.h"
 #include "worker/trainer/score.h"
+#if defined(FTUNE_RANK_HAVE_TRAIN)
+#include "worker/trainer/train.h"
+#endif
 
 namespace {
+
+namespace trainer = ftune::trainer;
+using ftune::Status;
 
 constexpr int kOk = 0;
 constexpr int kFailed = 1;
 constexpr int kUsage = 2;
+
+// INTERNAL/UNAVAILABLE/ABORTED/DEADLINE are the engine or its peers failing;
+// every other code is about what the user gave us.
+int ExitCodeFor(const Status& s) {
+  switch (s.code()) {
+    case ftune::StatusCode::kInternal:
+    case ftune::StatusCode::kUnavailable:
+    case ftune::StatusCode::kAborted:
+    case ftune::StatusCode::kDeadlineExceeded:
+      return kFailed;
+    default:
+      return kUsage;
+  }
+}
+
+#if defined(FTUNE_RANK_HAVE_TRAIN)
+std::atomic<trainer::StopFlag*> g_stop{nullptr};
+
+void OnTerminate(int) {
+  // Only async-signal-safe work: flip atomics.
+  if (trainer::StopFlag* f = g_stop.load()) f->Request(/*save_checkpoint=*/false, "signal");
+}
+
+void InstallStopSignals(trainer::StopFlag* flag) {
+  g_stop.store(flag);
+  struct sigaction sa {};
+  sa.sa_handler = OnTerminate;
+  sigemptyset(&sa.sa_mask);
+  ::sigaction(SIGTERM, &sa, nullptr);
+  ::sigaction(SIGINT, &sa, nullptr);
+}
+
+Status LoadSpec(const std::string& path, ftune::v1::JobSpec* spec) {
+  std::vector<std::string> errors;
+  if (!ftune::LoadJobSpecFile(path, spec, &errors)) {
+    std::string all;
+    for (const std::string& e : errors) all += (all.empty() ? "" : "; ") + e;
+    return ftune::InvalidArgumentError(path + ": " + all);
+  }
+  ftune::ApplyJobSpecDefaults(spec);
+  return ftune::OkStatus();
+}
+
+// Builds the communicator of a multi-rank job over `rendezvous`: NCCL on
+// CUDA devices, Gloo on the CPU.
+Status MakeCommunicator(ftune::comm::Rendezvous& rendezvous, const std::string& device,
+                        int local_device, std::unique_ptr<ftune::comm::Communicator>* out) {
+  if (device.rfind("cuda", 0) == 0) {
+#if defined(FTUNE_COMM_HAVE_NCCL)
+    ftune::comm::NcclOptions o;
+    o.device = local_device;
+    o.setup_timeout = std::chrono::minutes(10);
+    return ftune::comm::CreateNcclCommunicator(rendezvous, o, out);
+#else
+    (void)local_device;
+    return ftune::FailedPreconditionError(
+        "device " + device + " needs the NCCL backend, and this ftune-rank was built without "
+        "it (FTUNE_CUDA=OFF)");
+#endif
+  }
+#if defined(FTUNE_COMM_HAVE_GLOO)
+  ftune::comm::GlooOptions o;
+  o.host = "127.0.0.1";
+  if (const char* host = std::getenv("FTUNE_COMM_HOST")) o.host = host;
+  o.setup_timeout = std::chrono::minutes(10);
+  return ftune::comm::CreateGlooCommunicator(rendezvous, o, out);
+#else
+  return ftune::FailedPreconditionError(
+      "CPU ranks need the Gloo backend, and this ftune-rank was built without it (libgloo-dev)");
+#endif
+}
+
+std::string SummaryJson(const trainer::TrainResult& r, int world_size) {
+  std::ostringstream s;
+  s << std::setprecision(9) << "{\"final_step\": " << r.final_step
+    << ", \"final_loss\": " << r.final_loss << ", \"stopped\": " << (r.stopped ? "true" : "false")
+    << ", \"adapter_dir\": \"" << r.adapter_dir << "\", \"last_checkpoint\": \""
+    << r.last_checkpoint << "\", \"tokens_total\": " << r.tokens_total
+    << ", \"tokens_per_second_per_rank\": " << r.tokens_per_second
+    << ", \"world_size\": " << world_size << ", \"peak_rss_bytes\": " << r.peak_rss_bytes
+    << ", \"losses\": [";
+  for (size_t i = 0; i < r.losses.size(); ++i) s << (i ? ", " : "") << r.losses[i];
+  s << "]}";
+  return s.str();
+}
+
+struct TrainFlags {
+  std::string spec_path;
+  int nproc = 1;
+  std::string device = "cpu";
+  std::string output_dir;
+  std::string resume_from;
+  bool json = false;
+};
+
+// One rank of a standalone run (rank 0 of 1 runs in the calling process).
+int TrainOneRank(const TrainFlags& flags, const ftune::v1::JobSpec& spec, int rank,
+                 const std::string& store_address) {
+  trainer::ConsoleEventSink console(std::cerr, flags.json, rank);
+  trainer::StopFlag stop;
+  InstallStopSignals(&stop);
+  trainer::TrainContext ctx;
+  ctx.rank = rank;
+  ctx.world_size = flags.nproc;
+  ctx.device = flags.device;
+  if (flags.device == "cuda" && flags.nproc > 1) ctx.device = "cuda:" + std::to_string(rank);
+  ctx.output_dir = flags.output_dir.empty() ? spec.output_dir() : flags.output_dir;
+  if (ctx.output_dir.empty()) ctx.output_dir = "ftune-output";
+  ctx.events = &console;
+  ctx.stop = &stop;
+  if (flags.resume_from == "auto") {
+    ftune::Result<std::string> latest = trainer::LatestCompleteCheckpoint(ctx.output_dir);
+    if (!latest.ok()) {
+      std::cerr << "ftune-rank train: " << latest.status().ToString() << "\n";
+      return kUsage;
+    }
+    ctx.resume_from = *latest;
+  } else {
+    ctx.resume_from = flags.resume_from;
+  }
+  std::unique_ptr<ftune::comm::Communicator> comm;
+  if (flags.nproc > 1) {
+    // Share the cores: N ranks each with all of them would thrash.
+    const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+    at::set_num_threads(static_cast<int>(std::max(1u, cores / flags.nproc)));
+    std::unique_ptr<ftune::comm::LocalRendezvous> rendezvous;
+    Status s = ftune::comm::LocalRendezvous::Connect(store_address, rank, flags.nproc,
+                                                     std::chrono::minutes(2), &rendezvous);
+    if (s.ok()) s = MakeCommunicator(*rendezvous, ctx.device, rank, &comm);
+    if (!s.ok()) {
+      std::cerr << "ftune-rank train (rank " << rank << "): " << s.ToString() << "\n";
+      return kFailed;
+    }
+    ctx.comm = comm.get();
+  }
+  ftune::Result<trainer::TrainResult> result = trainer::Train(spec, ctx);
+  if (!result.ok()) {
+    std::cerr << "ftune-rank train (rank " << rank << "): " << result.status().ToString() << "\n";
+    return ExitCodeFor(result.status());
+  }
+  if (rank == 0) std::cout << SummaryJson(*result, flags.nproc) << "\n" << std::flush;
+  return kOk;
+}
+
+int RunTrain(const TrainFlags& flags) {
+  ftune::v1::JobSpec spec;
+  if (Status s = LoadSpec(flags.spec_path, &spec); !s.ok()) {
+    std::cerr << "ftune-rank train: " << s.ToString() << "\n";
+    return kUsage;
+  }
+  if (flags.nproc == 1) return TrainOneRank(flags, spec, 0, "");
+  std::unique_ptr<ftune::comm::LocalRankGroup> group;
+  ftune::comm::LocalLaunchOptions launch;
+  launch.nproc = flags.nproc;
+  Status s = ftune::comm::LocalRankGroup::Start(
+      launch,
+      [&](int rank, const std::string& store) { return TrainOneRank(flags, spec, rank, store); },
+      &group);
+  if (!s.ok()) {
+    std::cerr << "ftune-rank train: cannot start " << flags.nproc << " ranks: " << s.ToString()
+              << "\n";
+    return kFailed;
+  }
+  // No overall deadline (a fine-tune takes what it takes); once one rank
+  // fails the others get a minute to notice through their collectives.
+  const std::vector<ftune::comm::RankExit> exits =
+      group->Wait(std::chrono::hours(24 * 365), std::chrono::minutes(1));
+  int code = kOk;
+  for (const ftune::comm::RankExit& e : exits) {
+    if (e.ok()) continue;
+    std::cerr << "ftune-rank train: " << e.Describe() << "\n";
+    const int rc = e.exited && WIFEXITED(e.wait_status) ? WEXITSTATUS(e.wait_status) : kFailed;
+    if (code == kOk || rc == kUsage) code = rc == kOk ? kFailed : rc;
+  }
+  return code;
+}
+
+struct RunFlags {
+  int channel_fd = -1;
+  std::string spec_path, job_id, device = "cpu", output_dir, resume_from;
+  int64_t attempt = 0;
+  int rank = 0, world_size = 1;
+};
+
+// `run`: one rank under an agent.
+int RunAgentRank(const RunFlags& flags) {
+  ftune::Channel channel(flags.channel_fd);
+  trainer::ChannelEventSink events(&channel);
+  trainer::StopFlag stop;
+  InstallStopSignals(&stop);
+  const auto fail = [&](const Status& s) {
+    ftune::v1::RankMessage m;
+    m.mutable_error()->set_message(s.ToString());
+    events.Emit(m);
+    std::cerr << "ftune-rank run (job " << flags.job_id << " rank " << flags.rank
+              << "): " << s.ToString() << "\n";
+    return ExitCodeFor(s);
+  };
+
+  ftune::v1::JobSpec spec;
+  if (Status s = LoadSpec(flags.spec_path, &spec); !s.ok()) return fail(s);
+  // Hello first: the agent counts the rank as started from it, and the
+  // coordinator marks the job RUNNING once every rank said it.
+  int64_t start_step = 0;
+  if (!flags.resume_from.empty()) {
+    ftune::Result<trainer::TrainerState> st = trainer::ReadCheckpointManifest(flags.resume_from);
+    if (!st.ok()) return fail(st.status());
+    start_step = st->step;
+  }
+  {
+    ftune::v1::RankMessage m;
+    auto* h = m.mutable_hello();
+    h->set_rank(flags.rank);
+    h->set_world_size(flags.world_size);
+    h->set_pid(::getpid());
+    h->set_device(flags.device);
+    h->set_start_step(start_step);
+    events.Emit(m);
+  }
+  const auto on_agent_message = [&](const ftune::v1::AgentMessage& m) {
+    if (m.has_stop()) stop.Request(m.stop().save_checkpoint(), m.stop().reason());
+  };
+  std::unique_ptr<ftune::comm::Communicator> comm;
+  if (flags.world_size > 1) {
+    ftune::comm::ChannelRendezvous rendezvous(&channel, flags.rank, flags.world_size,
+                                              on_agent_message);
+    if (Status s = MakeCommunicator(rendezvous, flags.device, 0, &comm); !s.ok()) return fail(s);
+  }
+  // From here on this thread only writes; the reader takes StopRank. End of
+  // stream means the agent is gone: nobody will collect our events, stop.
+  std::thread reader([&] {
+    ftune::v1::AgentMessage m;
+    while (channel.Read(&m)) on_agent_message(m);
+    stop.Request(/*save_checkpoint=*/false, "agent channel closed");
+  });
+  reader.detach();
+
+  trainer::TrainContext ctx;
+  ctx.rank = flags.rank;
+  ctx.world_size = flags.world_size;
+  ctx.device = flags.device;
+  ctx.output_dir = flags.output_dir;
+  ctx.resume_from = flags.resume_from;
+  ctx.comm = comm.get();
+  ctx.events = &events;
+  ctx.stop = &stop;
+  ctx.emit_hello = false;
+  ftune::Result<trainer::TrainResult> result = trainer::Train(spec, ctx);
+  if (!result.ok()) return fail(result.status());
+  // The reader thread is blocked in read(); exiting closes everything.
+  std::cout.flush();
+  ::_exit(kOk);
+}
+
+#endif  // FTUNE_RANK_HAVE_TRAIN
 
 }  // namespace
 
@@ -26,7 +329,40 @@ int main(int argc, char** argv) {
   CLI::App app("ftune-rank: the ftune training engine (one rank)", "ftune-rank");
   app.require_subcommand(1);
 
-  ftune::trainer::ScoreOptions score;
+#if defined(FTUNE_RANK_HAVE_TRAIN)
+  TrainFlags train;
+  CLI::App* train_cmd = app.add_subcommand(
+      "train", "Fine-tune standalone from a job YAML (N local ranks with --nproc)");
+  train_cmd->add_option("--spec", train.spec_path, "job YAML (the same file `ftune submit` takes)")
+      ->required();
+  train_cmd->add_option("--nproc", train.nproc, "local ranks (Gloo on CPU, NCCL on GPUs)")
+      ->check(CLI::Range(1, 1024))
+      ->capture_default_str();
+  train_cmd->add_option("--device", train.device, "cpu (fp32) or cuda (bf16)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  train_cmd->add_option("--output-dir", train.output_dir,
+                        "checkpoints and adapter (default: the spec's output_dir, else "
+                        "./ftune-output)");
+  train_cmd->add_option("--resume-from", train.resume_from,
+                        "checkpoint directory, or 'auto' for the latest complete one");
+  train_cmd->add_flag("--json", train.json, "events as JSON lines on stderr");
+
+  RunFlags run;
+  CLI::App* run_cmd = app.add_subcommand("run", "One rank launched by ftune-agent");
+  run_cmd->add_option("--channel-fd", run.channel_fd, "agent channel descriptor")->required();
+  run_cmd->add_option("--spec", run.spec_path, "job YAML")->required();
+  run_cmd->add_option("--job-id", run.job_id, "job id")->required();
+  run_cmd->add_option("--attempt", run.attempt, "attempt")->required();
+  run_cmd->add_option("--rank", run.rank, "rank")->required();
+  run_cmd->add_option("--world-size", run.world_size, "ranks in the gang")->required();
+  run_cmd->add_option("--device", run.device, "cpu or cuda:0")->required();
+  run_cmd->add_option("--output-dir", run.output_dir, "output directory")->required();
+  run_cmd->add_option("--resume-from", run.resume_from, "checkpoint to resume from");
+
+#endif
+
+  trainer::ScoreOptions score;
   CLI::App* score_cmd = app.add_subcommand(
       "score",
       "Per-token log-probabilities and mean loss of token sequences as JSON on stdout "
@@ -46,21 +382,73 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
 
+  std::string quant_in, quant_out;
+  trainer::QuantizeModelOptions quant;
+  bool no_double_quant = false;
+  std::string quant_device = "cpu";
+  CLI::App* quant_cmd = app.add_subcommand(
+      "quantize", "Write a model pre-quantized to NF4 in transformers + bitsandbytes' layout");
+  quant_cmd->add_option("--model", quant_in, "dense HF Llama directory")->required();
+  quant_cmd->add_option("--out", quant_out, "output directory")->required();
+  quant_cmd->add_option("--blocksize", quant.nf4.blocksize, "NF4 block size")
+      ->capture_default_str();
+  quant_cmd->add_flag("--no-double-quant", no_double_quant,
+                      "plain fp32 absmax (bnb_4bit_use_double_quant: false)");
+  quant_cmd->add_option("--compute-dtype", quant.compute_dtype, "bnb_4bit_compute_dtype")
+      ->check(CLI::IsMember({"bfloat16", "float16", "float32"}))
+      ->capture_default_str();
+  quant_cmd->add_option("--device", quant_device, "cpu or cuda (same bytes, faster)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+
+  trainer::MergeOptions merge;
+  CLI::App* export_cmd = app.add_subcommand(
+      "export", "Merge a PEFT adapter into its dense base model (a directory transformers loads)");
+  export_cmd->add_option("--model", merge.model_dir, "dense HF Llama base directory")->required();
+  export_cmd->add_option("--adapter", merge.adapter_dir, "PEFT adapter directory")->required();
+  export_cmd->add_option("--out", merge.out_dir, "output directory")->required();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? kOk : kUsage;
   }
 
+#if defined(FTUNE_RANK_HAVE_TRAIN)
+  if (train_cmd->parsed()) return RunTrain(train);
+  if (run_cmd->parsed()) return RunAgentRank(run);
+#endif
   if (score_cmd->parsed()) {
-    ftune::Result<std::string> out = ftune::trainer::RunScore(score);
+    ftune::Result<std::string> out = trainer::RunScore(score);
     if (!out.ok()) {
       std::cerr << "ftune-rank score: " << out.status().ToString() << "\n";
-      // INTERNAL is the engine failing (a tensor or device error); every other
-      // code is about what the user gave us.
       return out.status().code() == ftune::StatusCode::kInternal ? kFailed : kUsage;
     }
     std::cout << *out << "\n";
+    return kOk;
+  }
+  if (quant_cmd->parsed()) {
+    quant.nf4.double_quant = !no_double_quant;
+    quant.device = c10::Device(quant_device == "cuda" ? "cuda:0" : "cpu");
+    const Status s = trainer::QuantizeModelDirectory(quant_in, quant_out, quant);
+    if (!s.ok()) {
+      std::cerr << "ftune-rank quantize: " << s.ToString() << "\n";
+      return ExitCodeFor(s);
+    }
+    std::cout << "{\"out\": \"" << quant_out << "\"}\n";
+    return kOk;
+  }
+  if (export_cmd->parsed()) {
+    merge.progress = [](const std::string& line) { std::cerr << line << "\n"; };
+    ftune::Result<trainer::MergeReport> r = trainer::MergeAdapter(merge);
+    if (!r.ok()) {
+      std::cerr << "ftune-rank export: " << r.status().ToString() << "\n";
+      return ExitCodeFor(r.status());
+    }
+    std::cout << "{\"out\": \"" << merge.out_dir << "\", \"merged_projections\": "
+              << r->merged_projections << ", \"copied_tensors\": " << r->copied_tensors
+              << ", \"files\": " << r->files_written << ", \"bytes\": " << r->bytes_written
+              << "}\n";
     return kOk;
   }
   return kUsage;  // unreachable: require_subcommand(1)

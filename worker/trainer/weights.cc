@@ -38,24 +38,6 @@ Result<at::Tensor> ReadFromFile(const SafetensorsFile& file, const TensorInfo& i
   return t;
 }
 
-// mkdir -p. Not std::filesystem: the pip LibTorch (GPU hosts) exports its
-// own std::filesystem symbols, which interpose on ours and crash
-// (torch_compat.h).
-Status MakeDirectories(const std::string& dir) {
-  for (size_t pos = 1; pos <= dir.size(); ++pos) {
-    if (pos != dir.size() && dir[pos] != '/') continue;
-    const std::string prefix = dir.substr(0, pos);
-    if (mkdir(prefix.c_str(), 0755) != 0 && errno != EEXIST) {
-      return InternalError(prefix + ": cannot create directory: " + ErrnoMessage(errno));
-    }
-  }
-  struct stat st;
-  if (stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
-    return InternalError(dir + ": not a directory");
-  }
-  return OkStatus();
-}
-
 }  // namespace
 
 Result<c10::ScalarType> TorchDtypeOf(Dtype dtype) {

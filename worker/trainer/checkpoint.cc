@@ -1,0 +1,282 @@
+#include "worker/trainer/checkpoint.h"
+
+#include <ATen/ATen.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <utility>
+
+#include "worker/trainer/file_util.h"
+#include "worker/trainer/safetensors.h"
+
+namespace ftune::trainer {
+namespace {
+
+using json = nlohmann::json;
+
+constexpr uint64_t kMaxManifestBytes = 256ull << 20;
+constexpr char kCheckpointsDir[] = "checkpoints";
+constexpr char kCheckpointPrefix[] = "checkpoint-";
+
+Result<int64_t> FileSize(const std::string& path) {
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(OpenedFile f, OpenRegularFile(path));
+  ::close(f.fd);
+  return static_cast<int64_t>(f.size);
+}
+
+int64_t TreeBytes(const std::string& path) {
+  if (IsRegularFile(path)) {
+    Result<int64_t> s = FileSize(path);
+    return s.ok() ? *s : 0;
+  }
+  int64_t total = 0;
+  Result<std::vector<std::string>> names = ListDirectory(path);
+  if (!names.ok()) return 0;
+  for (const std::string& n : *names) total += TreeBytes(path + "/" + n);
+  return total;
+}
+
+// Step of "checkpoint-<step>", or -1.
+int64_t StepOfDirName(const std::string& name) {
+  const std::string prefix = kCheckpointPrefix;
+  if (name.rfind(prefix, 0) != 0 || name.size() == prefix.size()) return -1;
+  const std::string digits = name.substr(prefix.size());
+  if (digits.find_first_not_of("0123456789") != std::string::npos || digits.size() > 18) return -1;
+  return std::stoll(digits);
+}
+
+Result<int64_t> MetaInt(const SafetensorsFile& f, const std::string& key) {
+  auto it = f.metadata().find(key);
+  if (it == f.metadata().end()) {
+    return DataLossError(f.path() + ": checkpoint shard has no '" + key + "' metadata");
+  }
+  try {
+    size_t used = 0;
+    const long long v = std::stoll(it->second, &used);
+    if (used != it->second.size()) throw std::invalid_argument(it->second);
+    return static_cast<int64_t>(v);
+  } catch (const std::exception&) {
+    return DataLossError(f.path() + ": metadata '" + key + "' is '" + it->second +
+                         "', not an integer");
+  }
+}
+
+TensorToWrite F32(const std::string& name, const at::Tensor& t) {
+  return {name, Dtype::kF32, {static_cast<uint64_t>(t.numel())}, t.data_ptr(),
+          static_cast<uint64_t>(t.numel()) * 4};
+}
+
+}  // namespace
+
+std::string CheckpointDirName(int64_t step) { return kCheckpointPrefix + std::to_string(step); }
+
+std::string ShardFileName(int rank, int world_size) {
+  return "shard-" + std::to_string(rank) + "-of-" + std::to_string(world_size) + ".safetensors";
+}
+
+Result<int64_t> WriteCheckpointShard(const std::string& dir, int rank, int world_size,
+                                     const ShardState& shard) {
+  FTUNE_TRAINER_RETURN_IF_ERROR(MakeDirectories(dir));
+  const at::Tensor lora = shard.lora.detach().to(at::kCPU, at::kFloat).contiguous();
+  std::vector<TensorToWrite> tensors = {F32("lora", lora)};
+  at::Tensor m, v, rng;
+  if (shard.exp_avg.defined()) {
+    m = shard.exp_avg.detach().to(at::kCPU, at::kFloat).contiguous();
+    v = shard.exp_avg_sq.detach().to(at::kCPU, at::kFloat).contiguous();
+    if (m.numel() != lora.numel() || v.numel() != lora.numel()) {
+      return InvalidArgumentError("checkpoint shard of rank " + std::to_string(rank) +
+                                  ": optimizer state has " + std::to_string(m.numel()) +
+                                  " elements, the parameters " + std::to_string(lora.numel()));
+    }
+    tensors.push_back(F32("exp_avg", m));
+    tensors.push_back(F32("exp_avg_sq", v));
+  }
+  if (shard.rng_state.defined()) {
+    rng = shard.rng_state.to(at::kCPU, at::kByte).contiguous();
+    tensors.push_back({"rng_state", Dtype::kU8, {static_cast<uint64_t>(rng.numel())},
+                       rng.data_ptr(), static_cast<uint64_t>(rng.numel())});
+  }
+  const std::map<std::string, std::string> metadata = {
+      {"format", "ftune-checkpoint-shard"},
+      {"begin", std::to_string(shard.begin)},
+      {"numel", std::to_string(lora.numel())},
+      {"adam_step", std::to_string(shard.adam_step)},
+      {"rank", std::to_string(rank)},
+      {"world_size", std::to_string(world_size)}};
+  const std::string path = dir + "/" + ShardFileName(rank, world_size);
+  FTUNE_TRAINER_RETURN_IF_ERROR(WriteSafetensors(path, tensors, metadata));
+  return FileSize(path);
+}
+
+Result<int64_t> WriteCheckpointManifest(const std::string& dir, const TrainerState& state) {
+  json shards = json::array();
+  for (int r = 0; r < state.world_size; ++r) {
+    const std::string name = ShardFileName(r, state.world_size);
+    Result<int64_t> size = FileSize(dir + "/" + name);
+    if (!size.ok()) {
+      return FailedPreconditionError("checkpoint " + dir + " is missing rank " +
+                                     std::to_string(r) + "'s shard " + name + ": " +
+                                     size.status().message());
+    }
+    shards.push_back({{"file", name}, {"bytes", *size}});
+  }
+  json layout = json::array();
+  for (const FlatEntry& e : state.layout) {
+    layout.push_back({{"name", e.name}, {"offset", e.offset}, {"numel", e.numel},
+                      {"shape", e.shape}});
+  }
+  const json manifest = {{"format", "ftune-checkpoint"},
+                         {"version", kCheckpointFormatVersion},
+                         {"step", state.step},
+                         {"micro_batches", state.micro_batches},
+                         {"tokens_total", state.tokens_total},
+                         {"loss", state.loss},
+                         {"world_size", state.world_size},
+                         {"total_numel", state.total_numel},
+                         {"seed", state.seed},
+                         {"shards", shards},
+                         {"layout", layout}};
+  FTUNE_TRAINER_RETURN_IF_ERROR(
+      WriteFileAtomically(dir + "/" + kCheckpointManifestName, manifest.dump(1) + "\n"));
+  return TreeBytes(dir);
+}
+
+Result<TrainerState> ReadCheckpointManifest(const std::string& dir) {
+  const std::string path = dir + "/" + kCheckpointManifestName;
+  if (!IsRegularFile(path)) {
+    return FailedPreconditionError(dir + " is not a complete ftune checkpoint (no " +
+                                   kCheckpointManifestName + ")");
+  }
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path, kMaxManifestBytes));
+  const json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object() || j.value("format", "") != "ftune-checkpoint") {
+    return DataLossError(path + ": not an ftune checkpoint manifest");
+  }
+  try {
+    if (j.at("version").get<int>() != kCheckpointFormatVersion) {
+      return DataLossError(path + ": checkpoint format version " +
+                           std::to_string(j.at("version").get<int>()) + ", this ftune reads " +
+                           std::to_string(kCheckpointFormatVersion));
+    }
+    TrainerState s;
+    s.step = j.at("step").get<int64_t>();
+    s.micro_batches = j.at("micro_batches").get<int64_t>();
+    s.tokens_total = j.at("tokens_total").get<int64_t>();
+    s.loss = j.at("loss").get<double>();
+    s.world_size = j.at("world_size").get<int>();
+    s.total_numel = j.at("total_numel").get<int64_t>();
+    s.seed = j.at("seed").get<uint64_t>();
+    for (const json& e : j.at("layout")) {
+      s.layout.push_back({e.at("name").get<std::string>(), e.at("offset").get<int64_t>(),
+                          e.at("numel").get<int64_t>(),
+                          e.at("shape").get<std::vector<int64_t>>()});
+    }
+    if (s.world_size < 1 || s.step < 0 || s.total_numel < 0 ||
+        static_cast<int>(j.at("shards").size()) != s.world_size) {
+      return DataLossError(path + ": inconsistent world_size/step/shards");
+    }
+    return s;
+  } catch (const json::exception& e) {
+    return DataLossError(path + ": " + e.what());
+  }
+}
+
+Result<ShardState> ReadCheckpointSlice(const std::string& dir, const TrainerState& state,
+                                       int64_t begin, int64_t numel, int rank) {
+  ShardState out;
+  out.begin = begin;
+  out.lora = at::zeros({numel}, at::kFloat);
+  at::Tensor m = at::zeros({numel}, at::kFloat);
+  at::Tensor v = at::zeros({numel}, at::kFloat);
+  bool have_moments = false;
+  int64_t adam_step = -1;
+  const int64_t end = begin + numel;
+  for (int r = 0; r < state.world_size; ++r) {
+    const std::string path = dir + "/" + ShardFileName(r, state.world_size);
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> f,
+                                   SafetensorsFile::Open(path));
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(int64_t sb, MetaInt(*f, "begin"));
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(int64_t sn, MetaInt(*f, "numel"));
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(int64_t step, MetaInt(*f, "adam_step"));
+    if (adam_step >= 0 && step != adam_step) {
+      return DataLossError(path + ": adam_step " + std::to_string(step) +
+                           " differs from the other shards' " + std::to_string(adam_step));
+    }
+    adam_step = step;
+    const bool has_m = f->Find("exp_avg") != nullptr && f->Find("exp_avg_sq") != nullptr;
+    if (r > 0 && has_m != have_moments && sn > 0) {
+      return DataLossError(path + ": some shards have optimizer state and some do not");
+    }
+    have_moments = has_m;
+    const int64_t lo = std::max(begin, sb), hi = std::min(end, sb + sn);
+    if (rank == r && sb == begin && sn == std::min(numel, state.total_numel - begin) &&
+        f->Find("rng_state") != nullptr) {
+      const TensorInfo* info = f->Find("rng_state");
+      out.rng_state = at::empty({static_cast<int64_t>(info->num_bytes())}, at::kByte);
+      FTUNE_TRAINER_RETURN_IF_ERROR(f->Read("rng_state", out.rng_state.data_ptr()));
+    }
+    if (lo >= hi) continue;
+    const uint64_t from = static_cast<uint64_t>(lo - sb), to = static_cast<uint64_t>(hi - sb);
+    float* dst = out.lora.data_ptr<float>() + (lo - begin);
+    FTUNE_TRAINER_RETURN_IF_ERROR(f->ReadElements("lora", from, to, dst));
+    if (has_m) {
+      FTUNE_TRAINER_RETURN_IF_ERROR(
+          f->ReadElements("exp_avg", from, to, m.data_ptr<float>() + (lo - begin)));
+      FTUNE_TRAINER_RETURN_IF_ERROR(
+          f->ReadElements("exp_avg_sq", from, to, v.data_ptr<float>() + (lo - begin)));
+    }
+  }
+  out.adam_step = std::max<int64_t>(adam_step, 0);
+  if (have_moments) {
+    out.exp_avg = m;
+    out.exp_avg_sq = v;
+  }
+  return out;
+}
+
+Result<std::string> LatestCompleteCheckpoint(const std::string& output_dir) {
+  const std::string root = output_dir + "/" + kCheckpointsDir;
+  if (!IsDirectory(root)) return std::string();
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::vector<std::string> names, ListDirectory(root));
+  int64_t best = -1;
+  std::string best_dir;
+  for (const std::string& n : names) {
+    const int64_t step = StepOfDirName(n);
+    const std::string dir = root + "/" + n;
+    if (step > best && IsRegularFile(dir + "/" + kCheckpointManifestName)) {
+      best = step;
+      best_dir = dir;
+    }
+  }
+  return best_dir;
+}
+
+Status PruneCheckpoints(const std::string& output_dir, int keep) {
+  const std::string root = output_dir + "/" + kCheckpointsDir;
+  if (!IsDirectory(root)) return OkStatus();
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::vector<std::string> names, ListDirectory(root));
+  std::vector<std::pair<int64_t, std::string>> complete, incomplete;
+  for (const std::string& n : names) {
+    const int64_t step = StepOfDirName(n);
+    if (step < 0) continue;
+    const std::string dir = root + "/" + n;
+    (IsRegularFile(dir + "/" + kCheckpointManifestName) ? complete : incomplete)
+        .push_back({step, dir});
+  }
+  std::sort(complete.begin(), complete.end());
+  const int64_t newest = complete.empty() ? -1 : complete.back().first;
+  for (const auto& [step, dir] : incomplete) {
+    if (step < newest) FTUNE_TRAINER_RETURN_IF_ERROR(RemoveTree(dir));
+  }
+  if (keep > 0 && static_cast<int>(complete.size()) > keep) {
+    for (size_t i = 0; i + keep < complete.size(); ++i) {
+      FTUNE_TRAINER_RETURN_IF_ERROR(RemoveTree(complete[i].second));
+    }
+  }
+  return OkStatus();
+}
+
+
+}  // namespace ftune::trainer

@@ -1,0 +1,106 @@
+// Sharded training checkpoints: what a gang restart, a cancel or a crash
+// resumes from, with any number of ranks.
+//
+// Layout of <output_dir>/checkpoints/checkpoint-<step>/ (HF Trainer's
+// directory naming):
+//   shard-<r>-of-<W>.safetensors   one per rank, written by that rank:
+//       "lora"        F32 [n]   this rank's slice [begin, begin + n) of the
+//                               flat LoRA vector (ShardedLora's layout,
+//                               padding excluded)
+//       "exp_avg"     F32 [n]   AdamW first moment of the same slice
+//       "exp_avg_sq"  F32 [n]   AdamW second moment
+//       "rng_state"   U8  [k]   the rank's CPU generator (LoRA dropout)
+//     metadata: begin, numel, adam_step, rank, world_size (decimal strings)
+//   adapter/                      the consolidated PEFT adapter at this step
+//                                 (rank 0), loadable by PEFT as is
+//   ftune_checkpoint.json          the manifest, written LAST by rank 0 once
+//                                  every shard is on disk (all ranks passed a
+//                                  barrier after writing): step, data
+//                                  position, world size, flat layout, shards
+//                                  with their byte sizes. A directory without
+//                                  it is incomplete and never resumed from.
+// Every file is written atomically (temporary + fsync + rename).
+//
+// Resuming reads the manifest and, for each rank's new slice, the byte
+// ranges of whichever old shards cover it, so a checkpoint written by W
+// ranks resumes on W' ranks (re-sharding on load). With the same world size
+// the RNG state is restored too, and the resumed run continues bit for bit.
+//
+// Thread-safety: free functions; one thread per rank.
+#ifndef FTUNE_WORKER_TRAINER_CHECKPOINT_H_
+#define FTUNE_WORKER_TRAINER_CHECKPOINT_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "worker/trainer/status.h"
+
+namespace ftune::trainer {
+
+inline constexpr const char kCheckpointManifestName[] = "ftune_checkpoint.json";
+inline constexpr int kCheckpointFormatVersion = 1;
+
+struct FlatEntry {
+  std::string name;  // PEFT tensor name
+  int64_t offset = 0;
+  int64_t numel = 0;
+  std::vector<int64_t> shape;
+};
+
+// What every rank agrees on at a checkpoint.
+struct TrainerState {
+  int64_t step = 0;           // optimizer steps completed
+  int64_t micro_batches = 0;  // global micro-batches consumed (data position)
+  int64_t tokens_total = 0;   // loss tokens seen by the whole job
+  double loss = 0;            // loss of the last step
+  int world_size = 1;
+  int64_t total_numel = 0;    // flat LoRA elements (no padding)
+  std::vector<FlatEntry> layout;
+  uint64_t seed = 0;
+};
+
+// One rank's part.
+struct ShardState {
+  int64_t begin = 0;   // into the flat vector
+  at::Tensor lora;     // F32 [n] CPU
+  at::Tensor exp_avg;  // F32 [n], undefined before the first step
+  at::Tensor exp_avg_sq;
+  int64_t adam_step = 0;
+  at::Tensor rng_state;  // U8, undefined when not saved
+};
+
+std::string CheckpointDirName(int64_t step);  // "checkpoint-<step>"
+std::string ShardFileName(int rank, int world_size);
+
+// Writes this rank's shard file into dir (created if missing). Returns the
+// bytes written.
+Result<int64_t> WriteCheckpointShard(const std::string& dir, int rank, int world_size,
+                                     const ShardState& shard);
+// Rank 0, after every rank's WriteCheckpointShard returned: checks every
+// shard file is there with the sizes it claims, then writes the manifest.
+// Returns the total bytes of the checkpoint (shards + manifest + adapter).
+Result<int64_t> WriteCheckpointManifest(const std::string& dir, const TrainerState& state);
+
+// The manifest of a complete checkpoint; FAILED_PRECONDITION naming dir when
+// it has none (incomplete), DATA_LOSS when it is malformed.
+Result<TrainerState> ReadCheckpointManifest(const std::string& dir);
+// Elements [begin, begin + numel) of the flat state, from whichever shards
+// hold them (any world size). Positions past total_numel (padding) are zero.
+// The RNG state is filled in only when `rank` wrote a shard of exactly this
+// range (same world size).
+Result<ShardState> ReadCheckpointSlice(const std::string& dir, const TrainerState& state,
+                                       int64_t begin, int64_t numel, int rank);
+
+// The complete checkpoint with the highest step under
+// <output_dir>/checkpoints, or "" when there is none.
+Result<std::string> LatestCompleteCheckpoint(const std::string& output_dir);
+// Deletes the oldest complete checkpoints beyond `keep` (0 = keep all), and
+// incomplete ones older than the newest complete one (leftovers of a crash).
+Status PruneCheckpoints(const std::string& output_dir, int keep);
+
+}  // namespace ftune::trainer
+
+#endif  // FTUNE_WORKER_TRAINER_CHECKPOINT_H_

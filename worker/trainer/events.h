@@ -1,0 +1,106 @@
+// Where a rank's events go: the agent's channel (`ftune-rank run`), the
+// terminal (`ftune-rank train`), or memory (tests).
+//
+// Events are the RankMessages of proto/ftune/v1/rank_channel.proto (hello,
+// step, memory, checkpoint, log, error, done): one vocabulary whether a rank
+// runs under an agent or alone, so a standalone run prints exactly what a
+// job would stream to `ftune watch`.
+//
+// Stop requests travel the other way: the agent's StopRank (or SIGTERM/
+// SIGINT in a standalone run) sets a StopFlag that the training loop polls
+// between optimizer steps. Ranks agree on stopping through a collective
+// (train.cc), since each rank's agent may deliver the request at a
+// different step.
+//
+// Thread-safety: Emit may be called from any thread (implementations
+// serialize); StopFlag is lock-free.
+#ifndef FTUNE_WORKER_TRAINER_EVENTS_H_
+#define FTUNE_WORKER_TRAINER_EVENTS_H_
+
+#include <atomic>
+#include <iosfwd>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "ftune/v1/rank_channel.pb.h"
+
+namespace ftune {
+class Channel;
+}
+
+namespace ftune::trainer {
+
+class EventSink {
+ public:
+  virtual ~EventSink() = default;
+  virtual void Emit(const v1::RankMessage& message) = 0;
+
+  // Convenience wrappers.
+  void Log(const std::string& level, const std::string& text);
+  void Info(const std::string& text) { Log("INFO", text); }
+};
+
+// Writes every event to the agent channel. A write that fails (the agent is
+// gone) is remembered: the rank keeps training to its next checkpoint or
+// stop only if its agent comes back, which it cannot, so the loop checks
+// broken() and exits.
+class ChannelEventSink final : public EventSink {
+ public:
+  explicit ChannelEventSink(Channel* channel) : channel_(channel) {}
+  void Emit(const v1::RankMessage& message) override;
+  bool broken() const { return broken_.load(); }
+
+ private:
+  Channel* channel_;  // not owned
+  std::mutex mu_;
+  std::atomic<bool> broken_{false};
+};
+
+// Human-readable lines for a standalone run (steps, checkpoints, memory);
+// with json = true, one JSON object per event instead (jq-friendly).
+class ConsoleEventSink final : public EventSink {
+ public:
+  ConsoleEventSink(std::ostream& out, bool json, int rank);
+  void Emit(const v1::RankMessage& message) override;
+
+ private:
+  std::ostream& out_;
+  bool json_;
+  int rank_;
+  std::mutex mu_;
+};
+
+// Keeps every event (tests), optionally forwarding to another sink.
+class RecordingEventSink final : public EventSink {
+ public:
+  explicit RecordingEventSink(EventSink* forward = nullptr) : forward_(forward) {}
+  void Emit(const v1::RankMessage& message) override;
+  std::vector<v1::RankMessage> events() const;
+
+ private:
+  EventSink* forward_;
+  mutable std::mutex mu_;
+  std::vector<v1::RankMessage> events_;
+};
+
+class StopFlag {
+ public:
+  void Request(bool save_checkpoint, const std::string& reason);
+  bool requested() const { return requested_.load(std::memory_order_acquire); }
+  bool save_checkpoint() const { return save_.load(std::memory_order_acquire); }
+
+ private:
+  std::atomic<bool> requested_{false};
+  std::atomic<bool> save_{false};
+};
+
+// Host resident set size now and at its peak (VmRSS / VmHWM), in bytes; 0
+// when /proc is unavailable.
+int64_t CurrentRssBytes();
+int64_t PeakRssBytes();
+
+}  // namespace ftune::trainer
+
+#endif  // FTUNE_WORKER_TRAINER_EVENTS_H_
