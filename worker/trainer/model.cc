@@ -106,6 +106,12 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     }
     at::Tensor x = h.detach();
     x.set_requires_grad(true);
+    UnitHooks* hooks = model->unit_hooks();
+    const int64_t unit = LlamaModel::LayerUnit(layer);
+    if (hooks != nullptr) {
+      hooks->Gather(unit, UnitPhase::kBackward);
+      if (layer > 0) hooks->Prefetch(LlamaModel::LayerUnit(layer - 1), UnitPhase::kBackward);
+    }
     at::Tensor out;
     {
       at::AutoGradMode enable(true);
@@ -133,12 +139,31 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     variable_list grads = torch::autograd::grad({out}, inputs, {grad_outputs[0]},
                                                 /*retain_graph=*/false, /*create_graph=*/false,
                                                 /*allow_unused=*/true);
+    out = at::Tensor();
+    if (hooks != nullptr) hooks->Release(unit, UnitPhase::kBackward);
     variable_list result;
     result.push_back(ctx->needs_input_grad(0) ? grads[0] : at::Tensor());
     for (int64_t i = 0; i < num_params; ++i) result.push_back(grads[i + 1]);
     // model_ptr, layer, attn_ptr, training.
     for (int i = 0; i < 4; ++i) result.emplace_back();
     return result;
+  }
+};
+
+// Identity on the hidden states entering the head unit; its backward runs
+// once the head's backward (final norm, lm_head in the loss) is done, and
+// hands the head unit back then.
+struct HeadBoundary : public torch::autograd::Function<HeadBoundary> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, int64_t model_ptr) {
+    ctx->saved_data["model"] = model_ptr;
+    return h.view_as(h);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto* model = reinterpret_cast<const LlamaModel*>(ctx->saved_data["model"].toInt());
+    if (model->unit_hooks() != nullptr) {
+      model->unit_hooks()->Release(model->head_unit(), UnitPhase::kBackward);
+    }
+    return {grad_outputs[0], at::Tensor()};
   }
 };
 
@@ -211,11 +236,8 @@ Result<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& dir,
   return Build(config, source, options, st->source());
 }
 
-Result<std::unique_ptr<LlamaModel>> LlamaModel::Build(const LlamaConfig& config,
-                                                      const TensorSource& tensors,
-                                                      const ModelOptions& options,
-                                                      const std::string& source_name,
-                                                      const BaseLinearSource& bases) {
+Status LlamaModel::ValidateBuild(const LlamaConfig& config, const ModelOptions& options,
+                                 const std::string& source_name) {
   if (config.attention_bias || config.mlp_bias) {
     return InvalidArgumentError(source_name +
                                 ": attention_bias/mlp_bias are not supported (no Llama uses them)");
@@ -232,6 +254,55 @@ Result<std::unique_ptr<LlamaModel>> LlamaModel::Build(const LlamaConfig& config,
     return InvalidArgumentError(std::string("attention sdpa needs LibTorch >= 2.1, this is ") +
                                 compat::TorchVersion());
   }
+  return OkStatus();
+}
+
+Result<std::unique_ptr<LlamaModel>> LlamaModel::BuildUnmaterialized(
+    const LlamaConfig& config, const ModelOptions& options, const std::string& source_name,
+    const BaseLinearSource& bases) {
+  FTUNE_TRAINER_RETURN_IF_ERROR(ValidateBuild(config, options, source_name));
+  if (!bases) return InvalidArgumentError(source_name + ": BuildUnmaterialized needs `bases`");
+  std::unique_ptr<LlamaModel> m(new LlamaModel(config, options));
+  const int64_t h = config.hidden_size, inter = config.intermediate_size;
+  m->layers_.resize(config.num_hidden_layers);
+  for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
+    DecoderLayer& l = m->layers_[i];
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    const struct {
+      std::unique_ptr<LoraLinear>* slot;
+      const char* name;
+      int64_t out, in;
+    } projections[] = {
+        {&l.q_proj, "self_attn.q_proj.weight", config.q_size(), h},
+        {&l.k_proj, "self_attn.k_proj.weight", config.kv_size(), h},
+        {&l.v_proj, "self_attn.v_proj.weight", config.kv_size(), h},
+        {&l.o_proj, "self_attn.o_proj.weight", h, config.q_size()},
+        {&l.gate_proj, "mlp.gate_proj.weight", inter, h},
+        {&l.up_proj, "mlp.up_proj.weight", inter, h},
+        {&l.down_proj, "mlp.down_proj.weight", h, inter},
+    };
+    for (const auto& pr : projections) {
+      FTUNE_TRAINER_ASSIGN_OR_RETURN(std::unique_ptr<BaseLinear> base,
+                                     bases(p + pr.name, pr.out, pr.in));
+      if (base == nullptr || base->out_features() != pr.out || base->in_features() != pr.in) {
+        return InvalidArgumentError(source_name + ": base layer '" + p + pr.name +
+                                    "' does not have the shape the config implies (" +
+                                    std::to_string(pr.out) + ", " + std::to_string(pr.in) + ")");
+      }
+      *pr.slot = std::make_unique<LoraLinear>(std::move(base));
+    }
+  }
+  const std::vector<float> inv = RopeInverseFrequencies(config);
+  m->inv_freq_ = at::tensor(inv, at::TensorOptions().dtype(at::kFloat)).to(options.device);
+  return m;
+}
+
+Result<std::unique_ptr<LlamaModel>> LlamaModel::Build(const LlamaConfig& config,
+                                                      const TensorSource& tensors,
+                                                      const ModelOptions& options,
+                                                      const std::string& source_name,
+                                                      const BaseLinearSource& bases) {
+  FTUNE_TRAINER_RETURN_IF_ERROR(ValidateBuild(config, options, source_name));
   std::unique_ptr<LlamaModel> m(new LlamaModel(config, options));
   const auto opts = at::TensorOptions().dtype(options.dtype).device(options.device);
   // Reads one frozen tensor and checks its shape against the config.
@@ -479,13 +550,45 @@ at::Tensor LlamaModel::LayerForward(int64_t layer, const at::Tensor& h, const At
 
 at::Tensor LlamaModel::Hidden(const at::Tensor& input_ids, const at::Tensor& position_ids,
                               bool training) const {
+  bool boundary = false;
+  return HiddenKeepHead(input_ids, position_ids, training, &boundary);
+}
+
+void LlamaModel::ReleaseHead() const {
+  if (hooks_) hooks_->Release(head_unit(), UnitPhase::kForwardOnly);
+}
+
+at::Tensor LlamaModel::HiddenKeepHead(const at::Tensor& input_ids, const at::Tensor& position_ids,
+                                      bool training, bool* boundary) const {
+  *boundary = false;
   const at::Tensor pos = CheckedPositions(input_ids, position_ids);
   const AttentionContext ctx = MakeAttentionContext(pos);
+  const bool grad = at::GradMode::is_enabled();
+  // Layers are handed back after their forward with kForward when a
+  // backward will follow (it re-gathers them), kForwardOnly otherwise.
+  const UnitPhase after_forward = grad ? UnitPhase::kForward : UnitPhase::kForwardOnly;
+  UnitHooks* hooks = hooks_.get();
+  if (hooks != nullptr) {
+    hooks->Gather(kEmbeddingUnit, UnitPhase::kForward);
+    if (!layers_.empty()) hooks->Prefetch(LayerUnit(0), UnitPhase::kForward);
+  }
   at::Tensor h = at::embedding(embed_tokens_, input_ids);  // (b, s, hidden)
-  const bool checkpoint = options_.activation_checkpointing && at::GradMode::is_enabled();
+  // The embedding is frozen and its input is ids: nothing of it is needed
+  // in backward.
+  if (hooks != nullptr) hooks->Release(kEmbeddingUnit, UnitPhase::kForwardOnly);
+  const bool checkpoint = options_.activation_checkpointing && grad;
   for (int64_t i = 0; i < static_cast<int64_t>(layers_.size()); ++i) {
+    if (hooks != nullptr) {
+      hooks->Gather(LayerUnit(i), UnitPhase::kForward);
+      hooks->Prefetch(i + 1 < static_cast<int64_t>(layers_.size()) ? LayerUnit(i + 1) : head_unit(),
+                      UnitPhase::kForward);
+    }
     if (!checkpoint) {
+      // Without checkpointing autograd keeps references to the gathered
+      // tensors it saved, so backward needs no re-gather (and a released
+      // unit's memory lives until then).
       h = LayerForward(i, h, ctx, training);
+      if (hooks != nullptr) hooks->Release(LayerUnit(i), after_forward);
       continue;
     }
     std::vector<at::Tensor> params;
@@ -498,12 +601,25 @@ at::Tensor LlamaModel::Hidden(const at::Tensor& input_ids, const at::Tensor& pos
     }
     h = CheckpointedLayer::apply(h, at::TensorList(params), reinterpret_cast<int64_t>(this), i,
                                  reinterpret_cast<int64_t>(&ctx), training);
+    if (hooks != nullptr) hooks->Release(LayerUnit(i), after_forward);
+  }
+  if (hooks != nullptr) {
+    hooks->Gather(head_unit(), UnitPhase::kForward);
+    if (grad && h.requires_grad()) {
+      h = HeadBoundary::apply(h, reinterpret_cast<int64_t>(this));
+      *boundary = true;
+    }
   }
   return RmsNorm(h, norm_, config_.rms_norm_eps);
 }
 
 at::Tensor LlamaModel::Logits(const at::Tensor& input_ids, const at::Tensor& position_ids) const {
-  return at::linear(Hidden(input_ids, position_ids, /*training=*/false), lm_head_).to(at::kFloat);
+  bool boundary = false;
+  at::Tensor logits =
+      at::linear(HiddenKeepHead(input_ids, position_ids, /*training=*/false, &boundary), lm_head_)
+          .to(at::kFloat);
+  if (!boundary) ReleaseHead();
+  return logits;
 }
 
 LossOutput LlamaModel::Loss(const at::Tensor& input_ids, const at::Tensor& position_ids,
@@ -514,7 +630,8 @@ LossOutput LlamaModel::Loss(const at::Tensor& input_ids, const at::Tensor& posit
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.device() == options_.device,
               "labels must be int64 on ", options_.device);
   const int64_t s = input_ids.size(1), hidden = config_.hidden_size;
-  at::Tensor h = Hidden(input_ids, pos, training);  // (b, s, hidden)
+  bool boundary = false;
+  at::Tensor h = HiddenKeepHead(input_ids, pos, training, &boundary);  // (b, s, hidden)
   // Position t predicts labels[t + 1]; skip ignored targets and targets that
   // open a new document (they would be predicted across the boundary).
   at::Tensor targets = labels.slice(1, 1);                                   // (b, s - 1)
@@ -528,6 +645,7 @@ LossOutput LlamaModel::Loss(const at::Tensor& input_ids, const at::Tensor& posit
   LossOutput out;
   out.loss_sum = ChunkedCrossEntropySum(hs, lm_head_, t, options_.loss_chunk_tokens);
   out.num_tokens = rows.size(0);
+  if (!boundary) ReleaseHead();
   return out;
 }
 
@@ -547,11 +665,13 @@ at::Tensor LlamaModel::TokenLogProbs(const at::Tensor& input_ids,
   c10::NoGradGuard no_grad;
   const at::Tensor pos = CheckedPositions(input_ids, position_ids);
   const int64_t b = input_ids.size(0), s = input_ids.size(1), hidden = config_.hidden_size;
-  at::Tensor h = Hidden(input_ids, pos, /*training=*/false);
+  bool boundary = false;
+  at::Tensor h = HiddenKeepHead(input_ids, pos, /*training=*/false, &boundary);
   at::Tensor lp = ChunkedTargetLogProbs(h.slice(1, 0, s - 1).reshape({-1, hidden}), lm_head_,
                                         input_ids.slice(1, 1).reshape({-1}),
                                         options_.loss_chunk_tokens)
                       .view({b, s - 1});  // (b, s - 1)
+  ReleaseHead();
   return lp.masked_fill(DocumentStarts(pos).slice(1, 1), std::numeric_limits<float>::quiet_NaN());
 }
 

@@ -31,8 +31,22 @@
 // recomputes the layer in backward (with the RNG state restored, so LoRA
 // dropout masks are the same).
 //
-// Thread-safety: forwards only read the model; several threads may run them
-// at once. Attaching adapters or changing options needs exclusive access.
+// FSDP units (fsdp.h): unit 0 is the embedding, unit 1 + i decoder layer i,
+// unit L + 1 the final norm and lm_head. With UnitHooks installed, the
+// forward asks for each unit right before it computes and hands it back
+// right after; the checkpointed backward asks again for each layer in
+// reverse order and hands it back once the layer's gradients are computed.
+// The head unit, the last of the forward and the first of the backward,
+// stays resident from the forward to the end of its backward (as FSDP keeps
+// its root), or is handed back at the end of Logits/Loss/TokenLogProbs when
+// no backward follows. Without hooks every tensor is resident, as before.
+// Hooks report collective failures by throwing (c10::Error), like every
+// tensor error inside a forward or backward.
+//
+// Thread-safety: without hooks, forwards only read the model; several
+// threads may run them at once. With hooks, one thread at a time (the hooks
+// drive collectives). Attaching adapters or changing options needs
+// exclusive access.
 #ifndef FTUNE_WORKER_TRAINER_MODEL_H_
 #define FTUNE_WORKER_TRAINER_MODEL_H_
 
@@ -87,6 +101,27 @@ struct DecoderLayer {
   const LoraLinear* Module(const std::string& name) const;
 };
 
+// When a unit is handed back (UnitHooks::Release).
+enum class UnitPhase {
+  kForward,      // after its forward, a backward will follow
+  kForwardOnly,  // after its forward, no backward (no grad, or the embedding)
+  kBackward,     // after its backward
+};
+
+// FSDP's gather/release points in the model (fsdp.h implements them).
+class UnitHooks {
+ public:
+  virtual ~UnitHooks() = default;
+  // Makes the unit's frozen tensors resident; a no-op when they are.
+  virtual void Gather(int64_t unit, UnitPhase phase) = 0;
+  // The unit is not needed until its next Gather; the hooks decide whether
+  // to free it (reshard_after_forward).
+  virtual void Release(int64_t unit, UnitPhase phase) = 0;
+  // The unit the forward (or backward) needs next: where a device backend
+  // starts the gather on a separate stream. No-op by default.
+  virtual void Prefetch(int64_t unit, UnitPhase phase) {}
+};
+
 struct LossOutput {
   at::Tensor loss_sum;     // () fp32, sum of -log p(target), differentiable
   int64_t num_tokens = 0;  // targets counted in loss_sum
@@ -122,6 +157,14 @@ class LlamaModel {
                                                    const ModelOptions& options,
                                                    const std::string& source_name,
                                                    const BaseLinearSource& bases = nullptr);
+
+  // A model with every frozen tensor absent (FSDP): the 7 projections of
+  // each layer come from `bases` (typically not yet materialized), the
+  // embedding, norms and lm_head are undefined until the sharding engine
+  // sets them through the mutable_* accessors. Validates like Build.
+  static Result<std::unique_ptr<LlamaModel>> BuildUnmaterialized(
+      const LlamaConfig& config, const ModelOptions& options, const std::string& source_name,
+      const BaseLinearSource& bases);
 
   const LlamaConfig& config() const { return config_; }
   const ModelOptions& options() const { return options_; }
@@ -176,6 +219,24 @@ class LlamaModel {
   const std::vector<DecoderLayer>& layers() const { return layers_; }
   std::vector<DecoderLayer>& mutable_layers() { return layers_; }
 
+  // --- FSDP units (see the file comment).
+  static constexpr int64_t kEmbeddingUnit = 0;
+  static int64_t LayerUnit(int64_t layer) { return layer + 1; }
+  int64_t head_unit() const { return config_.num_hidden_layers + 1; }
+  int64_t num_units() const { return config_.num_hidden_layers + 2; }
+  // Installs (or, with nullptr, removes) the hooks; the model owns them.
+  void set_unit_hooks(std::shared_ptr<UnitHooks> hooks) { hooks_ = std::move(hooks); }
+  UnitHooks* unit_hooks() const { return hooks_.get(); }
+  // Hands the head unit back after Hidden when no backward follows (Logits,
+  // Loss and TokenLogProbs do it themselves). No-op without hooks.
+  void ReleaseHead() const;
+  // For the sharding engine only, between forwards: where it puts (views of)
+  // gathered tensors. With tied embeddings lm_head is the embedding; the
+  // engine sets both.
+  at::Tensor& mutable_embed_tokens() { return embed_tokens_; }
+  at::Tensor& mutable_final_norm() { return norm_; }
+  at::Tensor& mutable_lm_head() { return lm_head_; }
+
   // One decoder layer; public for the checkpointing autograd function.
   struct AttentionContext;
   at::Tensor LayerForward(int64_t layer, const at::Tensor& h, const AttentionContext& ctx,
@@ -184,6 +245,12 @@ class LlamaModel {
  private:
   LlamaModel(LlamaConfig config, ModelOptions options);
 
+  static Status ValidateBuild(const LlamaConfig& config, const ModelOptions& options,
+                              const std::string& source_name);
+  // Hidden with the head unit left resident; *boundary says whether the
+  // head is released by the backward (a boundary node was inserted).
+  at::Tensor HiddenKeepHead(const at::Tensor& input_ids, const at::Tensor& pos, bool training,
+                            bool* boundary) const;
   at::Tensor CheckedPositions(const at::Tensor& input_ids, const at::Tensor& position_ids) const;
   AttentionContext MakeAttentionContext(const at::Tensor& position_ids) const;
   at::Tensor Attention(const DecoderLayer& layer, const at::Tensor& x, const AttentionContext& ctx,
@@ -199,6 +266,7 @@ class LlamaModel {
   std::vector<DecoderLayer> layers_;
   LoraConfig lora_config_;
   bool has_lora_ = false;
+  std::shared_ptr<UnitHooks> hooks_;
 };
 
 // Per-forward attention inputs shared by all layers.

@@ -280,7 +280,75 @@ at::Tensor DequantizeNf4Weight(const Nf4Weight& w, c10::ScalarType dtype) {
 #endif
 }
 
-Nf4Linear::Nf4Linear(Nf4Weight weight) : weight_(std::move(weight)) { weight_.Validate(); }
+Nf4NestedStats DoubleQuantizeNf4Absmax(const at::Tensor& absmax_in) {
+  TORCH_CHECK(absmax_in.dim() == 1 && absmax_in.scalar_type() == at::kFloat &&
+                  absmax_in.numel() >= 1,
+              "DoubleQuantizeNf4Absmax: absmax must be a non-empty fp32 vector, got ",
+              absmax_in.sizes(), " ", absmax_in.scalar_type());
+  const at::Tensor absmax = absmax_in.contiguous();
+  const c10::Device dev = absmax.device();
+  const int64_t nb = absmax.numel();
+  Nf4NestedStats s;
+  s.qabsmax = at::empty({nb}, U8(dev));
+  s.absmax2 = at::empty({kernels::Nf4NumNestedBlocks(nb)}, F32(dev));
+  s.offset = at::empty({1}, F32(dev));
+  if (dev.is_cpu()) {
+    CheckKernel(kernels::DoubleQuantizeAbsmax(absmax.data_ptr<float>(), nb,
+                                              s.qabsmax.data_ptr<uint8_t>(),
+                                              s.absmax2.data_ptr<float>(), s.offset.data_ptr<float>()),
+                "DoubleQuantizeAbsmax");
+    return s;
+  }
+#if FTUNE_NF4_CUDA
+  c10::cuda::CUDAGuard guard(dev);
+  CheckKernel(kernels::DoubleQuantizeAbsmaxCuda(absmax.data_ptr<float>(), nb,
+                                                s.qabsmax.data_ptr<uint8_t>(),
+                                                s.absmax2.data_ptr<float>(),
+                                                s.offset.data_ptr<float>(), CurrentStream(dev)),
+              "DoubleQuantizeAbsmaxCuda");
+  return s;
+#else
+  TORCH_CHECK(false, "DoubleQuantizeNf4Absmax: absmax on ", dev,
+              " but ftune was built without the NF4 CUDA kernels");
+#endif
+}
+
+Nf4Linear::Nf4Linear(Nf4Weight weight) : weight_(std::move(weight)) {
+  weight_.Validate();
+  nested_ = weight_.nested();
+}
+
+std::unique_ptr<Nf4Linear> Nf4Linear::Unmaterialized(int64_t out_features, int64_t in_features,
+                                                     const Nf4Options& options) {
+  TORCH_CHECK(out_features >= 1 && in_features >= 1, "Nf4Linear: shape (", out_features, ", ",
+              in_features, ") must be positive");
+  CheckKernel(kernels::ValidateNf4Blocksize(options.blocksize), "Nf4Linear");
+  std::unique_ptr<Nf4Linear> l(new Nf4Linear());
+  l->weight_.out_features = out_features;
+  l->weight_.in_features = in_features;
+  l->weight_.blocksize = options.blocksize;
+  l->nested_ = options.double_quant;
+  return l;
+}
+
+void Nf4Linear::SetWeight(Nf4Weight weight) {
+  weight.Validate();
+  TORCH_CHECK(weight.out_features == weight_.out_features &&
+                  weight.in_features == weight_.in_features &&
+                  weight.blocksize == weight_.blocksize && weight.nested() == nested_,
+              "Nf4Linear::SetWeight: layer is (", weight_.out_features, ", ", weight_.in_features,
+              ") blocksize ", weight_.blocksize, nested_ ? " nested" : " not nested",
+              " but the weight is (", weight.out_features, ", ", weight.in_features,
+              ") blocksize ", weight.blocksize, weight.nested() ? " nested" : " not nested");
+  weight_ = std::move(weight);
+}
+
+void Nf4Linear::ReleaseWeight() {
+  weight_.packed = at::Tensor();
+  weight_.absmax = at::Tensor();
+  weight_.nested_absmax = at::Tensor();
+  weight_.offset = at::Tensor();
+}
 
 std::unique_ptr<Nf4Linear> Nf4Linear::Quantize(const at::Tensor& weight,
                                                const Nf4Options& options) {
@@ -288,6 +356,8 @@ std::unique_ptr<Nf4Linear> Nf4Linear::Quantize(const at::Tensor& weight,
 }
 
 at::Tensor Nf4Linear::Forward(const at::Tensor& x) const {
+  TORCH_CHECK(resident(), "Nf4Linear (", weight_.out_features, ", ", weight_.in_features,
+              "): its NF4 bytes are not resident (an FSDP unit used without being gathered)");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight_.in_features, "Nf4Linear: input ", x.sizes(),
               " does not match weight (out, in) = (", weight_.out_features, ", ",
               weight_.in_features, ")");
@@ -299,6 +369,8 @@ at::Tensor Nf4Linear::Forward(const at::Tensor& x) const {
 }
 
 at::Tensor Nf4Linear::DenseWeight(c10::ScalarType dtype) const {
+  TORCH_CHECK(resident(), "Nf4Linear (", weight_.out_features, ", ", weight_.in_features,
+              "): its NF4 bytes are not resident (an FSDP unit used without being gathered)");
   return DequantizeNf4Weight(weight_, dtype);
 }
 

@@ -22,8 +22,15 @@
 // rounding; bf16: that rounded once more), so the layer equals a dense layer
 // holding the dequantized weight, bit for bit on the same device and dtype.
 //
-// Thread-safety: immutable after construction; Forward may run on any
-// number of threads at once (each call has its own scratch).
+// FSDP (fsdp.h): a layer may be built without its bytes (Unmaterialized)
+// and have them set before each use and dropped after it (SetWeight /
+// ReleaseWeight), so that only the gathered unit is resident; the bytes are
+// then views into the unit's gathered flat buffer.
+//
+// Thread-safety: immutable after construction except for SetWeight /
+// ReleaseWeight, which need exclusive access (the FSDP engine calls them
+// between layers, on the training thread); Forward may run on any number of
+// threads at once (each call has its own scratch).
 #ifndef FTUNE_WORKER_TRAINER_NF4_LINEAR_H_
 #define FTUNE_WORKER_TRAINER_NF4_LINEAR_H_
 
@@ -77,10 +84,32 @@ Nf4Weight QuantizeNf4Weight(const at::Tensor& weight, const Nf4Options& options)
 // The dequantized weight (out, in) in fp32 or bf16 on the weight's device.
 at::Tensor DequantizeNf4Weight(const Nf4Weight& w, c10::ScalarType dtype);
 
+// Double quantization of a whole tensor's fp32 block absmax (num_blocks),
+// on its device: the uint8 codes (num_blocks), the fp32 absmax2
+// (ceil(num_blocks / 256)) and the fp32 offset (1), exactly as
+// QuantizeNf4Weight computes them. FSDP loading calls it on the gathered
+// absmax of a tensor whose blocks were quantized on several ranks.
+struct Nf4NestedStats {
+  at::Tensor qabsmax;
+  at::Tensor absmax2;
+  at::Tensor offset;
+};
+Nf4NestedStats DoubleQuantizeNf4Absmax(const at::Tensor& absmax);
+
 class Nf4Linear final : public BaseLinear {
  public:
   explicit Nf4Linear(Nf4Weight weight);  // pre-quantized (e.g. a bnb checkpoint)
   static std::unique_ptr<Nf4Linear> Quantize(const at::Tensor& weight, const Nf4Options& options);
+  // A layer of this shape whose bytes are not resident yet (FSDP): Forward
+  // fails until SetWeight.
+  static std::unique_ptr<Nf4Linear> Unmaterialized(int64_t out_features, int64_t in_features,
+                                                   const Nf4Options& options);
+
+  // Makes `weight` (validated; same shape, blocksize and nesting as this
+  // layer) the resident bytes; ReleaseWeight drops them again.
+  void SetWeight(Nf4Weight weight);
+  void ReleaseWeight();
+  bool resident() const { return weight_.packed.defined(); }
 
   int64_t in_features() const override { return weight_.in_features; }
   int64_t out_features() const override { return weight_.out_features; }
@@ -89,9 +118,13 @@ class Nf4Linear final : public BaseLinear {
   at::Tensor DenseWeight(c10::ScalarType dtype) const override;
 
   const Nf4Weight& weight() const { return weight_; }
+  bool nested() const { return nested_; }
 
  private:
+  Nf4Linear() = default;
+
   Nf4Weight weight_;
+  bool nested_ = true;  // double quantization (fixed at construction)
 };
 
 }  // namespace ftune::trainer

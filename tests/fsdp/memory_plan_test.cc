@@ -1,0 +1,139 @@
+// PlanMemory: hand-computed shard sizes, the structural effects of each
+// option, and the Llama-3-70B figures for the issue's three fleets (printed;
+// GPU validation of the constants comes later).
+#include "worker/trainer/memory_plan.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdio>
+
+namespace ftune::trainer {
+namespace {
+
+constexpr int64_t kGiB = 1LL << 30;
+
+LlamaConfig Llama3_70B() {
+  LlamaConfig c;
+  c.hidden_size = 8192;
+  c.intermediate_size = 28672;
+  c.num_hidden_layers = 80;
+  c.num_attention_heads = 64;
+  c.num_key_value_heads = 8;
+  c.head_dim = 128;
+  c.vocab_size = 128256;
+  c.tie_word_embeddings = false;
+  return c;
+}
+
+MemoryPlanOptions Fleet(int world, bool offload) {
+  MemoryPlanOptions o;
+  o.world_size = world;
+  o.micro_batch_size = 1;
+  o.seq_len = 2048;
+  o.lora_r = 16;
+  o.offload_params = offload;
+  return o;
+}
+
+TEST(MemoryPlanTest, Nf4ShardBytesFollowsThe256BlockSplit) {
+  // 769 blocks of 64 over 2 ranks: 385 -> 512 blocks per rank (256-aligned).
+  const int64_t n = 64 * 256 * 3 + 10;
+  EXPECT_EQ(Nf4ShardBytes(n, 64, true, 2), 512 * 32 + 512 + 2 * 4);
+  // Not nested: 385 blocks per rank, fp32 absmax.
+  EXPECT_EQ(Nf4ShardBytes(n, 64, false, 2), 385 * 32 + 385 * 4);
+  // One rank: the whole tensor's storage rounded to whole nested blocks.
+  EXPECT_EQ(Nf4ShardBytes(n, 64, true, 1), 1024 * 32 + 1024 + 4 * 4);
+  // More ranks than nested blocks: every rank still holds one padded piece.
+  EXPECT_EQ(Nf4ShardBytes(64 * 10, 64, true, 4), 256 * 32 + 256 + 4);
+}
+
+TEST(MemoryPlanTest, RejectsBadOptionsNamingTheField) {
+  MemoryPlanOptions o;
+  o.world_size = 0;
+  auto p = PlanMemory(Llama3_70B(), o);
+  ASSERT_FALSE(p.ok());
+  EXPECT_NE(p.status().message().find("world_size (0)"), std::string::npos);
+  o = MemoryPlanOptions();
+  o.target_modules = {"qkv"};
+  p = PlanMemory(Llama3_70B(), o);
+  ASSERT_FALSE(p.ok());
+  EXPECT_NE(p.status().message().find("'qkv'"), std::string::npos);
+}
+
+TEST(MemoryPlanTest, Llama70BFrozenBytesAndLoraCount) {
+  auto one = PlanMemory(Llama3_70B(), Fleet(1, false));
+  ASSERT_TRUE(one.ok()) << one.status().ToString();
+  // 80 layers x (4 * 8192^2 / 4 (GQA k,v: 1024 rows) ...) computed by hand:
+  // projections 80 * (8192*8192*2 + 1024*8192*2 + 28672*8192*3) elements.
+  const double proj = 80.0 * (8192.0 * 8192 * 2 + 1024.0 * 8192 * 2 + 28672.0 * 8192 * 3);
+  const double dense = 2.0 * 128256 * 8192 + 80.0 * 2 * 8192 + 8192;  // embed, lm_head, norms
+  // NF4 with double quant: 4.127 bits per parameter (plus < 256 blocks of
+  // padding per tensor), dense in bf16.
+  const double want = proj * (0.5 + 1.0 / 64 + 4.0 / (64 * 256)) + dense * 2;
+  EXPECT_NEAR(static_cast<double>(one->frozen_shard_bytes), want, want * 1e-3);
+  // r = 16 on all 7 projections: 80 * 16 * sum(in + out).
+  const int64_t per_layer = 16 * ((8192 + 8192) * 2 + (8192 + 1024) * 2 + (8192 + 28672) * 3);
+  EXPECT_EQ(one->lora_params, 80 * per_layer);
+
+  auto two = PlanMemory(Llama3_70B(), Fleet(2, false));
+  ASSERT_TRUE(two.ok());
+  EXPECT_NEAR(static_cast<double>(two->frozen_shard_bytes),
+              static_cast<double>(one->frozen_shard_bytes) / 2, want * 2e-3);
+}
+
+TEST(MemoryPlanTest, OptionsMoveMemoryWhereTheyShould) {
+  const LlamaConfig c = Llama3_70B();
+  auto base = PlanMemory(c, Fleet(2, false)).value();
+  auto off = PlanMemory(c, Fleet(2, true)).value();
+  // Offload moves the frozen shards (and the LoRA shard + AdamW state) to the host.
+  EXPECT_LT(off.device_peak_bytes, base.device_peak_bytes - base.frozen_shard_bytes * 9 / 10);
+  EXPECT_GT(off.host_peak_bytes, base.host_peak_bytes + base.frozen_shard_bytes * 9 / 10);
+  // SHARD_GRAD_OP keeps every layer gathered: the whole model on each rank.
+  MemoryPlanOptions o = Fleet(2, false);
+  o.reshard_after_forward = false;
+  auto sgo = PlanMemory(c, o).value();
+  EXPECT_GT(sgo.device_peak_bytes, base.device_peak_bytes + base.frozen_shard_bytes * 8 / 10);
+  // No checkpointing: 80 layers' activations instead of one.
+  o = Fleet(2, false);
+  o.activation_checkpointing = false;
+  auto nock = PlanMemory(c, o).value();
+  EXPECT_GT(nock.device_peak_bytes, base.device_peak_bytes + 10 * kGiB);
+  // Longer sequences cost more; more ranks less.
+  o = Fleet(2, false);
+  o.seq_len = 4096;
+  EXPECT_GT(PlanMemory(c, o).value().device_peak_bytes, base.device_peak_bytes);
+  EXPECT_LT(PlanMemory(c, Fleet(4, false)).value().device_peak_bytes, base.device_peak_bytes);
+}
+
+TEST(MemoryPlanTest, Llama70BOnTheIssuesThreeFleets) {
+  const LlamaConfig c = Llama3_70B();
+  struct Case {
+    const char* name;
+    int world;
+    bool offload;
+    int64_t device_bytes;
+  } cases[] = {
+      {"2 x 24 GiB, offload", 2, true, 24 * kGiB},
+      {"4 x 24 GiB", 4, false, 24 * kGiB},
+      {"2 x 80 GiB", 2, false, 80 * kGiB},
+      {"2 x 24 GiB, no offload", 2, false, 24 * kGiB},
+  };
+  for (const Case& k : cases) {
+    auto p = PlanMemory(c, Fleet(k.world, k.offload));
+    ASSERT_TRUE(p.ok()) << p.status().ToString();
+    std::printf("=== Llama-3-70B on %s (batch 1 x seq 2048, LoRA r 16 on all 7 projections, "
+                "activation checkpointing, FULL_SHARD): %s\n%s",
+                k.name, p->FitsDevice(k.device_bytes) ? "fits" : "DOES NOT FIT",
+                p->ToString().c_str());
+  }
+  // What people run (REFERENCE.md): 2 x 24 GB with offload, 4 x 24 GB, 2 x
+  // 80 GB all fit; 2 x 24 GB without offload cannot hold ~20 GiB of shards
+  // plus the working set.
+  EXPECT_TRUE(PlanMemory(c, Fleet(2, true)).value().FitsDevice(24 * kGiB));
+  EXPECT_TRUE(PlanMemory(c, Fleet(4, false)).value().FitsDevice(24 * kGiB));
+  EXPECT_TRUE(PlanMemory(c, Fleet(2, false)).value().FitsDevice(80 * kGiB));
+  EXPECT_FALSE(PlanMemory(c, Fleet(2, false)).value().FitsDevice(24 * kGiB));
+}
+
+}  // namespace
+}  // namespace ftune::trainer

@@ -1,0 +1,765 @@
+// FSDP units, sharded loading and sharded LoRA; see fsdp.h for the design.
+#include "worker/trainer/fsdp.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <utility>
+
+#include "worker/trainer/llama_config.h"
+#include "worker/trainer/safetensors.h"
+#include "worker/trainer/weights.h"
+
+namespace ftune::trainer {
+namespace {
+
+using comm::DataType;
+
+constexpr int64_t kAlign = 64;  // bytes; every segment starts at a multiple
+constexpr int64_t kNested = kernels::kNf4NestedBlocksize;
+
+int64_t AlignUp(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+at::TensorOptions U8(c10::Device d) { return at::TensorOptions().dtype(at::kByte).device(d); }
+
+// "on rank 1 of 4": every collective error names it.
+std::string Where(int rank, int world) {
+  return "rank " + std::to_string(rank) + " of " + std::to_string(world);
+}
+
+Status Prefixed(const Status& s, const std::string& what) {
+  return Status(s.code(), what + ": " + s.message());
+}
+
+// The device whose memory the communicator reads: host for Gloo, the
+// model's device for NCCL (and for no communicator at all).
+c10::Device CommDevice(comm::Communicator* comm, c10::Device model_device) {
+  if (comm != nullptr && comm->backend() == "gloo") return c10::Device(c10::DeviceType::CPU);
+  return model_device;
+}
+
+// Reads "VmRSS:"/"VmHWM:" from /proc/self/status, in bytes (0 if absent).
+int64_t ProcStatusBytes(const char* key) {
+  FILE* f = std::fopen("/proc/self/status", "r");
+  if (f == nullptr) return 0;
+  char line[256];
+  int64_t kb = 0;
+  const size_t n = std::strlen(key);
+  while (std::fgets(line, sizeof(line), f) != nullptr) {
+    if (std::strncmp(line, key, n) == 0) {
+      kb = std::atoll(line + n);
+      break;
+    }
+  }
+  std::fclose(f);
+  return kb * 1024;
+}
+
+// Resets the kernel's peak-RSS mark (VmHWM) to the current RSS, so the next
+// reading is the peak since now. Best effort: without it, VmHWM is the peak
+// since the process started, which only overstates.
+void ResetPeakRss() {
+  const int fd = ::open("/proc/self/clear_refs", O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return;
+  (void)!::write(fd, "5", 1);
+  ::close(fd);
+}
+
+// An AllGather of `bytes` per rank; with one rank a copy (or nothing).
+Status AllGatherBytes(comm::Communicator* comm, const at::Tensor& send, at::Tensor& recv,
+                      int64_t bytes, int64_t send_offset, int64_t recv_offset) {
+  const uint8_t* src = send.data_ptr<uint8_t>() + send_offset;
+  uint8_t* dst = recv.data_ptr<uint8_t>() + recv_offset;
+  if (comm == nullptr || comm->size() == 1) {
+    if (src != dst) recv.narrow(0, recv_offset, bytes).copy_(send.narrow(0, send_offset, bytes));
+    return OkStatus();
+  }
+  return comm->AllGather(src, dst, static_cast<size_t>(bytes), DataType::kUInt8, nullptr);
+}
+
+// A dense base layer whose weight the engine sets and drops (the FSDP form
+// of DenseLinear: same checks, same at::linear).
+class ShardedDenseLinear final : public BaseLinear {
+ public:
+  ShardedDenseLinear(int64_t out, int64_t in) : out_(out), in_(in) {}
+  int64_t in_features() const override { return in_; }
+  int64_t out_features() const override { return out_; }
+  at::Tensor Forward(const at::Tensor& x) const override {
+    TORCH_CHECK(weight_.defined(), "dense base layer (", out_, ", ", in_,
+                "): weight not resident (an FSDP unit used without being gathered)");
+    TORCH_CHECK(x.size(-1) == in_, "DenseLinear: input ", x.sizes(),
+                " does not match weight (out, in) = ", weight_.sizes());
+    TORCH_CHECK(x.scalar_type() == weight_.scalar_type(), "DenseLinear: input dtype ",
+                x.scalar_type(), " differs from the weight's ", weight_.scalar_type());
+    return at::linear(x, weight_);  // (..., out)
+  }
+  at::Tensor DenseWeight(c10::ScalarType dtype) const override {
+    TORCH_CHECK(weight_.defined(), "dense base layer (", out_, ", ", in_,
+                "): weight not resident (an FSDP unit used without being gathered)");
+    return weight_.to(dtype);
+  }
+  at::Tensor* mutable_weight() { return &weight_; }
+
+ private:
+  int64_t out_, in_;
+  at::Tensor weight_;  // (out, in), a view into the gathered unit
+};
+
+// One segment of a unit: a piece per rank, gathered back to back.
+struct Segment {
+  int64_t piece_bytes = 0;
+  int64_t shard_offset = 0;     // in this rank's shard
+  int64_t gathered_offset = 0;  // in the gathered buffer (world * piece_bytes there)
+};
+
+struct UnitTensor {
+  std::string name;
+  std::vector<int64_t> shape;
+  int64_t numel = 0;
+  bool nf4 = false;
+  // NF4.
+  Nf4ShardGeometry geo;
+  Nf4Linear* linear = nullptr;
+  at::Tensor offset;  // fp32 (1) on the model's device, nested only
+  int seg_packed = -1, seg_absmax = -1, seg_absmax2 = -1;
+  // Dense: where the gathered view goes (the embedding is also lm_head when tied).
+  std::vector<at::Tensor*> targets;
+  int seg_dense = -1;
+};
+
+struct Unit {
+  std::string name;
+  std::vector<UnitTensor> tensors;
+  std::vector<Segment> segments;
+  int64_t shard_bytes = 0;
+  int64_t gathered_bytes = 0;
+  at::Tensor shard;     // uint8 (shard_bytes)
+  at::Tensor gathered;  // uint8 (gathered_bytes) while resident
+  bool resident = false;
+};
+
+class FsdpUnitsImpl final : public FsdpUnits {
+ public:
+  FsdpUnitsImpl(LlamaModel* model, comm::Communicator* comm, FsdpOptions options, bool tied)
+      : model_(model),
+        comm_(comm),
+        options_(options),
+        world_(comm == nullptr ? 1 : comm->size()),
+        rank_(comm == nullptr ? 0 : comm->rank()),
+        device_(model->options().device),
+        comm_device_(CommDevice(comm, model->options().device)),
+        tied_(tied) {}
+
+  std::vector<Unit>& units() { return units_; }
+  int world() const { return world_; }
+  int rank() const { return rank_; }
+
+  // Lays out the unit's segments once its tensors are listed.
+  void Layout(Unit& u) {
+    int64_t so = 0, go = 0;
+    auto add = [&](int64_t piece) {
+      Segment s;
+      s.piece_bytes = piece;
+      s.shard_offset = so;
+      s.gathered_offset = go;
+      so = AlignUp(so + piece, kAlign);
+      go = AlignUp(go + piece * world_, kAlign);
+      u.segments.push_back(s);
+      return static_cast<int>(u.segments.size()) - 1;
+    };
+    const int64_t esize = c10::elementSize(model_->options().dtype);
+    for (UnitTensor& t : u.tensors) {
+      if (t.nf4) {
+        t.seg_packed = add(t.geo.PackedPieceBytes());
+        t.seg_absmax = add(t.geo.AbsmaxPieceBytes());
+        if (t.geo.nested) t.seg_absmax2 = add(t.geo.Absmax2PieceBytes());
+      } else {
+        t.seg_dense = add(CeilDiv(t.numel, world_) * esize);
+      }
+    }
+    u.shard_bytes = so;
+    u.gathered_bytes = go;
+  }
+
+  // --- FsdpUnits
+  Status GatherUnit(int64_t unit) override {
+    if (unit < 0 || unit >= num_units()) {
+      return OutOfRangeError("FSDP unit " + std::to_string(unit) + " of " +
+                             std::to_string(num_units()));
+    }
+    if (tied_ && unit == model_->head_unit()) {
+      FTUNE_TRAINER_RETURN_IF_ERROR(GatherOne(LlamaModel::kEmbeddingUnit));
+    }
+    return GatherOne(unit);
+  }
+
+  void ReleaseUnit(int64_t unit) override {
+    if (unit < 0 || unit >= num_units()) return;
+    ReleaseOne(unit);
+    if (tied_ && unit == model_->head_unit()) ReleaseOne(LlamaModel::kEmbeddingUnit);
+  }
+
+  bool resident(int64_t unit) const override { return units_.at(unit).resident; }
+  int64_t num_units() const override { return static_cast<int64_t>(units_.size()); }
+  int64_t shard_bytes(int64_t unit) const override { return units_.at(unit).shard_bytes; }
+  int64_t gathered_bytes(int64_t unit) const override { return units_.at(unit).gathered_bytes; }
+  int64_t gathers() const override { return gathers_; }
+  const FsdpOptions& options() const override { return options_; }
+
+  // --- UnitHooks
+  void Gather(int64_t unit, UnitPhase phase) override {
+    const Status s = GatherUnit(unit);
+    TORCH_CHECK(s.ok(), "FSDP gather of unit ", unit, " (",
+                unit >= 0 && unit < num_units() ? units_[unit].name : std::string("?"), ", ",
+                phase == UnitPhase::kBackward ? "backward" : "forward", "): ", s.ToString());
+  }
+
+  void Release(int64_t unit, UnitPhase phase) override {
+    // SHARD_GRAD_OP keeps a unit from its forward to its backward.
+    if (phase == UnitPhase::kForward && !options_.reshard_after_forward) return;
+    ReleaseUnit(unit);
+  }
+
+ private:
+  Status GatherOne(int64_t unit) {
+    Unit& u = units_[unit];
+    if (u.resident) return OkStatus();
+    // Offloaded shards are copied in first (pinned host memory on CUDA, so
+    // the copy is asynchronous on the current stream).
+    at::Tensor src = u.shard.device() == comm_device_ ? u.shard
+                                                     : u.shard.to(comm_device_, /*non_blocking=*/true);
+    at::Tensor gathered;
+    if (world_ == 1) {
+      gathered = src;  // the gathered layout is the shard's
+    } else {
+      gathered = at::empty({u.gathered_bytes}, U8(comm_device_));
+      for (size_t i = 0; i < u.segments.size(); ++i) {
+        const Segment& s = u.segments[i];
+        const Status st = AllGatherBytes(comm_, src, gathered, s.piece_bytes, s.shard_offset,
+                                         s.gathered_offset);
+        if (!st.ok()) {
+          return Prefixed(st, "FSDP unit '" + u.name + "' segment " + std::to_string(i) +
+                                  " all-gather on " + Where(rank_, world_));
+        }
+      }
+      ++gathers_;
+    }
+    if (gathered.device() != device_) gathered = gathered.to(device_);
+    u.gathered = gathered;
+    Materialize(u);
+    u.resident = true;
+    return OkStatus();
+  }
+
+  void ReleaseOne(int64_t unit) {
+    Unit& u = units_[unit];
+    if (!u.resident) return;
+    for (UnitTensor& t : u.tensors) {
+      if (t.nf4) {
+        t.linear->ReleaseWeight();
+      } else {
+        for (at::Tensor* target : t.targets) *target = at::Tensor();
+      }
+    }
+    u.gathered = at::Tensor();
+    u.resident = false;
+  }
+
+  at::Tensor View(const Unit& u, int seg, int64_t bytes, c10::ScalarType dtype) const {
+    at::Tensor b = u.gathered.narrow(0, u.segments[seg].gathered_offset, bytes);
+    return dtype == at::kByte ? b : b.view(dtype);
+  }
+
+  void Materialize(Unit& u) {
+    const c10::ScalarType dtype = model_->options().dtype;
+    for (UnitTensor& t : u.tensors) {
+      if (t.nf4) {
+        Nf4Weight w;
+        w.out_features = t.shape[0];
+        w.in_features = t.shape[1];
+        w.blocksize = t.geo.blocksize;
+        w.packed = View(u, t.seg_packed, kernels::Nf4PackedBytes(t.numel), at::kByte);
+        const int64_t nb = t.geo.num_blocks;
+        if (t.geo.nested) {
+          w.absmax = View(u, t.seg_absmax, nb, at::kByte);
+          w.nested_absmax =
+              View(u, t.seg_absmax2, kernels::Nf4NumNestedBlocks(nb) * 4, at::kFloat);
+          w.offset = t.offset;
+        } else {
+          w.absmax = View(u, t.seg_absmax, nb * 4, at::kFloat);
+        }
+        t.linear->SetWeight(std::move(w));
+      } else {
+        at::Tensor v = View(u, t.seg_dense, t.numel * c10::elementSize(dtype), dtype).view(t.shape);
+        for (at::Tensor* target : t.targets) *target = v;
+      }
+    }
+  }
+
+  LlamaModel* model_;
+  comm::Communicator* comm_;
+  FsdpOptions options_;
+  int world_;
+  int rank_;
+  c10::Device device_;
+  c10::Device comm_device_;
+  bool tied_;
+  std::vector<Unit> units_;
+  int64_t gathers_ = 0;
+};
+
+}  // namespace
+
+// ------------------------------------------------------------ NF4 pieces
+
+Nf4ShardGeometry Nf4ShardGeometry::Make(int64_t numel, const Nf4Options& options, int world) {
+  Nf4ShardGeometry g;
+  g.numel = numel;
+  g.blocksize = options.blocksize;
+  g.nested = options.double_quant;
+  g.world = world;
+  g.num_blocks = kernels::Nf4NumBlocks(numel, options.blocksize);
+  const int64_t align = g.nested ? kNested : 1;
+  g.blocks_per_rank = std::max<int64_t>(1, AlignUp(CeilDiv(g.num_blocks, world), align));
+  return g;
+}
+
+int64_t Nf4ShardGeometry::BlockBegin(int rank) const {
+  return std::min(num_blocks, rank * blocks_per_rank);
+}
+int64_t Nf4ShardGeometry::BlockEnd(int rank) const {
+  return std::min(num_blocks, (rank + 1) * blocks_per_rank);
+}
+int64_t Nf4ShardGeometry::ElementBegin(int rank) const {
+  return std::min(numel, BlockBegin(rank) * blocksize);
+}
+int64_t Nf4ShardGeometry::ElementEnd(int rank) const {
+  return std::min(numel, BlockEnd(rank) * blocksize);
+}
+
+Result<Nf4ShardPieces> QuantizeNf4Part(const at::Tensor& part, const Nf4ShardGeometry& g,
+                                       int rank, comm::Communicator* comm,
+                                       const std::string& name) {
+  const int world = comm == nullptr ? 1 : comm->size();
+  if (world != g.world) {
+    return InvalidArgumentError("QuantizeNf4Part('" + name + "'): geometry for " +
+                                std::to_string(g.world) + " ranks but the communicator has " +
+                                std::to_string(world));
+  }
+  const int64_t count = g.ElementEnd(rank) - g.ElementBegin(rank);
+  if (part.dim() != 1 || part.numel() != count) {
+    return InvalidArgumentError("QuantizeNf4Part('" + name + "'): " + Where(rank, world) +
+                                " owns " + std::to_string(count) + " elements, got a tensor of " +
+                                std::to_string(part.numel()) + " (dim " +
+                                std::to_string(part.dim()) + ")");
+  }
+  const c10::Device dev = part.device();
+  Nf4ShardPieces p;
+  p.packed = at::zeros({g.PackedPieceBytes()}, U8(dev));
+  at::Tensor absmax = at::zeros({g.blocks_per_rank}, at::TensorOptions().dtype(at::kFloat).device(dev));
+  if (count > 0) {
+    Nf4Options plain;
+    plain.blocksize = g.blocksize;
+    plain.double_quant = false;
+    // The part's blocks are whole blocks of the tensor (only the tensor's
+    // last block may be partial, and it is the last of the last non-empty
+    // part), so quantizing them alone gives the tensor's bytes.
+    Nf4Weight w = QuantizeNf4Weight(part.view({1, count}), plain);
+    p.packed.narrow(0, 0, w.packed.numel()).copy_(w.packed);
+    absmax.narrow(0, 0, w.absmax.numel()).copy_(w.absmax);
+  }
+  if (!g.nested) {
+    p.absmax = absmax.view(at::kByte);
+    return p;
+  }
+  // The nested offset is a mean over the whole tensor in torch's reduction
+  // order: gather every rank's absmax and double-quantize the whole vector
+  // here, as every other rank does, then keep this rank's slice.
+  at::Tensor whole;
+  if (world == 1) {
+    whole = absmax.narrow(0, 0, g.num_blocks);
+  } else {
+    const c10::Device cdev = CommDevice(comm, dev);
+    at::Tensor send = absmax.to(cdev);
+    at::Tensor all = at::empty({g.blocks_per_rank * world}, send.options());
+    const Status s = comm->AllGather(send.data_ptr(), all.data_ptr(),
+                                     static_cast<size_t>(g.blocks_per_rank), DataType::kFloat32,
+                                     nullptr);
+    if (!s.ok()) {
+      return Prefixed(s, "gathering the block absmax of '" + name + "' on " + Where(rank, world));
+    }
+    whole = all.narrow(0, 0, g.num_blocks).to(dev);
+  }
+  Nf4NestedStats st = DoubleQuantizeNf4Absmax(whole);
+  p.absmax = at::zeros({g.AbsmaxPieceBytes()}, U8(dev));
+  at::Tensor absmax2 = at::zeros({g.blocks_per_rank / kNested}, absmax.options());
+  const int64_t b0 = g.BlockBegin(rank), b1 = g.BlockEnd(rank);
+  if (b1 > b0) {
+    p.absmax.narrow(0, 0, b1 - b0).copy_(st.qabsmax.narrow(0, b0, b1 - b0));
+    const int64_t n0 = b0 / kNested, n1 = CeilDiv(b1, kNested);
+    absmax2.narrow(0, 0, n1 - n0).copy_(st.absmax2.narrow(0, n0, n1 - n0));
+  }
+  p.absmax2 = absmax2.view(at::kByte);
+  p.offset = st.offset;
+  return p;
+}
+
+Result<Nf4Weight> GatherNf4Pieces(const Nf4ShardPieces& mine, const Nf4ShardGeometry& g,
+                                  int64_t out_features, int64_t in_features,
+                                  comm::Communicator* comm) {
+  if (out_features * in_features != g.numel) {
+    return InvalidArgumentError("GatherNf4Pieces: (" + std::to_string(out_features) + ", " +
+                                std::to_string(in_features) + ") is not " +
+                                std::to_string(g.numel) + " elements");
+  }
+  const c10::Device dev = mine.packed.device();
+  const c10::Device cdev = CommDevice(comm, dev);
+  auto gather = [&](const at::Tensor& piece, int64_t bytes) -> Result<at::Tensor> {
+    at::Tensor send = piece.to(cdev).contiguous();
+    at::Tensor all = at::empty({bytes * g.world}, U8(cdev));
+    FTUNE_TRAINER_RETURN_IF_ERROR(AllGatherBytes(comm, send, all, bytes, 0, 0));
+    return all.to(dev);
+  };
+  Nf4Weight w;
+  w.out_features = out_features;
+  w.in_features = in_features;
+  w.blocksize = g.blocksize;
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor packed, gather(mine.packed, g.PackedPieceBytes()));
+  w.packed = packed.narrow(0, 0, kernels::Nf4PackedBytes(g.numel)).clone();
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor absmax, gather(mine.absmax, g.AbsmaxPieceBytes()));
+  if (g.nested) {
+    w.absmax = absmax.narrow(0, 0, g.num_blocks).clone();
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor a2, gather(mine.absmax2, g.Absmax2PieceBytes()));
+    w.nested_absmax =
+        a2.view(at::kFloat).narrow(0, 0, kernels::Nf4NumNestedBlocks(g.num_blocks)).clone();
+    w.offset = mine.offset.clone();
+  } else {
+    w.absmax = absmax.view(at::kFloat).narrow(0, 0, g.num_blocks).clone();
+  }
+  w.Validate();
+  return w;
+}
+
+FsdpUnits* FsdpUnitsOf(const LlamaModel& model) {
+  return dynamic_cast<FsdpUnits*>(model.unit_hooks());
+}
+
+// ------------------------------------------------------------ loading
+
+Result<std::unique_ptr<LlamaModel>> LoadShardedModel(const std::string& model_dir,
+                                                    const ModelOptions& options,
+                                                    const FsdpOptions& fsdp,
+                                                    comm::Communicator* comm, LoadStats* stats) {
+  const auto t0 = std::chrono::steady_clock::now();
+  ResetPeakRss();
+  LoadStats local;
+  local.start_rss_bytes = ProcStatusBytes("VmRSS:");
+  const int world = comm == nullptr ? 1 : comm->size();
+  const int rank = comm == nullptr ? 0 : comm->rank();
+  if (comm != nullptr && comm->backend() == "nccl" && !options.device.is_cuda()) {
+    return InvalidArgumentError("LoadShardedModel: an NCCL communicator needs a CUDA model device, "
+                                "got " + options.device.str());
+  }
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(LlamaConfig config, LoadLlamaConfig(model_dir));
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsModel> st,
+                                 SafetensorsModel::OpenDirectory(model_dir));
+  const std::string source = st->source();
+
+  // The model with no frozen bytes; the projections' layers are remembered
+  // by name so their units can point at them.
+  std::map<std::string, BaseLinear*> bases;
+  auto make_base = [&](const std::string& name, int64_t out,
+                       int64_t in) -> Result<std::unique_ptr<BaseLinear>> {
+    std::unique_ptr<BaseLinear> b;
+    if (options.quantize_base) {
+      b = Nf4Linear::Unmaterialized(out, in, options.nf4);
+    } else {
+      b = std::make_unique<ShardedDenseLinear>(out, in);
+    }
+    bases[name] = b.get();
+    return b;
+  };
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::unique_ptr<LlamaModel> model,
+                                 LlamaModel::BuildUnmaterialized(config, options, source,
+                                                                 make_base));
+  auto units = std::make_shared<FsdpUnitsImpl>(model.get(), comm, fsdp,
+                                               config.tie_word_embeddings);
+  const c10::Device cdev = CommDevice(comm, options.device);
+  // Where shards live: pinned host memory when offloading from a GPU, else
+  // where the communicator reads.
+  const bool pin = fsdp.offload_params && options.device.is_cuda();
+  const c10::Device shard_device = fsdp.offload_params ? c10::Device(c10::DeviceType::CPU) : cdev;
+
+  // This rank's elements [e0, e1) of a tensor, in the compute dtype on the
+  // device; checks the file's shape against the config.
+  auto read_part = [&](const UnitTensor& t, int64_t e0, int64_t e1) -> Result<at::Tensor> {
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(SafetensorsModel::TensorRef ref, st->Find(t.name));
+    std::vector<int64_t> file_shape(ref.info->shape.begin(), ref.info->shape.end());
+    if (file_shape != t.shape) {
+      return InvalidArgumentError(ref.file->path() + ": tensor '" + t.name + "' has shape " +
+                                  ShapeToString(ref.info->shape) +
+                                  " but the config implies " +
+                                  ShapeToString(std::vector<uint64_t>(t.shape.begin(), t.shape.end())));
+    }
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(c10::ScalarType file_dtype, TorchDtypeOf(ref.info->dtype));
+    at::Tensor raw = at::empty({e1 - e0}, at::TensorOptions().dtype(file_dtype));
+    if (e1 > e0) {
+      FTUNE_TRAINER_RETURN_IF_ERROR(ref.file->ReadElements(t.name, e0, e1, raw.data_ptr()));
+      local.read_bytes += raw.numel() * static_cast<int64_t>(raw.element_size());
+    }
+    return raw.to(at::TensorOptions().dtype(options.dtype).device(options.device));
+  };
+
+  auto dense = [&](const std::string& name, std::vector<int64_t> shape,
+                   std::vector<at::Tensor*> targets) {
+    UnitTensor t;
+    t.name = name;
+    t.shape = std::move(shape);
+    t.numel = 1;
+    for (int64_t d : t.shape) t.numel *= d;
+    t.targets = std::move(targets);
+    return t;
+  };
+  const int64_t h = config.hidden_size;
+  std::vector<Unit>& list = units->units();
+  list.resize(model->num_units());
+  {
+    Unit& u = list[LlamaModel::kEmbeddingUnit];
+    u.name = "embedding";
+    std::vector<at::Tensor*> targets = {&model->mutable_embed_tokens()};
+    if (config.tie_word_embeddings) targets.push_back(&model->mutable_lm_head());
+    u.tensors.push_back(dense("model.embed_tokens.weight", {config.vocab_size, h}, targets));
+  }
+  for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
+    Unit& u = list[LlamaModel::LayerUnit(i)];
+    u.name = "layer " + std::to_string(i);
+    DecoderLayer& l = model->mutable_layers()[i];
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    u.tensors.push_back(dense(p + "input_layernorm.weight", {h}, {&l.input_layernorm}));
+    u.tensors.push_back(
+        dense(p + "post_attention_layernorm.weight", {h}, {&l.post_attention_layernorm}));
+    for (const char* name : {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                             "mlp.down_proj"}) {
+      const std::string wname = p + name + ".weight";
+      BaseLinear* b = bases.at(wname);
+      std::vector<int64_t> shape = {b->out_features(), b->in_features()};
+      if (options.quantize_base) {
+        UnitTensor t;
+        t.name = wname;
+        t.shape = shape;
+        t.numel = shape[0] * shape[1];
+        t.nf4 = true;
+        t.geo = Nf4ShardGeometry::Make(t.numel, options.nf4, world);
+        t.linear = static_cast<Nf4Linear*>(b);
+        u.tensors.push_back(std::move(t));
+      } else {
+        u.tensors.push_back(dense(wname, shape, {static_cast<ShardedDenseLinear*>(b)->mutable_weight()}));
+      }
+    }
+  }
+  {
+    Unit& u = list[model->head_unit()];
+    u.name = "head";
+    u.tensors.push_back(dense("model.norm.weight", {h}, {&model->mutable_final_norm()}));
+    if (!config.tie_word_embeddings) {
+      u.tensors.push_back(
+          dense("lm_head.weight", {config.vocab_size, h}, {&model->mutable_lm_head()}));
+    }
+  }
+
+  const int64_t esize = c10::elementSize(options.dtype);
+  for (Unit& u : list) {
+    units->Layout(u);
+    u.shard = at::zeros({u.shard_bytes}, U8(shard_device).pinned_memory(pin));
+    for (UnitTensor& t : u.tensors) {
+      local.largest_tensor_bytes = std::max(local.largest_tensor_bytes, t.numel * esize);
+      const std::string what = "loading '" + t.name + "' (" + source + ") on " + Where(rank, world);
+      if (t.nf4) {
+        const int64_t e0 = t.geo.ElementBegin(rank), e1 = t.geo.ElementEnd(rank);
+        FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor part, read_part(t, e0, e1));
+        Result<Nf4ShardPieces> pieces = QuantizeNf4Part(part, t.geo, rank, comm, t.name);
+        if (!pieces.ok()) return Prefixed(pieces.status(), what);
+        part = at::Tensor();
+        auto put = [&](int seg, const at::Tensor& bytes) {
+          const Segment& s = u.segments[seg];
+          u.shard.narrow(0, s.shard_offset, s.piece_bytes).copy_(bytes);
+        };
+        put(t.seg_packed, pieces->packed);
+        put(t.seg_absmax, pieces->absmax);
+        if (t.geo.nested) {
+          put(t.seg_absmax2, pieces->absmax2);
+          t.offset = pieces->offset.to(options.device);
+        }
+      } else {
+        const int64_t piece = CeilDiv(t.numel, world);
+        const int64_t e0 = std::min(t.numel, rank * piece);
+        const int64_t e1 = std::min(t.numel, (rank + 1) * piece);
+        FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor part, read_part(t, e0, e1));
+        const Segment& s = u.segments[t.seg_dense];
+        if (e1 > e0) {
+          u.shard.narrow(0, s.shard_offset, (e1 - e0) * esize).copy_(part.view(at::kByte));
+        }
+      }
+    }
+    local.shard_bytes += u.shard_bytes;
+  }
+  local.unit_count = static_cast<int64_t>(list.size());
+  model->set_unit_hooks(units);
+  local.peak_rss_bytes = ProcStatusBytes("VmHWM:");
+  local.seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (stats != nullptr) *stats = local;
+  return model;
+}
+
+// ------------------------------------------------------------ ShardedLora
+
+Result<std::unique_ptr<ShardedLora>> ShardedLora::Create(LlamaModel* model,
+                                                        comm::Communicator* comm) {
+  if (model == nullptr || !model->has_lora()) {
+    return FailedPreconditionError("ShardedLora: the model has no LoRA adapters attached "
+                                   "(AttachLora or LoadAdapter first)");
+  }
+  std::unique_ptr<ShardedLora> s(new ShardedLora());
+  s->model_ = model;
+  s->comm_ = comm;
+  s->world_ = comm == nullptr ? 1 : comm->size();
+  s->rank_ = comm == nullptr ? 0 : comm->rank();
+  s->comm_device_ = CommDevice(comm, model->options().device);
+  for (const NamedTensor& p : model->LoraParameters()) {
+    Entry e;
+    e.name = p.name;
+    e.offset = s->total_numel_;
+    e.numel = p.tensor.numel();
+    e.shape = p.tensor.sizes().vec();
+    s->total_numel_ += e.numel;
+    s->layout_.push_back(std::move(e));
+    s->params_.push_back(p.tensor);
+  }
+  s->shard_numel_ = CeilDiv(s->total_numel_, s->world_);
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor flat, s->FullFlat(/*grads=*/false));
+  if (s->world_ > 1) {
+    const Status st = comm->Broadcast(flat.data_ptr(), static_cast<size_t>(flat.numel()),
+                                      DataType::kFloat32, 0, nullptr);
+    if (!st.ok()) return Prefixed(st, "ShardedLora: broadcasting the adapters from rank 0");
+    // Every rank now holds rank 0's adapters.
+    at::Tensor dev = flat.to(model->options().device);
+    c10::NoGradGuard no_grad;
+    for (size_t i = 0; i < s->params_.size(); ++i) {
+      const Entry& e = s->layout_[i];
+      s->params_[i].view(-1).copy_(dev.narrow(0, e.offset, e.numel));
+    }
+  }
+  s->shard_ = flat.narrow(0, s->shard_begin(), s->shard_numel_)
+                  .to(model->options().device)
+                  .clone()
+                  .detach();
+  s->shard_.set_requires_grad(true);
+  return s;
+}
+
+// The full flat vector (padded) of the adapters or of their gradients
+// (zeros where a gradient is undefined), on the communicator's device.
+Result<at::Tensor> ShardedLora::FullFlat(bool grads) const {
+  c10::NoGradGuard no_grad;
+  at::Tensor flat = at::zeros({shard_numel_ * world_},
+                              at::TensorOptions().dtype(at::kFloat).device(comm_device_));
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const Entry& e = layout_[i];
+    const at::Tensor src = grads ? params_[i].grad() : params_[i];
+    if (!src.defined()) continue;
+    flat.narrow(0, e.offset, e.numel).copy_(src.detach().reshape(-1));
+  }
+  return flat;
+}
+
+Status ShardedLora::ReduceGradients() {
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor flat, FullFlat(/*grads=*/true));
+  at::Tensor mine;
+  if (world_ == 1) {
+    mine = flat.narrow(0, 0, shard_numel_);
+  } else {
+    mine = at::empty({shard_numel_}, flat.options());
+    const Status st = comm_->ReduceScatter(flat.data_ptr(), mine.data_ptr(),
+                                           static_cast<size_t>(shard_numel_), DataType::kFloat32,
+                                           comm::ReduceOp::kSum, nullptr);
+    if (!st.ok()) {
+      return Prefixed(st, "ShardedLora::ReduceGradients on " + Where(rank_, world_));
+    }
+  }
+  flat = at::Tensor();
+  mine = mine.to(shard_.device());
+  c10::NoGradGuard no_grad;
+  if (shard_.grad().defined()) {
+    shard_.mutable_grad().add_(mine);
+  } else {
+    shard_.mutable_grad() = mine;
+  }
+  for (at::Tensor& p : params_) p.mutable_grad().reset();
+  return OkStatus();
+}
+
+Result<double> ShardedLora::GradNorm() {
+  c10::NoGradGuard no_grad;
+  double local = 0;
+  if (shard_.grad().defined()) {
+    local = shard_.grad().to(at::kDouble).pow(2).sum().item<double>();
+  }
+  if (world_ == 1) return std::sqrt(local);
+  // Gathered as bytes and summed in rank order, so every rank computes the
+  // same double (an fp32 all-reduce would round, and differently per rank
+  // order).
+  std::vector<double> all(world_, 0.0);
+  const Status st = comm_->AllGather(&local, all.data(), sizeof(double), DataType::kUInt8, nullptr);
+  if (!st.ok()) return Prefixed(st, "ShardedLora::GradNorm on " + Where(rank_, world_));
+  double sum = 0;
+  for (double v : all) sum += v;
+  return std::sqrt(sum);
+}
+
+Result<double> ShardedLora::ClipGradNorm(double max_norm) {
+  if (!(max_norm > 0)) {
+    return InvalidArgumentError("max_grad_norm (" + std::to_string(max_norm) + ") must be > 0");
+  }
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(double total, GradNorm());
+  if (shard_.grad().defined()) {
+    c10::NoGradGuard no_grad;
+    // torch's clip_grad_norm_: an fp32 coefficient, clamped, applied
+    // unconditionally.
+    at::Tensor t = at::scalar_tensor(total, at::TensorOptions().dtype(at::kFloat));
+    at::Tensor coef = at::clamp_max(at::reciprocal(t + 1e-6) * max_norm, 1.0);
+    shard_.mutable_grad().mul_(coef.to(shard_.device()));
+  }
+  return total;
+}
+
+Status ShardedLora::GatherParams() {
+  c10::NoGradGuard no_grad;
+  at::Tensor send = shard_.detach().to(comm_device_).contiguous();
+  at::Tensor full;
+  if (world_ == 1) {
+    full = send;
+  } else {
+    full = at::empty({shard_numel_ * world_}, send.options());
+    const Status st = comm_->AllGather(send.data_ptr(), full.data_ptr(),
+                                       static_cast<size_t>(shard_numel_), DataType::kFloat32,
+                                       nullptr);
+    if (!st.ok()) return Prefixed(st, "ShardedLora::GatherParams on " + Where(rank_, world_));
+  }
+  full = full.to(model_->options().device);
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const Entry& e = layout_[i];
+    params_[i].view(-1).copy_(full.narrow(0, e.offset, e.numel));
+  }
+  return OkStatus();
+}
+
+}  // namespace ftune::trainer

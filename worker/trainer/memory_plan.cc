@@ -1,0 +1,204 @@
+// Per-rank memory plan; see memory_plan.h for what is counted and why.
+#include "worker/trainer/memory_plan.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <set>
+
+namespace ftune::trainer {
+namespace {
+
+constexpr int64_t kNestedBlocks = 256;  // bitsandbytes' double-quant block (kernels/nf4.h)
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t RoundUp(int64_t a, int64_t m) { return CeilDiv(a, m) * m; }
+
+struct Projection {
+  const char* name;
+  int64_t out, in;
+};
+
+std::vector<Projection> Projections(const LlamaConfig& c) {
+  const int64_t h = c.hidden_size, i = c.intermediate_size;
+  return {{"q_proj", c.q_size(), h},   {"k_proj", c.kv_size(), h}, {"v_proj", c.kv_size(), h},
+          {"o_proj", h, c.q_size()},   {"gate_proj", i, h},        {"up_proj", i, h},
+          {"down_proj", h, i}};
+}
+
+std::string Gib(int64_t bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.2f GiB", static_cast<double>(bytes) / (1LL << 30));
+  return buf;
+}
+
+}  // namespace
+
+Status MemoryPlanOptions::Validate() const {
+  auto bad = [](const std::string& field, int64_t v, const std::string& want) {
+    return InvalidArgumentError(field + " (" + std::to_string(v) + ") must be " + want);
+  };
+  if (world_size < 1) return bad("world_size", world_size, ">= 1");
+  if (micro_batch_size < 1) return bad("per_device_train_batch_size", micro_batch_size, ">= 1");
+  if (seq_len < 1) return bad("max_seq_length", seq_len, ">= 1");
+  if (lora_r < 1) return bad("lora r", lora_r, ">= 1");
+  if (nf4_blocksize < 64 || nf4_blocksize > 4096 || (nf4_blocksize & (nf4_blocksize - 1)) != 0) {
+    return bad("bnb_4bit_blocksize", nf4_blocksize, "a power of two in [64, 4096]");
+  }
+  if (compute_dtype_bytes != 2 && compute_dtype_bytes != 4) {
+    return bad("compute dtype bytes", compute_dtype_bytes, "2 or 4");
+  }
+  if (file_dtype_bytes != 2 && file_dtype_bytes != 4) {
+    return bad("checkpoint dtype bytes", file_dtype_bytes, "2 or 4");
+  }
+  if (loss_chunk_tokens < 1) return bad("loss_chunk_tokens", loss_chunk_tokens, ">= 1");
+  static const std::set<std::string> kKnown = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                                               "gate_proj", "up_proj", "down_proj"};
+  for (const std::string& m : target_modules) {
+    if (kKnown.count(m) == 0) {
+      return InvalidArgumentError("target_modules: '" + m + "' is not a Llama projection");
+    }
+  }
+  return OkStatus();
+}
+
+int64_t Nf4ShardBytes(int64_t numel, int64_t blocksize, bool double_quant, int world) {
+  const int64_t nb = CeilDiv(numel, blocksize);
+  const int64_t per_rank =
+      std::max<int64_t>(1, RoundUp(CeilDiv(nb, world), double_quant ? kNestedBlocks : 1));
+  const int64_t packed = per_rank * blocksize / 2;
+  const int64_t absmax = per_rank * (double_quant ? 1 : 4);
+  const int64_t absmax2 = double_quant ? per_rank / kNestedBlocks * 4 : 0;
+  return packed + absmax + absmax2;
+}
+
+std::string MemoryPlan::ToString() const {
+  std::string s = "device peak " + Gib(device_peak_bytes) + "\n";
+  for (const auto& [name, bytes] : device_items) s += "  " + name + ": " + Gib(bytes) + "\n";
+  s += "host peak " + Gib(host_peak_bytes) + "\n";
+  for (const auto& [name, bytes] : host_items) s += "  " + name + ": " + Gib(bytes) + "\n";
+  return s;
+}
+
+Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) {
+  FTUNE_TRAINER_RETURN_IF_ERROR(o.Validate());
+  if (c.hidden_size < 1 || c.intermediate_size < 1 || c.num_hidden_layers < 1 ||
+      c.num_attention_heads < 1 || c.num_key_value_heads < 1 || c.head_dim < 1 ||
+      c.vocab_size < 1) {
+    return InvalidArgumentError("PlanMemory: the model config has a non-positive dimension");
+  }
+  const int w = o.world_size;
+  const int64_t cb = o.compute_dtype_bytes;
+  const int64_t h = c.hidden_size, inter = c.intermediate_size, L = c.num_hidden_layers;
+  const int64_t q = c.q_size(), kv = c.kv_size();
+  const int64_t T = o.micro_batch_size * o.seq_len;  // tokens per micro-batch
+  std::set<std::string> targets(o.target_modules.begin(), o.target_modules.end());
+  if (targets.empty()) {
+    for (const Projection& p : Projections(c)) targets.insert(p.name);
+  }
+  auto dense_shard = [&](int64_t numel) { return CeilDiv(numel, w) * cb; };
+
+  // Frozen shards and gathered sizes, per unit.
+  int64_t layer_shard = 2 * dense_shard(h);  // the two norms
+  int64_t largest_projection = 0;
+  for (const Projection& p : Projections(c)) {
+    const int64_t n = p.out * p.in;
+    largest_projection = std::max(largest_projection, n);
+    layer_shard += o.quantize_base ? Nf4ShardBytes(n, o.nf4_blocksize, o.double_quant, w)
+                                   : dense_shard(n);
+  }
+  const int64_t layer_gathered = layer_shard * w;
+  const int64_t embed_shard = dense_shard(c.vocab_size * h);
+  const int64_t head_shard = dense_shard(h) + (c.tie_word_embeddings ? 0 : embed_shard);
+  const int64_t frozen = L * layer_shard + embed_shard + head_shard;
+  // The head unit in use holds norm + lm_head (the embedding itself when tied).
+  const int64_t head_gathered = (dense_shard(h) + embed_shard) * w;
+
+  // LoRA: adapters whole on every rank, flat shards 1/W.
+  int64_t lora = 0;
+  for (const Projection& p : Projections(c)) {
+    if (targets.count(p.name)) lora += o.lora_r * (p.in + p.out);
+  }
+  lora *= L;
+  const int64_t lora_full = lora * 4;                  // fp32 adapters
+  const int64_t lora_shard = CeilDiv(lora, w) * 4;     // one fp32 shard-sized vector
+  const int64_t optimizer = 4 * lora_shard;            // shard, its grad, exp_avg, exp_avg_sq
+
+  // One layer's saved activations (see memory_plan.h), bytes.
+  const int64_t r = o.lora_r;
+  int64_t saved = 0;
+  saved += 2 * T * h * (2 * 4 + 2 * cb);               // two RMSNorms: fp32 stats + outputs
+  saved += T * (q + 2 * kv) * cb;                      // q, k, v projections
+  saved += T * (q + kv) * cb * 3;                      // RoPE: inputs, rotated halves, outputs
+  saved += 2 * T * q * cb;                             // k, v repeated to every head (GQA)
+  saved += 2 * T * q * cb;                             // attention output, transposed copy
+  saved += 4 * T * inter * cb;                         // gate, up, silu(gate), product
+  for (const Projection& p : Projections(c)) {
+    if (targets.count(p.name)) saved += T * (p.in + r) * 4;  // fp32 input cast + A output
+  }
+  if (!o.flash_attention) {
+    saved += 2 * o.micro_batch_size * c.num_attention_heads * o.seq_len * o.seq_len * cb;
+  }
+  const int64_t working = static_cast<int64_t>(saved * (1.0 + o.activation_grad_factor));
+  const int64_t checkpoints = L * T * h * cb;         // each layer's input
+  const int64_t activations = o.activation_checkpointing ? checkpoints + working : L * working;
+  // Scratch: one dequantized projection, the loss chunk's logits + grad.
+  const int64_t dequant = o.quantize_base ? largest_projection * cb : 0;
+  const int64_t loss_chunk = std::min(o.loss_chunk_tokens, T) * c.vocab_size * 4 * 2;
+  const int64_t hidden_grads = 2 * T * h * 4;          // grad of the residual stream (fp32 in flight)
+
+  MemoryPlan plan;
+  plan.frozen_shard_bytes = frozen;
+  plan.lora_params = lora;
+  auto& dev = plan.device_items;
+  if (!o.offload_params) dev.push_back({"frozen shards", frozen});
+  const int64_t gathered_layers =
+      o.reshard_after_forward ? std::min<int64_t>(2, L) * layer_gathered : L * layer_gathered;
+  // The peak is in the backward of the first layers (every checkpoint
+  // input alive) or at the loss (head unit gathered); the loss-time peak
+  // also holds the checkpoints and the gathered head.
+  const int64_t layer_time = gathered_layers + working + dequant;
+  const int64_t head_time = head_gathered + loss_chunk +
+                            (o.reshard_after_forward ? 0 : L * layer_gathered) + hidden_grads;
+  if (layer_time >= head_time) {
+    dev.push_back({o.reshard_after_forward ? "gathered units (current + prefetch)"
+                                           : "gathered units (all layers, SHARD_GRAD_OP)",
+                   gathered_layers});
+    dev.push_back({"layer working set (recompute + grads)", working});
+    dev.push_back({"dequantized projection", dequant});
+  } else {
+    dev.push_back({"gathered head unit (norm + lm_head)", head_gathered});
+    if (!o.reshard_after_forward) dev.push_back({"gathered layers (SHARD_GRAD_OP)", L * layer_gathered});
+    dev.push_back({"loss chunk logits + grad", loss_chunk});
+    dev.push_back({"hidden-state grads", hidden_grads});
+  }
+  dev.push_back({o.activation_checkpointing ? "checkpointed layer inputs" : "all layers' activations",
+                 o.activation_checkpointing ? checkpoints : L * saved});
+  dev.push_back({"LoRA adapters (whole) + their grads", 2 * lora_full});
+  if (!o.offload_params) dev.push_back({"LoRA shard + grad + AdamW moments", optimizer});
+  dev.push_back({"CUDA context + workspace", o.device_runtime_bytes});
+  int64_t device = 0;
+  for (const auto& it : dev) device += it.second;
+  const int64_t margin = static_cast<int64_t>(device * o.device_fragmentation);
+  dev.push_back({"allocator fragmentation margin", margin});
+  plan.device_peak_bytes = device + margin;
+
+  // Host: offloaded state, or the loading peak (shards are built on the
+  // device, one tensor's share read through the host at a time).
+  auto& host = plan.host_items;
+  host.push_back({"runtime (libraries, process)", o.host_runtime_bytes});
+  const int64_t largest_dense = std::max(largest_projection, c.vocab_size * h);
+  const int64_t read_part = CeilDiv(largest_dense, w) * o.file_dtype_bytes;
+  plan.loading_host_peak_bytes =
+      o.host_runtime_bytes + read_part + (o.offload_params ? frozen : 0);
+  if (o.offload_params) {
+    host.push_back({"offloaded frozen shards (pinned)", frozen});
+    host.push_back({"offloaded LoRA shard + grad + AdamW moments (pinned)", optimizer});
+  }
+  host.push_back({"loading: one tensor's share in the file dtype", read_part});
+  int64_t total_host = 0;
+  for (const auto& it : host) total_host += it.second;
+  plan.host_peak_bytes = total_host;
+  return plan;
+}
+
+}  // namespace ftune::trainer

@@ -1,0 +1,105 @@
+// PlanMemory: per-rank peak device and host memory of an FSDP + QLoRA job,
+// predicted from the model shape and the job's options (issue 4, `ftune
+// plan`). Pure arithmetic, no LibTorch, so the coordinator can place and
+// refuse jobs with it.
+//
+// What it counts, per rank (world W), mirroring fsdp.h and model.h:
+//   frozen shards   every unit's shard: per projection NF4 packed bytes +
+//                   uint8 absmax + fp32 absmax2 per 256 blocks, split at
+//                   256-block boundaries and padded to W pieces exactly as
+//                   Nf4ShardGeometry does; norms, embedding and lm_head in
+//                   the compute dtype split by elements. On the device, or
+//                   on the host (pinned) with offload_params.
+//   gathered units  the unit in use plus the one being prefetched (two
+//                   decoder layers), or every decoder layer from forward to
+//                   backward without reshard_after_forward; the embedding or
+//                   head unit (dense, vocab x hidden) while it is in use.
+//   LoRA            the whole adapters (fp32) stay on every rank, their full
+//                   fp32 gradients exist from backward to ReduceGradients;
+//                   the flat shard, its gradient and AdamW's two moments are
+//                   1/W of the flat vector each (on the host with offload).
+//   activations     with checkpointing: each layer's input (batch x seq x
+//                   hidden, compute dtype) for every layer, plus one layer's
+//                   recompute working set in backward; without it, every
+//                   layer's working set. The working set counts the tensors
+//                   autograd saves in model.h's layer (norm outputs and their
+//                   fp32 statistics, q/k/v before and after RoPE, attention
+//                   output, MLP gate/up/activation/product, LoRA's fp32 input
+//                   casts and A outputs) and the gradients alive at its peak
+//                   (activation_grad_factor of it).
+//   scratch         the dequantized weight of the largest projection
+//                   (forward and backward each dequantize it once), the
+//                   loss's chunk of fp32 logits and their gradient, and with
+//                   math attention the (heads x seq x seq) scores.
+//   runtime         the CUDA context/cuBLAS workspace (device) and the
+//                   process' libraries (host), as constants below; a
+//                   fragmentation margin on the device total.
+// The constants are first estimates; the GPU host validates them (issue 4:
+// within 10% of measured peaks) and they are the knobs to adjust.
+//
+// Thread-safety: pure functions of their arguments.
+#ifndef FTUNE_WORKER_TRAINER_MEMORY_PLAN_H_
+#define FTUNE_WORKER_TRAINER_MEMORY_PLAN_H_
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "worker/trainer/llama_config.h"
+#include "worker/trainer/status.h"
+
+namespace ftune::trainer {
+
+struct MemoryPlanOptions {
+  int world_size = 1;
+  int64_t micro_batch_size = 1;
+  int64_t seq_len = 2048;
+  int64_t lora_r = 16;
+  // HF module names; every projection when empty.
+  std::vector<std::string> target_modules;
+  bool offload_params = false;  // frozen shards + LoRA shard + AdamW state on the host
+  bool activation_checkpointing = true;
+  bool reshard_after_forward = true;
+  bool quantize_base = true;  // NF4 projections (QLoRA); else dense in the compute dtype
+  int64_t nf4_blocksize = 64;
+  bool double_quant = true;
+  int compute_dtype_bytes = 2;  // bf16 on CUDA
+  int file_dtype_bytes = 2;     // bf16 checkpoints
+  int64_t loss_chunk_tokens = 1024;
+  bool flash_attention = true;  // SDPA flash path: no (seq x seq) scores kept
+  // Runtime constants (see the file comment).
+  int64_t device_runtime_bytes = 1536LL << 20;  // CUDA context + cuBLAS workspace
+  int64_t host_runtime_bytes = 3LL << 30;       // LibTorch + CUDA libraries, process
+  double device_fragmentation = 0.05;           // caching allocator slack
+  double activation_grad_factor = 1.0;          // gradients alive at the backward peak / saved
+
+  // INVALID_ARGUMENT naming the field: "world_size (0) must be >= 1".
+  Status Validate() const;
+};
+
+struct MemoryPlan {
+  int64_t device_peak_bytes = 0;
+  int64_t host_peak_bytes = 0;
+  // Named parts of each total, largest effects first as computed.
+  std::vector<std::pair<std::string, int64_t>> device_items;
+  std::vector<std::pair<std::string, int64_t>> host_items;
+  // Useful single figures.
+  int64_t frozen_shard_bytes = 0;      // this rank's frozen shards
+  int64_t lora_params = 0;             // adapter elements, all layers
+  int64_t loading_host_peak_bytes = 0; // LoadShardedModel's peak on the host
+
+  bool FitsDevice(int64_t device_bytes) const { return device_peak_bytes <= device_bytes; }
+  // One line per item and the totals, in GiB.
+  std::string ToString() const;
+};
+
+Result<MemoryPlan> PlanMemory(const LlamaConfig& config, const MemoryPlanOptions& options);
+
+// Bytes of one rank's shard of an NF4 tensor of `numel` elements split over
+// `world` ranks (packed + absmax + absmax2 pieces, padded as fsdp.h does).
+int64_t Nf4ShardBytes(int64_t numel, int64_t blocksize, bool double_quant, int world);
+
+}  // namespace ftune::trainer
+
+#endif  // FTUNE_WORKER_TRAINER_MEMORY_PLAN_H_
