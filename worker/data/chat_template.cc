@@ -1,0 +1,341 @@
+// See chat_template.h. Each renderer below follows its Jinja source (quoted
+// in tests/golden/data/make_golden.py) statement for statement; where the
+// template raises, the message is the template's own.
+#include "worker/data/chat_template.h"
+
+#include <utility>
+
+#include "worker/data/utf8.h"
+
+namespace ftune::data {
+namespace {
+
+// Python's str.isspace(): Unicode White_Space plus the information
+// separators U+001C..U+001F, which Python also counts.
+bool IsPythonSpace(uint32_t cp) { return IsWhiteSpace(cp) || (cp >= 0x1C && cp <= 0x1F); }
+
+// Code point at `pos` when it is a complete sequence inside `text`, else -1.
+int64_t CodePointAt(std::string_view text, size_t pos, size_t* length) {
+  const size_t n = Utf8Length(static_cast<unsigned char>(text[pos]));
+  if (pos + n > text.size()) return -1;
+  return DecodeUtf8At(text, pos, length);
+}
+
+// Renders in pieces and records spans; keeps the renderers short.
+class Out {
+ public:
+  void Add(std::string_view s) { text_.append(s); }
+  size_t size() const { return text_.size(); }
+  void Span(size_t begin) { spans_.push_back({begin, text_.size()}); }
+  RenderedChat Take() { return {std::move(text_), std::move(spans_)}; }
+
+ private:
+  std::string text_;
+  std::vector<ByteSpan> spans_;
+};
+
+Status CheckRoles(const std::vector<ChatMessage>& messages) {
+  for (size_t i = 0; i < messages.size(); ++i) {
+    const std::string& r = messages[i].role;
+    if (r != "system" && r != "user" && r != "assistant") {
+      return InvalidArgumentError("messages[" + std::to_string(i) + "].role: \"" + r +
+                                  "\" is not one of system, user, assistant");
+    }
+  }
+  return OkStatus();
+}
+
+void Llama3Message(const ChatMessage& m, Out* out) {
+  out->Add("<|start_header_id|>");
+  out->Add(m.role);
+  out->Add("<|end_header_id|>\n\n");
+  const size_t begin = out->size();
+  out->Add(PythonStrip(m.content));
+  out->Add("<|eot_id|>");
+  if (m.role == "assistant") out->Span(begin);
+}
+
+RenderedChat RenderLlama3(const ChatTemplate& t, const std::vector<ChatMessage>& messages,
+                          bool add_generation_prompt) {
+  Out out;
+  for (size_t i = 0; i < messages.size(); ++i) {
+    if (i == 0) out.Add(t.bos_token);
+    Llama3Message(messages[i], &out);
+  }
+  if (add_generation_prompt) out.Add("<|start_header_id|>assistant<|end_header_id|>\n\n");
+  return out.Take();
+}
+
+Result<RenderedChat> RenderLlama31(const ChatTemplate& t, const std::vector<ChatMessage>& messages,
+                                   bool add_generation_prompt) {
+  // `messages[0]['role']` on an empty list is an UndefinedError in Jinja.
+  if (messages.empty()) {
+    return InvalidArgumentError("llama3.1 chat template: the conversation has no messages");
+  }
+  Out out;
+  out.Add(t.bos_token);
+  size_t first = 0;
+  std::string_view system;
+  if (messages[0].role == "system") {
+    system = PythonStrip(messages[0].content);
+    first = 1;
+  }
+  out.Add("<|start_header_id|>system<|end_header_id|>\n\n");
+  out.Add("Cutting Knowledge Date: December 2023\n");
+  out.Add("Today Date: ");
+  out.Add(t.date_string);
+  out.Add("\n\n");
+  out.Add(system);
+  out.Add("<|eot_id|>");
+  for (size_t i = first; i < messages.size(); ++i) Llama3Message(messages[i], &out);
+  if (add_generation_prompt) out.Add("<|start_header_id|>assistant<|end_header_id|>\n\n");
+  return out.Take();
+}
+
+Status AlternationError(const char* message) { return InvalidArgumentError(message); }
+
+Result<RenderedChat> RenderLlama2(const ChatTemplate& t, const std::vector<ChatMessage>& messages) {
+  size_t first = 0;
+  const std::string* system = nullptr;
+  if (!messages.empty() && messages[0].role == "system") {
+    system = &messages[0].content;
+    first = 1;
+  }
+  Out out;
+  for (size_t i = first; i < messages.size(); ++i) {
+    const ChatMessage& m = messages[i];
+    const size_t index0 = i - first;
+    if ((m.role == "user") != (index0 % 2 == 0)) {
+      return AlternationError("llama2 chat template: Conversation roles must alternate "
+                              "user/assistant/user/assistant/...");
+    }
+    std::string content;
+    if (index0 == 0 && system != nullptr) {
+      content = "<<SYS>>\n" + *system + "\n<</SYS>>\n\n" + m.content;
+    } else {
+      content = m.content;
+    }
+    if (m.role == "user") {
+      out.Add(t.bos_token);
+      out.Add("[INST] ");
+      out.Add(PythonStrip(content));
+      out.Add(" [/INST]");
+    } else if (m.role == "assistant") {
+      const size_t begin = out.size();
+      out.Add(" ");
+      out.Add(PythonStrip(content));
+      out.Add(" ");
+      out.Add(t.eos_token);
+      out.Span(begin);
+    }
+    // A "system" message past the first renders nothing (no branch for it).
+  }
+  return out.Take();
+}
+
+Result<RenderedChat> RenderMistral(const ChatTemplate& t, const std::vector<ChatMessage>& messages) {
+  size_t first = 0;
+  const std::string* system = nullptr;
+  if (!messages.empty() && messages[0].role == "system") {
+    system = &messages[0].content;
+    first = 1;
+  }
+  Out out;
+  out.Add(t.bos_token);
+  for (size_t i = first; i < messages.size(); ++i) {
+    const ChatMessage& m = messages[i];
+    const size_t index0 = i - first;
+    if ((m.role == "user") != (index0 % 2 == 0)) {
+      return AlternationError("mistral chat template: After the optional system message, "
+                              "conversation roles must alternate user/assistant/user/assistant/...");
+    }
+    if (m.role == "user") {
+      out.Add(" [INST] ");
+      if (index0 == 0 && system != nullptr) {
+        out.Add(*system);
+        out.Add("\n\n");
+      }
+      out.Add(m.content);
+      out.Add(" [/INST]");
+    } else if (m.role == "assistant") {
+      const size_t begin = out.size();
+      out.Add(" ");
+      out.Add(m.content);
+      out.Add(t.eos_token);
+      out.Span(begin);
+    } else {
+      return InvalidArgumentError(
+          "mistral chat template: Only user and assistant roles are supported, with the exception "
+          "of an initial optional system message!");
+    }
+  }
+  return out.Take();
+}
+
+RenderedChat RenderChatML(const std::vector<ChatMessage>& messages, bool add_generation_prompt) {
+  Out out;
+  for (const ChatMessage& m : messages) {
+    out.Add("<|im_start|>");
+    out.Add(m.role);
+    out.Add("\n");
+    const size_t begin = out.size();
+    out.Add(m.content);
+    out.Add("<|im_end|>\n");
+    if (m.role == "assistant") out.Span(begin);
+  }
+  if (add_generation_prompt) out.Add("<|im_start|>assistant\n");
+  return out.Take();
+}
+
+bool Has(std::string_view text, std::string_view marker) {
+  return text.find(marker) != std::string_view::npos;
+}
+
+std::string SupportedList() {
+  std::string s;
+  for (const std::string& n : SupportedChatTemplateNames()) s += (s.empty() ? "" : ", ") + n;
+  return s;
+}
+
+}  // namespace
+
+std::string_view PythonStrip(std::string_view text) {
+  size_t begin = 0;
+  while (begin < text.size()) {
+    size_t n = 0;
+    const int64_t cp = CodePointAt(text, begin, &n);
+    if (cp < 0 || !IsPythonSpace(static_cast<uint32_t>(cp))) break;
+    begin += n;
+  }
+  size_t end = text.size();
+  while (end > begin) {
+    size_t start = end - 1;  // back up to the lead byte (at most 3 continuation bytes)
+    while (start > begin && end - start < 4 &&
+           (static_cast<unsigned char>(text[start]) & 0xC0) == 0x80) {
+      --start;
+    }
+    size_t n = 0;
+    const int64_t cp = CodePointAt(text, start, &n);
+    if (cp < 0 || start + n != end || !IsPythonSpace(static_cast<uint32_t>(cp))) break;
+    end = start;
+  }
+  return text.substr(begin, end - begin);
+}
+
+const std::vector<std::string>& SupportedChatTemplateNames() {
+  static const std::vector<std::string> names = {"llama3", "llama3.1", "llama2", "chatml", "mistral"};
+  return names;
+}
+
+std::string ChatTemplateName(ChatTemplateKind kind) {
+  switch (kind) {
+    case ChatTemplateKind::kLlama3: return "llama3";
+    case ChatTemplateKind::kLlama31: return "llama3.1";
+    case ChatTemplateKind::kLlama2: return "llama2";
+    case ChatTemplateKind::kChatML: return "chatml";
+    case ChatTemplateKind::kMistral: return "mistral";
+  }
+  return "unknown";
+}
+
+Result<ChatTemplateKind> ChatTemplateKindFromName(const std::string& name) {
+  if (name == "llama3") return ChatTemplateKind::kLlama3;
+  if (name == "llama3.1") return ChatTemplateKind::kLlama31;
+  if (name == "llama2") return ChatTemplateKind::kLlama2;
+  if (name == "chatml") return ChatTemplateKind::kChatML;
+  if (name == "mistral") return ChatTemplateKind::kMistral;
+  return InvalidArgumentError("chat_template \"" + name + "\" is not supported; use auto or one of " +
+                              SupportedList());
+}
+
+Result<ChatTemplateKind> DetectChatTemplate(std::string_view jinja, const std::string& source) {
+  const std::string where = source + ": chat_template ";
+  const std::string fix = "; set dataset.chat_template to one of " + SupportedList();
+  if (Has(jinja, "<|start_header_id|>") && Has(jinja, "<|eot_id|>")) {
+    if (Has(jinja, "Cutting Knowledge Date")) {
+      if (Has(jinja, "strftime_now")) {
+        return InvalidArgumentError(
+            where + "is Llama 3.2-style: it stamps today's date (strftime_now) into every "
+                    "conversation, which makes prepared data depend on the day" + fix +
+            " (llama3.1 renders the fixed date 26 Jul 2024)");
+      }
+      if (!Has(jinja, "date_string")) {
+        return InvalidArgumentError(where + "looks like Llama 3.1's but has no date_string" + fix);
+      }
+      return ChatTemplateKind::kLlama31;
+    }
+    if (!Has(jinja, "add_generation_prompt")) {
+      return InvalidArgumentError(
+          where + "looks like Llama 3's but always appends the assistant header (the base "
+                  "model's template, not a chat template)" + fix + " (llama3 is Meta-Llama-3-Instruct's)");
+    }
+    if (Has(jinja, "tools") || Has(jinja, "ipython")) {
+      return InvalidArgumentError(where + "is a Llama 3 template with tool handling ftune does not "
+                                          "recognize" + fix);
+    }
+    return ChatTemplateKind::kLlama3;
+  }
+  if (Has(jinja, "<<SYS>>") && Has(jinja, "[INST]")) return ChatTemplateKind::kLlama2;
+  if (Has(jinja, "[INST]")) {
+    if (Has(jinja, "[AVAILABLE_TOOLS]") || Has(jinja, "[SYSTEM_PROMPT]")) {
+      return InvalidArgumentError(where + "is a later Mistral template (tools / [SYSTEM_PROMPT]) that "
+                                          "ftune does not render" + fix);
+    }
+    if (!Has(jinja, "' [INST] '") || !Has(jinja, "system_message")) {
+      return InvalidArgumentError(
+          where + "is an early Mistral template ('[INST] ' without the leading space, no system "
+                  "message) that ftune does not render" + fix +
+          " (mistral is the 2024 Mistral-7B/Mixtral-8x7B-Instruct template)");
+    }
+    return ChatTemplateKind::kMistral;
+  }
+  if (Has(jinja, "<|im_start|>") && Has(jinja, "<|im_end|>")) {
+    if (Has(jinja, "tools") || Has(jinja, "You are")) {
+      return InvalidArgumentError(where + "is a ChatML variant with a default system prompt or tool "
+                                          "handling (e.g. Qwen's) that ftune does not render" + fix);
+    }
+    return ChatTemplateKind::kChatML;
+  }
+  return InvalidArgumentError(where + "is not one ftune recognizes" + fix);
+}
+
+Result<ChatTemplate> ResolveChatTemplate(const std::string& name, const TokenizerConfig& config,
+                                         const std::string& source) {
+  ChatTemplate t;
+  if (name == "auto" || name.empty()) {
+    if (!config.chat_template.has_value() || config.chat_template->empty()) {
+      return InvalidArgumentError(source + "/tokenizer_config.json has no chat_template, so "
+                                           "chat_template \"auto\" cannot choose one; set "
+                                           "dataset.chat_template to one of " + SupportedList());
+    }
+    FTUNE_STATUS_ASSIGN_OR_RETURN(t.kind, DetectChatTemplate(*config.chat_template,
+                                                             source + "/tokenizer_config.json"));
+  } else {
+    FTUNE_STATUS_ASSIGN_OR_RETURN(t.kind, ChatTemplateKindFromName(name));
+  }
+  t.bos_token = config.bos_token.value_or("");
+  t.eos_token = config.eos_token.value_or("");
+  const bool needs_bos = t.kind != ChatTemplateKind::kChatML;
+  const bool needs_eos = t.kind == ChatTemplateKind::kLlama2 || t.kind == ChatTemplateKind::kMistral;
+  if ((needs_bos && t.bos_token.empty()) || (needs_eos && t.eos_token.empty())) {
+    return InvalidArgumentError(source + "/tokenizer_config.json names no " +
+                                (needs_bos && t.bos_token.empty() ? "bos_token" : "eos_token") +
+                                ", which the " + ChatTemplateName(t.kind) + " chat template needs");
+  }
+  return t;
+}
+
+Result<RenderedChat> RenderChat(const ChatTemplate& tmpl, const std::vector<ChatMessage>& messages,
+                                bool add_generation_prompt) {
+  FTUNE_DATA_RETURN_IF_ERROR(CheckRoles(messages));
+  switch (tmpl.kind) {
+    case ChatTemplateKind::kLlama3: return RenderLlama3(tmpl, messages, add_generation_prompt);
+    case ChatTemplateKind::kLlama31: return RenderLlama31(tmpl, messages, add_generation_prompt);
+    case ChatTemplateKind::kLlama2: return RenderLlama2(tmpl, messages);
+    case ChatTemplateKind::kChatML: return RenderChatML(messages, add_generation_prompt);
+    case ChatTemplateKind::kMistral: return RenderMistral(tmpl, messages);
+  }
+  return InternalError("unknown chat template kind");
+}
+
+}  // namespace ftune::data
