@@ -1,0 +1,139 @@
+// Writes a Llama-architecture model directory with random weights, in the
+// layout transformers and ftune load (an HF "model dir"):
+//   config.json                  LlamaForCausalLM, Llama 3 fields
+//   model.safetensors            or, above max_shard_bytes,
+//   model-0000i-of-0000n.safetensors + model.safetensors.index.json
+//   tokenizer.json, tokenizer_config.json
+// The README demo trains a LoRA on the "tiny" preset on CPU; the Llama 3
+// 8B / 70B presets give GPU hosts models of the real shapes to measure
+// memory and speed on, without downloading Meta's weights.
+//
+// Weights (fully specified, so anyone can regenerate the same bytes):
+//   * norms (input_layernorm, post_attention_layernorm, model.norm) are 1;
+//   * every other tensor is N(0, 0.02^2) (HF's initializer_range), element
+//     i of tensor `name` being InitNormal(seed, name, i): with
+//       key      = SplitMix64(seed ^ Fnv1a64(name))
+//       x_n      = SplitMix64(key + (n + 1) * 0x9E3779B97F4A7C15)
+//       u1       = ((x_{2p} >> 11) + 1) * 2^-53          in (0, 1]
+//       u2       = (x_{2p+1} >> 11) * 2^-53              in [0, 1)
+//       r        = sqrt(-2 ln u1),  t = 2 pi u2          (double)
+//     element 2p = 0.02 r cos t and element 2p+1 = 0.02 r sin t, rounded
+//     to float and then to bf16 (round to nearest even). Each element
+//     depends only on (seed, name, index): the bytes do not change with
+//     the sharding, the thread count or the order tensors are written in.
+//     (libm's log/cos/sin may differ in the last double bit between
+//     platforms, which moves a bf16 value only in astronomically rare
+//     cases.)
+//   With std 0.02, the final-norm hidden state (RMS 1) times lm_head gives
+//   logits of std 0.02 sqrt(hidden) (0.32 for the tiny preset), so the
+//   random model's loss starts near ln(vocab).
+//
+// Memory: tensors are generated in chunks of at most kInitChunkElements
+// straight into the output file (a 70B model never sits in RAM), by
+// num_threads threads per chunk.
+//
+// Tokenizer: trained on a corpus (worker/data/bpe_trainer.h: byte-level
+// BPE, Llama 3 special tokens and chat template) or copied from a directory
+// holding a real one. The model's vocab_size is the tokenizer's for "tiny";
+// the Llama 3 presets keep 128256 rows (the real embedding shape) when the
+// tokenizer is smaller, the extra rows being never-used ids, as Llama 3's
+// reserved tokens are.
+//
+// Files are written atomically, config.json last: a directory with a
+// config.json is complete. InitModel refuses an out_dir that already holds a
+// config.json.
+//
+// No LibTorch and no std::filesystem (it links into ftune-rank, next to pip
+// LibTorch; see file_util.h).
+//
+// Thread-safety: InitModel may run on several threads at once for different
+// out_dirs; the progress callback is called from the calling thread only.
+#ifndef FTUNE_WORKER_TRAINER_INIT_MODEL_H_
+#define FTUNE_WORKER_TRAINER_INIT_MODEL_H_
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "worker/trainer/llama_config.h"
+#include "worker/trainer/status.h"
+
+namespace ftune::trainer {
+
+struct InitModelOptions {
+  std::string out_dir;
+  // One of InitModelPresets(): "tiny", "llama3-8b", "llama3.1-8b",
+  // "llama3-70b", "llama3.1-70b".
+  std::string preset = "tiny";
+  // JSONL file of "messages" / "text" / "prompt"+"completion" records whose
+  // strings the BPE tokenizer is trained on...
+  std::string tokenizer_corpus;
+  // ...or a directory whose tokenizer.json (and tokenizer_config.json,
+  // special_tokens_map.json when present) are copied. Exactly one of the two.
+  std::string tokenizer_dir;
+  // Ids of a trained tokenizer (256 bytes + merges + special tokens).
+  int64_t vocab_size = 1024;
+  uint64_t seed = 0;
+  // > 0: this many decoder layers instead of the preset's.
+  int num_layers_override = 0;
+  // Called with one-line progress messages ("weights: 3.2 / 16.1 GB").
+  std::function<void(const std::string&)> progress;
+  // Above this many bytes of weights the model is sharded (HF's default
+  // max_shard_size "5GB").
+  uint64_t max_shard_bytes = 5'000'000'000;
+  // Generator threads; 0 = the machine's hardware concurrency.
+  int num_threads = 0;
+};
+
+// Writes the model directory; see the file comment. Errors name the
+// offending option, file or line and say what to change.
+Status InitModel(const InitModelOptions& options);
+
+// The preset names, in the order the help text lists them.
+const std::vector<std::string>& InitModelPresets();
+
+// A preset's config for a tokenizer of `tokenizer_vocab_size` ids (bos/eos
+// ids left unset); INVALID_ARGUMENT naming the presets for an unknown name.
+//   tiny:        hidden 256, 4 layers, 8 heads (head_dim 32), 4 kv heads,
+//                intermediate 688, rope_theta 500000, max positions 8192,
+//                rms_norm_eps 1e-5, untied, bf16; vocab = tokenizer's.
+//   llama3-8b:   Meta-Llama-3-8B (REFERENCE.md), max positions 8192;
+//   llama3.1-8b: the same with llama3 rope_scaling (factor 8, low 1,
+//                high 4, original 8192) and 131072 positions;
+//   llama3-70b, llama3.1-70b: likewise for 70B.
+//   The Llama 3 presets' vocab is max(128256, tokenizer's).
+Result<LlamaConfig> InitModelPresetConfig(const std::string& preset,
+                                          int64_t tokenizer_vocab_size);
+
+// config.json text for a config (HF LlamaConfig keys, sorted as
+// transformers writes them).
+std::string LlamaConfigToJson(const LlamaConfig& config);
+
+// The HF weight names and shapes of a config, in module order (embedding,
+// layers, final norm, lm_head unless tied).
+struct WeightSpec {
+  std::string name;
+  std::vector<uint64_t> shape;
+  bool is_norm = false;  // initialized to 1
+};
+std::vector<WeightSpec> LlamaWeightSpecs(const LlamaConfig& config);
+
+// Element `index` of a non-norm tensor, before the bf16 rounding (see the
+// file comment); and the bf16 bits InitModel writes for it.
+float InitNormal(uint64_t seed, const std::string& name, uint64_t index);
+uint16_t InitNormalBf16(uint64_t seed, const std::string& name, uint64_t index);
+
+// Writes the weights of `config` (bf16) into dir as model.safetensors or
+// shards + index, as InitModel does. Exposed for tools that bring their own
+// config.json and tokenizer.
+Status WriteRandomLlamaWeights(const std::string& dir, const LlamaConfig& config,
+                               uint64_t seed, uint64_t max_shard_bytes, int num_threads,
+                               const std::function<void(const std::string&)>& progress);
+
+// Elements generated per chunk (bounds the writer's memory: 2 bytes each).
+inline constexpr uint64_t kInitChunkElements = uint64_t{1} << 24;
+
+}  // namespace ftune::trainer
+
+#endif  // FTUNE_WORKER_TRAINER_INIT_MODEL_H_
