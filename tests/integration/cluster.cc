@@ -143,14 +143,17 @@ void Cluster::KillCoordinator(int sig) {
   coordinator_->Wait(std::chrono::seconds(10));
 }
 
-int Cluster::StartAgent(const std::string& host, int cpu_slots, std::vector<std::string> extra) {
+int Cluster::StartAgent(const std::string& host, int cpu_slots, std::vector<std::string> extra,
+                        const std::string& rank_binary) {
   std::vector<std::string> argv = {FTUNE_AGENT_BIN,
                                    "--coordinator=" + address(),
                                    "--token-file=" + dir_ + "/agent.token",
                                    "--work-dir=" + dir_ + "/agent-" + host,
                                    "--cpu-slots=" + std::to_string(cpu_slots),
                                    "--host=" + host,
-                                   "--rank-binary=" FTUNE_TEST_RANK_BIN,
+                                   "--rank-binary=" + (rank_binary.empty()
+                                                           ? std::string(FTUNE_TEST_RANK_BIN)
+                                                           : rank_binary),
                                    "--grace-seconds=2"};
   for (auto& e : extra) argv.push_back(e);
   agents_.push_back(std::make_unique<Process>(argv, dir_ + "/agent-" + host + ".log"));

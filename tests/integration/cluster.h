@@ -51,8 +51,11 @@ class Cluster {
 
   void StartCoordinator(std::vector<std::string> extra = {});
   void KillCoordinator(int sig);
-  // Starts an agent with `cpu_slots` CPU slots; returns its index.
-  int StartAgent(const std::string& host, int cpu_slots, std::vector<std::string> extra = {});
+  // Starts an agent with `cpu_slots` CPU slots; returns its index. Ranks are
+  // the scripted ftune-test-rank unless `rank_binary` names another (the
+  // real ftune-rank).
+  int StartAgent(const std::string& host, int cpu_slots, std::vector<std::string> extra = {},
+                 const std::string& rank_binary = "");
   Process& agent(int i) { return *agents_[i]; }
   Process& coordinator() { return *coordinator_; }
 

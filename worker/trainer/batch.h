@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "worker/data/prepare.h"
 #include "worker/data/token_file.h"
 
 namespace ftune::trainer {

@@ -17,13 +17,20 @@
 //       The model pre-quantized in transformers + bitsandbytes' 4-bit layout.
 //   ftune-rank export --model DIR --adapter DIR --out DIR
 //       A merged dense model directory (PEFT merge_and_unload).
+//   ftune-rank info
+//       JSON: LibTorch version, whether CUDA and NCCL/Gloo are usable.
+//   ftune-rank init-model --out DIR [--preset tiny|llama3-8b|...]
+//                         (--tokenizer-corpus FILE | --tokenizer-dir DIR)
+//       A random-weight Llama directory with a tokenizer (demo, benchmarks).
 //
 // Exit codes: 0 ok; 2 usage error or bad input (flags, spec, files);
 // 1 failure while computing or communicating.
 #include <signal.h>
 #include <unistd.h>
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <torch/version.h>
 
 #include <atomic>
 #include <chrono>
@@ -53,6 +60,9 @@
 #include "worker/trainer/bnb_checkpoint.h"
 #include "worker/trainer/checkpoint.h"
 #include "worker/trainer/events.h"
+#if defined(FTUNE_RANK_HAVE_INIT_MODEL)
+#include "worker/trainer/init_model.h"
+#endif
 #include "worker/trainer/merge.h"
 #include "worker/trainer/score.h"
 #if defined(FTUNE_RANK_HAVE_TRAIN)
@@ -163,8 +173,19 @@ struct TrainFlags {
 };
 
 // One rank of a standalone run (rank 0 of 1 runs in the calling process).
+// CPU ranks of one job share the machine's cores (N ranks each with all of
+// them would thrash). The same rule in `train` and `run` keeps a standalone
+// run and an agent-launched one bit-identical: results of parallel CPU
+// kernels depend on their thread count.
+void ShareCores(const std::string& device, int ranks_on_host) {
+  if (device != "cpu") return;
+  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+  at::set_num_threads(static_cast<int>(std::max(1u, cores / std::max(1, ranks_on_host))));
+}
+
 int TrainOneRank(const TrainFlags& flags, const ftune::v1::JobSpec& spec, int rank,
                  const std::string& store_address) {
+  ShareCores(flags.device, flags.nproc);
   trainer::ConsoleEventSink console(std::cerr, flags.json, rank);
   trainer::StopFlag stop;
   InstallStopSignals(&stop);
@@ -189,9 +210,6 @@ int TrainOneRank(const TrainFlags& flags, const ftune::v1::JobSpec& spec, int ra
   }
   std::unique_ptr<ftune::comm::Communicator> comm;
   if (flags.nproc > 1) {
-    // Share the cores: N ranks each with all of them would thrash.
-    const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
-    at::set_num_threads(static_cast<int>(std::max(1u, cores / flags.nproc)));
     std::unique_ptr<ftune::comm::LocalRendezvous> rendezvous;
     Status s = ftune::comm::LocalRendezvous::Connect(store_address, rank, flags.nproc,
                                                      std::chrono::minutes(2), &rendezvous);
@@ -268,6 +286,8 @@ int RunAgentRank(const RunFlags& flags) {
 
   ftune::v1::JobSpec spec;
   if (Status s = LoadSpec(flags.spec_path, &spec); !s.ok()) return fail(s);
+  // CPU jobs run all their ranks on one host (an agent's CPU slots).
+  ShareCores(flags.device, flags.world_size);
   // Hello first: the agent counts the rank as started from it, and the
   // coordinator marks the job RUNNING once every rank said it.
   int64_t start_step = 0;
@@ -408,6 +428,31 @@ int main(int argc, char** argv) {
   export_cmd->add_option("--adapter", merge.adapter_dir, "PEFT adapter directory")->required();
   export_cmd->add_option("--out", merge.out_dir, "output directory")->required();
 
+#if defined(FTUNE_RANK_HAVE_INIT_MODEL)
+  trainer::InitModelOptions init;
+  CLI::App* init_cmd = app.add_subcommand(
+      "init-model",
+      "Write a random-weight Llama model directory (config, bf16 safetensors, tokenizer)");
+  init_cmd->add_option("--out", init.out_dir, "output directory (must not hold a model)")
+      ->required();
+  init_cmd->add_option("--preset", init.preset, "model shape")
+      ->check(CLI::IsMember(trainer::InitModelPresets()))
+      ->capture_default_str();
+  init_cmd->add_option("--tokenizer-corpus", init.tokenizer_corpus,
+                       "JSONL records (messages/text/prompt+completion) to train a BPE "
+                       "tokenizer on");
+  init_cmd->add_option("--tokenizer-dir", init.tokenizer_dir,
+                       "copy tokenizer.json/tokenizer_config.json from this directory instead");
+  init_cmd->add_option("--vocab-size", init.vocab_size, "ids of a trained tokenizer")
+      ->capture_default_str();
+  init_cmd->add_option("--seed", init.seed, "weight seed")->capture_default_str();
+  init_cmd->add_option("--layers", init.num_layers_override,
+                       "decoder layers instead of the preset's (0: the preset's)");
+#endif
+
+  CLI::App* info_cmd =
+      app.add_subcommand("info", "What this build can run on (LibTorch, CUDA, NCCL, Gloo) as JSON");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -418,6 +463,28 @@ int main(int argc, char** argv) {
   if (train_cmd->parsed()) return RunTrain(train);
   if (run_cmd->parsed()) return RunAgentRank(run);
 #endif
+  if (info_cmd->parsed()) {
+#if defined(FTUNE_COMM_HAVE_NCCL)
+    const bool nccl = true;
+#else
+    const bool nccl = false;
+#endif
+#if defined(FTUNE_COMM_HAVE_GLOO)
+    const bool gloo = true;
+#else
+    const bool gloo = false;
+#endif
+#if defined(FTUNE_RANK_HAVE_TRAIN)
+    const bool train = true;
+#else
+    const bool train = false;
+#endif
+    std::cout << "{\"torch_version\": \"" << TORCH_VERSION << "\", \"cuda\": "
+              << (at::hasCUDA() ? "true" : "false") << ", \"nccl\": " << (nccl ? "true" : "false")
+              << ", \"gloo\": " << (gloo ? "true" : "false")
+              << ", \"train\": " << (train ? "true" : "false") << "}\n";
+    return kOk;
+  }
   if (score_cmd->parsed()) {
     ftune::Result<std::string> out = trainer::RunScore(score);
     if (!out.ok()) {
@@ -451,5 +518,18 @@ int main(int argc, char** argv) {
               << "}\n";
     return kOk;
   }
+#if defined(FTUNE_RANK_HAVE_INIT_MODEL)
+  if (init_cmd->parsed()) {
+    init.progress = [](const std::string& line) { std::cerr << line << "\n"; };
+    const Status s = trainer::InitModel(init);
+    if (!s.ok()) {
+      std::cerr << "ftune-rank init-model: " << s.ToString() << "\n";
+      return ExitCodeFor(s);
+    }
+    std::cout << "{\"out\": \"" << init.out_dir << "\", \"preset\": \"" << init.preset
+              << "\"}\n";
+    return kOk;
+  }
+#endif
   return kUsage;  // unreachable: require_subcommand(1)
 }

@@ -1,8 +1,12 @@
 #include "worker/trainer/train.h"
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/autograd.h>
+#if defined(FTUNE_TRAIN_CUDA)
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
 #include <unistd.h>
 
 #include <algorithm>
@@ -10,6 +14,7 @@
 #include <cmath>
 #include <iomanip>
 #include <memory>
+#include <mutex>
 #include <sstream>
 
 #include "jobspec.h"
@@ -98,13 +103,41 @@ Status CheckSupported(const v1::JobSpec& spec) {
   return OkStatus();
 }
 
-void EmitMemory(EventSink& events, const std::string& device, const std::string& phase,
-                int64_t peak_device) {
+struct MemoryNow {
+  int64_t allocated = 0, reserved = 0, peak = 0;
+};
+
+// Device memory of the rank: the CUDA caching allocator's counters, or the
+// host process itself for CPU ranks (where the "device" is host RAM).
+MemoryNow DeviceMemory(const c10::Device& device) {
+  MemoryNow m;
+  if (device.is_cuda()) {
+#if defined(FTUNE_TRAIN_CUDA)
+    using c10::cuda::CUDACachingAllocator::StatType;
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    const auto aggregate = static_cast<size_t>(StatType::AGGREGATE);
+    m.allocated = stats.allocated_bytes[aggregate].current;
+    m.reserved = stats.reserved_bytes[aggregate].current;
+    m.peak = stats.allocated_bytes[aggregate].peak;
+#endif
+    return m;
+  }
+  m.allocated = CurrentRssBytes();
+  m.reserved = m.allocated;
+  m.peak = PeakRssBytes();
+  return m;
+}
+
+void EmitMemory(EventSink& events, const c10::Device& device, const std::string& device_name,
+                const std::string& phase) {
+  const MemoryNow now = DeviceMemory(device);
   v1::RankMessage m;
   auto* mem = m.mutable_memory();
+  mem->set_allocated_bytes(now.allocated);
+  mem->set_reserved_bytes(now.reserved);
+  mem->set_peak_bytes(now.peak);
   mem->set_host_rss_bytes(CurrentRssBytes());
-  mem->set_peak_bytes(peak_device);
-  mem->set_device(device);
+  mem->set_device(device_name);
   mem->set_phase(phase);
   events.Emit(m);
 }
@@ -191,7 +224,7 @@ Result<TrainResult> Train(const v1::JobSpec& spec_in, const TrainContext& ctx) {
   FTUNE_TRAINER_ASSIGN_OR_RETURN(
       std::unique_ptr<LlamaModel> model,
       LoadShardedModel(spec.model().model_name_or_path(), model_options, fsdp, comm, &load_stats));
-  EmitMemory(events, ctx.device, "load", 0);
+  EmitMemory(events, device, ctx.device, "load");
   if (ctx.rank == 0) {
     std::ostringstream s;
     s << "model " << spec.model().model_name_or_path() << " loaded in " << std::fixed
@@ -211,8 +244,13 @@ Result<TrainResult> Train(const v1::JobSpec& spec_in, const TrainContext& ctx) {
   adam.weight_decay = t.weight_decay();
   FTUNE_TRAINER_RETURN_IF_ERROR(adam.Validate());
   AdamW optimizer({lora->shard()}, adam);
-  at::globalContext().defaultGenerator(c10::DeviceType::CPU).set_current_seed(
-      static_cast<uint64_t>(t.seed()) + static_cast<uint64_t>(ctx.rank));
+  // LoRA dropout draws from the CPU generator; each rank its own stream.
+  at::Generator cpu_generator = at::detail::getDefaultCPUGenerator();  // a handle
+  {
+    std::lock_guard<std::mutex> lock(cpu_generator.mutex());
+    cpu_generator.set_current_seed(static_cast<uint64_t>(t.seed()) +
+                                   static_cast<uint64_t>(ctx.rank));
+  }
 
   // 3. Resume.
   int64_t step = 0, micro = 0, tokens_total = 0;
@@ -247,7 +285,8 @@ Result<TrainResult> Train(const v1::JobSpec& spec_in, const TrainContext& ctx) {
         optimizer.RestoreState(0, slice.adam_step, slice.exp_avg, slice.exp_avg_sq));
     FTUNE_TRAINER_RETURN_IF_ERROR(lora->GatherParams());
     if (slice.rng_state.defined() && state.world_size == ctx.world_size) {
-      at::globalContext().defaultGenerator(c10::DeviceType::CPU).set_state(slice.rng_state);
+      std::lock_guard<std::mutex> lock(cpu_generator.mutex());
+      cpu_generator.set_state(slice.rng_state);
     }
     step = state.step;
     micro = state.micro_batches;
@@ -309,7 +348,10 @@ Result<TrainResult> Train(const v1::JobSpec& spec_in, const TrainContext& ctx) {
       shard.exp_avg_sq = optimizer.exp_avg_sq(0).narrow(0, 0, real);
     }
     shard.adam_step = optimizer.step_count(0);
-    shard.rng_state = at::globalContext().defaultGenerator(c10::DeviceType::CPU).get_state();
+    {
+      std::lock_guard<std::mutex> lock(cpu_generator.mutex());
+      shard.rng_state = cpu_generator.get_state();
+    }
     FTUNE_TRAINER_RETURN_IF_ERROR(
         WriteCheckpointShard(dir, ctx.rank, ctx.world_size, shard).status());
     FTUNE_TRAINER_RETURN_IF_ERROR(reduce.Barrier());
@@ -444,7 +486,7 @@ Result<TrainResult> Train(const v1::JobSpec& spec_in, const TrainContext& ctx) {
       events.Emit(m);
     }
     if (step == 1 || step % std::max<int64_t>(t.logging_steps(), 10) == 0) {
-      EmitMemory(events, ctx.device, "train", 0);
+      EmitMemory(events, device, ctx.device, "train");
     }
     if (eval_file != nullptr && t.eval_steps() > 0 && step % t.eval_steps() == 0) {
       FTUNE_TRAINER_RETURN_IF_ERROR(emit_eval());
@@ -475,7 +517,8 @@ Result<TrainResult> Train(const v1::JobSpec& spec_in, const TrainContext& ctx) {
     }
   }
   result.peak_rss_bytes = PeakRssBytes();
-  EmitMemory(events, ctx.device, "end", result.peak_device_bytes);
+  result.peak_device_bytes = DeviceMemory(device).peak;
+  EmitMemory(events, device, ctx.device, "end");
   {
     v1::RankMessage m;
     m.mutable_done()->set_final_step(step);
