@@ -12,6 +12,7 @@
 
 #include "worker/data/dataset.h"
 #include "worker/data/prepare.h"
+#include "worker/data/sha256.h"
 
 namespace ftune::data {
 namespace {
@@ -75,6 +76,8 @@ TEST(DatasetTest, BadRecordsNameFileLineAndField) {
   EXPECT_EQ(Error("{\"text\": \"a\"}\nnot json\n").rfind("d.jsonl:2: not JSON: ", 0), 0u);
   EXPECT_EQ(Error("[1]").rfind("d.jsonl:1 (element 0): expected a JSON object, got number", 0), 0u);
   EXPECT_EQ(Error("{\"text\": 5}"), "d.jsonl:1: text: expected a string, got number");
+  // A number beyond double's range is nlohmann's out_of_range, not a parse error (found by the fuzzer).
+  EXPECT_EQ(Error("{\"text\": \"a\", \"n\": 1e999}").rfind("d.jsonl:1: not JSON: number overflow", 0), 0u);
   EXPECT_EQ(Error("{\"text\": \"a\"}\n{\"prompt\": \"p\"}"), "d.jsonl:2: missing field \"text\"");
   EXPECT_EQ(Error("{\"prompt\": \"p\"}", "prompt_completion"), "d.jsonl:1: missing field \"completion\"");
   EXPECT_EQ(Error("{\"foo\": 1}").rfind("d.jsonl:1: cannot tell the record format", 0), 0u);
@@ -183,6 +186,24 @@ TEST(DatasetTest, SplitByRatioIsSeededAndKeepsOrder) {
   SplitByRatio(std::vector<Record>(3), 0.01, 1, &t4, &e4);  // at least one eval record
   EXPECT_EQ(e4.size(), 1u);
   EXPECT_EQ(t4.size(), 2u);
+}
+
+// FIPS 180-4 / NIST example vectors (the cache key's hash).
+TEST(Sha256Test, KnownVectors) {
+  EXPECT_EQ(Sha256Hex(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  EXPECT_EQ(Sha256Hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  EXPECT_EQ(Sha256Hex("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"),
+            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  Sha256 million;
+  const std::string chunk(1000, 'a');
+  for (int i = 0; i < 1000; ++i) million.Update(chunk.substr(0, 333)), million.Update(chunk.substr(333));
+  EXPECT_EQ(million.HexDigest(), "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+  Sha256 a, b;  // fields are length-prefixed
+  a.UpdateField("ab");
+  a.UpdateField("c");
+  b.UpdateField("a");
+  b.UpdateField("bc");
+  EXPECT_NE(a.HexDigest(), b.HexDigest());
 }
 
 }  // namespace

@@ -18,8 +18,9 @@ using json = nlohmann::json;
 
 std::string Quote(const std::string& s) { return json(s).dump(-1, ' ', false, json::error_handler_t::replace); }
 
-// nlohmann's "[json.exception.parse_error.101] parse error at ..." without the tag.
-std::string ParseErrorText(const json::parse_error& e) {
+// nlohmann's "[json.exception.parse_error.101] parse error at ..." without the
+// tag. Also out_of_range (a number too large for a double: "1e999").
+std::string ParseErrorText(const json::exception& e) {
   std::string what = e.what();
   const size_t tag = what.find("] ");
   return tag == std::string::npos ? what : what.substr(tag + 2);
@@ -136,7 +137,7 @@ Status AddRecord(std::string_view element, const std::string& where, ReadResult*
   json record;
   try {
     record = json::parse(element.begin(), element.end());
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
     return InvalidArgumentError(where + ": not JSON: " + ParseErrorText(e));
   }
   if (!record.is_object()) {
