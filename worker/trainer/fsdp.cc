@@ -5,6 +5,9 @@
 #include <c10/core/GradMode.h>
 #include <fcntl.h>
 #include <unistd.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -65,6 +68,13 @@ int64_t ProcStatusBytes(const char* key) {
 // Resets the kernel's peak-RSS mark (VmHWM) to the current RSS, so the next
 // reading is the peak since now. Best effort: without it, VmHWM is the peak
 // since the process started, which only overstates.
+// Returns the heap's free pages to the kernel (see fsdp.h, "Loading").
+void TrimHeap() {
+#if defined(__GLIBC__)
+  malloc_trim(0);
+#endif
+}
+
 void ResetPeakRss() {
   const int fd = ::open("/proc/self/clear_refs", O_WRONLY | O_CLOEXEC);
   if (fd < 0) return;
@@ -608,12 +618,14 @@ Result<std::unique_ptr<LlamaModel>> LoadShardedModel(const std::string& model_di
           u.shard.narrow(0, s.shard_offset, (e1 - e0) * esize).copy_(part.view(at::kByte));
         }
       }
+      TrimHeap();
     }
     local.shard_bytes += u.shard_bytes;
   }
   local.unit_count = static_cast<int64_t>(list.size());
   model->set_unit_hooks(units);
   local.peak_rss_bytes = ProcStatusBytes("VmHWM:");
+  local.end_rss_bytes = ProcStatusBytes("VmRSS:");
   local.seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (stats != nullptr) *stats = local;

@@ -39,6 +39,9 @@
 // so no file pages count in RSS; the page cache is the kernel's), converts
 // it to the compute dtype and quantizes it, one tensor at a time. Peak host
 // RSS is its shard plus about one tensor's share; LoadStats reports it.
+// glibc keeps freed chunks below its (adaptive) mmap threshold in the heap,
+// which would let the temporaries of successive tensors pile up in RSS, so
+// the loader hands free heap pages back (malloc_trim) after each tensor.
 //
 // Forward/backward: the model calls UnitHooks (model.h) around each unit;
 // FsdpUnits implements them: Gather = AllGather of the unit's segments (after
@@ -88,6 +91,7 @@ struct FsdpOptions {
 struct LoadStats {
   int64_t peak_rss_bytes = 0;   // VmHWM at the end of loading (the mark is reset at its start)
   int64_t start_rss_bytes = 0;  // VmRSS when loading started
+  int64_t end_rss_bytes = 0;    // VmRSS when it returned
   int64_t shard_bytes = 0;      // this rank's frozen shards, all units
   int64_t largest_tensor_bytes = 0;  // the largest tensor in the compute dtype (the bound's "one tensor")
   int64_t read_bytes = 0;       // bytes this rank read from the safetensors files
