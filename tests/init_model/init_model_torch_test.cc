@@ -105,7 +105,7 @@ TEST_F(TinyModelTest, LoadsAndStartsNearUniform) {
   EXPECT_EQ((*model)->layers().size(), 4u);
 
   const at::Tensor ids = PackedRow();
-  at::NoGradGuard no_grad;
+  c10::NoGradGuard no_grad;  // c10's, as in tests/trainer (LibTorch 1.13 and 2.x)
   const at::Tensor logits = (*model)->Logits(ids.narrow(1, 0, 64), at::Tensor());
   EXPECT_EQ(logits.sizes(), at::IntArrayRef({1, 64, 1024}));
   EXPECT_TRUE(at::isfinite(logits).all().item<bool>());

@@ -36,6 +36,7 @@ constexpr uint16_t kBf16One = 0x3F80;
 // for a small demo tokenizer, and a real tokenizer.json is ~9 MB.
 constexpr uint64_t kMaxCorpusBytes = uint64_t{1} << 30;
 constexpr uint64_t kMaxTokenizerFileBytes = uint64_t{512} << 20;
+constexpr uint64_t kProgressEveryBytes = uint64_t{1} << 30;
 
 uint64_t SplitMix64(uint64_t x) {
   x += 0x9E3779B97F4A7C15ull;
@@ -498,7 +499,8 @@ Status WriteRandomLlamaWeights(const std::string& dir, const LlamaConfig& config
       written += tensors[t].num_bytes;
       const int percent = static_cast<int>(100.0 * static_cast<double>(written) /
                                            static_cast<double>(total));
-      if (progress && percent / 5 != last_percent / 5) {
+      // Every 5% for models worth waiting for; small ones report once.
+      if (progress && total >= kProgressEveryBytes && percent / 5 != last_percent / 5) {
         progress("weights: " + FormatGB(written) + " / " + FormatGB(total) + " (" +
                  std::to_string(percent) + "%)");
       }
@@ -507,6 +509,10 @@ Status WriteRandomLlamaWeights(const std::string& dir, const LlamaConfig& config
     FTUNE_TRAINER_RETURN_IF_ERROR(writer->Commit());
   }
 
+  if (progress) {
+    progress("weights: " + FormatGB(total) + " in " + std::to_string(specs.size()) +
+             " tensors, " + std::to_string(shards.size()) + " file(s)");
+  }
   const std::string index_path = dir + "/" + kSafetensorsIndexName;
   if (sharded) {
     // Keys sorted as transformers writes them (json.dumps(sort_keys=True)).
