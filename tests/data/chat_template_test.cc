@@ -164,6 +164,13 @@ TEST(ChatTemplateTest, NamesAndConfigErrors) {
   ASSERT_FALSE(no_bos.ok());
   EXPECT_NE(no_bos.status().message().find("bos_token"), std::string::npos);
   EXPECT_TRUE(ResolveChatTemplate("chatml", config, "/models/x").ok());  // uses no special tokens
+  // "llama3" follows the model's own Llama 3 version.
+  config.bos_token = "<|begin_of_text|>";
+  config.chat_template = "<|start_header_id|><|eot_id|>Cutting Knowledge Date date_string";
+  EXPECT_EQ(ResolveChatTemplate("llama3", config, "/m")->kind, ChatTemplateKind::kLlama31);
+  config.chat_template = "{% if add_generation_prompt %}<|start_header_id|><|eot_id|>{% endif %}";
+  EXPECT_EQ(ResolveChatTemplate("llama3", config, "/m")->kind, ChatTemplateKind::kLlama3);
+  EXPECT_EQ(ResolveChatTemplate("llama3.1", config, "/m")->kind, ChatTemplateKind::kLlama31);
   EXPECT_FALSE(RenderChat(TemplateFor("llama3"), {{"tool", "x"}}).ok());
   EXPECT_FALSE(RenderChat(TemplateFor("llama3.1"), {}).ok());
 }

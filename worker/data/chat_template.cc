@@ -312,6 +312,12 @@ Result<ChatTemplate> ResolveChatTemplate(const std::string& name, const Tokenize
                                                              source + "/tokenizer_config.json"));
   } else {
     FTUNE_STATUS_ASSIGN_OR_RETURN(t.kind, ChatTemplateKindFromName(name));
+    // "llama3" names the family (the JobSpec's choices have no "llama3.1"):
+    // a model whose own template is Llama 3.1's renders with it.
+    if (t.kind == ChatTemplateKind::kLlama3 && config.chat_template.has_value()) {
+      Result<ChatTemplateKind> own = DetectChatTemplate(*config.chat_template, source);
+      if (own.ok() && *own == ChatTemplateKind::kLlama31) t.kind = ChatTemplateKind::kLlama31;
+    }
   }
   t.bos_token = config.bos_token.value_or("");
   t.eos_token = config.eos_token.value_or("");

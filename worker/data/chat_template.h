@@ -80,7 +80,10 @@ Result<ChatTemplateKind> ChatTemplateKindFromName(const std::string& name);
 Result<ChatTemplateKind> DetectChatTemplate(std::string_view jinja, const std::string& source);
 
 // name "auto" detects from config.chat_template (an error when absent);
-// bos/eos come from the config. `source` names the tokenizer directory.
+// "llama3" names the Llama 3 family: it renders as llama3.1 when the
+// config's own template is Llama 3.1's, else as Meta-Llama-3-Instruct's;
+// the other names are taken as given. bos/eos come from the config.
+// `source` names the tokenizer directory.
 Result<ChatTemplate> ResolveChatTemplate(const std::string& name, const TokenizerConfig& config,
                                          const std::string& source);
 

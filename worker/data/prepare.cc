@@ -283,7 +283,9 @@ Result<PreparedDataset> PrepareDataset(const DatasetOptions& options, const std:
     Result<std::string> text = ReadWholeFile(manifest_path, "manifest");
     if (text.ok()) {
       json m = json::parse(*text, nullptr, false);
-      if (!m.is_discarded() && m.value("cache_key", "") == cache_key && TokenFile::Open(dir + "/train.ftok").ok()) {
+      const bool files_ok = TokenFile::Open(dir + "/train.ftok").ok() &&
+                            (!m.is_object() || !m.value("has_eval", false) || TokenFile::Open(dir + "/eval.ftok").ok());
+      if (!m.is_discarded() && m.value("cache_key", "") == cache_key && files_ok) {
         PreparedDataset p = FromManifest(m, dir);
         p.cache_hit = true;
         return p;
