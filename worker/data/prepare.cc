@@ -303,6 +303,7 @@ Result<PreparedDataset> PrepareDataset(const DatasetOptions& options, const std:
   int64_t read_files = 0;
   for (size_t i = 0; i < train_texts.size(); ++i) {
     FTUNE_DATA_RETURN_IF_ERROR(ReadDatasetText(train_texts[i], options.data_files[i], read_options, &train_read));
+    std::string().swap(train_texts[i]);  // the records hold what is needed
     report("read", ++read_files, num_files);
   }
   if (train_read.records.empty()) {
@@ -318,6 +319,7 @@ Result<PreparedDataset> PrepareDataset(const DatasetOptions& options, const std:
     eval_options.format = RecordFormatName(train_read.format);
     for (size_t i = 0; i < eval_texts.size(); ++i) {
       FTUNE_DATA_RETURN_IF_ERROR(ReadDatasetText(eval_texts[i], options.eval_data_files[i], eval_options, &eval_read));
+      std::string().swap(eval_texts[i]);
       report("read", ++read_files, num_files);
     }
   }
