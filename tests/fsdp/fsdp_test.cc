@@ -190,6 +190,16 @@ bool BitEqual(const at::Tensor& a, const at::Tensor& b) {
   return at::equal(x, y);
 }
 
+// "0.0516840033 (0x3d53b2a1)": an fp32 scalar to the bit.
+std::string Bits(const at::Tensor& t) {
+  const float v = t.item<float>();
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%.9g (0x%08x)", v, u);
+  return buf;
+}
+
 const Nf4Linear& Nf4Of(const LoraLinear& l) { return dynamic_cast<const Nf4Linear&>(l.base()); }
 
 // ------------------------------------------------------------ (a) NF4 bytes
@@ -210,6 +220,8 @@ TEST_P(FsdpNf4BytesTest, GatheredUnitsEqualWholeTensorQuantization) {
       [&](int rank, const std::string& store) -> Status {
         std::unique_ptr<Communicator> comm;
         FTUNE_STATUS_RETURN_IF_ERROR(MakeGloo(rank, world, store, milliseconds(60000), &comm));
+        // One rank runs without a communicator, as LoadShardedModel allows.
+        Communicator* shard_comm = world == 1 ? nullptr : comm.get();
         for (bool nested : {true, false}) {
           ModelOptions options = DefaultModelOptions(c10::kCPU);
           options.quantize_base = true;
@@ -217,7 +229,7 @@ TEST_P(FsdpNf4BytesTest, GatheredUnitsEqualWholeTensorQuantization) {
           RANK_ASSIGN(std::unique_ptr<LlamaModel> whole, LlamaModel::Load(model_dir, options));
           LoadStats stats;
           RANK_ASSIGN(std::unique_ptr<LlamaModel> sharded,
-                      LoadShardedModel(model_dir, options, FsdpOptions(), comm.get(), &stats));
+                      LoadShardedModel(model_dir, options, FsdpOptions(), shard_comm, &stats));
           FsdpUnits* units = FsdpUnitsOf(*sharded);
           RANK_EXPECT(units != nullptr, "no FsdpUnits installed");
           RANK_EXPECT(units->num_units() == spec.layers + 2, std::to_string(units->num_units()));
@@ -279,8 +291,8 @@ TEST_P(FsdpNf4BytesTest, GatheredUnitsEqualWholeTensorQuantization) {
             const Nf4Weight ref = QuantizeNf4Weight(w, o);
             const Nf4ShardGeometry g = Nf4ShardGeometry::Make(w.numel(), o, world);
             at::Tensor part = w.reshape(-1).slice(0, g.ElementBegin(rank), g.ElementEnd(rank));
-            RANK_ASSIGN(Nf4ShardPieces pieces, QuantizeNf4Part(part, g, rank, comm.get(), "w"));
-            RANK_ASSIGN(Nf4Weight got, GatherNf4Pieces(pieces, g, shape[0], shape[1], comm.get()));
+            RANK_ASSIGN(Nf4ShardPieces pieces, QuantizeNf4Part(part, g, rank, shard_comm, "w"));
+            RANK_ASSIGN(Nf4Weight got, GatherNf4Pieces(pieces, g, shape[0], shape[1], shard_comm));
             const std::string what = std::to_string(shape[0]) + "x" + std::to_string(shape[1]);
             RANK_EXPECT(BitEqual(got.packed, ref.packed), what + " packed");
             RANK_EXPECT(BitEqual(got.absmax, ref.absmax), what + " absmax");
@@ -295,7 +307,7 @@ TEST_P(FsdpNf4BytesTest, GatheredUnitsEqualWholeTensorQuantization) {
   std::printf("%s", exits[0].output.c_str());
 }
 
-INSTANTIATE_TEST_SUITE_P(Ranks, FsdpNf4BytesTest, ::testing::Values(2, 3, 4),
+INSTANTIATE_TEST_SUITE_P(Ranks, FsdpNf4BytesTest, ::testing::Values(1, 2, 3, 4),
                          [](const auto& info) { return std::to_string(info.param) + "ranks"; });
 
 // ------------------------------------------------------------ (b), (c) training
@@ -306,6 +318,7 @@ struct TrainCase {
   bool reshard_after_forward;
   bool offload;
   bool quantize;
+  int micro_batches = 1;  // each rank's rows split into this many accumulated backwards
 };
 
 class FsdpTrainTest : public ::testing::TestWithParam<TrainCase> {};
@@ -399,27 +412,46 @@ TEST_P(FsdpTrainTest, ShardedStepEqualsOneRank) {
         FsdpOptions fsdp;
         fsdp.reshard_after_forward = tc.reshard_after_forward;
         fsdp.offload_params = tc.offload;
+        Communicator* shard_comm = world == 1 ? nullptr : comm.get();  // 1 rank: none at all
         RANK_ASSIGN(std::unique_ptr<LlamaModel> m,
-                    LoadShardedModel(dir, options, fsdp, comm.get()));
+                    LoadShardedModel(dir, options, fsdp, shard_comm));
         FTUNE_STATUS_RETURN_IF_ERROR(m->LoadAdapter(adapter));
-        RANK_ASSIGN(std::unique_ptr<ShardedLora> lora, ShardedLora::Create(m.get(), comm.get()));
+        RANK_ASSIGN(std::unique_ptr<ShardedLora> lora, ShardedLora::Create(m.get(), shard_comm));
         RANK_EXPECT(lora->total_numel() == ref_grads.numel(), "total_numel");
         RANK_EXPECT(lora->shard_numel() * world >= lora->total_numel(), "shard_numel");
         RANK_EXPECT(lora->layout().size() == ref->LoraParameters().size(), "layout");
         at::Tensor my_ids = ids.slice(0, rank, batch, world);
         at::Tensor my_labels = labels.slice(0, rank, batch, world);
-        LossOutput mo = m->Loss(my_ids, at::Tensor(), my_labels, /*training=*/true);
-        at::Tensor mloss = mo.loss_sum / static_cast<double>(global_tokens);
-        mloss.backward();
         FsdpUnits* units = FsdpUnitsOf(*m);
-        for (int64_t u = 0; u < units->num_units(); ++u) {
-          RANK_EXPECT(!units->resident(u), "unit " + std::to_string(u) + " resident after backward");
+        double my_loss = 0;
+        const int64_t rows = my_ids.size(0);
+        for (int mb = 0; mb < tc.micro_batches; ++mb) {
+          const int64_t r0 = rows * mb / tc.micro_batches, r1 = rows * (mb + 1) / tc.micro_batches;
+          LossOutput mo = m->Loss(my_ids.slice(0, r0, r1), at::Tensor(),
+                                  my_labels.slice(0, r0, r1), /*training=*/true);
+          // Between forward and backward: FULL_SHARD keeps only the head
+          // unit, SHARD_GRAD_OP every decoder layer too.
+          for (int64_t u = 0; u < units->num_units(); ++u) {
+            const bool layer = u != LlamaModel::kEmbeddingUnit && u != m->head_unit();
+            const bool want = u == m->head_unit() || (layer && !tc.reshard_after_forward) ||
+                              (u == LlamaModel::kEmbeddingUnit &&
+                               m->config().tie_word_embeddings);
+            RANK_EXPECT(units->resident(u) == want,
+                        "unit " + std::to_string(u) + " resident " +
+                            std::to_string(units->resident(u)) + " between forward and backward");
+          }
+          at::Tensor mloss = mo.loss_sum / static_cast<double>(global_tokens);
+          mloss.backward();
+          my_loss += mloss.item<double>();
+          for (int64_t u = 0; u < units->num_units(); ++u) {
+            RANK_EXPECT(!units->resident(u), "unit " + std::to_string(u) + " resident after backward");
+          }
         }
         FTUNE_STATUS_RETURN_IF_ERROR(lora->ReduceGradients());
         for (const NamedTensor& p : m->LoraParameters()) {
           RANK_EXPECT(!p.tensor.grad().defined(), p.name + ": full grad kept after the reduction");
         }
-        RANK_ASSIGN(double loss, SumOverRanks(comm.get(), mloss.item<double>()));
+        RANK_ASSIGN(double loss, SumOverRanks(comm.get(), my_loss));
         const double loss_rel = std::abs(loss - ref_loss) / std::abs(ref_loss);
         RANK_EXPECT(loss_rel <= 1e-5, "loss " + std::to_string(loss) + " vs " + std::to_string(ref_loss));
 
@@ -494,12 +526,13 @@ TEST_P(FsdpTrainTest, ShardedStepEqualsOneRank) {
                                            std::to_string(ref_loss2));
         RANK_EXPECT(std::abs(loss2 - loss) > 1e-4 * std::abs(loss), "the step changed nothing");
         if (rank == 0) {
-          std::printf("%s world %d reshard %d offload %d nf4 %d: loss %.9g (1 rank %.9g, rel %.2e); "
+          std::printf("%s world %d reshard %d offload %d nf4 %d micro-batches %d: loss %.9g (1 rank %.9g, rel %.2e); "
                       "grads max-abs rel %.2e, worst tensor L2 rel %.2e; norm %.9g (rel %.2e), "
                       "clipped rel %.2e; params after AdamW L2 rel %.2e (max abs %.2e, lr 1e-2), bit-equal to "
                       "per-tensor AdamW; next loss rel "
                       "%.2e; %lld unit gathers\n",
-                      tc.model, world, tc.reshard_after_forward, tc.offload, tc.quantize, loss,
+                      tc.model, world, tc.reshard_after_forward, tc.offload, tc.quantize,
+                      tc.micro_batches, loss,
                       ref_loss, loss_rel, grad_rel, worst_tensor, norm, norm_rel, clip_rel,
                       param_rel, param_abs, loss2_rel, static_cast<long long>(units->gathers()));
         }
@@ -512,17 +545,20 @@ TEST_P(FsdpTrainTest, ShardedStepEqualsOneRank) {
 
 INSTANTIATE_TEST_SUITE_P(
     Cases, FsdpTrainTest,
-    ::testing::Values(TrainCase{"llama2_tiny", 2, true, false, true},
+    ::testing::Values(TrainCase{"llama2_tiny", 1, true, false, true},
+                      TrainCase{"llama2_tiny", 2, true, false, true},
                       TrainCase{"llama2_tiny", 3, true, false, true},
                       TrainCase{"llama2_tiny", 4, true, false, true},
                       TrainCase{"llama3_tiny", 3, true, false, true},
                       TrainCase{"llama2_tiny", 2, false, true, true},
-                      TrainCase{"llama3_tiny", 4, true, false, false}),
+                      TrainCase{"llama3_tiny", 4, true, false, false},
+                      TrainCase{"llama2_tiny", 3, true, false, true, 2}),
     [](const auto& info) {
       const TrainCase& c = info.param;
       return std::string(c.model) + "_" + std::to_string(c.world) + "ranks" +
              (c.reshard_after_forward ? "_full_shard" : "_shard_grad_op") +
-             (c.offload ? "_offload" : "") + (c.quantize ? "_nf4" : "_dense");
+             (c.offload ? "_offload" : "") + (c.quantize ? "_nf4" : "_dense") +
+             (c.micro_batches > 1 ? "_accum" + std::to_string(c.micro_batches) : "");
     });
 
 // ------------------------------------------------------------ (d) RSS

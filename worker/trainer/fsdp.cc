@@ -11,8 +11,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <utility>
 
 #include "worker/trainer/llama_config.h"
@@ -728,12 +730,16 @@ Result<double> ShardedLora::GradNorm() {
   if (world_ == 1) return std::sqrt(local);
   // Gathered as bytes and summed in rank order, so every rank computes the
   // same double (an fp32 all-reduce would round, and differently per rank
-  // order).
-  std::vector<double> all(world_, 0.0);
-  const Status st = comm_->AllGather(&local, all.data(), sizeof(double), DataType::kUInt8, nullptr);
+  // order). The buffers live where the communicator reads (device for NCCL).
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor send = at::full({1}, local, f64).to(comm_device_);
+  at::Tensor all = at::empty({world_}, f64.device(comm_device_));
+  const Status st = comm_->AllGather(send.data_ptr(), all.data_ptr(), sizeof(double),
+                                     DataType::kUInt8, nullptr);
   if (!st.ok()) return Prefixed(st, "ShardedLora::GradNorm on " + Where(rank_, world_));
+  all = all.cpu();
   double sum = 0;
-  for (double v : all) sum += v;
+  for (int r = 0; r < world_; ++r) sum += all.data_ptr<double>()[r];
   return std::sqrt(sum);
 }
 
