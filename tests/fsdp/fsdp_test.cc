@@ -222,8 +222,10 @@ TEST_P(FsdpNf4BytesTest, GatheredUnitsEqualWholeTensorQuantization) {
         FTUNE_STATUS_RETURN_IF_ERROR(MakeGloo(rank, world, store, milliseconds(60000), &comm));
         // One rank runs without a communicator, as LoadShardedModel allows.
         Communicator* shard_comm = world == 1 ? nullptr : comm.get();
-        for (bool nested : {true, false}) {
+        for (const auto& [nested, dtype] : {std::pair{true, at::kFloat}, std::pair{false, at::kFloat},
+                                            std::pair{true, at::kBFloat16}}) {
           ModelOptions options = DefaultModelOptions(c10::kCPU);
+          options.dtype = dtype;  // bf16: quantized from bf16 values, bf16 dense segments
           options.quantize_base = true;
           options.nf4.double_quant = nested;
           RANK_ASSIGN(std::unique_ptr<LlamaModel> whole, LlamaModel::Load(model_dir, options));
@@ -254,7 +256,8 @@ TEST_P(FsdpNf4BytesTest, GatheredUnitsEqualWholeTensorQuantization) {
                 const Nf4Weight& x = Nf4Of(*a.Module(m)).weight();
                 const Nf4Weight& y = Nf4Of(*b.Module(m)).weight();
                 const std::string what = "layer " + std::to_string(i) + " " + m +
-                                         (nested ? " nested" : " plain");
+                                         (nested ? " nested" : " plain") +
+                                         (dtype == at::kFloat ? " fp32" : " bf16");
                 RANK_EXPECT(x.nested() == nested && y.nested() == nested, what);
                 RANK_EXPECT(BitEqual(x.packed, y.packed), what + ": packed bytes differ");
                 RANK_EXPECT(BitEqual(x.absmax, y.absmax), what + ": absmax differs");
@@ -273,8 +276,9 @@ TEST_P(FsdpNf4BytesTest, GatheredUnitsEqualWholeTensorQuantization) {
           }
           RANK_EXPECT(compared == 7 * spec.layers, std::to_string(compared));
           if (rank == 0) {
-            std::printf("world %d %s: %lld projections byte-identical; shard %lld bytes/rank\n",
-                        world, nested ? "nested" : "plain", static_cast<long long>(compared),
+            std::printf("world %d %s %s: %lld projections byte-identical; shard %lld bytes/rank\n",
+                        world, nested ? "nested" : "plain", dtype == at::kFloat ? "fp32" : "bf16",
+                        static_cast<long long>(compared),
                         static_cast<long long>(stats.shard_bytes));
           }
         }
