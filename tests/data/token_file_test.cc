@@ -4,6 +4,7 @@
 // cache hit, changed inputs miss, two concurrent prepares of one key build
 // once, progress is reported, eval splits by file and ratio.
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -251,6 +252,36 @@ TEST_F(PrepareTest, ConcurrentPreparesOfOneKeyBuildOnce) {
     EXPECT_EQ(r->train_tokens, results[0]->train_tokens);
   }
   EXPECT_EQ(built, 1);
+}
+
+// The same across processes (the agent's prepare and a user's `ftune data
+// prepare`): flock serializes them, one builds, the others hit the cache.
+TEST_F(PrepareTest, ConcurrentProcessesBuildOnce) {
+  const std::string cache = dir_ + "/cache";
+  std::vector<pid_t> children;
+  for (int i = 0; i < 3; ++i) {
+    const pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      Result<PreparedDataset> r = PrepareDataset(Options(), cache);
+      _exit(!r.ok() ? 1 : r->cache_hit ? 11 : 10);
+    }
+    children.push_back(pid);
+  }
+  int built = 0, hits = 0;
+  for (pid_t pid : children) {
+    int status = 0;
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    ASSERT_TRUE(WIFEXITED(status));
+    built += WEXITSTATUS(status) == 10;
+    hits += WEXITSTATUS(status) == 11;
+  }
+  EXPECT_EQ(built, 1);
+  EXPECT_EQ(hits, 2);
+  auto again = PrepareDataset(Options(), cache);
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(again->cache_hit);
+  EXPECT_TRUE(TokenFile::Open(again->train_path).ok());
 }
 
 TEST_F(PrepareTest, EvalSplitsAndSkippedRecords) {
