@@ -348,6 +348,10 @@ Result<PreparedDataset> PrepareDataset(const DatasetOptions& options, const std:
                                                             options.tokenizer_dir));
     out.chat_template = ChatTemplateName(chat.kind);
   }
+  if (train_read.format != RecordFormat::kMessages && !tokenizer->config().eos_token.has_value()) {
+    return InvalidArgumentError(options.tokenizer_dir + "/tokenizer_config.json names no eos_token, which "
+                                "ends every " + out.format + " document (TRL's add_eos)");
+  }
   const DocumentEncoder encoder(*tokenizer, chat, options.completion_only_loss);
   int threads = options.num_threads > 0 ? options.num_threads
                                         : static_cast<int>(std::min(16u, std::max(1u, std::thread::hardware_concurrency())));
