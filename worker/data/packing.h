@@ -1,5 +1,7 @@
 // Records -> token ids with labels -> training rows, as TRL's SFTTrainer
-// (>= 0.20) builds them.
+// builds them (trl main of 2026: trl/data_utils.py, trl/trainer/sft_trainer.py;
+// "bfd" has been the default packing strategy since TRL 0.20, the padding-free
+// collator's first-token label masking is from later releases).
 //
 // Tokenization and loss masking (labels are -100 where no loss is taken):
 //   messages           chat template (chat_template.h), then
