@@ -31,6 +31,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "model_test_util.h"
@@ -638,15 +639,99 @@ TEST(FsdpLoadTest, PeakRssPerRankIsItsShareAndOneTensor) {
   for (const auto& e : exits) std::printf("%s", e.output.c_str());
 }
 
+// Ranks given different options fail with a clear error instead of running
+// mismatched collectives.
+TEST(FsdpConsistencyTest, RanksWithDifferentOptionsOrAdaptersAreRefused) {
+  constexpr int kWorld = 2;
+  auto exits = RunRanks(
+      kWorld,
+      [&](int rank, const std::string& store) -> Status {
+        std::unique_ptr<Communicator> comm;
+        FTUNE_STATUS_RETURN_IF_ERROR(MakeGloo(rank, kWorld, store, milliseconds(60000), &comm));
+        ModelOptions options = DefaultModelOptions(c10::kCPU);
+        options.quantize_base = true;
+        options.nf4.double_quant = rank == 0;
+        auto m = LoadShardedModel(Golden("llama2_tiny"), options, FsdpOptions(), comm.get());
+        RANK_EXPECT(!m.ok(), "ranks with different double_quant loaded");
+        RANK_EXPECT(m.status().code() == StatusCode::kFailedPrecondition, m.status().ToString());
+        RANK_EXPECT(m.status().message().find("differs between rank") != std::string::npos,
+                    m.status().ToString());
+        options.nf4.double_quant = true;
+        RANK_ASSIGN(std::unique_ptr<LlamaModel> ok,
+                    LoadShardedModel(Golden("llama2_tiny"), options, FsdpOptions(), comm.get()));
+        LoraConfig lora;
+        lora.r = rank == 0 ? 4 : 8;
+        FTUNE_STATUS_RETURN_IF_ERROR(ok->AttachLora(lora));
+        auto sl = ShardedLora::Create(ok.get(), comm.get());
+        RANK_EXPECT(!sl.ok(), "ranks with different LoRA ranks sharded");
+        RANK_EXPECT(sl.status().message().find("LoRA layout") != std::string::npos,
+                    sl.status().ToString());
+        return OkStatus();
+      },
+      milliseconds(120000));
+  ASSERT_TRUE(AllOk(exits, kWorld)) << Report(exits);
+}
+
 // ------------------------------------------------------------ (e) failures
 
-enum class KillPoint { kBeforeLoad, kBeforeForward };
+// A communicator that SIGKILLs its own process when its `kill_at`-th
+// collective (0-based) is called, or with another `signal` hangs there
+// (sleeps 8 s, then exits 3): a rank dying or hanging at a chosen point.
+class DyingCommunicator : public Communicator {
+ public:
+  DyingCommunicator(Communicator* inner, int kill_at, int signal = SIGKILL)
+      : inner_(inner), kill_at_(kill_at), signal_(signal) {}
+  int rank() const override { return inner_->rank(); }
+  int size() const override { return inner_->size(); }
+  std::string_view backend() const override { return inner_->backend(); }
+  milliseconds timeout() const override { return inner_->timeout(); }
+  Status AllGather(const void* send, void* recv, size_t n, DataType t,
+                   comm::StreamHandle s) override {
+    Tick();
+    return inner_->AllGather(send, recv, n, t, s);
+  }
+  Status ReduceScatter(const void* send, void* recv, size_t n, DataType t, comm::ReduceOp op,
+                       comm::StreamHandle s) override {
+    Tick();
+    return inner_->ReduceScatter(send, recv, n, t, op, s);
+  }
+  Status AllReduce(const void* send, void* recv, size_t n, DataType t, comm::ReduceOp op,
+                   comm::StreamHandle s) override {
+    Tick();
+    return inner_->AllReduce(send, recv, n, t, op, s);
+  }
+  Status Broadcast(void* buf, size_t n, DataType t, int root, comm::StreamHandle s) override {
+    Tick();
+    return inner_->Broadcast(buf, n, t, root, s);
+  }
+  Status Barrier(comm::StreamHandle s) override {
+    Tick();
+    return inner_->Barrier(s);
+  }
+  Status Synchronize(comm::StreamHandle s) override { return inner_->Synchronize(s); }
+
+ private:
+  void Tick() {
+    if (calls_++ != kill_at_) return;
+    if (signal_ == SIGKILL) ::raise(SIGKILL);
+    // Hung: alive, sockets open, making no progress; gone well after the
+    // survivors' timeout.
+    std::this_thread::sleep_for(std::chrono::seconds(8));
+    ::_exit(3);
+  }
+  Communicator* inner_;
+  int kill_at_;
+  int signal_;
+  int calls_ = 0;
+};
+
+enum class KillPoint { kMidLoad, kHungMidLoad, kBeforeForward };
 
 class FsdpKillTest : public ::testing::TestWithParam<KillPoint> {};
 
 TEST_P(FsdpKillTest, SurvivorsFailWithTheCollectivesErrorWithinTheTimeout) {
   const KillPoint point = GetParam();
-  constexpr int kWorld = 3, kVictim = 1;
+  constexpr int kWorld = 3, kVictim = 1;  // the victim dies mid-load or before the forward
   const milliseconds timeout(3000);
   auto exits = RunRanks(
       kWorld,
@@ -657,11 +742,16 @@ TEST_P(FsdpKillTest, SurvivorsFailWithTheCollectivesErrorWithinTheTimeout) {
         options.quantize_base = true;
         options.activation_checkpointing = true;
         const std::string dir = Golden("llama2_tiny");
-        if (point == KillPoint::kBeforeLoad) {
+        if (point == KillPoint::kMidLoad || point == KillPoint::kHungMidLoad) {
           FTUNE_STATUS_RETURN_IF_ERROR(comm->Barrier(nullptr));
-          if (rank == kVictim) ::raise(SIGKILL);
+          // The victim dies (or hangs) at its 6th collective of the load:
+          // past the layout check, inside the nested-absmax gathers of
+          // layer 0. A hung rank keeps its sockets open, so only the
+          // collective's timeout can end the survivors' wait.
+          DyingCommunicator dying(comm.get(), rank == kVictim ? 5 : -1,
+                                  point == KillPoint::kMidLoad ? SIGKILL : SIGSTOP);
           const auto t0 = Clock::now();
-          auto m = LoadShardedModel(dir, options, FsdpOptions(), comm.get());
+          auto m = LoadShardedModel(dir, options, FsdpOptions(), &dying);
           const auto took = std::chrono::duration_cast<milliseconds>(Clock::now() - t0);
           RANK_EXPECT(!m.ok(), "LoadShardedModel succeeded without rank 1");
           const std::string msg = m.status().ToString();
@@ -669,6 +759,10 @@ TEST_P(FsdpKillTest, SurvivorsFailWithTheCollectivesErrorWithinTheTimeout) {
                       msg.c_str());
           RANK_EXPECT(msg.find("gloo AllGather") != std::string::npos, msg);
           RANK_EXPECT(msg.find("loading '") != std::string::npos, msg);
+          if (point == KillPoint::kHungMidLoad) {
+            RANK_EXPECT(m.status().code() == StatusCode::kDeadlineExceeded, msg);
+            RANK_EXPECT(took >= timeout - milliseconds(100), msg);
+          }
           RANK_EXPECT(took < timeout + milliseconds(5000), msg);
           return OkStatus();
         }
@@ -699,7 +793,12 @@ TEST_P(FsdpKillTest, SurvivorsFailWithTheCollectivesErrorWithinTheTimeout) {
       },
       milliseconds(120000));
   ASSERT_EQ(static_cast<int>(exits.size()), kWorld) << Report(exits);
-  EXPECT_TRUE(WIFSIGNALED(exits[kVictim].wait_status)) << Report(exits);
+  if (point == KillPoint::kHungMidLoad) {
+    EXPECT_TRUE(WIFEXITED(exits[kVictim].wait_status) && WEXITSTATUS(exits[kVictim].wait_status) == 3)
+        << Report(exits);
+  } else {
+    EXPECT_TRUE(WIFSIGNALED(exits[kVictim].wait_status)) << Report(exits);
+  }
   for (const auto& e : exits) {
     if (e.rank == kVictim) continue;
     EXPECT_TRUE(e.ok()) << Report(exits);
@@ -709,10 +808,15 @@ TEST_P(FsdpKillTest, SurvivorsFailWithTheCollectivesErrorWithinTheTimeout) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Points, FsdpKillTest,
-                         ::testing::Values(KillPoint::kBeforeLoad, KillPoint::kBeforeForward),
+                         ::testing::Values(KillPoint::kMidLoad, KillPoint::kHungMidLoad,
+                                           KillPoint::kBeforeForward),
                          [](const auto& info) {
-                           return info.param == KillPoint::kBeforeLoad ? std::string("load")
-                                                                       : std::string("forward");
+                           switch (info.param) {
+                             case KillPoint::kMidLoad: return std::string("killed_mid_load");
+                             case KillPoint::kHungMidLoad: return std::string("hung_mid_load");
+                             case KillPoint::kBeforeForward: break;
+                           }
+                           return std::string("killed_before_forward");
                          });
 
 }  // namespace

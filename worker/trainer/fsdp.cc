@@ -96,6 +96,47 @@ Status AllGatherBytes(comm::Communicator* comm, const at::Tensor& send, at::Tens
   return comm->AllGather(src, dst, static_cast<size_t>(bytes), DataType::kUInt8, nullptr);
 }
 
+// Fails unless every rank passes the same values (a fingerprint of what
+// the following collectives assume), naming the first rank that differs.
+Status CheckSameOnEveryRank(comm::Communicator* comm, c10::Device model_device,
+                            const std::vector<int64_t>& mine, const std::string& what) {
+  if (comm == nullptr || comm->size() == 1) return OkStatus();
+  const int world = comm->size();
+  // Sizes first: the fingerprints themselves must be gathered with equal counts.
+  const c10::Device dev = CommDevice(comm, model_device);
+  const auto i64 = at::TensorOptions().dtype(at::kLong);
+  auto gather = [&](const at::Tensor& v, int64_t n) -> Result<at::Tensor> {
+    at::Tensor send = v.to(dev);
+    at::Tensor all = at::empty({n * world}, i64.device(dev));
+    const Status s = comm->AllGather(send.data_ptr(), all.data_ptr(), static_cast<size_t>(n),
+                                     DataType::kInt64, nullptr);
+    if (!s.ok()) return Prefixed(s, what + ": comparing ranks on " + Where(comm->rank(), world));
+    return all.cpu();
+  };
+  const int64_t n = static_cast<int64_t>(mine.size());
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor sizes, gather(at::full({1}, n, i64), 1));
+  for (int r = 0; r < world; ++r) {
+    if (sizes.data_ptr<int64_t>()[r] != n) {
+      return FailedPreconditionError(what + " differs between rank " + std::to_string(r) +
+                                     " and rank " + std::to_string(comm->rank()) +
+                                     ": every rank must load the same model with the same options");
+    }
+  }
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor all, gather(at::tensor(mine, i64), n));
+  for (int r = 0; r < world; ++r) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (all.data_ptr<int64_t>()[r * n + i] != mine[i]) {
+        return FailedPreconditionError(
+            what + " differs between rank " + std::to_string(r) + " and rank " +
+            std::to_string(comm->rank()) + " (value " + std::to_string(i) + ": " +
+            std::to_string(all.data_ptr<int64_t>()[r * n + i]) + " vs " + std::to_string(mine[i]) +
+            "): every rank must load the same model with the same options");
+      }
+    }
+  }
+  return OkStatus();
+}
+
 // A dense base layer whose weight the engine sets and drops (the FSDP form
 // of DenseLinear: same checks, same at::linear).
 class ShardedDenseLinear final : public BaseLinear {
@@ -588,8 +629,18 @@ Result<std::unique_ptr<LlamaModel>> LoadShardedModel(const std::string& model_di
   }
 
   const int64_t esize = c10::elementSize(options.dtype);
+  for (Unit& u : list) units->Layout(u);
+  {
+    // Every rank must lay out the same units: a rank given another model or
+    // other options would otherwise run mismatched collectives.
+    std::vector<int64_t> mine = {static_cast<int64_t>(list.size()),
+                                 static_cast<int64_t>(options.dtype), options.quantize_base,
+                                 options.nf4.blocksize, options.nf4.double_quant};
+    for (const Unit& u : list) mine.push_back(u.shard_bytes);
+    FTUNE_TRAINER_RETURN_IF_ERROR(CheckSameOnEveryRank(
+        comm, options.device, mine, "LoadShardedModel(" + source + "): the model layout"));
+  }
   for (Unit& u : list) {
-    units->Layout(u);
     u.shard = at::zeros({u.shard_bytes}, U8(shard_device).pinned_memory(pin));
     for (UnitTensor& t : u.tensors) {
       local.largest_tensor_bytes = std::max(local.largest_tensor_bytes, t.numel * esize);
@@ -659,6 +710,9 @@ Result<std::unique_ptr<ShardedLora>> ShardedLora::Create(LlamaModel* model,
     s->params_.push_back(p.tensor);
   }
   s->shard_numel_ = CeilDiv(s->total_numel_, s->world_);
+  FTUNE_TRAINER_RETURN_IF_ERROR(CheckSameOnEveryRank(
+      comm, model->options().device, {s->total_numel_, static_cast<int64_t>(s->layout_.size())},
+      "ShardedLora: the LoRA layout (elements, tensors)"));
   FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor flat, s->FullFlat(/*grads=*/false));
   if (s->world_ > 1) {
     const Status st = comm->Broadcast(flat.data_ptr(), static_cast<size_t>(flat.numel()),
