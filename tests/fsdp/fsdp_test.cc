@@ -11,8 +11,10 @@
 //       loss; (c) GradNorm / ClipGradNorm equal optim.h's on 1 rank;
 //   (d) LoadShardedModel's peak RSS per rank stays within its share plus
 //       one tensor, on a generated model several times that size;
-//   (e) a killed peer makes the survivors' LoadShardedModel and forward fail
-//       with the collective's error within the timeout.
+//   (e) a peer killed mid-load, before the forward or before the backward,
+//       or hung mid-load, makes the survivors' LoadShardedModel / forward /
+//       backward fail with the collective's error within the timeout;
+//   and ranks given different options are refused before any data moves.
 // The parent process never touches LibTorch (forking after LibTorch has
 // started its thread pools is unsafe); every rank computes its own 1-rank
 // reference.
@@ -725,7 +727,7 @@ class DyingCommunicator : public Communicator {
   int calls_ = 0;
 };
 
-enum class KillPoint { kMidLoad, kHungMidLoad, kBeforeForward };
+enum class KillPoint { kMidLoad, kHungMidLoad, kBeforeForward, kBeforeBackward };
 
 class FsdpKillTest : public ::testing::TestWithParam<KillPoint> {};
 
@@ -769,21 +771,34 @@ TEST_P(FsdpKillTest, SurvivorsFailWithTheCollectivesErrorWithinTheTimeout) {
         RANK_ASSIGN(std::unique_ptr<LlamaModel> m, LoadShardedModel(dir, options, FsdpOptions(),
                                                                     comm.get()));
         FTUNE_STATUS_RETURN_IF_ERROR(m->LoadAdapter(Golden("llama2_tiny_adapter")));
+        at::Tensor ids = at::arange(16, at::TensorOptions().dtype(at::kLong)).view({2, 8});
+        LossOutput out;
+        if (point == KillPoint::kBeforeBackward) {
+          // Everyone finishes the forward; the victim dies before the
+          // backward, whose first re-gather (the last layer) must fail
+          // through autograd.
+          out = m->Loss(ids, at::Tensor(), ids, /*training=*/true);
+        }
         FTUNE_STATUS_RETURN_IF_ERROR(comm->Barrier(nullptr));
         if (rank == kVictim) ::raise(SIGKILL);
-        at::Tensor ids = at::arange(16, at::TensorOptions().dtype(at::kLong)).view({2, 8});
         const auto t0 = Clock::now();
         std::string msg;
         try {
-          LossOutput out = m->Loss(ids, at::Tensor(), ids, /*training=*/true);
+          if (point == KillPoint::kBeforeForward) {
+            out = m->Loss(ids, at::Tensor(), ids, /*training=*/true);
+          }
           out.loss_sum.backward();
         } catch (const c10::Error& e) {
           msg = e.what_without_backtrace();
         }
+        if (point == KillPoint::kBeforeBackward) {
+          RANK_EXPECT(msg.find("FSDP gather of unit 2 (layer 1, backward)") != std::string::npos,
+                      msg);
+        }
         const auto took = std::chrono::duration_cast<milliseconds>(Clock::now() - t0);
         std::printf("rank %d after %lld ms: %s\n", rank, static_cast<long long>(took.count()),
                     msg.c_str());
-        RANK_EXPECT(!msg.empty(), "forward + backward succeeded without rank 1");
+        RANK_EXPECT(!msg.empty(), "forward/backward succeeded without rank 1");
         RANK_EXPECT(msg.find("FSDP gather of unit") != std::string::npos, msg);
         RANK_EXPECT(msg.find("gloo AllGather") != std::string::npos, msg);
         RANK_EXPECT(msg.find("on rank " + std::to_string(rank) + " of 3") != std::string::npos,
@@ -809,11 +824,13 @@ TEST_P(FsdpKillTest, SurvivorsFailWithTheCollectivesErrorWithinTheTimeout) {
 
 INSTANTIATE_TEST_SUITE_P(Points, FsdpKillTest,
                          ::testing::Values(KillPoint::kMidLoad, KillPoint::kHungMidLoad,
-                                           KillPoint::kBeforeForward),
+                                           KillPoint::kBeforeForward, KillPoint::kBeforeBackward),
                          [](const auto& info) {
                            switch (info.param) {
                              case KillPoint::kMidLoad: return std::string("killed_mid_load");
                              case KillPoint::kHungMidLoad: return std::string("hung_mid_load");
+                             case KillPoint::kBeforeBackward:
+                               return std::string("killed_before_backward");
                              case KillPoint::kBeforeForward: break;
                            }
                            return std::string("killed_before_forward");
