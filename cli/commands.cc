@@ -1,6 +1,8 @@
 // See commands.h.
 #include "cli/commands.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
@@ -270,6 +272,8 @@ int RunAgents(JobClient& client, const Invocation& inv, const Environment& env) 
 bool LoadSpecFile(const std::string& path, const Environment& env, v1::JobSpec* spec) {
   std::vector<std::string> errors;
   if (LoadJobSpecFile(path, spec, &errors)) {
+    char cwd[4096];
+    if (::getcwd(cwd, sizeof(cwd)) != nullptr) MakeSpecPathsAbsolute(spec, cwd);
     ApplyJobSpecDefaults(spec);
     errors = ValidateJobSpec(*spec);
   }

@@ -51,6 +51,13 @@ void ApplyJobSpecDefaults(v1::JobSpec* spec);
 // Empty when the spec is valid.
 std::vector<std::string> ValidateJobSpec(const v1::JobSpec& spec);
 
+// Makes the spec's relative file paths (model.model_name_or_path,
+// dataset.data_files, dataset.eval_data_files, output_dir) absolute against
+// base_dir, the directory the user submitted from: ranks run elsewhere (the
+// agent's work dir, another host) and must not resolve them against their
+// own working directory. Absolute and empty paths are left alone.
+void MakeSpecPathsAbsolute(v1::JobSpec* spec, const std::string& base_dir);
+
 // Parses "40GiB", "80 GB", "512MiB", "1073741824" into bytes; false if not a size.
 bool ParseByteSize(const std::string& text, int64_t* bytes);
 // 42949672960 -> "40GiB" (exact binary units when possible).

@@ -402,4 +402,17 @@ const std::vector<std::string>& KnownLoraTargets() {
   return kTargets;
 }
 
+void MakeSpecPathsAbsolute(v1::JobSpec* spec, const std::string& base_dir) {
+  const auto fix = [&](std::string* path) {
+    if (path->empty() || (*path)[0] == '/' || base_dir.empty()) return;
+    std::string p = *path;
+    while (p.rfind("./", 0) == 0) p = p.substr(2);
+    *path = base_dir + (base_dir.back() == '/' ? "" : "/") + p;
+  };
+  fix(spec->mutable_model()->mutable_model_name_or_path());
+  for (std::string& f : *spec->mutable_dataset()->mutable_data_files()) fix(&f);
+  for (std::string& f : *spec->mutable_dataset()->mutable_eval_data_files()) fix(&f);
+  if (!spec->output_dir().empty()) fix(spec->mutable_output_dir());
+}
+
 }  // namespace ftune

@@ -116,6 +116,9 @@ Status LoadSpec(const std::string& path, ftune::v1::JobSpec* spec) {
     for (const std::string& e : errors) all += (all.empty() ? "" : "; ") + e;
     return ftune::InvalidArgumentError(path + ": " + all);
   }
+  // Relative paths mean what they meant where the user ran the command.
+  char cwd[4096];
+  if (::getcwd(cwd, sizeof(cwd)) != nullptr) ftune::MakeSpecPathsAbsolute(spec, cwd);
   ftune::ApplyJobSpecDefaults(spec);
   return ftune::OkStatus();
 }
