@@ -31,7 +31,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
-#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -42,6 +41,7 @@
 #include "worker/comm/local_rendezvous.h"
 #include "worker/trainer/file_util.h"
 #include "worker/trainer/fsdp.h"
+#include "worker/trainer/memory_plan.h"
 #include "worker/trainer/optim.h"
 #include "worker/trainer/safetensors.h"
 
@@ -121,7 +121,7 @@ uint16_t Bf16Bits(float x) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-// config.json + model.safetensors with N(0, 0.02) weights (norms near 1),
+// config.json + model.safetensors with std-0.02 weights (norms near 1),
 // written with plain C++ (the parent process must not start LibTorch).
 Status WriteRandomLlama(const std::string& dir, const RandomLlama& s) {
   const int64_t head_dim = s.hidden / s.heads;
@@ -139,8 +139,17 @@ Status WriteRandomLlama(const std::string& dir, const RandomLlama& s) {
                 static_cast<long long>(s.vocab), s.tied ? "true" : "false",
                 s.bf16 ? "bfloat16" : "float32");
   FTUNE_STATUS_RETURN_IF_ERROR(WriteFileAtomically(dir + "/config.json", config));
-  std::mt19937_64 rng(s.seed);
-  std::normal_distribution<float> normal(0.0f, 0.02f);
+  // xorshift64*: uniform in [-0.0346, 0.0346) (std 0.02), fast enough to
+  // write the RSS test's 400 MiB in a few seconds.
+  uint64_t state = s.seed * 0x9E3779B97F4A7C15ull + 1;
+  auto next_weight = [&state]() {
+    state ^= state >> 12;
+    state ^= state << 25;
+    state ^= state >> 27;
+    const uint64_t r = state * 0x2545F4914F6CDD1Dull;
+    const float u = static_cast<float>(r >> 40) * (1.0f / 16777216.0f);  // [0, 1)
+    return (u - 0.5f) * 0.0692820323f;
+  };
   std::vector<std::string> names;
   std::vector<std::vector<uint64_t>> shapes;
   auto add = [&](const std::string& n, std::vector<uint64_t> shape) {
@@ -172,7 +181,7 @@ Status WriteRandomLlama(const std::string& dir, const RandomLlama& s) {
     const bool norm = names[k].find("norm") != std::string::npos;
     data[k].resize(n * (s.bf16 ? 2 : 4));
     for (uint64_t j = 0; j < n; ++j) {
-      const float x = norm ? 1.0f + 5.0f * normal(rng) : normal(rng);
+      const float x = norm ? 1.0f + 5.0f * next_weight() : next_weight();
       if (s.bf16) {
         const uint16_t b = Bf16Bits(x);
         std::memcpy(data[k].data() + 2 * j, &b, 2);
@@ -628,6 +637,21 @@ TEST(FsdpLoadTest, PeakRssPerRankIsItsShareAndOneTensor) {
         // or take the padding of the last pieces.
         RANK_EXPECT(stats.read_bytes <= file_bytes / kWorld + (1 << 20),
                     "read " + std::to_string(stats.read_bytes));
+        // PlanMemory's arithmetic predicts this shard (to the 64-byte
+        // alignment of each segment).
+        MemoryPlanOptions plan_options;
+        plan_options.world_size = kWorld;
+        plan_options.compute_dtype_bytes = 4;
+        RANK_ASSIGN(MemoryPlan plan, PlanMemory(m->config(), plan_options));
+        const double plan_rel =
+            std::abs(static_cast<double>(plan.frozen_shard_bytes - stats.shard_bytes)) /
+            static_cast<double>(stats.shard_bytes);
+        std::printf("rank %d: PlanMemory predicts a %.3f MiB shard (measured %.3f MiB, rel %.1e)\n",
+                    rank, plan.frozen_shard_bytes / 1048576.0, stats.shard_bytes / 1048576.0,
+                    plan_rel);
+        RANK_EXPECT(plan.frozen_shard_bytes <= stats.shard_bytes && plan_rel < 1e-3,
+                    "PlanMemory frozen shard " + std::to_string(plan.frozen_shard_bytes) +
+                        " vs " + std::to_string(stats.shard_bytes));
         // And the model works: one no-grad forward gathers every unit.
         c10::NoGradGuard no_grad;
         at::Tensor ids = at::arange(8, at::TensorOptions().dtype(at::kLong)).view({1, 8});
