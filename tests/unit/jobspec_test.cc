@@ -146,3 +146,29 @@ TEST(JobSpecValidate, FiftyMalformedSpecsAreEachRejectedNamingTheKey) {
 
 }  // namespace
 }  // namespace ftune
+
+namespace ftune {
+namespace {
+
+TEST(JobSpecPaths, RelativePathsBecomeAbsoluteAgainstTheSubmitDirectory) {
+  v1::JobSpec spec;
+  spec.mutable_model()->set_model_name_or_path("./models/tiny");
+  spec.mutable_dataset()->add_data_files("data/a.jsonl");
+  spec.mutable_dataset()->add_data_files("/abs/b.jsonl");
+  spec.mutable_dataset()->add_eval_data_files("eval.jsonl");
+  spec.set_output_dir("out");
+  MakeSpecPathsAbsolute(&spec, "/home/u/proj");
+  EXPECT_EQ(spec.model().model_name_or_path(), "/home/u/proj/models/tiny");
+  EXPECT_EQ(spec.dataset().data_files(0), "/home/u/proj/data/a.jsonl");
+  EXPECT_EQ(spec.dataset().data_files(1), "/abs/b.jsonl");
+  EXPECT_EQ(spec.dataset().eval_data_files(0), "/home/u/proj/eval.jsonl");
+  EXPECT_EQ(spec.output_dir(), "/home/u/proj/out");
+  // Unset stays unset: the agent picks the output dir then.
+  v1::JobSpec empty;
+  MakeSpecPathsAbsolute(&empty, "/x");
+  EXPECT_TRUE(empty.output_dir().empty());
+  EXPECT_TRUE(empty.model().model_name_or_path().empty());
+}
+
+}  // namespace
+}  // namespace ftune
