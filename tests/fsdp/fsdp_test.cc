@@ -396,7 +396,7 @@ TEST_P(FsdpTrainTest, ShardedStepEqualsOneRank) {
         const int64_t batch = 12, seq = 16;
         at::Tensor ids = at::randint(0, 128, {batch, seq}, gen, at::TensorOptions().dtype(at::kLong));
         at::Tensor labels = ids.clone();
-        labels.view(-1).slice(0, 0, c10::nullopt, 5).fill_(-100);
+        labels.view(-1).slice(0, 0, labels.numel(), 5).fill_(-100);
         const int64_t global_tokens = LlamaModel::CountLossTokens(labels, at::Tensor());
 
         // 1 rank, full batch.
