@@ -56,6 +56,15 @@ TEST(DatasetTest, ReadsTheThreeFormatsFromJsonl) {
   ASSERT_EQ(pc.records.size(), 1u);
   EXPECT_EQ(pc.format, RecordFormat::kPromptCompletion);
   EXPECT_EQ(pc.records[0].completion, "c");
+  EXPECT_EQ(pc.records[0].num_prompt_messages, 0u);
+
+  ReadResult cpc = Read(R"({"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],)"
+                        R"( "completion": [{"role": "assistant", "content": "a"}]})");
+  ASSERT_EQ(cpc.records.size(), 1u);
+  EXPECT_EQ(cpc.format, RecordFormat::kPromptCompletion);
+  EXPECT_EQ(cpc.records[0].num_prompt_messages, 2u);
+  ASSERT_EQ(cpc.records[0].messages.size(), 3u);
+  EXPECT_EQ(cpc.records[0].messages[2].content, "a");
 }
 
 TEST(DatasetTest, ReadsJsonArraysWithElementLines) {
@@ -99,8 +108,19 @@ TEST(DatasetTest, BadRecordsNameFileLineAndField) {
             std::string::npos);
   EXPECT_NE(Error("{\"messages\": [{\"role\": \"system\", \"content\": \"x\"}]}").find("no user turn"),
             std::string::npos);
-  EXPECT_NE(Error("{\"prompt\": [], \"completion\": []}").find("conversational prompt/completion"),
-            std::string::npos);
+  // Conversational prompt/completion.
+  EXPECT_EQ(Error(R"({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],)"
+                  R"( "completion": [{"role": "assistant", "content": "b"}]})"),
+            "d.jsonl:1: prompt: must end with a user message (the completion is the assistant's reply)");
+  EXPECT_EQ(Error(R"({"prompt": [{"role": "user", "content": "q"}], "completion": []})"),
+            "d.jsonl:1: completion: no messages");
+  EXPECT_EQ(Error(R"({"prompt": [{"role": "user", "content": "q"}], "completion": "a"})"),
+            "d.jsonl:1: completion: expected an array of {role, content} objects, got string");
+  EXPECT_EQ(Error(R"({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "a"}]})")
+                .rfind("d.jsonl:1: completion[0].role: expected \"assistant\", got \"user\"", 0),
+            0u);
+  EXPECT_EQ(Error(R"({"prompt": [], "completion": [{"role": "assistant", "content": "a"}]})"),
+            "d.jsonl:1: prompt: must end with a user message (the completion is the assistant's reply)");
   EXPECT_NE(Error("{\"text\": \"a\"}", "csv").find("not one of auto, messages, text, prompt_completion"),
             std::string::npos);
 }

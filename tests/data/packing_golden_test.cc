@@ -104,6 +104,52 @@ INSTANTIATE_TEST_SUITE_P(Golden, PackingGoldenTest,
                                            Case{"llama2", "llama2", ChatTemplateKind::kLlama2}),
                          [](const auto& info) { return info.param.tokenizer_name; });
 
+// A conversational prompt/completion record (TRL: completion_mask over what
+// follows the prompt rendered with its generation prompt) trains on exactly
+// the tokens a messages record's assistant span gives, for a conversation
+// with one assistant turn at the end.
+TEST_P(PackingGoldenTest, ConversationalPromptCompletionEqualsAssistantSpan) {
+  const Case c = GetParam();
+  std::string missing;
+  const std::string dir = test_data::TokenizerDir(c.tokenizer_name, &missing);
+  if (dir.empty()) GTEST_SKIP() << missing;
+  auto tok = Tokenizer::Load(dir);
+  ASSERT_TRUE(tok.ok());
+  ChatTemplate chat;
+  chat.kind = c.kind;
+  chat.bos_token = *(*tok)->config().bos_token;
+  chat.eos_token = *(*tok)->config().eos_token;
+  const DocumentEncoder encoder(**tok, chat, true);
+  const std::vector<ChatMessage> conv = {{"system", "Be exact."},
+                                         {"user", "What is 6 x 7?"},
+                                         {"assistant", "It is 42."},
+                                         {"user", "And 6 x 8?"},
+                                         {"assistant", "48, since 6 x 8 = 48."}};
+  Record pc;
+  pc.format = RecordFormat::kPromptCompletion;
+  pc.messages = conv;
+  pc.num_prompt_messages = 4;
+  Record last_turn_only;  // the messages record, with only the last assistant turn trained
+  last_turn_only.format = RecordFormat::kMessages;
+  last_turn_only.messages = conv;
+  auto a = encoder.Encode(pc);
+  auto b = encoder.Encode(last_turn_only);
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ(a->input_ids, b->input_ids);
+  // b trains both assistant turns; from the first token a trains on, they agree.
+  size_t first = 0;
+  while (first < a->labels.size() && a->labels[first] == kIgnoreLabel) ++first;
+  ASSERT_LT(first, a->labels.size());
+  EXPECT_GT(first, 10u);
+  EXPECT_EQ(std::vector<int32_t>(a->labels.begin() + first, a->labels.end()),
+            std::vector<int32_t>(b->labels.begin() + first, b->labels.end()));
+  // Before that, only b trains: the first assistant turn.
+  int64_t earlier = 0;
+  for (size_t i = 0; i < first; ++i) earlier += b->labels[i] != kIgnoreLabel;
+  EXPECT_GT(earlier, 3);
+}
+
 // TRL's own docstring example (trl/data_utils.py pack_dataset, strategy
 // "bfd"): [[1,2,3,4,5],[6,7],[8,9,10],[11]] at seq_length 4 packs to
 // [[1,2,3,4],[8,9,10,11],[6,7]] with seq_lengths [[4],[3,1],[2]].

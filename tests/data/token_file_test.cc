@@ -284,6 +284,25 @@ TEST_F(PrepareTest, ConcurrentProcessesBuildOnce) {
   EXPECT_TRUE(TokenFile::Open(again->train_path).ok());
 }
 
+TEST_F(PrepareTest, ConversationalPromptCompletionUsesTheChatTemplate) {
+  std::ofstream(dir_ + "/pc.jsonl")
+      << R"({"prompt": [{"role": "user", "content": "2+2?"}], "completion": [{"role": "assistant", "content": "4"}]})"
+      << "\n";
+  DatasetOptions o = Options();
+  o.data_files = {dir_ + "/pc.jsonl"};
+  auto p = PrepareDataset(o, dir_ + "/cache");
+  ASSERT_TRUE(p.ok()) << p.status().ToString();
+  EXPECT_EQ(p->format, "prompt_completion");
+  EXPECT_EQ(p->chat_template, "llama3");
+  const std::vector<Row> rows = ReadRows(p->train_path);
+  ASSERT_EQ(rows.size(), 1u);
+  // Trained: "4<|eot_id|>" (2 tokens); no EOS is appended to conversations.
+  int64_t trained = 0;
+  for (int32_t l : rows[0].labels) trained += l != kIgnoreLabel;
+  EXPECT_EQ(trained, 2);
+  EXPECT_EQ(rows[0].input_ids.back(), 128009);  // <|eot_id|>
+}
+
 TEST_F(PrepareTest, EvalSplitsAndSkippedRecords) {
   DatasetOptions o = Options();
   o.eval_split_ratio = 0.25;

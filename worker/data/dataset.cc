@@ -39,51 +39,80 @@ Status ExpectString(const json& value, const std::string& where, const std::stri
   return InvalidArgumentError(where + ": " + field + ": expected a string, got " + value.type_name());
 }
 
-Status ParseMessages(const json& record, const std::string& where, Record* out) {
-  FTUNE_STATUS_ASSIGN_OR_RETURN(const json* messages, Field(record, "messages", where));
-  if (!messages->is_array()) {
-    return InvalidArgumentError(where + ": messages: expected an array of {role, content} objects, got " +
-                                messages->type_name());
+// Appends the messages of `array` (the record's `field`) to out->messages,
+// continuing the role order in *expected ("user" or "assistant"); a system
+// message is allowed only as the very first message of the conversation.
+Status ParseMessageList(const json& array, const std::string& where, const std::string& field,
+                        const char** expected, Record* out) {
+  if (!array.is_array()) {
+    return InvalidArgumentError(where + ": " + field + ": expected an array of {role, content} objects, got " +
+                                array.type_name());
   }
-  if (messages->empty()) return InvalidArgumentError(where + ": messages: the conversation is empty");
-  const char* expected = "user";  // after the optional system message
-  for (size_t i = 0; i < messages->size(); ++i) {
-    const json& m = (*messages)[i];
-    const std::string field = "messages[" + std::to_string(i) + "]";
+  for (size_t i = 0; i < array.size(); ++i) {
+    const json& m = array[i];
+    const std::string item = field + "[" + std::to_string(i) + "]";
     if (!m.is_object()) {
-      return InvalidArgumentError(where + ": " + field + ": expected an object, got " + m.type_name());
+      return InvalidArgumentError(where + ": " + item + ": expected an object, got " + m.type_name());
     }
     const auto role = m.find("role");
-    if (role == m.end()) return InvalidArgumentError(where + ": " + field + ": missing field \"role\"");
-    FTUNE_DATA_RETURN_IF_ERROR(ExpectString(*role, where, field + ".role"));
+    if (role == m.end()) return InvalidArgumentError(where + ": " + item + ": missing field \"role\"");
+    FTUNE_DATA_RETURN_IF_ERROR(ExpectString(*role, where, item + ".role"));
     const auto content = m.find("content");
     if (content == m.end()) {
-      return InvalidArgumentError(where + ": " + field + ": missing field \"content\"");
+      return InvalidArgumentError(where + ": " + item + ": missing field \"content\"");
     }
-    FTUNE_DATA_RETURN_IF_ERROR(ExpectString(*content, where, field + ".content"));
+    FTUNE_DATA_RETURN_IF_ERROR(ExpectString(*content, where, item + ".content"));
     const std::string& r = role->get_ref<const std::string&>();
     if (r != "system" && r != "user" && r != "assistant") {
-      return InvalidArgumentError(where + ": " + field + ".role: " + Quote(r) +
+      return InvalidArgumentError(where + ": " + item + ".role: " + Quote(r) +
                                   " is not one of system, user, assistant");
     }
     if (r == "system") {
-      if (i != 0) {
-        return InvalidArgumentError(where + ": " + field +
+      if (!out->messages.empty()) {
+        return InvalidArgumentError(where + ": " + item +
                                     ".role: a system message may only be the first message");
       }
-    } else if (r != expected) {
-      return InvalidArgumentError(where + ": " + field + ".role: expected \"" + expected + "\", got " +
+    } else if (r != *expected) {
+      return InvalidArgumentError(where + ": " + item + ".role: expected \"" + *expected + "\", got " +
                                   Quote(r) + " (after an optional system message, roles must "
                                   "alternate user/assistant, starting with user)");
     } else {
-      expected = r == "user" ? "assistant" : "user";
+      *expected = r == "user" ? "assistant" : "user";
     }
     out->messages.push_back({r, content->get<std::string>()});
   }
+  return OkStatus();
+}
+
+Status ParseMessages(const json& record, const std::string& where, Record* out) {
+  FTUNE_STATUS_ASSIGN_OR_RETURN(const json* messages, Field(record, "messages", where));
+  if (messages->is_array() && messages->empty()) {
+    return InvalidArgumentError(where + ": messages: the conversation is empty");
+  }
+  const char* expected = "user";  // after the optional system message
+  FTUNE_DATA_RETURN_IF_ERROR(ParseMessageList(*messages, where, "messages", &expected, out));
   if (out->messages.size() == 1 && out->messages[0].role == "system") {
     return InvalidArgumentError(where + ": messages: only a system message, no user turn");
   }
   return OkStatus();
+}
+
+// TRL's conversational prompt/completion: the prompt ends with a user turn
+// (the template's generation prompt follows it), the completion continues
+// the conversation with the assistant.
+Status ParseConversationalPromptCompletion(const json& prompt, const json& completion,
+                                           const std::string& where, Record* out) {
+  const char* expected = "user";
+  FTUNE_DATA_RETURN_IF_ERROR(ParseMessageList(prompt, where, "prompt", &expected, out));
+  if (out->messages.empty() || out->messages.back().role != "user") {
+    return InvalidArgumentError(where + ": prompt: must end with a user message (the completion is the "
+                                        "assistant's reply)");
+  }
+  out->num_prompt_messages = out->messages.size();
+  if (completion.is_array() && completion.empty()) {
+    return InvalidArgumentError(where + ": completion: no messages");
+  }
+  return ParseMessageList(completion, where, "completion", &expected, out);
 }
 
 Status ParseRecord(const json& record, RecordFormat format, const std::string& where, Record* out) {
@@ -102,8 +131,7 @@ Status ParseRecord(const json& record, RecordFormat format, const std::string& w
       FTUNE_STATUS_ASSIGN_OR_RETURN(const json* prompt, Field(record, "prompt", where));
       FTUNE_STATUS_ASSIGN_OR_RETURN(const json* completion, Field(record, "completion", where));
       if (prompt->is_array() || completion->is_array()) {
-        return InvalidArgumentError(where + ": conversational prompt/completion (lists of messages) is "
-                                            "not supported; write the record as {\"messages\": [...]}");
+        return ParseConversationalPromptCompletion(*prompt, *completion, where, out);
       }
       FTUNE_DATA_RETURN_IF_ERROR(ExpectString(*prompt, where, "prompt"));
       FTUNE_DATA_RETURN_IF_ERROR(ExpectString(*completion, where, "completion"));

@@ -3,6 +3,7 @@
 //   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
 //   {"text": "..."}
 //   {"prompt": "...", "completion": "..."}
+//   {"prompt": [messages ending with user], "completion": [assistant message, ...]}
 // Other keys of a record are ignored. The format is given or "auto": the
 // first valid record decides (messages, then prompt+completion, then text),
 // and every later record must have the same layout.
@@ -42,9 +43,14 @@ std::string RecordFormatName(RecordFormat format);  // "messages" | "text" | "pr
 
 struct Record {
   RecordFormat format = RecordFormat::kText;
-  std::vector<ChatMessage> messages;  // kMessages
+  // kMessages; for a conversational kPromptCompletion record the prompt's
+  // messages followed by the completion's.
+  std::vector<ChatMessage> messages;
+  // kPromptCompletion with lists of messages: how many of `messages` are the
+  // prompt (> 0); 0 for string prompt/completion.
+  size_t num_prompt_messages = 0;
   std::string text;                   // kText
-  std::string prompt, completion;     // kPromptCompletion
+  std::string prompt, completion;     // kPromptCompletion with strings
   std::string source;                 // "file:line", for later errors
 };
 

@@ -202,6 +202,31 @@ Result<TokenizedDoc> DocumentEncoder::Encode(const Record& record) const {
       break;
     }
     case RecordFormat::kPromptCompletion: {
+      if (record.num_prompt_messages > 0) {
+        // TRL: prompt_ids = apply_chat_template(prompt, add_generation_prompt=True,
+        // tokenize=True); ids = apply_chat_template(prompt + completion, tokenize=True);
+        // the first len(prompt_ids) labels are masked. No EOS is appended.
+        const std::vector<ChatMessage> prompt(record.messages.begin(),
+                                              record.messages.begin() +
+                                                  static_cast<std::ptrdiff_t>(record.num_prompt_messages));
+        Result<RenderedChat> p = RenderChat(chat_, prompt, /*add_generation_prompt=*/true);
+        Result<RenderedChat> full = RenderChat(chat_, record.messages);
+        if (!p.ok()) return InvalidArgumentError(record.source + ": " + p.status().message());
+        if (!full.ok()) return InvalidArgumentError(record.source + ": " + full.status().message());
+        if (full->text.compare(0, p->text.size(), p->text) != 0) {
+          return InvalidArgumentError(record.source + ": the chat template applied to the prompt + "
+                                                      "completion does not start with the template applied "
+                                                      "to the prompt alone");
+        }
+        const size_t num_prompt = tokenizer_.Encode(p->text, false).size();
+        doc.input_ids = tokenizer_.Encode(full->text, false);
+        doc.labels = doc.input_ids;
+        if (completion_only_loss_) {
+          const size_t n = std::min(num_prompt, doc.labels.size());
+          std::fill(doc.labels.begin(), doc.labels.begin() + static_cast<std::ptrdiff_t>(n), kIgnoreLabel);
+        }
+        break;
+      }
       FTUNE_STATUS_ASSIGN_OR_RETURN(const std::string completion, with_eos(record.completion));
       const size_t num_prompt = tokenizer_.Encode(record.prompt, true).size();
       doc.input_ids = tokenizer_.Encode(record.prompt + completion, true);

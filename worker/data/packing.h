@@ -18,6 +18,10 @@
 //                      Encode(prompt, true), ids = Encode(prompt + completion,
 //                      true); with completion_only_loss the first
 //                      len(prompt_ids) labels are -100 (TRL's completion_mask).
+//                      Conversational (lists of messages): prompt_ids =
+//                      Encode(template(prompt, add_generation_prompt), false),
+//                      ids = Encode(template(prompt + completion), false), the
+//                      same masking, no EOS appended (TRL).
 // Documents with no tokens are dropped (and counted).
 //
 // Rows:

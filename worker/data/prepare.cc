@@ -343,12 +343,20 @@ Result<PreparedDataset> PrepareDataset(const DatasetOptions& options, const std:
 
   // tokenize
   ChatTemplate chat;
-  if (train_read.format == RecordFormat::kMessages) {
+  bool needs_chat = false, needs_eos = false;
+  for (const auto* records : {&train_records, &eval_records}) {
+    for (const Record& r : *records) {
+      const bool chat_record = r.format == RecordFormat::kMessages || r.num_prompt_messages > 0;
+      needs_chat |= chat_record;
+      needs_eos |= !chat_record;
+    }
+  }
+  if (needs_chat) {
     FTUNE_STATUS_ASSIGN_OR_RETURN(chat, ResolveChatTemplate(options.chat_template, tokenizer->config(),
                                                             options.tokenizer_dir));
     out.chat_template = ChatTemplateName(chat.kind);
   }
-  if (train_read.format != RecordFormat::kMessages && !tokenizer->config().eos_token.has_value()) {
+  if (needs_eos && !tokenizer->config().eos_token.has_value()) {
     return InvalidArgumentError(options.tokenizer_dir + "/tokenizer_config.json names no eos_token, which "
                                 "ends every " + out.format + " document (TRL's add_eos)");
   }

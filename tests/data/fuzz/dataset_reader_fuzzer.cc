@@ -35,7 +35,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (!options.skip_invalid && out.skipped != 0) __builtin_trap();
   for (const ftune::data::Record& r : out.records) {
     if (r.format != out.format) __builtin_trap();
-    if (r.format != RecordFormat::kMessages) continue;
+    if (r.format != RecordFormat::kMessages && r.num_prompt_messages == 0) continue;
+    if (r.num_prompt_messages > 0 &&
+        (r.format != RecordFormat::kPromptCompletion || r.num_prompt_messages >= r.messages.size() ||
+         r.messages[r.num_prompt_messages - 1].role != "user")) {
+      __builtin_trap();
+    }
     if (r.messages.empty()) __builtin_trap();
     size_t first = r.messages[0].role == "system" ? 1 : 0;
     for (size_t i = first; i < r.messages.size(); ++i) {
