@@ -193,7 +193,9 @@ class LlamaModel {
   // input_ids (batch, seq) int64; position_ids (batch, seq) int64 or
   // undefined (0..seq-1 in every row). Returns the final-norm hidden states
   // (batch, seq, hidden) in the compute dtype. `training` enables LoRA
-  // dropout.
+  // dropout. With unit hooks the head unit stays resident afterwards, so
+  // the caller can apply lm_head(); ReleaseHead() (or the backward) hands it
+  // back.
   at::Tensor Hidden(const at::Tensor& input_ids, const at::Tensor& position_ids,
                     bool training) const;
   // (batch, seq, vocab) fp32. Materializes every logit: for tests and small
@@ -212,6 +214,8 @@ class LlamaModel {
   // where t + 1 starts a new document.
   at::Tensor TokenLogProbs(const at::Tensor& input_ids, const at::Tensor& position_ids) const;
 
+  // Frozen tensors; undefined in a sharded model while their unit is not
+  // gathered (FsdpUnits::GatherUnit).
   const at::Tensor& embed_tokens() const { return embed_tokens_; }  // (vocab, hidden)
   const at::Tensor& lm_head() const { return lm_head_; }            // (vocab, hidden)
   const at::Tensor& final_norm() const { return norm_; }            // (hidden)
