@@ -156,29 +156,40 @@ TEST(InitModelTest, TinyDirectoryLoadsWithTheRightShapes) {
   EXPECT_EQ(model.value()->Find("lm_head.weight")->info->shape,
             std::vector<uint64_t>({512, 256}));
 
-  // Norms are exactly 1; projections are N(0, 0.02^2).
+  // Norms are exactly 1; projections are N(0, 0.02^2), lm_head
+  // N(0, 1 / (2 hidden)).
+  for (const WeightSpec& spec : specs) {
+    EXPECT_EQ(spec.stddev, spec.is_norm                  ? 0.0
+                           : spec.name == "lm_head.weight" ? 1.0 / std::sqrt(512.0)
+                                                           : 0.02)
+        << spec.name;
+  }
   auto data = model.value()->Data("model.layers.2.post_attention_layernorm.weight");
   ASSERT_TRUE(data.ok());
   const auto* norm = reinterpret_cast<const uint16_t*>(data->data);
   for (int i = 0; i < 256; ++i) ASSERT_EQ(norm[i], 0x3F80) << i;
-  auto gate = model.value()->Data("model.layers.1.mlp.gate_proj.weight");
-  ASSERT_TRUE(gate.ok());
-  const auto* g = reinterpret_cast<const uint16_t*>(gate->data);
-  const size_t n = gate->size / 2;
-  double sum = 0, sum_sq = 0;
-  for (size_t i = 0; i < n; ++i) {
-    uint32_t bits = static_cast<uint32_t>(g[i]) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof(f));
-    ASSERT_TRUE(std::isfinite(f));
-    sum += f;
-    sum_sq += static_cast<double>(f) * f;
-    ASSERT_EQ(g[i], InitNormalBf16(0, "model.layers.1.mlp.gate_proj.weight", i)) << i;
+  for (const auto& [name, want_std] :
+       std::vector<std::pair<std::string, double>>{{"model.layers.1.mlp.gate_proj.weight", 0.02},
+                                                   {"lm_head.weight", LmHeadStd(256)}}) {
+    auto tensor = model.value()->Data(name);
+    ASSERT_TRUE(tensor.ok());
+    const auto* g = reinterpret_cast<const uint16_t*>(tensor->data);
+    const size_t n = tensor->size / 2;
+    double sum = 0, sum_sq = 0;
+    for (size_t i = 0; i < n; ++i) {
+      uint32_t bits = static_cast<uint32_t>(g[i]) << 16;
+      float f;
+      std::memcpy(&f, &bits, sizeof(f));
+      ASSERT_TRUE(std::isfinite(f));
+      sum += f;
+      sum_sq += static_cast<double>(f) * f;
+      ASSERT_EQ(g[i], InitNormalBf16(0, name, i, want_std)) << name << " " << i;
+    }
+    const double mean = sum / n;
+    const double stddev = std::sqrt(sum_sq / n - mean * mean);
+    EXPECT_NEAR(mean, 0.0, 0.05 * want_std) << name;
+    EXPECT_NEAR(stddev, want_std, 0.025 * want_std) << name;
   }
-  const double mean = sum / n;
-  const double stddev = std::sqrt(sum_sq / n - mean * mean);
-  EXPECT_NEAR(mean, 0.0, 0.001);
-  EXPECT_NEAR(stddev, 0.02, 0.0005);
 }
 
 // The generator is the one the header specifies: these values come from
@@ -195,6 +206,13 @@ TEST(InitModelTest, GeneratorMatchesItsSpecification) {
     EXPECT_EQ(InitNormalBf16(7, "model.layers.3.mlp.down_proj.weight", i), down[i]) << i;
   }
   EXPECT_EQ(InitNormalBf16(7, "model.layers.3.mlp.down_proj.weight", 1000001), 0xbc77);
+  // lm_head of the tiny preset: std 1 / sqrt(2 * 256).
+  EXPECT_EQ(LmHeadStd(256), 1.0 / std::sqrt(512.0));
+  const std::vector<uint16_t> head = {0xbcab, 0xbd65, 0xbd9f, 0xbced, 0x3c89, 0xbd0c};
+  for (size_t i = 0; i < head.size(); ++i) {
+    EXPECT_EQ(InitNormalBf16(3, "lm_head.weight", i, LmHeadStd(256)), head[i]) << i;
+  }
+  EXPECT_EQ(InitNormalBf16(3, "lm_head.weight", 262143, LmHeadStd(256)), 0x3d0a);
 }
 
 TEST(InitModelTest, BytesDependOnTheSeedOnly) {

@@ -290,6 +290,7 @@ Result<TokenizerFiles> RenderLlama3Tokenizer(const TrainedBpe& bpe,
              {"trim_offsets", true},
              {"use_regex", false}}})}};
   const ordered_json bos_item = {{"SpecialToken", {{"id", kBeginOfText}, {"type_id", 0}}}};
+  const ordered_json seq_a = {{"Sequence", {{"id", "A"}, {"type_id", 0}}}};
   tok["post_processor"] = {
       {"type", "Sequence"},
       {"processors",
@@ -299,11 +300,11 @@ Result<TokenizerFiles> RenderLlama3Tokenizer(const TrainedBpe& bpe,
              {"trim_offsets", false},
              {"use_regex", true}},
             {{"type", "TemplateProcessing"},
-             {"single", ordered_json::array({bos_item, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}})},
+             {"single", ordered_json::array({bos_item, seq_a})},
              {"pair",
               ordered_json::array(
                   {bos_item,
-                   {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
+                   seq_a,
                    {{"SpecialToken", {{"id", kBeginOfText}, {"type_id", 1}}}},
                    {{"Sequence", {{"id", "B"}, {"type_id", 1}}}}})},
              {"special_tokens",

@@ -64,13 +64,13 @@ uint64_t Draw(uint64_t key, uint64_t n) {
 }
 
 // Both normals of pair p, times the std.
-void NormalPair(uint64_t key, uint64_t p, float* a, float* b) {
+void NormalPair(uint64_t key, uint64_t p, double stddev, float* a, float* b) {
   const double u1 = static_cast<double>((Draw(key, 2 * p) >> 11) + 1) * 0x1.0p-53;
   const double u2 = static_cast<double>(Draw(key, 2 * p + 1) >> 11) * 0x1.0p-53;
   const double r = std::sqrt(-2.0 * std::log(u1));
   const double t = 2.0 * kPi * u2;
-  *a = static_cast<float>(kInitStd * r * std::cos(t));
-  *b = static_cast<float>(kInitStd * r * std::sin(t));
+  *a = static_cast<float>(stddev * r * std::cos(t));
+  *b = static_cast<float>(stddev * r * std::sin(t));
 }
 
 uint16_t FloatToBf16(float f) {
@@ -82,21 +82,21 @@ uint16_t FloatToBf16(float f) {
 }
 
 // Elements [begin, end) of a tensor into out (bf16 bits).
-void FillNormal(uint64_t key, uint64_t begin, uint64_t end, uint16_t* out) {
+void FillNormal(uint64_t key, double stddev, uint64_t begin, uint64_t end, uint16_t* out) {
   uint64_t i = begin;
   float a, b;
   if (i < end && (i & 1)) {
-    NormalPair(key, i / 2, &a, &b);
+    NormalPair(key, i / 2, stddev, &a, &b);
     *out++ = FloatToBf16(b);
     ++i;
   }
   for (; i + 1 < end; i += 2) {
-    NormalPair(key, i / 2, &a, &b);
+    NormalPair(key, i / 2, stddev, &a, &b);
     *out++ = FloatToBf16(a);
     *out++ = FloatToBf16(b);
   }
   if (i < end) {
-    NormalPair(key, i / 2, &a, &b);
+    NormalPair(key, i / 2, stddev, &a, &b);
     *out++ = FloatToBf16(a);
   }
 }
@@ -284,14 +284,16 @@ Status WriteTensor(const WeightSpec& spec, uint64_t seed, int num_threads,
       const uint64_t threads =
           std::max<uint64_t>(1, std::min<uint64_t>(num_threads, count / 65536));
       if (threads == 1) {
-        FillNormal(key, begin, end, out);
+        FillNormal(key, spec.stddev, begin, end, out);
       } else {
         std::vector<std::thread> pool;
         const uint64_t per = (count + threads - 1) / threads;
         for (uint64_t t = 0; t < threads; ++t) {
           const uint64_t b = std::min(count, t * per);
           const uint64_t e = std::min(count, b + per);
-          if (b < e) pool.emplace_back(FillNormal, key, begin + b, begin + e, out + b);
+          if (b < e) {
+            pool.emplace_back(FillNormal, key, spec.stddev, begin + b, begin + e, out + b);
+          }
         }
         for (std::thread& th : pool) th.join();
       }
@@ -415,32 +417,39 @@ std::vector<WeightSpec> LlamaWeightSpecs(const LlamaConfig& c) {
   const U hidden = c.hidden_size, inter = c.intermediate_size, q = c.q_size(),
           kv = c.kv_size(), vocab = c.vocab_size;
   std::vector<WeightSpec> specs;
-  specs.push_back({"model.embed_tokens.weight", {vocab, hidden}, false});
+  const double w = kInitStd;
+  specs.push_back({"model.embed_tokens.weight", {vocab, hidden}, false, w});
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const std::string p = "model.layers." + std::to_string(i) + ".";
     specs.push_back({p + "input_layernorm.weight", {hidden}, true});
-    specs.push_back({p + "self_attn.q_proj.weight", {q, hidden}, false});
-    specs.push_back({p + "self_attn.k_proj.weight", {kv, hidden}, false});
-    specs.push_back({p + "self_attn.v_proj.weight", {kv, hidden}, false});
-    specs.push_back({p + "self_attn.o_proj.weight", {hidden, q}, false});
+    specs.push_back({p + "self_attn.q_proj.weight", {q, hidden}, false, w});
+    specs.push_back({p + "self_attn.k_proj.weight", {kv, hidden}, false, w});
+    specs.push_back({p + "self_attn.v_proj.weight", {kv, hidden}, false, w});
+    specs.push_back({p + "self_attn.o_proj.weight", {hidden, q}, false, w});
     specs.push_back({p + "post_attention_layernorm.weight", {hidden}, true});
-    specs.push_back({p + "mlp.gate_proj.weight", {inter, hidden}, false});
-    specs.push_back({p + "mlp.up_proj.weight", {inter, hidden}, false});
-    specs.push_back({p + "mlp.down_proj.weight", {hidden, inter}, false});
+    specs.push_back({p + "mlp.gate_proj.weight", {inter, hidden}, false, w});
+    specs.push_back({p + "mlp.up_proj.weight", {inter, hidden}, false, w});
+    specs.push_back({p + "mlp.down_proj.weight", {hidden, inter}, false, w});
   }
   specs.push_back({"model.norm.weight", {hidden}, true});
-  if (!c.tie_word_embeddings) specs.push_back({"lm_head.weight", {vocab, hidden}, false});
+  if (!c.tie_word_embeddings) {
+    specs.push_back({"lm_head.weight", {vocab, hidden}, false, LmHeadStd(c.hidden_size)});
+  }
   return specs;
 }
 
-float InitNormal(uint64_t seed, const std::string& name, uint64_t index) {
+double LmHeadStd(int64_t hidden_size) {
+  return 1.0 / std::sqrt(2.0 * static_cast<double>(hidden_size));
+}
+
+float InitNormal(uint64_t seed, const std::string& name, uint64_t index, double stddev) {
   float a, b;
-  NormalPair(TensorKey(seed, name), index / 2, &a, &b);
+  NormalPair(TensorKey(seed, name), index / 2, stddev, &a, &b);
   return (index & 1) ? b : a;
 }
 
-uint16_t InitNormalBf16(uint64_t seed, const std::string& name, uint64_t index) {
-  return FloatToBf16(InitNormal(seed, name, index));
+uint16_t InitNormalBf16(uint64_t seed, const std::string& name, uint64_t index, double stddev) {
+  return FloatToBf16(InitNormal(seed, name, index, stddev));
 }
 
 Status WriteRandomLlamaWeights(const std::string& dir, const LlamaConfig& config,

@@ -10,23 +10,31 @@
 //
 // Weights (fully specified, so anyone can regenerate the same bytes):
 //   * norms (input_layernorm, post_attention_layernorm, model.norm) are 1;
-//   * every other tensor is N(0, 0.02^2) (HF's initializer_range), element
-//     i of tensor `name` being InitNormal(seed, name, i): with
+//   * lm_head is N(0, std^2) with std = LmHeadStd(hidden) = 1/sqrt(2 hidden),
+//     every other tensor N(0, 0.02^2) (HF's initializer_range); element i
+//     of tensor `name` is InitNormal(seed, name, i, std):
 //       key      = SplitMix64(seed ^ Fnv1a64(name))
 //       x_n      = SplitMix64(key + (n + 1) * 0x9E3779B97F4A7C15)
 //       u1       = ((x_{2p} >> 11) + 1) * 2^-53          in (0, 1]
 //       u2       = (x_{2p+1} >> 11) * 2^-53              in [0, 1)
 //       r        = sqrt(-2 ln u1),  t = 2 pi u2          (double)
-//     element 2p = 0.02 r cos t and element 2p+1 = 0.02 r sin t, rounded
-//     to float and then to bf16 (round to nearest even). Each element
+//     element 2p = std r cos t and element 2p+1 = std r sin t (double),
+//     rounded to float and then to bf16 (round to nearest even). Each element
 //     depends only on (seed, name, index): the bytes do not change with
 //     the sharding, the thread count or the order tensors are written in.
 //     (libm's log/cos/sin may differ in the last double bit between
 //     platforms, which moves a bf16 value only in astronomically rare
 //     cases.)
-//   With std 0.02, the final-norm hidden state (RMS 1) times lm_head gives
-//   logits of std 0.02 sqrt(hidden) (0.32 for the tiny preset), so the
-//   random model's loss starts near ln(vocab).
+//   Why lm_head differs: the final RMSNorm (weight 1) gives the hidden
+//   state RMS 1, so the logits start as N(0, std^2 hidden) = N(0, 1/2) for
+//   every preset and the loss at ln(vocab) + 1/4 (7.18 for the tiny
+//   preset's 1024 ids; 7.21 measured on a demo data row). lm_head, norms and
+//   embeddings stay frozen under LoRA, so lm_head's scale also caps what a
+//   LoRA can reach: the largest logit, from a hidden state aligned with one
+//   row, is std hidden = sqrt(hidden / 2) (11.3 for tiny). With 0.02 it
+//   would be 5.1 for tiny, and the demo's eval loss stalled at 5.40 after
+//   80 steps instead of 4.32 (2 ranks, examples/tiny-qlora.yaml); for the
+//   8B / 70B shapes 0.02 would start the loss 0.8 / 1.6 above ln(vocab).
 //
 // Memory: tensors are generated in chunks of at most kInitChunkElements
 // straight into the output file (a 70B model never sits in RAM), by
@@ -116,13 +124,18 @@ struct WeightSpec {
   std::string name;
   std::vector<uint64_t> shape;
   bool is_norm = false;  // initialized to 1
+  double stddev = 0;     // of the normal init (not norms)
 };
 std::vector<WeightSpec> LlamaWeightSpecs(const LlamaConfig& config);
 
-// Element `index` of a non-norm tensor, before the bf16 rounding (see the
-// file comment); and the bf16 bits InitModel writes for it.
-float InitNormal(uint64_t seed, const std::string& name, uint64_t index);
-uint16_t InitNormalBf16(uint64_t seed, const std::string& name, uint64_t index);
+// Element `index` of a non-norm tensor with the given std, before the bf16
+// rounding (see the file comment); and the bf16 bits InitModel writes for
+// it (WeightSpec::stddev is the std InitModel uses).
+float InitNormal(uint64_t seed, const std::string& name, uint64_t index, double stddev = 0.02);
+uint16_t InitNormalBf16(uint64_t seed, const std::string& name, uint64_t index,
+                        double stddev = 0.02);
+// lm_head's std: 1 / sqrt(2 hidden_size), in double.
+double LmHeadStd(int64_t hidden_size);
 
 // Writes the weights of `config` (bf16) into dir as model.safetensors or
 // shards + index, as InitModel does. Exposed for tools that bring their own
