@@ -579,6 +579,18 @@ INSTANTIATE_TEST_SUITE_P(
 
 // ------------------------------------------------------------ (d) RSS
 
+int64_t ProcBytes(const char* key) {
+  FILE* f = std::fopen("/proc/self/status", "r");
+  if (f == nullptr) return 0;
+  char line[256];
+  int64_t kb = 0;
+  while (std::fgets(line, sizeof(line), f) != nullptr) {
+    if (std::strncmp(line, key, std::strlen(key)) == 0) kb = std::atoll(line + std::strlen(key));
+  }
+  std::fclose(f);
+  return kb * 1024;
+}
+
 TEST(FsdpLoadTest, PeakRssPerRankIsItsShareAndOneTensor) {
   constexpr int kWorld = 4;
   TempDir dir;
@@ -658,6 +670,22 @@ TEST(FsdpLoadTest, PeakRssPerRankIsItsShareAndOneTensor) {
         at::Tensor logits = m->Logits(ids, at::Tensor());
         RANK_EXPECT(logits.sizes() == at::IntArrayRef({1, 8, spec.vocab}), "logits shape");
         RANK_EXPECT(logits.isfinite().all().item<bool>(), "non-finite logits");
+        if (rank == 0) {
+          // For contrast (printed only): the unsharded loader on the same
+          // model, peak measured the same way.
+          m.reset();
+          const int64_t before = ProcBytes("VmRSS:");
+          {
+            FILE* f = std::fopen("/proc/self/clear_refs", "w");
+            if (f != nullptr) {
+              std::fputs("5", f);
+              std::fclose(f);
+            }
+          }
+          RANK_ASSIGN(std::unique_ptr<LlamaModel> whole, LlamaModel::Load(model_dir, options));
+          std::printf("rank 0: LlamaModel::Load of the same model (no sharding): peak +%.1f MiB\n",
+                      (ProcBytes("VmHWM:") - before) / 1048576.0);
+        }
         return OkStatus();
       },
       milliseconds(400000));
