@@ -234,6 +234,31 @@ TEST(InitModelTest, BytesDependOnTheSeedOnly) {
   EXPECT_EQ(ReadAll(a.out_dir + "/tokenizer.json"), ReadAll(c.out_dir + "/tokenizer.json"));
 }
 
+TEST(InitModelTest, ChunkSizeAndThreadsDoNotChangeTheBytes) {
+  TempDir tmp;
+  auto config = InitModelPresetConfig("tiny", 512);
+  ASSERT_TRUE(config.ok());
+  config->num_hidden_layers = 2;
+  std::string reference;
+  // (chunk elements, threads): odd chunk starts, chunks split over threads.
+  for (const auto& [chunk, threads] : std::vector<std::pair<uint64_t, int>>{
+           {kInitChunkElements, 1}, {1001, 1}, {140001, 3}, {65536 * 2, 2}}) {
+    const std::string dir = tmp.path() + "/c" + std::to_string(chunk) + "_" +
+                            std::to_string(threads);
+    ASSERT_EQ(::mkdir(dir.c_str(), 0755), 0);
+    Status st = WriteRandomLlamaWeights(dir, *config, 5, 5'000'000'000, threads, nullptr, chunk);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    const std::string bytes = ReadAll(dir + "/model.safetensors");
+    ASSERT_GT(bytes.size(), 2'000'000u);
+    if (reference.empty()) {
+      reference = bytes;
+    } else {
+      EXPECT_TRUE(bytes == reference) << "chunk " << chunk << ", " << threads << " threads";
+    }
+  }
+  EXPECT_FALSE(WriteRandomLlamaWeights(tmp.path(), *config, 5, 1000, 1, nullptr, 0).ok());
+}
+
 TEST(InitModelTest, ShardedOutputHasAValidIndexAndTheSameTensors) {
   TempDir tmp;
   const std::string corpus = WriteCorpus(tmp.path());

@@ -267,38 +267,56 @@ uint64_t NumElements(const WeightSpec& spec) {
   return n;
 }
 
-// Streams one tensor's bf16 bytes into the writer, chunk by chunk.
+// Elements [begin, end) of a tensor into out, split over num_threads.
+void FillChunk(const WeightSpec& spec, uint64_t key, int num_threads, uint64_t begin,
+               uint64_t end, uint16_t* out) {
+  const uint64_t count = end - begin;
+  if (spec.is_norm) {
+    std::fill(out, out + count, kBf16One);
+    return;
+  }
+  // Small chunks are not worth a thread each.
+  const uint64_t threads = std::max<uint64_t>(
+      1, std::min<uint64_t>(static_cast<uint64_t>(num_threads), count / 65536));
+  if (threads == 1) {
+    FillNormal(key, spec.stddev, begin, end, out);
+    return;
+  }
+  std::vector<std::thread> pool;
+  const uint64_t per = (count + threads - 1) / threads;
+  for (uint64_t t = 0; t < threads; ++t) {
+    const uint64_t b = std::min(count, t * per);
+    const uint64_t e = std::min(count, b + per);
+    if (b < e) pool.emplace_back(FillNormal, key, spec.stddev, begin + b, begin + e, out + b);
+  }
+  for (std::thread& th : pool) th.join();
+}
+
+// Streams one tensor's bf16 bytes into the writer, chunk by chunk, the
+// next chunk being generated while the current one is written (disk and
+// generator overlap: on a 70B model each takes minutes).
 Status WriteTensor(const WeightSpec& spec, uint64_t seed, int num_threads,
-                   std::vector<uint16_t>* buffer, AtomicFileWriter* writer) {
+                   uint64_t chunk_elements, std::vector<uint16_t> buffers[2],
+                   AtomicFileWriter* writer) {
   const uint64_t n = NumElements(spec);
+  if (n == 0) return OkStatus();
   const uint64_t key = TensorKey(seed, spec.name);
-  for (uint64_t begin = 0; begin < n; begin += kInitChunkElements) {
-    const uint64_t end = std::min(n, begin + kInitChunkElements);
-    const uint64_t count = end - begin;
-    buffer->resize(count);
-    uint16_t* out = buffer->data();
-    if (spec.is_norm) {
-      std::fill(out, out + count, kBf16One);
-    } else {
-      // Small chunks are not worth a thread each.
-      const uint64_t threads =
-          std::max<uint64_t>(1, std::min<uint64_t>(num_threads, count / 65536));
-      if (threads == 1) {
-        FillNormal(key, spec.stddev, begin, end, out);
-      } else {
-        std::vector<std::thread> pool;
-        const uint64_t per = (count + threads - 1) / threads;
-        for (uint64_t t = 0; t < threads; ++t) {
-          const uint64_t b = std::min(count, t * per);
-          const uint64_t e = std::min(count, b + per);
-          if (b < e) {
-            pool.emplace_back(FillNormal, key, spec.stddev, begin + b, begin + e, out + b);
-          }
-        }
-        for (std::thread& th : pool) th.join();
-      }
-    }
-    FTUNE_TRAINER_RETURN_IF_ERROR(writer->Append(out, count * sizeof(uint16_t)));
+  const auto fill = [&](int which, uint64_t begin) {
+    const uint64_t end = std::min(n, begin + chunk_elements);
+    buffers[which].resize(end - begin);
+    FillChunk(spec, key, num_threads, begin, end, buffers[which].data());
+  };
+  fill(0, 0);
+  int current = 0;
+  for (uint64_t begin = 0; begin < n; begin += chunk_elements) {
+    const uint64_t next = begin + chunk_elements;
+    std::thread ahead;
+    if (next < n) ahead = std::thread(fill, 1 - current, next);
+    const Status written =
+        writer->Append(buffers[current].data(), buffers[current].size() * sizeof(uint16_t));
+    if (ahead.joinable()) ahead.join();
+    FTUNE_TRAINER_RETURN_IF_ERROR(written);
+    current = 1 - current;
   }
   return OkStatus();
 }
@@ -454,9 +472,13 @@ uint16_t InitNormalBf16(uint64_t seed, const std::string& name, uint64_t index, 
 
 Status WriteRandomLlamaWeights(const std::string& dir, const LlamaConfig& config,
                                uint64_t seed, uint64_t max_shard_bytes, int num_threads,
-                               const std::function<void(const std::string&)>& progress) {
+                               const std::function<void(const std::string&)>& progress,
+                               uint64_t chunk_elements) {
   if (max_shard_bytes == 0) {
     return InvalidArgumentError("init-model: max_shard_bytes must be > 0");
+  }
+  if (chunk_elements == 0) {
+    return InvalidArgumentError("init-model: chunk_elements must be > 0");
   }
   if (num_threads <= 0) num_threads = static_cast<int>(std::thread::hardware_concurrency());
   num_threads = std::max(1, num_threads);
@@ -485,7 +507,7 @@ Status WriteRandomLlamaWeights(const std::string& dir, const LlamaConfig& config
   // it (the bytes are streamed below), so one dummy byte serves them all.
   static const uint8_t kUnread = 0;
   const std::map<std::string, std::string> metadata = {{"format", "pt"}};
-  std::vector<uint16_t> buffer;
+  std::vector<uint16_t> buffers[2];
   uint64_t written = 0;
   int last_percent = -1;
   for (const ShardPlan& shard : shards) {
@@ -504,7 +526,8 @@ Status WriteRandomLlamaWeights(const std::string& dir, const LlamaConfig& config
     FTUNE_TRAINER_RETURN_IF_ERROR(writer->Append(layout->prefix));
     for (size_t t : layout->order) {
       const WeightSpec& spec = specs[shard.specs[t]];
-      FTUNE_TRAINER_RETURN_IF_ERROR(WriteTensor(spec, seed, num_threads, &buffer, writer.get()));
+      FTUNE_TRAINER_RETURN_IF_ERROR(
+          WriteTensor(spec, seed, num_threads, chunk_elements, buffers, writer.get()));
       written += tensors[t].num_bytes;
       const int percent = static_cast<int>(100.0 * static_cast<double>(written) /
                                            static_cast<double>(total));

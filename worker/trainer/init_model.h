@@ -37,8 +37,11 @@
 //   8B / 70B shapes 0.02 would start the loss 0.8 / 1.6 above ln(vocab).
 //
 // Memory: tensors are generated in chunks of at most kInitChunkElements
-// straight into the output file (a 70B model never sits in RAM), by
-// num_threads threads per chunk.
+// straight into the output file (a 70B model never sits in RAM: two chunks,
+// 64 MiB, are), by num_threads threads per chunk, the next chunk while the
+// current one is written. Measured here: 59M elements/s per generator
+// thread (about 17 ns each), so a 70B model (141 GB) needs about 80 s of
+// generation on 16 cores, overlapped with its disk writes.
 //
 // Tokenizer: trained on a corpus (worker/data/bpe_trainer.h: byte-level
 // BPE, Llama 3 special tokens and chat template) or copied from a directory
@@ -137,15 +140,17 @@ uint16_t InitNormalBf16(uint64_t seed, const std::string& name, uint64_t index,
 // lm_head's std: 1 / sqrt(2 hidden_size), in double.
 double LmHeadStd(int64_t hidden_size);
 
+// Elements generated per chunk; the writer holds two chunks (2 bytes each).
+inline constexpr uint64_t kInitChunkElements = uint64_t{1} << 24;
+
 // Writes the weights of `config` (bf16) into dir as model.safetensors or
 // shards + index, as InitModel does. Exposed for tools that bring their own
-// config.json and tokenizer.
+// config.json and tokenizer. num_threads <= 0: hardware concurrency. The
+// chunk size changes memory and speed only, never the bytes.
 Status WriteRandomLlamaWeights(const std::string& dir, const LlamaConfig& config,
                                uint64_t seed, uint64_t max_shard_bytes, int num_threads,
-                               const std::function<void(const std::string&)>& progress);
-
-// Elements generated per chunk (bounds the writer's memory: 2 bytes each).
-inline constexpr uint64_t kInitChunkElements = uint64_t{1} << 24;
+                               const std::function<void(const std::string&)>& progress,
+                               uint64_t chunk_elements = kInitChunkElements);
 
 }  // namespace ftune::trainer
 
