@@ -335,6 +335,8 @@ struct TrainCase {
   bool offload;
   bool quantize;
   int micro_batches = 1;  // each rank's rows split into this many accumulated backwards
+  // Off: autograd keeps the gathered tensors it saved, backward re-gathers nothing.
+  bool checkpointing = true;
 };
 
 class FsdpTrainTest : public ::testing::TestWithParam<TrainCase> {};
@@ -388,7 +390,7 @@ TEST_P(FsdpTrainTest, ShardedStepEqualsOneRank) {
         const std::string adapter = Golden(std::string(tc.model) + "_adapter");
         ModelOptions options = DefaultModelOptions(c10::kCPU);
         options.quantize_base = tc.quantize;
-        options.activation_checkpointing = true;
+        options.activation_checkpointing = tc.checkpointing;
         options.attention = AttentionImpl::kMath;
 
         // The batch: 12 rows (divisible by 2, 3, 4), some targets ignored.
@@ -542,13 +544,13 @@ TEST_P(FsdpTrainTest, ShardedStepEqualsOneRank) {
                                            std::to_string(ref_loss2));
         RANK_EXPECT(std::abs(loss2 - loss) > 1e-4 * std::abs(loss), "the step changed nothing");
         if (rank == 0) {
-          std::printf("%s world %d reshard %d offload %d nf4 %d micro-batches %d: loss %.9g (1 rank %.9g, rel %.2e); "
+          std::printf("%s world %d reshard %d offload %d nf4 %d micro-batches %d checkpointing %d: loss %.9g (1 rank %.9g, rel %.2e); "
                       "grads max-abs rel %.2e, worst tensor L2 rel %.2e; norm %.9g (rel %.2e), "
                       "clipped rel %.2e; params after AdamW L2 rel %.2e (max abs %.2e, lr 1e-2), bit-equal to "
                       "per-tensor AdamW; next loss rel "
                       "%.2e; %lld unit gathers\n",
                       tc.model, world, tc.reshard_after_forward, tc.offload, tc.quantize,
-                      tc.micro_batches, loss,
+                      tc.micro_batches, tc.checkpointing, loss,
                       ref_loss, loss_rel, grad_rel, worst_tensor, norm, norm_rel, clip_rel,
                       param_rel, param_abs, loss2_rel, static_cast<long long>(units->gathers()));
         }
@@ -568,13 +570,15 @@ INSTANTIATE_TEST_SUITE_P(
                       TrainCase{"llama3_tiny", 3, true, false, true},
                       TrainCase{"llama2_tiny", 2, false, true, true},
                       TrainCase{"llama3_tiny", 4, true, false, false},
-                      TrainCase{"llama2_tiny", 3, true, false, true, 2}),
+                      TrainCase{"llama2_tiny", 3, true, false, true, 2},
+                      TrainCase{"llama2_tiny", 2, true, false, true, 1, false}),
     [](const auto& info) {
       const TrainCase& c = info.param;
       return std::string(c.model) + "_" + std::to_string(c.world) + "ranks" +
              (c.reshard_after_forward ? "_full_shard" : "_shard_grad_op") +
              (c.offload ? "_offload" : "") + (c.quantize ? "_nf4" : "_dense") +
-             (c.micro_batches > 1 ? "_accum" + std::to_string(c.micro_batches) : "");
+             (c.micro_batches > 1 ? "_accum" + std::to_string(c.micro_batches) : "") +
+             (c.checkpointing ? "" : "_no_checkpointing");
     });
 
 // ------------------------------------------------------------ (d) RSS
