@@ -5,6 +5,8 @@
 // count / tie rule, and the file layout is the real Llama 3 one.
 #include <algorithm>
 #include <fstream>
+#include <map>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -189,6 +191,88 @@ TEST(BpeTrainerTest, RepeatedPairsMergeLeftToRight) {
   EXPECT_EQ(bpe->tokens[bpe->merges[0].merged], "aa");
   EXPECT_EQ(bpe->tokens[bpe->merges[1].merged], "aaa");
   EXPECT_EQ(bpe->tokens[bpe->merges[2].merged], "aaaaa");
+}
+
+// The obvious algorithm: recount every pair of every word before each merge.
+std::vector<TrainedBpe::Merge> NaiveMerges(const std::vector<std::string>& words_in,
+                                           size_t max_tokens, int64_t min_frequency) {
+  std::map<std::string, int64_t> counts;
+  for (const std::string& w : words_in) ++counts[w];
+  std::vector<std::pair<std::vector<int32_t>, int64_t>> words;
+  for (const auto& [w, c] : counts) {
+    std::vector<int32_t> s;
+    for (unsigned char ch : w) s.push_back(ch);
+    words.push_back({s, c});
+  }
+  std::vector<std::string> tokens;
+  for (int b = 0; b < 256; ++b) tokens.emplace_back(1, static_cast<char>(b));
+  std::vector<TrainedBpe::Merge> merges;
+  while (tokens.size() < max_tokens) {
+    std::map<std::pair<int32_t, int32_t>, int64_t> pairs;  // ordered by (left, right)
+    for (const auto& [s, c] : words) {
+      for (size_t j = 0; j + 1 < s.size(); ++j) pairs[{s[j], s[j + 1]}] += c;
+    }
+    std::pair<int32_t, int32_t> best{-1, -1};
+    int64_t best_count = 0;
+    for (const auto& [p, c] : pairs) {
+      if (c > best_count) {  // strict: the first (smallest) pair wins ties
+        best = p;
+        best_count = c;
+      }
+    }
+    if (best_count < min_frequency || best_count == 0) break;
+    const std::string bytes = tokens[best.first] + tokens[best.second];
+    int32_t merged = -1;
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      if (tokens[i] == bytes) merged = static_cast<int32_t>(i);
+    }
+    if (merged < 0) {
+      merged = static_cast<int32_t>(tokens.size());
+      tokens.push_back(bytes);
+    }
+    merges.push_back({best.first, best.second, merged});
+    for (auto& [s, c] : words) {
+      std::vector<int32_t> out;
+      for (size_t j = 0; j < s.size(); ++j) {
+        if (j + 1 < s.size() && s[j] == best.first && s[j + 1] == best.second) {
+          out.push_back(merged);
+          ++j;
+        } else {
+          out.push_back(s[j]);
+        }
+      }
+      s = out;
+    }
+  }
+  return merges;
+}
+
+TEST(BpeTrainerTest, MergesEqualTheNaiveAlgorithm) {
+  // Random words over a small alphabet (many ties, repeated and overlapping
+  // pairs, merges that spell existing tokens), each string one pre-token.
+  std::mt19937 rng(7);
+  std::vector<std::string> corpus;
+  for (int i = 0; i < 600; ++i) {
+    std::string w;
+    const int len = 1 + static_cast<int>(rng() % 9);
+    for (int j = 0; j < len; ++j) w += "abcab"[rng() % 5];
+    corpus.push_back(w);
+  }
+  for (int64_t min_frequency : {1, 2, 5}) {
+    BpeTrainerOptions options;
+    options.vocab_size = 256 + 6 + 120;
+    options.min_frequency = min_frequency;
+    auto bpe = TrainByteLevelBpe(corpus, options);
+    ASSERT_TRUE(bpe.ok()) << bpe.status().ToString();
+    const std::vector<TrainedBpe::Merge> want = NaiveMerges(corpus, 256 + 120, min_frequency);
+    ASSERT_EQ(bpe->merges.size(), want.size()) << "min_frequency " << min_frequency;
+    ASSERT_GT(want.size(), 20u);
+    for (size_t i = 0; i < want.size(); ++i) {
+      ASSERT_EQ(bpe->merges[i].left, want[i].left) << "merge " << i;
+      ASSERT_EQ(bpe->merges[i].right, want[i].right) << "merge " << i;
+      ASSERT_EQ(bpe->merges[i].merged, want[i].merged) << "merge " << i;
+    }
+  }
 }
 
 TEST(BpeTrainerTest, BadInputsAreErrors) {

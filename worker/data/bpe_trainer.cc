@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <map>
+#include <queue>
 #include <memory>
 #include <unordered_map>
 #include <unordered_set>
@@ -130,6 +131,18 @@ Result<TrainedBpe> TrainByteLevelBpe(const std::vector<std::string>& corpus,
   }
   std::unordered_map<uint64_t, int64_t> pair_counts;
   std::unordered_map<uint64_t, std::vector<int32_t>> pair_words;
+  // Candidates for the next merge: (count, pair) with the documented order
+  // on top (highest count, then smallest left id, then smallest right id,
+  // which is the smallest key). Entries go stale when a count changes; a new
+  // entry is pushed for every changed pair, and stale ones are dropped when
+  // they reach the top, so each merge costs O(changed pairs x log) instead
+  // of a scan of every pair.
+  using Candidate = std::pair<int64_t, uint64_t>;
+  const auto lower = [](const Candidate& a, const Candidate& b) {
+    return a.first != b.first ? a.first < b.first : a.second > b.second;
+  };
+  std::priority_queue<Candidate, std::vector<Candidate>, decltype(lower)> candidates(lower);
+  std::vector<uint64_t> changed;
   const auto add_pairs = [&](int32_t wi, int64_t sign) {
     const Word& w = words[wi];
     for (size_t j = 0; j + 1 < w.symbols.size(); ++j) {
@@ -137,26 +150,37 @@ Result<TrainedBpe> TrainByteLevelBpe(const std::vector<std::string>& corpus,
       int64_t& c = pair_counts[key];
       c += sign * w.count;
       if (c == 0) pair_counts.erase(key);
+      changed.push_back(key);
       if (sign > 0) {
         std::vector<int32_t>& list = pair_words[key];
         if (list.empty() || list.back() != wi) list.push_back(wi);
       }
     }
   };
+  const auto push_changed = [&]() {
+    std::sort(changed.begin(), changed.end());
+    changed.erase(std::unique(changed.begin(), changed.end()), changed.end());
+    for (uint64_t key : changed) {
+      if (auto it = pair_counts.find(key); it != pair_counts.end()) {
+        candidates.push({it->second, key});
+      }
+    }
+    changed.clear();
+  };
   for (int32_t wi = 0; wi < static_cast<int32_t>(words.size()); ++wi) add_pairs(wi, +1);
+  push_changed();
 
   // 3. Merge the most frequent pair until the vocabulary is full.
   std::vector<int32_t> merged_symbols;
   while (out.tokens.size() < max_bpe_tokens) {
-    uint64_t best = 0;
-    int64_t best_count = 0;
-    for (const auto& [key, count] : pair_counts) {
-      if (count > best_count || (count == best_count && count > 0 && key < best)) {
-        best = key;
-        best_count = count;
-      }
+    while (!candidates.empty()) {
+      const auto it = pair_counts.find(candidates.top().second);
+      if (it != pair_counts.end() && it->second == candidates.top().first) break;
+      candidates.pop();  // stale
     }
-    if (best_count < options.min_frequency) break;
+    if (candidates.empty() || candidates.top().first < options.min_frequency) break;
+    const uint64_t best = candidates.top().second;
+    candidates.pop();
     const int32_t left = PairLeft(best);
     const int32_t right = PairRight(best);
     std::string bytes = out.tokens[left] + out.tokens[right];
@@ -198,6 +222,7 @@ Result<TrainedBpe> TrainByteLevelBpe(const std::vector<std::string>& corpus,
       add_pairs(wi, +1);
     }
     // Pair counts can only drop to exactly zero (erased above), never below.
+    push_changed();
   }
   return out;
 }

