@@ -167,8 +167,8 @@ RunResult TrainOnRow(const std::string& dir, bool nf4, int steps, const at::Tens
 
 TEST_F(TinyModelTest, Nf4LoraLearnsAndTimesOneRow) {
   const at::Tensor ids = PackedRow();
-  const RunResult nf4 = TrainOnRow(ModelDir(), /*nf4=*/true, 12, ids);
-  const RunResult dense = TrainOnRow(ModelDir(), /*nf4=*/false, 4, ids);
+  const RunResult nf4 = TrainOnRow(ModelDir(), /*nf4=*/true, 6, ids);
+  const RunResult dense = TrainOnRow(ModelDir(), /*nf4=*/false, 3, ids);
   std::printf(
       "tiny preset, LoRA r16 on all 7 projections, fp32 CPU, %d intra-op threads, one "
       "%lld-token row, forward + backward: NF4 base median %.0f ms (first %.0f ms), dense "
