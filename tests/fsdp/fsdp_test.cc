@@ -548,11 +548,12 @@ TEST_P(FsdpTrainTest, ShardedStepEqualsOneRank) {
                       "grads max-abs rel %.2e, worst tensor L2 rel %.2e; norm %.9g (rel %.2e), "
                       "clipped rel %.2e; params after AdamW L2 rel %.2e (max abs %.2e, lr 1e-2), bit-equal to "
                       "per-tensor AdamW; next loss rel "
-                      "%.2e; %lld unit gathers\n",
+                      "%.2e; %lld unit gathers (%.2f MiB received, %.1f ms)\n",
                       tc.model, world, tc.reshard_after_forward, tc.offload, tc.quantize,
                       tc.micro_batches, tc.checkpointing, loss,
                       ref_loss, loss_rel, grad_rel, worst_tensor, norm, norm_rel, clip_rel,
-                      param_rel, param_abs, loss2_rel, static_cast<long long>(units->gathers()));
+                      param_rel, param_abs, loss2_rel, static_cast<long long>(units->gathers()),
+                      units->gathered_bytes_total() / 1048576.0, units->gather_seconds() * 1e3);
         }
         return OkStatus();
       },

@@ -19,11 +19,15 @@
 // So every rank's shard of a unit has the same size, and a rank quantizes
 // exactly the elements it owns.
 //
-// Gathering a unit allocates one flat buffer holding, per segment, the
-// world pieces back to back (an AllGather per segment lands each piece at
-// its place), so each tensor's bytes are contiguous and the layers use
-// views into the buffer with no further copy. Releasing drops the buffer.
-// With one rank the gathered layout is the shard itself (no copy).
+// Gathering a unit is ONE AllGather of the rank's shard into a rank-major
+// staging buffer, then one strided copy per segment into the gathered
+// buffer, which holds each segment's world pieces back to back: each
+// tensor's bytes are contiguous and the layers use views into it. The
+// staging buffer is freed at once (so a gather briefly needs twice the
+// unit, as FSDP2's copy-out does); one collective instead of one per
+// segment (23 per decoder layer) saves their latencies. Releasing drops the
+// gathered buffer. With one rank the gathered layout is the shard itself
+// (no copy, no staging).
 //
 // Double quantization. bitsandbytes' nested offset is the mean of the WHOLE
 // tensor's block absmax, summed in torch's CUDA reduction order
@@ -168,6 +172,10 @@ class FsdpUnits : public UnitHooks {
   virtual int64_t shard_bytes(int64_t unit) const = 0;     // this rank's shard of the unit
   virtual int64_t gathered_bytes(int64_t unit) const = 0;  // the unit once gathered
   virtual int64_t gathers() const = 0;  // units gathered with collectives so far
+  // Bytes those gathers received from other ranks, and the host time spent
+  // in them (for NCCL: enqueueing only; the device time needs events).
+  virtual int64_t gathered_bytes_total() const = 0;
+  virtual double gather_seconds() const = 0;
   virtual const FsdpOptions& options() const = 0;
 };
 
