@@ -28,6 +28,9 @@ using comm::DataType;
 
 constexpr int64_t kAlign = 64;  // bytes; every segment starts at a multiple
 constexpr int64_t kNested = kernels::kNf4NestedBlocksize;
+// Units with at most this many segments are gathered segment by segment
+// (no staging); larger ones with one collective and a copy-out (fsdp.h).
+constexpr int64_t kMaxDirectSegments = 2;
 
 int64_t AlignUp(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -295,24 +298,35 @@ class FsdpUnitsImpl final : public FsdpUnits {
       gathered = src;  // the gathered layout is the shard's
     } else {
       const auto t0 = std::chrono::steady_clock::now();
-      // One collective for the whole unit: every rank's shard lands in
-      // `staging`, rank-major; then each segment's world pieces are copied
-      // to their contiguous place with one strided copy. (A collective per
-      // segment would need no staging, but costs ~23 collective latencies
-      // per decoder layer instead of one.)
-      at::Tensor staging = at::empty({u.shard_bytes * world_}, U8(comm_device_));
-      const Status st = AllGatherBytes(comm_, src, staging, u.shard_bytes, 0, 0);
-      if (!st.ok()) {
-        return Prefixed(st, "FSDP unit '" + u.name + "' all-gather on " + Where(rank_, world_));
-      }
       gathered = at::empty({u.gathered_bytes}, U8(comm_device_));
-      for (const Segment& s : u.segments) {
-        gathered.narrow(0, s.gathered_offset, s.piece_bytes * world_)
-            .view({world_, s.piece_bytes})
-            .copy_(staging.as_strided({world_, s.piece_bytes}, {u.shard_bytes, 1},
-                                      s.shard_offset));
+      if (static_cast<int64_t>(u.segments.size()) <= kMaxDirectSegments) {
+        // Few segments (the embedding, the head: huge dense tensors): one
+        // collective each, straight into place, no staging.
+        for (size_t i = 0; i < u.segments.size(); ++i) {
+          const Segment& s = u.segments[i];
+          const Status st = AllGatherBytes(comm_, src, gathered, s.piece_bytes, s.shard_offset,
+                                           s.gathered_offset);
+          if (!st.ok()) {
+            return Prefixed(st, "FSDP unit '" + u.name + "' segment " + std::to_string(i) +
+                                    " all-gather on " + Where(rank_, world_));
+          }
+        }
+      } else {
+        // Many segments (a decoder layer has 23): one collective for the
+        // whole unit into a rank-major staging buffer, then one strided copy
+        // per segment to its contiguous place.
+        at::Tensor staging = at::empty({u.shard_bytes * world_}, U8(comm_device_));
+        const Status st = AllGatherBytes(comm_, src, staging, u.shard_bytes, 0, 0);
+        if (!st.ok()) {
+          return Prefixed(st, "FSDP unit '" + u.name + "' all-gather on " + Where(rank_, world_));
+        }
+        for (const Segment& s : u.segments) {
+          gathered.narrow(0, s.gathered_offset, s.piece_bytes * world_)
+              .view({world_, s.piece_bytes})
+              .copy_(staging.as_strided({world_, s.piece_bytes}, {u.shard_bytes, 1},
+                                        s.shard_offset));
+        }
       }
-      staging = at::Tensor();
       ++gathers_;
       gathered_bytes_total_ += (u.gathered_bytes / world_) * (world_ - 1);
       gather_seconds_ +=

@@ -19,15 +19,16 @@
 // So every rank's shard of a unit has the same size, and a rank quantizes
 // exactly the elements it owns.
 //
-// Gathering a unit is ONE AllGather of the rank's shard into a rank-major
-// staging buffer, then one strided copy per segment into the gathered
-// buffer, which holds each segment's world pieces back to back: each
-// tensor's bytes are contiguous and the layers use views into it. The
-// staging buffer is freed at once (so a gather briefly needs twice the
-// unit, as FSDP2's copy-out does); one collective instead of one per
-// segment (23 per decoder layer) saves their latencies. Releasing drops the
-// gathered buffer. With one rank the gathered layout is the shard itself
-// (no copy, no staging).
+// The gathered buffer holds each segment's world pieces back to back, so
+// each tensor's bytes are contiguous and the layers use views into it. A
+// decoder layer (23 segments) is gathered with ONE AllGather of the rank's
+// shard into a rank-major staging buffer, then one strided copy per segment
+// (the staging is freed at once: the gather briefly needs twice the unit, as
+// FSDP2's copy-out does), which saves 22 collective latencies per layer.
+// The embedding and head units (one or two segments, but vocab x hidden
+// dense) are gathered segment by segment straight into place, without
+// staging. Releasing drops the gathered buffer. With one rank the gathered
+// layout is the shard itself (no copy, no staging).
 //
 // Double quantization. bitsandbytes' nested offset is the mean of the WHOLE
 // tensor's block absmax, summed in torch's CUDA reduction order

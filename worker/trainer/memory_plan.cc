@@ -151,8 +151,9 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
   plan.lora_params = lora;
   auto& dev = plan.device_items;
   if (!o.offload_params) dev.push_back({"frozen shards", frozen});
-  // A gather stages every rank's shard (rank-major) before the copy-out,
-  // so while the next unit is gathered it exists twice (fsdp.h).
+  // A decoder layer's gather stages every rank's shard (rank-major) before
+  // the copy-out, so while the next layer is gathered it exists twice
+  // (fsdp.h; the embedding and head units are gathered without staging).
   const int64_t staging = w > 1 ? layer_gathered : 0;
   const int64_t gathered_layers =
       (o.reshard_after_forward ? std::min<int64_t>(2, L) * layer_gathered : L * layer_gathered) +
@@ -161,7 +162,7 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
   // input alive) or at the loss (head unit gathered); the loss-time peak
   // also holds the checkpoints and the gathered head.
   const int64_t layer_time = gathered_layers + working + dequant;
-  const int64_t head_time = head_gathered + (w > 1 ? head_gathered : 0) + loss_chunk +
+  const int64_t head_time = head_gathered + loss_chunk +
                             (o.reshard_after_forward ? 0 : L * layer_gathered) + hidden_grads;
   if (layer_time >= head_time) {
     dev.push_back({o.reshard_after_forward
@@ -171,8 +172,7 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
     dev.push_back({"layer working set (recompute + grads)", working});
     dev.push_back({"dequantized projection", dequant});
   } else {
-    dev.push_back({"gathered head unit (norm + lm_head) + its staging",
-                   head_gathered + (w > 1 ? head_gathered : 0)});
+    dev.push_back({"gathered head unit (norm + lm_head)", head_gathered});
     if (!o.reshard_after_forward) dev.push_back({"gathered layers (SHARD_GRAD_OP)", L * layer_gathered});
     dev.push_back({"loss chunk logits + grad", loss_chunk});
     dev.push_back({"hidden-state grads", hidden_grads});

@@ -12,8 +12,8 @@
 //                   on the host (pinned) with offload_params.
 //   gathered units  the unit in use plus the one being prefetched (two
 //                   decoder layers), or every decoder layer from forward to
-//                   backward without reshard_after_forward, plus one unit of
-//                   staging while a gather copies out (more than one rank);
+//                   backward without reshard_after_forward, plus one layer
+//                   of staging while a gather copies out (more than one rank);
 //                   the embedding or head unit (dense, vocab x hidden) while
 //                   it is in use.
 //   LoRA            the whole adapters (fp32) stay on every rank, their full
