@@ -20,17 +20,9 @@ build=/tmp/ftune-build
 mkdir -p "$out"
 prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.device_count(), "x", torch.cuda.get_device_name(0))'
-P=$PWD/.deps/pcre/usr/lib/x86_64-linux-gnu
-ln -sf /usr/lib/x86_64-linux-gnu/libpcre2-8.so.0 "$P/libpcre2-8.so"
-export PKG_CONFIG_PATH=$P/pkgconfig
-start=$(date +%s)
-cmake -S . -B "$build" -G Ninja -DCMAKE_PREFIX_PATH="$prefix;$PWD/.deps" \
-  -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 > "$out/cmake.log" 2>&1 ||
-  { tail -40 "$out/cmake.log"; exit 1; }
-grep 'ftune:' "$out/cmake.log" || true
-ninja -C "$build" ftune-rank > "$out/build.log" 2>&1 ||
-  { grep -E -A12 'error|FAILED' "$out/build.log" | head -80; exit 1; }
-echo "build: $(( $(date +%s) - start )) s"
+tlib=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib
+echo "protobuf symbols exported by libtorch_cpu: $(nm -D --defined-only "$tlib/libtorch_cpu.so" | grep -c google8protobuf || true)"
+FTUNE_GPU_LOGS=$out bash tests/gpu/build_on_gpu_host.sh ftune-rank
 R=$build/worker/trainer/ftune-rank
 $R info
 $R init-model --preset tiny --out "$out/tiny" \

@@ -196,7 +196,21 @@ int TrainOneRank(const TrainFlags& flags, const ftune::v1::JobSpec& spec, int ra
   ctx.rank = rank;
   ctx.world_size = flags.nproc;
   ctx.device = flags.device;
-  if (flags.device == "cuda" && flags.nproc > 1) ctx.device = "cuda:" + std::to_string(rank);
+  if (flags.device == "cuda" && flags.nproc > 1) {
+    // Each rank sees only its GPU, as under the agent (docs/control-plane.md):
+    // set before this process touches CUDA, so cuda:0 is GPU `rank`.
+    // A CUDA_VISIBLE_DEVICES the user set picks which GPUs the ranks take.
+    std::string gpu = std::to_string(rank);
+    if (const char* visible = std::getenv("CUDA_VISIBLE_DEVICES")) {
+      std::stringstream list(visible);
+      std::string item;
+      for (int i = 0; std::getline(list, item, ','); ++i) {
+        if (i == rank) gpu = item;
+      }
+    }
+    ::setenv("CUDA_VISIBLE_DEVICES", gpu.c_str(), /*overwrite=*/1);
+    ctx.device = "cuda:0";
+  }
   ctx.output_dir = flags.output_dir.empty() ? spec.output_dir() : flags.output_dir;
   if (ctx.output_dir.empty()) ctx.output_dir = "ftune-output";
   ctx.events = &console;
@@ -216,7 +230,7 @@ int TrainOneRank(const TrainFlags& flags, const ftune::v1::JobSpec& spec, int ra
     std::unique_ptr<ftune::comm::LocalRendezvous> rendezvous;
     Status s = ftune::comm::LocalRendezvous::Connect(store_address, rank, flags.nproc,
                                                      std::chrono::minutes(2), &rendezvous);
-    if (s.ok()) s = MakeCommunicator(*rendezvous, ctx.device, rank, &comm);
+    if (s.ok()) s = MakeCommunicator(*rendezvous, ctx.device, 0, &comm);
     if (!s.ok()) {
       std::cerr << "ftune-rank train (rank " << rank << "): " << s.ToString() << "\n";
       return kFailed;

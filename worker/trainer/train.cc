@@ -16,6 +16,7 @@
 #include <memory>
 #include <mutex>
 #include <sstream>
+#include <type_traits>
 
 #include "jobspec.h"
 #include "worker/comm/communicator.h"
@@ -50,35 +51,40 @@ Result<c10::Device> ParseDevice(const std::string& name) {
   return InvalidArgumentError("device '" + name + "' must be cpu, cuda or cuda:N");
 }
 
-// Collectives over plain numbers; identities on one rank.
+// Collectives over plain numbers; identities on one rank. The values travel
+// in one-element tensors on the rank's device: NCCL reads and writes device
+// memory only.
 class Reducer {
  public:
-  explicit Reducer(comm::Communicator* comm) : comm_(comm) {}
+  Reducer(comm::Communicator* comm, c10::Device device) : comm_(comm), device_(device) {}
 
-  Result<int64_t> SumInt(int64_t v) {
-    if (comm_ == nullptr) return v;
-    FTUNE_TRAINER_RETURN_IF_ERROR(
-        comm_->AllReduce(&v, &v, 1, comm::DataType::kInt64, comm::ReduceOp::kSum, nullptr));
-    return v;
-  }
-  Result<int64_t> MaxInt(int64_t v) {
-    if (comm_ == nullptr) return v;
-    FTUNE_TRAINER_RETURN_IF_ERROR(
-        comm_->AllReduce(&v, &v, 1, comm::DataType::kInt64, comm::ReduceOp::kMax, nullptr));
-    return v;
-  }
+  Result<int64_t> SumInt(int64_t v) { return Reduce<int64_t>(v, comm::ReduceOp::kSum); }
+  Result<int64_t> MaxInt(int64_t v) { return Reduce<int64_t>(v, comm::ReduceOp::kMax); }
   // Sums in fp32 across ranks (the values are per-rank fp64 partial sums).
   Result<double> SumDouble(double v) {
-    if (comm_ == nullptr) return v;
-    float f = static_cast<float>(v);
-    FTUNE_TRAINER_RETURN_IF_ERROR(
-        comm_->AllReduce(&f, &f, 1, comm::DataType::kFloat32, comm::ReduceOp::kSum, nullptr));
-    return static_cast<double>(f);
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(float f,
+                                   Reduce<float>(static_cast<float>(v), comm::ReduceOp::kSum));
+    return comm_ == nullptr ? v : static_cast<double>(f);
   }
   Status Barrier() { return comm_ == nullptr ? OkStatus() : comm_->Barrier(nullptr); }
 
  private:
+  template <typename T>
+  Result<T> Reduce(T v, comm::ReduceOp op) {
+    if (comm_ == nullptr) return v;
+    constexpr bool kInt = std::is_same_v<T, int64_t>;
+    at::Tensor t = at::full({1}, v, at::TensorOptions()
+                                        .dtype(kInt ? at::kLong : at::kFloat)
+                                        .device(device_));
+    FTUNE_TRAINER_RETURN_IF_ERROR(comm_->AllReduce(
+        t.data_ptr(), t.data_ptr(), 1, kInt ? comm::DataType::kInt64 : comm::DataType::kFloat32,
+        op, nullptr));
+    FTUNE_TRAINER_RETURN_IF_ERROR(comm_->Synchronize(nullptr));
+    return t.item<T>();
+  }
+
   comm::Communicator* comm_;
+  c10::Device device_;
 };
 
 LoraConfig LoraConfigFromSpec(const v1::JobSpec& spec) {
@@ -113,9 +119,10 @@ MemoryNow DeviceMemory(const c10::Device& device) {
   MemoryNow m;
   if (device.is_cuda()) {
 #if defined(FTUNE_TRAIN_CUDA)
-    using c10::cuda::CUDACachingAllocator::StatType;
     const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
-    const auto aggregate = static_cast<size_t>(StatType::AGGREGATE);
+    // StatType::AGGREGATE is 0; the enum moved namespaces across LibTorch
+    // versions, the index did not.
+    const size_t aggregate = 0;
     m.allocated = stats.allocated_bytes[aggregate].current;
     m.reserved = stats.reserved_bytes[aggregate].current;
     m.peak = stats.allocated_bytes[aggregate].peak;
@@ -169,7 +176,7 @@ Result<TrainResult> Train(const v1::JobSpec& spec_in, const TrainContext& ctx) {
   FTUNE_TRAINER_RETURN_IF_ERROR(CheckSupported(spec));
   FTUNE_TRAINER_ASSIGN_OR_RETURN(c10::Device device, ParseDevice(ctx.device));
   EventSink& events = *ctx.events;
-  Reducer reduce(ctx.world_size > 1 ? ctx.comm : nullptr);
+  Reducer reduce(ctx.world_size > 1 ? ctx.comm : nullptr, device);
   comm::Communicator* comm = ctx.world_size > 1 ? ctx.comm : nullptr;
   const v1::TrainingSpec& t = spec.training();
   FTUNE_TRAINER_RETURN_IF_ERROR(MakeDirectories(ctx.output_dir));
