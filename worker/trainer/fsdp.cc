@@ -454,7 +454,7 @@ Result<Nf4ShardPieces> QuantizeNf4Part(const at::Tensor& part, const Nf4ShardGeo
     // The part's blocks are whole blocks of the tensor (only the tensor's
     // last block may be partial, and it is the last of the last non-empty
     // part), so quantizing them alone gives the tensor's bytes.
-    Nf4Weight w = QuantizeNf4Weight(part.view({1, count}), plain);
+    Nf4Weight w = QuantizeNf4Weight(part.reshape({1, count}), plain);
     p.packed.narrow(0, 0, w.packed.numel()).copy_(w.packed);
     absmax.narrow(0, 0, w.absmax.numel()).copy_(w.absmax);
   }

@@ -37,7 +37,7 @@
 // absmax (numel / 16 bytes, one tensor at a time), and every rank runs the
 // same double quantization on the same whole vector and keeps its slice:
 // the gathered bytes are identical to QuantizeNf4Weight of the whole tensor
-// (fsdp_nf4_shard_test checks it byte for byte).
+// (tests/fsdp/fsdp_test.cc, FsdpNf4BytesTest, checks it byte for byte).
 //
 // Loading (LoadShardedModel). Each rank reads only its element range of
 // each tensor with pread (SafetensorsModel::ReadElements: nothing is mapped,
@@ -47,10 +47,13 @@
 // glibc keeps freed chunks below its (adaptive) mmap threshold in the heap,
 // which would let the temporaries of successive tensors pile up in RSS, so
 // the loader hands free heap pages back (malloc_trim) after each tensor.
+// Before any data moves, the ranks compare their unit layouts (and
+// ShardedLora its flat layout): a rank given another model or options fails
+// with FAILED_PRECONDITION instead of running mismatched collectives.
 //
 // Forward/backward: the model calls UnitHooks (model.h) around each unit;
-// FsdpUnits implements them: Gather = AllGather of the unit's segments (after
-// copying an offloaded shard to the device), Release = drop the gathered
+// FsdpUnits implements them: Gather = the all-gather above (after copying
+// an offloaded shard to the device), Release = drop the gathered
 // buffer (reshard_after_forward decides for the forward phase). Collectives
 // run on the default stream; Prefetch is the interface point for a gather on
 // a separate stream (on Gloo collectives are synchronous, so it is a no-op).
