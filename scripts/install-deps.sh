@@ -10,6 +10,9 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libpcre2-dev
   libtorch-dev libgloo-dev
+  # Debian's LibTorch calls whatever libblas.so.3 the alternatives system
+  # points at; without OpenBLAS that is the reference BLAS, ~5-10x slower.
+  libopenblas0-pthread
   curl jq procps openssl
   clang libclang-rt-14-dev
 )

@@ -159,8 +159,7 @@ TEST(RankCli, BadInputsExitWithUsageCodeAndNameTheFileAndLine) {
 TEST(RankCli, HelpListsOnlyRealCommands) {
   RunResult r = RunRank("--help");
   EXPECT_EQ(r.exit_code, 0);
-  // The names under "Subcommands:": only commands that exist are advertised
-  // (train, quantize, run and bench of issue 3 come with their code).
+  // The names under "Subcommands:": only commands that exist are advertised.
   const size_t section = r.out.find("Subcommands:");
   ASSERT_NE(section, std::string::npos) << r.out;
   std::vector<std::string> names;
@@ -172,13 +171,44 @@ TEST(RankCli, HelpListsOnlyRealCommands) {
     std::string first;
     if (words >> first) names.push_back(first);
   }
-  EXPECT_EQ(names, std::vector<std::string>{"score"}) << r.out;
+  EXPECT_EQ(names, (std::vector<std::string>{"train", "run", "score", "quantize", "export",
+                                              "init-model", "info"}))
+      << r.out;
   EXPECT_THAT(r.out, Not(HasSubstr("not available")));
   r = RunRank("");
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_THAT(r.err, HasSubstr("subcommand is required"));
-  r = RunRank("train --spec job.yaml");
+  r = RunRank("train --spec no-such-job.yaml");
   EXPECT_EQ(r.exit_code, 2);
+  EXPECT_THAT(r.err, HasSubstr("no-such-job.yaml"));
+}
+
+TEST(RankCli, InfoSaysWhatThisBuildRuns) {
+  RunResult r = RunRank("info");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const json info = json::parse(r.out);
+  EXPECT_EQ(info["train"], true);
+  EXPECT_TRUE(info["cuda"].is_boolean());
+  EXPECT_FALSE(info["torch_version"].get<std::string>().empty());
+}
+
+TEST(RankCli, QuantizeWritesABitsandbytesDirectoryAndExportMerges) {
+  const std::string quantized = TempPath("quantized");
+  RunResult r = RunRank("quantize --model '" + GoldenDir() + "/llama3_tiny' --out '" + quantized +
+                        "'");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const json config = json::parse(ReadAll(quantized + "/config.json"));
+  EXPECT_EQ(config["quantization_config"]["bnb_4bit_quant_type"], "nf4");
+  EXPECT_EQ(config["quantization_config"]["bnb_4bit_use_double_quant"], true);
+  // A quantized directory is not a merge base: the error says which one is.
+  r = RunRank("export --model '" + quantized + "' --adapter '" + GoldenDir() +
+              "/llama3_tiny_adapter' --out '" + TempPath("merged-bad") + "'");
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_THAT(r.err, HasSubstr("4-bit"));
+  r = RunRank("export --model '" + GoldenDir() + "/llama3_tiny' --adapter '" + GoldenDir() +
+              "/llama3_tiny_adapter' --out '" + TempPath("merged") + "'");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_GT(json::parse(r.out)["merged_projections"].get<int>(), 0);
 }
 
 }  // namespace
