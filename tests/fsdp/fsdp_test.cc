@@ -337,6 +337,7 @@ struct TrainCase {
   int micro_batches = 1;  // each rank's rows split into this many accumulated backwards
   // Off: autograd keeps the gathered tensors it saved, backward re-gathers nothing.
   bool checkpointing = true;
+  bool prefetch = false;  // FsdpOptions::prefetch (a background gather thread on Gloo)
 };
 
 class FsdpTrainTest : public ::testing::TestWithParam<TrainCase> {};
@@ -430,6 +431,7 @@ TEST_P(FsdpTrainTest, ShardedStepEqualsOneRank) {
         FsdpOptions fsdp;
         fsdp.reshard_after_forward = tc.reshard_after_forward;
         fsdp.offload_params = tc.offload;
+        fsdp.prefetch = tc.prefetch;
         Communicator* shard_comm = world == 1 ? nullptr : comm.get();  // 1 rank: none at all
         RANK_ASSIGN(std::unique_ptr<LlamaModel> m,
                     LoadShardedModel(dir, options, fsdp, shard_comm));
@@ -543,16 +545,38 @@ TEST_P(FsdpTrainTest, ShardedStepEqualsOneRank) {
         RANK_EXPECT(loss2_rel <= 1e-5, "loss after the step " + std::to_string(loss2) + " vs " +
                                            std::to_string(ref_loss2));
         RANK_EXPECT(std::abs(loss2 - loss) > 1e-4 * std::abs(loss), "the step changed nothing");
+        // The FSDP schedule, counted: each forward gathers the embedding,
+        // every layer and the head (and the embedding again for a tied
+        // head); each checkpointed FULL_SHARD backward re-gathers every
+        // layer; SHARD_GRAD_OP or no checkpointing re-gathers nothing. With
+        // prefetch every layer and the head of a forward, and every layer
+        // but the last of a backward, are served by a prefetch.
+        const int64_t L = m->config().num_hidden_layers;
+        const int64_t fwd = 2 + L + (m->config().tie_word_embeddings ? 1 : 0);
+        const bool regather = tc.reshard_after_forward && tc.checkpointing;
+        const int64_t want_gathers =
+            world == 1 ? 0 : tc.micro_batches * (fwd + (regather ? L : 0)) + fwd;
+        const int64_t want_hits = world == 1 || !tc.prefetch
+                                      ? 0
+                                      : tc.micro_batches * (L + 1 + (regather ? L - 1 : 0)) + L + 1;
+        RANK_EXPECT(units->gathers() == want_gathers,
+                    std::to_string(units->gathers()) + " gathers, want " +
+                        std::to_string(want_gathers));
+        RANK_EXPECT(units->prefetch_hits() == want_hits,
+                    std::to_string(units->prefetch_hits()) + " prefetch hits, want " +
+                        std::to_string(want_hits));
         if (rank == 0) {
-          std::printf("%s world %d reshard %d offload %d nf4 %d micro-batches %d checkpointing %d: loss %.9g (1 rank %.9g, rel %.2e); "
+          std::printf("%s world %d reshard %d offload %d nf4 %d micro-batches %d checkpointing %d "
+                      "prefetch %d: loss %.9g (1 rank %.9g, rel %.2e); "
                       "grads max-abs rel %.2e, worst tensor L2 rel %.2e; norm %.9g (rel %.2e), "
                       "clipped rel %.2e; params after AdamW L2 rel %.2e (max abs %.2e, lr 1e-2), bit-equal to "
                       "per-tensor AdamW; next loss rel "
-                      "%.2e; %lld unit gathers (%.2f MiB received, %.1f ms)\n",
+                      "%.2e; %lld unit gathers (%lld prefetched, %.2f MiB received, %.1f ms)\n",
                       tc.model, world, tc.reshard_after_forward, tc.offload, tc.quantize,
-                      tc.micro_batches, tc.checkpointing, loss,
+                      tc.micro_batches, tc.checkpointing, tc.prefetch, loss,
                       ref_loss, loss_rel, grad_rel, worst_tensor, norm, norm_rel, clip_rel,
                       param_rel, param_abs, loss2_rel, static_cast<long long>(units->gathers()),
+                      static_cast<long long>(units->prefetch_hits()),
                       units->gathered_bytes_total() / 1048576.0, units->gather_seconds() * 1e3);
         }
         return OkStatus();
@@ -572,14 +596,17 @@ INSTANTIATE_TEST_SUITE_P(
                       TrainCase{"llama2_tiny", 2, false, true, true},
                       TrainCase{"llama3_tiny", 4, true, false, false},
                       TrainCase{"llama2_tiny", 3, true, false, true, 2},
-                      TrainCase{"llama2_tiny", 2, true, false, true, 1, false}),
+                      TrainCase{"llama2_tiny", 2, true, false, true, 1, false},
+                      TrainCase{"llama2_tiny", 4, true, false, true, 1, true, true},
+                      TrainCase{"llama3_tiny", 2, true, false, true, 2, true, true},
+                      TrainCase{"llama2_tiny", 3, false, false, true, 1, true, true}),
     [](const auto& info) {
       const TrainCase& c = info.param;
       return std::string(c.model) + "_" + std::to_string(c.world) + "ranks" +
              (c.reshard_after_forward ? "_full_shard" : "_shard_grad_op") +
              (c.offload ? "_offload" : "") + (c.quantize ? "_nf4" : "_dense") +
              (c.micro_batches > 1 ? "_accum" + std::to_string(c.micro_batches) : "") +
-             (c.checkpointing ? "" : "_no_checkpointing");
+             (c.checkpointing ? "" : "_no_checkpointing") + (c.prefetch ? "_prefetch" : "");
     });
 
 // ------------------------------------------------------------ (d) RSS
@@ -784,7 +811,7 @@ class DyingCommunicator : public Communicator {
   int calls_ = 0;
 };
 
-enum class KillPoint { kMidLoad, kHungMidLoad, kBeforeForward, kBeforeBackward };
+enum class KillPoint { kMidLoad, kHungMidLoad, kBeforeForward, kBeforeBackward, kMidForwardPrefetch };
 
 class FsdpKillTest : public ::testing::TestWithParam<KillPoint> {};
 
@@ -825,8 +852,15 @@ TEST_P(FsdpKillTest, SurvivorsFailWithTheCollectivesErrorWithinTheTimeout) {
           RANK_EXPECT(took < timeout + milliseconds(5000), msg);
           return OkStatus();
         }
-        RANK_ASSIGN(std::unique_ptr<LlamaModel> m, LoadShardedModel(dir, options, FsdpOptions(),
-                                                                    comm.get()));
+        // kMidForwardPrefetch: the victim dies at its 18th collective, the
+        // background gather of layer 0 (16 collectives load llama2_tiny: 2
+        // layout checks + 14 nested absmax gathers; the 17th gathers the
+        // embedding), so the survivors' failure comes out of their prefetch.
+        const bool prefetch = point == KillPoint::kMidForwardPrefetch;
+        DyingCommunicator dying(comm.get(), prefetch && rank == kVictim ? 17 : -1);
+        FsdpOptions fsdp;
+        fsdp.prefetch = prefetch;
+        RANK_ASSIGN(std::unique_ptr<LlamaModel> m, LoadShardedModel(dir, options, fsdp, &dying));
         FTUNE_STATUS_RETURN_IF_ERROR(m->LoadAdapter(Golden("llama2_tiny_adapter")));
         at::Tensor ids = at::arange(16, at::TensorOptions().dtype(at::kLong)).view({2, 8});
         LossOutput out;
@@ -837,11 +871,11 @@ TEST_P(FsdpKillTest, SurvivorsFailWithTheCollectivesErrorWithinTheTimeout) {
           out = m->Loss(ids, at::Tensor(), ids, /*training=*/true);
         }
         FTUNE_STATUS_RETURN_IF_ERROR(comm->Barrier(nullptr));
-        if (rank == kVictim) ::raise(SIGKILL);
+        if (rank == kVictim && !prefetch) ::raise(SIGKILL);
         const auto t0 = Clock::now();
         std::string msg;
         try {
-          if (point == KillPoint::kBeforeForward) {
+          if (point != KillPoint::kBeforeBackward) {
             out = m->Loss(ids, at::Tensor(), ids, /*training=*/true);
           }
           out.loss_sum.backward();
@@ -850,6 +884,10 @@ TEST_P(FsdpKillTest, SurvivorsFailWithTheCollectivesErrorWithinTheTimeout) {
         }
         if (point == KillPoint::kBeforeBackward) {
           RANK_EXPECT(msg.find("FSDP gather of unit 2 (layer 1, backward)") != std::string::npos,
+                      msg);
+        }
+        if (prefetch) {
+          RANK_EXPECT(msg.find("FSDP gather of unit 1 (layer 0, forward)") != std::string::npos,
                       msg);
         }
         const auto took = std::chrono::duration_cast<milliseconds>(Clock::now() - t0);
@@ -881,13 +919,16 @@ TEST_P(FsdpKillTest, SurvivorsFailWithTheCollectivesErrorWithinTheTimeout) {
 
 INSTANTIATE_TEST_SUITE_P(Points, FsdpKillTest,
                          ::testing::Values(KillPoint::kMidLoad, KillPoint::kHungMidLoad,
-                                           KillPoint::kBeforeForward, KillPoint::kBeforeBackward),
+                                           KillPoint::kBeforeForward, KillPoint::kBeforeBackward,
+                                           KillPoint::kMidForwardPrefetch),
                          [](const auto& info) {
                            switch (info.param) {
                              case KillPoint::kMidLoad: return std::string("killed_mid_load");
                              case KillPoint::kHungMidLoad: return std::string("hung_mid_load");
                              case KillPoint::kBeforeBackward:
                                return std::string("killed_before_backward");
+                             case KillPoint::kMidForwardPrefetch:
+                               return std::string("killed_in_a_prefetch");
                              case KillPoint::kBeforeForward: break;
                            }
                            return std::string("killed_before_forward");

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <future>
 #include <map>
 #include <utility>
 
@@ -211,7 +212,11 @@ class FsdpUnitsImpl final : public FsdpUnits {
         rank_(comm == nullptr ? 0 : comm->rank()),
         device_(model->options().device),
         comm_device_(CommDevice(comm, model->options().device)),
-        tied_(tied) {}
+        tied_(tied),
+        // Gloo collectives block the calling thread, so a thread overlaps
+        // them with compute; NCCL would need a separate stream instead.
+        prefetch_(options.prefetch && comm != nullptr && comm->size() > 1 &&
+                  comm->backend() == "gloo") {}
 
   std::vector<Unit>& units() { return units_; }
   int world() const { return world_; }
@@ -269,6 +274,7 @@ class FsdpUnitsImpl final : public FsdpUnits {
   int64_t gathers() const override { return gathers_; }
   int64_t gathered_bytes_total() const override { return gathered_bytes_total_; }
   double gather_seconds() const override { return gather_seconds_; }
+  int64_t prefetch_hits() const override { return prefetch_hits_; }
   const FsdpOptions& options() const override { return options_; }
 
   // --- UnitHooks
@@ -285,26 +291,50 @@ class FsdpUnitsImpl final : public FsdpUnits {
     ReleaseUnit(unit);
   }
 
+  // With FsdpOptions::prefetch on Gloo: gathers `unit` on a background
+  // thread while the caller computes; its Gather then only waits for it.
+  void Prefetch(int64_t unit, UnitPhase phase) override {
+    if (!prefetch_ || unit < 0 || unit >= num_units() || units_[unit].resident) return;
+    if (pending_unit_ == unit || (prefetched_ != nullptr && prefetched_unit_ == unit)) return;
+    JoinPrefetch();
+    prefetched_.reset();  // an unclaimed prefetch (never expected) is dropped
+    prefetched_unit_ = -1;
+    pending_unit_ = unit;
+    const Unit* u = &units_[unit];
+    pending_ = std::async(std::launch::async, [this, u] { return Fetch(*u); });
+  }
+
+  ~FsdpUnitsImpl() override {
+    // A prefetch still in flight (after an exception) must not outlive us.
+    JoinPrefetch();
+  }
+
  private:
-  Status GatherOne(int64_t unit) {
-    Unit& u = units_[unit];
-    if (u.resident) return OkStatus();
+  // A unit's gathered buffer and what fetching it cost; built without
+  // touching the model, so a prefetch thread can build it.
+  struct Fetched {
+    at::Tensor gathered;
+    int64_t bytes_received = 0;
+    double seconds = 0;
+  };
+
+  Result<Fetched> Fetch(const Unit& u) const {
+    Fetched f;
     // Offloaded shards are copied in first (pinned host memory on CUDA, so
     // the copy is asynchronous on the current stream).
     at::Tensor src = u.shard.device() == comm_device_ ? u.shard
                                                      : u.shard.to(comm_device_, /*non_blocking=*/true);
-    at::Tensor gathered;
     if (world_ == 1) {
-      gathered = src;  // the gathered layout is the shard's
+      f.gathered = src;  // the gathered layout is the shard's
     } else {
       const auto t0 = std::chrono::steady_clock::now();
-      gathered = at::empty({u.gathered_bytes}, U8(comm_device_));
+      f.gathered = at::empty({u.gathered_bytes}, U8(comm_device_));
       if (static_cast<int64_t>(u.segments.size()) <= kMaxDirectSegments) {
         // Few segments (the embedding, the head: huge dense tensors): one
         // collective each, straight into place, no staging.
         for (size_t i = 0; i < u.segments.size(); ++i) {
           const Segment& s = u.segments[i];
-          const Status st = AllGatherBytes(comm_, src, gathered, s.piece_bytes, s.shard_offset,
+          const Status st = AllGatherBytes(comm_, src, f.gathered, s.piece_bytes, s.shard_offset,
                                            s.gathered_offset);
           if (!st.ok()) {
             return Prefixed(st, "FSDP unit '" + u.name + "' segment " + std::to_string(i) +
@@ -321,19 +351,57 @@ class FsdpUnitsImpl final : public FsdpUnits {
           return Prefixed(st, "FSDP unit '" + u.name + "' all-gather on " + Where(rank_, world_));
         }
         for (const Segment& s : u.segments) {
-          gathered.narrow(0, s.gathered_offset, s.piece_bytes * world_)
+          f.gathered.narrow(0, s.gathered_offset, s.piece_bytes * world_)
               .view({world_, s.piece_bytes})
               .copy_(staging.as_strided({world_, s.piece_bytes}, {u.shard_bytes, 1},
                                         s.shard_offset));
         }
       }
-      ++gathers_;
-      gathered_bytes_total_ += (u.gathered_bytes / world_) * (world_ - 1);
-      gather_seconds_ +=
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      f.bytes_received = (u.gathered_bytes / world_) * (world_ - 1);
+      f.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     }
-    if (gathered.device() != device_) gathered = gathered.to(device_);
-    u.gathered = gathered;
+    if (f.gathered.device() != device_) f.gathered = f.gathered.to(device_);
+    return f;
+  }
+
+  // Waits for the prefetch in flight, if any; its result stays parked in
+  // prefetched_ for the Gather that wants it (or is dropped by the next
+  // prefetch). Every collective of this engine first calls it, so the
+  // communicator is used by one thread at a time.
+  void JoinPrefetch() {
+    if (!pending_.valid()) return;
+    try {
+      prefetched_ = std::make_unique<Result<Fetched>>(pending_.get());
+    } catch (const std::exception& e) {
+      prefetched_ = std::make_unique<Result<Fetched>>(
+          InternalError("FSDP prefetch of unit " + std::to_string(pending_unit_) + ": " + e.what()));
+    }
+    prefetched_unit_ = pending_unit_;
+    pending_unit_ = -1;
+  }
+
+  Status GatherOne(int64_t unit) {
+    Unit& u = units_[unit];
+    if (u.resident) return OkStatus();
+    JoinPrefetch();
+    Result<Fetched> f = InternalError("unreachable");
+    if (prefetched_ != nullptr && prefetched_unit_ == unit) {
+      f = std::move(*prefetched_);
+      prefetched_.reset();
+      prefetched_unit_ = -1;
+      ++prefetch_hits_;
+    } else {
+      // Another unit's prefetch stays parked (the tied head gathers the
+      // embedding first, then claims its own prefetch).
+      f = Fetch(u);
+    }
+    if (!f.ok()) return f.status();
+    if (world_ > 1) {
+      ++gathers_;
+      gathered_bytes_total_ += f->bytes_received;
+      gather_seconds_ += f->seconds;
+    }
+    u.gathered = f->gathered;
     Materialize(u);
     u.resident = true;
     return OkStatus();
@@ -392,8 +460,16 @@ class FsdpUnitsImpl final : public FsdpUnits {
   c10::Device device_;
   c10::Device comm_device_;
   bool tied_;
+  const bool prefetch_;
   std::vector<Unit> units_;
+  // At most one prefetch in flight (pending_) and one finished but not yet
+  // claimed by its Gather (prefetched_).
+  std::future<Result<Fetched>> pending_;
+  int64_t pending_unit_ = -1;
+  std::unique_ptr<Result<Fetched>> prefetched_;
+  int64_t prefetched_unit_ = -1;
   int64_t gathers_ = 0;
+  int64_t prefetch_hits_ = 0;
   int64_t gathered_bytes_total_ = 0;
   double gather_seconds_ = 0;
 };

@@ -55,8 +55,12 @@
 // FsdpUnits implements them: Gather = the all-gather above (after copying
 // an offloaded shard to the device), Release = drop the gathered
 // buffer (reshard_after_forward decides for the forward phase). Collectives
-// run on the default stream; Prefetch is the interface point for a gather on
-// a separate stream (on Gloo collectives are synchronous, so it is a no-op).
+// run on the default stream. Prefetch (FsdpOptions::prefetch) gathers the
+// unit the model announces next while the current one computes: on Gloo on
+// a background thread, joined before any other collective of the engine so
+// the communicator still sees one thread at a time (at most one prefetch in
+// flight; two units plus a staging buffer resident). On NCCL it is the
+// interface point for a gather on a separate stream, not done yet.
 // Collective failures throw c10::Error carrying the collective's Status text.
 // FSDP wants ModelOptions::activation_checkpointing: without it autograd
 // keeps the gathered buffers it saved alive until backward (correct, but
@@ -94,6 +98,10 @@ struct FsdpOptions {
                                       // from forward to backward)
   bool offload_params = false;        // frozen shards kept in (pinned when CUDA) host memory,
                                       // copied in before the gather
+  // Gather the next unit while the current one computes. Gloo: on a
+  // background thread (collectives block their thread). Ignored with one
+  // rank and, until the stream-based version lands, with NCCL.
+  bool prefetch = false;
 };
 
 struct LoadStats {
@@ -180,6 +188,8 @@ class FsdpUnits : public UnitHooks {
   // in them (for NCCL: enqueueing only; the device time needs events).
   virtual int64_t gathered_bytes_total() const = 0;
   virtual double gather_seconds() const = 0;
+  // Gathers served by a prefetch (FsdpOptions::prefetch).
+  virtual int64_t prefetch_hits() const = 0;
   virtual const FsdpOptions& options() const = 0;
 };
 
