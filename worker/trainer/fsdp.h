@@ -99,8 +99,10 @@ struct FsdpOptions {
   bool offload_params = false;        // frozen shards kept in (pinned when CUDA) host memory,
                                       // copied in before the gather
   // Gather the next unit while the current one computes. Gloo: on a
-  // background thread (collectives block their thread). Ignored with one
-  // rank and, until the stream-based version lands, with NCCL.
+  // background thread (collectives block their thread), which pays only with
+  // spare cores: on a 2-core machine with 2 ranks a step got 15% slower
+  // (FsdpBenchTest). Ignored with one rank and, until the stream-based
+  // version lands, with NCCL.
   bool prefetch = false;
 };
 
