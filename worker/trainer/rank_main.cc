@@ -17,6 +17,11 @@
 //       The model pre-quantized in transformers + bitsandbytes' 4-bit layout.
 //   ftune-rank export --model DIR --adapter DIR --out DIR
 //       A merged dense model directory (PEFT merge_and_unload).
+//   ftune-rank plan --spec job.yaml [--world-size N] [--device-memory 24GiB]
+//                   [--preset llama3-70b]
+//       Predicted peak device and host memory per rank (memory_plan.h), for
+//       the spec's model or a preset shape, as JSON; exit 3 when it does not
+//       fit --device-memory.
 //   ftune-rank info
 //       JSON: LibTorch version, whether CUDA and NCCL/Gloo are usable.
 //   ftune-rank init-model --out DIR [--preset tiny|llama3-8b|...]
@@ -63,6 +68,8 @@
 #if defined(FTUNE_RANK_HAVE_INIT_MODEL)
 #include "worker/trainer/init_model.h"
 #endif
+#include "worker/trainer/llama_config.h"
+#include "worker/trainer/memory_plan.h"
 #include "worker/trainer/merge.h"
 #include "worker/trainer/score.h"
 #if defined(FTUNE_RANK_HAVE_TRAIN)
@@ -360,6 +367,64 @@ int RunAgentRank(const RunFlags& flags) {
 
 #endif  // FTUNE_RANK_HAVE_TRAIN
 
+int RunPlan(const std::string& spec_path, int world, const std::string& device_memory,
+            const std::string& preset) {
+  ftune::v1::JobSpec spec;
+  std::vector<std::string> errors;
+  if (!ftune::LoadJobSpecFile(spec_path, &spec, &errors)) {
+    std::cerr << "ftune-rank plan: " << spec_path << ": " << errors.front() << "\n";
+    return kUsage;
+  }
+  char cwd[4096];
+  if (::getcwd(cwd, sizeof(cwd)) != nullptr) ftune::MakeSpecPathsAbsolute(&spec, cwd);
+  ftune::ApplyJobSpecDefaults(&spec);
+  ftune::Result<trainer::LlamaConfig> config = ftune::InvalidArgumentError("no model");
+#if defined(FTUNE_RANK_HAVE_INIT_MODEL)
+  if (!preset.empty()) config = trainer::InitModelPresetConfig(preset, 128256);
+#endif
+  if (preset.empty()) {
+    config = trainer::LoadLlamaConfig(spec.model().model_name_or_path() + "/config.json");
+  }
+  if (!config.ok()) {
+    std::cerr << "ftune-rank plan: " << config.status().ToString() << "\n";
+    return kUsage;
+  }
+  int64_t device_bytes = 0;
+  if (!device_memory.empty() && !ftune::ParseByteSize(device_memory, &device_bytes)) {
+    std::cerr << "ftune-rank plan: --device-memory '" << device_memory
+              << "' is not a size (e.g. 24GiB, 80GB)\n";
+    return kUsage;
+  }
+  trainer::MemoryPlanOptions o;
+  o.world_size = world > 0 ? world : spec.resources().num_ranks();
+  o.micro_batch_size = spec.training().per_device_train_batch_size();
+  o.seq_len = spec.training().max_seq_len();
+  o.lora_r = spec.lora().r();
+  o.target_modules.assign(spec.lora().target_modules().begin(),
+                          spec.lora().target_modules().end());
+  o.offload_params = spec.fsdp().offload_params();
+  o.activation_checkpointing = spec.training().gradient_checkpointing();
+  o.reshard_after_forward = spec.fsdp().reshard_after_forward();
+  o.quantize_base = spec.quantization().load_in_4bit();
+  o.nf4_blocksize = spec.quantization().blocksize();
+  o.double_quant = spec.quantization().bnb_4bit_use_double_quant();
+  ftune::Result<trainer::MemoryPlan> plan = trainer::PlanMemory(*config, o);
+  if (!plan.ok()) {
+    std::cerr << "ftune-rank plan: " << plan.status().ToString() << "\n";
+    return kUsage;
+  }
+  std::cerr << plan->ToString();
+  const bool fits = device_bytes == 0 || plan->FitsDevice(device_bytes);
+  std::cout << "{\"world_size\": " << o.world_size
+            << ", \"device_peak_bytes\": " << plan->device_peak_bytes
+            << ", \"host_peak_bytes\": " << plan->host_peak_bytes
+            << ", \"loading_host_peak_bytes\": " << plan->loading_host_peak_bytes
+            << ", \"frozen_shard_bytes\": " << plan->frozen_shard_bytes
+            << ", \"lora_params\": " << plan->lora_params
+            << ", \"fits\": " << (fits ? "true" : "false") << "}\n";
+  return fits ? kOk : 3;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -467,6 +532,20 @@ int main(int argc, char** argv) {
                        "decoder layers instead of the preset's (0: the preset's)");
 #endif
 
+  std::string plan_spec, plan_preset, plan_memory;
+  int plan_world = 0;
+  CLI::App* plan_cmd = app.add_subcommand(
+      "plan", "Predict per-rank peak device and host memory of a job (JSON)");
+  plan_cmd->add_option("--spec", plan_spec, "job YAML")->required();
+  plan_cmd->add_option("--world-size", plan_world, "ranks (default: resources.num_ranks)");
+  plan_cmd->add_option("--device-memory", plan_memory,
+                       "memory of each GPU, e.g. 24GiB or 80GB: exit 3 when the plan does not fit");
+#if defined(FTUNE_RANK_HAVE_INIT_MODEL)
+  plan_cmd->add_option("--preset", plan_preset,
+                       "plan for a preset shape instead of the spec's model directory")
+      ->check(CLI::IsMember(trainer::InitModelPresets()));
+#endif
+
   CLI::App* info_cmd =
       app.add_subcommand("info", "What this build can run on (LibTorch, CUDA, NCCL, Gloo) as JSON");
 
@@ -480,6 +559,7 @@ int main(int argc, char** argv) {
   if (train_cmd->parsed()) return RunTrain(train);
   if (run_cmd->parsed()) return RunAgentRank(run);
 #endif
+  if (plan_cmd->parsed()) return RunPlan(plan_spec, plan_world, plan_memory, plan_preset);
   if (info_cmd->parsed()) {
 #if defined(FTUNE_COMM_HAVE_NCCL)
     const bool nccl = true;
