@@ -23,6 +23,7 @@
 #include "rank_harness.h"
 #include "worker/comm/gloo_communicator.h"
 #include "worker/comm/local_rendezvous.h"
+#include "worker/trainer/bnb_checkpoint.h"
 #include "worker/trainer/file_util.h"
 #include "worker/trainer/init_model.h"
 #include "worker/trainer/safetensors.h"
@@ -88,6 +89,9 @@ struct RunConfig {
   int die_rank = -1;      // this rank SIGKILLs itself...
   int64_t die_after = 0;  // ...after reporting this step
   std::chrono::milliseconds timeout = std::chrono::seconds(60);
+  // Rank 0 first writes the spec's model pre-quantized here (`ftune-rank
+  // quantize`) and every rank trains from that directory.
+  std::string quantize_to;
 };
 
 // Kills its own process after a given step: a rank dying mid-run.
@@ -117,6 +121,15 @@ std::vector<comm::RankExit> TrainRanks(const RunConfig& config) {
           o.setup_timeout = std::chrono::seconds(60);
           FTUNE_STATUS_RETURN_IF_ERROR(comm::CreateGlooCommunicator(*rv, o, &comm));
         }
+        v1::JobSpec spec = config.spec;
+        if (!config.quantize_to.empty()) {
+          if (rank == 0) {
+            FTUNE_STATUS_RETURN_IF_ERROR(QuantizeModelDirectory(
+                spec.model().model_name_or_path(), config.quantize_to, QuantizeModelOptions{}));
+          }
+          if (comm != nullptr) FTUNE_STATUS_RETURN_IF_ERROR(comm->Barrier(nullptr));
+          spec.mutable_model()->set_model_name_or_path(config.quantize_to);
+        }
         DieAfterStep die(config.die_after);
         RecordingEventSink events(rank == config.die_rank ? &die : nullptr);
         TrainContext ctx;
@@ -127,7 +140,7 @@ std::vector<comm::RankExit> TrainRanks(const RunConfig& config) {
         ctx.data_cache_dir = g_root + "/data-cache";
         ctx.comm = comm.get();
         ctx.events = &events;
-        FTUNE_STATUS_ASSIGN_OR_RETURN(TrainResult r, Train(config.spec, ctx));
+        FTUNE_STATUS_ASSIGN_OR_RETURN(TrainResult r, Train(spec, ctx));
         std::ofstream out(config.output_dir + "/losses-" + std::to_string(rank) + ".txt");
         out.precision(17);
         for (double l : r.losses) out << l << "\n";
@@ -267,6 +280,27 @@ TEST_F(TrainTest, AKilledRankMakesTheOthersFailWithinTheTimeout) {
     EXPECT_THAT(exits[r].output, HasSubstr("gloo")) << Report(exits);
   }
   EXPECT_LT(seconds, 120) << Report(exits);
+}
+
+TEST_F(TrainTest, APreQuantizedDirectoryTrainsLikeTheDenseModel) {
+  // The NF4 bytes `quantize` stores are the ones load-time quantization
+  // makes, so training from either gives the same run (1 and 2 ranks; with 2
+  // the frozen weights are replicated rather than sharded).
+  const std::string dense = g_root + "/from-dense";
+  auto exits = TrainRanks({Spec(2, 3, 0), dense, "", 1});
+  ASSERT_TRUE(AllOk(exits, 1)) << Report(exits);
+  for (int world : {1, 2}) {
+    RunConfig config{Spec(2 / world, 3, 0), g_root + "/from-q" + std::to_string(world), "", world};
+    config.quantize_to = g_root + "/quantized" + std::to_string(world);
+    exits = TrainRanks(config);
+    ASSERT_TRUE(AllOk(exits, world)) << Report(exits);
+    const std::vector<double> want = Losses(dense), got = Losses(config.output_dir);
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < want.size(); ++i) {
+      EXPECT_NEAR(got[i], want[i], 1e-5 * std::fabs(want[i])) << "world " << world;
+    }
+    if (world == 1) EXPECT_EQ(got, want);  // same ops, same order: bit for bit
+  }
 }
 
 TEST_F(TrainTest, BadSpecsAreRefusedNamingTheKey) {

@@ -228,16 +228,35 @@ Result<TrainResult> Train(const v1::JobSpec& spec_in, const TrainContext& ctx) {
   fsdp.offload_params = spec.fsdp().offload_params();
   phase_start = Clock::now();
   LoadStats load_stats;
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(
-      std::unique_ptr<LlamaModel> model,
-      LoadShardedModel(spec.model().model_name_or_path(), model_options, fsdp, comm, &load_stats));
+  const std::string& model_dir = spec.model().model_name_or_path();
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(bool pre_quantized, IsBnb4bitDirectory(model_dir));
+  std::unique_ptr<LlamaModel> model;
+  if (pre_quantized) {
+    // A bitsandbytes 4-bit directory (`ftune-rank quantize`, or a 4-bit
+    // model saved by transformers): its NF4 bytes are used as stored. They
+    // are not sliced across ranks: every rank holds the whole frozen model
+    // (adapters and optimizer state are still sharded).
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(model, LoadModelDirectory(model_dir, model_options));
+    if (ctx.rank == 0 && ctx.world_size > 1) {
+      events.Log("WARNING", model_dir +
+                                " is pre-quantized: its frozen weights are replicated on every rank, "
+                                "not sharded; train from the dense model to shard them");
+    }
+  } else {
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(
+        model, LoadShardedModel(model_dir, model_options, fsdp, comm, &load_stats));
+  }
   EmitMemory(events, device, ctx.device, "load");
   if (ctx.rank == 0) {
     std::ostringstream s;
-    s << "model " << spec.model().model_name_or_path() << " loaded in " << std::fixed
-      << std::setprecision(1) << Seconds(phase_start) << " s ("
-      << (model_options.quantize_base ? "NF4" : "dense") << ", " << load_stats.unit_count
-      << " FSDP units over " << ctx.world_size << " ranks)";
+    s << "model " << model_dir << " loaded in " << std::fixed << std::setprecision(1)
+      << Seconds(phase_start) << " s (";
+    if (pre_quantized) {
+      s << "pre-quantized NF4, replicated on " << ctx.world_size << " ranks)";
+    } else {
+      s << (model_options.quantize_base ? "NF4" : "dense") << ", " << load_stats.unit_count
+        << " FSDP units over " << ctx.world_size << " ranks)";
+    }
     events.Info(s.str());
   }
   FTUNE_TRAINER_RETURN_IF_ERROR(model->AttachLora(LoraConfigFromSpec(spec)));
