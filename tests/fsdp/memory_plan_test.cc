@@ -47,6 +47,26 @@ TEST(MemoryPlanTest, Nf4ShardBytesFollowsThe256BlockSplit) {
   EXPECT_EQ(Nf4ShardBytes(64 * 10, 64, true, 4), 256 * 32 + 256 + 4);
 }
 
+TEST(MemoryPlanTest, OneRankGathersNothing) {
+  // With one rank a unit's gathered layout is its shard (fsdp.h): the plan
+  // adds no gathered copy of a layer or of the head on top of the shards.
+  auto one = PlanMemory(Llama3_70B(), Fleet(1, false));
+  ASSERT_TRUE(one.ok());
+  for (const auto& [name, bytes] : one->device_items) {
+    if (name.find("gathered") != std::string::npos) {
+      EXPECT_EQ(bytes, 0) << name;
+    }
+  }
+  // Two ranks do pay for a gathered layer (and its staging) beyond the shards.
+  auto two = PlanMemory(Llama3_70B(), Fleet(2, false));
+  ASSERT_TRUE(two.ok());
+  int64_t gathered = 0;
+  for (const auto& [name, bytes] : two->device_items) {
+    if (name.find("gathered") != std::string::npos) gathered += bytes;
+  }
+  EXPECT_GT(gathered, 0);
+}
+
 TEST(MemoryPlanTest, RejectsBadOptionsNamingTheField) {
   MemoryPlanOptions o;
   o.world_size = 0;

@@ -111,7 +111,9 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
   const int64_t head_shard = dense_shard(h) + (c.tie_word_embeddings ? 0 : embed_shard);
   const int64_t frozen = L * layer_shard + embed_shard + head_shard;
   // The head unit in use holds norm + lm_head (the embedding itself when tied).
-  const int64_t head_gathered = (dense_shard(h) + embed_shard) * w;
+  // With one rank a unit's gathered layout is its shard itself (fsdp.h: no
+  // copy), so gathering costs nothing beyond the frozen shards.
+  const int64_t head_gathered = w > 1 ? (dense_shard(h) + embed_shard) * w : 0;
 
   // LoRA: adapters whole on every rank, flat shards 1/W.
   int64_t lora = 0;
@@ -156,14 +158,16 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
   // (fsdp.h; the embedding and head units are gathered without staging).
   const int64_t staging = w > 1 ? layer_gathered : 0;
   const int64_t gathered_layers =
-      (o.reshard_after_forward ? std::min<int64_t>(2, L) * layer_gathered : L * layer_gathered) +
-      staging;
+      w == 1 ? 0
+             : (o.reshard_after_forward ? std::min<int64_t>(2, L) * layer_gathered
+                                        : L * layer_gathered) +
+                   staging;
   // The peak is in the backward of the first layers (every checkpoint
   // input alive) or at the loss (head unit gathered); the loss-time peak
   // also holds the checkpoints and the gathered head.
   const int64_t layer_time = gathered_layers + working + dequant;
   const int64_t head_time = head_gathered + loss_chunk +
-                            (o.reshard_after_forward ? 0 : L * layer_gathered) + hidden_grads;
+                            (o.reshard_after_forward || w == 1 ? 0 : L * layer_gathered) + hidden_grads;
   if (layer_time >= head_time) {
     dev.push_back({o.reshard_after_forward
                        ? "gathered units (current + prefetch) + a gather's staging"
@@ -173,7 +177,9 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
     dev.push_back({"dequantized projection", dequant});
   } else {
     dev.push_back({"gathered head unit (norm + lm_head)", head_gathered});
-    if (!o.reshard_after_forward) dev.push_back({"gathered layers (SHARD_GRAD_OP)", L * layer_gathered});
+    if (!o.reshard_after_forward && w > 1) {
+      dev.push_back({"gathered layers (SHARD_GRAD_OP)", L * layer_gathered});
+    }
     dev.push_back({"loss chunk logits + grad", loss_chunk});
     dev.push_back({"hidden-state grads", hidden_grads});
   }
