@@ -13,22 +13,6 @@
 namespace ftune::trainer {
 namespace {
 
-int64_t ProcStatusKb(const char* key) {
-  FILE* f = std::fopen("/proc/self/status", "r");
-  if (f == nullptr) return 0;
-  char line[256];
-  int64_t kb = 0;
-  const size_t n = std::strlen(key);
-  while (std::fgets(line, sizeof(line), f) != nullptr) {
-    if (std::strncmp(line, key, n) == 0 && line[n] == ':') {
-      kb = std::strtoll(line + n + 1, nullptr, 10);
-      break;
-    }
-  }
-  std::fclose(f);
-  return kb;
-}
-
 std::string GiB(int64_t bytes) {
   std::ostringstream s;
   s << std::fixed << std::setprecision(2) << static_cast<double>(bytes) / (1ull << 30) << " GiB";
@@ -127,8 +111,5 @@ void StopFlag::Request(bool save_checkpoint, const std::string& /*reason*/) {
   if (save_checkpoint) save_.store(true, std::memory_order_release);
   requested_.store(true, std::memory_order_release);
 }
-
-int64_t CurrentRssBytes() { return ProcStatusKb("VmRSS") * 1024; }
-int64_t PeakRssBytes() { return ProcStatusKb("VmHWM") * 1024; }
 
 }  // namespace ftune::trainer

@@ -96,11 +96,6 @@ class StopFlag {
   std::atomic<bool> save_{false};
 };
 
-// Host resident set size now and at its peak (VmRSS / VmHWM), in bytes; 0
-// when /proc is unavailable.
-int64_t CurrentRssBytes();
-int64_t PeakRssBytes();
-
 }  // namespace ftune::trainer
 
 #endif  // FTUNE_WORKER_TRAINER_EVENTS_H_

@@ -7,6 +7,8 @@
 
 #include <atomic>
 #include <cerrno>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <algorithm>
 #include <utility>
@@ -239,5 +241,29 @@ Status RemoveTree(const std::string& path) {
   }
   return OkStatus();
 }
+
+namespace {
+
+// A "Key:   123 kB" line of /proc/self/status, in bytes.
+int64_t ProcStatusBytes(const char* key) {
+  FILE* f = std::fopen("/proc/self/status", "r");
+  if (f == nullptr) return 0;
+  char line[256];
+  int64_t kb = 0;
+  const size_t n = std::strlen(key);
+  while (std::fgets(line, sizeof(line), f) != nullptr) {
+    if (std::strncmp(line, key, n) == 0) {
+      kb = std::atoll(line + n);
+      break;
+    }
+  }
+  std::fclose(f);
+  return kb * 1024;
+}
+
+}  // namespace
+
+int64_t CurrentRssBytes() { return ProcStatusBytes("VmRSS:"); }
+int64_t PeakRssBytes() { return ProcStatusBytes("VmHWM:"); }
 
 }  // namespace ftune::trainer

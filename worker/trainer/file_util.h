@@ -85,6 +85,11 @@ Result<std::vector<std::string>> ListDirectory(const std::string& dir);
 // rm -r of a directory tree ftune wrote (regular files and directories).
 Status RemoveTree(const std::string& path);
 
+// This process's resident set size now and at its peak (VmRSS / VmHWM of
+// /proc/self/status), in bytes; 0 where /proc is unavailable.
+int64_t CurrentRssBytes();
+int64_t PeakRssBytes();
+
 }  // namespace ftune::trainer
 
 #endif  // FTUNE_WORKER_TRAINER_FILE_UTIL_H_

@@ -18,6 +18,7 @@
 #include <map>
 #include <utility>
 
+#include "worker/trainer/file_util.h"
 #include "worker/trainer/llama_config.h"
 #include "worker/trainer/safetensors.h"
 #include "worker/trainer/weights.h"
@@ -52,23 +53,6 @@ Status Prefixed(const Status& s, const std::string& what) {
 c10::Device CommDevice(comm::Communicator* comm, c10::Device model_device) {
   if (comm != nullptr && comm->backend() == "gloo") return c10::Device(c10::DeviceType::CPU);
   return model_device;
-}
-
-// Reads "VmRSS:"/"VmHWM:" from /proc/self/status, in bytes (0 if absent).
-int64_t ProcStatusBytes(const char* key) {
-  FILE* f = std::fopen("/proc/self/status", "r");
-  if (f == nullptr) return 0;
-  char line[256];
-  int64_t kb = 0;
-  const size_t n = std::strlen(key);
-  while (std::fgets(line, sizeof(line), f) != nullptr) {
-    if (std::strncmp(line, key, n) == 0) {
-      kb = std::atoll(line + n);
-      break;
-    }
-  }
-  std::fclose(f);
-  return kb * 1024;
 }
 
 // Resets the kernel's peak-RSS mark (VmHWM) to the current RSS, so the next
@@ -619,7 +603,7 @@ Result<std::unique_ptr<LlamaModel>> LoadShardedModel(const std::string& model_di
   const auto t0 = std::chrono::steady_clock::now();
   ResetPeakRss();
   LoadStats local;
-  local.start_rss_bytes = ProcStatusBytes("VmRSS:");
+  local.start_rss_bytes = CurrentRssBytes();
   const int world = comm == nullptr ? 1 : comm->size();
   const int rank = comm == nullptr ? 0 : comm->rank();
   if (comm != nullptr && comm->backend() == "nccl" && !options.device.is_cuda()) {
@@ -783,8 +767,8 @@ Result<std::unique_ptr<LlamaModel>> LoadShardedModel(const std::string& model_di
   }
   local.unit_count = static_cast<int64_t>(list.size());
   model->set_unit_hooks(units);
-  local.peak_rss_bytes = ProcStatusBytes("VmHWM:");
-  local.end_rss_bytes = ProcStatusBytes("VmRSS:");
+  local.peak_rss_bytes = PeakRssBytes();
+  local.end_rss_bytes = CurrentRssBytes();
   local.seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (stats != nullptr) *stats = local;
