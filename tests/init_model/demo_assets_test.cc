@@ -23,26 +23,14 @@
 #include "worker/data/token_file.h"
 #include "worker/data/tokenizer.h"
 #include "worker/trainer/init_model.h"
+#include "temp_dir.h"
 
 namespace ftune {
 namespace {
 
-class TempDir {
+class TempDir : public testutil::TempDir {
  public:
-  TempDir() {
-    std::string tmpl = "/tmp/ftune_demo_assets_test.XXXXXX";
-    if (mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    nftw(path_.c_str(),
-         [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
-         FTW_DEPTH | FTW_PHYS);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
+  TempDir() : testutil::TempDir("ftune_demo_assets_test") {}
 };
 
 const std::string kSource = FTUNE_SOURCE_DIR;

@@ -27,26 +27,14 @@
 #include "worker/trainer/init_model.h"
 #include "worker/trainer/llama_config.h"
 #include "worker/trainer/safetensors.h"
+#include "temp_dir.h"
 
 namespace ftune::trainer {
 namespace {
 
-class TempDir {
+class TempDir : public testutil::TempDir {
  public:
-  TempDir() {
-    std::string tmpl = "/tmp/ftune_init_model_test.XXXXXX";
-    if (mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    nftw(path_.c_str(),
-         [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
-         FTW_DEPTH | FTW_PHYS);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
+  TempDir() : testutil::TempDir("ftune_init_model_test") {}
 };
 
 std::string ReadAll(const std::string& path) {

@@ -25,27 +25,15 @@
 #include "worker/trainer/init_model.h"
 #include "worker/trainer/model.h"
 #include "worker/trainer/optim.h"
+#include "temp_dir.h"
 
 namespace ftune::trainer {
 namespace {
 
 // mkdtemp + nftw: no std::filesystem next to the pip LibTorch (file_util.h).
-class TempDir {
+class TempDir : public testutil::TempDir {
  public:
-  TempDir() {
-    std::string tmpl = "/tmp/ftune_init_model_torch_test.XXXXXX";
-    if (mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    nftw(path_.c_str(),
-         [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
-         FTW_DEPTH | FTW_PHYS);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
+  TempDir() : testutil::TempDir("ftune_init_model_torch_test") {}
 };
 
 constexpr int64_t kSeqLen = 256;

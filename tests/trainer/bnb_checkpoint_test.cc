@@ -22,6 +22,7 @@
 #include "worker/trainer/file_util.h"
 #include "worker/trainer/safetensors.h"
 #include "worker/trainer/weights.h"
+#include "temp_dir.h"
 
 namespace ftune::trainer {
 namespace {
@@ -34,23 +35,9 @@ using testing::LossAndGrads;
 
 // A fresh directory under $TMPDIR, removed with everything in it (POSIX
 // nftw: no std::filesystem next to the pip LibTorch, torch_compat.h).
-class TempDir {
+class TempDir : public testutil::TempDir {
  public:
-  TempDir() {
-    const char* base = getenv("TMPDIR");
-    std::string tmpl = std::string(base ? base : "/tmp") + "/bnb_checkpoint_test.XXXXXX";
-    if (mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    nftw(path_.c_str(),
-         [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
-         FTW_DEPTH | FTW_PHYS);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
+  TempDir() : testutil::TempDir("bnb_checkpoint_test") {}
 };
 
 std::vector<std::string> ListFiles(const std::string& dir) {

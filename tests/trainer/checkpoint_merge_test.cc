@@ -8,6 +8,7 @@
 #include <string>
 
 #include "model_test_util.h"
+#include "temp_dir.h"
 #include "worker/trainer/checkpoint.h"
 #include "worker/trainer/file_util.h"
 #include "worker/trainer/merge.h"
@@ -20,17 +21,9 @@ namespace {
 
 using ::testing::HasSubstr;
 
-class TempDir {
+class TempDir : public testutil::TempDir {
  public:
-  TempDir() {
-    char tmpl[] = "/tmp/ftune-ckpt-XXXXXX";
-    path_ = ::mkdtemp(tmpl);
-  }
-  ~TempDir() { (void)RemoveTree(path_); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
+  TempDir() : testutil::TempDir("ftune-ckpt") {}
 };
 
 // A flat state of `total` values written by `world` ranks the way the
