@@ -172,7 +172,7 @@ TEST(RankCli, HelpListsOnlyRealCommands) {
     if (words >> first) names.push_back(first);
   }
   EXPECT_EQ(names, (std::vector<std::string>{"train", "run", "score", "quantize", "export",
-                                              "init-model", "info"}))
+                                              "init-model", "plan", "info"}))
       << r.out;
   EXPECT_THAT(r.out, Not(HasSubstr("not available")));
   r = RunRank("");
@@ -181,6 +181,32 @@ TEST(RankCli, HelpListsOnlyRealCommands) {
   r = RunRank("train --spec no-such-job.yaml");
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_THAT(r.err, HasSubstr("no-such-job.yaml"));
+}
+
+TEST(RankCli, PlanSaysWhetherAJobFitsTheGpus) {
+  const std::string spec = TempPath("plan.yaml");
+  std::ofstream(spec) << "model: {model_name_or_path: /nonexistent}\n"
+                         "dataset: {data_files: [x.jsonl]}\n"
+                         "lora: {r: 16, lora_alpha: 32}\n"
+                         "training: {max_seq_len: 2048, per_device_train_batch_size: 1,"
+                         " gradient_checkpointing: true}\n";
+  // Llama 3 70B on 2 GPUs without offload: about 32 GiB per GPU.
+  RunResult r = RunRank("plan --spec '" + spec +
+                        "' --preset llama3-70b --world-size 2 --device-memory 80GiB");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const json fits = json::parse(r.out);
+  EXPECT_EQ(fits["fits"], true);
+  EXPECT_EQ(fits["world_size"], 2);
+  EXPECT_GT(fits["device_peak_bytes"].get<int64_t>(), int64_t{24} << 30);
+  EXPECT_LT(fits["device_peak_bytes"].get<int64_t>(), int64_t{80} << 30);
+  EXPECT_THAT(r.err, HasSubstr("frozen shards"));
+  r = RunRank("plan --spec '" + spec + "' --preset llama3-70b --world-size 2 --device-memory 24GiB");
+  EXPECT_EQ(r.exit_code, 3) << r.err;
+  EXPECT_EQ(json::parse(r.out)["fits"], false);
+  // Without a preset the spec's model directory must have a config.json.
+  r = RunRank("plan --spec '" + spec + "'");
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_THAT(r.err, HasSubstr("/nonexistent/config.json"));
 }
 
 TEST(RankCli, InfoSaysWhatThisBuildRuns) {
