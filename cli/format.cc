@@ -225,6 +225,9 @@ std::string FormatJobDetails(const v1::Job& job, int64_t now_ms) {
   KeyValue(out, "last loss", job.last_step() > 0 ? FormatFixed(job.last_loss(), 4) : "-");
   KeyValue(out, "last event", std::to_string(job.last_event_seq()));
   KeyValue(out, "adapter", job.adapter_path().empty() ? "-" : job.adapter_path());
+  KeyValue(out, "memory plan",
+           job.planned_device_bytes() > 0 ? Size(job.planned_device_bytes()) + " per rank"
+                                          : "- (model config not readable by the coordinator)");
   KeyValue(out, "request id", job.request_id().empty() ? "-" : job.request_id());
   // std::map orders the labels, so the output does not depend on hashing.
   std::map<std::string, std::string> labels(job.spec().labels().begin(),

@@ -336,8 +336,20 @@ absl::StatusOr<v1::Job> JobManager::CreateJob(v1::JobSpec spec, const std::strin
       return **found;
     }
   }
+  int64_t planned = 0;
+  if (options_.plan_device_bytes) {
+    absl::StatusOr<int64_t> plan = options_.plan_device_bytes(spec);
+    if (plan.ok()) planned = *plan;
+  }
   auto fleet = FleetLocked(/*include_used=*/false);
-  if (auto st = CheckFits(spec.resources(), fleet); !st.ok()) return st;
+  if (auto st = CheckFits(PlannedResources(spec.resources(), planned), fleet); !st.ok()) {
+    if (planned > 0 && planned > spec.resources().min_gpu_memory_bytes()) {
+      return absl::ResourceExhaustedError(std::string(st.message()) +
+                                          " (the memory plan needs " + FormatByteSize(planned) +
+                                          " per rank; see `ftune-rank plan`)");
+    }
+    return st;
+  }
 
   Pending p;
   v1::Job job;
@@ -348,6 +360,7 @@ absl::StatusOr<v1::Job> JobManager::CreateJob(v1::JobSpec spec, const std::strin
     if (spec.name().empty()) spec.set_name(job.id());
     *job.mutable_spec() = spec;
     job.set_request_id(request_id);
+    job.set_planned_device_bytes(planned);
     job.set_state(v1::QUEUED);
     job.set_state_reason("waiting for the scheduler");
     job.set_create_time_unix_ms(clock_->NowMs());
@@ -675,7 +688,8 @@ void JobManager::ScheduleLocked(Pending* p) {
   std::vector<PendingJob> pending;
   std::map<std::string, v1::Job> jobs;
   for (const auto& [ord, job] : *rows) {
-    pending.push_back({job.id(), job.spec().priority(), ord, job.spec().resources()});
+    pending.push_back({job.id(), job.spec().priority(), ord,
+                       PlannedResources(job.spec().resources(), job.planned_device_bytes())});
     jobs[job.id()] = job;
   }
   const auto decisions = Schedule(pending, FleetLocked(/*include_used=*/true));

@@ -15,6 +15,7 @@
 #define FTUNE_SERVER_JOB_MANAGER_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -68,6 +69,11 @@ struct ManagerOptions {
   int64_t agent_timeout_ms = 15000;
   int32_t heartbeat_interval_ms = 2000;
   int32_t grace_seconds = 30;
+  // Per-rank peak device bytes of a (defaulted, valid) spec: the memory plan
+  // (main.cc wires worker/trainer's PlanMemory). An error (the model's
+  // config is not readable here) means "no plan": the job is scheduled on
+  // resources.min_gpu_memory alone. Unset: no plans.
+  std::function<absl::StatusOr<int64_t>(const v1::JobSpec&)> plan_device_bytes;
 };
 
 struct ListJobsResult {

@@ -16,6 +16,7 @@
 #include "job_service.h"
 #include "metrics.h"
 #include "store.h"
+#include "worker/trainer/plan_spec.h"
 
 namespace {
 
@@ -87,6 +88,13 @@ int main(int argc, char** argv) {
   opts.agent_timeout_ms = static_cast<int64_t>(agent_timeout_s * 1000);
   opts.grace_seconds = grace_seconds;
   opts.heartbeat_interval_ms = heartbeat_ms;
+  // Jobs whose model config this host can read are placed by their memory
+  // plan (worker/trainer/memory_plan.h); others by resources.min_gpu_memory.
+  opts.plan_device_bytes = [](const ftune::v1::JobSpec& spec) -> absl::StatusOr<int64_t> {
+    ftune::Result<ftune::trainer::MemoryPlan> plan = ftune::trainer::PlanJob(spec, 0);
+    if (!plan.ok()) return absl::NotFoundError(plan.status().ToString());
+    return plan->device_peak_bytes;
+  };
   JobManager manager(store->get(), &clock, &bus, &metrics, opts);
   if (auto st = manager.Recover(); !st.ok()) {
     std::fprintf(stderr, "ftune-coordinator: recovering state: %s\n",

@@ -182,4 +182,13 @@ absl::Status CheckFits(const v1::ResourceSpec& r, const std::vector<AgentView>& 
   return absl::ResourceExhaustedError(msg);
 }
 
+v1::ResourceSpec PlannedResources(const v1::ResourceSpec& resources,
+                                  int64_t planned_device_bytes) {
+  v1::ResourceSpec r = resources;
+  if (planned_device_bytes > r.min_gpu_memory_bytes()) {
+    r.set_min_gpu_memory_bytes(planned_device_bytes);
+  }
+  return r;
+}
+
 }  // namespace ftune::server

@@ -46,6 +46,10 @@ struct Decision {
 std::vector<Decision> Schedule(std::vector<PendingJob> pending,
                                const std::vector<AgentView>& agents);
 
+// The resources the scheduler places a job with: min_gpu_memory raised to
+// the memory plan's per-rank prediction when that is larger.
+v1::ResourceSpec PlannedResources(const v1::ResourceSpec& resources, int64_t planned_device_bytes);
+
 // Whether the job could ever run on this fleet (all agents, alive or not,
 // with every slot free). RESOURCE_EXHAUSTED with the numbers when not.
 absl::Status CheckFits(const v1::ResourceSpec& resources, const std::vector<AgentView>& agents);

@@ -239,6 +239,9 @@ TEST(CliFormatTest, JobDetailsIncludeLabelsPlacementAndSpecYaml) {
   EXPECT_THAT(text, HasSubstr("updated:       -\n"));
   EXPECT_THAT(text, HasSubstr("restarts:      3 of at most 3\n"));
   EXPECT_THAT(text, HasSubstr("labels:        env=dev, team=nlp\n"));
+  EXPECT_THAT(text, HasSubstr("memory plan:   - (model config not readable"));
+  job.set_planned_device_bytes(int64_t{21} << 30);
+  EXPECT_THAT(FormatJobDetails(job, kT0), HasSubstr("memory plan:   21GiB per rank\n"));
   EXPECT_THAT(text, HasSubstr("placement:\n  RANK  HOST  SLOT  AGENT\n     1  h        0  a\n"));
   EXPECT_THAT(text, HasSubstr("spec:\n  name: llama\n"));
   EXPECT_THAT(text, HasSubstr("  model:\n    model_name_or_path: /models/x\n"));

@@ -41,19 +41,20 @@ class JobManagerTest : public ::testing::Test {
     ManagerOptions o;
     o.agent_timeout_ms = 10000;
     o.grace_seconds = 5;
+    o.plan_device_bytes = plan_;
     manager_ = std::make_unique<JobManager>(store_.get(), &clock_, &bus_, nullptr, o);
     ASSERT_TRUE(manager_->Recover().ok());
   }
   std::shared_ptr<FakeLink> Register(const std::string& id, int slots,
                                      std::vector<v1::RunningRank> running = {},
-                                     int64_t last_seq = 0) {
+                                     int64_t last_seq = 0, int64_t slot_memory = 80LL << 30) {
     v1::RegisterAgent reg;
     reg.set_agent_id(id);
     reg.set_host(id + "-host");
     for (int i = 0; i < slots; ++i) {
       auto* s = reg.add_slots();
       s->set_index(i);
-      s->set_memory_bytes(80LL << 30);
+      s->set_memory_bytes(slot_memory);
     }
     for (auto& r : running) *reg.add_running() = r;
     reg.set_last_agent_seq(last_seq);
@@ -110,6 +111,8 @@ class JobManagerTest : public ::testing::Test {
     return *manager_->ReadEvents(id, 0, 100000);
   }
 
+  // The coordinator's memory plan (main.cc wires PlanMemory); none by default.
+  std::function<absl::StatusOr<int64_t>(const v1::JobSpec&)> plan_;
   FakeClock clock_;
   EventBus bus_;
   std::unique_ptr<Store> store_;
@@ -117,6 +120,43 @@ class JobManagerTest : public ::testing::Test {
   std::map<std::string, int64_t> seq_;
   v1::RankEventBatch last_batch_;
 };
+
+TEST_F(JobManagerTest, MemoryPlanDecidesWhichSlotsAJobMayUse) {
+  // The plan reads the model's config; here it is a table by model path.
+  plan_ = [](const v1::JobSpec& spec) -> absl::StatusOr<int64_t> {
+    const std::string& m = spec.model().model_name_or_path();
+    if (m == "/models/70b") return int64_t{60} << 30;
+    if (m == "/models/405b") return int64_t{100} << 30;
+    return absl::NotFoundError(m + "/config.json: not readable here");
+  };
+  Restart();
+  Register("small", 2, {}, 0, int64_t{40} << 30);
+  Register("big", 2, {}, 0, int64_t{80} << 30);
+  v1::JobSpec huge = Spec(1);
+  huge.mutable_model()->set_model_name_or_path("/models/405b");
+  auto r = manager_->CreateJob(huge, "");
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(r.status().message().find("memory plan needs 100GiB"), std::string::npos)
+      << r.status().message();
+  EXPECT_TRUE(manager_->ListJobs({})->jobs.empty());  // nothing stored
+
+  v1::JobSpec big = Spec(2);
+  big.mutable_model()->set_model_name_or_path("/models/70b");
+  r = manager_->CreateJob(big, "");
+  ASSERT_TRUE(r.ok()) << r.status();
+  v1::Job job = *manager_->GetJob(r->id());
+  EXPECT_EQ(job.planned_device_bytes(), int64_t{60} << 30);
+  ASSERT_EQ(job.placement_size(), 2);
+  for (const auto& p : job.placement()) EXPECT_EQ(p.agent_id(), "big");
+
+  // No plan (config not readable here): only the spec's own minimum counts.
+  r = manager_->CreateJob(Spec(2), "");
+  ASSERT_TRUE(r.ok()) << r.status();
+  job = *manager_->GetJob(r->id());
+  EXPECT_EQ(job.planned_device_bytes(), 0);
+  ASSERT_EQ(job.placement_size(), 2);
+  for (const auto& p : job.placement()) EXPECT_EQ(p.agent_id(), "small");
+}
 
 TEST_F(JobManagerTest, RefusesWhatNoFleetCanRunAndBadSpecs) {
   auto r = manager_->CreateJob(Spec(1), "");

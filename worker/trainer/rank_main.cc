@@ -70,6 +70,7 @@
 #endif
 #include "worker/trainer/llama_config.h"
 #include "worker/trainer/memory_plan.h"
+#include "worker/trainer/plan_spec.h"
 #include "worker/trainer/merge.h"
 #include "worker/trainer/score.h"
 #if defined(FTUNE_RANK_HAVE_TRAIN)
@@ -395,27 +396,15 @@ int RunPlan(const std::string& spec_path, int world, const std::string& device_m
               << "' is not a size (e.g. 24GiB, 80GB)\n";
     return kUsage;
   }
-  trainer::MemoryPlanOptions o;
-  o.world_size = world > 0 ? world : spec.resources().num_ranks();
-  o.micro_batch_size = spec.training().per_device_train_batch_size();
-  o.seq_len = spec.training().max_seq_len();
-  o.lora_r = spec.lora().r();
-  o.target_modules.assign(spec.lora().target_modules().begin(),
-                          spec.lora().target_modules().end());
-  o.offload_params = spec.fsdp().offload_params();
-  o.activation_checkpointing = spec.training().gradient_checkpointing();
-  o.reshard_after_forward = spec.fsdp().reshard_after_forward();
-  o.quantize_base = spec.quantization().load_in_4bit();
-  o.nf4_blocksize = spec.quantization().blocksize();
-  o.double_quant = spec.quantization().bnb_4bit_use_double_quant();
-  ftune::Result<trainer::MemoryPlan> plan = trainer::PlanMemory(*config, o);
+  ftune::Result<trainer::MemoryPlan> plan = trainer::PlanJob(spec, world, &*config);
   if (!plan.ok()) {
     std::cerr << "ftune-rank plan: " << plan.status().ToString() << "\n";
     return kUsage;
   }
+  const int world_size = trainer::MemoryPlanOptionsFromSpec(spec, world).world_size;
   std::cerr << plan->ToString();
   const bool fits = device_bytes == 0 || plan->FitsDevice(device_bytes);
-  std::cout << "{\"world_size\": " << o.world_size
+  std::cout << "{\"world_size\": " << world_size
             << ", \"device_peak_bytes\": " << plan->device_peak_bytes
             << ", \"host_peak_bytes\": " << plan->host_peak_bytes
             << ", \"loading_host_peak_bytes\": " << plan->loading_host_peak_bytes
