@@ -9,12 +9,14 @@
 // LibTorch (forking after LibTorch started its thread pools is unsafe) and
 // compares results through files.
 #include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cmath>
 #include <cstring>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -88,6 +90,7 @@ struct RunConfig {
   int world = 1;
   int die_rank = -1;      // this rank SIGKILLs itself...
   int64_t die_after = 0;  // ...after reporting this step
+  int die_delay_ms = 0;   // ...this much later (mid-step), from a timer thread
   std::chrono::milliseconds timeout = std::chrono::seconds(60);
   // Rank 0 first writes the spec's model pre-quantized here (`ftune-rank
   // quantize`) and every rank trains from that directory.
@@ -97,13 +100,19 @@ struct RunConfig {
 // Kills its own process after a given step: a rank dying mid-run.
 class DieAfterStep final : public EventSink {
  public:
-  explicit DieAfterStep(int64_t step) : step_(step) {}
+  DieAfterStep(int64_t step, int delay_ms) : step_(step), delay_ms_(delay_ms) {}
   void Emit(const v1::RankMessage& m) override {
-    if (m.has_step() && m.step().step() >= step_) ::raise(SIGKILL);
+    if (!m.has_step() || m.step().step() < step_) return;
+    if (delay_ms_ == 0) ::raise(SIGKILL);
+    std::thread([ms = delay_ms_] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+      ::raise(SIGKILL);
+    }).detach();
   }
 
  private:
   int64_t step_;
+  int delay_ms_;
 };
 
 std::vector<comm::RankExit> TrainRanks(const RunConfig& config) {
@@ -130,7 +139,7 @@ std::vector<comm::RankExit> TrainRanks(const RunConfig& config) {
           if (comm != nullptr) FTUNE_STATUS_RETURN_IF_ERROR(comm->Barrier(nullptr));
           spec.mutable_model()->set_model_name_or_path(config.quantize_to);
         }
-        DieAfterStep die(config.die_after);
+        DieAfterStep die(config.die_after, config.die_delay_ms);
         RecordingEventSink events(rank == config.die_rank ? &die : nullptr);
         TrainContext ctx;
         ctx.rank = rank;
@@ -300,6 +309,29 @@ TEST_F(TrainTest, APreQuantizedDirectoryTrainsLikeTheDenseModel) {
       EXPECT_NEAR(got[i], want[i], 1e-5 * std::fabs(want[i])) << "world " << world;
     }
     if (world == 1) EXPECT_EQ(got, want);  // same ops, same order: bit for bit
+  }
+}
+
+TEST_F(TrainTest, ARankDyingMidStepMakesThePeersExitWithAnErrorNotACrash) {
+  // Death lands inside a step (forward/backward gathers throw from inside
+  // autograd): the peers still report the failure and exit 1, not abort.
+  RunConfig config{Spec(2, 50, 0), g_root + "/killed-mid", "", 2};
+  config.die_rank = 1;
+  config.die_after = 1;
+  config.die_delay_ms = 30;
+  config.timeout = std::chrono::seconds(15);
+  auto exits = TrainRanks(config);
+  ASSERT_EQ(exits.size(), 2u) << Report(exits);
+  EXPECT_FALSE(exits[1].ok());
+  ASSERT_TRUE(exits[0].exited) << Report(exits);
+  EXPECT_FALSE(exits[0].killed_by_launcher) << Report(exits);
+  ASSERT_TRUE(WIFEXITED(exits[0].wait_status)) << "rank 0 crashed: " << Report(exits);
+  EXPECT_EQ(WEXITSTATUS(exits[0].wait_status), 1) << Report(exits);
+  EXPECT_THAT(exits[0].output, HasSubstr("RANK_ERROR")) << Report(exits);
+  const size_t at = exits[0].output.find("RANK_ERROR");
+  if (at != std::string::npos) {
+    std::printf("rank 0 reported: %s\n",
+                exits[0].output.substr(at, exits[0].output.find('\n', at) - at).c_str());
   }
 }
 

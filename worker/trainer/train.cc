@@ -157,7 +157,7 @@ std::string Join(const std::vector<std::string>& v, const std::string& sep) {
 
 }  // namespace
 
-Result<TrainResult> Train(const v1::JobSpec& spec_in, const TrainContext& ctx) {
+static Result<TrainResult> TrainOrThrow(const v1::JobSpec& spec_in, const TrainContext& ctx) {
   if (ctx.events == nullptr) return InvalidArgumentError("Train needs an event sink");
   if (ctx.output_dir.empty()) return InvalidArgumentError("Train needs an output directory");
   if (ctx.world_size < 1 || ctx.rank < 0 || ctx.rank >= ctx.world_size) {
@@ -553,6 +553,22 @@ Result<TrainResult> Train(const v1::JobSpec& spec_in, const TrainContext& ctx) {
     events.Emit(m);
   }
   return result;
+}
+
+Result<TrainResult> Train(const v1::JobSpec& spec, const TrainContext& ctx) {
+  // Tensor code and FSDP's gathers inside autograd report failures by
+  // throwing (c10::Error carries the collective's status text, e.g. a peer
+  // that died mid-gather); the rank turns them into a Status so it sends a
+  // RankError and exits 1 instead of aborting.
+  try {
+    return TrainOrThrow(spec, ctx);
+  } catch (const c10::Error& e) {
+    return InternalError("rank " + std::to_string(ctx.rank) + " of " +
+                         std::to_string(ctx.world_size) + ": " + e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return InternalError("rank " + std::to_string(ctx.rank) + " of " +
+                         std::to_string(ctx.world_size) + ": " + e.what());
+  }
 }
 
 }  // namespace ftune::trainer
