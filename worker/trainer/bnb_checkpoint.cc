@@ -2,8 +2,6 @@
 #include "worker/trainer/bnb_checkpoint.h"
 
 #include <ATen/ATen.h>
-#include <dirent.h>
-#include <sys/stat.h>
 #include <sys/types.h>
 
 #include <algorithm>
@@ -88,22 +86,16 @@ json QuantizationConfig(const QuantizeModelOptions& o) {
 }  // namespace
 
 Result<std::vector<std::string>> ModelSideFiles(const std::string& dir) {
-
-  DIR* d = ::opendir(dir.c_str());
-  if (d == nullptr) return NotFoundError("cannot list " + dir + ": " + ErrnoMessage(errno));
-  std::vector<std::string> names;
-  while (const dirent* e = ::readdir(d)) {
-    const std::string name = e->d_name;
-    struct stat st {};
-    if (::stat((dir + "/" + name).c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::vector<std::string> all, ListDirectory(dir));
+  std::vector<std::string> names;  // sorted, as ListDirectory returns them
+  for (const std::string& name : all) {
+    if (!IsRegularFile(dir + "/" + name)) continue;
     if (name == "config.json" || name == kSafetensorsIndexName || EndsWith(name, ".safetensors") ||
         EndsWith(name, ".bin") || EndsWith(name, ".pt") || EndsWith(name, ".pth")) {
       continue;
     }
     names.push_back(name);
   }
-  ::closedir(d);
-  std::sort(names.begin(), names.end());
   return names;
 }
 

@@ -107,7 +107,7 @@ std::vector<v1::RankMessage> RecordingEventSink::events() const {
   return events_;
 }
 
-void StopFlag::Request(bool save_checkpoint, const std::string& /*reason*/) {
+void StopFlag::Request(bool save_checkpoint) {
   if (save_checkpoint) save_.store(true, std::memory_order_release);
   requested_.store(true, std::memory_order_release);
 }

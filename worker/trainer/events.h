@@ -87,7 +87,8 @@ class RecordingEventSink final : public EventSink {
 
 class StopFlag {
  public:
-  void Request(bool save_checkpoint, const std::string& reason);
+  // Async-signal-safe (only atomics): a SIGTERM handler may call it.
+  void Request(bool save_checkpoint);
   bool requested() const { return requested_.load(std::memory_order_acquire); }
   bool save_checkpoint() const { return save_.load(std::memory_order_acquire); }
 

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <map>
+#include <set>
 #include <utility>
 #include <vector>
 
@@ -64,6 +65,7 @@ Result<MergeReport> MergeAdapter(const MergeOptions& options) {
   // Check the whole adapter against the base before writing anything: every
   // adapter tensor pairs with a projection of the right shape.
   std::map<std::string, std::pair<const at::Tensor*, const at::Tensor*>> deltas;
+  std::set<std::string> used;  // adapter tensors that found their projection
   for (const std::string& name : base->TensorNames()) {
     int64_t layer = 0;
     std::string module;
@@ -90,15 +92,13 @@ Result<MergeReport> MergeAdapter(const MergeOptions& options) {
           " but the base weight is " + ShapeToString(shape) + " in " + options.model_dir);
     }
     deltas[name] = {&at_a, &at_b};
+    used.insert(a->first);
+    used.insert(b->first);
   }
-  if (deltas.size() * 2 != adapter.tensors.size()) {
-    for (const auto& [name, t] : adapter.tensors) {
-      bool used = false;
-      for (const auto& [w, ab] : deltas) used = used || ab.first == &t || ab.second == &t;
-      if (!used) {
-        return InvalidArgumentError(options.adapter_dir + ": adapter tensor '" + name +
-                                    "' has no matching projection in " + options.model_dir);
-      }
+  for (const auto& [name, t] : adapter.tensors) {
+    if (used.count(name) == 0) {
+      return InvalidArgumentError(options.adapter_dir + ": adapter tensor '" + name +
+                                  "' has no matching projection in " + options.model_dir);
     }
   }
 

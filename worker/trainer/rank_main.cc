@@ -42,12 +42,14 @@
 #include <iomanip>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 
 #include "channel.h"
 #include "ftune/v1/rank_channel.pb.h"
@@ -80,6 +82,7 @@
 namespace {
 
 namespace trainer = ftune::trainer;
+using json = nlohmann::json;
 using ftune::Status;
 
 constexpr int kOk = 0;
@@ -100,23 +103,8 @@ int ExitCodeFor(const Status& s) {
   }
 }
 
-#if defined(FTUNE_RANK_HAVE_TRAIN)
-std::atomic<trainer::StopFlag*> g_stop{nullptr};
-
-void OnTerminate(int) {
-  // Only async-signal-safe work: flip atomics.
-  if (trainer::StopFlag* f = g_stop.load()) f->Request(/*save_checkpoint=*/false, "signal");
-}
-
-void InstallStopSignals(trainer::StopFlag* flag) {
-  g_stop.store(flag);
-  struct sigaction sa {};
-  sa.sa_handler = OnTerminate;
-  sigemptyset(&sa.sa_mask);
-  ::sigaction(SIGTERM, &sa, nullptr);
-  ::sigaction(SIGINT, &sa, nullptr);
-}
-
+// A job YAML as `ftune submit` reads it: parsed, relative paths made
+// absolute against the working directory, defaults applied.
 Status LoadSpec(const std::string& path, ftune::v1::JobSpec* spec) {
   std::vector<std::string> errors;
   if (!ftune::LoadJobSpecFile(path, spec, &errors)) {
@@ -129,6 +117,23 @@ Status LoadSpec(const std::string& path, ftune::v1::JobSpec* spec) {
   if (::getcwd(cwd, sizeof(cwd)) != nullptr) ftune::MakeSpecPathsAbsolute(spec, cwd);
   ftune::ApplyJobSpecDefaults(spec);
   return ftune::OkStatus();
+}
+
+#if defined(FTUNE_RANK_HAVE_TRAIN)
+std::atomic<trainer::StopFlag*> g_stop{nullptr};
+
+void OnTerminate(int) {
+  // Only async-signal-safe work: flip atomics.
+  if (trainer::StopFlag* f = g_stop.load()) f->Request(/*save_checkpoint=*/false);
+}
+
+void InstallStopSignals(trainer::StopFlag* flag) {
+  g_stop.store(flag);
+  struct sigaction sa {};
+  sa.sa_handler = OnTerminate;
+  sigemptyset(&sa.sa_mask);
+  ::sigaction(SIGTERM, &sa, nullptr);
+  ::sigaction(SIGINT, &sa, nullptr);
 }
 
 // Builds the communicator of a multi-rank job over `rendezvous`: NCCL on
@@ -161,17 +166,17 @@ Status MakeCommunicator(ftune::comm::Rendezvous& rendezvous, const std::string& 
 }
 
 std::string SummaryJson(const trainer::TrainResult& r, int world_size) {
-  std::ostringstream s;
-  s << std::setprecision(9) << "{\"final_step\": " << r.final_step
-    << ", \"final_loss\": " << r.final_loss << ", \"stopped\": " << (r.stopped ? "true" : "false")
-    << ", \"adapter_dir\": \"" << r.adapter_dir << "\", \"last_checkpoint\": \""
-    << r.last_checkpoint << "\", \"tokens_total\": " << r.tokens_total
-    << ", \"tokens_per_second_per_rank\": " << r.tokens_per_second
-    << ", \"world_size\": " << world_size << ", \"peak_rss_bytes\": " << r.peak_rss_bytes
-    << ", \"losses\": [";
-  for (size_t i = 0; i < r.losses.size(); ++i) s << (i ? ", " : "") << r.losses[i];
-  s << "]}";
-  return s.str();
+  return json{{"final_step", r.final_step},
+              {"final_loss", r.final_loss},
+              {"stopped", r.stopped},
+              {"adapter_dir", r.adapter_dir},
+              {"last_checkpoint", r.last_checkpoint},
+              {"tokens_total", r.tokens_total},
+              {"tokens_per_second_per_rank", r.tokens_per_second},
+              {"world_size", world_size},
+              {"peak_rss_bytes", r.peak_rss_bytes},
+              {"losses", r.losses}}
+      .dump();
 }
 
 struct TrainFlags {
@@ -332,7 +337,7 @@ int RunAgentRank(const RunFlags& flags) {
     events.Emit(m);
   }
   const auto on_agent_message = [&](const ftune::v1::AgentMessage& m) {
-    if (m.has_stop()) stop.Request(m.stop().save_checkpoint(), m.stop().reason());
+    if (m.has_stop()) stop.Request(m.stop().save_checkpoint());
   };
   std::unique_ptr<ftune::comm::Communicator> comm;
   if (flags.world_size > 1) {
@@ -345,7 +350,7 @@ int RunAgentRank(const RunFlags& flags) {
   std::thread reader([&] {
     ftune::v1::AgentMessage m;
     while (channel.Read(&m)) on_agent_message(m);
-    stop.Request(/*save_checkpoint=*/false, "agent channel closed");
+    stop.Request(/*save_checkpoint=*/false);  // the agent is gone
   });
   reader.detach();
 
@@ -371,32 +376,30 @@ int RunAgentRank(const RunFlags& flags) {
 int RunPlan(const std::string& spec_path, int world, const std::string& device_memory,
             const std::string& preset) {
   ftune::v1::JobSpec spec;
-  std::vector<std::string> errors;
-  if (!ftune::LoadJobSpecFile(spec_path, &spec, &errors)) {
-    std::cerr << "ftune-rank plan: " << spec_path << ": " << errors.front() << "\n";
+  if (Status st = LoadSpec(spec_path, &spec); !st.ok()) {
+    std::cerr << "ftune-rank plan: " << st.ToString() << "\n";
     return kUsage;
   }
-  char cwd[4096];
-  if (::getcwd(cwd, sizeof(cwd)) != nullptr) ftune::MakeSpecPathsAbsolute(&spec, cwd);
-  ftune::ApplyJobSpecDefaults(&spec);
-  ftune::Result<trainer::LlamaConfig> config = ftune::InvalidArgumentError("no model");
+  // A preset shape, or (nullptr) the spec's model config.json.
+  std::optional<trainer::LlamaConfig> preset_config;
 #if defined(FTUNE_RANK_HAVE_INIT_MODEL)
-  if (!preset.empty()) config = trainer::InitModelPresetConfig(preset, 128256);
+  if (!preset.empty()) {
+    ftune::Result<trainer::LlamaConfig> c = trainer::InitModelPresetConfig(preset, 128256);
+    if (!c.ok()) {
+      std::cerr << "ftune-rank plan: " << c.status().ToString() << "\n";
+      return kUsage;
+    }
+    preset_config = *c;
+  }
 #endif
-  if (preset.empty()) {
-    config = trainer::LoadLlamaConfig(spec.model().model_name_or_path() + "/config.json");
-  }
-  if (!config.ok()) {
-    std::cerr << "ftune-rank plan: " << config.status().ToString() << "\n";
-    return kUsage;
-  }
   int64_t device_bytes = 0;
   if (!device_memory.empty() && !ftune::ParseByteSize(device_memory, &device_bytes)) {
     std::cerr << "ftune-rank plan: --device-memory '" << device_memory
               << "' is not a size (e.g. 24GiB, 80GB)\n";
     return kUsage;
   }
-  ftune::Result<trainer::MemoryPlan> plan = trainer::PlanJob(spec, world, &*config);
+  ftune::Result<trainer::MemoryPlan> plan =
+      trainer::PlanJob(spec, world, preset_config ? &*preset_config : nullptr);
   if (!plan.ok()) {
     std::cerr << "ftune-rank plan: " << plan.status().ToString() << "\n";
     return kUsage;
@@ -404,13 +407,15 @@ int RunPlan(const std::string& spec_path, int world, const std::string& device_m
   const int world_size = trainer::MemoryPlanOptionsFromSpec(spec, world).world_size;
   std::cerr << plan->ToString();
   const bool fits = device_bytes == 0 || plan->FitsDevice(device_bytes);
-  std::cout << "{\"world_size\": " << world_size
-            << ", \"device_peak_bytes\": " << plan->device_peak_bytes
-            << ", \"host_peak_bytes\": " << plan->host_peak_bytes
-            << ", \"loading_host_peak_bytes\": " << plan->loading_host_peak_bytes
-            << ", \"frozen_shard_bytes\": " << plan->frozen_shard_bytes
-            << ", \"lora_params\": " << plan->lora_params
-            << ", \"fits\": " << (fits ? "true" : "false") << "}\n";
+  std::cout << json{{"world_size", world_size},
+                    {"device_peak_bytes", plan->device_peak_bytes},
+                    {"host_peak_bytes", plan->host_peak_bytes},
+                    {"loading_host_peak_bytes", plan->loading_host_peak_bytes},
+                    {"frozen_shard_bytes", plan->frozen_shard_bytes},
+                    {"lora_params", plan->lora_params},
+                    {"fits", fits}}
+                   .dump()
+            << "\n";
   return fits ? kOk : 3;
 }
 
@@ -565,10 +570,13 @@ int main(int argc, char** argv) {
 #else
     const bool train = false;
 #endif
-    std::cout << "{\"torch_version\": \"" << TORCH_VERSION << "\", \"cuda\": "
-              << (at::hasCUDA() ? "true" : "false") << ", \"nccl\": " << (nccl ? "true" : "false")
-              << ", \"gloo\": " << (gloo ? "true" : "false")
-              << ", \"train\": " << (train ? "true" : "false") << "}\n";
+    std::cout << json{{"torch_version", TORCH_VERSION},
+                      {"cuda", at::hasCUDA()},
+                      {"nccl", nccl},
+                      {"gloo", gloo},
+                      {"train", train}}
+                     .dump()
+              << "\n";
     return kOk;
   }
   if (score_cmd->parsed()) {
@@ -588,7 +596,7 @@ int main(int argc, char** argv) {
       std::cerr << "ftune-rank quantize: " << s.ToString() << "\n";
       return ExitCodeFor(s);
     }
-    std::cout << "{\"out\": \"" << quant_out << "\"}\n";
+    std::cout << json{{"out", quant_out}}.dump() << "\n";
     return kOk;
   }
   if (export_cmd->parsed()) {
@@ -598,10 +606,13 @@ int main(int argc, char** argv) {
       std::cerr << "ftune-rank export: " << r.status().ToString() << "\n";
       return ExitCodeFor(r.status());
     }
-    std::cout << "{\"out\": \"" << merge.out_dir << "\", \"merged_projections\": "
-              << r->merged_projections << ", \"copied_tensors\": " << r->copied_tensors
-              << ", \"files\": " << r->files_written << ", \"bytes\": " << r->bytes_written
-              << "}\n";
+    std::cout << json{{"out", merge.out_dir},
+                      {"merged_projections", r->merged_projections},
+                      {"copied_tensors", r->copied_tensors},
+                      {"files", r->files_written},
+                      {"bytes", r->bytes_written}}
+                     .dump()
+              << "\n";
     return kOk;
   }
 #if defined(FTUNE_RANK_HAVE_INIT_MODEL)
@@ -612,8 +623,7 @@ int main(int argc, char** argv) {
       std::cerr << "ftune-rank init-model: " << s.ToString() << "\n";
       return ExitCodeFor(s);
     }
-    std::cout << "{\"out\": \"" << init.out_dir << "\", \"preset\": \"" << init.preset
-              << "\"}\n";
+    std::cout << json{{"out", init.out_dir}, {"preset", init.preset}}.dump() << "\n";
     return kOk;
   }
 #endif

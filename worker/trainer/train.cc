@@ -143,7 +143,8 @@ void EmitMemory(EventSink& events, const c10::Device& device, const std::string&
   mem->set_allocated_bytes(now.allocated);
   mem->set_reserved_bytes(now.reserved);
   mem->set_peak_bytes(now.peak);
-  mem->set_host_rss_bytes(CurrentRssBytes());
+  // A CPU rank's device memory is its RSS, already read.
+  mem->set_host_rss_bytes(device.is_cuda() ? CurrentRssBytes() : now.allocated);
   mem->set_device(device_name);
   mem->set_phase(phase);
   events.Emit(m);
