@@ -45,6 +45,13 @@ class TrainE2e : public ::testing::Test {
     ASSERT_EQ(rc, 0) << ReadFile(root + "/init.log");
   }
 
+  // A coordinator and one agent with 2 CPU slots running the real ftune-rank.
+  static bool StartWithRealRanks(Cluster& c, const std::string& host) {
+    c.StartCoordinator();
+    c.StartAgent(host, 2, {}, FTUNE_RANK_BIN);
+    return c.WaitAgents(1);
+  }
+
   // A real job: 2 ranks, NF4 + LoRA, FSDP, checkpoints every `save_steps`.
   v1::JobSpec Spec(Cluster& c, int steps, int save_steps, const std::string& name) {
     v1::JobSpec s;
@@ -116,9 +123,7 @@ std::vector<double> Rank0Losses(const std::vector<v1::JobEvent>& events, int att
 
 TEST_F(TrainE2e, JobTrainsLikeStandaloneAndStreamsToWatch) {
   Cluster c;
-  c.StartCoordinator();
-  c.StartAgent("host-a", 2, {}, FTUNE_RANK_BIN);
-  ASSERT_TRUE(c.WaitAgents(1));
+  ASSERT_TRUE(StartWithRealRanks(c, "host-a"));
   v1::JobSpec spec = Spec(c, 12, 4, "clean");
   v1::Job job = c.Submit(spec);
   ASSERT_TRUE(c.WaitState(job.id(), v1::SUCCEEDED, seconds(240)))
@@ -160,12 +165,10 @@ TEST_F(TrainE2e, JobTrainsLikeStandaloneAndStreamsToWatch) {
 
 TEST_F(TrainE2e, KilledRankRestartsGangFromCheckpointWithTheSameAdapter) {
   Cluster c;
-  c.StartCoordinator();
-  c.StartAgent("host-a", 2, {}, FTUNE_RANK_BIN);
-  ASSERT_TRUE(c.WaitAgents(1));
-  v1::Job clean = c.Submit(Spec(c, 10, 3, "clean"));
+  ASSERT_TRUE(StartWithRealRanks(c, "host-a"));
+  v1::Job clean = c.Submit(Spec(c, 30, 5, "clean"));
   ASSERT_TRUE(c.WaitState(clean.id(), v1::SUCCEEDED, seconds(240)));
-  v1::Job job = c.Submit(Spec(c, 10, 3, "killed"));
+  v1::Job job = c.Submit(Spec(c, 30, 5, "killed"));
   ASSERT_TRUE(c.WaitFor_Step(job.id(), 5, seconds(180)));
   const pid_t victim = FindRank(job.id(), 1);
   ASSERT_GT(victim, 0);
@@ -181,7 +184,7 @@ TEST_F(TrainE2e, KilledRankRestartsGangFromCheckpointWithTheSameAdapter) {
   const std::vector<double> clean_losses = Rank0Losses(c.Events(clean.id()), 0);
   const std::vector<double> resumed = Rank0Losses(events, 1);
   ASSERT_FALSE(resumed.empty());
-  ASSERT_EQ(clean_losses.size(), 10u);
+  ASSERT_EQ(clean_losses.size(), 30u);
   for (size_t i = 0; i < resumed.size(); ++i) {
     EXPECT_EQ(resumed[resumed.size() - 1 - i], clean_losses[clean_losses.size() - 1 - i]);
   }
@@ -189,10 +192,10 @@ TEST_F(TrainE2e, KilledRankRestartsGangFromCheckpointWithTheSameAdapter) {
 
 TEST_F(TrainE2e, CoordinatorKill9MidRunLosesNothing) {
   Cluster c;
-  c.StartCoordinator();
-  c.StartAgent("host-a", 2, {}, FTUNE_RANK_BIN);
-  ASSERT_TRUE(c.WaitAgents(1));
-  v1::Job job = c.Submit(Spec(c, 14, 5, "coordkill"));
+  ASSERT_TRUE(StartWithRealRanks(c, "host-a"));
+  // Enough steps that the job is still running when the coordinator is back
+  // (a step takes ~0.1-0.3 s on 2 cores).
+  v1::Job job = c.Submit(Spec(c, 60, 20, "coordkill"));
   ASSERT_TRUE(c.WaitFor_Step(job.id(), 3, seconds(180)));
   c.KillCoordinator(SIGKILL);
   std::this_thread::sleep_for(std::chrono::seconds(2));  // ranks keep training meanwhile
@@ -201,14 +204,12 @@ TEST_F(TrainE2e, CoordinatorKill9MidRunLosesNothing) {
       << c.GetJob(job.id()).state_reason();
   auto events = c.Events(job.id());
   ExpectGapFree(events);
-  EXPECT_EQ(Rank0Losses(events, 0).size(), 14u);
+  EXPECT_EQ(Rank0Losses(events, 0).size(), 60u);
 }
 
 TEST_F(TrainE2e, CancelSavesACheckpointAndStops) {
   Cluster c;
-  c.StartCoordinator();
-  c.StartAgent("host-a", 2, {}, FTUNE_RANK_BIN);
-  ASSERT_TRUE(c.WaitAgents(1));
+  ASSERT_TRUE(StartWithRealRanks(c, "host-a"));
   v1::Job job = c.Submit(Spec(c, 1000, 1000, "cancel"));
   ASSERT_TRUE(c.WaitFor_Step(job.id(), 2, seconds(180)));
   ASSERT_TRUE(c.Cancel(job.id()).ok());
@@ -222,16 +223,14 @@ TEST_F(TrainE2e, CancelSavesACheckpointAndStops) {
 
 TEST_F(TrainE2e, DeadAgentsJobMovesToAnotherAgentAndFinishes) {
   Cluster c;
-  c.StartCoordinator();
-  const int a = c.StartAgent("host-a", 2, {}, FTUNE_RANK_BIN);
-  ASSERT_TRUE(c.WaitAgents(1));
-  v1::JobSpec spec = Spec(c, 10, 3, "agentkill");
+  ASSERT_TRUE(StartWithRealRanks(c, "host-a"));
+  v1::JobSpec spec = Spec(c, 40, 5, "agentkill");
   v1::Job job = c.Submit(spec);
   ASSERT_TRUE(c.WaitFor_Step(job.id(), 4, seconds(180)));
-  c.StartAgent("host-b", 2, {}, FTUNE_RANK_BIN);
+  c.StartAgent("host-b", 2, {}, FTUNE_RANK_BIN);  // agent 1
   ASSERT_TRUE(c.WaitAgents(2));
-  c.agent(a).Signal(SIGKILL);
-  c.agent(a).Wait(seconds(5));
+  c.agent(0).Signal(SIGKILL);
+  c.agent(0).Wait(seconds(5));
   // Its orphaned ranks notice the closed channel and stop.
   ASSERT_TRUE(c.WaitState(job.id(), v1::SUCCEEDED, seconds(240)))
       << c.GetJob(job.id()).state_reason();
@@ -243,9 +242,7 @@ TEST_F(TrainE2e, DeadAgentsJobMovesToAnotherAgentAndFinishes) {
 
 TEST_F(TrainE2e, SecondJobWaitsWithAReasonAndRunsWhenSlotsFree) {
   Cluster c;
-  c.StartCoordinator();
-  c.StartAgent("host-a", 2, {}, FTUNE_RANK_BIN);
-  ASSERT_TRUE(c.WaitAgents(1));
+  ASSERT_TRUE(StartWithRealRanks(c, "host-a"));
   v1::Job first = c.Submit(Spec(c, 4, 100, "first"));
   v1::Job low = c.Submit(Spec(c, 2, 100, "low"));
   v1::JobSpec urgent = Spec(c, 2, 100, "urgent");
