@@ -3,11 +3,7 @@
 # by `ftune-rank init-model --preset llama3-8b`, NF4 + LoRA r16 on all
 # projections, seq 2048 packed, batch 1 per GPU, activation checkpointing;
 # on 1 GPU and on N GPUs (FSDP over NCCL). Prints tokens/s per GPU, HFU and
-# peak device memory. HFU counts the work the GPU does per token: forward,
-# recomputed forward and backward through the frozen weights (3 x 2N flops,
-# no weight gradient for frozen weights) plus attention scores and values
-# (3 x 2 x 2 x layers x seq/2 x hidden, causal), over the H200's 989 TFLOP/s
-# dense bf16 peak.
+# peak device memory (tests/gpu/throughput.py says how HFU is counted).
 #   bash tests/gpu/bench_8b.sh [num_gpus] [steps]
 set -euo pipefail
 export NCCL_NVLS_ENABLE=0
@@ -41,16 +37,5 @@ YAML
     { grep -v '^frame' "$out/b$n.log" | tail -15; exit 1; }
   echo "$n GPU(s): $(( $(date +%s) - t0 )) s total"
   grep -E 'loaded in|memory \(load\)' "$out/b$n.log" | head -3
-  python3 - "$out/b$n.log" "$n" <<'PY'
-import re, sys
-log, n = open(sys.argv[1]).read(), int(sys.argv[2])
-rates = [float(x) for x in re.findall(r'\[rank 0\] step \d+ .*tok/s ([0-9.]+)', log)]
-peaks = [float(x) for x in re.findall(r'memory \(end\).*device peak ([0-9.]+) GiB', log)]
-steady = rates[2:] or rates          # first steps warm up the allocator and kernels
-tps = sum(steady) / len(steady)
-N, L, h, s = 8.03e9, 32, 4096, 2048
-flops_per_token = 3 * 2 * N + 3 * 2 * 2 * L * (s / 2) * h
-print(f"{n} GPU(s): {tps:.0f} tokens/s per GPU, HFU {tps * flops_per_token / 989e12 * 100:.1f}%, "
-      f"peak device memory {max(peaks):.2f} GiB per GPU")
-PY
+  python3 tests/gpu/throughput.py "$out/b$n.log" "$n"
 done

@@ -63,16 +63,7 @@ YAML
   grep -E 'rank 0 +step ([0-9]*0|1) |checkpoint|loaded in|SUCCEEDED|FAILED|summary' "$out/follow$n.log" | tail -12
   echo "--- /metrics while the $n-GPU job ran (last scrape):"
   cat "$out/metrics.last" 2>/dev/null | head -12
-  python3 - "$out/follow$n.log" "$n" <<'PY'
-import re, sys
-log, n = open(sys.argv[1]).read(), int(sys.argv[2])
-rates = [float(x) for x in re.findall(r'rank 0 +step (?:\d+) .*tokens/s ([0-9.]+)', log)]
-steady = rates[3:] or rates
-tps = sum(steady) / max(1, len(steady))
-N, L, h, s = 8.03e9, 32, 4096, 2048
-flops = 3 * 2 * N + 3 * 2 * 2 * L * (s / 2) * h
-print(f"{n} GPU(s), steady (steps 4+): {tps:.0f} tokens/s per GPU, HFU {tps * flops / 989e12 * 100:.1f}%")
-PY
+  python3 tests/gpu/throughput.py "$out/follow$n.log" "$n"
 done
 for n in "$gpus" 1; do
   echo "plan for $n GPU(s): $($R plan --spec "$out/job$n.yaml" 2>/dev/null)"
