@@ -41,6 +41,7 @@
 #include "worker/comm/local_rendezvous.h"
 #include "worker/trainer/file_util.h"
 #include "worker/trainer/fsdp.h"
+#include "worker/trainer/init_model.h"
 #include "worker/trainer/memory_plan.h"
 #include "worker/trainer/optim.h"
 #include "worker/trainer/safetensors.h"
@@ -471,6 +472,20 @@ TEST_P(FsdpTrainTest, ShardedStepEqualsOneRank) {
         for (const NamedTensor& p : m->LoraParameters()) {
           RANK_EXPECT(!p.tensor.grad().defined(), p.name + ": full grad kept after the reduction");
         }
+        if (world > 1) {
+          // Every gather and the reduce-scatter were timed; compute cannot
+          // have waited longer than a gather took.
+          const double busy = units->gather_busy_seconds();
+          const double exposed = units->gather_exposed_seconds();
+          RANK_EXPECT(busy > 0, "gather busy seconds " + std::to_string(busy));
+          RANK_EXPECT(exposed >= 0 && exposed <= busy,
+                      "gather exposed " + std::to_string(exposed) + " vs busy " +
+                          std::to_string(busy));
+          if (!tc.prefetch) {
+            RANK_EXPECT(exposed == busy, "without prefetch every gather is exposed");
+          }
+          RANK_EXPECT(lora->reduce_scatter_seconds() > 0, "reduce-scatter not timed");
+        }
         RANK_ASSIGN(double loss, SumOverRanks(comm.get(), my_loss));
         const double loss_rel = std::abs(loss - ref_loss) / std::abs(ref_loss);
         RANK_EXPECT(loss_rel <= 1e-5, "loss " + std::to_string(loss) + " vs " + std::to_string(ref_loss));
@@ -761,6 +776,62 @@ TEST(FsdpConsistencyTest, RanksWithDifferentOptionsOrAdaptersAreRefused) {
 // Manual: --gtest_also_run_disabled_tests --gtest_filter='*Bench*'. Step time
 // of 2 Gloo ranks on a generated model (hidden 1024, 12 layers, NF4), with
 // and without prefetch; prints figures, asserts only that both steps agree.
+// model.random_weights: each rank generates its own elements of every
+// frozen tensor (no safetensors read) and gets exactly the model built
+// from the files `ftune-rank init-model` writes, for 1 and 2 ranks.
+TEST(FsdpRandomWeightsTest, GeneratedWeightsEqualInitModelFiles) {
+  TempDir dir;
+  ASSERT_FALSE(dir.path().empty());
+  Result<LlamaConfig> config = InitModelPresetConfig("tiny", 512);
+  ASSERT_TRUE(config.ok()) << config.status().ToString();
+  config->num_hidden_layers = 2;
+  constexpr uint64_t kSeed = 11;
+  ASSERT_TRUE(WriteRandomLlamaWeights(dir.path(), *config, kSeed, 5'000'000'000ull, 2, nullptr).ok());
+  ASSERT_TRUE(WriteFileAtomically(dir.path() + "/config.json", LlamaConfigToJson(*config)).ok());
+  const std::string model_dir = dir.path();
+  for (int world : {1, 2}) {
+    auto exits = RunRanks(
+        world,
+        [&](int rank, const std::string& store) -> Status {
+          std::unique_ptr<Communicator> comm;
+          FTUNE_STATUS_RETURN_IF_ERROR(MakeGloo(rank, world, store, milliseconds(60000), &comm));
+          Communicator* c = world == 1 ? nullptr : comm.get();
+          ModelOptions options = DefaultModelOptions(c10::kCPU);
+          options.quantize_base = true;
+          at::Tensor ids = at::arange(2 * 24, at::TensorOptions().dtype(at::kLong))
+                               .mul(37)
+                               .remainder(config->vocab_size)
+                               .view({2, 24});
+          at::Tensor logits[2];
+          for (int random = 0; random < 2; ++random) {
+            options.random_weights = random == 1;
+            options.random_seed = kSeed;
+            LoadStats stats;
+            RANK_ASSIGN(std::unique_ptr<LlamaModel> m,
+                        LoadShardedModel(model_dir, options, FsdpOptions(), c, &stats));
+            RANK_EXPECT(random == 0 || stats.read_bytes == 0,
+                        "random weights read " + std::to_string(stats.read_bytes) + " bytes");
+            c10::NoGradGuard no_grad;
+            logits[random] = m->Logits(ids, at::Tensor());
+          }
+          RANK_EXPECT(BitEqual(logits[0], logits[1]),
+                      "logits from generated weights differ from the files' on " +
+                          std::to_string(world) + " ranks");
+          // Another seed is another model.
+          options.random_weights = true;
+          options.random_seed = kSeed + 1;
+          RANK_ASSIGN(std::unique_ptr<LlamaModel> other,
+                      LoadShardedModel(model_dir, options, FsdpOptions(), c));
+          c10::NoGradGuard no_grad;
+          RANK_EXPECT(!BitEqual(logits[0], other->Logits(ids, at::Tensor())),
+                      "the seed changed nothing");
+          return OkStatus();
+        },
+        milliseconds(120000));
+    EXPECT_TRUE(AllOk(exits, world)) << world << " ranks: " << Report(exits);
+  }
+}
+
 TEST(FsdpBenchTest, DISABLED_StepTimeWithAndWithoutPrefetch) {
   constexpr int kWorld = 2;
   TempDir dir;

@@ -66,6 +66,11 @@ void ConsoleEventSink::Emit(const v1::RankMessage& m) {
     case v1::RankMessage::kMemory:
       line << "memory (" << m.memory().phase() << "): host rss " << GiB(m.memory().host_rss_bytes())
            << ", device peak " << GiB(m.memory().peak_bytes()) << " on " << m.memory().device();
+      if (m.memory().device_used_bytes() > 0) {
+        line << " (reserved peak " << GiB(m.memory().reserved_peak_bytes()) << ", device in use "
+             << GiB(m.memory().device_used_bytes()) << ", device peak with runtime "
+             << GiB(m.memory().device_peak_total_bytes()) << ")";
+      }
       break;
     case v1::RankMessage::kCheckpoint:
       line << "checkpoint step " << m.checkpoint().step() << " -> " << m.checkpoint().path()

@@ -16,9 +16,18 @@
 #include <cstring>
 #include <future>
 #include <map>
+#include <optional>
 #include <utility>
 
+#if FTUNE_FSDP_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "kernels/random_init_cuda.h"
+#endif
+
 #include "worker/trainer/file_util.h"
+#include "worker/trainer/init_model.h"
 #include "worker/trainer/llama_config.h"
 #include "worker/trainer/safetensors.h"
 #include "worker/trainer/weights.h"
@@ -33,6 +42,11 @@ constexpr int64_t kNested = kernels::kNf4NestedBlocksize;
 // Units with at most this many segments are gathered segment by segment
 // (no staging); larger ones with one collective and a copy-out (fsdp.h).
 constexpr int64_t kMaxDirectSegments = 2;
+#if FTUNE_FSDP_CUDA
+constexpr bool kCudaStreams = true;
+#else
+constexpr bool kCudaStreams = false;
+#endif
 
 int64_t AlignUp(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -74,15 +88,132 @@ void ResetPeakRss() {
 
 // An AllGather of `bytes` per rank; with one rank a copy (or nothing).
 Status AllGatherBytes(comm::Communicator* comm, const at::Tensor& send, at::Tensor& recv,
-                      int64_t bytes, int64_t send_offset, int64_t recv_offset) {
+                      int64_t bytes, int64_t send_offset, int64_t recv_offset,
+                      comm::StreamHandle stream = nullptr) {
   const uint8_t* src = send.data_ptr<uint8_t>() + send_offset;
   uint8_t* dst = recv.data_ptr<uint8_t>() + recv_offset;
   if (comm == nullptr || comm->size() == 1) {
     if (src != dst) recv.narrow(0, recv_offset, bytes).copy_(send.narrow(0, send_offset, bytes));
     return OkStatus();
   }
-  return comm->AllGather(src, dst, static_cast<size_t>(bytes), DataType::kUInt8, nullptr);
+  return comm->AllGather(src, dst, static_cast<size_t>(bytes), DataType::kUInt8, stream);
 }
+
+// The stream tensor work is enqueued on: c10's current CUDA stream for a GPU
+// device, none (nullptr) otherwise. Collectives go where the compute is.
+comm::StreamHandle CurrentStream(c10::Device device) {
+#if FTUNE_FSDP_CUDA
+  if (device.is_cuda()) return c10::cuda::getCurrentCUDAStream(device.index()).stream();
+#endif
+  (void)device;
+  return nullptr;
+}
+
+}  // namespace
+
+// Time spent in collectives (fsdp.h, "Timing"). On CUDA the time is the
+// device's, read from events recorded around each collective on its stream;
+// a prefetched gather also records when the compute stream came to need it,
+// and only the part after that point counts as exposed. Host-timed
+// collectives (Gloo) report their host seconds through Add.
+class internal::CollectiveClock {
+ public:
+  CollectiveClock() = default;
+  CollectiveClock(const CollectiveClock&) = delete;
+  CollectiveClock& operator=(const CollectiveClock&) = delete;
+  ~CollectiveClock() {
+#if FTUNE_FSDP_CUDA
+    for (auto& [id, m] : marks_) {
+      for (cudaEvent_t e : {m.start, m.end, m.need}) {
+        if (e != nullptr) cudaEventDestroy(e);
+      }
+    }
+#endif
+  }
+
+  // Exposed is clamped to busy: waiting includes the host's own overhead.
+  void Add(double busy, double exposed) {
+    busy_ += busy;
+    exposed_ += std::min(exposed, busy);
+  }
+
+#if FTUNE_FSDP_CUDA
+  // Marks the start of a collective enqueued next on `stream`; returns its
+  // id. A prefetch is counted once Need says when its result was needed.
+  int64_t Begin(cudaStream_t stream, bool prefetch) {
+    const int64_t id = next_id_++;
+    Mark& m = marks_[id];
+    m.prefetch = prefetch;
+    m.start = Record(stream);
+    return id;
+  }
+  void End(int64_t id, cudaStream_t stream) { marks_[id].end = Record(stream); }
+  // The compute stream needs the collective's result from here on.
+  void Need(int64_t id, cudaStream_t stream) { marks_[id].need = Record(stream); }
+#endif
+
+  // Busy and exposed seconds so far; waits for the timed collectives that
+  // have ended (in-flight prefetches are counted once claimed).
+  double busy() {
+    Harvest();
+    return busy_;
+  }
+  double exposed() {
+    Harvest();
+    return exposed_;
+  }
+
+ private:
+#if FTUNE_FSDP_CUDA
+  struct Mark {
+    bool prefetch = false;
+    cudaEvent_t start = nullptr, end = nullptr, need = nullptr;
+  };
+  static cudaEvent_t Record(cudaStream_t stream) {
+    cudaEvent_t e = nullptr;
+    if (cudaEventCreate(&e) != cudaSuccess) return nullptr;
+    if (cudaEventRecord(e, stream) != cudaSuccess) {
+      cudaEventDestroy(e);
+      return nullptr;
+    }
+    return e;
+  }
+  std::map<int64_t, Mark> marks_;
+  int64_t next_id_ = 0;
+#endif
+
+  void Harvest() {
+#if FTUNE_FSDP_CUDA
+    for (auto it = marks_.begin(); it != marks_.end();) {
+      Mark& m = it->second;
+      // A prefetch not yet claimed (no `need`) stays; so does an open mark.
+      if (m.start == nullptr || m.end == nullptr || (m.prefetch && m.need == nullptr)) {
+        ++it;
+        continue;
+      }
+      float ms = 0, waited = 0;
+      if (cudaEventSynchronize(m.end) == cudaSuccess &&
+          cudaEventElapsedTime(&ms, m.start, m.end) == cudaSuccess) {
+        double exposed = ms;
+        if (m.need != nullptr && cudaEventSynchronize(m.need) == cudaSuccess &&
+            cudaEventElapsedTime(&waited, m.need, m.end) == cudaSuccess) {
+          exposed = std::clamp<double>(waited, 0.0, ms);
+        }
+        Add(ms / 1e3, exposed / 1e3);
+      }
+      for (cudaEvent_t e : {m.start, m.end, m.need}) {
+        if (e != nullptr) cudaEventDestroy(e);
+      }
+      it = marks_.erase(it);
+    }
+#endif
+  }
+
+  double busy_ = 0;
+  double exposed_ = 0;
+};
+
+namespace {
 
 // Fails unless every rank passes the same values (a fingerprint of what
 // the following collectives assume), naming the first rank that differs.
@@ -123,6 +254,35 @@ Status CheckSameOnEveryRank(comm::Communicator* comm, c10::Device model_device,
     }
   }
   return OkStatus();
+}
+
+// Elements [e0, e1) of an init-model tensor (bf16, on options.device),
+// generated where they will live: by a CUDA kernel on a GPU, by the CPU
+// writer's own code on the CPU. Both give init-model's bytes.
+Result<at::Tensor> RandomInitPart(const WeightSpec& spec, const ModelOptions& options,
+                                  int64_t e0, int64_t e1) {
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(options.device);
+  at::Tensor part = at::empty({e1 - e0}, bf16);
+  if (e1 <= e0) return part;
+  auto* out = reinterpret_cast<uint16_t*>(part.data_ptr());
+  if (options.device.is_cuda()) {
+#if FTUNE_FSDP_CUDA
+    if (spec.is_norm) return part.fill_(1.0);
+    c10::cuda::CUDAGuard guard(options.device);
+    const kernels::Status s = kernels::FillNormalBf16Cuda(
+        InitTensorKey(options.random_seed, spec.name), spec.stddev, static_cast<uint64_t>(e0),
+        static_cast<uint64_t>(e1 - e0), out,
+        c10::cuda::getCurrentCUDAStream(options.device.index()).stream());
+    if (!s.ok()) return InternalError("random weights for '" + spec.name + "': " + s.message());
+    return part;
+#else
+    return FailedPreconditionError("random weights on " + options.device.str() +
+                              ": this ftune-rank was built without CUDA kernels");
+#endif
+  }
+  FillInitWeight(spec, options.random_seed, static_cast<uint64_t>(e0), static_cast<uint64_t>(e1),
+                 out, /*num_threads=*/0);
+  return part;
 }
 
 // A dense base layer whose weight the engine sets and drops (the FSDP form
@@ -198,9 +358,11 @@ class FsdpUnitsImpl final : public FsdpUnits {
         comm_device_(CommDevice(comm, model->options().device)),
         tied_(tied),
         // Gloo collectives block the calling thread, so a thread overlaps
-        // them with compute; NCCL would need a separate stream instead.
-        prefetch_(options.prefetch && comm != nullptr && comm->size() > 1 &&
-                  comm->backend() == "gloo") {}
+        // them with compute; NCCL enqueues them on a second CUDA stream.
+        thread_prefetch_(options.prefetch && comm != nullptr && comm->size() > 1 &&
+                         comm->backend() == "gloo"),
+        stream_prefetch_(kCudaStreams && options.prefetch && comm != nullptr &&
+                         comm->size() > 1 && comm->backend() == "nccl") {}
 
   std::vector<Unit>& units() { return units_; }
   int world() const { return world_; }
@@ -259,6 +421,8 @@ class FsdpUnitsImpl final : public FsdpUnits {
   int64_t gathered_bytes_total() const override { return gathered_bytes_total_; }
   double gather_seconds() const override { return gather_seconds_; }
   int64_t prefetch_hits() const override { return prefetch_hits_; }
+  double gather_busy_seconds() override { return clock_.busy(); }
+  double gather_exposed_seconds() override { return clock_.exposed(); }
   const FsdpOptions& options() const override { return options_; }
 
   // --- UnitHooks
@@ -278,19 +442,29 @@ class FsdpUnitsImpl final : public FsdpUnits {
   // With FsdpOptions::prefetch on Gloo: gathers `unit` on a background
   // thread while the caller computes; its Gather then only waits for it.
   void Prefetch(int64_t unit, UnitPhase phase) override {
-    if (!prefetch_ || unit < 0 || unit >= num_units() || units_[unit].resident) return;
+    if (unit < 0 || unit >= num_units() || units_[unit].resident) return;
+#if FTUNE_FSDP_CUDA
+    if (stream_prefetch_) {
+      StreamPrefetch(unit);
+      return;
+    }
+#endif
+    if (!thread_prefetch_) return;
     if (pending_unit_ == unit || (prefetched_ != nullptr && prefetched_unit_ == unit)) return;
     JoinPrefetch();
     prefetched_.reset();  // an unclaimed prefetch (never expected) is dropped
     prefetched_unit_ = -1;
     pending_unit_ = unit;
     const Unit* u = &units_[unit];
-    pending_ = std::async(std::launch::async, [this, u] { return Fetch(*u); });
+    pending_ = std::async(std::launch::async, [this, u] { return Fetch(*u, nullptr); });
   }
 
   ~FsdpUnitsImpl() override {
     // A prefetch still in flight (after an exception) must not outlive us.
     JoinPrefetch();
+#if FTUNE_FSDP_CUDA
+    DropInFlight();
+#endif
   }
 
  private:
@@ -302,7 +476,9 @@ class FsdpUnitsImpl final : public FsdpUnits {
     double seconds = 0;
   };
 
-  Result<Fetched> Fetch(const Unit& u) const {
+  // Gathers u on `stream` (tensor work on c10's current stream, which the
+  // NCCL prefetch sets to the same stream).
+  Result<Fetched> Fetch(const Unit& u, comm::StreamHandle stream) const {
     Fetched f;
     // Offloaded shards are copied in first (pinned host memory on CUDA, so
     // the copy is asynchronous on the current stream).
@@ -319,7 +495,7 @@ class FsdpUnitsImpl final : public FsdpUnits {
         for (size_t i = 0; i < u.segments.size(); ++i) {
           const Segment& s = u.segments[i];
           const Status st = AllGatherBytes(comm_, src, f.gathered, s.piece_bytes, s.shard_offset,
-                                           s.gathered_offset);
+                                           s.gathered_offset, stream);
           if (!st.ok()) {
             return Prefixed(st, "FSDP unit '" + u.name + "' segment " + std::to_string(i) +
                                     " all-gather on " + Where(rank_, world_));
@@ -330,7 +506,7 @@ class FsdpUnitsImpl final : public FsdpUnits {
         // whole unit into a rank-major staging buffer, then one strided copy
         // per segment to its contiguous place.
         at::Tensor staging = at::empty({u.shard_bytes * world_}, U8(comm_device_));
-        const Status st = AllGatherBytes(comm_, src, staging, u.shard_bytes, 0, 0);
+        const Status st = AllGatherBytes(comm_, src, staging, u.shard_bytes, 0, 0, stream);
         if (!st.ok()) {
           return Prefixed(st, "FSDP unit '" + u.name + "' all-gather on " + Where(rank_, world_));
         }
@@ -347,6 +523,55 @@ class FsdpUnitsImpl final : public FsdpUnits {
     if (f.gathered.device() != device_) f.gathered = f.gathered.to(device_);
     return f;
   }
+
+#if FTUNE_FSDP_CUDA
+  // NCCL prefetch: gathers `unit` on comm_stream_, which first waits for
+  // everything enqueued on the compute stream so far (so the collectives of
+  // the communicator keep one order, and memory the compute stream freed is
+  // not written early). The buffers are allocated on comm_stream_; the
+  // claim records the compute stream on the gathered buffer so the caching
+  // allocator does not hand it back to comm_stream_ while it is read.
+  void StreamPrefetch(int64_t unit) {
+    if (inflight_.unit == unit) return;
+    DropInFlight();  // an unclaimed prefetch (never expected)
+    const c10::cuda::CUDAStream compute = c10::cuda::getCurrentCUDAStream(device_.index());
+    if (!comm_stream_) {
+      comm_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device_.index());
+    }
+    const cudaStream_t comm = comm_stream_->stream();
+    cudaEvent_t ready = nullptr;
+    cudaEventCreateWithFlags(&ready, cudaEventDisableTiming);
+    cudaEventRecord(ready, compute.stream());
+    cudaStreamWaitEvent(comm, ready, 0);
+    cudaEventDestroy(ready);  // released once the wait is done
+    inflight_.unit = unit;
+    {
+      c10::cuda::CUDAStreamGuard guard(*comm_stream_);
+      inflight_.mark = clock_.Begin(comm, /*prefetch=*/true);
+      inflight_.result = Fetch(units_[unit], comm);
+      clock_.End(inflight_.mark, comm);
+    }
+    cudaEventCreateWithFlags(&inflight_.done, cudaEventDisableTiming);
+    cudaEventRecord(inflight_.done, comm);
+  }
+
+  // The compute stream waits for the prefetch; returns its buffers.
+  Result<Fetched> ClaimInFlight() {
+    const c10::cuda::CUDAStream compute = c10::cuda::getCurrentCUDAStream(device_.index());
+    clock_.Need(inflight_.mark, compute.stream());
+    cudaStreamWaitEvent(compute.stream(), inflight_.done, 0);
+    cudaEventDestroy(inflight_.done);
+    Result<Fetched> f = std::move(inflight_.result);
+    inflight_ = InFlight();
+    if (f.ok() && f->gathered.defined()) f->gathered.record_stream(c10::Stream(compute));
+    return f;
+  }
+
+  void DropInFlight() {
+    if (inflight_.unit < 0) return;
+    (void)ClaimInFlight();
+  }
+#endif
 
   // Waits for the prefetch in flight, if any; its result stays parked in
   // prefetched_ for the Gather that wants it (or is dropped by the next
@@ -367,8 +592,27 @@ class FsdpUnitsImpl final : public FsdpUnits {
   Status GatherOne(int64_t unit) {
     Unit& u = units_[unit];
     if (u.resident) return OkStatus();
+    const auto t0 = std::chrono::steady_clock::now();
     JoinPrefetch();
     Result<Fetched> f = InternalError("unreachable");
+    bool device_timed = false;
+#if FTUNE_FSDP_CUDA
+    if (stream_prefetch_ && inflight_.unit == unit) {
+      f = ClaimInFlight();
+      ++prefetch_hits_;
+      device_timed = true;
+    } else if (comm_ != nullptr && comm_->backend() == "nccl" && world_ > 1) {
+      // On the compute stream, after any prefetch still in flight (the tied
+      // head gathers the embedding first): one communicator's collectives
+      // stay in one order on the device.
+      const cudaStream_t compute = c10::cuda::getCurrentCUDAStream(device_.index()).stream();
+      if (inflight_.done != nullptr) cudaStreamWaitEvent(compute, inflight_.done, 0);
+      const int64_t mark = clock_.Begin(compute, /*prefetch=*/false);
+      f = Fetch(u, compute);
+      clock_.End(mark, compute);
+      device_timed = true;
+    } else
+#endif
     if (prefetched_ != nullptr && prefetched_unit_ == unit) {
       f = std::move(*prefetched_);
       prefetched_.reset();
@@ -377,13 +621,19 @@ class FsdpUnitsImpl final : public FsdpUnits {
     } else {
       // Another unit's prefetch stays parked (the tied head gathers the
       // embedding first, then claims its own prefetch).
-      f = Fetch(u);
+      f = Fetch(u, CurrentStream(device_));
     }
     if (!f.ok()) return f.status();
     if (world_ > 1) {
       ++gathers_;
       gathered_bytes_total_ += f->bytes_received;
       gather_seconds_ += f->seconds;
+      if (!device_timed) {
+        // Host-timed (Gloo): busy is the gather's own time, exposed the
+        // time this thread waited for it here.
+        clock_.Add(f->seconds,
+                   std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      }
     }
     u.gathered = f->gathered;
     Materialize(u);
@@ -444,7 +694,21 @@ class FsdpUnitsImpl final : public FsdpUnits {
   c10::Device device_;
   c10::Device comm_device_;
   bool tied_;
-  const bool prefetch_;
+  const bool thread_prefetch_;
+  const bool stream_prefetch_;
+  internal::CollectiveClock clock_;
+#if FTUNE_FSDP_CUDA
+  // The NCCL prefetch: at most one unit gathered on comm_stream_ and not
+  // yet claimed by its Gather (which makes the compute stream wait on done).
+  struct InFlight {
+    int64_t unit = -1;
+    Result<Fetched> result = InternalError("no prefetch");
+    cudaEvent_t done = nullptr;
+    int64_t mark = -1;
+  };
+  std::optional<c10::cuda::CUDAStream> comm_stream_;
+  InFlight inflight_;
+#endif
   std::vector<Unit> units_;
   // At most one prefetch in flight (pending_) and one finished but not yet
   // claimed by its Gather (prefetched_).
@@ -611,9 +875,18 @@ Result<std::unique_ptr<LlamaModel>> LoadShardedModel(const std::string& model_di
                                 "got " + options.device.str());
   }
   FTUNE_TRAINER_ASSIGN_OR_RETURN(LlamaConfig config, LoadLlamaConfig(model_dir));
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsModel> st,
-                                 SafetensorsModel::OpenDirectory(model_dir));
-  const std::string source = st->source();
+  // The weights come from the safetensors files, or are generated (random).
+  std::unique_ptr<SafetensorsModel> st;
+  std::map<std::string, WeightSpec> random_specs;
+  std::string source;
+  if (options.random_weights) {
+    for (WeightSpec& w : LlamaWeightSpecs(config)) random_specs[w.name] = std::move(w);
+    source = model_dir + "/config.json (random weights, seed " +
+             std::to_string(options.random_seed) + ")";
+  } else {
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(st, SafetensorsModel::OpenDirectory(model_dir));
+    source = st->source();
+  }
 
   // The model with no frozen bytes; the projections' layers are remembered
   // by name so their units can point at them.
@@ -643,6 +916,15 @@ Result<std::unique_ptr<LlamaModel>> LoadShardedModel(const std::string& model_di
   // This rank's elements [e0, e1) of a tensor, in the compute dtype on the
   // device; checks the file's shape against the config.
   auto read_part = [&](const UnitTensor& t, int64_t e0, int64_t e1) -> Result<at::Tensor> {
+    if (options.random_weights) {
+      auto it = random_specs.find(t.name);
+      if (it == random_specs.end()) {
+        return InternalError("random weights: no init spec for '" + t.name + "'");
+      }
+      FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor part,
+                                     RandomInitPart(it->second, options, e0, e1));
+      return part.to(options.dtype);
+    }
     FTUNE_TRAINER_ASSIGN_OR_RETURN(SafetensorsModel::TensorRef ref, st->Find(t.name));
     std::vector<int64_t> file_shape(ref.info->shape.begin(), ref.info->shape.end());
     if (file_shape != t.shape) {
@@ -789,6 +1071,7 @@ Result<std::unique_ptr<ShardedLora>> ShardedLora::Create(LlamaModel* model,
   s->world_ = comm == nullptr ? 1 : comm->size();
   s->rank_ = comm == nullptr ? 0 : comm->rank();
   s->comm_device_ = CommDevice(comm, model->options().device);
+  s->clock_ = std::make_shared<internal::CollectiveClock>();
   for (const NamedTensor& p : model->LoraParameters()) {
     Entry e;
     e.name = p.name;
@@ -846,9 +1129,24 @@ Status ShardedLora::ReduceGradients() {
     mine = flat.narrow(0, 0, shard_numel_);
   } else {
     mine = at::empty({shard_numel_}, flat.options());
+    const comm::StreamHandle stream = CurrentStream(comm_device_);
+    const auto t0 = std::chrono::steady_clock::now();
+    // (A CUDA stream handle may be nullptr: the legacy default stream.)
+    const bool device_timed = kCudaStreams && comm_device_.is_cuda();
+#if FTUNE_FSDP_CUDA
+    const int64_t mark =
+        device_timed ? clock_->Begin(static_cast<cudaStream_t>(stream), false) : -1;
+#endif
     const Status st = comm_->ReduceScatter(flat.data_ptr(), mine.data_ptr(),
                                            static_cast<size_t>(shard_numel_), DataType::kFloat32,
-                                           comm::ReduceOp::kSum, nullptr);
+                                           comm::ReduceOp::kSum, stream);
+#if FTUNE_FSDP_CUDA
+    if (mark >= 0) clock_->End(mark, static_cast<cudaStream_t>(stream));
+#endif
+    if (!device_timed) {
+      const double host = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      clock_->Add(host, host);
+    }
     if (!st.ok()) {
       return Prefixed(st, "ShardedLora::ReduceGradients on " + Where(rank_, world_));
     }
@@ -864,6 +1162,8 @@ Status ShardedLora::ReduceGradients() {
   for (at::Tensor& p : params_) p.mutable_grad().reset();
   return OkStatus();
 }
+
+double ShardedLora::reduce_scatter_seconds() { return clock_->busy(); }
 
 Result<double> ShardedLora::GradNorm() {
   c10::NoGradGuard no_grad;

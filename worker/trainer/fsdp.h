@@ -55,12 +55,24 @@
 // FsdpUnits implements them: Gather = the all-gather above (after copying
 // an offloaded shard to the device), Release = drop the gathered
 // buffer (reshard_after_forward decides for the forward phase). Collectives
-// run on the default stream. Prefetch (FsdpOptions::prefetch) gathers the
-// unit the model announces next while the current one computes: on Gloo on
-// a background thread, joined before any other collective of the engine so
-// the communicator still sees one thread at a time (at most one prefetch in
-// flight; two units plus a staging buffer resident). On NCCL it is the
-// interface point for a gather on a separate stream, not done yet.
+// run on the compute stream (c10's current stream). Prefetch
+// (FsdpOptions::prefetch) gathers the unit the model announces next while
+// the current one computes (at most one prefetch in flight; two units plus
+// a staging buffer resident):
+//   Gloo: on a background thread, joined before any other collective of the
+//     engine so the communicator still sees one thread at a time;
+//   NCCL: on a second (high-priority) CUDA stream that first waits for the
+//     compute stream, so the communicator's collectives keep one order on
+//     the device; the unit's Gather makes the compute stream wait for it,
+//     and records the compute stream on the buffer for the allocator.
+//
+// Timing. Every unit gather is timed: on CUDA by events on its stream
+// (device time), on Gloo by the host. "Busy" is the gathers' own time;
+// "exposed" the part compute waited for: all of a gather on the compute
+// stream, and of a prefetched one only what was left when the compute
+// stream reached its Gather (an event recorded there). Busy - exposed is
+// the communication hidden behind compute. ShardedLora times its
+// reduce-scatters the same way.
 // Collective failures throw c10::Error carrying the collective's Status text.
 // FSDP wants ModelOptions::activation_checkpointing: without it autograd
 // keeps the gathered buffers it saved alive until backward (correct, but
@@ -98,13 +110,16 @@ struct FsdpOptions {
                                       // from forward to backward)
   bool offload_params = false;        // frozen shards kept in (pinned when CUDA) host memory,
                                       // copied in before the gather
-  // Gather the next unit while the current one computes. Gloo: on a
-  // background thread (collectives block their thread), which pays only with
-  // spare cores: on a 2-core machine with 2 ranks a step got 15% slower
-  // (FsdpBenchTest). Ignored with one rank and, until the stream-based
-  // version lands, with NCCL.
+  // Gather the next unit while the current one computes. NCCL: on a second
+  // CUDA stream. Gloo: on a background thread (collectives block their
+  // thread), which pays only with spare cores: on a 2-core machine with 2
+  // ranks a step got 15% slower (FsdpBenchTest). Ignored with one rank.
   bool prefetch = false;
 };
+
+namespace internal {
+class CollectiveClock;  // fsdp.cc
+}
 
 struct LoadStats {
   int64_t peak_rss_bytes = 0;   // VmHWM at the end of loading (the mark is reset at its start)
@@ -192,6 +207,10 @@ class FsdpUnits : public UnitHooks {
   virtual double gather_seconds() const = 0;
   // Gathers served by a prefetch (FsdpOptions::prefetch).
   virtual int64_t prefetch_hits() const = 0;
+  // Seconds of the gathers so far and the part compute waited for (see
+  // "Timing"); waits for the timed gathers to finish.
+  virtual double gather_busy_seconds() = 0;
+  virtual double gather_exposed_seconds() = 0;
   virtual const FsdpOptions& options() const = 0;
 };
 
@@ -230,6 +249,9 @@ class ShardedLora {
   // After the optimizer step: shards -> every rank's LoRA tensors used in
   // forward.
   Status GatherParams();
+  // Seconds ReduceGradients' reduce-scatters took (device time on CUDA, see
+  // "Timing"); they run on the compute stream, so all of it is exposed.
+  double reduce_scatter_seconds();
 
   struct Entry {
     std::string name;
@@ -253,6 +275,7 @@ class ShardedLora {
   std::vector<at::Tensor> params_;  // the model's LoRA tensors, layout() order
   at::Tensor shard_;
   c10::Device comm_device_ = c10::Device(c10::DeviceType::CPU);
+  std::shared_ptr<internal::CollectiveClock> clock_;
 };
 
 }  // namespace ftune::trainer

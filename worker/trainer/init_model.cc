@@ -18,6 +18,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "kernels/random_init_math.h"
 #include "worker/data/bpe_trainer.h"
 #include "worker/data/tokenizer.h"
 #include "worker/trainer/file_util.h"
@@ -29,7 +30,6 @@ namespace {
 using ordered_json = nlohmann::ordered_json;
 
 constexpr double kInitStd = 0.02;
-constexpr double kPi = 3.14159265358979323846;
 constexpr int64_t kLlama3Vocab = 128256;
 constexpr uint16_t kBf16One = 0x3F80;
 // Corpus and tokenizer files larger than this are refused: the corpus is
@@ -38,12 +38,9 @@ constexpr uint64_t kMaxCorpusBytes = uint64_t{1} << 30;
 constexpr uint64_t kMaxTokenizerFileBytes = uint64_t{512} << 20;
 constexpr uint64_t kProgressEveryBytes = uint64_t{1} << 30;
 
-uint64_t SplitMix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
+using kernels::random_init::FloatToBf16;
+using kernels::random_init::NormalPair;
+using kernels::random_init::SplitMix64;
 
 uint64_t Fnv1a64(const std::string& s) {
   uint64_t h = 0xCBF29CE484222325ull;
@@ -52,33 +49,6 @@ uint64_t Fnv1a64(const std::string& s) {
     h *= 0x100000001B3ull;
   }
   return h;
-}
-
-uint64_t TensorKey(uint64_t seed, const std::string& name) {
-  return SplitMix64(seed ^ Fnv1a64(name));
-}
-
-// x_n of the file comment.
-uint64_t Draw(uint64_t key, uint64_t n) {
-  return SplitMix64(key + (n + 1) * 0x9E3779B97F4A7C15ull);
-}
-
-// Both normals of pair p, times the std.
-void NormalPair(uint64_t key, uint64_t p, double stddev, float* a, float* b) {
-  const double u1 = static_cast<double>((Draw(key, 2 * p) >> 11) + 1) * 0x1.0p-53;
-  const double u2 = static_cast<double>(Draw(key, 2 * p + 1) >> 11) * 0x1.0p-53;
-  const double r = std::sqrt(-2.0 * std::log(u1));
-  const double t = 2.0 * kPi * u2;
-  *a = static_cast<float>(stddev * r * std::cos(t));
-  *b = static_cast<float>(stddev * r * std::sin(t));
-}
-
-uint16_t FloatToBf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  // Round to nearest even; the values here are finite and small.
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
 }
 
 // Elements [begin, end) of a tensor into out (bf16 bits).
@@ -300,7 +270,7 @@ Status WriteTensor(const WeightSpec& spec, uint64_t seed, int num_threads,
                    AtomicFileWriter* writer) {
   const uint64_t n = NumElements(spec);
   if (n == 0) return OkStatus();
-  const uint64_t key = TensorKey(seed, spec.name);
+  const uint64_t key = InitTensorKey(seed, spec.name);
   const auto fill = [&](int which, uint64_t begin) {
     const uint64_t end = std::min(n, begin + chunk_elements);
     buffers[which].resize(end - begin);
@@ -460,9 +430,20 @@ double LmHeadStd(int64_t hidden_size) {
   return 1.0 / std::sqrt(2.0 * static_cast<double>(hidden_size));
 }
 
+uint64_t InitTensorKey(uint64_t seed, const std::string& name) {
+  return SplitMix64(seed ^ Fnv1a64(name));
+}
+
+void FillInitWeight(const WeightSpec& spec, uint64_t seed, uint64_t begin, uint64_t end,
+                    uint16_t* out, int num_threads) {
+  if (end <= begin) return;
+  if (num_threads <= 0) num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  FillChunk(spec, InitTensorKey(seed, spec.name), num_threads, begin, end, out);
+}
+
 float InitNormal(uint64_t seed, const std::string& name, uint64_t index, double stddev) {
   float a, b;
-  NormalPair(TensorKey(seed, name), index / 2, stddev, &a, &b);
+  NormalPair(InitTensorKey(seed, name), index / 2, stddev, &a, &b);
   return (index & 1) ? b : a;
 }
 
@@ -606,9 +587,11 @@ Status InitModel(const InitModelOptions& options) {
                       std::to_string(config.vocab_size) + ", " +
                       std::to_string(config.NumParameters()) + " parameters (bf16, " +
                       FormatGB(static_cast<uint64_t>(config.NumParameters()) * 2) + ")");
-  FTUNE_TRAINER_RETURN_IF_ERROR(WriteRandomLlamaWeights(options.out_dir, config, options.seed,
-                                                        options.max_shard_bytes,
-                                                        options.num_threads, options.progress));
+  if (options.write_weights) {
+    FTUNE_TRAINER_RETURN_IF_ERROR(WriteRandomLlamaWeights(options.out_dir, config, options.seed,
+                                                          options.max_shard_bytes,
+                                                          options.num_threads, options.progress));
+  }
   // Last: a directory with a config.json is complete.
   FTUNE_TRAINER_RETURN_IF_ERROR(
       WriteFileAtomically(options.out_dir + "/config.json", config_json));

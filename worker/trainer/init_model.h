@@ -95,6 +95,9 @@ struct InitModelOptions {
   uint64_t max_shard_bytes = 5'000'000'000;
   // Generator threads; 0 = the machine's hardware concurrency.
   int num_threads = 0;
+  // false: config.json and the tokenizer only, for jobs with
+  // model.random_weights, which build these same weights on their devices.
+  bool write_weights = true;
 };
 
 // Writes the model directory; see the file comment. Errors name the
@@ -137,6 +140,13 @@ std::vector<WeightSpec> LlamaWeightSpecs(const LlamaConfig& config);
 float InitNormal(uint64_t seed, const std::string& name, uint64_t index, double stddev = 0.02);
 uint16_t InitNormalBf16(uint64_t seed, const std::string& name, uint64_t index,
                         double stddev = 0.02);
+// The per-tensor key of the draws (the file comment's `key`).
+uint64_t InitTensorKey(uint64_t seed, const std::string& name);
+// Elements [begin, end) of `spec`'s tensor as InitModel writes them (bf16
+// bits: 1 for norms, else the normal draws), on num_threads threads (<= 0:
+// hardware concurrency). The bytes do not depend on the range split.
+void FillInitWeight(const WeightSpec& spec, uint64_t seed, uint64_t begin, uint64_t end,
+                    uint16_t* out, int num_threads = 1);
 // lm_head's std: 1 / sqrt(2 hidden_size), in double.
 double LmHeadStd(int64_t hidden_size);
 

@@ -85,6 +85,13 @@ struct ModelOptions {
   // and lm_head stay dense. See nf4_linear.h.
   bool quantize_base = false;
   Nf4Options nf4;
+  // LoadShardedModel only: instead of reading safetensors, each rank
+  // generates its own elements of every frozen tensor on options.device,
+  // exactly the weights `ftune-rank init-model --seed random_seed` writes for
+  // the directory's config.json (init_model.h). For benchmarks of shapes
+  // whose bf16 weights do not fit a disk (a 70B model is 141 GB).
+  bool random_weights = false;
+  uint64_t random_seed = 0;
 };
 
 // fp32 on the CPU, bf16 on CUDA (the precision policy).

@@ -524,6 +524,9 @@ int main(int argc, char** argv) {
   init_cmd->add_option("--seed", init.seed, "weight seed")->capture_default_str();
   init_cmd->add_option("--layers", init.num_layers_override,
                        "decoder layers instead of the preset's (0: the preset's)");
+  bool init_no_weights = false;
+  init_cmd->add_flag("--no-weights", init_no_weights,
+                     "config.json and tokenizer only (for jobs with model.random_weights)");
 #endif
 
   std::string plan_spec, plan_preset, plan_memory;
@@ -618,6 +621,7 @@ int main(int argc, char** argv) {
 #if defined(FTUNE_RANK_HAVE_INIT_MODEL)
   if (init_cmd->parsed()) {
     init.progress = [](const std::string& line) { std::cerr << line << "\n"; };
+    init.write_weights = !init_no_weights;
     const Status s = trainer::InitModel(init);
     if (!s.ok()) {
       std::cerr << "ftune-rank init-model: " << s.ToString() << "\n";

@@ -6,6 +6,7 @@
 #include <torch/csrc/autograd/autograd.h>
 #if defined(FTUNE_TRAIN_CUDA)
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <cuda_runtime_api.h>
 #endif
 #include <unistd.h>
 
@@ -87,6 +88,44 @@ class Reducer {
   c10::Device device_;
 };
 
+// Time in collectives (fsdp.h, "Timing"), cumulative.
+struct CommTotals {
+  bool taken = false;
+  double gather = 0, gather_exposed = 0, reduce_scatter = 0, seconds = 0;
+  int64_t gathered_bytes = 0;
+};
+
+CommTotals CommTotalsNow(LlamaModel* model, ShardedLora* lora, double train_seconds) {
+  CommTotals c;
+  c.taken = true;
+  if (FsdpUnits* units = FsdpUnitsOf(*model)) {
+    c.gather = units->gather_busy_seconds();
+    c.gather_exposed = units->gather_exposed_seconds();
+    c.gathered_bytes = units->gathered_bytes_total();
+  }
+  c.reduce_scatter = lora->reduce_scatter_seconds();
+  c.seconds = train_seconds;
+  return c;
+}
+
+// "collectives after the first step (52.1 s of training): all-gather ..."
+std::string DescribeComm(const CommTotals& base, const CommTotals& now) {
+  const double wall = now.seconds - base.seconds;
+  const double gather = now.gather - base.gather;
+  const double exposed = now.gather_exposed - base.gather_exposed;
+  const double reduce = now.reduce_scatter - base.reduce_scatter;
+  const double gib = static_cast<double>(now.gathered_bytes - base.gathered_bytes) / (1LL << 30);
+  std::ostringstream s;
+  s << std::fixed << std::setprecision(2) << "collectives after the first step (" << wall
+    << " s of training, rank 0): all-gather " << gather << " s (" << gib << " GiB received), "
+    << gather - exposed << " s of it hidden behind compute ("
+    << std::setprecision(0) << (gather > 0 ? 100 * (gather - exposed) / gather : 0)
+    << "%), " << std::setprecision(2) << exposed << " s exposed; reduce-scatter " << reduce
+    << " s exposed; communication exposed " << std::setprecision(1)
+    << (wall > 0 ? 100 * (exposed + reduce) / wall : 0) << "% of the time";
+  return s.str();
+}
+
 LoraConfig LoraConfigFromSpec(const v1::JobSpec& spec) {
   LoraConfig c;
   c.r = spec.lora().r();
@@ -111,6 +150,7 @@ Status CheckSupported(const v1::JobSpec& spec) {
 
 struct MemoryNow {
   int64_t allocated = 0, reserved = 0, peak = 0;
+  int64_t reserved_peak = 0, device_used = 0;  // CUDA only
 };
 
 // Device memory of the rank: the CUDA caching allocator's counters, or the
@@ -126,6 +166,11 @@ MemoryNow DeviceMemory(const c10::Device& device) {
     m.allocated = stats.allocated_bytes[aggregate].current;
     m.reserved = stats.reserved_bytes[aggregate].current;
     m.peak = stats.allocated_bytes[aggregate].peak;
+    m.reserved_peak = stats.reserved_bytes[aggregate].peak;
+    size_t free_bytes = 0, total_bytes = 0;
+    if (cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess) {
+      m.device_used = static_cast<int64_t>(total_bytes - free_bytes);
+    }
 #endif
     return m;
   }
@@ -143,6 +188,12 @@ void EmitMemory(EventSink& events, const c10::Device& device, const std::string&
   mem->set_allocated_bytes(now.allocated);
   mem->set_reserved_bytes(now.reserved);
   mem->set_peak_bytes(now.peak);
+  if (device.is_cuda()) {
+    mem->set_reserved_peak_bytes(now.reserved_peak);
+    mem->set_device_used_bytes(now.device_used);
+    mem->set_device_peak_total_bytes(now.reserved_peak +
+                                     std::max<int64_t>(0, now.device_used - now.reserved));
+  }
   // A CPU rank's device memory is its RSS, already read.
   mem->set_host_rss_bytes(device.is_cuda() ? CurrentRssBytes() : now.allocated);
   mem->set_device(device_name);
@@ -227,10 +278,16 @@ static Result<TrainResult> TrainOrThrow(const v1::JobSpec& spec_in, const TrainC
   FsdpOptions fsdp;
   fsdp.reshard_after_forward = spec.fsdp().reshard_after_forward();
   fsdp.offload_params = spec.fsdp().offload_params();
+  fsdp.prefetch = spec.fsdp().has_prefetch() ? spec.fsdp().prefetch() : device.is_cuda();
   phase_start = Clock::now();
   LoadStats load_stats;
   const std::string& model_dir = spec.model().model_name_or_path();
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(bool pre_quantized, IsBnb4bitDirectory(model_dir));
+  model_options.random_weights = spec.model().random_weights();
+  model_options.random_seed = spec.model().random_weights_seed();
+  bool pre_quantized = false;
+  if (!model_options.random_weights) {
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(pre_quantized, IsBnb4bitDirectory(model_dir));
+  }
   std::unique_ptr<LlamaModel> model;
   if (pre_quantized) {
     // A bitsandbytes 4-bit directory (`ftune-rank quantize`, or a 4-bit
@@ -281,6 +338,7 @@ static Result<TrainResult> TrainOrThrow(const v1::JobSpec& spec_in, const TrainC
 
   // 3. Resume.
   int64_t step = 0, micro = 0, tokens_total = 0;
+  CommTotals comm_base;  // after this run's first (warm-up) step
   std::vector<FlatEntry> layout;
   for (const ShardedLora::Entry& e : lora->layout()) {
     layout.push_back({e.name, e.offset, e.numel, e.shape});
@@ -498,6 +556,7 @@ static Result<TrainResult> TrainOrThrow(const v1::JobSpec& spec_in, const TrainC
     ++step;
     result.losses.push_back(loss);
     const double step_seconds = Seconds(step_start);
+    if (!comm_base.taken) comm_base = CommTotalsNow(model.get(), lora.get(), Seconds(train_start));
 
     if (step % t.logging_steps() == 0 || step == total_steps || step == 1) {
       v1::RankMessage m;
@@ -524,6 +583,10 @@ static Result<TrainResult> TrainOrThrow(const v1::JobSpec& spec_in, const TrainC
   }
 
   const double train_seconds = Seconds(train_start);
+  if (ctx.rank == 0 && ctx.world_size > 1 && comm_base.taken) {
+    const CommTotals now = CommTotalsNow(model.get(), lora.get(), train_seconds);
+    if (now.seconds > comm_base.seconds) events.Info(DescribeComm(comm_base, now));
+  }
   result.final_step = step;
   result.final_loss = loss;
   result.tokens_total = tokens_total;
