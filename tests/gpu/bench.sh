@@ -26,12 +26,22 @@ R=/tmp/ftune-build/worker/trainer/ftune-rank
 model=$out/$preset
 [ -f "$model/config.json" ] || $R init-model --preset "$preset" --no-weights --out "$model" \
   --tokenizer-corpus examples/data/instructions.jsonl > "$out/init-$preset.log" 2>&1
+# Every row a full 2048 tokens (documents longer than a row are truncated),
+# so tokens/s compares like with like across steps and GPU counts.
+python3 - "$out/long.jsonl" <<'PY'
+import json, random, sys
+words = open("examples/data/instructions.jsonl").read().split()
+rng = random.Random(0)
+with open(sys.argv[1], "w") as f:
+    for _ in range(64):
+        f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(3000))}) + "\n")
+PY
 base=""
 for n in $counts; do
   name=$tag-$n
   cat > "$out/$name.yaml" <<YAML
 model: {model_name_or_path: $model, random_weights: true}
-dataset: {data_files: [$PWD/examples/data/instructions.jsonl], completion_only_loss: false}
+dataset: {data_files: [$out/long.jsonl]}
 lora: {r: 16, lora_alpha: 32}
 fsdp: {${fsdp_extra}}
 training:

@@ -2,20 +2,38 @@
 # The whole system on a GPU host (issue 6, "On the GPU host"): the
 # control-plane binaries built on the Debian dev machine are carried in
 # .deps/cp (stripped ftune-coordinator, ftune-agent, ftune + the shared
-# libraries `ldd` lists, minus glibc/libstdc++), ftune-rank is built here
-# against the host's CUDA LibTorch. A coordinator and an agent (its GPUs from
-# NVML) run locally; a Llama-3-8B-shaped job (random weights written by
-# init-model) runs on N GPUs and then on 1, followed from the CLI, with the
-# Prometheus metrics scraped while they run.
-#   bash tests/gpu/system_on_gpu_host.sh [num_gpus] [steps]
+# libraries `ldd` lists, minus glibc/libstdc++; tests/gpu/make_deps.sh),
+# ftune-rank is built here against the host's CUDA LibTorch. A coordinator
+# and an agent (its GPUs from NVML) run locally; each job of the list runs
+# in turn, followed from the CLI (`ftune submit --follow`), with the
+# Prometheus metrics scraped while it runs. The models are random-weight
+# HF directories written to this host's disk by `ftune-rank init-model`
+# (a 70B one is 141 GB: start writing it early with --prepare).
+#   bash tests/gpu/system_on_gpu_host.sh "PRESET:GPUS ..." [steps]
+#   bash tests/gpu/system_on_gpu_host.sh --prepare PRESET   (writes in the background)
+#   e.g. bash tests/gpu/system_on_gpu_host.sh "llama3-8b:4 llama3-8b:2" 20
 set -euo pipefail
 export NCCL_NVLS_ENABLE=0
-gpus=${1:-2}
-steps=${2:-20}
 out=/tmp/ftune-sys
 mkdir -p "$out"
-bash tests/gpu/build_on_gpu_host.sh ftune-rank
+[ -x /tmp/ftune-build/worker/trainer/ftune-rank ] || bash tests/gpu/build_on_gpu_host.sh ftune-rank
 R=/tmp/ftune-build/worker/trainer/ftune-rank
+write_model() {  # preset
+  [ -f "$out/$1/config.json" ] && return 0
+  local t0=$(date +%s)
+  $R init-model --preset "$1" --out "$out/$1" \
+    --tokenizer-corpus examples/data/instructions.jsonl > "$out/init-$1.log" 2>&1
+  echo "init-model $1: $(( $(date +%s) - t0 )) s, $(du -sh "$out/$1" | cut -f1) on disk"
+}
+if [ "${1:-}" = "--prepare" ]; then
+  # A new session, so it outlives this command (the machine keeps it).
+  setsid bash -c "$(declare -f write_model); out=$out R=$R; write_model $2 > $out/prepare-$2.log 2>&1" \
+    < /dev/null > /dev/null 2>&1 &
+  echo "writing $2 in the background ($out/prepare-$2.log)"
+  exit 0
+fi
+jobs_list=${1:-"llama3-8b:2"}
+steps=${2:-20}
 CP=$PWD/.deps/cp
 cp_run() { LD_LIBRARY_PATH=$CP/lib "$@"; }
 # Ranks use the host's libraries, not the carried ones.
@@ -31,8 +49,6 @@ for _ in $(seq 50); do
   cp_run "$CP/bin/ftune" agents -o json 2>/dev/null | grep -q '"alive": *true' && break; sleep 0.2
 done
 cp_run "$CP/bin/ftune" agents
-[ -f "$out/l8b/config.json" ] || $R init-model --preset llama3-8b --out "$out/l8b" \
-  --tokenizer-corpus examples/data/instructions.jsonl > "$out/init.log" 2>&1
 # Scrape /metrics every second while jobs run; keep the lines of live jobs.
 ( while true; do
     python3 -c "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:9464/metrics').read().decode())" \
@@ -42,10 +58,16 @@ cp_run "$CP/bin/ftune" agents
   done ) > /dev/null 2>&1 &
 scraper=$!
 trap 'kill $scraper $(jobs -p) 2>/dev/null || true' EXIT
-for n in "$gpus" 1; do
-  cat > "$out/job$n.yaml" <<YAML
-name: llama3-8b-shape-$n
-model: {model_name_or_path: $out/l8b}
+for job in $jobs_list; do
+  preset=${job%%:*}
+  n=${job##*:}
+  while [ -f "$out/prepare-$preset.log" ] && [ ! -f "$out/$preset/config.json" ]; do sleep 2; done
+  cat "$out/prepare-$preset.log" 2>/dev/null || true
+  write_model "$preset"
+  name=$preset-shape-$n
+  cat > "$out/$name.yaml" <<YAML
+name: $name
+model: {model_name_or_path: $out/$preset}
 dataset: {data_files: [$PWD/examples/data/instructions.jsonl], completion_only_loss: false}
 lora: {r: 16, lora_alpha: 32}
 training:
@@ -56,15 +78,17 @@ training:
   gradient_checkpointing: true
   save_steps: 10
 resources: {num_ranks: $n}
-output_dir: $out/run$n
+output_dir: $out/run-$name
 YAML
   rm -f "$out/metrics.last"
-  cp_run "$CP/bin/ftune" submit "$out/job$n.yaml" --follow > "$out/follow$n.log" 2>&1 || true
-  grep -E 'rank 0 +step ([0-9]*0|1) |checkpoint|loaded in|SUCCEEDED|FAILED|summary' "$out/follow$n.log" | tail -12
-  echo "--- /metrics while the $n-GPU job ran (last scrape):"
-  cat "$out/metrics.last" 2>/dev/null | head -12
-  python3 tests/gpu/throughput.py "$out/follow$n.log" "$n"
+  t0=$(date +%s)
+  cp_run "$CP/bin/ftune" submit "$out/$name.yaml" --follow > "$out/follow-$name.log" 2>&1 || true
+  echo "== $name through the coordinator: $(( $(date +%s) - t0 )) s"
+  grep -E 'rank 0 +step ([0-9]*0|1) |checkpoint|loaded in|collectives|SUCCEEDED|FAILED|summary|memory \(end\)' \
+    "$out/follow-$name.log" | tail -14
+  echo "--- /metrics while it ran (last scrape):"
+  grep -E "job=\"[^\"]*\"" "$out/metrics.last" 2>/dev/null | head -12 || true
+  python3 tests/gpu/throughput.py "$out/follow-$name.log" "$n" --model "$out/$preset"
+  echo "   plan: $($R plan --spec "$out/$name.yaml" | tail -1)"
 done
-for n in "$gpus" 1; do
-  echo "plan for $n GPU(s): $($R plan --spec "$out/job$n.yaml" 2>/dev/null)"
-done
+cp_run "$CP/bin/ftune" list

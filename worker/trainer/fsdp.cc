@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <future>
 #include <map>
 #include <optional>
@@ -344,6 +345,7 @@ struct Unit {
   at::Tensor shard;     // uint8 (shard_bytes)
   at::Tensor gathered;  // uint8 (gathered_bytes) while resident
   bool resident = false;
+  bool comm_stream_buffer = false;  // gathered by the NCCL prefetch (on its stream)
 };
 
 class FsdpUnitsImpl final : public FsdpUnits {
@@ -464,6 +466,7 @@ class FsdpUnitsImpl final : public FsdpUnits {
     JoinPrefetch();
 #if FTUNE_FSDP_CUDA
     DropInFlight();
+    for (cudaEvent_t e : released_) cudaEventDestroy(e);
 #endif
   }
 
@@ -534,6 +537,16 @@ class FsdpUnitsImpl final : public FsdpUnits {
   void StreamPrefetch(int64_t unit) {
     if (inflight_.unit == unit) return;
     DropInFlight();  // an unclaimed prefetch (never expected)
+    // Rate limit (torch FSDP's limit_all_gathers): the host runs ahead of
+    // the GPU, and each prefetch would take a new buffer while the released
+    // ones still wait for the compute stream. Wait until the GPU has passed
+    // all but the latest release, so at most about three gathered units
+    // (current, prefetched, one being freed) exist.
+    while (released_.size() > 1) {
+      cudaEventSynchronize(released_.front());
+      cudaEventDestroy(released_.front());
+      released_.pop_front();
+    }
     const c10::cuda::CUDAStream compute = c10::cuda::getCurrentCUDAStream(device_.index());
     if (!comm_stream_) {
       comm_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device_.index());
@@ -601,6 +614,7 @@ class FsdpUnitsImpl final : public FsdpUnits {
       f = ClaimInFlight();
       ++prefetch_hits_;
       device_timed = true;
+      u.comm_stream_buffer = true;
     } else if (comm_ != nullptr && comm_->backend() == "nccl" && world_ > 1) {
       // On the compute stream, after any prefetch still in flight (the tied
       // head gathers the embedding first): one communicator's collectives
@@ -653,6 +667,19 @@ class FsdpUnitsImpl final : public FsdpUnits {
     }
     u.gathered = at::Tensor();
     u.resident = false;
+#if FTUNE_FSDP_CUDA
+    if (u.comm_stream_buffer) {
+      // The buffer returns to the prefetch stream's pool once the compute
+      // stream has passed this point (record_stream); StreamPrefetch waits
+      // on these marks so the host cannot run ahead and gather more units.
+      cudaEvent_t freed = nullptr;
+      if (cudaEventCreateWithFlags(&freed, cudaEventDisableTiming) == cudaSuccess) {
+        cudaEventRecord(freed, c10::cuda::getCurrentCUDAStream(device_.index()).stream());
+        released_.push_back(freed);
+      }
+    }
+#endif
+    u.comm_stream_buffer = false;
   }
 
   at::Tensor View(const Unit& u, int seg, int64_t bytes, c10::ScalarType dtype) const {
@@ -708,6 +735,8 @@ class FsdpUnitsImpl final : public FsdpUnits {
   };
   std::optional<c10::cuda::CUDAStream> comm_stream_;
   InFlight inflight_;
+  // Compute-stream marks where prefetched buffers were released, oldest first.
+  std::deque<cudaEvent_t> released_;
 #endif
   std::vector<Unit> units_;
   // At most one prefetch in flight (pending_) and one finished but not yet

@@ -7,6 +7,8 @@
 #if defined(FTUNE_TRAIN_CUDA)
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <cuda_runtime_api.h>
+#include <torch/version.h>
+#include <stdlib.h>
 #endif
 #include <unistd.h>
 
@@ -210,6 +212,14 @@ std::string Join(const std::vector<std::string>& v, const std::string& sep) {
 }  // namespace
 
 static Result<TrainResult> TrainOrThrow(const v1::JobSpec& spec_in, const TrainContext& ctx) {
+#if defined(FTUNE_TRAIN_CUDA) && TORCH_VERSION_MAJOR >= 2
+  // Before the caching allocator's first use: segments that grow in place
+  // instead of many fixed ones, so the units gathered and freed on two
+  // streams do not fragment the device (on 70B's 2-GPU run the reserved
+  // peak was 7.5 GiB above the allocated one without it). A user's own
+  // setting wins.
+  setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True", /*overwrite=*/0);
+#endif
   if (ctx.events == nullptr) return InvalidArgumentError("Train needs an event sink");
   if (ctx.output_dir.empty()) return InvalidArgumentError("Train needs an output directory");
   if (ctx.world_size < 1 || ctx.rank < 0 || ctx.rank >= ctx.world_size) {
@@ -304,6 +314,11 @@ static Result<TrainResult> TrainOrThrow(const v1::JobSpec& spec_in, const TrainC
     FTUNE_TRAINER_ASSIGN_OR_RETURN(
         model, LoadShardedModel(model_dir, model_options, fsdp, comm, &load_stats));
   }
+#if defined(FTUNE_TRAIN_CUDA)
+  // Loading's temporaries (one tensor's share at a time) stay cached; hand
+  // them back so training starts from the model's own footprint.
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();
+#endif
   EmitMemory(events, device, ctx.device, "load");
   if (ctx.rank == 0) {
     std::ostringstream s;
