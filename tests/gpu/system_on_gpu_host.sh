@@ -87,8 +87,8 @@ YAML
   grep -E 'rank 0 +step ([0-9]*0|1) |checkpoint|loaded in|collectives|SUCCEEDED|FAILED|summary|memory \(end\)' \
     "$out/follow-$name.log" | tail -14
   echo "--- /metrics while it ran (last scrape):"
-  grep -E "job=\"[^\"]*\"" "$out/metrics.last" 2>/dev/null | head -12 || true
+  head -16 "$out/metrics.last" 2>/dev/null || true
   python3 tests/gpu/throughput.py "$out/follow-$name.log" "$n" --model "$out/$preset"
   echo "   plan: $($R plan --spec "$out/$name.yaml" | tail -1)"
 done
-cp_run "$CP/bin/ftune" list
+cp_run "$CP/bin/ftune" jobs

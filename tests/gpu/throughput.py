@@ -63,6 +63,9 @@ def main():
         worst = max(mem, key=lambda m: float(m[3]))
         print(f"   memory per GPU (worst rank): allocated peak {worst[0]} GiB, reserved peak "
               f"{worst[1]} GiB, device peak with runtime {worst[3]} GiB")
+    host = re.findall(r'memory \(end\): host rss [0-9.]+ GiB \(peak ([0-9.]+) GiB\)', log)
+    if host:
+        print(f"   host peak RSS per rank (worst): {max(float(h) for h in host):.2f} GiB")
 
 
 if __name__ == "__main__":

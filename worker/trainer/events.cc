@@ -65,6 +65,7 @@ void ConsoleEventSink::Emit(const v1::RankMessage& m) {
     }
     case v1::RankMessage::kMemory:
       line << "memory (" << m.memory().phase() << "): host rss " << GiB(m.memory().host_rss_bytes())
+           << " (peak " << GiB(m.memory().host_peak_rss_bytes()) << ")"
            << ", device peak " << GiB(m.memory().peak_bytes()) << " on " << m.memory().device();
       if (m.memory().device_used_bytes() > 0) {
         line << " (reserved peak " << GiB(m.memory().reserved_peak_bytes()) << ", device in use "

@@ -124,6 +124,9 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
   const int64_t lora_full = lora * 4;                  // fp32 adapters
   const int64_t lora_shard = CeilDiv(lora, w) * 4;     // one fp32 shard-sized vector
   const int64_t optimizer = 4 * lora_shard;            // shard, its grad, exp_avg, exp_avg_sq
+  // At the device peak (backward, or the loss) the shard's gradient does not
+  // exist yet: ReduceGradients makes it after backward, ZeroGrad drops it.
+  const int64_t optimizer_at_peak = 3 * lora_shard;
 
   // One layer's saved activations (see memory_plan.h), bytes.
   const int64_t r = o.lora_r;
@@ -186,27 +189,45 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
   dev.push_back({o.activation_checkpointing ? "checkpointed layer inputs" : "all layers' activations",
                  o.activation_checkpointing ? checkpoints : L * saved});
   dev.push_back({"LoRA adapters (whole) + their grads", 2 * lora_full});
-  if (!o.offload_params) dev.push_back({"LoRA shard + grad + AdamW moments", optimizer});
-  dev.push_back({"CUDA context + workspace", o.device_runtime_bytes});
+  if (!o.offload_params) dev.push_back({"LoRA shard + AdamW moments", optimizer_at_peak});
+  int64_t allocated = 0;
+  for (const auto& it : dev) allocated += it.second;
+  // What the caching allocator holds beyond the live tensors. With the NCCL
+  // prefetch, units gathered on the second stream live in that stream's own
+  // pool: about four decoder layers (current, prefetched, one being freed,
+  // a staging buffer) and half the head unit, plus each offloaded shard's
+  // copy in; otherwise a fragmentation margin.
+  const bool comm_pool = w > 1 && o.prefetch;
+  const int64_t slack =
+      comm_pool ? 4 * layer_gathered + head_gathered / 2 + (o.offload_params ? 3 * layer_shard : 0)
+                : static_cast<int64_t>(allocated * o.device_fragmentation) + o.device_slack_bytes;
+  dev.push_back({comm_pool ? "prefetch stream's allocator pool" : "allocator fragmentation margin",
+                 slack});
+  dev.push_back({"CUDA context + cuBLAS workspace", o.device_runtime_bytes});
+  if (w > 1) dev.push_back({"NCCL buffers", o.nccl_runtime_bytes});
   int64_t device = 0;
   for (const auto& it : dev) device += it.second;
-  const int64_t margin = static_cast<int64_t>(device * o.device_fragmentation);
-  dev.push_back({"allocator fragmentation margin", margin});
-  plan.device_peak_bytes = device + margin;
+  plan.device_peak_bytes = device;
 
   // Host: offloaded state, or the loading peak (shards are built on the
   // device, one tensor's share read through the host at a time).
   auto& host = plan.host_items;
   host.push_back({"runtime (libraries, process)", o.host_runtime_bytes});
   const int64_t largest_dense = std::max(largest_projection, c.vocab_size * h);
-  const int64_t read_part = CeilDiv(largest_dense, w) * o.file_dtype_bytes;
+  // Random weights are generated on the device: nothing passes the host.
+  const int64_t read_part =
+      o.random_weights ? 0 : CeilDiv(largest_dense, w) * o.file_dtype_bytes;
+  // Pinned host memory measured 10% above the tensors it holds (70B on 2
+  // H200s: 23.45 GiB RSS for 19.94 GiB of shards and optimizer state).
+  const int64_t pinned_frozen = static_cast<int64_t>(frozen * 1.1);
+  const int64_t pinned_optimizer = static_cast<int64_t>(optimizer * 1.1);
   plan.loading_host_peak_bytes =
-      o.host_runtime_bytes + read_part + (o.offload_params ? frozen : 0);
+      o.host_runtime_bytes + read_part + (o.offload_params ? pinned_frozen : 0);
   if (o.offload_params) {
-    host.push_back({"offloaded frozen shards (pinned)", frozen});
-    host.push_back({"offloaded LoRA shard + grad + AdamW moments (pinned)", optimizer});
+    host.push_back({"offloaded frozen shards (pinned)", pinned_frozen});
+    host.push_back({"offloaded LoRA shard + grad + AdamW moments (pinned)", pinned_optimizer});
   }
-  host.push_back({"loading: one tensor's share in the file dtype", read_part});
+  if (read_part > 0) host.push_back({"loading: one tensor's share in the file dtype", read_part});
   int64_t total_host = 0;
   for (const auto& it : host) total_host += it.second;
   plan.host_peak_bytes = total_host;

@@ -15,6 +15,8 @@ MemoryPlanOptions MemoryPlanOptionsFromSpec(const v1::JobSpec& spec_in, int worl
   o.target_modules.assign(spec.lora().target_modules().begin(),
                           spec.lora().target_modules().end());
   o.offload_params = spec.fsdp().offload_params();
+  o.prefetch = spec.fsdp().has_prefetch() ? spec.fsdp().prefetch() : true;
+  o.random_weights = spec.model().random_weights();
   o.activation_checkpointing = spec.training().gradient_checkpointing();
   o.reshard_after_forward = spec.fsdp().reshard_after_forward();
   o.quantize_base = spec.quantization().load_in_4bit();
