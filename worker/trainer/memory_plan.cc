@@ -213,6 +213,10 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
   // device, one tensor's share read through the host at a time).
   auto& host = plan.host_items;
   host.push_back({"runtime (libraries, process)", o.host_runtime_bytes});
+  if (w > 1) host.push_back({"NCCL host buffers", o.nccl_host_bytes});
+  // AttachLora initializes the adapters on the host (PEFT's init on the CPU
+  // generator, fp32) before they move to the device.
+  host.push_back({"LoRA adapters initialized on the host (fp32)", lora_full});
   const int64_t largest_dense = std::max(largest_projection, c.vocab_size * h);
   // Random weights are generated on the device: nothing passes the host.
   const int64_t read_part =
@@ -221,8 +225,8 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
   // H200s: 23.45 GiB RSS for 19.94 GiB of shards and optimizer state).
   const int64_t pinned_frozen = static_cast<int64_t>(frozen * 1.1);
   const int64_t pinned_optimizer = static_cast<int64_t>(optimizer * 1.1);
-  plan.loading_host_peak_bytes =
-      o.host_runtime_bytes + read_part + (o.offload_params ? pinned_frozen : 0);
+  plan.loading_host_peak_bytes = o.host_runtime_bytes + (w > 1 ? o.nccl_host_bytes : 0) +
+                                 read_part + (o.offload_params ? pinned_frozen : 0);
   if (o.offload_params) {
     host.push_back({"offloaded frozen shards (pinned)", pinned_frozen});
     host.push_back({"offloaded LoRA shard + grad + AdamW moments (pinned)", pinned_optimizer});

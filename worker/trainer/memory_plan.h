@@ -83,7 +83,8 @@ struct MemoryPlanOptions {
   // LibTorch 2.11 / CUDA 13 (README, "Memory plan").
   int64_t device_runtime_bytes = 768LL << 20;   // CUDA context + cuBLAS workspace (0.75 GiB)
   int64_t nccl_runtime_bytes = 840LL << 20;     // NCCL's buffers with more than one rank
-  int64_t host_runtime_bytes = 1485LL << 20;    // LibTorch + CUDA libraries, process (1.45 GiB)
+  int64_t host_runtime_bytes = 1331LL << 20;    // LibTorch + CUDA libraries, process (1.3 GiB)
+  int64_t nccl_host_bytes = 154LL << 20;        // NCCL's host side with more than one rank
   double device_fragmentation = 0.03;           // caching allocator slack (no prefetch pool)...
   int64_t device_slack_bytes = 256LL << 20;     // ...plus this
   double activation_grad_factor = 0.0;          // gradients alive at the backward peak / saved
