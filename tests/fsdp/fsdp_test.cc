@@ -462,8 +462,13 @@ TEST_P(FsdpTrainTest, ShardedStepEqualsOneRank) {
                             std::to_string(units->resident(u)) + " between forward and backward");
           }
           at::Tensor mloss = mo.loss_sum / static_cast<double>(global_tokens);
+          const double reduced_before = lora->reduce_scatter_seconds();
           mloss.backward();
           my_loss += mloss.item<double>();
+          // The layers' gradients were reduced during backward (per-layer
+          // hooks), not left for ReduceGradients.
+          RANK_EXPECT(world == 1 || lora->reduce_scatter_seconds() > reduced_before,
+                      "no gradient reduction during backward");
           for (int64_t u = 0; u < units->num_units(); ++u) {
             RANK_EXPECT(!units->resident(u), "unit " + std::to_string(u) + " resident after backward");
           }
@@ -915,6 +920,11 @@ class DyingCommunicator : public Communicator {
                    comm::StreamHandle s) override {
     Tick();
     return inner_->AllReduce(send, recv, n, t, op, s);
+  }
+  Status Reduce(const void* send, void* recv, size_t n, DataType t, comm::ReduceOp op, int root,
+                comm::StreamHandle s) override {
+    Tick();
+    return inner_->Reduce(send, recv, n, t, op, root, s);
   }
   Status Broadcast(void* buf, size_t n, DataType t, int root, comm::StreamHandle s) override {
     Tick();

@@ -5,7 +5,7 @@
 //   NCCL_NVLS_ENABLE=0 comm_selftest --nproc 2 --backend nccl --max-bytes 64M
 //
 // Options: --dtypes fp32,bf16,... (default all)  --collectives
-// all_gather,reduce_scatter,all_reduce,broadcast  --max-bytes N[K|M|G]
+// all_gather,reduce_scatter,all_reduce,broadcast,reduce  --max-bytes N[K|M|G]
 // (default 64M)  --iters N (default: auto)  --warmup N  --check-only
 // --timeout-ms N (per collective, default 60000)  --host ADDR (Gloo bind
 // address, default 127.0.0.1).

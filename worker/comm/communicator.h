@@ -31,6 +31,9 @@
 //                  rank r gets the reduction of every rank's send chunk r;
 //                  in place when recv == send + rank() * recv_count.
 //   AllReduce      send[count]                -> recv[count]; send may be recv.
+//   Reduce         send[count]                -> recv[count] on `root` only
+//                  (other ranks' recv is not touched and may be nullptr);
+//                  one call per owner makes an uneven reduce-scatter.
 //   Broadcast      buf[count]: root's contents end up in every rank's buf.
 //   Barrier        returns once every rank has entered it.
 // Uneven shards: callers pad (PaddedShardCount) so every rank's chunk has the
@@ -116,6 +119,8 @@ class Communicator {
   virtual Status AllReduce(const void* send, void* recv, size_t count,
                            DataType dtype, ReduceOp op,
                            StreamHandle stream) = 0;
+  virtual Status Reduce(const void* send, void* recv, size_t count, DataType dtype,
+                        ReduceOp op, int root, StreamHandle stream) = 0;
   virtual Status Broadcast(void* buf, size_t count, DataType dtype, int root,
                            StreamHandle stream) = 0;
   // Host-side barrier: returns once every rank has called it and, for NCCL,

@@ -266,6 +266,40 @@ class GlooCommunicator : public Communicator {
     });
   }
 
+  // An all-reduce whose result only the root keeps (Gloo's own reduce has
+  // no 16-bit path; ReduceScatter works the same way). Same traffic order
+  // on every rank, so failures and timeouts behave like AllReduce's.
+  Status Reduce(const void* send, void* recv, size_t count, DataType dtype,
+                ReduceOp rop, int root, StreamHandle) override {
+    Op op = Begin("Reduce", count, dtype, &rop);
+    if (!op.status.ok()) return op.status;
+    if (root < 0 || root >= size_) {
+      return Invalid(op, "root " + std::to_string(root) + " is not a rank of " +
+                             std::to_string(size_));
+    }
+    if (count > 0 && (send == nullptr || (rank_ == root && recv == nullptr))) {
+      return Invalid(op, "null buffer");
+    }
+    if (count == 0) return OkStatus();
+    return Run(op, [&] {
+      if (IsHalf(dtype)) {
+        float* acc = Scratch<float>(count);
+        WidenHalf(dtype, send, acc, count);
+        GlooAllreduce<float>(acc, count, rop);
+        if (rank_ == root) {
+          NarrowHalf(dtype, acc, recv, count,
+                     rop == ReduceOp::kAvg ? static_cast<float>(size_) : 1.0f);
+        }
+        return;
+      }
+      const size_t bytes = count * DataTypeSize(dtype);
+      uint8_t* acc = Scratch<uint8_t>(bytes);
+      std::memcpy(acc, send, bytes);
+      ReduceNative(dtype, acc, count, rop, 0, count);
+      if (rank_ == root) std::memcpy(recv, acc, bytes);
+    });
+  }
+
   Status Broadcast(void* buf, size_t count, DataType dtype, int root,
                    StreamHandle) override {
     Op op = Begin("Broadcast", count, dtype, nullptr);

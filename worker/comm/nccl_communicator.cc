@@ -162,6 +162,21 @@ class NcclCommunicator : public Communicator {
     });
   }
 
+  Status Reduce(const void* send, void* recv, size_t count, DataType dtype,
+                ReduceOp op, int root, StreamHandle stream) override {
+    const std::string what = Describe("Reduce", count, dtype, &op);
+    if (root < 0 || root >= size_) {
+      return Invalid(what, "root " + std::to_string(root) + " is not a rank of " +
+                               std::to_string(size_));
+    }
+    if (count > 0 && (send == nullptr || (rank_ == root && recv == nullptr))) {
+      return Invalid(what, "null buffer");
+    }
+    return Enqueue(what, stream, [&](ncclComm_t c, cudaStream_t s) {
+      return ncclReduce(send, recv, count, ToNccl(dtype), ToNccl(op), root, c, s);
+    });
+  }
+
   Status Broadcast(void* buf, size_t count, DataType dtype, int root,
                    StreamHandle stream) override {
     const std::string what = Describe("Broadcast", count, dtype, nullptr);

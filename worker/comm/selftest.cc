@@ -30,6 +30,8 @@ const char* CollectiveName(Collective c) {
       return "all_reduce";
     case Collective::kBroadcast:
       return "broadcast";
+    case Collective::kReduce:
+      return "reduce";
   }
   return "?";
 }
@@ -339,7 +341,8 @@ class Runner {
  private:
   Status RunPoint(const Point& p, int* bad_any_rank) {
     const bool reduces = p.collective == Collective::kReduceScatter ||
-                         p.collective == Collective::kAllReduce;
+                         p.collective == Collective::kAllReduce ||
+                         p.collective == Collective::kReduce;
     int mismatches = 0;
     // The timed op first (sum or none), then the other reductions, checked.
     FTUNE_COMM_RETURN_IF_ERROR(CheckOnce(p, ReduceOp::kSum, &mismatches));
@@ -381,6 +384,7 @@ class Runner {
         factor = 2.0 * (n_ - 1) / n_;
         break;
       case Collective::kBroadcast:
+      case Collective::kReduce:
         break;
     }
     const char* check = bad ? "FAIL" : "ok";
@@ -416,6 +420,8 @@ class Runner {
                                mem_.stream());
       case Collective::kBroadcast:
         return comm_.Broadcast(recv_, p.total, p.dtype, n_ - 1, mem_.stream());
+      case Collective::kReduce:
+        return comm_.Reduce(send_, recv_, p.total, p.dtype, op, n_ - 1, mem_.stream());
     }
     return OkStatus();
   }
@@ -492,6 +498,12 @@ class Runner {
         in_count = out_count = p.total;
         for (size_t g = 0; g < p.total; ++g) in[g] = RankValue<D>(rank_, g);
         break;
+      case Collective::kReduce:
+        // Only the root (the last rank) receives; the others check nothing.
+        in_count = p.total;
+        out_count = rank_ == n_ - 1 ? p.total : 0;
+        for (size_t g = 0; g < p.total; ++g) in[g] = RankValue<D>(rank_, g);
+        break;
       case Collective::kBroadcast:
         in_count = out_count = p.total;
         // The root sends SharedValue; the others start from junk.
@@ -526,6 +538,7 @@ class Runner {
           break;
         }
         case Collective::kAllReduce:
+        case Collective::kReduce:
           want = Expected<D>(op, n_, j, &tol);
           break;
         case Collective::kBroadcast:

@@ -29,13 +29,13 @@
 
 namespace ftune::comm {
 
-enum class Collective { kAllGather, kReduceScatter, kAllReduce, kBroadcast };
+enum class Collective { kAllGather, kReduceScatter, kAllReduce, kBroadcast, kReduce };
 
 inline constexpr Collective kAllCollectives[] = {
     Collective::kAllGather, Collective::kReduceScatter, Collective::kAllReduce,
-    Collective::kBroadcast};
+    Collective::kBroadcast, Collective::kReduce};
 
-// "all_gather", "reduce_scatter", "all_reduce", "broadcast".
+// "all_gather", "reduce_scatter", "all_reduce", "broadcast", "reduce".
 const char* CollectiveName(Collective c);
 
 struct SelftestOptions {

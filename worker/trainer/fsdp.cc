@@ -17,7 +17,7 @@
 #include <deque>
 #include <future>
 #include <map>
-#include <optional>
+#include <mutex>
 #include <utility>
 
 #if FTUNE_FSDP_CUDA
@@ -109,6 +109,48 @@ comm::StreamHandle CurrentStream(c10::Device device) {
   (void)device;
   return nullptr;
 }
+
+#if FTUNE_FSDP_CUDA
+// The one CUDA stream a communicator's background collectives run on (the
+// FSDP prefetch and ShardedLora's per-layer reductions), so that they keep
+// one order on the device, with an event after the last one enqueued.
+// Collectives on the compute stream first wait for that event
+// (ComputeAfterLane), and the lane first waits for the compute stream
+// (LaneAfterCompute): every collective of the communicator is ordered on
+// the device as the host issued it, as NCCL requires.
+struct CommLane {
+  explicit CommLane(c10::cuda::CUDAStream s) : stream(s) {}
+  c10::cuda::CUDAStream stream;
+  cudaEvent_t tail = nullptr;
+};
+
+CommLane& LaneFor(const comm::Communicator* comm, c10::Device device) {
+  static std::mutex mu;
+  static auto* lanes = new std::map<std::pair<const void*, int>, std::unique_ptr<CommLane>>();
+  std::lock_guard<std::mutex> lock(mu);
+  auto& lane = (*lanes)[{comm, device.index()}];
+  if (lane == nullptr) {
+    lane = std::make_unique<CommLane>(
+        c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index()));
+    cudaEventCreateWithFlags(&lane->tail, cudaEventDisableTiming);
+  }
+  return *lane;
+}
+
+void LaneAfterCompute(CommLane& lane, cudaStream_t compute) {
+  cudaEvent_t ready = nullptr;
+  cudaEventCreateWithFlags(&ready, cudaEventDisableTiming);
+  cudaEventRecord(ready, compute);
+  cudaStreamWaitEvent(lane.stream.stream(), ready, 0);
+  cudaEventDestroy(ready);  // released once the wait is done
+}
+
+void LaneMarkTail(CommLane& lane) { cudaEventRecord(lane.tail, lane.stream.stream()); }
+
+void ComputeAfterLane(CommLane& lane, cudaStream_t compute) {
+  cudaStreamWaitEvent(compute, lane.tail, 0);
+}
+#endif
 
 }  // namespace
 
@@ -423,6 +465,7 @@ class FsdpUnitsImpl final : public FsdpUnits {
   int64_t gathered_bytes_total() const override { return gathered_bytes_total_; }
   double gather_seconds() const override { return gather_seconds_; }
   int64_t prefetch_hits() const override { return prefetch_hits_; }
+  void WaitForPrefetch() override { JoinPrefetch(); }
   double gather_busy_seconds() override { return clock_.busy(); }
   double gather_exposed_seconds() override { return clock_.exposed(); }
   const FsdpOptions& options() const override { return options_; }
@@ -528,12 +571,12 @@ class FsdpUnitsImpl final : public FsdpUnits {
   }
 
 #if FTUNE_FSDP_CUDA
-  // NCCL prefetch: gathers `unit` on comm_stream_, which first waits for
-  // everything enqueued on the compute stream so far (so the collectives of
-  // the communicator keep one order, and memory the compute stream freed is
-  // not written early). The buffers are allocated on comm_stream_; the
+  // NCCL prefetch: gathers `unit` on the communicator's lane, which first
+  // waits for everything enqueued on the compute stream so far (so the
+  // collectives keep one order, and memory the compute stream freed is not
+  // written early). The buffers are allocated on the lane's stream; the
   // claim records the compute stream on the gathered buffer so the caching
-  // allocator does not hand it back to comm_stream_ while it is read.
+  // allocator does not hand it back to the lane while it is read.
   void StreamPrefetch(int64_t unit) {
     if (inflight_.unit == unit) return;
     DropInFlight();  // an unclaimed prefetch (never expected)
@@ -548,24 +591,19 @@ class FsdpUnitsImpl final : public FsdpUnits {
       released_.pop_front();
     }
     const c10::cuda::CUDAStream compute = c10::cuda::getCurrentCUDAStream(device_.index());
-    if (!comm_stream_) {
-      comm_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device_.index());
-    }
-    const cudaStream_t comm = comm_stream_->stream();
-    cudaEvent_t ready = nullptr;
-    cudaEventCreateWithFlags(&ready, cudaEventDisableTiming);
-    cudaEventRecord(ready, compute.stream());
-    cudaStreamWaitEvent(comm, ready, 0);
-    cudaEventDestroy(ready);  // released once the wait is done
+    CommLane& lane = LaneFor(comm_, device_);
+    const cudaStream_t comm = lane.stream.stream();
+    LaneAfterCompute(lane, compute.stream());
     inflight_.unit = unit;
     {
-      c10::cuda::CUDAStreamGuard guard(*comm_stream_);
+      c10::cuda::CUDAStreamGuard guard(lane.stream);
       inflight_.mark = clock_.Begin(comm, /*prefetch=*/true);
       inflight_.result = Fetch(units_[unit], comm);
       clock_.End(inflight_.mark, comm);
     }
     cudaEventCreateWithFlags(&inflight_.done, cudaEventDisableTiming);
     cudaEventRecord(inflight_.done, comm);
+    LaneMarkTail(lane);
   }
 
   // The compute stream waits for the prefetch; returns its buffers.
@@ -616,11 +654,11 @@ class FsdpUnitsImpl final : public FsdpUnits {
       device_timed = true;
       u.comm_stream_buffer = true;
     } else if (comm_ != nullptr && comm_->backend() == "nccl" && world_ > 1) {
-      // On the compute stream, after any prefetch still in flight (the tied
-      // head gathers the embedding first): one communicator's collectives
-      // stay in one order on the device.
+      // On the compute stream, after whatever the lane still runs (a
+      // prefetch, the tied head's embedding, LoRA reductions): one
+      // communicator's collectives stay in one order on the device.
       const cudaStream_t compute = c10::cuda::getCurrentCUDAStream(device_.index()).stream();
-      if (inflight_.done != nullptr) cudaStreamWaitEvent(compute, inflight_.done, 0);
+      ComputeAfterLane(LaneFor(comm_, device_), compute);
       const int64_t mark = clock_.Begin(compute, /*prefetch=*/false);
       f = Fetch(u, compute);
       clock_.End(mark, compute);
@@ -725,7 +763,7 @@ class FsdpUnitsImpl final : public FsdpUnits {
   const bool stream_prefetch_;
   internal::CollectiveClock clock_;
 #if FTUNE_FSDP_CUDA
-  // The NCCL prefetch: at most one unit gathered on comm_stream_ and not
+  // The NCCL prefetch: at most one unit gathered on the lane and not
   // yet claimed by its Gather (which makes the compute stream wait on done).
   struct InFlight {
     int64_t unit = -1;
@@ -733,7 +771,6 @@ class FsdpUnitsImpl final : public FsdpUnits {
     cudaEvent_t done = nullptr;
     int64_t mark = -1;
   };
-  std::optional<c10::cuda::CUDAStream> comm_stream_;
   InFlight inflight_;
   // Compute-stream marks where prefetched buffers were released, oldest first.
   std::deque<cudaEvent_t> released_;
@@ -1133,7 +1170,124 @@ Result<std::unique_ptr<ShardedLora>> ShardedLora::Create(LlamaModel* model,
                   .clone()
                   .detach();
   s->shard_.set_requires_grad(true);
+  if (s->world_ > 1) {
+    // Spans: consecutive entries of the same decoder layer (PEFT names
+    // "...layers.<i>...."); every rank builds the same ones.
+    auto layer_of = [](const std::string& name) -> std::string {
+      const size_t at = name.find(".layers.");
+      if (at == std::string::npos) return name;
+      const size_t end = name.find('.', at + 8);
+      return name.substr(at + 8, end == std::string::npos ? std::string::npos : end - at - 8);
+    };
+    std::string current;
+    for (size_t i = 0; i < s->layout_.size(); ++i) {
+      const std::string layer = layer_of(s->layout_[i].name);
+      if (s->spans_.empty() || layer != current) {
+        Span sp;
+        sp.begin = s->layout_[i].offset;
+        sp.first = i;
+        s->spans_.push_back(std::move(sp));
+        current = layer;
+      }
+      Span& sp = s->spans_.back();
+      sp.end = s->layout_[i].offset + s->layout_[i].numel;
+      ++sp.count;
+      s->span_of_.push_back(s->spans_.size() - 1);
+    }
+    for (Span& sp : s->spans_) {
+      sp.seen.assign(sp.count, false);
+      sp.remaining = sp.count;
+    }
+    s->acc_ = at::zeros({s->shard_numel_}, at::TensorOptions().dtype(at::kFloat).device(s->comm_device_));
+    s->units_ = FsdpUnitsOf(*model);
+    ShardedLora* self = s.get();
+    for (size_t i = 0; i < s->params_.size(); ++i) {
+      s->hooks_.push_back(
+          s->params_[i].register_hook([self, i](const at::Tensor& grad) { self->OnGrad(i, grad); }));
+    }
+    s->per_span_ = true;
+  }
   return s;
+}
+
+ShardedLora::~ShardedLora() {
+  for (size_t i = 0; i < hooks_.size(); ++i) params_[i].remove_hook(hooks_[i]);
+}
+
+void ShardedLora::OnGrad(size_t entry, const at::Tensor& grad) {
+  if (!grad.defined()) return;
+  c10::NoGradGuard no_grad;
+  Span& sp = spans_[span_of_[entry]];
+  if (!sp.staged.defined()) {
+    sp.staged = at::zeros({sp.end - sp.begin},
+                          at::TensorOptions().dtype(at::kFloat).device(comm_device_));
+  }
+  const Entry& e = layout_[entry];
+  sp.staged.narrow(0, e.offset - sp.begin, e.numel)
+      .add_(grad.detach().reshape(-1).to(comm_device_, at::kFloat));
+  if (!sp.seen[entry - sp.first]) {
+    sp.seen[entry - sp.first] = true;
+    --sp.remaining;
+  }
+  if (sp.remaining == 0) {
+    const Status st = ReduceSpan(span_of_[entry]);
+    TORCH_CHECK(st.ok(), st.ToString());
+  }
+}
+
+// Reduces one span onto its owners and adds this rank's part to acc_; the
+// span starts over. Every rank reduces the same spans in the same order
+// (same graph, same hooks).
+Status ShardedLora::ReduceSpan(size_t index) {
+  Span& sp = spans_[index];
+  at::Tensor staged = std::move(sp.staged);
+  sp.staged = at::Tensor();
+  sp.seen.assign(sp.count, false);
+  sp.remaining = sp.count;
+  if (!staged.defined()) return OkStatus();
+  auto reduce = [&](comm::StreamHandle stream) -> Status {
+    for (int r = 0; r < world_; ++r) {
+      const int64_t lo = std::max(sp.begin, r * shard_numel_);
+      const int64_t hi = std::min(sp.end, (r + 1) * shard_numel_);
+      if (lo >= hi) continue;
+      at::Tensor mine = r == rank_ ? at::empty({hi - lo}, staged.options()) : at::Tensor();
+      const Status st = comm_->Reduce(staged.data_ptr<float>() + (lo - sp.begin),
+                                      r == rank_ ? mine.data_ptr() : nullptr,
+                                      static_cast<size_t>(hi - lo), DataType::kFloat32,
+                                      comm::ReduceOp::kSum, r, stream);
+      if (!st.ok()) {
+        return Prefixed(st, "ShardedLora: reducing the gradients of '" +
+                                layout_[sp.first].name + "'... onto rank " + std::to_string(r) +
+                                " on " + Where(rank_, world_));
+      }
+      if (r == rank_) acc_.narrow(0, lo - r * shard_numel_, hi - lo).add_(mine);
+    }
+    return OkStatus();
+  };
+  if (kCudaStreams && comm_device_.is_cuda()) {
+#if FTUNE_FSDP_CUDA
+    CommLane& lane = LaneFor(comm_, comm_device_);
+    LaneAfterCompute(lane, c10::cuda::getCurrentCUDAStream(comm_device_.index()).stream());
+    staged.record_stream(c10::Stream(lane.stream));  // written on compute, read on the lane
+    Status st;
+    {
+      c10::cuda::CUDAStreamGuard guard(lane.stream);
+      const int64_t mark = clock_->Begin(lane.stream.stream(), /*prefetch=*/true);
+      st = reduce(lane.stream.stream());
+      clock_->End(mark, lane.stream.stream());
+      marks_.push_back(mark);
+    }
+    LaneMarkTail(lane);
+    return st;
+#endif
+  }
+  // Gloo: here, on this thread, once a prefetch thread's gather is done.
+  if (units_ != nullptr) units_->WaitForPrefetch();
+  const auto t0 = std::chrono::steady_clock::now();
+  const Status st = reduce(nullptr);
+  const double host = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  clock_->Add(host, host);
+  return st;
 }
 
 // The full flat vector (padded) of the adapters or of their gradients
@@ -1152,6 +1306,31 @@ Result<at::Tensor> ShardedLora::FullFlat(bool grads) const {
 }
 
 Status ShardedLora::ReduceGradients() {
+  if (per_span_) {
+    // Spans with tensors that got no gradient are still open: reduce them
+    // now, in span order (the same on every rank).
+    for (size_t i = 0; i < spans_.size(); ++i) {
+      FTUNE_TRAINER_RETURN_IF_ERROR(ReduceSpan(i));
+    }
+    c10::NoGradGuard no_grad;
+#if FTUNE_FSDP_CUDA
+    if (comm_device_.is_cuda()) {
+      const cudaStream_t compute = c10::cuda::getCurrentCUDAStream(comm_device_.index()).stream();
+      for (int64_t mark : marks_) clock_->Need(mark, compute);
+      marks_.clear();
+      ComputeAfterLane(LaneFor(comm_, comm_device_), compute);
+    }
+#endif
+    at::Tensor mine = acc_.to(shard_.device());
+    acc_ = at::zeros_like(acc_);
+    if (shard_.grad().defined()) {
+      shard_.mutable_grad().add_(mine);
+    } else {
+      shard_.mutable_grad() = mine;
+    }
+    for (at::Tensor& p : params_) p.mutable_grad().reset();
+    return OkStatus();
+  }
   FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor flat, FullFlat(/*grads=*/true));
   at::Tensor mine;
   if (world_ == 1) {
@@ -1193,6 +1372,7 @@ Status ShardedLora::ReduceGradients() {
 }
 
 double ShardedLora::reduce_scatter_seconds() { return clock_->busy(); }
+double ShardedLora::reduce_scatter_exposed_seconds() { return clock_->exposed(); }
 
 Result<double> ShardedLora::GradNorm() {
   c10::NoGradGuard no_grad;

@@ -79,11 +79,19 @@
 // every unit stays in memory).
 //
 // LoRA (ShardedLora). The adapters stay whole on every rank for the forward
-// (they are small); their gradients are flattened in LoraParameters() order
-// into one fp32 vector padded to world * shard_numel and reduce-scattered
-// (sum: the train loop scales each micro-batch loss by 1/global_tokens);
-// rank r's shard of the flat parameters is what the optimizer updates, and
-// GatherParams all-gathers the shards back into the adapters.
+// (they are small); the flat fp32 vector of them in LoraParameters() order,
+// padded to world * shard_numel, is split evenly: rank r's shard is what the
+// optimizer updates, and GatherParams all-gathers the shards back into the
+// adapters. Gradients are summed over ranks (the train loop scales each
+// micro-batch loss by 1/global_tokens) layer by layer during backward: a
+// hook on each LoRA tensor adds its gradient into its decoder layer's span
+// of the flat vector, and once a layer's tensors all have theirs, the span
+// is reduced onto the ranks that own it (one Reduce per owner: a
+// reduce-scatter with uneven chunks) and added to the rank's accumulated
+// shard gradient. With NCCL that runs on the communicator's background
+// stream while backward goes on through the layers below; with Gloo it runs
+// in the hook. ReduceGradients reduces the spans still open (tensors that
+// got no gradient contribute zeros) and hands the shard gradient over.
 //
 // Thread-safety: one thread at a time (the rank's training thread; the
 // communicator's rule). The Communicator must outlive the model and the
@@ -210,6 +218,9 @@ class FsdpUnits : public UnitHooks {
   // Seconds of the gathers so far and the part compute waited for (see
   // "Timing"); waits for the timed gathers to finish.
   virtual double gather_busy_seconds() = 0;
+  // Waits for a Gloo prefetch thread's collective, so that another thread
+  // (autograd's, in ShardedLora's gradient hooks) may use the communicator.
+  virtual void WaitForPrefetch() = 0;
   virtual double gather_exposed_seconds() = 0;
   virtual const FsdpOptions& options() const = 0;
 };
@@ -249,9 +260,14 @@ class ShardedLora {
   // After the optimizer step: shards -> every rank's LoRA tensors used in
   // forward.
   Status GatherParams();
-  // Seconds ReduceGradients' reduce-scatters took (device time on CUDA, see
-  // "Timing"); they run on the compute stream, so all of it is exposed.
+  // Seconds the gradient reductions took (device time on CUDA, see
+  // "Timing") and the part of it compute waited for in ReduceGradients.
   double reduce_scatter_seconds();
+  double reduce_scatter_exposed_seconds();
+
+  ~ShardedLora();
+  ShardedLora(const ShardedLora&) = delete;
+  ShardedLora& operator=(const ShardedLora&) = delete;
 
   struct Entry {
     std::string name;
@@ -264,6 +280,24 @@ class ShardedLora {
  private:
   ShardedLora() = default;
   Result<at::Tensor> FullFlat(bool grads) const;
+  // A decoder layer's adapters: a span [begin, end) of the flat vector.
+  struct Span {
+    int64_t begin = 0, end = 0;
+    size_t first = 0, count = 0;  // entries [first, first + count) of layout()
+    std::vector<bool> seen;       // which entries have a gradient this round
+    size_t remaining = 0;
+    at::Tensor staged;            // fp32 [end - begin] on the comm device; undefined = none yet
+  };
+  void OnGrad(size_t entry, const at::Tensor& grad);  // a LoRA tensor's hook
+  Status ReduceSpan(size_t span);
+
+  std::vector<Span> spans_;
+  std::vector<size_t> span_of_;   // layout index -> span
+  std::vector<unsigned> hooks_;   // hook handles, params_ order
+  bool per_span_ = false;         // more than one rank: reduce during backward
+  at::Tensor acc_;                // fp32 [shard_numel] reduced gradients since ReduceGradients
+  std::vector<int64_t> marks_;    // device-timed reductions not yet waited for
+  FsdpUnits* units_ = nullptr;
 
   LlamaModel* model_ = nullptr;
   comm::Communicator* comm_ = nullptr;

@@ -93,7 +93,7 @@ class Reducer {
 // Time in collectives (fsdp.h, "Timing"), cumulative.
 struct CommTotals {
   bool taken = false;
-  double gather = 0, gather_exposed = 0, reduce_scatter = 0, seconds = 0;
+  double gather = 0, gather_exposed = 0, reduce_scatter = 0, reduce_exposed = 0, seconds = 0;
   int64_t gathered_bytes = 0;
 };
 
@@ -106,6 +106,7 @@ CommTotals CommTotalsNow(LlamaModel* model, ShardedLora* lora, double train_seco
     c.gathered_bytes = units->gathered_bytes_total();
   }
   c.reduce_scatter = lora->reduce_scatter_seconds();
+  c.reduce_exposed = lora->reduce_scatter_exposed_seconds();
   c.seconds = train_seconds;
   return c;
 }
@@ -116,15 +117,17 @@ std::string DescribeComm(const CommTotals& base, const CommTotals& now) {
   const double gather = now.gather - base.gather;
   const double exposed = now.gather_exposed - base.gather_exposed;
   const double reduce = now.reduce_scatter - base.reduce_scatter;
+  const double reduce_exposed = now.reduce_exposed - base.reduce_exposed;
   const double gib = static_cast<double>(now.gathered_bytes - base.gathered_bytes) / (1LL << 30);
   std::ostringstream s;
   s << std::fixed << std::setprecision(2) << "collectives after the first step (" << wall
     << " s of training, rank 0): all-gather " << gather << " s (" << gib << " GiB received), "
     << gather - exposed << " s of it hidden behind compute ("
     << std::setprecision(0) << (gather > 0 ? 100 * (gather - exposed) / gather : 0)
-    << "%), " << std::setprecision(2) << exposed << " s exposed; reduce-scatter " << reduce
-    << " s exposed; communication exposed " << std::setprecision(1)
-    << (wall > 0 ? 100 * (exposed + reduce) / wall : 0) << "% of the time";
+    << "%), " << std::setprecision(2) << exposed << " s exposed; gradient reduce-scatter "
+    << reduce << " s, " << reduce_exposed << " s exposed; communication exposed "
+    << std::setprecision(1) << (wall > 0 ? 100 * (exposed + reduce_exposed) / wall : 0)
+    << "% of the time";
   return s.str();
 }
 
