@@ -12,18 +12,22 @@
 #   bash tests/gpu/system_on_gpu_host.sh "PRESET:GPUS ..." [steps]
 #   bash tests/gpu/system_on_gpu_host.sh --prepare PRESET   (writes in the background)
 #   e.g. bash tests/gpu/system_on_gpu_host.sh "llama3-8b:4 llama3-8b:2" 20
+# WEIGHTS=random writes only config.json + tokenizer and has the ranks build
+# the same weights on the GPUs (model.random_weights), skipping the disk.
 set -euo pipefail
 export NCCL_NVLS_ENABLE=0
 out=/tmp/ftune-sys
 mkdir -p "$out"
 [ -x /tmp/ftune-build/worker/trainer/ftune-rank ] || bash tests/gpu/build_on_gpu_host.sh ftune-rank
 R=/tmp/ftune-build/worker/trainer/ftune-rank
+weights=${WEIGHTS:-files}
+model_dir() { [ "$weights" = random ] && echo "$out/$1-config" || echo "$out/$1"; }
 write_model() {  # preset
-  [ -f "$out/$1/config.json" ] && return 0
+  [ -f "$(model_dir "$1")/config.json" ] && return 0
   local t0=$(date +%s)
-  $R init-model --preset "$1" --out "$out/$1" \
+  $R init-model --preset "$1" --out "$(model_dir "$1")" $([ "$weights" = random ] && echo --no-weights) \
     --tokenizer-corpus examples/data/instructions.jsonl > "$out/init-$1.log" 2>&1
-  echo "init-model $1: $(( $(date +%s) - t0 )) s, $(du -sh "$out/$1" | cut -f1) on disk"
+  echo "init-model $1: $(( $(date +%s) - t0 )) s, $(du -sh "$(model_dir "$1")" | cut -f1) on disk"
 }
 if [ "${1:-}" = "--prepare" ]; then
   # A new session, so it outlives this command (the machine keeps it).
@@ -67,7 +71,7 @@ for job in $jobs_list; do
   name=$preset-shape-$n
   cat > "$out/$name.yaml" <<YAML
 name: $name
-model: {model_name_or_path: $out/$preset}
+model: {model_name_or_path: $(model_dir "$preset"), random_weights: $([ "$weights" = random ] && echo true || echo false)}
 dataset: {data_files: [$PWD/examples/data/instructions.jsonl], completion_only_loss: false}
 lora: {r: 16, lora_alpha: 32}
 training:
@@ -88,7 +92,7 @@ YAML
     "$out/follow-$name.log" | tail -14
   echo "--- /metrics while it ran (last scrape):"
   head -16 "$out/metrics.last" 2>/dev/null || true
-  python3 tests/gpu/throughput.py "$out/follow-$name.log" "$n" --model "$out/$preset"
+  python3 tests/gpu/throughput.py "$out/follow-$name.log" "$n" --model "$(model_dir "$preset")"
   echo "   plan: $($R plan --spec "$out/$name.yaml" | tail -1)"
 done
 cp_run "$CP/bin/ftune" jobs
