@@ -31,7 +31,7 @@ write_model() {  # preset
 }
 if [ "${1:-}" = "--prepare" ]; then
   # A new session, so it outlives this command (the machine keeps it).
-  setsid bash -c "$(declare -f write_model); out=$out R=$R; write_model $2 > $out/prepare-$2.log 2>&1" \
+  setsid bash -c "$(declare -f model_dir write_model); out=$out R=$R weights=$weights; write_model $2 > $out/prepare-$2.log 2>&1" \
     < /dev/null > /dev/null 2>&1 &
   echo "writing $2 in the background ($out/prepare-$2.log)"
   exit 0
