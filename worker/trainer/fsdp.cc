@@ -17,7 +17,6 @@
 #include <deque>
 #include <future>
 #include <map>
-#include <mutex>
 #include <utility>
 
 #if FTUNE_FSDP_CUDA
@@ -28,6 +27,7 @@
 #endif
 
 #include "worker/trainer/file_util.h"
+#include "worker/trainer/fsdp_streams.h"
 #include "worker/trainer/init_model.h"
 #include "worker/trainer/llama_config.h"
 #include "worker/trainer/safetensors.h"
@@ -37,6 +37,15 @@ namespace ftune::trainer {
 namespace {
 
 using comm::DataType;
+using internal::CollectiveClock;
+using internal::CurrentStream;
+#if FTUNE_FSDP_CUDA
+using internal::CommLane;
+using internal::ComputeAfterLane;
+using internal::LaneAfterCompute;
+using internal::LaneFor;
+using internal::LaneMarkTail;
+#endif
 
 constexpr int64_t kAlign = 64;  // bytes; every segment starts at a multiple
 constexpr int64_t kNested = kernels::kNf4NestedBlocksize;
@@ -99,164 +108,6 @@ Status AllGatherBytes(comm::Communicator* comm, const at::Tensor& send, at::Tens
   }
   return comm->AllGather(src, dst, static_cast<size_t>(bytes), DataType::kUInt8, stream);
 }
-
-// The stream tensor work is enqueued on: c10's current CUDA stream for a GPU
-// device, none (nullptr) otherwise. Collectives go where the compute is.
-comm::StreamHandle CurrentStream(c10::Device device) {
-#if FTUNE_FSDP_CUDA
-  if (device.is_cuda()) return c10::cuda::getCurrentCUDAStream(device.index()).stream();
-#endif
-  (void)device;
-  return nullptr;
-}
-
-#if FTUNE_FSDP_CUDA
-// The one CUDA stream a communicator's background collectives run on (the
-// FSDP prefetch and ShardedLora's per-layer reductions), so that they keep
-// one order on the device, with an event after the last one enqueued.
-// Collectives on the compute stream first wait for that event
-// (ComputeAfterLane), and the lane first waits for the compute stream
-// (LaneAfterCompute): every collective of the communicator is ordered on
-// the device as the host issued it, as NCCL requires.
-struct CommLane {
-  explicit CommLane(c10::cuda::CUDAStream s) : stream(s) {}
-  c10::cuda::CUDAStream stream;
-  cudaEvent_t tail = nullptr;
-};
-
-CommLane& LaneFor(const comm::Communicator* comm, c10::Device device) {
-  static std::mutex mu;
-  static auto* lanes = new std::map<std::pair<const void*, int>, std::unique_ptr<CommLane>>();
-  std::lock_guard<std::mutex> lock(mu);
-  auto& lane = (*lanes)[{comm, device.index()}];
-  if (lane == nullptr) {
-    lane = std::make_unique<CommLane>(
-        c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index()));
-    cudaEventCreateWithFlags(&lane->tail, cudaEventDisableTiming);
-  }
-  return *lane;
-}
-
-void LaneAfterCompute(CommLane& lane, cudaStream_t compute) {
-  cudaEvent_t ready = nullptr;
-  cudaEventCreateWithFlags(&ready, cudaEventDisableTiming);
-  cudaEventRecord(ready, compute);
-  cudaStreamWaitEvent(lane.stream.stream(), ready, 0);
-  cudaEventDestroy(ready);  // released once the wait is done
-}
-
-void LaneMarkTail(CommLane& lane) { cudaEventRecord(lane.tail, lane.stream.stream()); }
-
-void ComputeAfterLane(CommLane& lane, cudaStream_t compute) {
-  cudaStreamWaitEvent(compute, lane.tail, 0);
-}
-#endif
-
-}  // namespace
-
-// Time spent in collectives (fsdp.h, "Timing"). On CUDA the time is the
-// device's, read from events recorded around each collective on its stream;
-// a prefetched gather also records when the compute stream came to need it,
-// and only the part after that point counts as exposed. Host-timed
-// collectives (Gloo) report their host seconds through Add.
-class internal::CollectiveClock {
- public:
-  CollectiveClock() = default;
-  CollectiveClock(const CollectiveClock&) = delete;
-  CollectiveClock& operator=(const CollectiveClock&) = delete;
-  ~CollectiveClock() {
-#if FTUNE_FSDP_CUDA
-    for (auto& [id, m] : marks_) {
-      for (cudaEvent_t e : {m.start, m.end, m.need}) {
-        if (e != nullptr) cudaEventDestroy(e);
-      }
-    }
-#endif
-  }
-
-  // Exposed is clamped to busy: waiting includes the host's own overhead.
-  void Add(double busy, double exposed) {
-    busy_ += busy;
-    exposed_ += std::min(exposed, busy);
-  }
-
-#if FTUNE_FSDP_CUDA
-  // Marks the start of a collective enqueued next on `stream`; returns its
-  // id. A prefetch is counted once Need says when its result was needed.
-  int64_t Begin(cudaStream_t stream, bool prefetch) {
-    const int64_t id = next_id_++;
-    Mark& m = marks_[id];
-    m.prefetch = prefetch;
-    m.start = Record(stream);
-    return id;
-  }
-  void End(int64_t id, cudaStream_t stream) { marks_[id].end = Record(stream); }
-  // The compute stream needs the collective's result from here on.
-  void Need(int64_t id, cudaStream_t stream) { marks_[id].need = Record(stream); }
-#endif
-
-  // Busy and exposed seconds so far; waits for the timed collectives that
-  // have ended (in-flight prefetches are counted once claimed).
-  double busy() {
-    Harvest();
-    return busy_;
-  }
-  double exposed() {
-    Harvest();
-    return exposed_;
-  }
-
- private:
-#if FTUNE_FSDP_CUDA
-  struct Mark {
-    bool prefetch = false;
-    cudaEvent_t start = nullptr, end = nullptr, need = nullptr;
-  };
-  static cudaEvent_t Record(cudaStream_t stream) {
-    cudaEvent_t e = nullptr;
-    if (cudaEventCreate(&e) != cudaSuccess) return nullptr;
-    if (cudaEventRecord(e, stream) != cudaSuccess) {
-      cudaEventDestroy(e);
-      return nullptr;
-    }
-    return e;
-  }
-  std::map<int64_t, Mark> marks_;
-  int64_t next_id_ = 0;
-#endif
-
-  void Harvest() {
-#if FTUNE_FSDP_CUDA
-    for (auto it = marks_.begin(); it != marks_.end();) {
-      Mark& m = it->second;
-      // A prefetch not yet claimed (no `need`) stays; so does an open mark.
-      if (m.start == nullptr || m.end == nullptr || (m.prefetch && m.need == nullptr)) {
-        ++it;
-        continue;
-      }
-      float ms = 0, waited = 0;
-      if (cudaEventSynchronize(m.end) == cudaSuccess &&
-          cudaEventElapsedTime(&ms, m.start, m.end) == cudaSuccess) {
-        double exposed = ms;
-        if (m.need != nullptr && cudaEventSynchronize(m.need) == cudaSuccess &&
-            cudaEventElapsedTime(&waited, m.need, m.end) == cudaSuccess) {
-          exposed = std::clamp<double>(waited, 0.0, ms);
-        }
-        Add(ms / 1e3, exposed / 1e3);
-      }
-      for (cudaEvent_t e : {m.start, m.end, m.need}) {
-        if (e != nullptr) cudaEventDestroy(e);
-      }
-      it = marks_.erase(it);
-    }
-#endif
-  }
-
-  double busy_ = 0;
-  double exposed_ = 0;
-};
-
-namespace {
 
 // Fails unless every rank passes the same values (a fingerprint of what
 // the following collectives assume), naming the first rank that differs.
@@ -597,7 +448,7 @@ class FsdpUnitsImpl final : public FsdpUnits {
     inflight_.unit = unit;
     {
       c10::cuda::CUDAStreamGuard guard(lane.stream);
-      inflight_.mark = clock_.Begin(comm, /*prefetch=*/true);
+      inflight_.mark = clock_.Begin(comm, /*background=*/true);
       inflight_.result = Fetch(units_[unit], comm);
       clock_.End(inflight_.mark, comm);
     }
@@ -659,7 +510,7 @@ class FsdpUnitsImpl final : public FsdpUnits {
       // communicator's collectives stay in one order on the device.
       const cudaStream_t compute = c10::cuda::getCurrentCUDAStream(device_.index()).stream();
       ComputeAfterLane(LaneFor(comm_, device_), compute);
-      const int64_t mark = clock_.Begin(compute, /*prefetch=*/false);
+      const int64_t mark = clock_.Begin(compute, /*background=*/false);
       f = Fetch(u, compute);
       clock_.End(mark, compute);
       device_timed = true;
@@ -761,7 +612,7 @@ class FsdpUnitsImpl final : public FsdpUnits {
   bool tied_;
   const bool thread_prefetch_;
   const bool stream_prefetch_;
-  internal::CollectiveClock clock_;
+  CollectiveClock clock_;
 #if FTUNE_FSDP_CUDA
   // The NCCL prefetch: at most one unit gathered on the lane and not
   // yet claimed by its Gather (which makes the compute stream wait on done).
@@ -1272,7 +1123,7 @@ Status ShardedLora::ReduceSpan(size_t index) {
     Status st;
     {
       c10::cuda::CUDAStreamGuard guard(lane.stream);
-      const int64_t mark = clock_->Begin(lane.stream.stream(), /*prefetch=*/true);
+      const int64_t mark = clock_->Begin(lane.stream.stream(), /*background=*/true);
       st = reduce(lane.stream.stream());
       clock_->End(mark, lane.stream.stream());
       marks_.push_back(mark);
