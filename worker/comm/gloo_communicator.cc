@@ -252,18 +252,7 @@ class GlooCommunicator : public Communicator {
       return Invalid(op, "null buffer");
     }
     if (count == 0) return OkStatus();
-    return Run(op, [&] {
-      if (IsHalf(dtype)) {
-        float* acc = Scratch<float>(count);
-        WidenHalf(dtype, send, acc, count);
-        GlooAllreduce<float>(acc, count, rop);
-        NarrowHalf(dtype, acc, recv, count,
-                   rop == ReduceOp::kAvg ? static_cast<float>(size_) : 1.0f);
-        return;
-      }
-      if (send != recv) std::memcpy(recv, send, count * DataTypeSize(dtype));
-      ReduceNative(dtype, recv, count, rop, 0, count);
-    });
+    return Run(op, [&] { AllReduceInto(send, recv, count, dtype, rop); });
   }
 
   // An all-reduce whose result only the root keeps (Gloo's own reduce has
@@ -282,21 +271,7 @@ class GlooCommunicator : public Communicator {
     }
     if (count == 0) return OkStatus();
     return Run(op, [&] {
-      if (IsHalf(dtype)) {
-        float* acc = Scratch<float>(count);
-        WidenHalf(dtype, send, acc, count);
-        GlooAllreduce<float>(acc, count, rop);
-        if (rank_ == root) {
-          NarrowHalf(dtype, acc, recv, count,
-                     rop == ReduceOp::kAvg ? static_cast<float>(size_) : 1.0f);
-        }
-        return;
-      }
-      const size_t bytes = count * DataTypeSize(dtype);
-      uint8_t* acc = Scratch<uint8_t>(bytes);
-      std::memcpy(acc, send, bytes);
-      ReduceNative(dtype, acc, count, rop, 0, count);
-      if (rank_ == root) std::memcpy(recv, acc, bytes);
+      AllReduceInto(send, rank_ == root ? recv : nullptr, count, dtype, rop);
     });
   }
 
@@ -423,6 +398,26 @@ class GlooCommunicator : public Communicator {
     msg += "; gloo: " + error;
     failed_ = Status(code, msg);
     return failed_;
+  }
+
+  // AllReduce's and Reduce's body: `send` reduced across ranks into `recv`
+  // (nullptr: into scratch, for a Reduce's non-root). 16-bit floats are
+  // summed in fp32 and rounded once.
+  void AllReduceInto(const void* send, void* recv, size_t count, DataType dtype, ReduceOp rop) {
+    if (IsHalf(dtype)) {
+      float* acc = Scratch<float>(count);
+      WidenHalf(dtype, send, acc, count);
+      GlooAllreduce<float>(acc, count, rop);
+      if (recv != nullptr) {
+        NarrowHalf(dtype, acc, recv, count,
+                   rop == ReduceOp::kAvg ? static_cast<float>(size_) : 1.0f);
+      }
+      return;
+    }
+    const size_t bytes = count * DataTypeSize(dtype);
+    void* out = recv != nullptr ? recv : Scratch<uint8_t>(bytes);
+    if (send != out) std::memcpy(out, send, bytes);
+    ReduceNative(dtype, out, count, rop, 0, count);
   }
 
   template <typename T>

@@ -1157,13 +1157,13 @@ Result<at::Tensor> ShardedLora::FullFlat(bool grads) const {
 }
 
 Status ShardedLora::ReduceGradients() {
+  at::Tensor mine;
   if (per_span_) {
     // Spans with tensors that got no gradient are still open: reduce them
     // now, in span order (the same on every rank).
     for (size_t i = 0; i < spans_.size(); ++i) {
       FTUNE_TRAINER_RETURN_IF_ERROR(ReduceSpan(i));
     }
-    c10::NoGradGuard no_grad;
 #if FTUNE_FSDP_CUDA
     if (comm_device_.is_cuda()) {
       const cudaStream_t compute = c10::cuda::getCurrentCUDAStream(comm_device_.index()).stream();
@@ -1172,46 +1172,13 @@ Status ShardedLora::ReduceGradients() {
       ComputeAfterLane(LaneFor(comm_, comm_device_), compute);
     }
 #endif
-    at::Tensor mine = acc_.to(shard_.device());
+    mine = acc_.to(shard_.device());
     acc_ = at::zeros_like(acc_);
-    if (shard_.grad().defined()) {
-      shard_.mutable_grad().add_(mine);
-    } else {
-      shard_.mutable_grad() = mine;
-    }
-    for (at::Tensor& p : params_) p.mutable_grad().reset();
-    return OkStatus();
-  }
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor flat, FullFlat(/*grads=*/true));
-  at::Tensor mine;
-  if (world_ == 1) {
-    mine = flat.narrow(0, 0, shard_numel_);
   } else {
-    mine = at::empty({shard_numel_}, flat.options());
-    const comm::StreamHandle stream = CurrentStream(comm_device_);
-    const auto t0 = std::chrono::steady_clock::now();
-    // (A CUDA stream handle may be nullptr: the legacy default stream.)
-    const bool device_timed = kCudaStreams && comm_device_.is_cuda();
-#if FTUNE_FSDP_CUDA
-    const int64_t mark =
-        device_timed ? clock_->Begin(static_cast<cudaStream_t>(stream), false) : -1;
-#endif
-    const Status st = comm_->ReduceScatter(flat.data_ptr(), mine.data_ptr(),
-                                           static_cast<size_t>(shard_numel_), DataType::kFloat32,
-                                           comm::ReduceOp::kSum, stream);
-#if FTUNE_FSDP_CUDA
-    if (mark >= 0) clock_->End(mark, static_cast<cudaStream_t>(stream));
-#endif
-    if (!device_timed) {
-      const double host = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      clock_->Add(host, host);
-    }
-    if (!st.ok()) {
-      return Prefixed(st, "ShardedLora::ReduceGradients on " + Where(rank_, world_));
-    }
+    // One rank: the shard is the whole flat gradient.
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor flat, FullFlat(/*grads=*/true));
+    mine = flat.narrow(0, 0, shard_numel_).to(shard_.device());
   }
-  flat = at::Tensor();
-  mine = mine.to(shard_.device());
   c10::NoGradGuard no_grad;
   if (shard_.grad().defined()) {
     shard_.mutable_grad().add_(mine);

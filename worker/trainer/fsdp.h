@@ -245,11 +245,12 @@ class ShardedLora {
   int64_t shard_numel() const { return shard_numel_; }
 
   // The train loop scales each micro-batch loss by 1/global_tokens before
-  // backward, so gradients are SUMMED over ranks. Reduce-scatters the full
-  // LoRA gradients accumulated since the last call into shard().grad()
-  // (added to it when already defined, like autograd accumulation); the full
-  // LoRA grads are then released. A rank whose backward produced no gradient
-  // for a tensor contributes zeros.
+  // backward, so gradients are SUMMED over ranks. After the step's last
+  // backward: reduces the spans still open (see the file comment; a tensor
+  // without a gradient contributes zeros), waits for the reductions the
+  // hooks started, and adds this rank's reduced gradients since the last
+  // call into shard().grad() (like autograd accumulation); the full LoRA
+  // grads are then released. One rank: the full gradients are the shard's.
   Status ReduceGradients();
   // Global L2 norm over all shards (every rank gets the same double: the
   // per-rank sums of squares are gathered and added in rank order); clips
