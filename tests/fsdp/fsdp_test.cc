@@ -643,10 +643,9 @@ int64_t ProcBytes(const char* key) {
   return kb * 1024;
 }
 
-TEST(FsdpLoadTest, PeakRssPerRankIsItsShareAndOneTensor) {
-  constexpr int kWorld = 4;
-  TempDir dir;
-  ASSERT_FALSE(dir.path().empty());
+// 12 layers of hidden 1024 (about 220M parameters): big enough that loading
+// and step time are dominated by the model, not by overheads.
+RandomLlama MediumLlama() {
   RandomLlama spec;
   spec.hidden = 1024;
   spec.intermediate = 4096;
@@ -654,6 +653,14 @@ TEST(FsdpLoadTest, PeakRssPerRankIsItsShareAndOneTensor) {
   spec.heads = 8;
   spec.kv_heads = 8;
   spec.vocab = 8192;
+  return spec;
+}
+
+TEST(FsdpLoadTest, PeakRssPerRankIsItsShareAndOneTensor) {
+  constexpr int kWorld = 4;
+  TempDir dir;
+  ASSERT_FALSE(dir.path().empty());
+  const RandomLlama spec = MediumLlama();
   ASSERT_TRUE(WriteRandomLlama(dir.path(), spec).ok());
   const std::string model_dir = dir.path();
   int64_t file_bytes = 0;
@@ -841,13 +848,7 @@ TEST(FsdpBenchTest, DISABLED_StepTimeWithAndWithoutPrefetch) {
   constexpr int kWorld = 2;
   TempDir dir;
   ASSERT_FALSE(dir.path().empty());
-  RandomLlama spec;
-  spec.hidden = 1024;
-  spec.intermediate = 4096;
-  spec.layers = 12;
-  spec.heads = 8;
-  spec.kv_heads = 8;
-  spec.vocab = 8192;
+  const RandomLlama spec = MediumLlama();
   ASSERT_TRUE(WriteRandomLlama(dir.path(), spec).ok());
   const std::string model_dir = dir.path();
   auto exits = RunRanks(

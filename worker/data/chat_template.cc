@@ -55,6 +55,18 @@ void Llama3Message(const ChatMessage& m, Out* out) {
   if (m.role == "assistant") out->Span(begin);
 }
 
+// An optional leading system message (llama3.1, llama2, mistral): its
+// content (nullptr when there is none) and the index of the first other one.
+struct LeadingSystem {
+  const std::string* content = nullptr;
+  size_t first = 0;
+};
+
+LeadingSystem SplitSystem(const std::vector<ChatMessage>& messages) {
+  if (messages.empty() || messages[0].role != "system") return {};
+  return {&messages[0].content, 1};
+}
+
 RenderedChat RenderLlama3(const ChatTemplate& t, const std::vector<ChatMessage>& messages,
                           bool add_generation_prompt) {
   Out out;
@@ -74,12 +86,9 @@ Result<RenderedChat> RenderLlama31(const ChatTemplate& t, const std::vector<Chat
   }
   Out out;
   out.Add(t.bos_token);
-  size_t first = 0;
-  std::string_view system;
-  if (messages[0].role == "system") {
-    system = PythonStrip(messages[0].content);
-    first = 1;
-  }
+  const auto [system_message, first] = SplitSystem(messages);
+  const std::string_view system =
+      system_message != nullptr ? PythonStrip(*system_message) : std::string_view();
   out.Add("<|start_header_id|>system<|end_header_id|>\n\n");
   out.Add("Cutting Knowledge Date: December 2023\n");
   out.Add("Today Date: ");
@@ -95,12 +104,7 @@ Result<RenderedChat> RenderLlama31(const ChatTemplate& t, const std::vector<Chat
 Status AlternationError(const char* message) { return InvalidArgumentError(message); }
 
 Result<RenderedChat> RenderLlama2(const ChatTemplate& t, const std::vector<ChatMessage>& messages) {
-  size_t first = 0;
-  const std::string* system = nullptr;
-  if (!messages.empty() && messages[0].role == "system") {
-    system = &messages[0].content;
-    first = 1;
-  }
+  const auto [system, first] = SplitSystem(messages);
   Out out;
   for (size_t i = first; i < messages.size(); ++i) {
     const ChatMessage& m = messages[i];
@@ -134,12 +138,7 @@ Result<RenderedChat> RenderLlama2(const ChatTemplate& t, const std::vector<ChatM
 }
 
 Result<RenderedChat> RenderMistral(const ChatTemplate& t, const std::vector<ChatMessage>& messages) {
-  size_t first = 0;
-  const std::string* system = nullptr;
-  if (!messages.empty() && messages[0].role == "system") {
-    system = &messages[0].content;
-    first = 1;
-  }
+  const auto [system, first] = SplitSystem(messages);
   Out out;
   out.Add(t.bos_token);
   for (size_t i = first; i < messages.size(); ++i) {

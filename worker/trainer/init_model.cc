@@ -497,18 +497,12 @@ Status WriteRandomLlamaWeights(const std::string& dir, const LlamaConfig& config
       tensors.push_back({specs[i].name, Dtype::kBF16, specs[i].shape, &kUnread,
                          NumElements(specs[i]) * sizeof(uint16_t)});
     }
-    const std::string path = dir + "/" + shard.file;
-    Result<SafetensorsLayout> layout = PlanSafetensors(tensors, metadata);
-    if (!layout.ok()) {
-      return Status(layout.status().code(), path + ": " + layout.status().message());
-    }
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(std::unique_ptr<AtomicFileWriter> writer,
-                                   AtomicFileWriter::Create(path));
-    FTUNE_TRAINER_RETURN_IF_ERROR(writer->Append(layout->prefix));
-    for (size_t t : layout->order) {
+    FTUNE_TRAINER_ASSIGN_OR_RETURN(
+        SafetensorsStream stream, BeginSafetensors(dir + "/" + shard.file, tensors, metadata));
+    for (size_t t : stream.order) {
       const WeightSpec& spec = specs[shard.specs[t]];
       FTUNE_TRAINER_RETURN_IF_ERROR(
-          WriteTensor(spec, seed, num_threads, chunk_elements, buffers, writer.get()));
+          WriteTensor(spec, seed, num_threads, chunk_elements, buffers, stream.writer.get()));
       written += tensors[t].num_bytes;
       const int percent = static_cast<int>(100.0 * static_cast<double>(written) /
                                            static_cast<double>(total));
@@ -519,7 +513,7 @@ Status WriteRandomLlamaWeights(const std::string& dir, const LlamaConfig& config
       }
       last_percent = percent;
     }
-    FTUNE_TRAINER_RETURN_IF_ERROR(writer->Commit());
+    FTUNE_TRAINER_RETURN_IF_ERROR(stream.writer->Commit());
   }
 
   if (progress) {

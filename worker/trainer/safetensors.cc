@@ -564,22 +564,31 @@ Result<SafetensorsLayout> PlanSafetensors(const std::vector<TensorToWrite>& tens
   return layout;
 }
 
-Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
-                        const std::map<std::string, std::string>& metadata) {
+Result<SafetensorsStream> BeginSafetensors(const std::string& path,
+                                           const std::vector<TensorToWrite>& tensors,
+                                           const std::map<std::string, std::string>& metadata) {
   Result<SafetensorsLayout> layout = PlanSafetensors(tensors, metadata);
   if (!layout.ok()) {
     return Status(layout.status().code(), path + ": " + layout.status().message());
   }
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::unique_ptr<AtomicFileWriter> writer,
-                                 AtomicFileWriter::Create(path));
-  FTUNE_TRAINER_RETURN_IF_ERROR(writer->Append(layout->prefix));
-  for (size_t i : layout->order) {
+  SafetensorsStream stream;
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(stream.writer, AtomicFileWriter::Create(path));
+  FTUNE_TRAINER_RETURN_IF_ERROR(stream.writer->Append(layout->prefix));
+  stream.order = std::move(layout->order);
+  return stream;
+}
+
+Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                        const std::map<std::string, std::string>& metadata) {
+  FTUNE_TRAINER_ASSIGN_OR_RETURN(SafetensorsStream stream,
+                                 BeginSafetensors(path, tensors, metadata));
+  for (size_t i : stream.order) {
     // Streamed from the caller's buffers: a multi-GB checkpoint is never
     // assembled in memory.
     FTUNE_TRAINER_RETURN_IF_ERROR(
-        writer->Append(tensors[i].data, static_cast<size_t>(tensors[i].num_bytes)));
+        stream.writer->Append(tensors[i].data, static_cast<size_t>(tensors[i].num_bytes)));
   }
-  return writer->Commit();
+  return stream.writer->Commit();
 }
 
 Result<std::string> SerializeSafetensors(const std::vector<TensorToWrite>& tensors,

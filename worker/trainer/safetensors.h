@@ -56,6 +56,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "worker/trainer/file_util.h"
 #include "worker/trainer/status.h"
 
 namespace ftune::trainer {
@@ -217,6 +218,18 @@ struct SafetensorsLayout {
 };
 Result<SafetensorsLayout> PlanSafetensors(const std::vector<TensorToWrite>& tensors,
                                           const std::map<std::string, std::string>& metadata);
+
+// A safetensors file being written: an atomic writer that already holds
+// the header; append the tensors' bytes in `order`, then Commit. For writers
+// that stream bytes they generate (init-model) rather than hold.
+struct SafetensorsStream {
+  std::unique_ptr<AtomicFileWriter> writer;
+  std::vector<size_t> order;  // indices into the tensors, as they must follow
+};
+// Errors are prefixed with the path.
+Result<SafetensorsStream> BeginSafetensors(const std::string& path,
+                                           const std::vector<TensorToWrite>& tensors,
+                                           const std::map<std::string, std::string>& metadata);
 
 // Writes a safetensors file atomically (temporary file + fsync + rename).
 // INVALID_ARGUMENT for duplicate or reserved names, byte sizes that do not

@@ -201,7 +201,7 @@ void EmitMemory(EventSink& events, const c10::Device& device, const std::string&
   }
   // A CPU rank's device memory is its RSS, already read.
   mem->set_host_rss_bytes(device.is_cuda() ? CurrentRssBytes() : now.allocated);
-  mem->set_host_peak_rss_bytes(PeakRssBytes());
+  mem->set_host_peak_rss_bytes(device.is_cuda() ? PeakRssBytes() : now.peak);
   mem->set_device(device_name);
   mem->set_phase(phase);
   events.Emit(m);
