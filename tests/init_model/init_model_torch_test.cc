@@ -6,6 +6,7 @@
 // forward + backward of that row (the demo's unit of work).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
 #include <ftw.h>
 #include <gtest/gtest.h>
 #include <stdlib.h>

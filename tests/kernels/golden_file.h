@@ -1,4 +1,5 @@
-// Reads the NF4 golden files (../shared/golden/nf4/*.safetensors) for the
+// Reads the NF4 golden files (tests/golden/nf4/*.safetensors, made by
+// bitsandbytes through make_golden.py beside them) for the
 // kernel tests: a deliberately tiny safetensors parse (u64 header length,
 // JSON header, data buffer) so these tests do not depend on the trainer's
 // real reader. Only what the golden files use is supported; anything else is
@@ -18,8 +19,8 @@
 
 namespace ftune::kernels::testing {
 
-// FTUNE_SHARED_DIR comes from tests/kernels/CMakeLists.txt.
-inline std::string GoldenNf4Dir() { return std::string(FTUNE_SHARED_DIR) + "/golden/nf4"; }
+// FTUNE_NF4_GOLDEN_DIR comes from tests/kernels/CMakeLists.txt.
+inline std::string GoldenNf4Dir() { return FTUNE_NF4_GOLDEN_DIR; }
 
 struct GoldenTensor {
   std::string dtype;  // "F32", "U8", "BF16"

@@ -264,9 +264,7 @@ TEST_F(Nf4Cuda, RejectsBadArgumentsWithoutLaunching) {
 
 TEST_F(Nf4Cuda, GoldenFilesReproducedOnTheDevice) {
   const std::string dir = testing::GoldenNf4Dir();
-  if (!std::filesystem::is_directory(dir)) {
-    GTEST_SKIP() << "golden directory " << dir << " not found (set -DFTUNE_SHARED_DIR)";
-  }
+  ASSERT_TRUE(std::filesystem::is_directory(dir)) << "golden directory " << dir << " is missing";
   int cases = 0;
   for (const auto& entry : std::filesystem::directory_iterator(dir)) {
     if (entry.path().extension() != ".safetensors") continue;
