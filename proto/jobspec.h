@@ -1,7 +1,16 @@
 // JobSpec <-> YAML, defaults and validation: the one place where a job
-// specification is checked, used by the CLI (before sending) and by the
-// coordinator (before storing). Depends only on protobuf and yaml-cpp, so the
-// trainer can read the same YAML.
+// specification is resolved. Every consumer goes through the same two
+// functions:
+//   LoadJobSpec(path, base_dir)   the CLI (`ftune submit`, `ftune data`) and
+//                                 `ftune-rank train`: read the YAML, make its
+//                                 paths absolute, apply defaults, validate;
+//   ResolveJobSpec(&spec)         a spec that arrived parsed (the
+//                                 coordinator's CreateJob, a rank launched by
+//                                 an agent, the trainer's API): defaults and
+//                                 validation.
+// A resolved spec is what the worker's RunConfig (worker/config) is derived
+// from, once. Depends only on protobuf, yaml-cpp and common/'s Status, so
+// the trainer reads the same YAML.
 //
 // YAML keys are the JobSpec field names, which follow HF TrainingArguments,
 // PEFT LoraConfig and BitsAndBytesConfig:
@@ -23,9 +32,23 @@
 #include <string>
 #include <vector>
 
+#include "ftune/status.h"
 #include "ftune/v1/job.pb.h"
 
 namespace ftune {
+
+// Reads the YAML file at `path`, makes its relative paths absolute against
+// `base_dir` (the directory the user ran the command in; "" leaves them),
+// applies the defaults and validates. INVALID_ARGUMENT lists every problem,
+// one per line, each prefixed with the path: "job.yaml: lora.r (0) must be in
+// [1, 4096]". NOT_FOUND when the file cannot be read.
+Result<v1::JobSpec> LoadJobSpec(const std::string& path, const std::string& base_dir);
+
+// Defaults and validation of a spec that is already parsed; paths made
+// absolute against `base_dir` when it is not empty. Idempotent. On error the
+// spec is left defaulted and the status (INVALID_ARGUMENT) lists every
+// problem, one per line.
+Status ResolveJobSpec(v1::JobSpec* spec, const std::string& base_dir = "");
 
 // Parses YAML text into *spec (cleared first). Unknown keys, wrong types and
 // unparsable values are errors; each names the key path and the bad value,

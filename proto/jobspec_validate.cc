@@ -1,6 +1,7 @@
 // Defaults and validation of JobSpec. Defaults follow the libraries users
 // know (HF TrainingArguments, PEFT LoraConfig, bitsandbytes' QLoRA recipe);
 // the few deliberate departures are commented where they are set.
+#include <algorithm>
 #include <cmath>
 #include <set>
 #include <sstream>
@@ -224,6 +225,43 @@ std::vector<std::string> ValidateJobSpec(const v1::JobSpec& spec) {
               "must be at most 256 characters");
   }
   return c.Take();
+}
+
+Status ResolveJobSpec(v1::JobSpec* spec, const std::string& base_dir) {
+  if (!base_dir.empty()) MakeSpecPathsAbsolute(spec, base_dir);
+  ApplyJobSpecDefaults(spec);
+  const std::vector<std::string> problems = ValidateJobSpec(*spec);
+  if (problems.empty()) return OkStatus();
+  std::string message;
+  for (const std::string& p : problems) message += (message.empty() ? "" : "\n") + p;
+  return InvalidArgumentError(message);
+}
+
+Result<v1::JobSpec> LoadJobSpec(const std::string& path, const std::string& base_dir) {
+  v1::JobSpec spec;
+  std::vector<std::string> errors;
+  if (!LoadJobSpecFile(path, &spec, &errors)) {
+    // LoadJobSpecFile already prefixes each parse error with the path.
+    std::string message;
+    for (const std::string& e : errors) message += (message.empty() ? "" : "\n") + e;
+    if (errors.size() == 1 && errors[0].rfind("cannot read job spec file", 0) == 0) {
+      return NotFoundError(message);
+    }
+    return InvalidArgumentError(message);
+  }
+  Status resolved = ResolveJobSpec(&spec, base_dir);
+  if (!resolved.ok()) {
+    std::string message;
+    size_t start = 0;
+    const std::string& all = resolved.message();
+    while (start <= all.size()) {
+      const size_t end = std::min(all.find('\n', start), all.size());
+      message += (message.empty() ? "" : "\n") + path + ": " + all.substr(start, end - start);
+      start = end + 1;
+    }
+    return InvalidArgumentError(message);
+  }
+  return spec;
 }
 
 }  // namespace ftune
