@@ -268,17 +268,20 @@ int RunAgents(JobClient& client, const Invocation& inv, const Environment& env) 
   return kExitOk;
 }
 
-// Loads, defaults and validates the spec; prints every problem, one a line.
+// LoadJobSpec (proto/jobspec.h): relative paths against the working
+// directory, defaults, validation; prints every problem, one a line.
 bool LoadSpecFile(const std::string& path, const Environment& env, v1::JobSpec* spec) {
-  std::vector<std::string> errors;
-  if (LoadJobSpecFile(path, spec, &errors)) {
-    char cwd[4096];
-    if (::getcwd(cwd, sizeof(cwd)) != nullptr) MakeSpecPathsAbsolute(spec, cwd);
-    ApplyJobSpecDefaults(spec);
-    errors = ValidateJobSpec(*spec);
+  char cwd[4096];
+  const std::string base = ::getcwd(cwd, sizeof(cwd)) != nullptr ? cwd : "";
+  Result<v1::JobSpec> loaded = LoadJobSpec(path, base);
+  if (loaded.ok()) {
+    *spec = std::move(*loaded);
+    return true;
   }
-  for (const std::string& e : errors) *env.err << "ftune: " << path << ": " << e << "\n";
-  return errors.empty();
+  // Each line already names the file.
+  std::istringstream lines(loaded.status().message());
+  for (std::string line; std::getline(lines, line);) *env.err << "ftune: " << line << "\n";
+  return false;
 }
 
 }  // namespace

@@ -1,15 +1,18 @@
 // See data_commands.h.
 #include "cli/data_commands.h"
 
+#include <unistd.h>
+
 #include <cstdint>
 #include <memory>
+#include <sstream>
 #include <utility>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include "jobspec.h"
-#include "worker/data/from_spec.h"
+#include "worker/config/run_config.h"
 #include "worker/data/prepare.h"
 #include "worker/data/token_file.h"
 #include "worker/data/tokenizer.h"
@@ -88,17 +91,20 @@ int Detokenize(const data::Tokenizer& tok, bool skip_special_tokens, std::istrea
 
 int Prepare(const std::string& job_path, const std::string& cache_dir_flag, std::ostream& out,
             std::ostream& err) {
-  v1::JobSpec spec;
-  std::vector<std::string> errors;
-  if (!LoadJobSpecFile(job_path, &spec, &errors)) {
-    for (const std::string& e : errors) err << "ftune data prepare: " << job_path << ": " << e << "\n";
+  // The job's dataset options exactly as its ranks derive them: the spec
+  // resolved by LoadJobSpec, then RunConfig.
+  char cwd[4096];
+  const std::string base = ::getcwd(cwd, sizeof(cwd)) != nullptr ? cwd : "";
+  Result<v1::JobSpec> spec = LoadJobSpec(job_path, base);
+  Result<trainer::RunConfig> run =
+      spec.ok() ? trainer::MakeRunConfig(*spec, trainer::DeviceKind::kCpu)
+                : Result<trainer::RunConfig>(spec.status());
+  if (!run.ok()) {
+    std::istringstream lines(run.status().message());
+    for (std::string line; std::getline(lines, line);) err << "ftune data prepare: " << line << "\n";
     return kUsage;
   }
-  Result<data::DatasetOptions> options = data::DatasetOptionsFromSpec(spec);
-  if (!options.ok()) {
-    err << "ftune data prepare: " << job_path << ": " << options.status().message() << "\n";
-    return kUsage;
-  }
+  const data::DatasetOptions& options = run->data;
   const std::string cache_dir = cache_dir_flag.empty() ? data::DefaultDataCacheDir() : cache_dir_flag;
   // One line per phase change and per tenth of a phase, not per record.
   std::string last_phase;
@@ -111,7 +117,7 @@ int Prepare(const std::string& job_path, const std::string& cache_dir_flag, std:
     err << "prepare: " << p.phase << " " << p.done << "/" << p.total << "\n";
     err.flush();
   };
-  Result<data::PreparedDataset> prepared = data::PrepareDataset(*options, cache_dir, progress);
+  Result<data::PreparedDataset> prepared = data::PrepareDataset(options, cache_dir, progress);
   if (!prepared.ok()) {
     err << "ftune data prepare: " << prepared.status().message() << "\n";
     return kFailed;

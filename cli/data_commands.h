@@ -10,7 +10,7 @@
 //   ftune data prepare JOB.yaml [--cache-dir DIR]
 //       tokenizes, masks and packs the job's dataset into cached token files
 //       (worker/data/prepare.h; options from the JobSpec via
-//       worker/data/from_spec.h); progress on stderr, then one JSON object
+//       worker/config/run_config.h); progress on stderr, then one JSON object
 //       on stdout: the token file paths, cache key, cache_hit and counts.
 //       DIR defaults to $FTUNE_DATA_CACHE, else ~/.cache/ftune/data.
 //   ftune data inspect FILE [--rows N] [--tokenizer DIR]

@@ -1,4 +1,4 @@
-// The random weights of `ftune-rank init-model` (worker/trainer/init_model.h
+// The random weights of `ftune-rank init-model` (worker/modelio/init_model.h
 // specifies them), one element at a time, shared by the CPU writer and the
 // CUDA generator (kernels/random_init_cuda.h) so both produce the same bf16
 // bits: integer SplitMix64 draws, a double-precision Box-Muller transform,

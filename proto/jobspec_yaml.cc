@@ -253,6 +253,12 @@ class YamlReader {
         else r->SetInt64(msg, f, v);
         break;
       }
+      case FieldDescriptor::CPPTYPE_UINT64: {
+        int64_t v = 0;
+        if (!ParseInt(s, &v) || v < 0) Error(path, "expected an integer >= 0, got '" + s + "'");
+        else r->SetUInt64(msg, f, static_cast<uint64_t>(v));
+        break;
+      }
       case FieldDescriptor::CPPTYPE_DOUBLE: {
         double v = 0;
         if (!ParseDouble(s, &v)) Error(path, "expected a number, got '" + s + "'");
@@ -291,6 +297,7 @@ void EmitMessage(YAML::Emitter& out, const Message& msg) {
         case FieldDescriptor::CPPTYPE_BOOL: out << r->GetBool(msg, f); break;
         case FieldDescriptor::CPPTYPE_INT32: out << r->GetInt32(msg, f); break;
         case FieldDescriptor::CPPTYPE_INT64: out << r->GetInt64(msg, f); break;
+        case FieldDescriptor::CPPTYPE_UINT64: out << r->GetUInt64(msg, f); break;
         case FieldDescriptor::CPPTYPE_DOUBLE: {
           std::ostringstream s;
           s.precision(17);

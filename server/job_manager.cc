@@ -313,11 +313,10 @@ absl::Status JobManager::HandleRankEvent(v1::Job* job, const AgentState& agent,
 // ---------------------------------------------------------------- JobService
 
 absl::StatusOr<v1::Job> JobManager::CreateJob(v1::JobSpec spec, const std::string& request_id) {
-  ApplyJobSpecDefaults(&spec);
-  std::vector<std::string> errors = ValidateJobSpec(spec);
-  if (!errors.empty()) {
+  // The same resolution the CLI and the ranks use (proto/jobspec.h).
+  if (ftune::Status resolved = ResolveJobSpec(&spec); !resolved.ok()) {
     std::string msg = "invalid job spec: ";
-    for (size_t i = 0; i < errors.size(); ++i) msg += (i ? "; " : "") + errors[i];
+    for (char c : resolved.message()) msg += c == '\n' ? std::string("; ") : std::string(1, c);
     return absl::InvalidArgumentError(msg);
   }
   if (request_id.size() > 128)

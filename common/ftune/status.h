@@ -1,8 +1,11 @@
-// Status and Result<T>: the error type of the worker-side modules (trainer,
-// collectives, data pipeline), which must build on GPU hosts without abseil
-// (ARCHITECTURE.md). One type for all of them, so errors cross module
-// boundaries unchanged. Codes and their text follow absl/gRPC canonical
-// codes. The control plane uses absl::Status instead.
+// Status and Result<T>: the one error type of every module that does not
+// link gRPC (the trainer, model formats, collectives, data pipeline, job
+// spec resolution), which must build on GPU hosts without abseil. One type
+// for all of them, so errors cross module boundaries unchanged; one pair of
+// macros, FTUNE_RETURN_IF_ERROR and FTUNE_ASSIGN_OR_RETURN. Codes and their
+// text follow absl/gRPC canonical codes. The control plane (coordinator,
+// agent, CLI) uses absl::Status, as gRPC does, and converts at its edge;
+// the CUDA kernels keep a plain C-style status at their C API.
 //
 // Thread-safety: values; no shared state.
 #ifndef FTUNE_COMMON_FTUNE_STATUS_H_
@@ -153,20 +156,20 @@ inline std::string Status::ToString() const {
 }  // namespace ftune
 
 // Early return of a non-OK Status from a function returning Status or
-// Result<T>. Named FTUNE_STATUS_* so they never meet absl's macros in a
-// translation unit that includes both (tests, tools).
-#define FTUNE_STATUS_RETURN_IF_ERROR(expr)             \
+// Result<T>. Prefixed FTUNE_ so they never meet absl's or gRPC's macros in
+// a translation unit that includes both (tests, tools).
+#define FTUNE_RETURN_IF_ERROR(expr)             \
   do {                                                  \
     ::ftune::Status ftune_status_ = (expr);    \
     if (!ftune_status_.ok()) return ftune_status_;      \
   } while (false)
 
-#define FTUNE_STATUS_CONCAT_INNER_(a, b) a##b
-#define FTUNE_STATUS_CONCAT_(a, b) FTUNE_STATUS_CONCAT_INNER_(a, b)
-#define FTUNE_STATUS_ASSIGN_OR_RETURN(lhs, expr)                             \
-  FTUNE_STATUS_ASSIGN_OR_RETURN_IMPL_(                                       \
-      FTUNE_STATUS_CONCAT_(ftune_result_, __LINE__), lhs, expr)
-#define FTUNE_STATUS_ASSIGN_OR_RETURN_IMPL_(result, lhs, expr) \
+#define FTUNE_CONCAT_INNER_(a, b) a##b
+#define FTUNE_CONCAT_(a, b) FTUNE_CONCAT_INNER_(a, b)
+#define FTUNE_ASSIGN_OR_RETURN(lhs, expr)                             \
+  FTUNE_ASSIGN_OR_RETURN_IMPL_(                                       \
+      FTUNE_CONCAT_(ftune_result_, __LINE__), lhs, expr)
+#define FTUNE_ASSIGN_OR_RETURN_IMPL_(result, lhs, expr) \
   auto result = (expr);                                         \
   if (!result.ok()) return result.status();                     \
   lhs = std::move(result).value()

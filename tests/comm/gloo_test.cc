@@ -44,7 +44,7 @@ Status MakeGloo(int rank, int world, const std::string& store,
                 milliseconds timeout, std::unique_ptr<Communicator>* comm,
                 milliseconds setup = milliseconds(30000)) {
   std::unique_ptr<LocalRendezvous> rdzv;
-  FTUNE_COMM_RETURN_IF_ERROR(
+  FTUNE_RETURN_IF_ERROR(
       LocalRendezvous::Connect(store, rank, world, setup, &rdzv));
   GlooOptions options;
   options.host = "127.0.0.1";
@@ -71,7 +71,7 @@ TEST_P(CommGlooWorldTest, EveryCollectiveDtypeAndOpMatchesTheReference) {
       n,
       [n](int rank, const std::string& store) {
         std::unique_ptr<LocalRendezvous> rdzv;
-        FTUNE_COMM_RETURN_IF_ERROR(LocalRendezvous::Connect(
+        FTUNE_RETURN_IF_ERROR(LocalRendezvous::Connect(
             store, rank, n, milliseconds(20000), &rdzv));
         SelftestOptions options;
         options.backend = "gloo";
@@ -100,7 +100,7 @@ TEST_P(CommGlooWorldTest, InPlaceFormsAndHandComputedResults) {
       n,
       [n](int rank, const std::string& store) -> Status {
         std::unique_ptr<Communicator> comm;
-        FTUNE_COMM_RETURN_IF_ERROR(
+        FTUNE_RETURN_IF_ERROR(
             MakeGloo(rank, n, store, milliseconds(20000), &comm));
         RANK_EXPECT(comm->rank() == rank && comm->size() == n, "rank/size");
         RANK_EXPECT(comm->backend() == "gloo", "backend");
@@ -109,7 +109,7 @@ TEST_P(CommGlooWorldTest, InPlaceFormsAndHandComputedResults) {
         const int32_t tri = n * (n + 1) / 2;
         for (ReduceOp op : kAllReduceOps) {
           int32_t v[3] = {rank + 1, 10 * (rank + 1), -rank};
-          FTUNE_COMM_RETURN_IF_ERROR(
+          FTUNE_RETURN_IF_ERROR(
               comm->AllReduce(v, v, 3, DataType::kInt32, op, nullptr));
           int32_t want[3];
           if (op == ReduceOp::kSum) {
@@ -130,7 +130,7 @@ TEST_P(CommGlooWorldTest, InPlaceFormsAndHandComputedResults) {
         // AllGather in place: this rank's slot already holds its data.
         std::vector<float> gathered(5 * n, -1.0f);
         for (int j = 0; j < 5; ++j) gathered[rank * 5 + j] = rank * 100.0f + j;
-        FTUNE_COMM_RETURN_IF_ERROR(
+        FTUNE_RETURN_IF_ERROR(
             comm->AllGather(gathered.data() + rank * 5, gathered.data(), 5,
                             DataType::kFloat32, nullptr));
         for (int q = 0; q < n; ++q) {
@@ -149,7 +149,7 @@ TEST_P(CommGlooWorldTest, InPlaceFormsAndHandComputedResults) {
             }
           }
           uint16_t* mine = buf.data() + rank * 3;
-          FTUNE_COMM_RETURN_IF_ERROR(comm->ReduceScatter(
+          FTUNE_RETURN_IF_ERROR(comm->ReduceScatter(
               buf.data(), mine, 3, DataType::kBFloat16, op, nullptr));
           for (int j = 0; j < 3; ++j) {
             // sum over r of (r + rank + j); every value is exact in bf16.
@@ -165,7 +165,7 @@ TEST_P(CommGlooWorldTest, InPlaceFormsAndHandComputedResults) {
 
         // fp16 max across negative values.
         uint16_t h[2] = {FloatToHalf(-1.5f - rank), FloatToHalf(0.25f * rank)};
-        FTUNE_COMM_RETURN_IF_ERROR(comm->AllReduce(h, h, 2, DataType::kFloat16,
+        FTUNE_RETURN_IF_ERROR(comm->AllReduce(h, h, 2, DataType::kFloat16,
                                                    ReduceOp::kMax, nullptr));
         RANK_EXPECT(HalfToFloat(h[0]) == -1.5f, "fp16 max[0]");
         RANK_EXPECT(HalfToFloat(h[1]) == 0.25f * (n - 1), "fp16 max[1]");
@@ -175,7 +175,7 @@ TEST_P(CommGlooWorldTest, InPlaceFormsAndHandComputedResults) {
           uint8_t b[7];
           for (int j = 0; j < 7; ++j)
             b[j] = rank == root ? root * 10 + j : 0xee;
-          FTUNE_COMM_RETURN_IF_ERROR(
+          FTUNE_RETURN_IF_ERROR(
               comm->Broadcast(b, 7, DataType::kUInt8, root, nullptr));
           for (int j = 0; j < 7; ++j) {
             RANK_EXPECT(b[j] == root * 10 + j,
@@ -184,15 +184,15 @@ TEST_P(CommGlooWorldTest, InPlaceFormsAndHandComputedResults) {
         }
 
         // Empty collectives are no-ops.
-        FTUNE_COMM_RETURN_IF_ERROR(comm->AllReduce(
+        FTUNE_RETURN_IF_ERROR(comm->AllReduce(
             nullptr, nullptr, 0, DataType::kFloat32, ReduceOp::kSum, nullptr));
-        FTUNE_COMM_RETURN_IF_ERROR(
+        FTUNE_RETURN_IF_ERROR(
             comm->AllGather(nullptr, nullptr, 0, DataType::kInt64, nullptr));
 
         // The barrier holds everyone until the last rank arrives.
         const auto t0 = Clock::now();
         std::this_thread::sleep_for(milliseconds(150 * rank));
-        FTUNE_COMM_RETURN_IF_ERROR(comm->Barrier(nullptr));
+        FTUNE_RETURN_IF_ERROR(comm->Barrier(nullptr));
         const auto waited = Clock::now() - t0;
         RANK_EXPECT(
             waited >= milliseconds(150 * (n - 1) - 50),
@@ -247,7 +247,7 @@ TEST_P(CommGlooKillTest, SurvivorsFailWithinTheTimeoutNamingCollectiveAndRank) {
       StartRanks(kc.world, [&](int rank, const std::string& store) -> Status {
         ::close(progress[0]);
         std::unique_ptr<Communicator> comm;
-        FTUNE_COMM_RETURN_IF_ERROR(
+        FTUNE_RETURN_IF_ERROR(
             MakeGloo(rank, kc.world, store, timeout, &comm));
         std::vector<float> buf(1 << 18, 1.0f);
         for (int i = 0;; ++i) {
@@ -442,9 +442,9 @@ TEST(CommChannelRendezvousTest, GlooThroughASimulatedAgentRelay) {
     // second publish, not a stale first one.
     for (int round = 0; round < 2; ++round) {
       std::unique_ptr<Communicator> comm;
-      FTUNE_COMM_RETURN_IF_ERROR(CreateGlooCommunicator(rdzv, options, &comm));
+      FTUNE_RETURN_IF_ERROR(CreateGlooCommunicator(rdzv, options, &comm));
       int64_t v = (rank + 1) * (round + 1);
-      FTUNE_COMM_RETURN_IF_ERROR(comm->AllReduce(&v, &v, 1, DataType::kInt64,
+      FTUNE_RETURN_IF_ERROR(comm->AllReduce(&v, &v, 1, DataType::kInt64,
                                                  ReduceOp::kSum, nullptr));
       RANK_EXPECT(v == 6 * (round + 1), std::to_string(v));
     }

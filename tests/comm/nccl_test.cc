@@ -93,7 +93,7 @@ class CommNcclTest : public ::testing::Test {
 Status MakeNccl(int rank, int world, const std::string& store,
                 milliseconds timeout, std::unique_ptr<Communicator>* comm) {
   std::unique_ptr<LocalRendezvous> rdzv;
-  FTUNE_COMM_RETURN_IF_ERROR(
+  FTUNE_RETURN_IF_ERROR(
       LocalRendezvous::Connect(store, rank, world, milliseconds(60000), &rdzv));
   NcclOptions options;
   options.device = rank;
@@ -109,7 +109,7 @@ TEST_F(CommNcclTest, EveryCollectiveDtypeAndOpMatchesTheReference) {
       n,
       [n](int rank, const std::string& store) {
         std::unique_ptr<LocalRendezvous> rdzv;
-        FTUNE_COMM_RETURN_IF_ERROR(LocalRendezvous::Connect(
+        FTUNE_RETURN_IF_ERROR(LocalRendezvous::Connect(
             store, rank, n, milliseconds(60000), &rdzv));
         SelftestOptions options;
         options.backend = "nccl";
@@ -136,7 +136,7 @@ TEST_F(CommNcclTest, InPlaceFormsOnDeviceMemory) {
       n,
       [n](int rank, const std::string& store) -> Status {
         std::unique_ptr<Communicator> comm;
-        FTUNE_COMM_RETURN_IF_ERROR(
+        FTUNE_RETURN_IF_ERROR(
             MakeNccl(rank, n, store, milliseconds(60000), &comm));
         cudaStream_t stream;
         CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
@@ -151,9 +151,9 @@ TEST_F(CommNcclTest, InPlaceFormsOnDeviceMemory) {
         CUDA_OK(cudaMemcpyAsync(dev + rank * chunk, host.data() + rank * chunk,
                                 chunk * sizeof(float), cudaMemcpyHostToDevice,
                                 stream));
-        FTUNE_COMM_RETURN_IF_ERROR(comm->AllGather(
+        FTUNE_RETURN_IF_ERROR(comm->AllGather(
             dev + rank * chunk, dev, chunk, DataType::kFloat32, stream));
-        FTUNE_COMM_RETURN_IF_ERROR(comm->Synchronize(stream));
+        FTUNE_RETURN_IF_ERROR(comm->Synchronize(stream));
         CUDA_OK(cudaMemcpy(host.data(), dev, host.size() * sizeof(float),
                            cudaMemcpyDeviceToHost));
         for (int q = 0; q < n; ++q) {
@@ -167,10 +167,10 @@ TEST_F(CommNcclTest, InPlaceFormsOnDeviceMemory) {
           host[g] = static_cast<float>(rank + g % 7);
         CUDA_OK(cudaMemcpyAsync(dev, host.data(), host.size() * sizeof(float),
                                 cudaMemcpyHostToDevice, stream));
-        FTUNE_COMM_RETURN_IF_ERROR(
+        FTUNE_RETURN_IF_ERROR(
             comm->ReduceScatter(dev, dev + rank * chunk, chunk,
                                 DataType::kFloat32, ReduceOp::kSum, stream));
-        FTUNE_COMM_RETURN_IF_ERROR(comm->Synchronize(stream));
+        FTUNE_RETURN_IF_ERROR(comm->Synchronize(stream));
         CUDA_OK(cudaMemcpy(host.data(), dev + rank * chunk,
                            chunk * sizeof(float), cudaMemcpyDeviceToHost));
         for (size_t j = 0; j < chunk; ++j) {
@@ -183,9 +183,9 @@ TEST_F(CommNcclTest, InPlaceFormsOnDeviceMemory) {
         int64_t* dv = nullptr;
         CUDA_OK(cudaMalloc(&dv, sizeof(v)));
         CUDA_OK(cudaMemcpy(dv, &v, sizeof(v), cudaMemcpyHostToDevice));
-        FTUNE_COMM_RETURN_IF_ERROR(comm->AllReduce(dv, dv, 1, DataType::kInt64,
+        FTUNE_RETURN_IF_ERROR(comm->AllReduce(dv, dv, 1, DataType::kInt64,
                                                    ReduceOp::kMax, stream));
-        FTUNE_COMM_RETURN_IF_ERROR(comm->Barrier(stream));
+        FTUNE_RETURN_IF_ERROR(comm->Barrier(stream));
         CUDA_OK(cudaMemcpy(&v, dv, sizeof(v), cudaMemcpyDeviceToHost));
         RANK_EXPECT(v == (n - 1) * 3 - 7, std::to_string(v));
 
@@ -208,7 +208,7 @@ TEST_F(CommNcclTest, SurvivorFailsWithinTheTimeoutWhenAPeerIsKilled) {
   auto group = StartRanks(2, [&](int rank, const std::string& store) -> Status {
     ::close(progress[0]);
     std::unique_ptr<Communicator> comm;
-    FTUNE_COMM_RETURN_IF_ERROR(MakeNccl(rank, 2, store, timeout, &comm));
+    FTUNE_RETURN_IF_ERROR(MakeNccl(rank, 2, store, timeout, &comm));
     cudaStream_t stream;
     CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     float* buf = nullptr;
@@ -216,9 +216,9 @@ TEST_F(CommNcclTest, SurvivorFailsWithinTheTimeoutWhenAPeerIsKilled) {
     CUDA_OK(cudaMalloc(&buf, count * sizeof(float)));
     CUDA_OK(cudaMemset(buf, 0, count * sizeof(float)));
     for (int i = 0;; ++i) {
-      FTUNE_COMM_RETURN_IF_ERROR(comm->AllReduce(
+      FTUNE_RETURN_IF_ERROR(comm->AllReduce(
           buf, buf, count, DataType::kFloat32, ReduceOp::kSum, stream));
-      FTUNE_COMM_RETURN_IF_ERROR(comm->Synchronize(stream));
+      FTUNE_RETURN_IF_ERROR(comm->Synchronize(stream));
       if (i == 5) {
         const char c = 'x';
         (void)!::write(progress[1], &c, 1);

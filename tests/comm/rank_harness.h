@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "worker/comm/local_launcher.h"
-#include "worker/comm/status.h"
+#include "ftune/status.h"
 
 namespace ftune::comm::testing {
 

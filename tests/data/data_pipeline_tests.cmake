@@ -1,5 +1,5 @@
 # Included from tests/data/CMakeLists.txt: tests of worker/data's pipeline
-# (ftune_data, ftune_data_spec). Golden data: tests/golden/data/.
+# (ftune_data; its JobSpec mapping is tested in tests/config). Golden data: tests/golden/data/.
 if(TARGET ftune_data)
   set(_data_golden_def FTUNE_DATA_GOLDEN_DIR="${PROJECT_SOURCE_DIR}/tests/golden/data")
 
@@ -21,9 +21,4 @@ if(TARGET ftune_data)
     SOURCES token_file_test.cc
     LIBS ftune_data ftune_tokenizer_test_data nlohmann_json::nlohmann_json)
 
-  if(TARGET ftune_data_spec)
-    ftune_add_test(data_from_spec_test LABEL unit
-      SOURCES data_from_spec_test.cc
-      LIBS ftune_data_spec)
-  endif()
 endif()

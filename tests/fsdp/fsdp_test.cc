@@ -39,12 +39,12 @@
 #include "rank_harness.h"
 #include "worker/comm/gloo_communicator.h"
 #include "worker/comm/local_rendezvous.h"
-#include "worker/trainer/file_util.h"
+#include "ftune/file_util.h"
 #include "worker/trainer/fsdp.h"
-#include "worker/trainer/init_model.h"
-#include "worker/trainer/memory_plan.h"
+#include "worker/modelio/init_model.h"
+#include "worker/modelio/memory_plan.h"
 #include "worker/trainer/optim.h"
-#include "worker/trainer/safetensors.h"
+#include "worker/modelio/safetensors.h"
 
 namespace ftune::trainer {
 namespace {
@@ -66,14 +66,14 @@ using Clock = std::chrono::steady_clock;
     }                                                                                        \
   } while (false)
 
-#define RANK_ASSIGN(lhs, expr) FTUNE_STATUS_ASSIGN_OR_RETURN(lhs, expr)
+#define RANK_ASSIGN(lhs, expr) FTUNE_ASSIGN_OR_RETURN(lhs, expr)
 
 Status MakeGloo(int rank, int world, const std::string& store, milliseconds timeout,
                 std::unique_ptr<Communicator>* comm) {
   // Torch in a forked rank: one thread, the machine is shared.
   at::set_num_threads(1);
   std::unique_ptr<comm::LocalRendezvous> rdzv;
-  FTUNE_STATUS_RETURN_IF_ERROR(
+  FTUNE_RETURN_IF_ERROR(
       comm::LocalRendezvous::Connect(store, rank, world, milliseconds(60000), &rdzv));
   comm::GlooOptions options;
   options.host = "127.0.0.1";
@@ -139,7 +139,7 @@ Status WriteRandomLlama(const std::string& dir, const RandomLlama& s) {
                 static_cast<long long>(s.kv_heads), static_cast<long long>(head_dim),
                 static_cast<long long>(s.vocab), s.tied ? "true" : "false",
                 s.bf16 ? "bfloat16" : "float32");
-  FTUNE_STATUS_RETURN_IF_ERROR(WriteFileAtomically(dir + "/config.json", config));
+  FTUNE_RETURN_IF_ERROR(WriteFileAtomically(dir + "/config.json", config));
   // xorshift64*: uniform in [-0.0346, 0.0346) (std 0.02), fast enough to
   // write the RSS test's 400 MiB in a few seconds.
   uint64_t state = s.seed * 0x9E3779B97F4A7C15ull + 1;
@@ -232,7 +232,7 @@ TEST_P(FsdpNf4BytesTest, GatheredUnitsEqualWholeTensorQuantization) {
       world,
       [&](int rank, const std::string& store) -> Status {
         std::unique_ptr<Communicator> comm;
-        FTUNE_STATUS_RETURN_IF_ERROR(MakeGloo(rank, world, store, milliseconds(60000), &comm));
+        FTUNE_RETURN_IF_ERROR(MakeGloo(rank, world, store, milliseconds(60000), &comm));
         // One rank runs without a communicator, as LoadShardedModel allows.
         Communicator* shard_comm = world == 1 ? nullptr : comm.get();
         for (const auto& [nested, dtype] : {std::pair{true, at::kFloat}, std::pair{false, at::kFloat},
@@ -251,7 +251,7 @@ TEST_P(FsdpNf4BytesTest, GatheredUnitsEqualWholeTensorQuantization) {
           int64_t compared = 0;
           for (int64_t u = 0; u < units->num_units(); ++u) {
             RANK_EXPECT(!units->resident(u), "unit resident before any gather");
-            FTUNE_STATUS_RETURN_IF_ERROR(units->GatherUnit(u));
+            FTUNE_RETURN_IF_ERROR(units->GatherUnit(u));
             if (u == LlamaModel::kEmbeddingUnit) {
               RANK_EXPECT(BitEqual(sharded->embed_tokens(), whole->embed_tokens()), "embedding");
             } else if (u == sharded->head_unit()) {
@@ -365,7 +365,7 @@ std::vector<at::Tensor> Params(const LlamaModel& m) {
 Result<at::Tensor> GatherShards(Communicator* comm, const at::Tensor& shard) {
   at::Tensor s = shard.detach().contiguous();
   at::Tensor all = at::empty({s.numel() * comm->size()}, s.options());
-  FTUNE_STATUS_RETURN_IF_ERROR(comm->AllGather(s.data_ptr(), all.data_ptr(),
+  FTUNE_RETURN_IF_ERROR(comm->AllGather(s.data_ptr(), all.data_ptr(),
                                                static_cast<size_t>(s.numel()), DataType::kFloat32,
                                                nullptr));
   return all;
@@ -373,7 +373,7 @@ Result<at::Tensor> GatherShards(Communicator* comm, const at::Tensor& shard) {
 
 Result<double> SumOverRanks(Communicator* comm, double v) {
   std::vector<double> all(comm->size());
-  FTUNE_STATUS_RETURN_IF_ERROR(
+  FTUNE_RETURN_IF_ERROR(
       comm->AllGather(&v, all.data(), sizeof(double), DataType::kUInt8, nullptr));
   double s = 0;
   for (double x : all) s += x;
@@ -387,7 +387,7 @@ TEST_P(FsdpTrainTest, ShardedStepEqualsOneRank) {
       world,
       [&](int rank, const std::string& store) -> Status {
         std::unique_ptr<Communicator> comm;
-        FTUNE_STATUS_RETURN_IF_ERROR(MakeGloo(rank, world, store, milliseconds(60000), &comm));
+        FTUNE_RETURN_IF_ERROR(MakeGloo(rank, world, store, milliseconds(60000), &comm));
         const std::string dir = Golden(tc.model);
         const std::string adapter = Golden(std::string(tc.model) + "_adapter");
         ModelOptions options = DefaultModelOptions(c10::kCPU);
@@ -405,7 +405,7 @@ TEST_P(FsdpTrainTest, ShardedStepEqualsOneRank) {
 
         // 1 rank, full batch.
         RANK_ASSIGN(std::unique_ptr<LlamaModel> ref, LlamaModel::Load(dir, options));
-        FTUNE_STATUS_RETURN_IF_ERROR(ref->LoadAdapter(adapter));
+        FTUNE_RETURN_IF_ERROR(ref->LoadAdapter(adapter));
         LossOutput ro = ref->Loss(ids, at::Tensor(), labels, /*training=*/true);
         at::Tensor rloss = ro.loss_sum / static_cast<double>(global_tokens);
         rloss.backward();
@@ -436,7 +436,7 @@ TEST_P(FsdpTrainTest, ShardedStepEqualsOneRank) {
         Communicator* shard_comm = world == 1 ? nullptr : comm.get();  // 1 rank: none at all
         RANK_ASSIGN(std::unique_ptr<LlamaModel> m,
                     LoadShardedModel(dir, options, fsdp, shard_comm));
-        FTUNE_STATUS_RETURN_IF_ERROR(m->LoadAdapter(adapter));
+        FTUNE_RETURN_IF_ERROR(m->LoadAdapter(adapter));
         RANK_ASSIGN(std::unique_ptr<ShardedLora> lora, ShardedLora::Create(m.get(), shard_comm));
         RANK_EXPECT(lora->total_numel() == ref_grads.numel(), "total_numel");
         RANK_EXPECT(lora->shard_numel() * world >= lora->total_numel(), "shard_numel");
@@ -473,7 +473,7 @@ TEST_P(FsdpTrainTest, ShardedStepEqualsOneRank) {
             RANK_EXPECT(!units->resident(u), "unit " + std::to_string(u) + " resident after backward");
           }
         }
-        FTUNE_STATUS_RETURN_IF_ERROR(lora->ReduceGradients());
+        FTUNE_RETURN_IF_ERROR(lora->ReduceGradients());
         for (const NamedTensor& p : m->LoraParameters()) {
           RANK_EXPECT(!p.tensor.grad().defined(), p.name + ": full grad kept after the reduction");
         }
@@ -536,7 +536,7 @@ TEST_P(FsdpTrainTest, ShardedStepEqualsOneRank) {
         AdamW opt({lora->shard()}, adam);
         opt.Step(adam.lr);
         opt.ZeroGrad();
-        FTUNE_STATUS_RETURN_IF_ERROR(lora->GatherParams());
+        FTUNE_RETURN_IF_ERROR(lora->GatherParams());
         const at::Tensor params = Flat(Params(*m));
         RANK_EXPECT(at::equal(params, mirror_params),
                     "sharded AdamW + GatherParams differs from per-tensor AdamW by " +
@@ -673,7 +673,7 @@ TEST(FsdpLoadTest, PeakRssPerRankIsItsShareAndOneTensor) {
       kWorld,
       [&](int rank, const std::string& store) -> Status {
         std::unique_ptr<Communicator> comm;
-        FTUNE_STATUS_RETURN_IF_ERROR(MakeGloo(rank, kWorld, store, milliseconds(120000), &comm));
+        FTUNE_RETURN_IF_ERROR(MakeGloo(rank, kWorld, store, milliseconds(120000), &comm));
         ModelOptions options = DefaultModelOptions(c10::kCPU);
         options.quantize_base = true;
         {
@@ -760,7 +760,7 @@ TEST(FsdpConsistencyTest, RanksWithDifferentOptionsOrAdaptersAreRefused) {
       kWorld,
       [&](int rank, const std::string& store) -> Status {
         std::unique_ptr<Communicator> comm;
-        FTUNE_STATUS_RETURN_IF_ERROR(MakeGloo(rank, kWorld, store, milliseconds(60000), &comm));
+        FTUNE_RETURN_IF_ERROR(MakeGloo(rank, kWorld, store, milliseconds(60000), &comm));
         ModelOptions options = DefaultModelOptions(c10::kCPU);
         options.quantize_base = true;
         options.nf4.double_quant = rank == 0;
@@ -774,7 +774,7 @@ TEST(FsdpConsistencyTest, RanksWithDifferentOptionsOrAdaptersAreRefused) {
                     LoadShardedModel(Golden("llama2_tiny"), options, FsdpOptions(), comm.get()));
         LoraConfig lora;
         lora.r = rank == 0 ? 4 : 8;
-        FTUNE_STATUS_RETURN_IF_ERROR(ok->AttachLora(lora));
+        FTUNE_RETURN_IF_ERROR(ok->AttachLora(lora));
         auto sl = ShardedLora::Create(ok.get(), comm.get());
         RANK_EXPECT(!sl.ok(), "ranks with different LoRA ranks sharded");
         RANK_EXPECT(sl.status().message().find("LoRA layout") != std::string::npos,
@@ -806,7 +806,7 @@ TEST(FsdpRandomWeightsTest, GeneratedWeightsEqualInitModelFiles) {
         world,
         [&](int rank, const std::string& store) -> Status {
           std::unique_ptr<Communicator> comm;
-          FTUNE_STATUS_RETURN_IF_ERROR(MakeGloo(rank, world, store, milliseconds(60000), &comm));
+          FTUNE_RETURN_IF_ERROR(MakeGloo(rank, world, store, milliseconds(60000), &comm));
           Communicator* c = world == 1 ? nullptr : comm.get();
           ModelOptions options = DefaultModelOptions(c10::kCPU);
           options.quantize_base = true;
@@ -855,7 +855,7 @@ TEST(FsdpBenchTest, DISABLED_StepTimeWithAndWithoutPrefetch) {
       kWorld,
       [&](int rank, const std::string& store) -> Status {
         std::unique_ptr<Communicator> comm;
-        FTUNE_STATUS_RETURN_IF_ERROR(MakeGloo(rank, kWorld, store, milliseconds(120000), &comm));
+        FTUNE_RETURN_IF_ERROR(MakeGloo(rank, kWorld, store, milliseconds(120000), &comm));
         ModelOptions options = DefaultModelOptions(c10::kCPU);
         options.quantize_base = true;
         options.activation_checkpointing = true;
@@ -867,7 +867,7 @@ TEST(FsdpBenchTest, DISABLED_StepTimeWithAndWithoutPrefetch) {
                       LoadShardedModel(model_dir, options, fsdp, comm.get()));
           LoraConfig lora;
           lora.r = 16;
-          FTUNE_STATUS_RETURN_IF_ERROR(m->AttachLora(lora));
+          FTUNE_RETURN_IF_ERROR(m->AttachLora(lora));
           at::Tensor ids = at::arange(4 * 128, at::TensorOptions().dtype(at::kLong))
                                .remainder(spec.vocab)
                                .view({4, 128});
@@ -964,13 +964,13 @@ TEST_P(FsdpKillTest, SurvivorsFailWithTheCollectivesErrorWithinTheTimeout) {
       kWorld,
       [&](int rank, const std::string& store) -> Status {
         std::unique_ptr<Communicator> comm;
-        FTUNE_STATUS_RETURN_IF_ERROR(MakeGloo(rank, kWorld, store, timeout, &comm));
+        FTUNE_RETURN_IF_ERROR(MakeGloo(rank, kWorld, store, timeout, &comm));
         ModelOptions options = DefaultModelOptions(c10::kCPU);
         options.quantize_base = true;
         options.activation_checkpointing = true;
         const std::string dir = Golden("llama2_tiny");
         if (point == KillPoint::kMidLoad || point == KillPoint::kHungMidLoad) {
-          FTUNE_STATUS_RETURN_IF_ERROR(comm->Barrier(nullptr));
+          FTUNE_RETURN_IF_ERROR(comm->Barrier(nullptr));
           // The victim dies (or hangs) at its 6th collective of the load:
           // past the layout check, inside the nested-absmax gathers of
           // layer 0. A hung rank keeps its sockets open, so only the
@@ -1002,7 +1002,7 @@ TEST_P(FsdpKillTest, SurvivorsFailWithTheCollectivesErrorWithinTheTimeout) {
         FsdpOptions fsdp;
         fsdp.prefetch = prefetch;
         RANK_ASSIGN(std::unique_ptr<LlamaModel> m, LoadShardedModel(dir, options, fsdp, &dying));
-        FTUNE_STATUS_RETURN_IF_ERROR(m->LoadAdapter(Golden("llama2_tiny_adapter")));
+        FTUNE_RETURN_IF_ERROR(m->LoadAdapter(Golden("llama2_tiny_adapter")));
         at::Tensor ids = at::arange(16, at::TensorOptions().dtype(at::kLong)).view({2, 8});
         LossOutput out;
         if (point == KillPoint::kBeforeBackward) {
@@ -1011,7 +1011,7 @@ TEST_P(FsdpKillTest, SurvivorsFailWithTheCollectivesErrorWithinTheTimeout) {
           // through autograd.
           out = m->Loss(ids, at::Tensor(), ids, /*training=*/true);
         }
-        FTUNE_STATUS_RETURN_IF_ERROR(comm->Barrier(nullptr));
+        FTUNE_RETURN_IF_ERROR(comm->Barrier(nullptr));
         if (rank == kVictim && !prefetch) ::raise(SIGKILL);
         const auto t0 = Clock::now();
         std::string msg;

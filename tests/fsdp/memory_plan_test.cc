@@ -1,7 +1,7 @@
 // PlanMemory: hand-computed shard sizes, the structural effects of each
 // option, and the Llama-3-70B figures for the three fleets (printed;
 // GPU validation of the constants comes later).
-#include "worker/trainer/memory_plan.h"
+#include "worker/modelio/memory_plan.h"
 
 #include <gtest/gtest.h>
 

@@ -13,8 +13,8 @@
 #include <string_view>
 #include <vector>
 
-#include "worker/trainer/llama_config.h"
-#include "worker/trainer/safetensors.h"
+#include "worker/modelio/llama_config.h"
+#include "worker/modelio/safetensors.h"
 
 namespace {
 

@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "worker/trainer/safetensors.h"
+#include "worker/modelio/safetensors.h"
 
 namespace {
 

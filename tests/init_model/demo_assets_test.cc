@@ -18,11 +18,11 @@
 #include "jobspec.h"
 #include "worker/data/bpe_trainer.h"
 #include "worker/data/chat_template.h"
-#include "worker/data/from_spec.h"
+#include "worker/config/run_config.h"
 #include "worker/data/prepare.h"
 #include "worker/data/token_file.h"
 #include "worker/data/tokenizer.h"
-#include "worker/trainer/init_model.h"
+#include "worker/modelio/init_model.h"
 #include "temp_dir.h"
 
 namespace ftune {
@@ -42,13 +42,10 @@ TEST(DemoAssetsTest, TrainedTokenizerTemplateIsDetectedAsLlama3) {
 }
 
 TEST(DemoAssetsTest, TinyJobPreparesTheDemoDataset) {
-  v1::JobSpec spec;
-  std::vector<std::string> errors;
-  ASSERT_TRUE(LoadJobSpecFile(kSource + "/examples/tiny-qlora.yaml", &spec, &errors))
-      << errors[0];
-  ApplyJobSpecDefaults(&spec);
-  const std::vector<std::string> problems = ValidateJobSpec(spec);
-  ASSERT_TRUE(problems.empty()) << problems[0];
+  // The job as `ftune submit` would run it from the source directory.
+  Result<v1::JobSpec> loaded = LoadJobSpec(kSource + "/examples/tiny-qlora.yaml", kSource);
+  ASSERT_TRUE(loaded.ok()) << loaded.status().ToString();
+  v1::JobSpec spec = *loaded;
   EXPECT_EQ(spec.resources().num_ranks(), 2);
   EXPECT_EQ(spec.training().max_seq_len(), 256);
   EXPECT_EQ(spec.lora().r(), 16);
@@ -63,14 +60,12 @@ TEST(DemoAssetsTest, TinyJobPreparesTheDemoDataset) {
   Status st = trainer::InitModel(init);
   ASSERT_TRUE(st.ok()) << st.ToString();
 
-  // The job as `ftune submit` would run it from the source directory.
   spec.mutable_model()->set_model_name_or_path(init.out_dir);
-  for (auto& f : *spec.mutable_dataset()->mutable_data_files()) f = kSource + "/" + f;
-  for (auto& f : *spec.mutable_dataset()->mutable_eval_data_files()) f = kSource + "/" + f;
-  auto options = data::DatasetOptionsFromSpec(spec);
-  ASSERT_TRUE(options.ok()) << options.status().ToString();
-  options->num_threads = 1;
-  auto prepared = data::PrepareDataset(*options, tmp.path() + "/cache");
+  Result<trainer::RunConfig> run = trainer::MakeRunConfig(spec, trainer::DeviceKind::kCpu);
+  ASSERT_TRUE(run.ok()) << run.status().ToString();
+  data::DatasetOptions options = run->data;
+  options.num_threads = 1;
+  auto prepared = data::PrepareDataset(options, tmp.path() + "/cache");
   ASSERT_TRUE(prepared.ok()) << prepared.status().ToString();
   EXPECT_EQ(prepared->chat_template, "llama3");
   EXPECT_EQ(prepared->format, "messages");

@@ -24,9 +24,9 @@
 
 #include "tokenizer_test_data.h"
 #include "worker/data/tokenizer.h"
-#include "worker/trainer/init_model.h"
-#include "worker/trainer/llama_config.h"
-#include "worker/trainer/safetensors.h"
+#include "worker/modelio/init_model.h"
+#include "worker/modelio/llama_config.h"
+#include "worker/modelio/safetensors.h"
 #include "temp_dir.h"
 
 namespace ftune::trainer {

@@ -23,7 +23,7 @@
 #include <nlohmann/json.hpp>
 
 #include "worker/data/tokenizer.h"
-#include "worker/trainer/init_model.h"
+#include "worker/modelio/init_model.h"
 #include "worker/trainer/model.h"
 #include "worker/trainer/optim.h"
 #include "temp_dir.h"

@@ -19,8 +19,8 @@
 
 #include "model_test_util.h"
 #include "worker/trainer/bnb_checkpoint.h"
-#include "worker/trainer/file_util.h"
-#include "worker/trainer/safetensors.h"
+#include "ftune/file_util.h"
+#include "worker/modelio/safetensors.h"
 #include "worker/trainer/weights.h"
 #include "temp_dir.h"
 

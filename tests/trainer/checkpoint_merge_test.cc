@@ -10,10 +10,10 @@
 #include "model_test_util.h"
 #include "temp_dir.h"
 #include "worker/trainer/checkpoint.h"
-#include "worker/trainer/file_util.h"
+#include "ftune/file_util.h"
 #include "worker/trainer/merge.h"
 #include "worker/trainer/model.h"
-#include "worker/trainer/safetensors.h"
+#include "worker/modelio/safetensors.h"
 #include "worker/trainer/weights.h"
 
 namespace ftune::trainer {

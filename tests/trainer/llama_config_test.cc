@@ -1,10 +1,10 @@
 // Tests of the Llama config parser and RoPE frequencies
-// (worker/trainer/llama_config.h): the Llama 2 / 3 / 3.1 fixtures of
+// (worker/modelio/llama_config.h): the Llama 2 / 3 / 3.1 fixtures of
 // tests/trainer/data, both RoPE spellings, defaults, every validation error
 // (naming key and value), and the inverse frequencies checked against the
 // formulas evaluated in double and, bit for bit, against transformers' own
 // (data/rope_golden.json, made by data/make_reference_data.py).
-#include "worker/trainer/llama_config.h"
+#include "worker/modelio/llama_config.h"
 
 #include <cmath>
 #include <cstdint>

@@ -11,7 +11,7 @@
 #include <string>
 
 #include "worker/trainer/model.h"
-#include "worker/trainer/safetensors.h"
+#include "worker/modelio/safetensors.h"
 #include "worker/trainer/weights.h"
 
 namespace ftune::trainer::testing {

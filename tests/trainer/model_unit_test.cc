@@ -20,11 +20,11 @@
 #include <string>
 
 #include "model_test_util.h"
-#include "worker/trainer/llama_config.h"
+#include "worker/modelio/llama_config.h"
 #include "worker/trainer/lora.h"
 #include "worker/trainer/loss.h"
 #include "worker/trainer/model.h"
-#include "worker/trainer/safetensors.h"
+#include "worker/modelio/safetensors.h"
 #include "worker/trainer/torch_compat.h"
 #include "worker/trainer/weights.h"
 

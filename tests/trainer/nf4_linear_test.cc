@@ -14,7 +14,7 @@
 
 #include "kernels/nf4.h"
 #include "model_test_util.h"
-#include "worker/trainer/llama_config.h"
+#include "worker/modelio/llama_config.h"
 #include "worker/trainer/model.h"
 #include "worker/trainer/nf4_linear.h"
 #include "worker/trainer/weights.h"

@@ -1,11 +1,11 @@
-// Tests of the safetensors reader/writer (worker/trainer/safetensors.h):
+// Tests of the safetensors reader/writer (worker/modelio/safetensors.h):
 // round trips through the writer, byte-for-byte agreement with the reference
 // implementation's serialization, byte/element range reads, sharded models,
 // every malformed-file rule (each error names the file and the tensor), and
 // that reading a slice of a large tensor does not bring the rest of it into
 // memory. The reference tests compare with data made by the reference
 // implementation (tests/trainer/data/make_reference_data.py).
-#include "worker/trainer/safetensors.h"
+#include "worker/modelio/safetensors.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>

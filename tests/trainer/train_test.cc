@@ -26,9 +26,9 @@
 #include "worker/comm/gloo_communicator.h"
 #include "worker/comm/local_rendezvous.h"
 #include "worker/trainer/bnb_checkpoint.h"
-#include "worker/trainer/file_util.h"
-#include "worker/trainer/init_model.h"
-#include "worker/trainer/safetensors.h"
+#include "ftune/file_util.h"
+#include "worker/modelio/init_model.h"
+#include "worker/modelio/safetensors.h"
 #include "worker/trainer/train.h"
 
 namespace ftune::trainer {
@@ -78,6 +78,8 @@ class TrainTest : public ::testing::Test {
     t->set_warmup_steps(1);
     t->set_weight_decay(0.01);
     t->set_gradient_checkpointing(true);
+    const Status resolved = ResolveJobSpec(&s);
+    EXPECT_TRUE(resolved.ok()) << resolved.ToString();
     return s;
   }
 };
@@ -122,21 +124,21 @@ std::vector<comm::RankExit> TrainRanks(const RunConfig& config) {
         std::unique_ptr<comm::Communicator> comm;
         if (config.world > 1) {
           std::unique_ptr<comm::LocalRendezvous> rv;
-          FTUNE_STATUS_RETURN_IF_ERROR(comm::LocalRendezvous::Connect(
+          FTUNE_RETURN_IF_ERROR(comm::LocalRendezvous::Connect(
               store, rank, config.world, std::chrono::seconds(30), &rv));
           comm::GlooOptions o;
           o.host = "127.0.0.1";
           o.timeout = config.timeout;
           o.setup_timeout = std::chrono::seconds(60);
-          FTUNE_STATUS_RETURN_IF_ERROR(comm::CreateGlooCommunicator(*rv, o, &comm));
+          FTUNE_RETURN_IF_ERROR(comm::CreateGlooCommunicator(*rv, o, &comm));
         }
         v1::JobSpec spec = config.spec;
         if (!config.quantize_to.empty()) {
           if (rank == 0) {
-            FTUNE_STATUS_RETURN_IF_ERROR(QuantizeModelDirectory(
+            FTUNE_RETURN_IF_ERROR(QuantizeModelDirectory(
                 spec.model().model_name_or_path(), config.quantize_to, QuantizeModelOptions{}));
           }
-          if (comm != nullptr) FTUNE_STATUS_RETURN_IF_ERROR(comm->Barrier(nullptr));
+          if (comm != nullptr) FTUNE_RETURN_IF_ERROR(comm->Barrier(nullptr));
           spec.mutable_model()->set_model_name_or_path(config.quantize_to);
         }
         DieAfterStep die(config.die_after, config.die_delay_ms);
@@ -149,7 +151,7 @@ std::vector<comm::RankExit> TrainRanks(const RunConfig& config) {
         ctx.data_cache_dir = g_root + "/data-cache";
         ctx.comm = comm.get();
         ctx.events = &events;
-        FTUNE_STATUS_ASSIGN_OR_RETURN(TrainResult r, Train(spec, ctx));
+        FTUNE_ASSIGN_OR_RETURN(TrainResult r, Train(spec, ctx));
         std::ofstream out(config.output_dir + "/losses-" + std::to_string(rank) + ".txt");
         out.precision(17);
         for (double l : r.losses) out << l << "\n";

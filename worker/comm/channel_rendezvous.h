@@ -21,7 +21,7 @@
 #include "channel.h"
 #include "ftune/v1/rank_channel.pb.h"
 #include "worker/comm/rendezvous.h"
-#include "worker/comm/status.h"
+#include "ftune/status.h"
 
 namespace ftune::comm {
 

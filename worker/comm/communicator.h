@@ -57,7 +57,7 @@
 #include <string>
 #include <string_view>
 
-#include "worker/comm/status.h"
+#include "ftune/status.h"
 
 namespace ftune::comm {
 

@@ -503,14 +503,14 @@ Status CreateGlooCommunicator(Rendezvous& rendezvous,
                                               ? options.setup_timeout
                                               : options.timeout;
   std::string host;
-  FTUNE_COMM_RETURN_IF_ERROR(
+  FTUNE_RETURN_IF_ERROR(
       ResolveCommHost(options.host, options.iface, &host));
 
   // Rank 0 hosts the store for the duration of the setup only.
   std::unique_ptr<TcpStoreServer> server;
   std::string published;
   if (rank == 0) {
-    FTUNE_COMM_RETURN_IF_ERROR(TcpStoreServer::Listen(host, 0, &server));
+    FTUNE_RETURN_IF_ERROR(TcpStoreServer::Listen(host, 0, &server));
     server->Start();
     published = server->address();
   }

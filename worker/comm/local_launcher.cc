@@ -44,7 +44,7 @@ Status LocalRankGroup::Start(const LocalLaunchOptions& options,
                   "nproc (" + std::to_string(options.nproc) + ") must be >= 1");
   }
   std::unique_ptr<LocalRankGroup> group(new LocalRankGroup());
-  FTUNE_COMM_RETURN_IF_ERROR(
+  FTUNE_RETURN_IF_ERROR(
       TcpStoreServer::Listen(options.host, 0, &group->server_));
   const std::string address = group->server_->address();
   // Flush before forking, or the children inherit and repeat buffered output.

@@ -22,7 +22,7 @@
 #include <string>
 #include <vector>
 
-#include "worker/comm/status.h"
+#include "ftune/status.h"
 #include "worker/comm/tcp_store.h"
 
 namespace ftune::comm {

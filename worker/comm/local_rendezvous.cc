@@ -26,7 +26,7 @@ Status LocalRendezvous::Connect(const std::string& store_address, int rank,
                       " is not in a world of " + std::to_string(world_size));
   }
   std::unique_ptr<TcpStoreClient> client;
-  FTUNE_COMM_RETURN_IF_ERROR(
+  FTUNE_RETURN_IF_ERROR(
       TcpStoreClient::Connect(store_address, timeout, &client));
   out->reset(new LocalRendezvous(std::move(client), rank, world_size));
   return OkStatus();
@@ -52,7 +52,7 @@ Status LocalRendezvous::Exchange(std::string_view data,
                                  std::chrono::milliseconds timeout,
                                  std::string* out) {
   const std::string key = "rendezvous/" + std::to_string(generation_++);
-  if (rank_ == 0) FTUNE_COMM_RETURN_IF_ERROR(client_->Set(key, data));
+  if (rank_ == 0) FTUNE_RETURN_IF_ERROR(client_->Set(key, data));
   Status s = client_->Get(key, timeout, out);
   if (!s.ok()) {
     return Status(s.code(), "local rendezvous, rank " + std::to_string(rank_) +

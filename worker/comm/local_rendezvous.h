@@ -15,7 +15,7 @@
 #include <string_view>
 
 #include "worker/comm/rendezvous.h"
-#include "worker/comm/status.h"
+#include "ftune/status.h"
 #include "worker/comm/tcp_store.h"
 
 namespace ftune::comm {

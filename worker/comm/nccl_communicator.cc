@@ -194,7 +194,7 @@ class NcclCommunicator : public Communicator {
     const std::string what = Describe("Barrier", 0, DataType::kInt32, nullptr);
     // NCCL has no barrier: a one-element allreduce that every rank must join
     // for any to finish, then a wait for it on the host.
-    FTUNE_COMM_RETURN_IF_ERROR(
+    FTUNE_RETURN_IF_ERROR(
         Enqueue(what, stream, [&](ncclComm_t c, cudaStream_t s) {
           return ncclAllReduce(barrier_buf_, barrier_buf_, 1, ncclInt32,
                                ncclSum, c, s);

@@ -130,7 +130,7 @@ Status WriteAll(int fd, const void* buf, size_t n,
     }
     if (w < 0 && errno == EINTR) continue;
     if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      FTUNE_COMM_RETURN_IF_ERROR(PollFor(fd, POLLOUT, deadline, "send"));
+      FTUNE_RETURN_IF_ERROR(PollFor(fd, POLLOUT, deadline, "send"));
       continue;
     }
     return Status(
@@ -155,7 +155,7 @@ Status ReadAll(int fd, void* buf, size_t n,
     }
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) {
-      FTUNE_COMM_RETURN_IF_ERROR(PollFor(fd, POLLIN, deadline, "receive"));
+      FTUNE_RETURN_IF_ERROR(PollFor(fd, POLLIN, deadline, "receive"));
       continue;
     }
     return Status(

@@ -7,7 +7,7 @@
 #include <chrono>
 #include <string>
 
-#include "worker/comm/status.h"
+#include "ftune/status.h"
 
 namespace ftune::comm {
 

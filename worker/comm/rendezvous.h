@@ -18,7 +18,7 @@
 #include <string>
 #include <string_view>
 
-#include "worker/comm/status.h"
+#include "ftune/status.h"
 
 namespace ftune::comm {
 

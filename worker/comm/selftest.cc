@@ -89,13 +89,13 @@ class CudaMemory : public Memory {
   // memory may return before its DMA lands, and is not ordered with a
   // non-blocking stream.
   Status ToDevice(void* dst, const void* host, size_t bytes) override {
-    FTUNE_COMM_RETURN_IF_ERROR(Check(
+    FTUNE_RETURN_IF_ERROR(Check(
         cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, stream_),
         "cudaMemcpyAsync"));
     return Check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
   }
   Status ToHost(void* host, const void* src, size_t bytes) override {
-    FTUNE_COMM_RETURN_IF_ERROR(Check(
+    FTUNE_RETURN_IF_ERROR(Check(
         cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, stream_),
         "cudaMemcpyAsync"));
     return Check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
@@ -289,9 +289,9 @@ class Runner {
                            PaddedShardCount(totals[i].back(), n_) * n_ * esize);
     }
     Buffer send(&mem_, max_bytes), recv(&mem_, max_bytes), stats(&mem_, 16);
-    FTUNE_COMM_RETURN_IF_ERROR(send.status());
-    FTUNE_COMM_RETURN_IF_ERROR(recv.status());
-    FTUNE_COMM_RETURN_IF_ERROR(stats.status());
+    FTUNE_RETURN_IF_ERROR(send.status());
+    FTUNE_RETURN_IF_ERROR(recv.status());
+    FTUNE_RETURN_IF_ERROR(stats.status());
     send_ = send.get();
     recv_ = recv.get();
     stats_ = stats.get();
@@ -319,7 +319,7 @@ class Runner {
         const DataType d = options_.dtypes[i];
         for (size_t t : totals[i]) {
           int bad = 0;
-          FTUNE_COMM_RETURN_IF_ERROR(RunPoint({c, d, t}, &bad));
+          FTUNE_RETURN_IF_ERROR(RunPoint({c, d, t}, &bad));
           total_bad += bad;
         }
       }
@@ -345,24 +345,24 @@ class Runner {
                          p.collective == Collective::kReduce;
     int mismatches = 0;
     // The timed op first (sum or none), then the other reductions, checked.
-    FTUNE_COMM_RETURN_IF_ERROR(CheckOnce(p, ReduceOp::kSum, &mismatches));
+    FTUNE_RETURN_IF_ERROR(CheckOnce(p, ReduceOp::kSum, &mismatches));
     int64_t ns = 0;
     int iters = 0;
     if (!options_.check_only) {
-      FTUNE_COMM_RETURN_IF_ERROR(Time(p, &iters, &ns));
+      FTUNE_RETURN_IF_ERROR(Time(p, &iters, &ns));
     }
     if (reduces) {
-      FTUNE_COMM_RETURN_IF_ERROR(CheckOnce(p, ReduceOp::kAvg, &mismatches));
-      FTUNE_COMM_RETURN_IF_ERROR(CheckOnce(p, ReduceOp::kMax, &mismatches));
+      FTUNE_RETURN_IF_ERROR(CheckOnce(p, ReduceOp::kAvg, &mismatches));
+      FTUNE_RETURN_IF_ERROR(CheckOnce(p, ReduceOp::kMax, &mismatches));
     }
     // Slowest rank's time and any rank's mismatches, through the
     // communicator under test.
     int64_t stats[2] = {ns, mismatches};
-    FTUNE_COMM_RETURN_IF_ERROR(mem_.ToDevice(stats_, stats, sizeof(stats)));
-    FTUNE_COMM_RETURN_IF_ERROR(comm_.AllReduce(
+    FTUNE_RETURN_IF_ERROR(mem_.ToDevice(stats_, stats, sizeof(stats)));
+    FTUNE_RETURN_IF_ERROR(comm_.AllReduce(
         stats_, stats_, 2, DataType::kInt64, ReduceOp::kMax, mem_.stream()));
-    FTUNE_COMM_RETURN_IF_ERROR(comm_.Synchronize(mem_.stream()));
-    FTUNE_COMM_RETURN_IF_ERROR(mem_.ToHost(stats, stats_, sizeof(stats)));
+    FTUNE_RETURN_IF_ERROR(comm_.Synchronize(mem_.stream()));
+    FTUNE_RETURN_IF_ERROR(mem_.ToHost(stats, stats_, sizeof(stats)));
     *bad_any_rank = stats[1] > 0 ? 1 : 0;
     if (rank_ == 0 && report_ != nullptr)
       Print(p, reduces, iters, stats[0], stats[1]);
@@ -437,14 +437,14 @@ class Runner {
           std::clamp(target / static_cast<double>(bytes), 2.0, 200.0));
     }
     for (int i = 0; i < options_.warmup; ++i) {
-      FTUNE_COMM_RETURN_IF_ERROR(Issue(p, ReduceOp::kSum));
+      FTUNE_RETURN_IF_ERROR(Issue(p, ReduceOp::kSum));
     }
-    FTUNE_COMM_RETURN_IF_ERROR(comm_.Barrier(mem_.stream()));
+    FTUNE_RETURN_IF_ERROR(comm_.Barrier(mem_.stream()));
     const auto t0 = Clock::now();
     for (int i = 0; i < it; ++i) {
-      FTUNE_COMM_RETURN_IF_ERROR(Issue(p, ReduceOp::kSum));
+      FTUNE_RETURN_IF_ERROR(Issue(p, ReduceOp::kSum));
     }
-    FTUNE_COMM_RETURN_IF_ERROR(comm_.Synchronize(mem_.stream()));
+    FTUNE_RETURN_IF_ERROR(comm_.Synchronize(mem_.stream()));
     *ns =
         std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0)
             .count();
@@ -513,16 +513,16 @@ class Runner {
         break;
     }
     void* in_dev = p.collective == Collective::kBroadcast ? recv_ : send_;
-    FTUNE_COMM_RETURN_IF_ERROR(mem_.ToDevice(in_dev, in, in_count * sizeof(T)));
+    FTUNE_RETURN_IF_ERROR(mem_.ToDevice(in_dev, in, in_count * sizeof(T)));
     if (p.collective != Collective::kBroadcast) {
       // Junk in the output, so a collective that writes nothing fails.
       std::memset(out, 0x5a, out_count * sizeof(T));
-      FTUNE_COMM_RETURN_IF_ERROR(
+      FTUNE_RETURN_IF_ERROR(
           mem_.ToDevice(recv_, out, out_count * sizeof(T)));
     }
-    FTUNE_COMM_RETURN_IF_ERROR(Issue(p, op));
-    FTUNE_COMM_RETURN_IF_ERROR(comm_.Synchronize(mem_.stream()));
-    FTUNE_COMM_RETURN_IF_ERROR(mem_.ToHost(out, recv_, out_count * sizeof(T)));
+    FTUNE_RETURN_IF_ERROR(Issue(p, op));
+    FTUNE_RETURN_IF_ERROR(comm_.Synchronize(mem_.stream()));
+    FTUNE_RETURN_IF_ERROR(mem_.ToHost(out, recv_, out_count * sizeof(T)));
     ++result_->cases;
 
     for (size_t j = 0; j < out_count; ++j) {
@@ -612,7 +612,7 @@ Status RunSelftestRank(Rendezvous& rendezvous, const SelftestOptions& options,
     GlooOptions go;
     go.host = options.host;
     go.timeout = options.timeout;
-    FTUNE_COMM_RETURN_IF_ERROR(CreateGlooCommunicator(rendezvous, go, &comm));
+    FTUNE_RETURN_IF_ERROR(CreateGlooCommunicator(rendezvous, go, &comm));
 #else
     return Status(StatusCode::kFailedPrecondition,
                   "this build has no Gloo backend (libgloo-dev missing)");
@@ -632,7 +632,7 @@ Status RunSelftestRank(Rendezvous& rendezvous, const SelftestOptions& options,
       }
       no.device = rendezvous.rank() % count;
     }
-    FTUNE_COMM_RETURN_IF_ERROR(CreateNcclCommunicator(rendezvous, no, &comm));
+    FTUNE_RETURN_IF_ERROR(CreateNcclCommunicator(rendezvous, no, &comm));
 #else
     return Status(StatusCode::kFailedPrecondition,
                   "this build has no NCCL backend (FTUNE_CUDA=OFF)");

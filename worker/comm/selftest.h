@@ -25,7 +25,7 @@
 
 #include "worker/comm/communicator.h"
 #include "worker/comm/rendezvous.h"
-#include "worker/comm/status.h"
+#include "ftune/status.h"
 
 namespace ftune::comm {
 

@@ -111,7 +111,7 @@ Status SendMessage(int fd, const std::string& body,
 
 Status ReceiveMessage(int fd, std::string* body, Clock::time_point deadline) {
   unsigned char len_bytes[4];
-  FTUNE_COMM_RETURN_IF_ERROR(ReadAll(fd, len_bytes, 4, deadline));
+  FTUNE_RETURN_IF_ERROR(ReadAll(fd, len_bytes, 4, deadline));
   const uint32_t len = len_bytes[0] | (len_bytes[1] << 8) |
                        (len_bytes[2] << 16) |
                        (static_cast<uint32_t>(len_bytes[3]) << 24);
@@ -343,7 +343,7 @@ Status TcpStoreClient::Connect(const std::string& address,
                                std::unique_ptr<TcpStoreClient>* out) {
   std::string host;
   int port = 0;
-  FTUNE_COMM_RETURN_IF_ERROR(SplitHostPort(address, &host, &port));
+  FTUNE_RETURN_IF_ERROR(SplitHostPort(address, &host, &port));
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -405,7 +405,7 @@ Status TcpStoreClient::Set(const std::string& key, std::string_view value) {
   PutString(&req, value);
   std::lock_guard<std::mutex> lock(mu_);
   std::string reply;
-  FTUNE_COMM_RETURN_IF_ERROR(
+  FTUNE_RETURN_IF_ERROR(
       RoundTrip(req, std::chrono::milliseconds(0), &reply));
   if (reply[0] != kOk) {
     return Status(StatusCode::kInternal, "rendezvous store " + address_ +
@@ -422,7 +422,7 @@ Status TcpStoreClient::Get(const std::string& key,
   PutI64(&req, timeout.count());
   std::lock_guard<std::mutex> lock(mu_);
   std::string reply;
-  FTUNE_COMM_RETURN_IF_ERROR(RoundTrip(req, timeout, &reply));
+  FTUNE_RETURN_IF_ERROR(RoundTrip(req, timeout, &reply));
   if (reply[0] == kTimedOut) {
     return Status(StatusCode::kDeadlineExceeded,
                   "rendezvous store " + address_ + ": key '" + key +
@@ -446,7 +446,7 @@ Status TcpStoreClient::Wait(const std::vector<std::string>& keys,
   PutI64(&req, timeout.count());
   std::lock_guard<std::mutex> lock(mu_);
   std::string reply;
-  FTUNE_COMM_RETURN_IF_ERROR(RoundTrip(req, timeout, &reply));
+  FTUNE_RETURN_IF_ERROR(RoundTrip(req, timeout, &reply));
   if (reply[0] == kTimedOut) {
     std::string names;
     for (const auto& k : keys) names += (names.empty() ? "'" : ", '") + k + "'";

@@ -37,7 +37,7 @@
 #include <thread>
 #include <vector>
 
-#include "worker/comm/status.h"
+#include "ftune/status.h"
 
 namespace ftune::comm {
 

@@ -84,7 +84,7 @@ Status CheckOptions(const BpeTrainerOptions& options) {
 
 Result<TrainedBpe> TrainByteLevelBpe(const std::vector<std::string>& corpus,
                                      const BpeTrainerOptions& options) {
-  FTUNE_DATA_RETURN_IF_ERROR(CheckOptions(options));
+  FTUNE_RETURN_IF_ERROR(CheckOptions(options));
   const size_t max_bpe_tokens =
       static_cast<size_t>(options.vocab_size) - Llama3SpecialTokens().size();
 
@@ -229,7 +229,7 @@ Result<TrainedBpe> TrainByteLevelBpe(const std::vector<std::string>& corpus,
 
 Result<TokenizerFiles> RenderLlama3Tokenizer(const TrainedBpe& bpe,
                                              const BpeTrainerOptions& options) {
-  FTUNE_DATA_RETURN_IF_ERROR(CheckOptions(options));
+  FTUNE_RETURN_IF_ERROR(CheckOptions(options));
   const std::vector<std::string>& specials = Llama3SpecialTokens();
   if (bpe.tokens.size() < 256 ||
       bpe.tokens.size() + specials.size() > static_cast<size_t>(options.vocab_size)) {

@@ -2,7 +2,7 @@
 // a Llama 3 style tokenizer.json + tokenizer_config.json that ftune's own
 // Tokenizer (tokenizer.h) and HF `tokenizers` load. It exists so ftune can
 // make a small, self-contained Llama-architecture model directory for demos
-// and tests (worker/trainer/init_model.h) without downloading anything.
+// and tests (worker/modelio/init_model.h) without downloading anything.
 //
 // Training (classic BPE, as HF's BpeTrainer does it):
 //   1. every corpus string is cut into pre-tokens with the Llama 3 regex (the
@@ -55,7 +55,7 @@
 #include <utility>
 #include <vector>
 
-#include "worker/data/status.h"
+#include "ftune/status.h"
 
 namespace ftune::data {
 

@@ -307,10 +307,10 @@ Result<ChatTemplate> ResolveChatTemplate(const std::string& name, const Tokenize
                                            "chat_template \"auto\" cannot choose one; set "
                                            "dataset.chat_template to one of " + SupportedList());
     }
-    FTUNE_STATUS_ASSIGN_OR_RETURN(t.kind, DetectChatTemplate(*config.chat_template,
+    FTUNE_ASSIGN_OR_RETURN(t.kind, DetectChatTemplate(*config.chat_template,
                                                              source + "/tokenizer_config.json"));
   } else {
-    FTUNE_STATUS_ASSIGN_OR_RETURN(t.kind, ChatTemplateKindFromName(name));
+    FTUNE_ASSIGN_OR_RETURN(t.kind, ChatTemplateKindFromName(name));
     // "llama3" names the family (the JobSpec's choices have no "llama3.1"):
     // a model whose own template is Llama 3.1's renders with it.
     if (t.kind == ChatTemplateKind::kLlama3 && config.chat_template.has_value()) {
@@ -332,7 +332,7 @@ Result<ChatTemplate> ResolveChatTemplate(const std::string& name, const Tokenize
 
 Result<RenderedChat> RenderChat(const ChatTemplate& tmpl, const std::vector<ChatMessage>& messages,
                                 bool add_generation_prompt) {
-  FTUNE_DATA_RETURN_IF_ERROR(CheckRoles(messages));
+  FTUNE_RETURN_IF_ERROR(CheckRoles(messages));
   switch (tmpl.kind) {
     case ChatTemplateKind::kLlama3: return RenderLlama3(tmpl, messages, add_generation_prompt);
     case ChatTemplateKind::kLlama31: return RenderLlama31(tmpl, messages, add_generation_prompt);

@@ -34,7 +34,7 @@
 #include <string_view>
 #include <vector>
 
-#include "worker/data/status.h"
+#include "ftune/status.h"
 #include "worker/data/tokenizer.h"
 
 namespace ftune::data {

@@ -56,12 +56,12 @@ Status ParseMessageList(const json& array, const std::string& where, const std::
     }
     const auto role = m.find("role");
     if (role == m.end()) return InvalidArgumentError(where + ": " + item + ": missing field \"role\"");
-    FTUNE_DATA_RETURN_IF_ERROR(ExpectString(*role, where, item + ".role"));
+    FTUNE_RETURN_IF_ERROR(ExpectString(*role, where, item + ".role"));
     const auto content = m.find("content");
     if (content == m.end()) {
       return InvalidArgumentError(where + ": " + item + ": missing field \"content\"");
     }
-    FTUNE_DATA_RETURN_IF_ERROR(ExpectString(*content, where, item + ".content"));
+    FTUNE_RETURN_IF_ERROR(ExpectString(*content, where, item + ".content"));
     const std::string& r = role->get_ref<const std::string&>();
     if (r != "system" && r != "user" && r != "assistant") {
       return InvalidArgumentError(where + ": " + item + ".role: " + Quote(r) +
@@ -85,12 +85,12 @@ Status ParseMessageList(const json& array, const std::string& where, const std::
 }
 
 Status ParseMessages(const json& record, const std::string& where, Record* out) {
-  FTUNE_STATUS_ASSIGN_OR_RETURN(const json* messages, Field(record, "messages", where));
+  FTUNE_ASSIGN_OR_RETURN(const json* messages, Field(record, "messages", where));
   if (messages->is_array() && messages->empty()) {
     return InvalidArgumentError(where + ": messages: the conversation is empty");
   }
   const char* expected = "user";  // after the optional system message
-  FTUNE_DATA_RETURN_IF_ERROR(ParseMessageList(*messages, where, "messages", &expected, out));
+  FTUNE_RETURN_IF_ERROR(ParseMessageList(*messages, where, "messages", &expected, out));
   if (out->messages.size() == 1 && out->messages[0].role == "system") {
     return InvalidArgumentError(where + ": messages: only a system message, no user turn");
   }
@@ -103,7 +103,7 @@ Status ParseMessages(const json& record, const std::string& where, Record* out) 
 Status ParseConversationalPromptCompletion(const json& prompt, const json& completion,
                                            const std::string& where, Record* out) {
   const char* expected = "user";
-  FTUNE_DATA_RETURN_IF_ERROR(ParseMessageList(prompt, where, "prompt", &expected, out));
+  FTUNE_RETURN_IF_ERROR(ParseMessageList(prompt, where, "prompt", &expected, out));
   if (out->messages.empty() || out->messages.back().role != "user") {
     return InvalidArgumentError(where + ": prompt: must end with a user message (the completion is the "
                                         "assistant's reply)");
@@ -122,19 +122,19 @@ Status ParseRecord(const json& record, RecordFormat format, const std::string& w
     case RecordFormat::kMessages:
       return ParseMessages(record, where, out);
     case RecordFormat::kText: {
-      FTUNE_STATUS_ASSIGN_OR_RETURN(const json* text, Field(record, "text", where));
-      FTUNE_DATA_RETURN_IF_ERROR(ExpectString(*text, where, "text"));
+      FTUNE_ASSIGN_OR_RETURN(const json* text, Field(record, "text", where));
+      FTUNE_RETURN_IF_ERROR(ExpectString(*text, where, "text"));
       out->text = text->get<std::string>();
       return OkStatus();
     }
     case RecordFormat::kPromptCompletion: {
-      FTUNE_STATUS_ASSIGN_OR_RETURN(const json* prompt, Field(record, "prompt", where));
-      FTUNE_STATUS_ASSIGN_OR_RETURN(const json* completion, Field(record, "completion", where));
+      FTUNE_ASSIGN_OR_RETURN(const json* prompt, Field(record, "prompt", where));
+      FTUNE_ASSIGN_OR_RETURN(const json* completion, Field(record, "completion", where));
       if (prompt->is_array() || completion->is_array()) {
         return ParseConversationalPromptCompletion(*prompt, *completion, where, out);
       }
-      FTUNE_DATA_RETURN_IF_ERROR(ExpectString(*prompt, where, "prompt"));
-      FTUNE_DATA_RETURN_IF_ERROR(ExpectString(*completion, where, "completion"));
+      FTUNE_RETURN_IF_ERROR(ExpectString(*prompt, where, "prompt"));
+      FTUNE_RETURN_IF_ERROR(ExpectString(*completion, where, "completion"));
       out->prompt = prompt->get<std::string>();
       out->completion = completion->get<std::string>();
       return OkStatus();
@@ -173,10 +173,10 @@ Status AddRecord(std::string_view element, const std::string& where, ReadResult*
   }
   RecordFormat format = out->format;
   if (!out->format_known) {
-    FTUNE_STATUS_ASSIGN_OR_RETURN(format, DetectFormat(record, where));
+    FTUNE_ASSIGN_OR_RETURN(format, DetectFormat(record, where));
   }
   Record r;
-  FTUNE_DATA_RETURN_IF_ERROR(ParseRecord(record, format, where, &r));
+  FTUNE_RETURN_IF_ERROR(ParseRecord(record, format, where, &r));
   out->format = format;
   out->format_known = true;
   out->records.push_back(std::move(r));
@@ -279,7 +279,7 @@ std::string RecordFormatName(RecordFormat format) {
 Status ReadDatasetText(std::string_view text, const std::string& name, const ReadOptions& options,
                        ReadResult* out) {
   if (options.format != "auto") {
-    FTUNE_STATUS_ASSIGN_OR_RETURN(const RecordFormat format, FormatFromName(options.format));
+    FTUNE_ASSIGN_OR_RETURN(const RecordFormat format, FormatFromName(options.format));
     if (out->format_known && out->format != format) {
       return InternalError("ReadDatasetText: format changed between files");
     }
@@ -291,11 +291,11 @@ Status ReadDatasetText(std::string_view text, const std::string& name, const Rea
   while (first < text.size() && IsSpace(text[first])) ++first;
   if (first < text.size() && text[first] == '[') {
     std::vector<std::pair<std::string_view, size_t>> elements;
-    FTUNE_DATA_RETURN_IF_ERROR(SplitJsonArray(text, first, name, &elements));
+    FTUNE_RETURN_IF_ERROR(SplitJsonArray(text, first, name, &elements));
     for (size_t i = 0; i < elements.size(); ++i) {
       const std::string where = name + ":" + std::to_string(elements[i].second) + " (element " +
                                 std::to_string(i) + ")";
-      FTUNE_DATA_RETURN_IF_ERROR(Handle(AddRecord(elements[i].first, where, out), options, out));
+      FTUNE_RETURN_IF_ERROR(Handle(AddRecord(elements[i].first, where, out), options, out));
     }
     return OkStatus();
   }
@@ -309,7 +309,7 @@ Status ReadDatasetText(std::string_view text, const std::string& name, const Rea
     ++line;
     if (!row.empty() && row.back() == '\r') row.remove_suffix(1);
     if (std::all_of(row.begin(), row.end(), IsSpace)) continue;
-    FTUNE_DATA_RETURN_IF_ERROR(Handle(AddRecord(row, name + ":" + std::to_string(line), out), options, out));
+    FTUNE_RETURN_IF_ERROR(Handle(AddRecord(row, name + ":" + std::to_string(line), out), options, out));
   }
   return OkStatus();
 }
@@ -322,7 +322,7 @@ Status ReadDatasetFiles(const std::vector<std::string>& files, const ReadOptions
     std::ostringstream s;
     s << in.rdbuf();
     if (in.bad()) return InternalError(file + ": read error");
-    FTUNE_DATA_RETURN_IF_ERROR(ReadDatasetText(s.str(), file, options, out));
+    FTUNE_RETURN_IF_ERROR(ReadDatasetText(s.str(), file, options, out));
   }
   return OkStatus();
 }

@@ -33,7 +33,7 @@
 #include <vector>
 
 #include "worker/data/chat_template.h"
-#include "worker/data/status.h"
+#include "ftune/status.h"
 
 namespace ftune::data {
 

@@ -196,7 +196,7 @@ Result<TokenizedDoc> DocumentEncoder::Encode(const Record& record) const {
       break;
     }
     case RecordFormat::kText: {
-      FTUNE_STATUS_ASSIGN_OR_RETURN(const std::string text, with_eos(record.text));
+      FTUNE_ASSIGN_OR_RETURN(const std::string text, with_eos(record.text));
       doc.input_ids = tokenizer_.Encode(text, true);
       doc.labels = doc.input_ids;
       break;
@@ -227,7 +227,7 @@ Result<TokenizedDoc> DocumentEncoder::Encode(const Record& record) const {
         }
         break;
       }
-      FTUNE_STATUS_ASSIGN_OR_RETURN(const std::string completion, with_eos(record.completion));
+      FTUNE_ASSIGN_OR_RETURN(const std::string completion, with_eos(record.completion));
       const size_t num_prompt = tokenizer_.Encode(record.prompt, true).size();
       doc.input_ids = tokenizer_.Encode(record.prompt + completion, true);
       doc.labels = doc.input_ids;

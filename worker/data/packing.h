@@ -51,7 +51,7 @@
 
 #include "worker/data/chat_template.h"
 #include "worker/data/dataset.h"
-#include "worker/data/status.h"
+#include "ftune/status.h"
 #include "worker/data/tokenizer.h"
 
 namespace ftune::data {

@@ -1,5 +1,5 @@
 // See prepare.h. No std::filesystem: the trainer links this library on GPU
-// hosts next to pip LibTorch (see worker/trainer/file_util.h for why).
+// hosts next to pip LibTorch (see common/ftune/file_util.h for why).
 #include "worker/data/prepare.h"
 
 #include <fcntl.h>
@@ -135,7 +135,7 @@ Status CheckOptions(const DatasetOptions& o) {
     return InvalidArgumentError("dataset.format \"" + o.format +
                                 "\" is not one of auto, messages, text, prompt_completion");
   }
-  if (o.chat_template != "auto") FTUNE_DATA_RETURN_IF_ERROR(ChatTemplateKindFromName(o.chat_template).status());
+  if (o.chat_template != "auto") FTUNE_RETURN_IF_ERROR(ChatTemplateKindFromName(o.chat_template).status());
   return OkStatus();
 }
 
@@ -229,7 +229,7 @@ std::vector<int64_t> EpochPermutation(int64_t num_rows, uint64_t seed, int64_t e
 
 Result<PreparedDataset> PrepareDataset(const DatasetOptions& options, const std::string& cache_dir,
                                        const PrepareProgressFn& progress) {
-  FTUNE_DATA_RETURN_IF_ERROR(CheckOptions(options));
+  FTUNE_RETURN_IF_ERROR(CheckOptions(options));
   if (cache_dir.empty()) return InvalidArgumentError("PrepareDataset: empty cache directory");
   auto report = [&](const char* phase, int64_t done, int64_t total) {
     if (progress) progress({phase, done, total});
@@ -244,7 +244,7 @@ Result<PreparedDataset> PrepareDataset(const DatasetOptions& options, const std:
   for (const auto* list : {&options.data_files, &options.eval_data_files}) {
     key.UpdateField(list == &options.data_files ? "train" : "eval");
     for (const std::string& file : *list) {
-      FTUNE_STATUS_ASSIGN_OR_RETURN(std::string text, ReadWholeFile(file, "data file"));
+      FTUNE_ASSIGN_OR_RETURN(std::string text, ReadWholeFile(file, "data file"));
       key.UpdateField(text);
       (list == &options.data_files ? train_texts : eval_texts).push_back(std::move(text));
       report("hash", ++hashed, num_files);
@@ -252,10 +252,10 @@ Result<PreparedDataset> PrepareDataset(const DatasetOptions& options, const std:
   }
   const std::string tok_json_path = options.tokenizer_dir + "/tokenizer.json";
   const std::string tok_config_path = options.tokenizer_dir + "/tokenizer_config.json";
-  FTUNE_STATUS_ASSIGN_OR_RETURN(const std::string tok_json, ReadWholeFile(tok_json_path, "tokenizer"));
+  FTUNE_ASSIGN_OR_RETURN(const std::string tok_json, ReadWholeFile(tok_json_path, "tokenizer"));
   std::string tok_config;
   if (Exists(tok_config_path)) {
-    FTUNE_STATUS_ASSIGN_OR_RETURN(tok_config, ReadWholeFile(tok_config_path, "tokenizer config"));
+    FTUNE_ASSIGN_OR_RETURN(tok_config, ReadWholeFile(tok_config_path, "tokenizer config"));
   }
   Sha256 tok_hash;
   tok_hash.UpdateField(tok_json);
@@ -274,9 +274,9 @@ Result<PreparedDataset> PrepareDataset(const DatasetOptions& options, const std:
   key.UpdateField(key_options.dump());
   const std::string cache_key = key.HexDigest();
 
-  FTUNE_DATA_RETURN_IF_ERROR(MakeDirs(cache_dir));
+  FTUNE_RETURN_IF_ERROR(MakeDirs(cache_dir));
   const std::string dir = Absolute(cache_dir) + "/" + cache_key;
-  FTUNE_STATUS_ASSIGN_OR_RETURN(std::unique_ptr<FileLock> lock,
+  FTUNE_ASSIGN_OR_RETURN(std::unique_ptr<FileLock> lock,
                                 FileLock::Acquire(Absolute(cache_dir) + "/" + cache_key + ".lock"));
   const std::string manifest_path = dir + "/manifest.json";
   if (Exists(manifest_path)) {
@@ -295,14 +295,14 @@ Result<PreparedDataset> PrepareDataset(const DatasetOptions& options, const std:
   }
 
   // read
-  FTUNE_STATUS_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::Load(options.tokenizer_dir));
+  FTUNE_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::Load(options.tokenizer_dir));
   ReadOptions read_options;
   read_options.format = options.format;
   read_options.skip_invalid = options.skip_invalid;
   ReadResult train_read, eval_read;
   int64_t read_files = 0;
   for (size_t i = 0; i < train_texts.size(); ++i) {
-    FTUNE_DATA_RETURN_IF_ERROR(ReadDatasetText(train_texts[i], options.data_files[i], read_options, &train_read));
+    FTUNE_RETURN_IF_ERROR(ReadDatasetText(train_texts[i], options.data_files[i], read_options, &train_read));
     std::string().swap(train_texts[i]);  // the records hold what is needed
     report("read", ++read_files, num_files);
   }
@@ -318,7 +318,7 @@ Result<PreparedDataset> PrepareDataset(const DatasetOptions& options, const std:
     ReadOptions eval_options = read_options;
     eval_options.format = RecordFormatName(train_read.format);
     for (size_t i = 0; i < eval_texts.size(); ++i) {
-      FTUNE_DATA_RETURN_IF_ERROR(ReadDatasetText(eval_texts[i], options.eval_data_files[i], eval_options, &eval_read));
+      FTUNE_RETURN_IF_ERROR(ReadDatasetText(eval_texts[i], options.eval_data_files[i], eval_options, &eval_read));
       std::string().swap(eval_texts[i]);
       report("read", ++read_files, num_files);
     }
@@ -352,7 +352,7 @@ Result<PreparedDataset> PrepareDataset(const DatasetOptions& options, const std:
     }
   }
   if (needs_chat) {
-    FTUNE_STATUS_ASSIGN_OR_RETURN(chat, ResolveChatTemplate(options.chat_template, tokenizer->config(),
+    FTUNE_ASSIGN_OR_RETURN(chat, ResolveChatTemplate(options.chat_template, tokenizer->config(),
                                                             options.tokenizer_dir));
     out.chat_template = ChatTemplateName(chat.kind);
   }
@@ -367,9 +367,9 @@ Result<PreparedDataset> PrepareDataset(const DatasetOptions& options, const std:
   int64_t done = 0;
   report("tokenize", 0, total);
   std::vector<TokenizedDoc> train_docs, eval_docs;
-  FTUNE_DATA_RETURN_IF_ERROR(Tokenize(train_records, encoder, threads, options.skip_invalid, progress, &done,
+  FTUNE_RETURN_IF_ERROR(Tokenize(train_records, encoder, threads, options.skip_invalid, progress, &done,
                                       total, &train_docs, &out));
-  FTUNE_DATA_RETURN_IF_ERROR(Tokenize(eval_records, encoder, threads, options.skip_invalid, progress, &done,
+  FTUNE_RETURN_IF_ERROR(Tokenize(eval_records, encoder, threads, options.skip_invalid, progress, &done,
                                       total, &eval_docs, &out));
   train_records.clear();
   eval_records.clear();
@@ -384,7 +384,7 @@ Result<PreparedDataset> PrepareDataset(const DatasetOptions& options, const std:
   if (has_eval) report("pack", 2, 2);
 
   // write
-  FTUNE_DATA_RETURN_IF_ERROR(MakeDirs(dir));
+  FTUNE_RETURN_IF_ERROR(MakeDirs(dir));
   const int32_t pad = tokenizer->pad_id().value_or(tokenizer->eos_id().value_or(0));
   json meta = {{"pipeline", kPipelineVersion},
                {"cache_key", cache_key},
@@ -409,14 +409,14 @@ Result<PreparedDataset> PrepareDataset(const DatasetOptions& options, const std:
   train_meta["split"] = "train";
   train_meta["documents"] = train.documents;
   info.metadata_json = train_meta.dump();
-  FTUNE_DATA_RETURN_IF_ERROR(WriteTokenFile(dir + "/train.ftok", train.rows, info));
+  FTUNE_RETURN_IF_ERROR(WriteTokenFile(dir + "/train.ftok", train.rows, info));
   report("write", 1, has_eval ? 2 : 1);
   if (has_eval) {
     json eval_meta = meta;
     eval_meta["split"] = "eval";
     eval_meta["documents"] = eval.documents;
     info.metadata_json = eval_meta.dump();
-    FTUNE_DATA_RETURN_IF_ERROR(WriteTokenFile(dir + "/eval.ftok", eval.rows, info));
+    FTUNE_RETURN_IF_ERROR(WriteTokenFile(dir + "/eval.ftok", eval.rows, info));
     report("write", 2, 2);
   }
   out.train_path = dir + "/train.ftok";
@@ -442,7 +442,7 @@ Result<PreparedDataset> PrepareDataset(const DatasetOptions& options, const std:
                    {"truncated_documents", out.truncated_documents},
                    {"skipped_records", out.skipped_records},
                    {"skipped_examples", out.skipped_examples}});
-  FTUNE_DATA_RETURN_IF_ERROR(WriteFileAtomic(manifest_path, manifest.dump(1) + "\n"));
+  FTUNE_RETURN_IF_ERROR(WriteFileAtomic(manifest_path, manifest.dump(1) + "\n"));
   return out;
 }
 

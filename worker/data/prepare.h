@@ -27,7 +27,7 @@
 #include <string>
 #include <vector>
 
-#include "worker/data/status.h"
+#include "ftune/status.h"
 #include "worker/data/token_file.h"
 
 namespace ftune::data {

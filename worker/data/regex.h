@@ -20,7 +20,7 @@
 #include <utility>
 #include <vector>
 
-#include "worker/data/status.h"
+#include "ftune/status.h"
 
 namespace ftune::data {
 

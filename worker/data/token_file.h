@@ -37,7 +37,7 @@
 #include <vector>
 
 #include "worker/data/packing.h"
-#include "worker/data/status.h"
+#include "ftune/status.h"
 
 namespace ftune::data {
 

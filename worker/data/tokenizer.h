@@ -44,7 +44,7 @@
 #include <string_view>
 #include <vector>
 
-#include "worker/data/status.h"
+#include "ftune/status.h"
 
 namespace ftune::data {
 

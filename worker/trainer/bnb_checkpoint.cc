@@ -13,8 +13,8 @@
 #include <regex>
 
 #include "kernels/nf4.h"
-#include "worker/trainer/file_util.h"
-#include "worker/trainer/llama_config.h"
+#include "ftune/file_util.h"
+#include "worker/modelio/llama_config.h"
 #include "worker/trainer/weights.h"
 
 namespace ftune::trainer {
@@ -56,7 +56,7 @@ bool SameBits(const at::Tensor& a, const at::Tensor& b) {
 
 // A stored tensor, CPU, in its stored dtype.
 Result<at::Tensor> ReadStored(const SafetensorsModel& model, const std::string& name) {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(SafetensorsModel::TensorRef ref, model.Find(name));
+  FTUNE_ASSIGN_OR_RETURN(SafetensorsModel::TensorRef ref, model.Find(name));
   return ReadTensorAsStored(*ref.file, name);
 }
 
@@ -86,7 +86,7 @@ json QuantizationConfig(const QuantizeModelOptions& o) {
 }  // namespace
 
 Result<std::vector<std::string>> ModelSideFiles(const std::string& dir) {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::vector<std::string> all, ListDirectory(dir));
+  FTUNE_ASSIGN_OR_RETURN(std::vector<std::string> all, ListDirectory(dir));
   std::vector<std::string> names;  // sorted, as ListDirectory returns them
   for (const std::string& name : all) {
     if (!IsRegularFile(dir + "/" + name)) continue;
@@ -100,11 +100,11 @@ Result<std::vector<std::string>> ModelSideFiles(const std::string& dir) {
 }
 
 Status CopyModelSideFiles(const std::string& in_dir, const std::string& out_dir) {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::vector<std::string> extra, ModelSideFiles(in_dir));
+  FTUNE_ASSIGN_OR_RETURN(std::vector<std::string> extra, ModelSideFiles(in_dir));
   for (const std::string& f : extra) {
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(std::string bytes,
+    FTUNE_ASSIGN_OR_RETURN(std::string bytes,
                                    ReadFileToString(in_dir + "/" + f, kMaxCopiedFileBytes));
-    FTUNE_TRAINER_RETURN_IF_ERROR(WriteFileAtomically(out_dir + "/" + f, bytes));
+    FTUNE_RETURN_IF_ERROR(WriteFileAtomically(out_dir + "/" + f, bytes));
   }
   return OkStatus();
 }
@@ -231,7 +231,7 @@ Result<Nf4Weight> Nf4WeightFromStateDict(const std::string& name, const RawTenso
   }
   if (!kernels::ValidateNf4Blocksize(w.blocksize).ok()) return bad("bad blocksize: " + text);
   // The packed bytes, whatever quant_storage dtype they are viewed as.
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor packed, lookup(name));
+  FTUNE_ASSIGN_OR_RETURN(at::Tensor packed, lookup(name));
   packed = packed.contiguous();
   const int64_t nbytes = packed.numel() * static_cast<int64_t>(packed.element_size());
   if (nbytes != kernels::Nf4PackedBytes(w.numel())) {
@@ -242,17 +242,17 @@ Result<Nf4Weight> Nf4WeightFromStateDict(const std::string& name, const RawTenso
   w.packed = at::empty({nbytes}, at::kByte);
   std::memcpy(w.packed.data_ptr(), packed.data_ptr(), nbytes);
 
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor quant_map, lookup(name + ".quant_map"));
+  FTUNE_ASSIGN_OR_RETURN(at::Tensor quant_map, lookup(name + ".quant_map"));
   const auto& nf4 = kernels::Nf4CodeValues();
   if (!SameBits(quant_map, FloatTable(nf4.data(), 16))) {
     return bad("quant_map is not bitsandbytes' NF4 map (a custom map cannot be reproduced)");
   }
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(w.absmax, lookup(name + ".absmax"));
+  FTUNE_ASSIGN_OR_RETURN(w.absmax, lookup(name + ".absmax"));
   w.absmax = w.absmax.contiguous().view({-1});
   if (w.offset.defined()) {
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(w.nested_absmax, lookup(name + ".nested_absmax"));
+    FTUNE_ASSIGN_OR_RETURN(w.nested_absmax, lookup(name + ".nested_absmax"));
     w.nested_absmax = w.nested_absmax.contiguous().view({-1});
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor map8, lookup(name + ".nested_quant_map"));
+    FTUNE_ASSIGN_OR_RETURN(at::Tensor map8, lookup(name + ".nested_quant_map"));
     const auto& dyn = kernels::DynamicMapSigned();
     if (!SameBits(map8, FloatTable(dyn.data(), 256))) {
       return bad("nested_quant_map is not bitsandbytes' signed dynamic map");
@@ -285,35 +285,35 @@ Status QuantizeModelDirectory(const std::string& in_dir, const std::string& out_
                                 "' must be bfloat16, float16 or float32");
   }
   const std::string config_path = in_dir + "/config.json";
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::string config_text,
+  FTUNE_ASSIGN_OR_RETURN(std::string config_text,
                                  ReadFileToString(config_path, kMaxConfigBytes));
   // Validates that this is a Llama ftune can run, before writing anything.
-  FTUNE_TRAINER_RETURN_IF_ERROR(ParseLlamaConfig(config_text, config_path).status());
+  FTUNE_RETURN_IF_ERROR(ParseLlamaConfig(config_text, config_path).status());
   json config = json::parse(config_text, nullptr, /*allow_exceptions=*/false);
   if (!config.is_object()) return DataLossError(config_path + ": not a JSON object");
   if (config.contains("quantization_config")) {
     return InvalidArgumentError(config_path + " already has a quantization_config");
   }
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsModel> st,
+  FTUNE_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsModel> st,
                                  SafetensorsModel::OpenDirectory(in_dir));
-  FTUNE_TRAINER_RETURN_IF_ERROR(MakeDirectory(out_dir));
+  FTUNE_RETURN_IF_ERROR(MakeDirectory(out_dir));
 
   std::vector<at::Tensor> keep;  // owns the bytes TensorToWrite points at
   std::vector<TensorToWrite> out;
   for (const std::string& name : st->TensorNames()) {
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(SafetensorsModel::TensorRef ref, st->Find(name));
+    FTUNE_ASSIGN_OR_RETURN(SafetensorsModel::TensorRef ref, st->Find(name));
     if (!IsQuantizedProjection(name)) {
       // Copied as stored, straight from the mapping.
-      FTUNE_TRAINER_ASSIGN_OR_RETURN(ByteSpan bytes, st->Data(name));
+      FTUNE_ASSIGN_OR_RETURN(ByteSpan bytes, st->Data(name));
       out.push_back({name, ref.info->dtype, ref.info->shape, bytes.data, bytes.size});
       continue;
     }
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor w, ReadTensorAsStored(*ref.file, name));
+    FTUNE_ASSIGN_OR_RETURN(at::Tensor w, ReadTensorAsStored(*ref.file, name));
     if (w.dim() != 2) {
       return InvalidArgumentError(st->source() + ": projection '" + name + "' has shape " +
                                   ShapeToString(ref.info->shape) + ", not (out, in)");
     }
-    FTUNE_TRAINER_RETURN_IF_ERROR(TorchDtypeName(w.scalar_type()).status());
+    FTUNE_RETURN_IF_ERROR(TorchDtypeName(w.scalar_type()).status());
     const Nf4Weight q = QuantizeNf4Weight(w.to(options.device), options.nf4);
     for (auto& [qname, t] : Nf4StateDict(name, q, w.scalar_type())) {
       keep.push_back(t.contiguous());
@@ -324,11 +324,11 @@ Status QuantizeModelDirectory(const std::string& in_dir, const std::string& out_
                      static_cast<uint64_t>(k.numel() * k.element_size())});
     }
   }
-  FTUNE_TRAINER_RETURN_IF_ERROR(
+  FTUNE_RETURN_IF_ERROR(
       WriteSafetensors(out_dir + "/" + kSafetensorsSingleName, out, {{"format", "pt"}}));
 
   config["quantization_config"] = QuantizationConfig(options);
-  FTUNE_TRAINER_RETURN_IF_ERROR(
+  FTUNE_RETURN_IF_ERROR(
       WriteFileAtomically(out_dir + "/config.json", config.dump(2) + "\n"));
 
   return CopyModelSideFiles(in_dir, out_dir);
@@ -336,7 +336,7 @@ Status QuantizeModelDirectory(const std::string& in_dir, const std::string& out_
 
 Result<bool> IsBnb4bitDirectory(const std::string& dir) {
   const std::string path = dir + "/config.json";
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path, kMaxConfigBytes));
+  FTUNE_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path, kMaxConfigBytes));
   json config = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (!config.is_object()) return DataLossError(path + ": not a JSON object");
   if (!config.contains("quantization_config")) return false;
@@ -363,10 +363,10 @@ Result<bool> IsBnb4bitDirectory(const std::string& dir) {
 
 Result<std::unique_ptr<LlamaModel>> LoadModelDirectory(const std::string& dir,
                                                        const ModelOptions& options) {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(bool bnb, IsBnb4bitDirectory(dir));
+  FTUNE_ASSIGN_OR_RETURN(bool bnb, IsBnb4bitDirectory(dir));
   if (!bnb) return LlamaModel::Load(dir, options);
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(LlamaConfig config, LoadLlamaConfig(dir));
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsModel> st,
+  FTUNE_ASSIGN_OR_RETURN(LlamaConfig config, LoadLlamaConfig(dir));
+  FTUNE_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsModel> st,
                                  SafetensorsModel::OpenDirectory(dir));
   const SafetensorsModel* stp = st.get();
   LlamaModel::TensorSource tensors = [stp, &options](const std::string& name) {
@@ -376,7 +376,7 @@ Result<std::unique_ptr<LlamaModel>> LoadModelDirectory(const std::string& dir,
   LlamaModel::BaseLinearSource bases =
       [stp, &raw, &options](const std::string& name, int64_t out_features,
                             int64_t in_features) -> Result<std::unique_ptr<BaseLinear>> {
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(Nf4Weight w, Nf4WeightFromStateDict(name, raw, stp->source()));
+    FTUNE_ASSIGN_OR_RETURN(Nf4Weight w, Nf4WeightFromStateDict(name, raw, stp->source()));
     if (w.out_features != out_features || w.in_features != in_features) {
       return InvalidArgumentError(stp->source() + ": NF4 weight '" + name + "' has shape [" +
                                   std::to_string(w.out_features) + ", " +

@@ -35,8 +35,8 @@
 
 #include "worker/trainer/model.h"
 #include "worker/trainer/nf4_linear.h"
-#include "worker/trainer/safetensors.h"
-#include "worker/trainer/status.h"
+#include "worker/modelio/safetensors.h"
+#include "ftune/status.h"
 
 namespace ftune::trainer {
 

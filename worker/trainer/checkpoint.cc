@@ -1,15 +1,22 @@
 #include "worker/trainer/checkpoint.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
+#include <mutex>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <utility>
 
-#include "worker/trainer/file_util.h"
-#include "worker/trainer/safetensors.h"
+#include "ftune/file_util.h"
+#include "worker/trainer/events.h"
+#include "worker/trainer/fsdp.h"
+#include "worker/trainer/model.h"
+#include "worker/trainer/optim.h"
+#include "worker/modelio/safetensors.h"
 
 namespace ftune::trainer {
 namespace {
@@ -21,7 +28,7 @@ constexpr char kCheckpointsDir[] = "checkpoints";
 constexpr char kCheckpointPrefix[] = "checkpoint-";
 
 Result<int64_t> FileSize(const std::string& path) {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(OpenedFile f, OpenRegularFile(path));
+  FTUNE_ASSIGN_OR_RETURN(OpenedFile f, OpenRegularFile(path));
   ::close(f.fd);
   return static_cast<int64_t>(f.size);
 }
@@ -78,7 +85,7 @@ std::string ShardFileName(int rank, int world_size) {
 
 Result<int64_t> WriteCheckpointShard(const std::string& dir, int rank, int world_size,
                                      const ShardState& shard) {
-  FTUNE_TRAINER_RETURN_IF_ERROR(MakeDirectories(dir));
+  FTUNE_RETURN_IF_ERROR(MakeDirectories(dir));
   const at::Tensor lora = shard.lora.detach().to(at::kCPU, at::kFloat).contiguous();
   std::vector<TensorToWrite> tensors = {F32("lora", lora)};
   at::Tensor m, v, rng;
@@ -106,7 +113,7 @@ Result<int64_t> WriteCheckpointShard(const std::string& dir, int rank, int world
       {"rank", std::to_string(rank)},
       {"world_size", std::to_string(world_size)}};
   const std::string path = dir + "/" + ShardFileName(rank, world_size);
-  FTUNE_TRAINER_RETURN_IF_ERROR(WriteSafetensors(path, tensors, metadata));
+  FTUNE_RETURN_IF_ERROR(WriteSafetensors(path, tensors, metadata));
   return FileSize(path);
 }
 
@@ -138,7 +145,7 @@ Result<int64_t> WriteCheckpointManifest(const std::string& dir, const TrainerSta
                          {"seed", state.seed},
                          {"shards", shards},
                          {"layout", layout}};
-  FTUNE_TRAINER_RETURN_IF_ERROR(
+  FTUNE_RETURN_IF_ERROR(
       WriteFileAtomically(dir + "/" + kCheckpointManifestName, manifest.dump(1) + "\n"));
   return TreeBytes(dir);
 }
@@ -149,7 +156,7 @@ Result<TrainerState> ReadCheckpointManifest(const std::string& dir) {
     return FailedPreconditionError(dir + " is not a complete ftune checkpoint (no " +
                                    kCheckpointManifestName + ")");
   }
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path, kMaxManifestBytes));
+  FTUNE_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path, kMaxManifestBytes));
   const json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (!j.is_object() || j.value("format", "") != "ftune-checkpoint") {
     return DataLossError(path + ": not an ftune checkpoint manifest");
@@ -195,11 +202,11 @@ Result<ShardState> ReadCheckpointSlice(const std::string& dir, const TrainerStat
   const int64_t end = begin + numel;
   for (int r = 0; r < state.world_size; ++r) {
     const std::string path = dir + "/" + ShardFileName(r, state.world_size);
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> f,
+    FTUNE_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> f,
                                    SafetensorsFile::Open(path));
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(int64_t sb, MetaInt(*f, "begin"));
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(int64_t sn, MetaInt(*f, "numel"));
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(int64_t step, MetaInt(*f, "adam_step"));
+    FTUNE_ASSIGN_OR_RETURN(int64_t sb, MetaInt(*f, "begin"));
+    FTUNE_ASSIGN_OR_RETURN(int64_t sn, MetaInt(*f, "numel"));
+    FTUNE_ASSIGN_OR_RETURN(int64_t step, MetaInt(*f, "adam_step"));
     if (adam_step >= 0 && step != adam_step) {
       return DataLossError(path + ": adam_step " + std::to_string(step) +
                            " differs from the other shards' " + std::to_string(adam_step));
@@ -215,16 +222,16 @@ Result<ShardState> ReadCheckpointSlice(const std::string& dir, const TrainerStat
         f->Find("rng_state") != nullptr) {
       const TensorInfo* info = f->Find("rng_state");
       out.rng_state = at::empty({static_cast<int64_t>(info->num_bytes())}, at::kByte);
-      FTUNE_TRAINER_RETURN_IF_ERROR(f->Read("rng_state", out.rng_state.data_ptr()));
+      FTUNE_RETURN_IF_ERROR(f->Read("rng_state", out.rng_state.data_ptr()));
     }
     if (lo >= hi) continue;
     const uint64_t from = static_cast<uint64_t>(lo - sb), to = static_cast<uint64_t>(hi - sb);
     float* dst = out.lora.data_ptr<float>() + (lo - begin);
-    FTUNE_TRAINER_RETURN_IF_ERROR(f->ReadElements("lora", from, to, dst));
+    FTUNE_RETURN_IF_ERROR(f->ReadElements("lora", from, to, dst));
     if (has_m) {
-      FTUNE_TRAINER_RETURN_IF_ERROR(
+      FTUNE_RETURN_IF_ERROR(
           f->ReadElements("exp_avg", from, to, m.data_ptr<float>() + (lo - begin)));
-      FTUNE_TRAINER_RETURN_IF_ERROR(
+      FTUNE_RETURN_IF_ERROR(
           f->ReadElements("exp_avg_sq", from, to, v.data_ptr<float>() + (lo - begin)));
     }
   }
@@ -239,7 +246,7 @@ Result<ShardState> ReadCheckpointSlice(const std::string& dir, const TrainerStat
 Result<std::string> LatestCompleteCheckpoint(const std::string& output_dir) {
   const std::string root = output_dir + "/" + kCheckpointsDir;
   if (!IsDirectory(root)) return std::string();
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::vector<std::string> names, ListDirectory(root));
+  FTUNE_ASSIGN_OR_RETURN(std::vector<std::string> names, ListDirectory(root));
   int64_t best = -1;
   std::string best_dir;
   for (const std::string& n : names) {
@@ -256,7 +263,7 @@ Result<std::string> LatestCompleteCheckpoint(const std::string& output_dir) {
 Status PruneCheckpoints(const std::string& output_dir, int keep) {
   const std::string root = output_dir + "/" + kCheckpointsDir;
   if (!IsDirectory(root)) return OkStatus();
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::vector<std::string> names, ListDirectory(root));
+  FTUNE_ASSIGN_OR_RETURN(std::vector<std::string> names, ListDirectory(root));
   std::vector<std::pair<int64_t, std::string>> complete, incomplete;
   for (const std::string& n : names) {
     const int64_t step = StepOfDirName(n);
@@ -268,15 +275,127 @@ Status PruneCheckpoints(const std::string& output_dir, int keep) {
   std::sort(complete.begin(), complete.end());
   const int64_t newest = complete.empty() ? -1 : complete.back().first;
   for (const auto& [step, dir] : incomplete) {
-    if (step < newest) FTUNE_TRAINER_RETURN_IF_ERROR(RemoveTree(dir));
+    if (step < newest) FTUNE_RETURN_IF_ERROR(RemoveTree(dir));
   }
   if (keep > 0 && static_cast<int>(complete.size()) > keep) {
     for (size_t i = 0; i + keep < complete.size(); ++i) {
-      FTUNE_TRAINER_RETURN_IF_ERROR(RemoveTree(complete[i].second));
+      FTUNE_RETURN_IF_ERROR(RemoveTree(complete[i].second));
     }
   }
   return OkStatus();
 }
 
+
+namespace {
+
+std::vector<FlatEntry> LayoutOf(const ShardedLora& lora) {
+  std::vector<FlatEntry> layout;
+  for (const ShardedLora::Entry& e : lora.layout()) {
+    layout.push_back({e.name, e.offset, e.numel, e.shape});
+  }
+  return layout;
+}
+
+}  // namespace
+
+Checkpointer::Checkpointer(Options options, LlamaModel* model, ShardedLora* lora,
+                           AdamW* optimizer, at::Generator cpu_generator,
+                           std::function<Status()> barrier, EventSink* events)
+    : options_(std::move(options)),
+      model_(model),
+      lora_(lora),
+      optimizer_(optimizer),
+      cpu_generator_(std::move(cpu_generator)),
+      barrier_(std::move(barrier)),
+      events_(events),
+      layout_(LayoutOf(*lora)) {}
+
+Result<std::string> Checkpointer::Save(const TrainProgress& progress, double loss) {
+  const auto start = std::chrono::steady_clock::now();
+  const std::string dir =
+      options_.output_dir + "/checkpoints/" + CheckpointDirName(progress.step);
+  ShardState shard;
+  shard.begin = lora_->shard_begin();
+  // The last rank's shard is padded past the end of the flat vector.
+  const int64_t real = std::max<int64_t>(
+      0, std::min(lora_->shard_numel(), lora_->total_numel() - lora_->shard_begin()));
+  shard.lora = lora_->shard().detach().narrow(0, 0, real);
+  if (optimizer_->exp_avg(0).defined()) {
+    shard.exp_avg = optimizer_->exp_avg(0).narrow(0, 0, real);
+    shard.exp_avg_sq = optimizer_->exp_avg_sq(0).narrow(0, 0, real);
+  }
+  shard.adam_step = optimizer_->step_count(0);
+  {
+    std::lock_guard<std::mutex> lock(cpu_generator_.mutex());
+    shard.rng_state = cpu_generator_.get_state();
+  }
+  FTUNE_RETURN_IF_ERROR(
+      WriteCheckpointShard(dir, options_.rank, options_.world_size, shard).status());
+  FTUNE_RETURN_IF_ERROR(barrier_());
+  if (options_.rank == 0) {
+    FTUNE_RETURN_IF_ERROR(model_->SaveAdapter(dir + "/adapter", options_.model_dir));
+    TrainerState state;
+    state.step = progress.step;
+    state.micro_batches = progress.micro;
+    state.tokens_total = progress.tokens_total;
+    state.loss = loss;
+    state.world_size = options_.world_size;
+    state.total_numel = lora_->total_numel();
+    state.layout = layout_;
+    state.seed = options_.seed;
+    FTUNE_ASSIGN_OR_RETURN(int64_t bytes, WriteCheckpointManifest(dir, state));
+    FTUNE_RETURN_IF_ERROR(PruneCheckpoints(options_.output_dir, options_.save_total_limit));
+    v1::RankMessage m;
+    auto* c = m.mutable_checkpoint();
+    c->set_step(progress.step);
+    c->set_path(dir);
+    c->set_bytes(bytes);
+    c->set_complete(true);
+    c->set_duration_seconds(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    events_->Emit(m);
+  }
+  last_saved_step_ = progress.step;
+  FTUNE_RETURN_IF_ERROR(barrier_());
+  return dir;
+}
+
+Result<TrainProgress> ResumeFromCheckpoint(const std::string& dir, int rank, int world_size,
+                                           ShardedLora* lora, AdamW* optimizer,
+                                           at::Generator cpu_generator) {
+  FTUNE_ASSIGN_OR_RETURN(TrainerState state, ReadCheckpointManifest(dir));
+  const std::vector<FlatEntry> layout = LayoutOf(*lora);
+  if (state.total_numel != lora->total_numel() || state.layout.size() != layout.size()) {
+    return FailedPreconditionError("checkpoint " + dir + " holds " +
+                                   std::to_string(state.total_numel) +
+                                   " LoRA values, this job's adapters have " +
+                                   std::to_string(lora->total_numel()) +
+                                   ": it was written for another model or lora config");
+  }
+  for (size_t i = 0; i < layout.size(); ++i) {
+    if (state.layout[i].name != layout[i].name || state.layout[i].offset != layout[i].offset) {
+      return FailedPreconditionError("checkpoint " + dir + " has '" + state.layout[i].name +
+                                     "' where this job has '" + layout[i].name + "'");
+    }
+  }
+  FTUNE_ASSIGN_OR_RETURN(ShardState slice, ReadCheckpointSlice(dir, state, lora->shard_begin(),
+                                                               lora->shard_numel(), rank));
+  {
+    c10::NoGradGuard no_grad;
+    lora->shard().copy_(slice.lora.to(lora->shard().device()));
+  }
+  FTUNE_RETURN_IF_ERROR(optimizer->RestoreState(0, slice.adam_step, slice.exp_avg, slice.exp_avg_sq));
+  FTUNE_RETURN_IF_ERROR(lora->GatherParams());
+  if (slice.rng_state.defined() && state.world_size == world_size) {
+    std::lock_guard<std::mutex> lock(cpu_generator.mutex());
+    cpu_generator.set_state(slice.rng_state);
+  }
+  TrainProgress progress;
+  progress.step = state.step;
+  progress.micro = state.micro_batches;
+  progress.tokens_total = state.tokens_total;
+  progress.resumed_world_size = state.world_size;
+  return progress;
+}
 
 }  // namespace ftune::trainer

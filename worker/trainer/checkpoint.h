@@ -36,7 +36,11 @@
 #include <string>
 #include <vector>
 
-#include "worker/trainer/status.h"
+#include <ATen/core/Generator.h>
+
+#include <functional>
+
+#include "ftune/status.h"
 
 namespace ftune::trainer {
 
@@ -100,6 +104,65 @@ Result<std::string> LatestCompleteCheckpoint(const std::string& output_dir);
 // Deletes the oldest complete checkpoints beyond `keep` (0 = keep all), and
 // incomplete ones older than the newest complete one (leftovers of a crash).
 Status PruneCheckpoints(const std::string& output_dir, int keep);
+
+class LlamaModel;
+class ShardedLora;
+class AdamW;
+class EventSink;
+
+// Where the training loop is when it saves.
+struct TrainProgress {
+  int64_t step = 0;          // optimizer steps completed
+  int64_t micro = 0;         // global micro-batches consumed
+  int64_t tokens_total = 0;  // loss tokens of the whole job
+  int resumed_world_size = 0;  // ranks that wrote the checkpoint resumed from; 0 fresh
+};
+
+// Saves the training state every rank holds into
+// <output_dir>/checkpoints/checkpoint-<step>: each rank its shard (LoRA
+// values, AdamW moments, RNG state), then, after a barrier, rank 0 the PEFT
+// adapter and the manifest (last, so a checkpoint without one is
+// incomplete), prunes to save_total_limit and reports a checkpoint event;
+// a final barrier keeps anyone from resuming from, or pruning, a checkpoint
+// before rank 0 finished it.
+class Checkpointer {
+ public:
+  struct Options {
+    int rank = 0;
+    int world_size = 1;
+    std::string output_dir;
+    std::string model_dir;     // recorded in the adapter's config
+    int save_total_limit = 0;  // 0 keeps all
+    uint64_t seed = 0;
+  };
+  // Not owned; all outlive the Checkpointer. `barrier` synchronizes ranks.
+  Checkpointer(Options options, LlamaModel* model, ShardedLora* lora, AdamW* optimizer,
+               at::Generator cpu_generator, std::function<Status()> barrier, EventSink* events);
+
+  // Returns the checkpoint directory.
+  Result<std::string> Save(const TrainProgress& progress, double loss);
+  int64_t last_saved_step() const { return last_saved_step_; }
+
+ private:
+  Options options_;
+  LlamaModel* model_;
+  ShardedLora* lora_;
+  AdamW* optimizer_;
+  at::Generator cpu_generator_;
+  std::function<Status()> barrier_;
+  EventSink* events_;
+  std::vector<FlatEntry> layout_;
+  int64_t last_saved_step_ = -1;
+};
+
+// Restores a checkpoint into this rank's state: its slice of the LoRA
+// values and AdamW moments (re-sliced when the checkpoint was written by
+// another number of ranks), the adapters gathered from the shards, and the
+// dropout RNG when the rank count is the same. FAILED_PRECONDITION when the
+// checkpoint was written for other adapters.
+Result<TrainProgress> ResumeFromCheckpoint(const std::string& dir, int rank, int world_size,
+                                           ShardedLora* lora, AdamW* optimizer,
+                                           at::Generator cpu_generator);
 
 }  // namespace ftune::trainer
 

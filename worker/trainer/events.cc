@@ -1,5 +1,11 @@
 #include "worker/trainer/events.h"
 
+#if defined(FTUNE_EVENTS_CUDA)
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <cuda_runtime_api.h>
+#endif
+
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <iomanip>
@@ -9,6 +15,7 @@
 #include <google/protobuf/util/json_util.h>
 
 #include "channel.h"
+#include "ftune/file_util.h"
 
 namespace ftune::trainer {
 namespace {
@@ -116,6 +123,72 @@ std::vector<v1::RankMessage> RecordingEventSink::events() const {
 void StopFlag::Request(bool save_checkpoint) {
   if (save_checkpoint) save_.store(true, std::memory_order_release);
   requested_.store(true, std::memory_order_release);
+}
+
+MemoryNow DeviceMemory(const c10::Device& device) {
+  MemoryNow m;
+  if (device.is_cuda()) {
+#if defined(FTUNE_EVENTS_CUDA)
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    // StatType::AGGREGATE is 0; the enum moved namespaces across LibTorch
+    // versions, the index did not.
+    const size_t aggregate = 0;
+    m.allocated = stats.allocated_bytes[aggregate].current;
+    m.reserved = stats.reserved_bytes[aggregate].current;
+    m.peak = stats.allocated_bytes[aggregate].peak;
+    m.reserved_peak = stats.reserved_bytes[aggregate].peak;
+    size_t free_bytes = 0, total_bytes = 0;
+    if (cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess) {
+      m.device_used = static_cast<int64_t>(total_bytes - free_bytes);
+    }
+#endif
+    return m;
+  }
+  m.allocated = CurrentRssBytes();
+  m.reserved = m.allocated;
+  m.peak = PeakRssBytes();
+  return m;
+}
+
+void EmitMemory(EventSink& events, const c10::Device& device, const std::string& device_name,
+                const std::string& phase) {
+  const MemoryNow now = DeviceMemory(device);
+  v1::RankMessage m;
+  auto* mem = m.mutable_memory();
+  mem->set_allocated_bytes(now.allocated);
+  mem->set_reserved_bytes(now.reserved);
+  mem->set_peak_bytes(now.peak);
+  if (device.is_cuda()) {
+    mem->set_reserved_peak_bytes(now.reserved_peak);
+    mem->set_device_used_bytes(now.device_used);
+    mem->set_device_peak_total_bytes(now.reserved_peak +
+                                     std::max<int64_t>(0, now.device_used - now.reserved));
+  }
+  // A CPU rank's device memory is its RSS, already read.
+  mem->set_host_rss_bytes(device.is_cuda() ? CurrentRssBytes() : now.allocated);
+  mem->set_host_peak_rss_bytes(device.is_cuda() ? PeakRssBytes() : now.peak);
+  mem->set_device(device_name);
+  mem->set_phase(phase);
+  events.Emit(m);
+}
+
+std::string DescribeCollectives(const CollectiveTotals& base, const CollectiveTotals& now) {
+  const double wall = now.seconds - base.seconds;
+  const double gather = now.gather - base.gather;
+  const double exposed = now.gather_exposed - base.gather_exposed;
+  const double reduce = now.reduce_scatter - base.reduce_scatter;
+  const double reduce_exposed = now.reduce_exposed - base.reduce_exposed;
+  const double gib = static_cast<double>(now.gathered_bytes - base.gathered_bytes) / (1LL << 30);
+  std::ostringstream s;
+  s << std::fixed << std::setprecision(2) << "collectives after the first step (" << wall
+    << " s of training, rank 0): all-gather " << gather << " s (" << gib << " GiB received), "
+    << gather - exposed << " s of it hidden behind compute ("
+    << std::setprecision(0) << (gather > 0 ? 100 * (gather - exposed) / gather : 0)
+    << "%), " << std::setprecision(2) << exposed << " s exposed; gradient reduce-scatter "
+    << reduce << " s, " << reduce_exposed << " s exposed; communication exposed "
+    << std::setprecision(1) << (wall > 0 ? 100 * (exposed + reduce_exposed) / wall : 0)
+    << "% of the time";
+  return s.str();
 }
 
 }  // namespace ftune::trainer

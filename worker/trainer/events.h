@@ -12,6 +12,9 @@
 // (train.cc), since each rank's agent may deliver the request at a
 // different step.
 //
+// Telemetry (EmitMemory, DescribeCollectives) turns the rank's counters into
+// those events and log lines, so the training loop only says when.
+//
 // Thread-safety: Emit may be called from any thread (implementations
 // serialize); StopFlag is lock-free.
 #ifndef FTUNE_WORKER_TRAINER_EVENTS_H_
@@ -23,6 +26,8 @@
 #include <mutex>
 #include <string>
 #include <vector>
+
+#include <c10/core/Device.h>
 
 #include "ftune/v1/rank_channel.pb.h"
 
@@ -96,6 +101,33 @@ class StopFlag {
   std::atomic<bool> requested_{false};
   std::atomic<bool> save_{false};
 };
+
+// --- Telemetry.
+
+// Device memory of a rank: the CUDA caching allocator's counters and the
+// device's memory in use, or for CPU ranks (whose device is host RAM) the
+// process's RSS.
+struct MemoryNow {
+  int64_t allocated = 0, reserved = 0, peak = 0;
+  int64_t reserved_peak = 0, device_used = 0;  // CUDA only
+};
+MemoryNow DeviceMemory(const c10::Device& device);
+
+// A memory event: device counters, host RSS and its peak, tagged with the
+// phase ("load", "train", "end").
+void EmitMemory(EventSink& events, const c10::Device& device, const std::string& device_name,
+                const std::string& phase);
+
+// Cumulative time in collectives (fsdp.h, "Timing") at one moment.
+struct CollectiveTotals {
+  bool taken = false;
+  double gather = 0, gather_exposed = 0, reduce_scatter = 0, reduce_exposed = 0, seconds = 0;
+  int64_t gathered_bytes = 0;
+};
+
+// "collectives after the first step (52.1 s of training, rank 0): all-gather
+// ... hidden behind compute (98%) ...": what happened between two moments.
+std::string DescribeCollectives(const CollectiveTotals& base, const CollectiveTotals& now);
 
 }  // namespace ftune::trainer
 

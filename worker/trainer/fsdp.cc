@@ -26,11 +26,11 @@
 #include "kernels/random_init_cuda.h"
 #endif
 
-#include "worker/trainer/file_util.h"
+#include "ftune/file_util.h"
 #include "worker/trainer/fsdp_streams.h"
-#include "worker/trainer/init_model.h"
-#include "worker/trainer/llama_config.h"
-#include "worker/trainer/safetensors.h"
+#include "worker/modelio/init_model.h"
+#include "worker/modelio/llama_config.h"
+#include "worker/modelio/safetensors.h"
 #include "worker/trainer/weights.h"
 
 namespace ftune::trainer {
@@ -127,7 +127,7 @@ Status CheckSameOnEveryRank(comm::Communicator* comm, c10::Device model_device,
     return all.cpu();
   };
   const int64_t n = static_cast<int64_t>(mine.size());
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor sizes, gather(at::full({1}, n, i64), 1));
+  FTUNE_ASSIGN_OR_RETURN(at::Tensor sizes, gather(at::full({1}, n, i64), 1));
   for (int r = 0; r < world; ++r) {
     if (sizes.data_ptr<int64_t>()[r] != n) {
       return FailedPreconditionError(what + " differs between rank " + std::to_string(r) +
@@ -135,7 +135,7 @@ Status CheckSameOnEveryRank(comm::Communicator* comm, c10::Device model_device,
                                      ": every rank must load the same model with the same options");
     }
   }
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor all, gather(at::tensor(mine, i64), n));
+  FTUNE_ASSIGN_OR_RETURN(at::Tensor all, gather(at::tensor(mine, i64), n));
   for (int r = 0; r < world; ++r) {
     for (int64_t i = 0; i < n; ++i) {
       if (all.data_ptr<int64_t>()[r * n + i] != mine[i]) {
@@ -297,7 +297,7 @@ class FsdpUnitsImpl final : public FsdpUnits {
                              std::to_string(num_units()));
     }
     if (tied_ && unit == model_->head_unit()) {
-      FTUNE_TRAINER_RETURN_IF_ERROR(GatherOne(LlamaModel::kEmbeddingUnit));
+      FTUNE_RETURN_IF_ERROR(GatherOne(LlamaModel::kEmbeddingUnit));
     }
     return GatherOne(unit);
   }
@@ -748,19 +748,19 @@ Result<Nf4Weight> GatherNf4Pieces(const Nf4ShardPieces& mine, const Nf4ShardGeom
   auto gather = [&](const at::Tensor& piece, int64_t bytes) -> Result<at::Tensor> {
     at::Tensor send = piece.to(cdev).contiguous();
     at::Tensor all = at::empty({bytes * g.world}, U8(cdev));
-    FTUNE_TRAINER_RETURN_IF_ERROR(AllGatherBytes(comm, send, all, bytes, 0, 0));
+    FTUNE_RETURN_IF_ERROR(AllGatherBytes(comm, send, all, bytes, 0, 0));
     return all.to(dev);
   };
   Nf4Weight w;
   w.out_features = out_features;
   w.in_features = in_features;
   w.blocksize = g.blocksize;
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor packed, gather(mine.packed, g.PackedPieceBytes()));
+  FTUNE_ASSIGN_OR_RETURN(at::Tensor packed, gather(mine.packed, g.PackedPieceBytes()));
   w.packed = packed.narrow(0, 0, kernels::Nf4PackedBytes(g.numel)).clone();
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor absmax, gather(mine.absmax, g.AbsmaxPieceBytes()));
+  FTUNE_ASSIGN_OR_RETURN(at::Tensor absmax, gather(mine.absmax, g.AbsmaxPieceBytes()));
   if (g.nested) {
     w.absmax = absmax.narrow(0, 0, g.num_blocks).clone();
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor a2, gather(mine.absmax2, g.Absmax2PieceBytes()));
+    FTUNE_ASSIGN_OR_RETURN(at::Tensor a2, gather(mine.absmax2, g.Absmax2PieceBytes()));
     w.nested_absmax =
         a2.view(at::kFloat).narrow(0, 0, kernels::Nf4NumNestedBlocks(g.num_blocks)).clone();
     w.offset = mine.offset.clone();
@@ -791,7 +791,7 @@ Result<std::unique_ptr<LlamaModel>> LoadShardedModel(const std::string& model_di
     return InvalidArgumentError("LoadShardedModel: an NCCL communicator needs a CUDA model device, "
                                 "got " + options.device.str());
   }
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(LlamaConfig config, LoadLlamaConfig(model_dir));
+  FTUNE_ASSIGN_OR_RETURN(LlamaConfig config, LoadLlamaConfig(model_dir));
   // The weights come from the safetensors files, or are generated (random).
   std::unique_ptr<SafetensorsModel> st;
   std::map<std::string, WeightSpec> random_specs;
@@ -801,7 +801,7 @@ Result<std::unique_ptr<LlamaModel>> LoadShardedModel(const std::string& model_di
     source = model_dir + "/config.json (random weights, seed " +
              std::to_string(options.random_seed) + ")";
   } else {
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(st, SafetensorsModel::OpenDirectory(model_dir));
+    FTUNE_ASSIGN_OR_RETURN(st, SafetensorsModel::OpenDirectory(model_dir));
     source = st->source();
   }
 
@@ -819,7 +819,7 @@ Result<std::unique_ptr<LlamaModel>> LoadShardedModel(const std::string& model_di
     bases[name] = b.get();
     return b;
   };
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::unique_ptr<LlamaModel> model,
+  FTUNE_ASSIGN_OR_RETURN(std::unique_ptr<LlamaModel> model,
                                  LlamaModel::BuildUnmaterialized(config, options, source,
                                                                  make_base));
   auto units = std::make_shared<FsdpUnitsImpl>(model.get(), comm, fsdp,
@@ -838,11 +838,11 @@ Result<std::unique_ptr<LlamaModel>> LoadShardedModel(const std::string& model_di
       if (it == random_specs.end()) {
         return InternalError("random weights: no init spec for '" + t.name + "'");
       }
-      FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor part,
+      FTUNE_ASSIGN_OR_RETURN(at::Tensor part,
                                      RandomInitPart(it->second, options, e0, e1));
       return part.to(options.dtype);
     }
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(SafetensorsModel::TensorRef ref, st->Find(t.name));
+    FTUNE_ASSIGN_OR_RETURN(SafetensorsModel::TensorRef ref, st->Find(t.name));
     std::vector<int64_t> file_shape(ref.info->shape.begin(), ref.info->shape.end());
     if (file_shape != t.shape) {
       return InvalidArgumentError(ref.file->path() + ": tensor '" + t.name + "' has shape " +
@@ -850,10 +850,10 @@ Result<std::unique_ptr<LlamaModel>> LoadShardedModel(const std::string& model_di
                                   " but the config implies " +
                                   ShapeToString(std::vector<uint64_t>(t.shape.begin(), t.shape.end())));
     }
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(c10::ScalarType file_dtype, TorchDtypeOf(ref.info->dtype));
+    FTUNE_ASSIGN_OR_RETURN(c10::ScalarType file_dtype, TorchDtypeOf(ref.info->dtype));
     at::Tensor raw = at::empty({e1 - e0}, at::TensorOptions().dtype(file_dtype));
     if (e1 > e0) {
-      FTUNE_TRAINER_RETURN_IF_ERROR(ref.file->ReadElements(t.name, e0, e1, raw.data_ptr()));
+      FTUNE_RETURN_IF_ERROR(ref.file->ReadElements(t.name, e0, e1, raw.data_ptr()));
       local.read_bytes += raw.numel() * static_cast<int64_t>(raw.element_size());
     }
     return raw.to(at::TensorOptions().dtype(options.dtype).device(options.device));
@@ -926,7 +926,7 @@ Result<std::unique_ptr<LlamaModel>> LoadShardedModel(const std::string& model_di
                                  static_cast<int64_t>(options.dtype), options.quantize_base,
                                  options.nf4.blocksize, options.nf4.double_quant};
     for (const Unit& u : list) mine.push_back(u.shard_bytes);
-    FTUNE_TRAINER_RETURN_IF_ERROR(CheckSameOnEveryRank(
+    FTUNE_RETURN_IF_ERROR(CheckSameOnEveryRank(
         comm, options.device, mine, "LoadShardedModel(" + source + "): the model layout"));
   }
   for (Unit& u : list) {
@@ -936,7 +936,7 @@ Result<std::unique_ptr<LlamaModel>> LoadShardedModel(const std::string& model_di
       const std::string what = "loading '" + t.name + "' (" + source + ") on " + Where(rank, world);
       if (t.nf4) {
         const int64_t e0 = t.geo.ElementBegin(rank), e1 = t.geo.ElementEnd(rank);
-        FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor part, read_part(t, e0, e1));
+        FTUNE_ASSIGN_OR_RETURN(at::Tensor part, read_part(t, e0, e1));
         Result<Nf4ShardPieces> pieces = QuantizeNf4Part(part, t.geo, rank, comm, t.name);
         if (!pieces.ok()) return Prefixed(pieces.status(), what);
         part = at::Tensor();
@@ -954,7 +954,7 @@ Result<std::unique_ptr<LlamaModel>> LoadShardedModel(const std::string& model_di
         const int64_t piece = CeilDiv(t.numel, world);
         const int64_t e0 = std::min(t.numel, rank * piece);
         const int64_t e1 = std::min(t.numel, (rank + 1) * piece);
-        FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor part, read_part(t, e0, e1));
+        FTUNE_ASSIGN_OR_RETURN(at::Tensor part, read_part(t, e0, e1));
         const Segment& s = u.segments[t.seg_dense];
         if (e1 > e0) {
           u.shard.narrow(0, s.shard_offset, (e1 - e0) * esize).copy_(part.view(at::kByte));
@@ -1000,10 +1000,10 @@ Result<std::unique_ptr<ShardedLora>> ShardedLora::Create(LlamaModel* model,
     s->params_.push_back(p.tensor);
   }
   s->shard_numel_ = CeilDiv(s->total_numel_, s->world_);
-  FTUNE_TRAINER_RETURN_IF_ERROR(CheckSameOnEveryRank(
+  FTUNE_RETURN_IF_ERROR(CheckSameOnEveryRank(
       comm, model->options().device, {s->total_numel_, static_cast<int64_t>(s->layout_.size())},
       "ShardedLora: the LoRA layout (elements, tensors)"));
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor flat, s->FullFlat(/*grads=*/false));
+  FTUNE_ASSIGN_OR_RETURN(at::Tensor flat, s->FullFlat(/*grads=*/false));
   if (s->world_ > 1) {
     const Status st = comm->Broadcast(flat.data_ptr(), static_cast<size_t>(flat.numel()),
                                       DataType::kFloat32, 0, nullptr);
@@ -1162,7 +1162,7 @@ Status ShardedLora::ReduceGradients() {
     // Spans with tensors that got no gradient are still open: reduce them
     // now, in span order (the same on every rank).
     for (size_t i = 0; i < spans_.size(); ++i) {
-      FTUNE_TRAINER_RETURN_IF_ERROR(ReduceSpan(i));
+      FTUNE_RETURN_IF_ERROR(ReduceSpan(i));
     }
 #if FTUNE_FSDP_CUDA
     if (comm_device_.is_cuda()) {
@@ -1176,7 +1176,7 @@ Status ShardedLora::ReduceGradients() {
     acc_ = at::zeros_like(acc_);
   } else {
     // One rank: the shard is the whole flat gradient.
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor flat, FullFlat(/*grads=*/true));
+    FTUNE_ASSIGN_OR_RETURN(at::Tensor flat, FullFlat(/*grads=*/true));
     mine = flat.narrow(0, 0, shard_numel_).to(shard_.device());
   }
   c10::NoGradGuard no_grad;
@@ -1218,7 +1218,7 @@ Result<double> ShardedLora::ClipGradNorm(double max_norm) {
   if (!(max_norm > 0)) {
     return InvalidArgumentError("max_grad_norm (" + std::to_string(max_norm) + ") must be > 0");
   }
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(double total, GradNorm());
+  FTUNE_ASSIGN_OR_RETURN(double total, GradNorm());
   if (shard_.grad().defined()) {
     c10::NoGradGuard no_grad;
     // torch's clip_grad_norm_: an fp32 coefficient, clamped, applied

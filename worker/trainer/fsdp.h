@@ -109,21 +109,10 @@
 #include "worker/comm/communicator.h"
 #include "worker/trainer/model.h"
 #include "worker/trainer/nf4_linear.h"
-#include "worker/trainer/status.h"
+#include "ftune/status.h"
+#include "worker/config/options.h"
 
 namespace ftune::trainer {
-
-struct FsdpOptions {
-  bool reshard_after_forward = true;  // FULL_SHARD; false = SHARD_GRAD_OP (units stay gathered
-                                      // from forward to backward)
-  bool offload_params = false;        // frozen shards kept in (pinned when CUDA) host memory,
-                                      // copied in before the gather
-  // Gather the next unit while the current one computes. NCCL: on a second
-  // CUDA stream. Gloo: on a background thread (collectives block their
-  // thread), which pays only with spare cores: on a 2-core machine with 2
-  // ranks a step got 15% slower (FsdpBenchTest). Ignored with one rank.
-  bool prefetch = false;
-};
 
 namespace internal {
 class CollectiveClock;  // fsdp.cc

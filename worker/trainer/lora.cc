@@ -11,41 +11,6 @@
 
 namespace ftune::trainer {
 
-std::vector<std::string> LoraConfig::DefaultTargetModules() {
-  return {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
-}
-
-double LoraConfig::Scaling() const {
-  return use_rslora ? lora_alpha / std::sqrt(static_cast<double>(r))
-                    : lora_alpha / static_cast<double>(r);
-}
-
-Status LoraConfig::Validate() const {
-  auto bad = [](const std::string& m) { return InvalidArgumentError(m); };
-  if (r < 1) return bad("lora r (" + std::to_string(r) + ") must be >= 1");
-  if (!(lora_alpha > 0) || !std::isfinite(lora_alpha)) {
-    std::ostringstream m;
-    m << "lora_alpha (" << lora_alpha << ") must be a positive number";
-    return bad(m.str());
-  }
-  if (!(lora_dropout >= 0 && lora_dropout < 1)) {
-    std::ostringstream m;
-    m << "lora_dropout (" << lora_dropout << ") must be in [0, 1)";
-    return bad(m.str());
-  }
-  if (target_modules.empty()) return bad("lora target_modules must not be empty");
-  const auto known = DefaultTargetModules();
-  for (const auto& t : target_modules) {
-    bool found = false;
-    for (const auto& k : known) found = found || (t == k);
-    if (!found) {
-      return bad("lora target_modules: unknown module '" + t +
-                 "' (Llama has q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)");
-    }
-  }
-  return OkStatus();
-}
-
 DenseLinear::DenseLinear(at::Tensor weight) : weight_(std::move(weight)) {
   TORCH_CHECK(weight_.dim() == 2, "DenseLinear: weight must be (out, in), got ", weight_.sizes());
   weight_ = weight_.detach();

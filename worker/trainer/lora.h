@@ -32,27 +32,10 @@
 #include <string>
 #include <vector>
 
-#include "worker/trainer/status.h"
+#include "ftune/status.h"
+#include "worker/config/options.h"
 
 namespace ftune::trainer {
-
-// PEFT LoraConfig fields ftune honours. bias is always "none" and
-// fan_in_fan_out false (Llama's nn.Linear layout).
-struct LoraConfig {
-  int64_t r = 8;
-  double lora_alpha = 16.0;
-  double lora_dropout = 0.0;
-  bool use_rslora = false;
-  // HF module names (last path component): q_proj, k_proj, v_proj, o_proj,
-  // gate_proj, up_proj, down_proj.
-  std::vector<std::string> target_modules = DefaultTargetModules();
-  uint64_t seed = 0;  // A's initialisation
-
-  static std::vector<std::string> DefaultTargetModules();
-  double Scaling() const;  // alpha / r or alpha / sqrt(r)
-  // INVALID_ARGUMENT naming the field and value: "lora r (0) must be >= 1".
-  Status Validate() const;
-};
 
 // A frozen base linear layer: y = x W^T, W (out, in).
 class BaseLinear {

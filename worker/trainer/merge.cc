@@ -8,9 +8,9 @@
 #include <vector>
 
 #include "worker/trainer/bnb_checkpoint.h"
-#include "worker/trainer/file_util.h"
-#include "worker/trainer/llama_config.h"
-#include "worker/trainer/safetensors.h"
+#include "ftune/file_util.h"
+#include "worker/modelio/llama_config.h"
+#include "worker/modelio/safetensors.h"
 #include "worker/trainer/weights.h"
 
 namespace ftune::trainer {
@@ -47,7 +47,7 @@ Result<MergeReport> MergeAdapter(const MergeOptions& options) {
   const auto progress = [&](const std::string& line) {
     if (options.progress) options.progress(line);
   };
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(bool is_4bit, IsBnb4bitDirectory(options.model_dir));
+  FTUNE_ASSIGN_OR_RETURN(bool is_4bit, IsBnb4bitDirectory(options.model_dir));
   if (is_4bit) {
     return InvalidArgumentError(
         options.model_dir +
@@ -56,9 +56,9 @@ Result<MergeReport> MergeAdapter(const MergeOptions& options) {
         "into the merged weights");
   }
   // Validates that this is a Llama ftune understands before writing anything.
-  FTUNE_TRAINER_RETURN_IF_ERROR(LoadLlamaConfig(options.model_dir + "/config.json").status());
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(PeftAdapter adapter, ReadPeftAdapter(options.adapter_dir));
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsModel> base,
+  FTUNE_RETURN_IF_ERROR(LoadLlamaConfig(options.model_dir + "/config.json").status());
+  FTUNE_ASSIGN_OR_RETURN(PeftAdapter adapter, ReadPeftAdapter(options.adapter_dir));
+  FTUNE_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsModel> base,
                                  SafetensorsModel::OpenDirectory(options.model_dir));
   const double scaling = adapter.config.Scaling();
 
@@ -77,7 +77,7 @@ Result<MergeReport> MergeAdapter(const MergeOptions& options) {
       return InvalidArgumentError(options.adapter_dir + ": '" + name +
                                   "' has only one of lora_A / lora_B");
     }
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(SafetensorsModel::TensorRef ref, base->Find(name));
+    FTUNE_ASSIGN_OR_RETURN(SafetensorsModel::TensorRef ref, base->Find(name));
     const std::vector<uint64_t>& shape = ref.info->shape;
     const at::Tensor& at_a = a->second;  // (r, in)
     const at::Tensor& at_b = b->second;  // (out, r)
@@ -102,7 +102,7 @@ Result<MergeReport> MergeAdapter(const MergeOptions& options) {
     }
   }
 
-  FTUNE_TRAINER_RETURN_IF_ERROR(MakeDirectory(options.out_dir));
+  FTUNE_RETURN_IF_ERROR(MakeDirectory(options.out_dir));
   MergeReport report;
   for (const auto& shard : base->shards()) {
     std::vector<at::Tensor> keep;  // owns the bytes of merged tensors
@@ -110,12 +110,12 @@ Result<MergeReport> MergeAdapter(const MergeOptions& options) {
     for (const TensorInfo& info : shard->tensors()) {
       auto delta = deltas.find(info.name);
       if (delta == deltas.end()) {
-        FTUNE_TRAINER_ASSIGN_OR_RETURN(ByteSpan bytes, shard->Data(info.name));
+        FTUNE_ASSIGN_OR_RETURN(ByteSpan bytes, shard->Data(info.name));
         out.push_back({info.name, info.dtype, info.shape, bytes.data, bytes.size});
         ++report.copied_tensors;
         continue;
       }
-      FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor w, ReadTensorAsStored(*shard, info.name));
+      FTUNE_ASSIGN_OR_RETURN(at::Tensor w, ReadTensorAsStored(*shard, info.name));
       const at::Tensor& a = *delta->second.first;   // (r, in) fp32
       const at::Tensor& b = *delta->second.second;  // (out, r) fp32
       // (out, in): fp32 delta, one rounding back to the stored dtype.
@@ -128,21 +128,21 @@ Result<MergeReport> MergeAdapter(const MergeOptions& options) {
     }
     const std::string file_name = shard->path().substr(shard->path().rfind('/') + 1);
     const std::string out_path = options.out_dir + "/" + file_name;
-    FTUNE_TRAINER_RETURN_IF_ERROR(WriteSafetensors(out_path, out, {{"format", "pt"}}));
+    FTUNE_RETURN_IF_ERROR(WriteSafetensors(out_path, out, {{"format", "pt"}}));
     ++report.files_written;
     for (const TensorToWrite& t : out) report.bytes_written += static_cast<int64_t>(t.num_bytes);
     progress("wrote " + out_path + " (" + std::to_string(out.size()) + " tensors)");
   }
   const std::string index_path = options.model_dir + "/" + kSafetensorsIndexName;
   if (base->shards().size() > 1 || base->index_total_size().has_value()) {
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(std::string index, ReadFileToString(index_path, kMaxIndexBytes));
-    FTUNE_TRAINER_RETURN_IF_ERROR(
+    FTUNE_ASSIGN_OR_RETURN(std::string index, ReadFileToString(index_path, kMaxIndexBytes));
+    FTUNE_RETURN_IF_ERROR(
         WriteFileAtomically(options.out_dir + "/" + kSafetensorsIndexName, index));
   }
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(
+  FTUNE_ASSIGN_OR_RETURN(
       std::string config, ReadFileToString(options.model_dir + "/config.json", kMaxIndexBytes));
-  FTUNE_TRAINER_RETURN_IF_ERROR(WriteFileAtomically(options.out_dir + "/config.json", config));
-  FTUNE_TRAINER_RETURN_IF_ERROR(CopyModelSideFiles(options.model_dir, options.out_dir));
+  FTUNE_RETURN_IF_ERROR(WriteFileAtomically(options.out_dir + "/config.json", config));
+  FTUNE_RETURN_IF_ERROR(CopyModelSideFiles(options.model_dir, options.out_dir));
   return report;
 }
 

@@ -25,7 +25,7 @@
 #include <functional>
 #include <string>
 
-#include "worker/trainer/status.h"
+#include "ftune/status.h"
 
 namespace ftune::trainer {
 

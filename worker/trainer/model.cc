@@ -224,8 +224,8 @@ bool LlamaModel::UseSdpa() const {
 
 Result<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& dir,
                                                      const ModelOptions& options) {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(LlamaConfig config, LoadLlamaConfig(dir));
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsModel> st,
+  FTUNE_ASSIGN_OR_RETURN(LlamaConfig config, LoadLlamaConfig(dir));
+  FTUNE_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsModel> st,
                                  SafetensorsModel::OpenDirectory(dir));
   const SafetensorsModel* stp = st.get();
   const c10::ScalarType dtype = options.dtype;
@@ -260,7 +260,7 @@ Status LlamaModel::ValidateBuild(const LlamaConfig& config, const ModelOptions& 
 Result<std::unique_ptr<LlamaModel>> LlamaModel::BuildUnmaterialized(
     const LlamaConfig& config, const ModelOptions& options, const std::string& source_name,
     const BaseLinearSource& bases) {
-  FTUNE_TRAINER_RETURN_IF_ERROR(ValidateBuild(config, options, source_name));
+  FTUNE_RETURN_IF_ERROR(ValidateBuild(config, options, source_name));
   if (!bases) return InvalidArgumentError(source_name + ": BuildUnmaterialized needs `bases`");
   std::unique_ptr<LlamaModel> m(new LlamaModel(config, options));
   const int64_t h = config.hidden_size, inter = config.intermediate_size;
@@ -282,7 +282,7 @@ Result<std::unique_ptr<LlamaModel>> LlamaModel::BuildUnmaterialized(
         {&l.down_proj, "mlp.down_proj.weight", h, inter},
     };
     for (const auto& pr : projections) {
-      FTUNE_TRAINER_ASSIGN_OR_RETURN(std::unique_ptr<BaseLinear> base,
+      FTUNE_ASSIGN_OR_RETURN(std::unique_ptr<BaseLinear> base,
                                      bases(p + pr.name, pr.out, pr.in));
       if (base == nullptr || base->out_features() != pr.out || base->in_features() != pr.in) {
         return InvalidArgumentError(source_name + ": base layer '" + p + pr.name +
@@ -302,13 +302,13 @@ Result<std::unique_ptr<LlamaModel>> LlamaModel::Build(const LlamaConfig& config,
                                                       const ModelOptions& options,
                                                       const std::string& source_name,
                                                       const BaseLinearSource& bases) {
-  FTUNE_TRAINER_RETURN_IF_ERROR(ValidateBuild(config, options, source_name));
+  FTUNE_RETURN_IF_ERROR(ValidateBuild(config, options, source_name));
   std::unique_ptr<LlamaModel> m(new LlamaModel(config, options));
   const auto opts = at::TensorOptions().dtype(options.dtype).device(options.device);
   // Reads one frozen tensor and checks its shape against the config.
   auto load = [&](const std::string& name, std::vector<int64_t> shape) -> Result<at::Tensor> {
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor t, tensors(name));
-    FTUNE_TRAINER_RETURN_IF_ERROR(CheckShape(t, shape, source_name, name));
+    FTUNE_ASSIGN_OR_RETURN(at::Tensor t, tensors(name));
+    FTUNE_RETURN_IF_ERROR(CheckShape(t, shape, source_name, name));
     t = t.to(opts).detach().contiguous();
     t.set_requires_grad(false);
     return t;
@@ -316,7 +316,7 @@ Result<std::unique_ptr<LlamaModel>> LlamaModel::Build(const LlamaConfig& config,
   auto linear = [&](const std::string& name, int64_t out,
                     int64_t in) -> Result<std::unique_ptr<LoraLinear>> {
     if (bases) {
-      FTUNE_TRAINER_ASSIGN_OR_RETURN(std::unique_ptr<BaseLinear> base, bases(name, out, in));
+      FTUNE_ASSIGN_OR_RETURN(std::unique_ptr<BaseLinear> base, bases(name, out, in));
       if (base->out_features() != out || base->in_features() != in) {
         return InvalidArgumentError(source_name + ": base layer '" + name + "' is (" +
                                     std::to_string(base->out_features()) + ", " +
@@ -326,7 +326,7 @@ Result<std::unique_ptr<LlamaModel>> LlamaModel::Build(const LlamaConfig& config,
       }
       return std::make_unique<LoraLinear>(std::move(base));
     }
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor w, load(name, {out, in}));
+    FTUNE_ASSIGN_OR_RETURN(at::Tensor w, load(name, {out, in}));
     if (options.quantize_base) {
       // Quantized from the weight in the compute dtype on the device, as
       // transformers quantizes a load_in_4bit weight after casting it to
@@ -337,30 +337,30 @@ Result<std::unique_ptr<LlamaModel>> LlamaModel::Build(const LlamaConfig& config,
   };
 
   const int64_t h = config.hidden_size, inter = config.intermediate_size;
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(m->embed_tokens_,
+  FTUNE_ASSIGN_OR_RETURN(m->embed_tokens_,
                                  load("model.embed_tokens.weight", {config.vocab_size, h}));
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(m->norm_, load("model.norm.weight", {h}));
+  FTUNE_ASSIGN_OR_RETURN(m->norm_, load("model.norm.weight", {h}));
   if (config.tie_word_embeddings) {
     // transformers ties lm_head to the embedding whether or not the file
     // also carries an lm_head.weight.
     m->lm_head_ = m->embed_tokens_;
   } else {
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(m->lm_head_, load("lm_head.weight", {config.vocab_size, h}));
+    FTUNE_ASSIGN_OR_RETURN(m->lm_head_, load("lm_head.weight", {config.vocab_size, h}));
   }
   m->layers_.resize(config.num_hidden_layers);
   for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
     DecoderLayer& l = m->layers_[i];
     const std::string p = "model.layers." + std::to_string(i) + ".";
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(l.input_layernorm, load(p + "input_layernorm.weight", {h}));
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(l.post_attention_layernorm,
+    FTUNE_ASSIGN_OR_RETURN(l.input_layernorm, load(p + "input_layernorm.weight", {h}));
+    FTUNE_ASSIGN_OR_RETURN(l.post_attention_layernorm,
                                    load(p + "post_attention_layernorm.weight", {h}));
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(l.q_proj, linear(p + "self_attn.q_proj.weight", config.q_size(), h));
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(l.k_proj, linear(p + "self_attn.k_proj.weight", config.kv_size(), h));
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(l.v_proj, linear(p + "self_attn.v_proj.weight", config.kv_size(), h));
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(l.o_proj, linear(p + "self_attn.o_proj.weight", h, config.q_size()));
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(l.gate_proj, linear(p + "mlp.gate_proj.weight", inter, h));
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(l.up_proj, linear(p + "mlp.up_proj.weight", inter, h));
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(l.down_proj, linear(p + "mlp.down_proj.weight", h, inter));
+    FTUNE_ASSIGN_OR_RETURN(l.q_proj, linear(p + "self_attn.q_proj.weight", config.q_size(), h));
+    FTUNE_ASSIGN_OR_RETURN(l.k_proj, linear(p + "self_attn.k_proj.weight", config.kv_size(), h));
+    FTUNE_ASSIGN_OR_RETURN(l.v_proj, linear(p + "self_attn.v_proj.weight", config.kv_size(), h));
+    FTUNE_ASSIGN_OR_RETURN(l.o_proj, linear(p + "self_attn.o_proj.weight", h, config.q_size()));
+    FTUNE_ASSIGN_OR_RETURN(l.gate_proj, linear(p + "mlp.gate_proj.weight", inter, h));
+    FTUNE_ASSIGN_OR_RETURN(l.up_proj, linear(p + "mlp.up_proj.weight", inter, h));
+    FTUNE_ASSIGN_OR_RETURN(l.down_proj, linear(p + "mlp.down_proj.weight", h, inter));
   }
   const std::vector<float> inv = RopeInverseFrequencies(config);
   m->inv_freq_ = at::tensor(inv, at::TensorOptions().dtype(at::kFloat)).to(options.device);
@@ -368,7 +368,7 @@ Result<std::unique_ptr<LlamaModel>> LlamaModel::Build(const LlamaConfig& config,
 }
 
 Status LlamaModel::AttachLora(const LoraConfig& lora) {
-  FTUNE_TRAINER_RETURN_IF_ERROR(lora.Validate());
+  FTUNE_RETURN_IF_ERROR(lora.Validate());
   for (int64_t i = 0; i < static_cast<int64_t>(layers_.size()); ++i) {
     for (const char* name : kModules) layers_[i].Module(name)->Detach();
     for (const std::string& name : lora.target_modules) {
@@ -383,7 +383,7 @@ Status LlamaModel::AttachLora(const LoraConfig& lora) {
 }
 
 Status LlamaModel::AttachAdapter(const PeftAdapter& adapter) {
-  FTUNE_TRAINER_RETURN_IF_ERROR(adapter.config.Validate());
+  FTUNE_RETURN_IF_ERROR(adapter.config.Validate());
   // Check everything before touching the model, so a bad adapter leaves the
   // model as it was.
   std::vector<std::vector<LoraAdapter>> staged(layers_.size());
@@ -402,7 +402,7 @@ Status LlamaModel::AttachAdapter(const PeftAdapter& adapter) {
         const std::vector<int64_t> want =
             is_a ? std::vector<int64_t>{adapter.config.r, m->in_features()}
                  : std::vector<int64_t>{m->out_features(), adapter.config.r};
-        FTUNE_TRAINER_RETURN_IF_ERROR(CheckShape(it->second, want, "PEFT adapter", key));
+        FTUNE_RETURN_IF_ERROR(CheckShape(it->second, want, "PEFT adapter", key));
         (is_a ? ad.a : ad.b) =
             it->second.to(at::TensorOptions().dtype(at::kFloat).device(options_.device)).clone();
         ++used;
@@ -439,7 +439,7 @@ Status LlamaModel::AttachAdapter(const PeftAdapter& adapter) {
 }
 
 Status LlamaModel::LoadAdapter(const std::string& dir) {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(PeftAdapter adapter, ReadPeftAdapter(dir));
+  FTUNE_ASSIGN_OR_RETURN(PeftAdapter adapter, ReadPeftAdapter(dir));
   return AttachAdapter(adapter);
 }
 

@@ -60,10 +60,10 @@
 #include <string>
 #include <vector>
 
-#include "worker/trainer/llama_config.h"
+#include "worker/modelio/llama_config.h"
 #include "worker/trainer/lora.h"
 #include "worker/trainer/nf4_linear.h"
-#include "worker/trainer/status.h"
+#include "ftune/status.h"
 #include "worker/trainer/weights.h"
 
 namespace ftune::trainer {

@@ -19,23 +19,6 @@ std::string Num(double v) {
 
 }  // namespace
 
-Status AdamWOptions::Validate() const {
-  if (!(lr >= 0) || !std::isfinite(lr)) {
-    return InvalidArgumentError("learning_rate (" + Num(lr) + ") must be >= 0");
-  }
-  if (!(beta1 >= 0 && beta1 < 1)) {
-    return InvalidArgumentError("adam_beta1 (" + Num(beta1) + ") must be in [0, 1)");
-  }
-  if (!(beta2 >= 0 && beta2 < 1)) {
-    return InvalidArgumentError("adam_beta2 (" + Num(beta2) + ") must be in [0, 1)");
-  }
-  if (!(eps >= 0)) return InvalidArgumentError("adam_epsilon (" + Num(eps) + ") must be >= 0");
-  if (!(weight_decay >= 0)) {
-    return InvalidArgumentError("weight_decay (" + Num(weight_decay) + ") must be >= 0");
-  }
-  return OkStatus();
-}
-
 AdamW::AdamW(std::vector<at::Tensor> params, AdamWOptions options)
     : params_(std::move(params)), options_(options) {
   const Status s = options_.Validate();

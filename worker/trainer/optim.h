@@ -28,22 +28,12 @@
 #include <string_view>
 #include <vector>
 
-#include "worker/trainer/status.h"
+#include "ftune/status.h"
+#include "worker/config/options.h"
 
 namespace ftune::trainer {
 
-// torch.optim.AdamW's defaults.
-struct AdamWOptions {
-  double lr = 1e-3;
-  double beta1 = 0.9;
-  double beta2 = 0.999;
-  double eps = 1e-8;
-  double weight_decay = 0.01;
-
-  // INVALID_ARGUMENT naming the field: "adam_beta2 (1) must be in [0, 1)".
-  Status Validate() const;
-};
-
+// torch.optim.AdamW over fp32 leaves (options: worker/config/options.h).
 class AdamW {
  public:
   // params: leaves that receive .grad(); state is allocated lazily like

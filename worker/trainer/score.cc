@@ -11,7 +11,7 @@
 #include <memory>
 #include <utility>
 
-#include "worker/trainer/file_util.h"
+#include "ftune/file_util.h"
 #include "worker/trainer/loss.h"
 
 namespace ftune::trainer {
@@ -62,7 +62,7 @@ Result<ScoreSequence> ParseLine(std::string_view line_text, int64_t line,
   ScoreSequence seq;
   seq.line = line;
   if (doc.is_array()) {
-    FTUNE_TRAINER_RETURN_IF_ERROR(ParseIdArray(doc, "the id array", where, &seq.input_ids));
+    FTUNE_RETURN_IF_ERROR(ParseIdArray(doc, "the id array", where, &seq.input_ids));
     seq.labels = seq.input_ids;
   } else if (doc.is_object()) {
     for (const auto& [key, value] : doc.items()) {
@@ -72,9 +72,9 @@ Result<ScoreSequence> ParseLine(std::string_view line_text, int64_t line,
       }
     }
     if (!doc.contains("input_ids")) return InvalidArgumentError(where + "missing \"input_ids\"");
-    FTUNE_TRAINER_RETURN_IF_ERROR(ParseIdArray(doc["input_ids"], "input_ids", where, &seq.input_ids));
+    FTUNE_RETURN_IF_ERROR(ParseIdArray(doc["input_ids"], "input_ids", where, &seq.input_ids));
     if (doc.contains("labels") && !doc["labels"].is_null()) {
-      FTUNE_TRAINER_RETURN_IF_ERROR(ParseIdArray(doc["labels"], "labels", where, &seq.labels));
+      FTUNE_RETURN_IF_ERROR(ParseIdArray(doc["labels"], "labels", where, &seq.labels));
       if (seq.labels.size() != seq.input_ids.size()) {
         return InvalidArgumentError(where + "labels has " + std::to_string(seq.labels.size()) +
                                     " entries but input_ids has " +
@@ -85,7 +85,7 @@ Result<ScoreSequence> ParseLine(std::string_view line_text, int64_t line,
     }
     if (doc.contains("attention_mask")) {
       std::vector<int64_t> mask;
-      FTUNE_TRAINER_RETURN_IF_ERROR(ParseIdArray(doc["attention_mask"], "attention_mask", where, &mask));
+      FTUNE_RETURN_IF_ERROR(ParseIdArray(doc["attention_mask"], "attention_mask", where, &mask));
       if (mask.size() != seq.input_ids.size()) {
         return InvalidArgumentError(where + "attention_mask has " + std::to_string(mask.size()) +
                                     " entries but input_ids has " +
@@ -149,7 +149,7 @@ Result<std::vector<ScoreSequence>> ParseTokenLines(std::string_view text,
     ++line;
     pos = end + 1;
     if (IsBlank(line_text)) continue;
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(ScoreSequence seq, ParseLine(line_text, line, source_name));
+    FTUNE_ASSIGN_OR_RETURN(ScoreSequence seq, ParseLine(line_text, line, source_name));
     out.push_back(std::move(seq));
   }
   if (out.empty()) return InvalidArgumentError(source_name + ": no sequences (the file is empty)");
@@ -275,7 +275,7 @@ Result<std::string> RunScore(const ScoreOptions& options) {
     return InvalidArgumentError("--device must be cpu or cuda, got \"" + options.device + "\"");
   }
   // The tokens first: a malformed file should not wait for a model to load.
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::vector<ScoreSequence> sequences,
+  FTUNE_ASSIGN_OR_RETURN(std::vector<ScoreSequence> sequences,
                                  ReadTokensFile(options.tokens_path));
 
   ModelOptions model_options = DefaultModelOptions(device);
@@ -294,9 +294,9 @@ Result<std::string> RunScore(const ScoreOptions& options) {
   } catch (const c10::Error& e) {
     return InternalError("loading " + options.model_dir + ": " + e.what_without_backtrace());
   }
-  FTUNE_TRAINER_RETURN_IF_ERROR(
+  FTUNE_RETURN_IF_ERROR(
       CheckVocabRange(sequences, model->config().vocab_size, options.tokens_path));
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(ScoreReport report, ScoreSequences(*model, sequences));
+  FTUNE_ASSIGN_OR_RETURN(ScoreReport report, ScoreSequences(*model, sequences));
   return ScoreReportToJson(report, options, DtypeName(model_options.dtype));
 }
 

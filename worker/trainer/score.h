@@ -40,7 +40,7 @@
 #include <vector>
 
 #include "worker/trainer/model.h"
-#include "worker/trainer/status.h"
+#include "ftune/status.h"
 
 namespace ftune::trainer {
 

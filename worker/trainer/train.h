@@ -1,26 +1,23 @@
 // One rank's fine-tune: `ftune-rank train` (standalone) and `ftune-rank run`
 // (launched by an agent) both end up in Train().
 //
-// The loop, in the order STYLE.md asks for (load -> quantize -> attach LoRA
-// -> shard -> optimizer, then per step: gather, forward, loss, backward,
-// reduce, step, log, checkpoint):
-//   1. prepare the dataset (worker/data: template, mask, pack, token file,
-//      cached by content hash) and open its token file;
-//   2. load the model for this rank (LoadShardedModel: this rank's slices of
-//      the safetensors files, quantized to NF4), attach fresh LoRA adapters
-//      (PEFT's init, seeded by training.seed), shard them with their AdamW
-//      state (ShardedLora);
-//   3. resume from a checkpoint when given one (checkpoint.h);
-//   4. per optimizer step: the step's loss-token count is summed over every
-//      micro-batch of every rank first, so each micro-batch's loss is
-//      scaled by 1 / (that count) before backward: the gradient is the
-//      gradient of the mean loss over the whole global batch, exactly what
-//      transformers' Trainer computes with num_items_in_batch and
-//      average_tokens_across_devices; then reduce-scatter, global-norm
-//      clipping, AdamW on the shard, all-gather of the updated shard;
-//   5. events (step, memory, checkpoint, eval, done) to the EventSink;
-//      checkpoints every save_steps, on a stop request with save, and the
-//      consolidated PEFT adapter in <output_dir>/adapter at the end.
+// The algorithm (train.cc reads as this list; each phase is one function of
+// train_state.h, checkpoint.h or events.h):
+//   1. the job's RunConfig, derived once from the resolved spec for this
+//      rank's device (worker/config/run_config.h);
+//   2. the dataset as token files (worker/data: template, mask, pack,
+//      cached by content hash);
+//   3. load -> quantize -> attach LoRA -> shard -> optimizer
+//      (BuildTrainingState: this rank's slices of the safetensors files,
+//      quantized to NF4; PEFT's LoRA init seeded by training.seed; the flat
+//      LoRA shard with its AdamW state);
+//   4. resume from a checkpoint when given one;
+//   5. per optimizer step: micro-batches forward and backward with the loss
+//      scaled by the global batch's loss-token count (transformers'
+//      num_items_in_batch), reduce-scatter, clip, AdamW on the shard,
+//      all-gather of the updated shard; then log, eval, checkpoint;
+//   6. the end: the final eval, checkpoint and the consolidated PEFT adapter
+//      in <output_dir>/adapter.
 //
 // Stopping: ranks poll their StopFlag between steps and agree through an
 // all-reduce (max), so every rank stops after the same step.
@@ -36,7 +33,7 @@
 
 #include "ftune/v1/job.pb.h"
 #include "worker/trainer/events.h"
-#include "worker/trainer/status.h"
+#include "ftune/status.h"
 
 namespace ftune::comm {
 class Communicator;
@@ -78,8 +75,8 @@ struct TrainResult {
   int64_t peak_device_bytes = 0;
 };
 
-// The spec is taken as given plus ApplyJobSpecDefaults; ValidateJobSpec's
-// problems come back as INVALID_ARGUMENT listing all of them.
+// `spec` must be resolved (LoadJobSpec / ResolveJobSpec, proto/jobspec.h);
+// an invalid one comes back as INVALID_ARGUMENT listing its problems.
 Result<TrainResult> Train(const v1::JobSpec& spec, const TrainContext& context);
 
 }  // namespace ftune::trainer

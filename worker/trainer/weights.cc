@@ -10,7 +10,7 @@
 #include <sstream>
 #include <utility>
 
-#include "worker/trainer/file_util.h"
+#include "ftune/file_util.h"
 
 namespace ftune::trainer {
 namespace {
@@ -24,7 +24,7 @@ std::string SizesToString(at::IntArrayRef sizes) {
 }
 
 Result<at::Tensor> ReadFromFile(const SafetensorsFile& file, const TensorInfo& info) {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(c10::ScalarType stored, TorchDtypeOf(info.dtype));
+  FTUNE_ASSIGN_OR_RETURN(c10::ScalarType stored, TorchDtypeOf(info.dtype));
   std::vector<int64_t> shape(info.shape.begin(), info.shape.end());
   at::Tensor t = at::empty(shape, at::TensorOptions().dtype(stored));
   // Same byte count by construction: the header was validated against
@@ -34,7 +34,7 @@ Result<at::Tensor> ReadFromFile(const SafetensorsFile& file, const TensorInfo& i
                          std::to_string(info.num_bytes()) + " bytes in the file but " +
                          std::to_string(t.nbytes()) + " in a LibTorch tensor");
   }
-  if (t.nbytes() > 0) FTUNE_TRAINER_RETURN_IF_ERROR(file.Read(info.name, t.data_ptr()));
+  if (t.nbytes() > 0) FTUNE_RETURN_IF_ERROR(file.Read(info.name, t.data_ptr()));
   return t;
 }
 
@@ -60,20 +60,20 @@ Result<c10::ScalarType> TorchDtypeOf(Dtype dtype) {
 }
 
 Result<at::Tensor> ReadTensorAsStored(const SafetensorsFile& file, std::string_view name) {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(const TensorInfo* info, file.Info(name));
+  FTUNE_ASSIGN_OR_RETURN(const TensorInfo* info, file.Info(name));
   return ReadFromFile(file, *info);
 }
 
 Result<at::Tensor> ReadTensor(const SafetensorsFile& file, std::string_view name,
                               c10::ScalarType dtype, c10::Device device) {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor t, ReadTensorAsStored(file, name));
+  FTUNE_ASSIGN_OR_RETURN(at::Tensor t, ReadTensorAsStored(file, name));
   return t.to(at::TensorOptions().dtype(dtype).device(device));
 }
 
 Result<at::Tensor> ReadTensor(const SafetensorsModel& model, std::string_view name,
                               c10::ScalarType dtype, c10::Device device) {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(SafetensorsModel::TensorRef ref, model.Find(name));
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor t, ReadFromFile(*ref.file, *ref.info));
+  FTUNE_ASSIGN_OR_RETURN(SafetensorsModel::TensorRef ref, model.Find(name));
+  FTUNE_ASSIGN_OR_RETURN(at::Tensor t, ReadFromFile(*ref.file, *ref.info));
   return t.to(at::TensorOptions().dtype(dtype).device(device));
 }
 
@@ -93,7 +93,7 @@ std::string PeftLoraName(int64_t layer, const std::string& module, const std::st
 
 Result<PeftAdapter> ReadPeftAdapter(const std::string& dir) {
   const std::string config_path = dir + "/adapter_config.json";
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::string text, ReadFileToString(config_path, 1 << 20));
+  FTUNE_ASSIGN_OR_RETURN(std::string text, ReadFileToString(config_path, 1 << 20));
   nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) {
     return DataLossError(config_path + ": not a JSON object");
@@ -146,12 +146,12 @@ Result<PeftAdapter> ReadPeftAdapter(const std::string& dir) {
   if (j.contains("base_model_name_or_path") && j["base_model_name_or_path"].is_string()) {
     out.base_model_name_or_path = j["base_model_name_or_path"].get<std::string>();
   }
-  FTUNE_TRAINER_RETURN_IF_ERROR(out.config.Validate());
+  FTUNE_RETURN_IF_ERROR(out.config.Validate());
 
   const std::string weights_path = dir + "/adapter_model.safetensors";
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(weights_path));
+  FTUNE_ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(weights_path));
   for (const TensorInfo& info : file->tensors()) {
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor t, ReadFromFile(*file, info));
+    FTUNE_ASSIGN_OR_RETURN(at::Tensor t, ReadFromFile(*file, info));
     out.tensors[info.name] = t.to(at::kFloat);
   }
   return out;
@@ -160,8 +160,8 @@ Result<PeftAdapter> ReadPeftAdapter(const std::string& dir) {
 Status WritePeftAdapter(const std::string& dir, const LoraConfig& config,
                         const std::map<std::string, at::Tensor>& tensors,
                         const std::string& base_model_name_or_path) {
-  FTUNE_TRAINER_RETURN_IF_ERROR(config.Validate());
-  FTUNE_TRAINER_RETURN_IF_ERROR(MakeDirectories(dir));
+  FTUNE_RETURN_IF_ERROR(config.Validate());
+  FTUNE_RETURN_IF_ERROR(MakeDirectories(dir));
 
   nlohmann::json j;
   j["peft_type"] = "LORA";
@@ -196,7 +196,7 @@ Status WritePeftAdapter(const std::string& dir, const LoraConfig& config,
     w.num_bytes = keep.back().nbytes();
     out.push_back(std::move(w));
   }
-  FTUNE_TRAINER_RETURN_IF_ERROR(
+  FTUNE_RETURN_IF_ERROR(
       WriteSafetensors(dir + "/adapter_model.safetensors", out, {{"format", "pt"}}));
   return WriteFileAtomically(dir + "/adapter_config.json", j.dump(2) + "\n");
 }

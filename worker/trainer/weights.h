@@ -25,8 +25,8 @@
 #include <vector>
 
 #include "worker/trainer/lora.h"
-#include "worker/trainer/safetensors.h"
-#include "worker/trainer/status.h"
+#include "worker/modelio/safetensors.h"
+#include "ftune/status.h"
 
 namespace ftune::trainer {
 

@@ -1,4 +1,4 @@
-#include "worker/trainer/safetensors.h"
+#include "worker/modelio/safetensors.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -16,7 +16,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "worker/trainer/file_util.h"
+#include "ftune/file_util.h"
 
 namespace ftune::trainer {
 namespace {
@@ -246,7 +246,7 @@ Result<SafetensorsHeader> ParseSafetensorsHeader(const uint8_t* file, uint64_t f
                          "requires");
   }
   const std::string_view text(reinterpret_cast<const char*>(file + 8), n);
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(Json j, ParseJsonNoDuplicateKeys(text, source, "header"));
+  FTUNE_ASSIGN_OR_RETURN(Json j, ParseJsonNoDuplicateKeys(text, source, "header"));
   if (!j.is_object()) {
     return DataLossError(src + ": header is not a JSON object");
   }
@@ -273,7 +273,7 @@ Result<SafetensorsHeader> ParseSafetensorsHeader(const uint8_t* file, uint64_t f
     }
     TensorInfo info;
     info.name = key;
-    FTUNE_TRAINER_RETURN_IF_ERROR(ParseTensorEntry(key, value, source, header.data_bytes, &info));
+    FTUNE_RETURN_IF_ERROR(ParseTensorEntry(key, value, source, header.data_bytes, &info));
     header.tensors.push_back(std::move(info));
   }
 
@@ -400,7 +400,7 @@ Result<const TensorInfo*> SafetensorsFile::Info(std::string_view name) const {
 Result<ByteRange> SafetensorsFile::CheckRange(std::string_view name, uint64_t byte_begin,
                                               uint64_t byte_end,
                                               const TensorInfo** info_out) const {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(const TensorInfo* info, Info(name));
+  FTUNE_ASSIGN_OR_RETURN(const TensorInfo* info, Info(name));
   if (byte_begin > byte_end || byte_end > info->num_bytes()) {
     return OutOfRangeError(path_ + ": tensor " + Quote(name) + ": byte range [" +
                            std::to_string(byte_begin) + ", " + std::to_string(byte_end) +
@@ -413,19 +413,19 @@ Result<ByteRange> SafetensorsFile::CheckRange(std::string_view name, uint64_t by
 }
 
 Result<ByteSpan> SafetensorsFile::Data(std::string_view name) const {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(const TensorInfo* info, Info(name));
+  FTUNE_ASSIGN_OR_RETURN(const TensorInfo* info, Info(name));
   return ByteSpan{map_ + header_.data_start() + info->begin, info->num_bytes()};
 }
 
 Result<ByteSpan> SafetensorsFile::DataRange(std::string_view name, uint64_t byte_begin,
                                             uint64_t byte_end) const {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(ByteRange r, CheckRange(name, byte_begin, byte_end, nullptr));
+  FTUNE_ASSIGN_OR_RETURN(ByteRange r, CheckRange(name, byte_begin, byte_end, nullptr));
   return ByteSpan{map_ + r.begin, r.end - r.begin};
 }
 
 Status SafetensorsFile::ReadRange(std::string_view name, uint64_t byte_begin, uint64_t byte_end,
                                   void* dst) const {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(ByteRange r, CheckRange(name, byte_begin, byte_end, nullptr));
+  FTUNE_ASSIGN_OR_RETURN(ByteRange r, CheckRange(name, byte_begin, byte_end, nullptr));
   // pread rather than memcpy from the mapping: the copy is all the caller
   // keeps, and the mapping's pages would otherwise count in this process's
   // RSS a second time (FSDP loading is bounded by per-rank RSS).
@@ -453,20 +453,20 @@ Status SafetensorsFile::ReadRange(std::string_view name, uint64_t byte_begin, ui
 
 Status SafetensorsFile::ReadElements(std::string_view name, uint64_t elem_begin,
                                      uint64_t elem_end, void* dst) const {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(const TensorInfo* info, Info(name));
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(ByteRange r,
+  FTUNE_ASSIGN_OR_RETURN(const TensorInfo* info, Info(name));
+  FTUNE_ASSIGN_OR_RETURN(ByteRange r,
                                  ElementRangeToBytes(*info, elem_begin, elem_end, path_));
   return ReadRange(name, r.begin, r.end, dst);
 }
 
 Status SafetensorsFile::Read(std::string_view name, void* dst) const {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(const TensorInfo* info, Info(name));
+  FTUNE_ASSIGN_OR_RETURN(const TensorInfo* info, Info(name));
   return ReadRange(name, 0, info->num_bytes(), dst);
 }
 
 Status SafetensorsFile::ReleasePages(std::string_view name, uint64_t byte_begin,
                                      uint64_t byte_end) const {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(ByteRange r, CheckRange(name, byte_begin, byte_end, nullptr));
+  FTUNE_ASSIGN_OR_RETURN(ByteRange r, CheckRange(name, byte_begin, byte_end, nullptr));
   if (r.begin == r.end) return OkStatus();
   const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
   const uint64_t first = r.begin / page * page;
@@ -572,20 +572,20 @@ Result<SafetensorsStream> BeginSafetensors(const std::string& path,
     return Status(layout.status().code(), path + ": " + layout.status().message());
   }
   SafetensorsStream stream;
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(stream.writer, AtomicFileWriter::Create(path));
-  FTUNE_TRAINER_RETURN_IF_ERROR(stream.writer->Append(layout->prefix));
+  FTUNE_ASSIGN_OR_RETURN(stream.writer, AtomicFileWriter::Create(path));
+  FTUNE_RETURN_IF_ERROR(stream.writer->Append(layout->prefix));
   stream.order = std::move(layout->order);
   return stream;
 }
 
 Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
                         const std::map<std::string, std::string>& metadata) {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(SafetensorsStream stream,
+  FTUNE_ASSIGN_OR_RETURN(SafetensorsStream stream,
                                  BeginSafetensors(path, tensors, metadata));
   for (size_t i : stream.order) {
     // Streamed from the caller's buffers: a multi-GB checkpoint is never
     // assembled in memory.
-    FTUNE_TRAINER_RETURN_IF_ERROR(
+    FTUNE_RETURN_IF_ERROR(
         stream.writer->Append(tensors[i].data, static_cast<size_t>(tensors[i].num_bytes)));
   }
   return stream.writer->Commit();
@@ -593,7 +593,7 @@ Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite
 
 Result<std::string> SerializeSafetensors(const std::vector<TensorToWrite>& tensors,
                                          const std::map<std::string, std::string>& metadata) {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(SafetensorsLayout layout, PlanSafetensors(tensors, metadata));
+  FTUNE_ASSIGN_OR_RETURN(SafetensorsLayout layout, PlanSafetensors(tensors, metadata));
   std::string out = std::move(layout.prefix);
   out.reserve(out.size() + layout.data_bytes);
   for (size_t i : layout.order) {
@@ -607,7 +607,7 @@ Result<std::string> SerializeSafetensors(const std::vector<TensorToWrite>& tenso
 
 Result<SafetensorsIndex> ParseSafetensorsIndex(std::string_view json, std::string_view source) {
   const std::string src(source);
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(Json j, ParseJsonNoDuplicateKeys(json, source, "index"));
+  FTUNE_ASSIGN_OR_RETURN(Json j, ParseJsonNoDuplicateKeys(json, source, "index"));
   if (!j.is_object()) return DataLossError(src + ": index is not a JSON object");
   SafetensorsIndex index;
   const auto meta_it = j.find("metadata");
@@ -663,7 +663,7 @@ Result<SafetensorsIndex> ParseSafetensorsIndex(std::string_view json, std::strin
 // ---------------------------------------------------------------- model
 
 Result<std::unique_ptr<SafetensorsModel>> SafetensorsModel::OpenFile(const std::string& path) {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> file,
+  FTUNE_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> file,
                                  SafetensorsFile::Open(path));
   std::unique_ptr<SafetensorsModel> model(new SafetensorsModel());
   model->source_ = path;
@@ -677,8 +677,8 @@ Result<std::unique_ptr<SafetensorsModel>> SafetensorsModel::OpenFile(const std::
 Result<std::unique_ptr<SafetensorsModel>> SafetensorsModel::OpenIndex(
     const std::string& index_path) {
   // A 70B index is ~60 KB; 64 MB leaves room for any real model.
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::string text, ReadFileToString(index_path, 64u << 20));
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(SafetensorsIndex index, ParseSafetensorsIndex(text, index_path));
+  FTUNE_ASSIGN_OR_RETURN(std::string text, ReadFileToString(index_path, 64u << 20));
+  FTUNE_ASSIGN_OR_RETURN(SafetensorsIndex index, ParseSafetensorsIndex(text, index_path));
   const size_t slash = index_path.find_last_of('/');
   const std::string dir = slash == std::string::npos ? "" : index_path.substr(0, slash + 1);
 
@@ -741,18 +741,18 @@ Result<SafetensorsModel::TensorRef> SafetensorsModel::Find(std::string_view name
 
 Status SafetensorsModel::ReadRange(std::string_view name, uint64_t byte_begin, uint64_t byte_end,
                                    void* dst) const {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(TensorRef ref, Find(name));
+  FTUNE_ASSIGN_OR_RETURN(TensorRef ref, Find(name));
   return ref.file->ReadRange(name, byte_begin, byte_end, dst);
 }
 
 Status SafetensorsModel::ReadElements(std::string_view name, uint64_t elem_begin,
                                       uint64_t elem_end, void* dst) const {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(TensorRef ref, Find(name));
+  FTUNE_ASSIGN_OR_RETURN(TensorRef ref, Find(name));
   return ref.file->ReadElements(name, elem_begin, elem_end, dst);
 }
 
 Result<ByteSpan> SafetensorsModel::Data(std::string_view name) const {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(TensorRef ref, Find(name));
+  FTUNE_ASSIGN_OR_RETURN(TensorRef ref, Find(name));
   return ref.file->Data(name);
 }
 

@@ -1,5 +1,5 @@
 // Per-rank memory plan; see memory_plan.h for what is counted and why.
-#include "worker/trainer/memory_plan.h"
+#include "worker/modelio/memory_plan.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -80,7 +80,7 @@ std::string MemoryPlan::ToString() const {
 }
 
 Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) {
-  FTUNE_TRAINER_RETURN_IF_ERROR(o.Validate());
+  FTUNE_RETURN_IF_ERROR(o.Validate());
   if (c.hidden_size < 1 || c.intermediate_size < 1 || c.num_hidden_layers < 1 ||
       c.num_attention_heads < 1 || c.num_key_value_heads < 1 || c.head_dim < 1 ||
       c.vocab_size < 1) {

@@ -68,11 +68,11 @@
 #include "worker/trainer/checkpoint.h"
 #include "worker/trainer/events.h"
 #if defined(FTUNE_RANK_HAVE_INIT_MODEL)
-#include "worker/trainer/init_model.h"
+#include "worker/modelio/init_model.h"
 #endif
-#include "worker/trainer/llama_config.h"
-#include "worker/trainer/memory_plan.h"
-#include "worker/trainer/plan_spec.h"
+#include "worker/modelio/llama_config.h"
+#include "worker/modelio/memory_plan.h"
+#include "worker/config/plan_spec.h"
 #include "worker/trainer/merge.h"
 #include "worker/trainer/score.h"
 #if defined(FTUNE_RANK_HAVE_TRAIN)
@@ -103,19 +103,15 @@ int ExitCodeFor(const Status& s) {
   }
 }
 
-// A job YAML as `ftune submit` reads it: parsed, relative paths made
-// absolute against the working directory, defaults applied.
+// A job YAML as `ftune submit` reads it: LoadJobSpec (proto/jobspec.h)
+// with relative paths meaning what they meant where the user ran the
+// command.
 Status LoadSpec(const std::string& path, ftune::v1::JobSpec* spec) {
-  std::vector<std::string> errors;
-  if (!ftune::LoadJobSpecFile(path, spec, &errors)) {
-    std::string all;
-    for (const std::string& e : errors) all += (all.empty() ? "" : "; ") + e;
-    return ftune::InvalidArgumentError(path + ": " + all);
-  }
-  // Relative paths mean what they meant where the user ran the command.
   char cwd[4096];
-  if (::getcwd(cwd, sizeof(cwd)) != nullptr) ftune::MakeSpecPathsAbsolute(spec, cwd);
-  ftune::ApplyJobSpecDefaults(spec);
+  const std::string base = ::getcwd(cwd, sizeof(cwd)) != nullptr ? cwd : "";
+  ftune::Result<ftune::v1::JobSpec> loaded = ftune::LoadJobSpec(path, base);
+  if (!loaded.ok()) return loaded.status();
+  *spec = std::move(*loaded);
   return ftune::OkStatus();
 }
 
@@ -404,7 +400,7 @@ int RunPlan(const std::string& spec_path, int world, const std::string& device_m
     std::cerr << "ftune-rank plan: " << plan.status().ToString() << "\n";
     return kUsage;
   }
-  const int world_size = trainer::MemoryPlanOptionsFromSpec(spec, world).world_size;
+  const int world_size = world > 0 ? world : spec.resources().num_ranks();
   std::cerr << plan->ToString();
   const bool fits = device_bytes == 0 || plan->FitsDevice(device_bytes);
   std::cout << json{{"world_size", world_size},

@@ -1,5 +1,5 @@
 // See init_model.h.
-#include "worker/trainer/init_model.h"
+#include "worker/modelio/init_model.h"
 
 #include <sys/stat.h>
 #include <unistd.h>
@@ -21,8 +21,8 @@
 #include "kernels/random_init_math.h"
 #include "worker/data/bpe_trainer.h"
 #include "worker/data/tokenizer.h"
-#include "worker/trainer/file_util.h"
-#include "worker/trainer/safetensors.h"
+#include "ftune/file_util.h"
+#include "worker/modelio/safetensors.h"
 
 namespace ftune::trainer {
 namespace {
@@ -110,7 +110,7 @@ void Report(const InitModelOptions& options, const std::string& message) {
 // The strings of a JSONL corpus: message contents (and roles), text,
 // prompt and completion.
 Result<std::vector<std::string>> ReadCorpus(const std::string& path) {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path, kMaxCorpusBytes));
+  FTUNE_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path, kMaxCorpusBytes));
   std::vector<std::string> corpus;
   std::istringstream in(text);
   std::string line;
@@ -166,7 +166,7 @@ struct TokenizerInfo {
 };
 
 Result<TokenizerInfo> WriteTrainedTokenizer(const InitModelOptions& options) {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::vector<std::string> corpus,
+  FTUNE_ASSIGN_OR_RETURN(std::vector<std::string> corpus,
                                  ReadCorpus(options.tokenizer_corpus));
   data::BpeTrainerOptions bpe;
   bpe.vocab_size = options.vocab_size;
@@ -176,9 +176,9 @@ Result<TokenizerInfo> WriteTrainedTokenizer(const InitModelOptions& options) {
                   "init-model: training the tokenizer on " + options.tokenizer_corpus + ": " +
                       files.status().message());
   }
-  FTUNE_TRAINER_RETURN_IF_ERROR(
+  FTUNE_RETURN_IF_ERROR(
       WriteFileAtomically(options.out_dir + "/tokenizer.json", files->tokenizer_json));
-  FTUNE_TRAINER_RETURN_IF_ERROR(WriteFileAtomically(options.out_dir + "/tokenizer_config.json",
+  FTUNE_RETURN_IF_ERROR(WriteFileAtomically(options.out_dir + "/tokenizer_config.json",
                                                     files->tokenizer_config_json));
   Report(options, "tokenizer: byte-level BPE with " + std::to_string(files->vocab_size) +
                       " ids trained on " + std::to_string(corpus.size()) + " strings of " +
@@ -206,9 +206,9 @@ Result<TokenizerInfo> CopyTokenizer(const InitModelOptions& options) {
   for (const char* name : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}) {
     const std::string from = src + "/" + name;
     if (!PathExists(from)) continue;
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(std::string bytes,
+    FTUNE_ASSIGN_OR_RETURN(std::string bytes,
                                    ReadFileToString(from, kMaxTokenizerFileBytes));
-    FTUNE_TRAINER_RETURN_IF_ERROR(WriteFileAtomically(options.out_dir + "/" + name, bytes));
+    FTUNE_RETURN_IF_ERROR(WriteFileAtomically(options.out_dir + "/" + name, bytes));
   }
   TokenizerInfo info;
   info.vocab_size = (*tok)->vocab_size();
@@ -285,7 +285,7 @@ Status WriteTensor(const WeightSpec& spec, uint64_t seed, int num_threads,
     const Status written =
         writer->Append(buffers[current].data(), buffers[current].size() * sizeof(uint16_t));
     if (ahead.joinable()) ahead.join();
-    FTUNE_TRAINER_RETURN_IF_ERROR(written);
+    FTUNE_RETURN_IF_ERROR(written);
     current = 1 - current;
   }
   return OkStatus();
@@ -497,11 +497,11 @@ Status WriteRandomLlamaWeights(const std::string& dir, const LlamaConfig& config
       tensors.push_back({specs[i].name, Dtype::kBF16, specs[i].shape, &kUnread,
                          NumElements(specs[i]) * sizeof(uint16_t)});
     }
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(
+    FTUNE_ASSIGN_OR_RETURN(
         SafetensorsStream stream, BeginSafetensors(dir + "/" + shard.file, tensors, metadata));
     for (size_t t : stream.order) {
       const WeightSpec& spec = specs[shard.specs[t]];
-      FTUNE_TRAINER_RETURN_IF_ERROR(
+      FTUNE_RETURN_IF_ERROR(
           WriteTensor(spec, seed, num_threads, chunk_elements, buffers, stream.writer.get()));
       written += tensors[t].num_bytes;
       const int percent = static_cast<int>(100.0 * static_cast<double>(written) /
@@ -513,7 +513,7 @@ Status WriteRandomLlamaWeights(const std::string& dir, const LlamaConfig& config
       }
       last_percent = percent;
     }
-    FTUNE_TRAINER_RETURN_IF_ERROR(stream.writer->Commit());
+    FTUNE_RETURN_IF_ERROR(stream.writer->Commit());
   }
 
   if (progress) {
@@ -528,7 +528,7 @@ Status WriteRandomLlamaWeights(const std::string& dir, const LlamaConfig& config
       for (size_t i : shard.specs) weight_map[specs[i].name] = shard.file;
     }
     nlohmann::json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
-    FTUNE_TRAINER_RETURN_IF_ERROR(WriteFileAtomically(index_path, index.dump(2) + "\n"));
+    FTUNE_RETURN_IF_ERROR(WriteFileAtomically(index_path, index.dump(2) + "\n"));
   } else if (PathExists(index_path) && ::unlink(index_path.c_str()) != 0) {
     // A stale index (from an interrupted earlier run) would win over
     // model.safetensors at load.
@@ -551,8 +551,8 @@ Status InitModel(const InitModelOptions& options) {
                                 ") must be >= 0 (0 keeps the preset's)");
   }
   // Check the preset before writing anything.
-  FTUNE_TRAINER_RETURN_IF_ERROR(InitModelPresetConfig(options.preset, 1).status());
-  FTUNE_TRAINER_RETURN_IF_ERROR(MakeDirs(options.out_dir));
+  FTUNE_RETURN_IF_ERROR(InitModelPresetConfig(options.preset, 1).status());
+  FTUNE_RETURN_IF_ERROR(MakeDirs(options.out_dir));
   if (PathExists(options.out_dir + "/config.json")) {
     return FailedPreconditionError("init-model: " + options.out_dir +
                                    " already holds a model (config.json); choose another "
@@ -563,14 +563,14 @@ Status InitModel(const InitModelOptions& options) {
                                                                : WriteTrainedTokenizer(options);
   if (!tok.ok()) return tok.status();
 
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(LlamaConfig config,
+  FTUNE_ASSIGN_OR_RETURN(LlamaConfig config,
                                  InitModelPresetConfig(options.preset, tok->vocab_size));
   if (options.num_layers_override > 0) config.num_hidden_layers = options.num_layers_override;
   config.bos_token_id = tok->bos_id;
   config.eos_token_ids = tok->eos_ids;
   const std::string config_json = LlamaConfigToJson(config);
   // The config must mean to ftune what we meant.
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(LlamaConfig parsed,
+  FTUNE_ASSIGN_OR_RETURN(LlamaConfig parsed,
                                  ParseLlamaConfig(config_json, options.out_dir + "/config.json"));
   if (parsed.NumParameters() != config.NumParameters()) {
     return InternalError("init-model: config.json does not parse back to the preset");
@@ -582,12 +582,12 @@ Status InitModel(const InitModelOptions& options) {
                       std::to_string(config.NumParameters()) + " parameters (bf16, " +
                       FormatGB(static_cast<uint64_t>(config.NumParameters()) * 2) + ")");
   if (options.write_weights) {
-    FTUNE_TRAINER_RETURN_IF_ERROR(WriteRandomLlamaWeights(options.out_dir, config, options.seed,
+    FTUNE_RETURN_IF_ERROR(WriteRandomLlamaWeights(options.out_dir, config, options.seed,
                                                           options.max_shard_bytes,
                                                           options.num_threads, options.progress));
   }
   // Last: a directory with a config.json is complete.
-  FTUNE_TRAINER_RETURN_IF_ERROR(
+  FTUNE_RETURN_IF_ERROR(
       WriteFileAtomically(options.out_dir + "/config.json", config_json));
   Report(options, "wrote " + options.out_dir);
   return OkStatus();

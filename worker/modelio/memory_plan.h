@@ -55,8 +55,8 @@
 #include <utility>
 #include <vector>
 
-#include "worker/trainer/llama_config.h"
-#include "worker/trainer/status.h"
+#include "worker/modelio/llama_config.h"
+#include "ftune/status.h"
 
 namespace ftune::trainer {
 

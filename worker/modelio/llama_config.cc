@@ -1,4 +1,4 @@
-#include "worker/trainer/llama_config.h"
+#include "worker/modelio/llama_config.h"
 
 #include <sys/stat.h>
 
@@ -8,7 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "worker/trainer/file_util.h"
+#include "ftune/file_util.h"
 
 namespace ftune::trainer {
 namespace {
@@ -141,15 +141,15 @@ Status ParseRope(const Json& config, const std::string& source, LlamaConfig* out
       break;
     }
   }
-  FTUNE_TRAINER_RETURN_IF_ERROR(top.Positive("rope_theta", false, &out->rope_theta));
+  FTUNE_RETURN_IF_ERROR(top.Positive("rope_theta", false, &out->rope_theta));
   if (rope == nullptr) return OkStatus();
 
   ObjectReader r(*rope, source, std::string(rope_key) + ".");
   // v5 keeps rope_theta inside rope_parameters; it wins over the top level.
-  FTUNE_TRAINER_RETURN_IF_ERROR(r.Positive("rope_theta", false, &out->rope_theta));
+  FTUNE_RETURN_IF_ERROR(r.Positive("rope_theta", false, &out->rope_theta));
   std::optional<std::string> type;
   const char* type_key = r.Get("rope_type") != nullptr ? "rope_type" : "type";
-  FTUNE_TRAINER_RETURN_IF_ERROR(r.String(type_key, &type));
+  FTUNE_RETURN_IF_ERROR(r.String(type_key, &type));
   const std::string t = type.value_or("default");
   RopeScaling& s = out->rope_scaling;
   if (t == "default") {
@@ -162,10 +162,10 @@ Status ParseRope(const Json& config, const std::string& source, LlamaConfig* out
   }
   if (t == "llama3") {
     s.type = RopeType::kLlama3;
-    FTUNE_TRAINER_RETURN_IF_ERROR(r.Positive("factor", true, &s.factor));
-    FTUNE_TRAINER_RETURN_IF_ERROR(r.Positive("low_freq_factor", true, &s.low_freq_factor));
-    FTUNE_TRAINER_RETURN_IF_ERROR(r.Positive("high_freq_factor", true, &s.high_freq_factor));
-    FTUNE_TRAINER_RETURN_IF_ERROR(r.Int("original_max_position_embeddings", true, 1,
+    FTUNE_RETURN_IF_ERROR(r.Positive("factor", true, &s.factor));
+    FTUNE_RETURN_IF_ERROR(r.Positive("low_freq_factor", true, &s.low_freq_factor));
+    FTUNE_RETURN_IF_ERROR(r.Positive("high_freq_factor", true, &s.high_freq_factor));
+    FTUNE_RETURN_IF_ERROR(r.Int("original_max_position_embeddings", true, 1,
                                         &s.original_max_position_embeddings));
     if (!(s.high_freq_factor > s.low_freq_factor)) {
       // The smoothing divides by (high - low).
@@ -228,20 +228,20 @@ Result<LlamaConfig> ParseLlamaConfig(std::string_view json_text, std::string_vie
   LlamaConfig c;
 
   std::optional<std::string> model_type;
-  FTUNE_TRAINER_RETURN_IF_ERROR(r.String("model_type", &model_type));
+  FTUNE_RETURN_IF_ERROR(r.String("model_type", &model_type));
   if (model_type && *model_type != "llama") {
     return r.Error("model_type", *r.Get("model_type"), "is not \"llama\"");
   }
-  FTUNE_TRAINER_RETURN_IF_ERROR(r.Int("hidden_size", true, 1, &c.hidden_size, kMaxWidth));
-  FTUNE_TRAINER_RETURN_IF_ERROR(
+  FTUNE_RETURN_IF_ERROR(r.Int("hidden_size", true, 1, &c.hidden_size, kMaxWidth));
+  FTUNE_RETURN_IF_ERROR(
       r.Int("intermediate_size", true, 1, &c.intermediate_size, kMaxWidth));
-  FTUNE_TRAINER_RETURN_IF_ERROR(
+  FTUNE_RETURN_IF_ERROR(
       r.Int("num_hidden_layers", true, 1, &c.num_hidden_layers, kMaxCount));
-  FTUNE_TRAINER_RETURN_IF_ERROR(
+  FTUNE_RETURN_IF_ERROR(
       r.Int("num_attention_heads", true, 1, &c.num_attention_heads, kMaxCount));
-  FTUNE_TRAINER_RETURN_IF_ERROR(r.Int("vocab_size", true, 1, &c.vocab_size, kMaxWidth));
+  FTUNE_RETURN_IF_ERROR(r.Int("vocab_size", true, 1, &c.vocab_size, kMaxWidth));
   c.num_key_value_heads = c.num_attention_heads;
-  FTUNE_TRAINER_RETURN_IF_ERROR(
+  FTUNE_RETURN_IF_ERROR(
       r.Int("num_key_value_heads", false, 1, &c.num_key_value_heads, kMaxCount));
   if (c.num_attention_heads % c.num_key_value_heads != 0) {
     return r.Error("num_key_value_heads", *r.Get("num_key_value_heads"),
@@ -249,7 +249,7 @@ Result<LlamaConfig> ParseLlamaConfig(std::string_view json_text, std::string_vie
                        ")");
   }
   if (r.Get("head_dim") != nullptr) {
-    FTUNE_TRAINER_RETURN_IF_ERROR(r.Int("head_dim", false, 1, &c.head_dim, kMaxWidth));
+    FTUNE_RETURN_IF_ERROR(r.Int("head_dim", false, 1, &c.head_dim, kMaxWidth));
   } else {
     if (c.hidden_size % c.num_attention_heads != 0) {
       return r.Error("hidden_size", *r.Get("hidden_size"),
@@ -268,15 +268,15 @@ Result<LlamaConfig> ParseLlamaConfig(std::string_view json_text, std::string_vie
     return InvalidArgumentError(src + ": head_dim (" + std::to_string(c.head_dim) +
                                 ") must be even: RoPE rotates pairs of dimensions");
   }
-  FTUNE_TRAINER_RETURN_IF_ERROR(
+  FTUNE_RETURN_IF_ERROR(
       r.Int("max_position_embeddings", false, 1, &c.max_position_embeddings));
-  FTUNE_TRAINER_RETURN_IF_ERROR(r.Positive("rms_norm_eps", false, &c.rms_norm_eps));
-  FTUNE_TRAINER_RETURN_IF_ERROR(r.Bool("tie_word_embeddings", &c.tie_word_embeddings));
-  FTUNE_TRAINER_RETURN_IF_ERROR(r.Bool("attention_bias", &c.attention_bias));
-  FTUNE_TRAINER_RETURN_IF_ERROR(r.Bool("mlp_bias", &c.mlp_bias));
+  FTUNE_RETURN_IF_ERROR(r.Positive("rms_norm_eps", false, &c.rms_norm_eps));
+  FTUNE_RETURN_IF_ERROR(r.Bool("tie_word_embeddings", &c.tie_word_embeddings));
+  FTUNE_RETURN_IF_ERROR(r.Bool("attention_bias", &c.attention_bias));
+  FTUNE_RETURN_IF_ERROR(r.Bool("mlp_bias", &c.mlp_bias));
 
   std::optional<std::string> act;
-  FTUNE_TRAINER_RETURN_IF_ERROR(r.String("hidden_act", &act));
+  FTUNE_RETURN_IF_ERROR(r.String("hidden_act", &act));
   if (act && *act != "silu") {
     return r.Error("hidden_act", *r.Get("hidden_act"),
                    "is not supported: the Llama MLP here is SwiGLU (silu)");
@@ -290,7 +290,7 @@ Result<LlamaConfig> ParseLlamaConfig(std::string_view json_text, std::string_vie
   // transformers v5 renamed torch_dtype to dtype.
   const char* dtype_key = r.Get("dtype") != nullptr ? "dtype" : "torch_dtype";
   std::optional<std::string> dtype;
-  FTUNE_TRAINER_RETURN_IF_ERROR(r.String(dtype_key, &dtype));
+  FTUNE_RETURN_IF_ERROR(r.String(dtype_key, &dtype));
   if (dtype) {
     if (*dtype == "bfloat16") {
       c.torch_dtype = ModelDtype::kBFloat16;
@@ -303,8 +303,8 @@ Result<LlamaConfig> ParseLlamaConfig(std::string_view json_text, std::string_vie
     }
   }
 
-  FTUNE_TRAINER_RETURN_IF_ERROR(r.TokenId("bos_token_id", &c.bos_token_id));
-  FTUNE_TRAINER_RETURN_IF_ERROR(r.TokenId("pad_token_id", &c.pad_token_id));
+  FTUNE_RETURN_IF_ERROR(r.TokenId("bos_token_id", &c.bos_token_id));
+  FTUNE_RETURN_IF_ERROR(r.TokenId("pad_token_id", &c.pad_token_id));
   if (const Json* eos = r.Get("eos_token_id")) {
     if (ObjectReader::IsInt64(*eos)) {
       c.eos_token_ids.push_back(eos->get<int64_t>());
@@ -320,7 +320,7 @@ Result<LlamaConfig> ParseLlamaConfig(std::string_view json_text, std::string_vie
     }
   }
 
-  FTUNE_TRAINER_RETURN_IF_ERROR(ParseRope(j, src, &c));
+  FTUNE_RETURN_IF_ERROR(ParseRope(j, src, &c));
   return c;
 }
 
@@ -330,7 +330,7 @@ Result<LlamaConfig> LoadLlamaConfig(const std::string& path) {
   if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
     file = path + (path.empty() || path.back() == '/' ? "" : "/") + "config.json";
   }
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::string text, ReadFileToString(file, 16u << 20));
+  FTUNE_ASSIGN_OR_RETURN(std::string text, ReadFileToString(file, 16u << 20));
   return ParseLlamaConfig(text, file);
 }
 

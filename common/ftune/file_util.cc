@@ -1,4 +1,4 @@
-#include "worker/trainer/file_util.h"
+#include "ftune/file_util.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -177,9 +177,9 @@ Status AtomicFileWriter::Commit() {
 }
 
 Status WriteFileAtomically(const std::string& path, std::string_view contents) {
-  FTUNE_TRAINER_ASSIGN_OR_RETURN(std::unique_ptr<AtomicFileWriter> writer,
+  FTUNE_ASSIGN_OR_RETURN(std::unique_ptr<AtomicFileWriter> writer,
                                  AtomicFileWriter::Create(path));
-  FTUNE_TRAINER_RETURN_IF_ERROR(writer->Append(contents));
+  FTUNE_RETURN_IF_ERROR(writer->Append(contents));
   return writer->Commit();
 }
 
@@ -194,7 +194,7 @@ Status MakeDirectories(const std::string& path) {
   if (path.empty() || IsDirectory(path)) return OkStatus();
   const size_t slash = path.find_last_of('/');
   if (slash != std::string::npos && slash > 0) {
-    FTUNE_TRAINER_RETURN_IF_ERROR(MakeDirectories(path.substr(0, slash)));
+    FTUNE_RETURN_IF_ERROR(MakeDirectories(path.substr(0, slash)));
   }
   return MakeDirectory(path);
 }
@@ -229,8 +229,8 @@ Status RemoveTree(const std::string& path) {
     return InternalError("cannot stat " + path + ": " + ErrnoMessage(errno));
   }
   if (S_ISDIR(st.st_mode)) {
-    FTUNE_TRAINER_ASSIGN_OR_RETURN(std::vector<std::string> names, ListDirectory(path));
-    for (const std::string& n : names) FTUNE_TRAINER_RETURN_IF_ERROR(RemoveTree(path + "/" + n));
+    FTUNE_ASSIGN_OR_RETURN(std::vector<std::string> names, ListDirectory(path));
+    for (const std::string& n : names) FTUNE_RETURN_IF_ERROR(RemoveTree(path + "/" + n));
     if (::rmdir(path.c_str()) != 0) {
       return InternalError("cannot remove " + path + ": " + ErrnoMessage(errno));
     }

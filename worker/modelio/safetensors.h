@@ -56,8 +56,8 @@
 #include <unordered_map>
 #include <vector>
 
-#include "worker/trainer/file_util.h"
-#include "worker/trainer/status.h"
+#include "ftune/file_util.h"
+#include "ftune/status.h"
 
 namespace ftune::trainer {
 

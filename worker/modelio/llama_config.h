@@ -40,7 +40,7 @@
 #include <string_view>
 #include <vector>
 
-#include "worker/trainer/status.h"
+#include "ftune/status.h"
 
 namespace ftune::trainer {
 

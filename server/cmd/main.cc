@@ -16,7 +16,7 @@
 #include "job_service.h"
 #include "metrics.h"
 #include "store.h"
-#include "worker/trainer/plan_spec.h"
+#include "worker/config/plan_spec.h"
 
 namespace {
 
@@ -89,7 +89,7 @@ int main(int argc, char** argv) {
   opts.grace_seconds = grace_seconds;
   opts.heartbeat_interval_ms = heartbeat_ms;
   // Jobs whose model config this host can read are placed by their memory
-  // plan (worker/trainer/memory_plan.h); others by resources.min_gpu_memory.
+  // plan (worker/modelio/memory_plan.h); others by resources.min_gpu_memory.
   opts.plan_device_bytes = [](const ftune::v1::JobSpec& spec) -> absl::StatusOr<int64_t> {
     ftune::Result<ftune::trainer::MemoryPlan> plan = ftune::trainer::PlanJob(spec, 0);
     if (!plan.ok()) return absl::NotFoundError(plan.status().ToString());

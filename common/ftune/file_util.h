@@ -20,7 +20,7 @@
 #include <string_view>
 #include <vector>
 
-#include "worker/trainer/status.h"
+#include "ftune/status.h"
 
 namespace ftune::trainer {
 

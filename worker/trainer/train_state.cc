@@ -1,0 +1,216 @@
+#include "worker/trainer/train_state.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/GradMode.h>
+#if defined(FTUNE_TRAIN_CUDA)
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <iomanip>
+#include <mutex>
+#include <sstream>
+#include <type_traits>
+
+#include "worker/comm/communicator.h"
+#include "worker/trainer/bnb_checkpoint.h"
+
+namespace ftune::trainer {
+namespace {
+
+std::string Join(const std::vector<std::string>& v, const std::string& sep) {
+  std::string out;
+  for (size_t i = 0; i < v.size(); ++i) out += (i ? sep : "") + v[i];
+  return out;
+}
+
+template <typename T>
+Result<T> ReduceOne(comm::Communicator* comm, c10::Device device, T v, comm::ReduceOp op) {
+  if (comm == nullptr) return v;
+  constexpr bool kInt = std::is_same_v<T, int64_t>;
+  at::Tensor t =
+      at::full({1}, v, at::TensorOptions().dtype(kInt ? at::kLong : at::kFloat).device(device));
+  FTUNE_RETURN_IF_ERROR(comm->AllReduce(t.data_ptr(), t.data_ptr(), 1,
+                                        kInt ? comm::DataType::kInt64 : comm::DataType::kFloat32,
+                                        op, nullptr));
+  FTUNE_RETURN_IF_ERROR(comm->Synchronize(nullptr));
+  return t.item<T>();
+}
+
+c10::ScalarType ComputeDtype(const std::string& name) {
+  if (name == "float16") return c10::ScalarType::Half;
+  if (name == "float32") return c10::ScalarType::Float;
+  return c10::ScalarType::BFloat16;
+}
+
+}  // namespace
+
+Result<int64_t> Reducer::SumInt(int64_t v) {
+  return ReduceOne<int64_t>(comm_, device_, v, comm::ReduceOp::kSum);
+}
+Result<int64_t> Reducer::MaxInt(int64_t v) {
+  return ReduceOne<int64_t>(comm_, device_, v, comm::ReduceOp::kMax);
+}
+Result<double> Reducer::SumDouble(double v) {
+  FTUNE_ASSIGN_OR_RETURN(float f, ReduceOne<float>(comm_, device_, static_cast<float>(v),
+                                                   comm::ReduceOp::kSum));
+  return comm_ == nullptr ? v : static_cast<double>(f);
+}
+Status Reducer::Barrier() { return comm_ == nullptr ? OkStatus() : comm_->Barrier(nullptr); }
+
+Result<RankData> PrepareRankData(const data::DatasetOptions& options, const std::string& cache_dir,
+                                 const RankEnv& env) {
+  FTUNE_RETURN_IF_ERROR(MakeDirectories(cache_dir));
+  FTUNE_ASSIGN_OR_RETURN(
+      data::PreparedDataset prepared,
+      data::PrepareDataset(options, cache_dir, [&](const data::PrepareProgress& p) {
+        if (env.rank == 0 && (p.done == p.total || p.done % 1000 == 0)) {
+          env.events->Info("preparing data: " + p.phase + " " + std::to_string(p.done) + "/" +
+                           std::to_string(p.total));
+        }
+      }));
+  RankData data;
+  FTUNE_ASSIGN_OR_RETURN(data.train, data::TokenFile::Open(prepared.train_path));
+  if (!prepared.eval_path.empty()) {
+    FTUNE_ASSIGN_OR_RETURN(data.eval, data::TokenFile::Open(prepared.eval_path));
+  }
+  if (env.rank == 0) {
+    std::ostringstream s;
+    s << "data: " << prepared.train_rows << " training rows (" << prepared.train_tokens
+      << " tokens), " << prepared.eval_rows << " eval rows"
+      << (prepared.cache_hit ? ", from cache " : ", prepared into ") << prepared.train_path
+      << (prepared.skipped_records > 0
+              ? ", skipped " + std::to_string(prepared.skipped_records) + " invalid records"
+              : "");
+    env.events->Info(s.str());
+  }
+  if (data.train->num_rows() == 0) {
+    return InvalidArgumentError("the dataset " + Join(options.data_files, ", ") +
+                                " produced no training rows");
+  }
+  data.prepared = std::move(prepared);
+  return data;
+}
+
+ModelOptions ModelOptionsFor(const RunConfig& config, c10::Device device) {
+  ModelOptions o = DefaultModelOptions(device);
+  if (device.is_cuda()) o.dtype = ComputeDtype(config.model.compute_dtype);
+  o.activation_checkpointing = config.model.activation_checkpointing;
+  o.quantize_base = config.model.quantize_base;
+  o.nf4.blocksize = config.model.nf4_blocksize;
+  o.nf4.double_quant = config.model.double_quant;
+  o.random_weights = config.model.random_weights;
+  o.random_seed = config.model.random_seed;
+  return o;
+}
+
+Result<TrainingState> BuildTrainingState(const RunConfig& config, const RankEnv& env) {
+  const auto start = std::chrono::steady_clock::now();
+  const ModelOptions model_options = ModelOptionsFor(config, env.device);
+  const std::string& model_dir = config.model.dir;
+  TrainingState state;
+  // Load and quantize.
+  if (!model_options.random_weights) {
+    FTUNE_ASSIGN_OR_RETURN(state.pre_quantized, IsBnb4bitDirectory(model_dir));
+  }
+  LoadStats load_stats;
+  if (state.pre_quantized) {
+    // A bitsandbytes 4-bit directory (`ftune-rank quantize`, or a 4-bit
+    // model saved by transformers): its NF4 bytes are used as stored. They
+    // are not sliced across ranks: every rank holds the whole frozen model
+    // (adapters and optimizer state are still sharded).
+    FTUNE_ASSIGN_OR_RETURN(state.model, LoadModelDirectory(model_dir, model_options));
+    if (env.rank == 0 && env.world_size > 1) {
+      env.events->Log("WARNING",
+                      model_dir +
+                          " is pre-quantized: its frozen weights are replicated on every rank, "
+                          "not sharded; train from the dense model to shard them");
+    }
+  } else {
+    FTUNE_ASSIGN_OR_RETURN(state.model, LoadShardedModel(model_dir, model_options, config.fsdp,
+                                                         env.comm, &load_stats));
+  }
+#if defined(FTUNE_TRAIN_CUDA)
+  // Loading's temporaries (one tensor's share at a time) stay cached; hand
+  // them back so training starts from the model's own footprint.
+  if (env.device.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();
+#endif
+  EmitMemory(*env.events, env.device, env.device_name, "load");
+  if (env.rank == 0) {
+    std::ostringstream s;
+    s << "model " << model_dir << " loaded in " << std::fixed << std::setprecision(1)
+      << std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()
+      << " s (";
+    if (state.pre_quantized) {
+      s << "pre-quantized NF4, replicated on " << env.world_size << " ranks)";
+    } else {
+      s << (model_options.quantize_base ? "NF4" : "dense") << ", " << load_stats.unit_count
+        << " FSDP units over " << env.world_size << " ranks)";
+    }
+    env.events->Info(s.str());
+  }
+  // Attach LoRA, shard it with its optimizer state.
+  FTUNE_RETURN_IF_ERROR(state.model->AttachLora(config.lora));
+  FTUNE_ASSIGN_OR_RETURN(state.lora, ShardedLora::Create(state.model.get(), env.comm));
+  state.optimizer = std::make_unique<AdamW>(std::vector<at::Tensor>{state.lora->shard()},
+                                            config.adam);
+  // LoRA dropout draws from the CPU generator; each rank its own stream.
+  state.cpu_generator = at::detail::getDefaultCPUGenerator();  // a handle
+  {
+    std::lock_guard<std::mutex> lock(state.cpu_generator.mutex());
+    state.cpu_generator.set_current_seed(config.training.seed + static_cast<uint64_t>(env.rank));
+  }
+  return state;
+}
+
+Result<Schedule> MakeSchedule(const TrainingSettings& t, const data::TokenFile& train,
+                              uint64_t data_seed, int world_size) {
+  DataOrder order(train.num_rows(), t.per_device_train_batch_size, world_size, data_seed);
+  const int64_t steps_per_epoch =
+      std::max<int64_t>(1, order.micro_batches_per_epoch() / t.gradient_accumulation_steps);
+  const int64_t total_steps =
+      t.max_steps > 0 ? t.max_steps
+                      : static_cast<int64_t>(std::ceil(t.num_train_epochs * steps_per_epoch));
+  FTUNE_ASSIGN_OR_RETURN(LrSchedulerType type, ParseLrSchedulerType(t.lr_scheduler_type));
+  FTUNE_ASSIGN_OR_RETURN(LrSchedule lr, LrSchedule::Make(type, t.learning_rate, total_steps,
+                                                         t.warmup_steps, t.warmup_ratio));
+  return Schedule{std::move(order), total_steps, std::move(lr)};
+}
+
+Result<std::pair<double, int64_t>> Evaluator::Run() {
+  c10::NoGradGuard no_grad;
+  const int64_t rows = eval_->num_rows();
+  const int64_t per_rank = (rows + env_.world_size - 1) / env_.world_size;
+  double loss_sum = 0;
+  int64_t tokens = 0;
+  for (int64_t i = 0; i < per_rank; ++i) {
+    // A rank past the end repeats a row and ignores it.
+    const int64_t row = i * env_.world_size + env_.rank;
+    Batch b = MakeBatch(*eval_, {std::min(row, rows - 1)}, env_.device);
+    LossOutput out = model_->Loss(b.input_ids, b.position_ids, b.labels, /*training=*/false);
+    if (row < rows) {
+      loss_sum += out.loss_sum.item<double>();
+      tokens += out.num_tokens;
+    }
+  }
+  FTUNE_ASSIGN_OR_RETURN(double total, env_.reduce->SumDouble(loss_sum));
+  FTUNE_ASSIGN_OR_RETURN(int64_t count, env_.reduce->SumInt(tokens));
+  return std::make_pair(count > 0 ? total / static_cast<double>(count) : 0.0, count);
+}
+
+Status Evaluator::RunAndReport(int64_t step) {
+  FTUNE_ASSIGN_OR_RETURN(auto eval, Run());
+  if (env_.rank == 0) {
+    v1::RankMessage m;
+    m.mutable_eval()->set_step(step);
+    m.mutable_eval()->set_eval_loss(eval.first);
+    m.mutable_eval()->set_eval_tokens(eval.second);
+    env_.events->Emit(m);
+  }
+  return OkStatus();
+}
+
+}  // namespace ftune::trainer
