@@ -19,6 +19,7 @@
 #include <CLI/CLI.hpp>
 
 #include "cli/format.h"
+#include "ftune/file_util.h"
 #include "jobspec.h"
 
 #ifndef FTUNE_VERSION
@@ -45,14 +46,12 @@ constexpr char kFooter[] =
 
 // Reads a whole file; the error names the file and the reason.
 absl::StatusOr<std::string> ReadFile(const std::string& what, const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
+  Result<std::string> contents = ReadFileToString(path, kMaxSmallFileBytes);
+  if (!contents.ok()) {
     return absl::InvalidArgumentError("cannot read " + what + " " + path + ": " +
-                                      std::strerror(errno));
+                                      contents.status().message());
   }
-  std::ostringstream contents;
-  contents << in.rdbuf();
-  return contents.str();
+  return std::move(*contents);
 }
 
 absl::StatusOr<ConnectionOptions> MakeConnectionOptions(const Invocation& inv) {

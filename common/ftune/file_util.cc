@@ -13,7 +13,7 @@
 #include <algorithm>
 #include <utility>
 
-namespace ftune::trainer {
+namespace ftune {
 namespace {
 
 std::string DirName(const std::string& path) {
@@ -266,4 +266,65 @@ int64_t ProcStatusBytes(const char* key) {
 int64_t CurrentRssBytes() { return ProcStatusBytes("VmRSS:"); }
 int64_t PeakRssBytes() { return ProcStatusBytes("VmHWM:"); }
 
-}  // namespace ftune::trainer
+Status FsyncDirectory(const std::string& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return InternalError("cannot open directory " + dir + ": " + ErrnoMessage(errno));
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  if (rc != 0) return InternalError("fsync of directory " + dir + " failed: " + ErrnoMessage(err));
+  return OkStatus();
+}
+
+std::vector<std::string> TailLines(const std::string& path, size_t max_lines) {
+  std::vector<std::string> lines;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return lines;
+  constexpr off_t kMaxTail = 64 << 10;
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    ::close(fd);
+    return lines;
+  }
+  const off_t start = std::max<off_t>(0, st.st_size - kMaxTail);
+  std::string buf(static_cast<size_t>(st.st_size - start), '\0');
+  const ssize_t n = ::pread(fd, buf.data(), buf.size(), start);
+  ::close(fd);
+  if (n <= 0) return lines;
+  buf.resize(static_cast<size_t>(n));
+  // A tail that starts mid-file starts mid-line: drop the partial first line.
+  size_t begin = 0;
+  if (start > 0) {
+    const size_t nl = buf.find('\n');
+    begin = nl == std::string::npos ? buf.size() : nl + 1;
+  }
+  std::vector<std::string> all;
+  while (begin <= buf.size()) {
+    const size_t end = std::min(buf.find('\n', begin), buf.size());
+    all.push_back(buf.substr(begin, end - begin));
+    begin = end + 1;
+  }
+  while (!all.empty() && all.back().empty()) all.pop_back();
+  const size_t from = all.size() > max_lines ? all.size() - max_lines : 0;
+  lines.assign(all.begin() + static_cast<std::ptrdiff_t>(from), all.end());
+  return lines;
+}
+
+std::string AbsolutePath(const std::string& path) {
+  if (!path.empty() && path[0] == '/') return path;
+  char cwd[4096];
+  if (::getcwd(cwd, sizeof(cwd)) == nullptr) return path;
+  if (path.empty() || path == ".") return cwd;
+  std::string p = path;
+  if (p.rfind("./", 0) == 0) p = p.substr(2);
+  return std::string(cwd) + "/" + p;
+}
+
+std::string Dirname(const std::string& path) {
+  const size_t slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  if (slash == 0) return "/";
+  return path.substr(0, slash);
+}
+
+}  // namespace ftune

@@ -1,5 +1,8 @@
-// Small file helpers for the trainer: bounded whole-file reads (config.json,
-// index files) and atomic writes (adapters, checkpoints, quantized models).
+// The one set of POSIX file helpers of every module: bounded whole-file
+// reads (config.json, index files, token files), atomic writes (adapters,
+// checkpoints, the agent's spool state), directories, log tails and the
+// process's memory. Errors name the path and the OS reason. The control
+// plane converts the Status with ftune/absl_status.h.
 //
 // Atomicity: AtomicFileWriter writes to a unique temporary file in the
 // destination's directory, and Commit() fsyncs it, renames it over the
@@ -10,8 +13,8 @@
 // Thread-safety: the free functions may be called from any thread. An
 // AtomicFileWriter is used by one thread at a time; different writers (even
 // for the same destination) are independent, and the last Commit() wins.
-#ifndef FTUNE_WORKER_TRAINER_FILE_UTIL_H_
-#define FTUNE_WORKER_TRAINER_FILE_UTIL_H_
+#ifndef FTUNE_COMMON_FTUNE_FILE_UTIL_H_
+#define FTUNE_COMMON_FTUNE_FILE_UTIL_H_
 
 #include <cstddef>
 #include <cstdint>
@@ -22,7 +25,10 @@
 
 #include "ftune/status.h"
 
-namespace ftune::trainer {
+namespace ftune {
+
+// The bound for small files read whole: tokens, TLS keys, state files.
+inline constexpr uint64_t kMaxSmallFileBytes = 16ull << 20;
 
 // Reads a whole regular file. Files larger than max_bytes are refused
 // (DATA_LOSS naming the path and both sizes) instead of being read: config
@@ -87,9 +93,20 @@ Status RemoveTree(const std::string& path);
 
 // This process's resident set size now and at its peak (VmRSS / VmHWM of
 // /proc/self/status), in bytes; 0 where /proc is unavailable.
+// fsync of a directory (after a rename or a create in it).
+Status FsyncDirectory(const std::string& dir);
+// The last max_lines lines of a text file (at most its last 64 KiB); empty
+// when it cannot be read. For error reports, not for data.
+std::vector<std::string> TailLines(const std::string& path, size_t max_lines);
+// `path` against the working directory when relative ("" and "." are the
+// working directory); unchanged when absolute.
+std::string AbsolutePath(const std::string& path);
+// "a/b/c" -> "a/b"; "c" -> "."; "/c" -> "/".
+std::string Dirname(const std::string& path);
+
 int64_t CurrentRssBytes();
 int64_t PeakRssBytes();
 
-}  // namespace ftune::trainer
+}  // namespace ftune
 
-#endif  // FTUNE_WORKER_TRAINER_FILE_UTIL_H_
+#endif  // FTUNE_COMMON_FTUNE_FILE_UTIL_H_

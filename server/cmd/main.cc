@@ -16,6 +16,7 @@
 #include "job_service.h"
 #include "metrics.h"
 #include "store.h"
+#include "ftune/file_util.h"
 #include "worker/config/plan_spec.h"
 
 namespace {
@@ -24,11 +25,9 @@ std::atomic<bool> g_stop{false};
 void OnSignal(int) { g_stop = true; }
 
 bool ReadFile(const std::string& path, std::string* out) {
-  std::ifstream in(path);
-  if (!in) return false;
-  std::stringstream buf;
-  buf << in.rdbuf();
-  *out = buf.str();
+  ftune::Result<std::string> contents = ftune::ReadFileToString(path, ftune::kMaxSmallFileBytes);
+  if (!contents.ok()) return false;
+  *out = std::move(*contents);
   return true;
 }
 

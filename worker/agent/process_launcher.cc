@@ -9,7 +9,8 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
-#include "worker/agent/file_util.h"
+#include "ftune/absl_status.h"
+#include "ftune/file_util.h"
 
 namespace ftune::agent {
 namespace {
@@ -78,7 +79,7 @@ class ForkExecLauncher : public ProcessLauncher {
         ::open(req.stderr_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
     if (log_fd < 0) {
       return absl::FailedPreconditionError(absl::StrCat("cannot open rank log ", req.stderr_path,
-                                                        ": ", ErrnoText(errno),
+                                                        ": ", ErrnoMessage(errno),
                                                         "; check that --work-dir is writable"));
     }
     const int null_fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
@@ -88,7 +89,7 @@ class ForkExecLauncher : public ProcessLauncher {
       ::close(log_fd);
       if (null_fd >= 0) ::close(null_fd);
       return absl::ResourceExhaustedError(
-          absl::StrCat("cannot set up a rank process: ", ErrnoText(err)));
+          absl::StrCat("cannot set up a rank process: ", ErrnoMessage(err)));
     }
 
     // Everything the child touches is prepared here: between fork and exec
@@ -132,7 +133,7 @@ class ForkExecLauncher : public ProcessLauncher {
     ::close(null_fd);
     if (pid < 0) {
       ::close(pipe_fds[0]);
-      return absl::ResourceExhaustedError(absl::StrCat("fork failed: ", ErrnoText(fork_errno),
+      return absl::ResourceExhaustedError(absl::StrCat("fork failed: ", ErrnoMessage(fork_errno),
                                                        "; the host is out of processes or memory"));
     }
     // Also set by the child; doing it here too closes the race where the
@@ -149,7 +150,7 @@ class ForkExecLauncher : public ProcessLauncher {
       while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
       }
       return absl::FailedPreconditionError(
-          absl::StrCat("cannot execute ", req.binary, ": ", ErrnoText(child_errno),
+          absl::StrCat("cannot execute ", req.binary, ": ", ErrnoMessage(child_errno),
                        "; install ftune-rank next to ftune-agent or pass "
                        "--rank-binary PATH"));
     }

@@ -14,7 +14,8 @@
 #include "absl/strings/str_cat.h"
 #include "channel.h"
 #include "jobspec.h"
-#include "worker/agent/file_util.h"
+#include "ftune/absl_status.h"
+#include "ftune/file_util.h"
 #include "worker/agent/log.h"
 
 extern char** environ;
@@ -207,18 +208,18 @@ void RankSupervisor::Assign(const v1::Assignment& a) {
   }
   const std::string job_dir = absl::StrCat(options_.work_dir, "/jobs/", a.job_id());
   const std::string attempt_dir = absl::StrCat(job_dir, "/attempt-", a.attempt());
-  if (absl::Status s = MakeDirs(attempt_dir); !s.ok()) {
+  if (absl::Status s = ToAbsl(MakeDirectories(attempt_dir)); !s.ok()) {
     fail_all(absl::StrCat(s.message(), "; pass a writable --work-dir"));
     return;
   }
   const std::string spec_path = attempt_dir + "/spec.yaml";
-  if (absl::Status s = WriteFileAtomic(spec_path, JobSpecToYaml(a.spec())); !s.ok()) {
+  if (absl::Status s = ToAbsl(WriteFileAtomically(spec_path, JobSpecToYaml(a.spec()))); !s.ok()) {
     fail_all(absl::StrCat(s.message(), "; pass a writable --work-dir"));
     return;
   }
   const std::string output_dir =
       a.spec().output_dir().empty() ? job_dir + "/output" : a.spec().output_dir();
-  if (absl::Status s = MakeDirs(output_dir); !s.ok()) {
+  if (absl::Status s = ToAbsl(MakeDirectories(output_dir)); !s.ok()) {
     fail_all(absl::StrCat(s.message(), "; make the job's output_dir writable by the agent"));
     return;
   }
@@ -260,7 +261,7 @@ void RankSupervisor::LaunchRank(const v1::Assignment& a, const v1::RankAssignmen
   int fds[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
     ReportLaunchFailed(a.job_id(), a.attempt(), ra.rank(),
-                       absl::StrCat("cannot create the rank channel: ", ErrnoText(errno)));
+                       absl::StrCat("cannot create the rank channel: ", ErrnoMessage(errno)));
     return;
   }
   const int parent_fd = AboveStdio(fds[0]);

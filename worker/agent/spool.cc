@@ -12,7 +12,8 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "worker/agent/file_util.h"
+#include "ftune/absl_status.h"
+#include "ftune/file_util.h"
 #include "worker/agent/log.h"
 
 namespace ftune::agent {
@@ -81,7 +82,7 @@ absl::StatusOr<std::string> NewAgentId() {
   while (got < sizeof(bytes)) {
     ssize_t n = ::getrandom(bytes + got, sizeof(bytes) - got, 0);
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return absl::InternalError(absl::StrCat("getrandom failed: ", ErrnoText(errno)));
+    if (n < 0) return absl::InternalError(absl::StrCat("getrandom failed: ", ErrnoMessage(errno)));
     got += static_cast<size_t>(n);
   }
   static constexpr char kHex[] = "0123456789abcdef";
@@ -122,7 +123,7 @@ Spool::~Spool() {
 absl::StatusOr<std::unique_ptr<Spool>> Spool::Open(const Options& options) {
   if (options.dir.empty())
     return absl::InvalidArgumentError("spool directory is empty: pass --work-dir");
-  if (absl::Status s = MakeDirs(options.dir); !s.ok()) {
+  if (absl::Status s = ToAbsl(MakeDirectories(options.dir)); !s.ok()) {
     return absl::FailedPreconditionError(
         absl::StrCat("spool: ", s.message(), "; pass a writable --work-dir"));
   }
@@ -136,7 +137,7 @@ absl::StatusOr<std::unique_ptr<Spool>> Spool::Open(const Options& options) {
   }
 
   const std::string id_path = dir + "/agent_id";
-  absl::StatusOr<std::string> id = ReadFile(id_path);
+  absl::StatusOr<std::string> id = ToAbsl(ReadFileToString(id_path, kMaxSmallFileBytes));
   if (id.ok()) {
     std::string trimmed(absl::StripAsciiWhitespace(*id));
     const bool hex =
@@ -151,7 +152,7 @@ absl::StatusOr<std::unique_ptr<Spool>> Spool::Open(const Options& options) {
   } else if (absl::IsNotFound(id.status())) {
     absl::StatusOr<std::string> fresh = NewAgentId();
     if (!fresh.ok()) return fresh.status();
-    if (absl::Status s = WriteFileAtomic(id_path, *fresh + "\n"); !s.ok()) {
+    if (absl::Status s = ToAbsl(WriteFileAtomically(id_path, *fresh + "\n")); !s.ok()) {
       return absl::FailedPreconditionError(
           absl::StrCat("spool: ", s.message(), "; pass a writable --work-dir"));
     }
@@ -167,7 +168,7 @@ absl::StatusOr<std::unique_ptr<Spool>> Spool::Open(const Options& options) {
 absl::Status Spool::Recover() {
   absl::MutexLock lock(&mu_);
   const std::string acked_path = dir_ + "/acked";
-  absl::StatusOr<std::string> acked_text = ReadFile(acked_path);
+  absl::StatusOr<std::string> acked_text = ToAbsl(ReadFileToString(acked_path, kMaxSmallFileBytes));
   if (acked_text.ok()) {
     // A wrong ack is worse than none: guessing low resends duplicates (fine),
     // but with a compacted log it would also restart seqs at 1, and the
@@ -187,11 +188,11 @@ absl::Status Spool::Recover() {
   fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
   if (fd_ < 0) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "spool: cannot open ", path, ": ", ErrnoText(errno), "; pass a writable --work-dir"));
+        "spool: cannot open ", path, ": ", ErrnoMessage(errno), "; pass a writable --work-dir"));
   }
   struct stat st;
   if (::fstat(fd_, &st) != 0)
-    return absl::InternalError(absl::StrCat("spool: cannot stat ", path, ": ", ErrnoText(errno)));
+    return absl::InternalError(absl::StrCat("spool: cannot stat ", path, ": ", ErrnoMessage(errno)));
   const int64_t size = st.st_size;
 
   int64_t off = 0;
@@ -259,7 +260,7 @@ absl::Status Spool::Recover() {
         "anything else is disk corruption"));
     if (::ftruncate(fd_, off) != 0 || ::fsync(fd_) != 0) {
       return absl::InternalError(absl::StrCat("spool: cannot truncate ", path, " to ", off,
-                                              " bytes: ", ErrnoText(errno),
+                                              " bytes: ", ErrnoMessage(errno),
                                               "; check the disk and --work-dir"));
     }
   }
@@ -303,11 +304,11 @@ absl::Status Spool::Append(std::vector<v1::RankEvent>* events) {
       // record boundary and recovery never sees half a batch.
       if (::ftruncate(fd_, file_size_) != 0) {
         LogError(absl::StrCat("spool ", log_path(),
-                              ": cannot undo a failed append: ", ErrnoText(errno)));
+                              ": cannot undo a failed append: ", ErrnoMessage(errno)));
       }
       for (v1::RankEvent& e : *events) e.clear_agent_seq();
       return absl::ResourceExhaustedError(absl::StrCat("spool: cannot append to ", log_path(), ": ",
-                                                       ErrnoText(err),
+                                                       ErrnoMessage(err),
                                                        "; free disk space under --work-dir"));
     }
     file_size_ = off;
@@ -326,7 +327,7 @@ absl::Status Spool::Append(std::vector<v1::RankEvent>* events) {
 absl::Status Spool::Ack(int64_t seq) {
   absl::MutexLock lock(&mu_);
   if (seq <= acked_) return absl::OkStatus();
-  if (absl::Status s = WriteFileAtomic(dir_ + "/acked", absl::StrCat(seq, "\n")); !s.ok()) {
+  if (absl::Status s = ToAbsl(WriteFileAtomically(dir_ + "/acked", absl::StrCat(seq, "\n"))); !s.ok()) {
     return absl::InternalError(absl::StrCat("spool: cannot persist ack ", seq, ": ", s.message()));
   }
   acked_ = seq;
@@ -345,7 +346,7 @@ absl::Status Spool::TrimLocked() {
     if (file_size_ == 0) return absl::OkStatus();
     if (::ftruncate(fd_, 0) != 0 || ::fsync(fd_) != 0) {
       return absl::InternalError(
-          absl::StrCat("spool: cannot truncate ", log_path(), ": ", ErrnoText(errno)));
+          absl::StrCat("spool: cannot truncate ", log_path(), ": ", ErrnoMessage(errno)));
     }
     file_size_ = 0;
     return absl::OkStatus();
@@ -360,7 +361,7 @@ absl::Status Spool::CompactLocked() {
   const int64_t start = index_.front().offset;
   int out = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (out < 0)
-    return absl::InternalError(absl::StrCat("spool: cannot create ", tmp, ": ", ErrnoText(errno)));
+    return absl::InternalError(absl::StrCat("spool: cannot create ", tmp, ": ", ErrnoMessage(errno)));
   std::string buf(1 << 20, '\0');
   int64_t off = start;
   bool ok = true;
@@ -377,16 +378,16 @@ absl::Status Spool::CompactLocked() {
     const int e = ok ? errno : err;
     ::unlink(tmp.c_str());
     return absl::InternalError(
-        absl::StrCat("spool: compaction of ", path, " failed: ", ErrnoText(e),
+        absl::StrCat("spool: compaction of ", path, " failed: ", ErrnoMessage(e),
                      "; the log is intact, check free space under --work-dir"));
   }
   // The rename is durable only once the directory is synced; until then a
   // crash brings back the old (still valid) file.
-  if (absl::Status s = FsyncDir(dir_); !s.ok()) LogWarning(s.message());
+  if (absl::Status s = ToAbsl(FsyncDirectory(dir_)); !s.ok()) LogWarning(s.message());
   int fd = ::open(path.c_str(), O_RDWR | O_APPEND | O_CLOEXEC);
   if (fd < 0) {
     return absl::InternalError(
-        absl::StrCat("spool: cannot reopen ", path, " after compaction: ", ErrnoText(errno)));
+        absl::StrCat("spool: cannot reopen ", path, " after compaction: ", ErrnoMessage(errno)));
   }
   ::close(fd_);
   fd_ = fd;
@@ -408,7 +409,7 @@ absl::StatusOr<std::vector<v1::RankEvent>> Spool::ReadAfter(int64_t after_seq, s
     buf.resize(static_cast<size_t>(it->size));
     if (!PreadExact(fd_, buf.data(), buf.size(), it->offset)) {
       return absl::InternalError(absl::StrCat("spool: cannot read ", log_path(), " at offset ",
-                                              it->offset, ": ", ErrnoText(errno)));
+                                              it->offset, ": ", ErrnoMessage(errno)));
     }
     // Re-decode the length prefix; the index does not keep its width.
     uint64_t len = 0;

@@ -14,7 +14,8 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "worker/agent/agent.h"
-#include "worker/agent/file_util.h"
+#include "ftune/absl_status.h"
+#include "ftune/file_util.h"
 #include "worker/agent/log.h"
 #include "worker/agent/process_launcher.h"
 #include "worker/agent/slots.h"
@@ -37,7 +38,7 @@ std::string DefaultRankBinary() {
   ssize_t n = ::readlink("/proc/self/exe", self, sizeof(self) - 1);
   if (n <= 0) return "ftune-rank";
   self[n] = '\0';
-  return ftune::agent::Dirname(self) + "/ftune-rank";
+  return ftune::Dirname(self) + "/ftune-rank";
 }
 
 int Fail(const std::string& message) {
@@ -93,6 +94,7 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   CLI11_PARSE(app, argc, argv);
 
+  using namespace ftune;
   using namespace ftune::agent;
   Agent::Options options;
   options.coordinator = coordinator;
@@ -101,7 +103,7 @@ int main(int argc, char** argv) {
   options.heartbeat_ms = heartbeat_ms;
   options.shutdown_grace = absl::Seconds(grace_seconds);
   if (!token_file.empty()) {
-    absl::StatusOr<std::string> token = ReadFile(token_file);
+    absl::StatusOr<std::string> token = ToAbsl(ReadFileToString(token_file, kMaxSmallFileBytes));
     if (!token.ok()) return Fail(std::string(token.status().message()));
     options.token = std::string(absl::StripAsciiWhitespace(*token));
     if (options.token.empty())
@@ -109,7 +111,7 @@ int main(int argc, char** argv) {
           absl::StrCat("--token-file ", token_file, " is empty; put the agent token in it"));
   }
   if (!tls_ca.empty()) {
-    absl::StatusOr<std::string> pem = ReadFile(tls_ca);
+    absl::StatusOr<std::string> pem = ToAbsl(ReadFileToString(tls_ca, kMaxSmallFileBytes));
     if (!pem.ok()) return Fail(std::string(pem.status().message()));
     if (pem->find("-----BEGIN CERTIFICATE-----") == std::string::npos) {
       return Fail(absl::StrCat("--tls-ca ", tls_ca, " holds no PEM certificate"));
@@ -118,7 +120,7 @@ int main(int argc, char** argv) {
   }
 
   const std::string abs_work_dir = AbsolutePath(work_dir);
-  if (absl::Status s = MakeDirs(abs_work_dir); !s.ok()) {
+  if (absl::Status s = ToAbsl(MakeDirectories(abs_work_dir)); !s.ok()) {
     return Fail(absl::StrCat(s.message(), "; pass a writable --work-dir"));
   }
   Spool::Options spool_options;
