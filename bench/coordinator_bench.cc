@@ -44,7 +44,6 @@ int64_t NowNs() {
 struct Env {
   std::string dir;
   std::unique_ptr<Store> store;
-  SystemClock clock;
   EventBus bus;
   std::unique_ptr<JobManager> manager;
   std::string job_id;
@@ -56,7 +55,7 @@ struct Env {
               .string();
     std::filesystem::remove_all(dir);
     store = std::move(*Store::Open(dir));
-    manager = std::make_unique<JobManager>(store.get(), &clock, &bus, nullptr, ManagerOptions{});
+    manager = std::make_unique<JobManager>(store.get(), RealClock(), &bus, nullptr, ManagerOptions{});
     v1::RegisterAgent reg;
     reg.set_agent_id("bench-agent");
     reg.set_host("bench");

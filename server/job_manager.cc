@@ -1,7 +1,6 @@
 #include "job_manager.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <set>
 
@@ -37,12 +36,6 @@ v1::RankStatus* RankStatusOf(v1::Job* job, int rank) {
 
 }  // namespace
 
-int64_t SystemClock::NowMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
 JobManager::JobManager(Store* store, Clock* clock, EventBus* bus, MetricsSink* metrics,
                        ManagerOptions options)
     : store_(store), clock_(clock), bus_(bus), metrics_(metrics), options_(options) {}
@@ -51,7 +44,7 @@ absl::Status JobManager::Recover() {
   std::lock_guard<std::mutex> lock(mu_);
   auto agents = store_->ListAgents();
   if (!agents.ok()) return agents.status();
-  const int64_t now = clock_->NowMs();
+  const int64_t now = NowMs();
   for (auto& a : *agents) {
     AgentState s;
     s.stored = std::move(a);
@@ -84,7 +77,7 @@ absl::StatusOr<std::vector<std::pair<int64_t, v1::Job>>> JobManager::ListSlotHol
 void JobManager::AddEvent(v1::Job* job, v1::JobEvent event, Pending* p) {
   event.set_job_id(job->id());
   event.set_seq(job->last_event_seq() + 1);
-  if (event.time_unix_ms() == 0) event.set_time_unix_ms(clock_->NowMs());
+  if (event.time_unix_ms() == 0) event.set_time_unix_ms(NowMs());
   job->set_last_event_seq(event.seq());
   p->events.push_back(std::move(event));
 }
@@ -101,7 +94,7 @@ absl::Status JobManager::Transition(v1::Job* job, v1::JobState to, const std::st
   job->set_state(to);
   job->set_state_reason(reason);
   job->set_reason_code(reason_code);
-  job->set_update_time_unix_ms(clock_->NowMs());
+  job->set_update_time_unix_ms(NowMs());
   AddEvent(job, std::move(e), p);
   if (IsTerminal(to)) p->ended_jobs.push_back(job->id());
   return absl::OkStatus();
@@ -363,7 +356,7 @@ absl::StatusOr<v1::Job> JobManager::CreateJob(v1::JobSpec spec, const std::strin
     job.set_planned_device_bytes(planned);
     job.set_state(v1::QUEUED);
     job.set_state_reason("waiting for the scheduler");
-    job.set_create_time_unix_ms(clock_->NowMs());
+    job.set_create_time_unix_ms(NowMs());
     job.set_update_time_unix_ms(job.create_time_unix_ms());
     v1::JobEvent e;
     e.set_rank(-1);
@@ -500,7 +493,7 @@ absl::Status JobManager::RegisterAgent(const v1::RegisterAgent& reg,
   if (auto st = store_->PutAgent(a.stored); !st.ok()) return st;
   a.link = std::move(link);
   a.alive = true;
-  a.last_seen_ms = clock_->NowMs();
+  a.last_seen_ms = NowMs();
   a.reported_running.assign(reg.running().begin(), reg.running().end());
 
   v1::CoordinatorToAgent registered;
@@ -586,7 +579,7 @@ absl::StatusOr<int64_t> JobManager::IngestEvents(const std::string& agent_id,
   if (it == agents_.end())
     return absl::FailedPreconditionError("agent " + agent_id + " sent events before registering");
   AgentState& agent = it->second;
-  agent.last_seen_ms = clock_->NowMs();
+  agent.last_seen_ms = NowMs();
   int64_t acked = agent.stored.acked_seq;
   Pending p;
   int stored = 0;
@@ -626,7 +619,7 @@ absl::StatusOr<int64_t> JobManager::IngestEvents(const std::string& agent_id,
 void JobManager::Heartbeat(const std::string& agent_id) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = agents_.find(agent_id);
-  if (it != agents_.end()) it->second.last_seen_ms = clock_->NowMs();
+  if (it != agents_.end()) it->second.last_seen_ms = NowMs();
 }
 
 void JobManager::Rendezvous(const std::string& agent_id, const v1::RendezvousPublish& pub) {
@@ -745,7 +738,7 @@ void JobManager::ScheduleLocked(Pending* p) {
 }
 
 void JobManager::SweepLocked(Pending* p) {
-  const int64_t now = clock_->NowMs();
+  const int64_t now = NowMs();
   std::set<std::string> dead;
   for (auto& [id, a] : agents_) {
     if (a.alive && now - a.last_seen_ms > options_.agent_timeout_ms) {

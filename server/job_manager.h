@@ -26,23 +26,13 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "event_bus.h"
+#include "ftune/clock.h"
 #include "ftune/v1/agent_service.pb.h"
 #include "ftune/v1/job_service.pb.h"
 #include "scheduler.h"
 #include "store.h"
 
 namespace ftune::server {
-
-class Clock {
- public:
-  virtual ~Clock() = default;
-  virtual int64_t NowMs() = 0;
-};
-
-class SystemClock : public Clock {
- public:
-  int64_t NowMs() override;
-};
 
 class AgentLink {
  public:
@@ -155,6 +145,7 @@ class JobManager {
   std::vector<AgentView> FleetLocked(bool include_used);
   void Flush(Pending* p);  // publish, send, metrics: after commit
   void RefreshGaugesLocked();
+  int64_t NowMs() { return absl::ToUnixMillis(clock_->Now()); }
 
   Store* store_;
   Clock* clock_;

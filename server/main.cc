@@ -82,7 +82,6 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
-  SystemClock clock;
   EventBus bus;
   ManagerOptions opts;
   opts.agent_timeout_ms = static_cast<int64_t>(agent_timeout_s * 1000);
@@ -95,7 +94,7 @@ int main(int argc, char** argv) {
     if (!plan.ok()) return absl::NotFoundError(plan.status().ToString());
     return plan->device_peak_bytes;
   };
-  JobManager manager(store->get(), &clock, &bus, &metrics, opts);
+  JobManager manager(store->get(), ftune::RealClock(), &bus, &metrics, opts);
   if (auto st = manager.Recover(); !st.ok()) {
     std::fprintf(stderr, "ftune-coordinator: recovering state: %s\n",
                  std::string(st.message()).c_str());

@@ -7,12 +7,6 @@
 namespace ftune::server {
 namespace {
 
-class FakeClock : public Clock {
- public:
-  int64_t NowMs() override { return now; }
-  int64_t now = 1700000000000;
-};
-
 class FakeLink : public AgentLink {
  public:
   void Send(const v1::CoordinatorToAgent& msg) override { sent.push_back(msg); }
@@ -80,7 +74,7 @@ class JobManagerTest : public ::testing::Test {
     e->set_job_id(job);
     e->set_attempt(attempt);
     e->set_rank(rank);
-    e->set_time_unix_ms(clock_.now);
+    e->set_time_unix_ms(absl::ToUnixMillis(clock_.Now()));
     fill(e);
     last_batch_ = b;
     auto acked = manager_->IngestEvents(agent, b);
@@ -265,10 +259,10 @@ TEST_F(JobManagerTest, DeadAgentFailsItsRanks) {
   Register("a", 1);
   const std::string id = manager_->CreateJob(Spec(1, /*max_restarts=*/0), "")->id();
   Hello("a", id, 0, 0);
-  clock_.now += 5000;
+  clock_.Advance(absl::Seconds(5));
   manager_->Tick();
   EXPECT_EQ(Get(id).state(), v1::RUNNING);
-  clock_.now += 20000;
+  clock_.Advance(absl::Seconds(20));
   manager_->Tick();
   v1::Job j = Get(id);
   EXPECT_EQ(j.state(), v1::FAILED);
