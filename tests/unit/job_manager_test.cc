@@ -340,6 +340,38 @@ TEST_F(JobManagerTest, AgentRestartedWithoutItsRankMeansLost) {
   EXPECT_NE(j.state_reason().find("was lost"), std::string::npos);
 }
 
+TEST_F(JobManagerTest, RanksNoJobWantsAreStaleWhenTheirAgentRegisters) {
+  Register("a", 2);
+  const std::string live = manager_->CreateJob(Spec(1), "")->id();
+  const std::string cancelled = manager_->CreateJob(Spec(1), "")->id();
+  Hello("a", live, 0, 0);
+  Hello("a", cancelled, 0, 0);
+  ASSERT_TRUE(manager_->CancelJob(cancelled).ok());
+  auto agents = agents_->ListAgents();
+  ASSERT_EQ(agents.size(), 1u);
+  ASSERT_EQ(agents[0].used_size(), 2);
+  EXPECT_EQ(agents[0].used(0).job_id(), live);
+
+  auto running = [](const std::string& job, int attempt) {
+    v1::RunningRank r;
+    r.set_job_id(job);
+    r.set_attempt(attempt);
+    r.set_rank(0);
+    return r;
+  };
+  auto link = Register("a", 2,
+                       {running(live, 0), running(live, 1), running(cancelled, 0),
+                        running("job-999999", 0)},
+                       seq_["a"]);
+  const auto& stale = link->sent[0].registered().stale();
+  ASSERT_EQ(stale.size(), 3);
+  EXPECT_EQ(stale[0].job_id(), live);  // an attempt that is not the job's
+  EXPECT_EQ(stale[0].attempt(), 1);
+  EXPECT_EQ(stale[1].job_id(), cancelled);  // stopping
+  EXPECT_EQ(stale[2].job_id(), "job-999999");  // unknown here
+  EXPECT_EQ(Get(live).state(), v1::RUNNING);
+}
+
 TEST_F(JobManagerTest, ExitSpooledWhileCoordinatorWasAwayIsNotALoss) {
   Register("a", 1);
   const std::string id = manager_->CreateJob(Spec(1, 0), "")->id();
