@@ -94,6 +94,8 @@ class EventManager {
   // Stores events; call inside the store transaction that changes their job.
   absl::Status Append(const std::vector<v1::JobEvent>& events);
   // After that transaction commits: to watchers, then to the metrics.
+  // Callers publish in commit order, so each job's events go out in seq
+  // order (JobManager publishes under its job lock).
   void Publish(const std::vector<v1::JobEvent>& events);
 
  private:

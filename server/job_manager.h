@@ -137,9 +137,11 @@ class JobManager final : public AgentListener, public RankEventHandler {
   // (proto/jobspec.h). INVALID_ARGUMENT listing every problem.
   static absl::Status ValidateAndResolveSpec(v1::JobSpec* spec);
 
-  // All below: mu_ held.
-  // Jobs whose ranks may hold slots (SCHEDULED, RUNNING, RESTARTING, CANCELLING).
+  // Jobs whose ranks may hold slots (SCHEDULED, RUNNING, RESTARTING,
+  // CANCELLING). A read of committed rows: needs no lock.
   absl::StatusOr<std::vector<std::pair<int64_t, v1::Job>>> ListSlotHolders();
+
+  // All below: mu_ held.
   void AddEvent(v1::Job* job, v1::JobEvent event, Pending* p);
   absl::Status Transition(v1::Job* job, v1::JobState to, const std::string& reason,
                           const std::string& reason_code, Pending* p);
