@@ -1,6 +1,6 @@
 // Coordinator benchmarks, printed as figures (never asserted):
 //  1. event ingest: rank events/s into SQLite (WAL, synchronous=FULL), in
-//     batches as agents send them, through the real JobManager;
+//     batches as agents send them, through the real managers;
 //  2. WatchJob fan-out: latency from "event committed" to "event received by
 //     a watcher" over real gRPC on loopback, p50/p99, for 1, 100, 1000
 //     watchers of one job.
@@ -21,7 +21,7 @@
 
 #include <grpcpp/grpcpp.h>
 
-#include "job_manager.h"
+#include "coordinator.h"
 #include "job_service.h"
 #include "metrics.h"
 
@@ -44,9 +44,8 @@ int64_t NowNs() {
 struct Env {
   std::string dir;
   std::unique_ptr<Store> store;
-  SystemClock clock;
   EventBus bus;
-  std::unique_ptr<JobManager> manager;
+  std::unique_ptr<Coordinator> coordinator;
   std::string job_id;
   int64_t seq = 0;
 
@@ -56,7 +55,8 @@ struct Env {
               .string();
     std::filesystem::remove_all(dir);
     store = std::move(*Store::Open(dir));
-    manager = std::make_unique<JobManager>(store.get(), &clock, &bus, nullptr, ManagerOptions{});
+    coordinator =
+        std::make_unique<Coordinator>(store.get(), RealClock(), &bus, nullptr, ManagerOptions{});
     v1::RegisterAgent reg;
     reg.set_agent_id("bench-agent");
     reg.set_host("bench");
@@ -65,15 +65,15 @@ struct Env {
       s->set_index(i);
       s->set_memory_bytes(80LL << 30);
     }
-    (void)manager->RegisterAgent(reg, std::make_shared<NullLink>());
+    (void)coordinator->agents().RegisterAgent(reg, std::make_shared<NullLink>());
     v1::JobSpec spec;
     spec.mutable_model()->set_model_name_or_path("/m");
     spec.mutable_dataset()->add_data_files("d.jsonl");
     spec.mutable_resources()->set_num_ranks(8);
-    job_id = manager->CreateJob(spec, "")->id();
+    job_id = coordinator->jobs().CreateJob(spec, "")->id();
   }
   ~Env() {
-    manager.reset();
+    coordinator.reset();
     store.reset();
     std::filesystem::remove_all(dir);
   }
@@ -98,7 +98,7 @@ void IngestBench(int total, int batch) {
   Env env("ingest");
   const auto start = Steady::now();
   for (int done = 0; done < total; done += batch) {
-    auto r = env.manager->IngestEvents("bench-agent", env.Batch(batch));
+    auto r = env.coordinator->events().IngestEvents("bench-agent", env.Batch(batch));
     if (!r.ok()) {
       std::fprintf(stderr, "ingest failed: %s\n", std::string(r.status().message()).c_str());
       return;
@@ -112,7 +112,8 @@ void IngestBench(int total, int batch) {
 
 void FanoutBench(int watchers, int events, int batch, int period_ms) {
   Env env("fanout");
-  JobServiceImpl service(env.manager.get(), nullptr, "");
+  JobServiceImpl service(&env.coordinator->jobs(), &env.coordinator->agents(),
+                         &env.coordinator->events(), nullptr, "");
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
@@ -125,7 +126,7 @@ void FanoutBench(int watchers, int events, int batch, int period_ms) {
   std::mutex mu;
   std::vector<double> latencies_ms;
   latencies_ms.reserve(static_cast<size_t>(watchers) * events);
-  const int64_t live_from = env.manager->GetJob(env.job_id)->last_event_seq();
+  const int64_t live_from = env.coordinator->jobs().GetJob(env.job_id)->last_event_seq();
   std::atomic<int> finished{0};
 
   // Callback-API readers: the watchers cost no thread each here either, so
@@ -180,7 +181,7 @@ void FanoutBench(int watchers, int events, int batch, int period_ms) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   const auto start = Steady::now();
   for (int sent = 0; sent < events; sent += batch) {
-    (void)env.manager->IngestEvents("bench-agent", env.Batch(batch));
+    (void)env.coordinator->events().IngestEvents("bench-agent", env.Batch(batch));
     std::this_thread::sleep_for(std::chrono::milliseconds(period_ms));
   }
   const auto deadline = Steady::now() + std::chrono::seconds(60);

@@ -63,8 +63,9 @@ class StreamLink : public AgentLink {
 
 }  // namespace
 
-AgentServiceImpl::AgentServiceImpl(JobManager* manager, std::string agent_token)
-    : manager_(manager), token_(std::move(agent_token)) {}
+AgentServiceImpl::AgentServiceImpl(AgentManager* agents, EventManager* events, JobManager* jobs,
+                                   std::string agent_token)
+    : agents_(agents), events_(events), jobs_(jobs), token_(std::move(agent_token)) {}
 
 grpc::Status AgentServiceImpl::Connect(grpc::ServerContext* ctx, Stream* stream) {
   if (auto auth = CheckBearer(*ctx, token_, "agent"); !auth.ok()) return auth;
@@ -75,7 +76,7 @@ grpc::Status AgentServiceImpl::Connect(grpc::ServerContext* ctx, Stream* stream)
                         "the first message on an agent stream must be RegisterAgent");
   const std::string agent_id = first.register_().agent_id();
   auto link = std::make_shared<StreamLink>(stream);
-  if (auto st = manager_->RegisterAgent(first.register_(), link); !st.ok()) {
+  if (auto st = agents_->RegisterAgent(first.register_(), link); !st.ok()) {
     link->Close();
     return ToGrpc(st);
   }
@@ -83,9 +84,9 @@ grpc::Status AgentServiceImpl::Connect(grpc::ServerContext* ctx, Stream* stream)
   v1::AgentToCoordinator msg;
   while (stream->Read(&msg)) {
     if (msg.has_heartbeat()) {
-      manager_->Heartbeat(agent_id);
+      agents_->Heartbeat(agent_id);
     } else if (msg.has_events()) {
-      auto acked = manager_->IngestEvents(agent_id, msg.events());
+      auto acked = events_->IngestEvents(agent_id, msg.events());
       if (!acked.ok()) {
         result = ToGrpc(acked.status());  // the agent reconnects and resends
         break;
@@ -94,14 +95,14 @@ grpc::Status AgentServiceImpl::Connect(grpc::ServerContext* ctx, Stream* stream)
       ack.mutable_ack()->set_agent_seq(*acked);
       link->Send(ack);
     } else if (msg.has_rendezvous()) {
-      manager_->Rendezvous(agent_id, msg.rendezvous());
+      jobs_->Rendezvous(msg.rendezvous());
     } else if (msg.has_register_()) {
       result = grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
                             "agent registered twice on one stream");
       break;
     }
   }
-  manager_->AgentDisconnected(agent_id, link.get());
+  agents_->AgentDisconnected(agent_id, link.get());
   link->Close();
   return result;
 }

@@ -1,8 +1,8 @@
 // Fan-out of stored job events to WatchJob subscribers.
 //
-// The job manager publishes events after their transaction commits, in seq
-// order. A watcher subscribes BEFORE reading stored events, then drops live
-// events it has already seen by seq: that ordering is what makes "stored
+// EventManager::Publish hands events over after their transaction commits,
+// in seq order. A watcher subscribes BEFORE reading stored events, then drops
+// live events it has already seen by seq: that ordering is what makes "stored
 // events, then live ones" gap-free and duplicate-free.
 //
 // Each published event is wrapped once in a shared_ptr and handed to every

@@ -1,9 +1,9 @@
 #include "job_manager.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
-#include <set>
+#include <cstdlib>
+#include <map>
 
 #include "job_state.h"
 #include "jobspec.h"
@@ -11,22 +11,10 @@
 namespace ftune::server {
 namespace {
 
-#define FTUNE_RETURN_IF_ERROR(expr)      \
-  do {                                   \
-    absl::Status _st = (expr);           \
-    if (!_st.ok()) return _st;           \
-  } while (0)
-
 std::string JobIdFor(int64_t ordinal) {
   char buf[32];
   std::snprintf(buf, sizeof(buf), "job-%06lld", static_cast<long long>(ordinal));
   return buf;
-}
-
-std::string HostOf(const v1::Job& job, int rank) {
-  for (const auto& p : job.placement())
-    if (p.rank() == rank) return p.host();
-  return "?";
 }
 
 v1::RankStatus* RankStatusOf(v1::Job* job, int rank) {
@@ -37,33 +25,14 @@ v1::RankStatus* RankStatusOf(v1::Job* job, int rank) {
 
 }  // namespace
 
-int64_t SystemClock::NowMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
-JobManager::JobManager(Store* store, Clock* clock, EventBus* bus, MetricsSink* metrics,
-                       ManagerOptions options)
-    : store_(store), clock_(clock), bus_(bus), metrics_(metrics), options_(options) {}
-
-absl::Status JobManager::Recover() {
-  std::lock_guard<std::mutex> lock(mu_);
-  auto agents = store_->ListAgents();
-  if (!agents.ok()) return agents.status();
-  const int64_t now = clock_->NowMs();
-  for (auto& a : *agents) {
-    AgentState s;
-    s.stored = std::move(a);
-    // Known agents count as alive until they miss a full timeout, so running
-    // jobs survive a coordinator restart while their agents reconnect.
-    s.alive = true;
-    s.last_seen_ms = now;
-    agents_[s.stored.agent.agent_id()] = std::move(s);
-  }
-  RefreshGaugesLocked();
-  return absl::OkStatus();
-}
+JobManager::JobManager(Store* store, Clock* clock, MetricsSink* metrics, AgentManager* agents,
+                       EventManager* events, Options options)
+    : store_(store),
+      clock_(clock),
+      metrics_(metrics),
+      agents_(agents),
+      events_(events),
+      options_(std::move(options)) {}
 
 // ---------------------------------------------------------------- helpers
 
@@ -72,6 +41,15 @@ void JobManager::Pending::Merge(Pending&& other) {
   for (auto& m : other.outbox) outbox.push_back(std::move(m));
   for (auto& j : other.ended_jobs) ended_jobs.push_back(std::move(j));
   for (auto& j : other.restarted_jobs) restarted_jobs.push_back(std::move(j));
+}
+
+// The same resolution the CLI and the ranks use (proto/jobspec.h).
+absl::Status JobManager::ValidateAndResolveSpec(v1::JobSpec* spec) {
+  const ftune::Status resolved = ResolveJobSpec(spec);
+  if (resolved.ok()) return absl::OkStatus();
+  std::string msg = "invalid job spec: ";
+  for (char c : resolved.message()) msg += c == '\n' ? std::string("; ") : std::string(1, c);
+  return absl::InvalidArgumentError(msg);
 }
 
 absl::StatusOr<std::vector<std::pair<int64_t, v1::Job>>> JobManager::ListSlotHolders() {
@@ -84,7 +62,7 @@ absl::StatusOr<std::vector<std::pair<int64_t, v1::Job>>> JobManager::ListSlotHol
 void JobManager::AddEvent(v1::Job* job, v1::JobEvent event, Pending* p) {
   event.set_job_id(job->id());
   event.set_seq(job->last_event_seq() + 1);
-  if (event.time_unix_ms() == 0) event.set_time_unix_ms(clock_->NowMs());
+  if (event.time_unix_ms() == 0) event.set_time_unix_ms(NowMs());
   job->set_last_event_seq(event.seq());
   p->events.push_back(std::move(event));
 }
@@ -101,7 +79,7 @@ absl::Status JobManager::Transition(v1::Job* job, v1::JobState to, const std::st
   job->set_state(to);
   job->set_state_reason(reason);
   job->set_reason_code(reason_code);
-  job->set_update_time_unix_ms(clock_->NowMs());
+  job->set_update_time_unix_ms(NowMs());
   AddEvent(job, std::move(e), p);
   if (IsTerminal(to)) p->ended_jobs.push_back(job->id());
   return absl::OkStatus();
@@ -192,51 +170,35 @@ absl::Status JobManager::RankExited(v1::Job* job, int32_t rank, int32_t exit_cod
   }
 }
 
-absl::Status JobManager::HandleRankEvent(v1::Job* job, const AgentState& agent,
-                                         const v1::RankEvent& ev, Pending* p) {
+// What one rank event does to its job. `je` (EventManager's words for it) is
+// appended first, so a state change it causes follows it in the job's events.
+absl::Status JobManager::ApplyRankEvent(v1::Job* job, const v1::RankEvent& ev, v1::JobEvent je,
+                                        Pending* p) {
+  // Events of an earlier attempt (or after the end) are kept, but move nothing.
   const bool current = ev.attempt() == job->attempt() && !IsTerminal(job->state());
-  v1::JobEvent je;
-  je.set_rank(ev.rank());
-  je.set_attempt(ev.attempt());
-  je.set_time_unix_ms(ev.time_unix_ms());
-  const std::string& host = agent.stored.agent.host();
   switch (ev.payload_case()) {
     case v1::RankEvent::kMessage: {
       const v1::RankMessage& m = ev.message();
       switch (m.payload_case()) {
         case v1::RankMessage::kHello: {
-          const auto& h = m.hello();
-          je.mutable_log()->set_level("INFO");
-          je.mutable_log()->set_text("rank " + std::to_string(ev.rank()) + " started on " + host +
-                                     " (" + h.device() + ", pid " + std::to_string(h.pid()) +
-                                     (h.start_step() > 0
-                                          ? ", resuming at step " + std::to_string(h.start_step())
-                                          : "") +
-                                     ")");
           AddEvent(job, std::move(je), p);
-          if (current) {
-            if (auto* rs = RankStatusOf(job, ev.rank())) rs->set_started(true);
-            bool all = true;
-            for (const auto& r : job->ranks()) all = all && r.started();
-            if (all && job->state() == v1::SCHEDULED)
-              return Transition(job, v1::RUNNING,
-                                "all " + std::to_string(job->ranks_size()) + " ranks started", "",
-                                p);
-          }
+          if (!current) return absl::OkStatus();
+          if (auto* rs = RankStatusOf(job, ev.rank())) rs->set_started(true);
+          bool all = true;
+          for (const auto& r : job->ranks()) all = all && r.started();
+          if (all && job->state() == v1::SCHEDULED)
+            return Transition(job, v1::RUNNING,
+                              "all " + std::to_string(job->ranks_size()) + " ranks started", "",
+                              p);
           return absl::OkStatus();
         }
         case v1::RankMessage::kStep:
-          *je.mutable_step() = m.step();
           if (current && ev.rank() == 0) {
             job->set_last_step(m.step().step());
             job->set_last_loss(m.step().loss());
           }
           break;
-        case v1::RankMessage::kMemory:
-          *je.mutable_memory() = m.memory();
-          break;
         case v1::RankMessage::kCheckpoint:
-          *je.mutable_checkpoint() = m.checkpoint();
           if (m.checkpoint().complete() && ev.rank() == 0) {
             v1::Checkpoint c;
             c.set_job_id(job->id());
@@ -252,58 +214,33 @@ absl::Status JobManager::HandleRankEvent(v1::Job* job, const AgentState& agent,
             job->set_resume_checkpoint(c.path());
           }
           break;
-        case v1::RankMessage::kEval:
-          *je.mutable_eval() = m.eval();
-          break;
-        case v1::RankMessage::kLog:
-          *je.mutable_log() = m.log();
-          break;
-        case v1::RankMessage::kError:
-          *je.mutable_error() = m.error();
-          break;
         case v1::RankMessage::kDone:
-          *je.mutable_done() = m.done();
           if (ev.rank() == 0 && !m.done().adapter_path().empty())
             job->set_adapter_path(m.done().adapter_path());
           break;
         default:
-          je.mutable_log()->set_level("WARNING");
-          je.mutable_log()->set_text("rank sent a message this coordinator does not know");
+          break;
       }
       AddEvent(job, std::move(je), p);
       return absl::OkStatus();
     }
     case v1::RankEvent::kExit: {
       const auto& x = ev.exit();
-      std::string what;
-      if (x.hung()) what = "was silent too long and was killed";
-      else if (x.exit_code() < 0) what = "was killed by signal " + std::to_string(-x.exit_code());
-      else what = "exited with code " + std::to_string(x.exit_code());
-      const std::string msg = "rank " + std::to_string(ev.rank()) + " on " + host + " " + what;
       const bool failed = x.exit_code() != 0 || x.hung();
-      if (failed) {
-        je.mutable_error()->set_message(msg);
-        *je.mutable_error()->mutable_stderr_tail() = x.stderr_tail();
-      } else {
-        je.mutable_log()->set_level("INFO");
-        je.mutable_log()->set_text(msg);
-      }
-      AddEvent(job, std::move(je), p);
-      if (!current) return absl::OkStatus();
-      std::string failure = msg;
+      // The event's own words are the reason, with the last stderr line.
+      std::string failure = failed ? je.error().message() : je.log().text();
       if (failed && x.stderr_tail_size() > 0)
         failure += ": " + x.stderr_tail(x.stderr_tail_size() - 1);
+      AddEvent(job, std::move(je), p);
+      if (!current) return absl::OkStatus();
       return RankExited(job, ev.rank(), failed ? (x.exit_code() != 0 ? x.exit_code() : -9) : 0,
                         failure, p);
     }
     case v1::RankEvent::kLaunchFailed: {
-      *je.mutable_error() = ev.launch_failed();
-      const std::string msg = "rank " + std::to_string(ev.rank()) + " could not start on " +
-                              host + ": " + ev.launch_failed().message();
-      je.mutable_error()->set_message(msg);
+      const std::string failure = je.error().message();
       AddEvent(job, std::move(je), p);
       if (!current) return absl::OkStatus();
-      return RankExited(job, ev.rank(), -1, msg, p);
+      return RankExited(job, ev.rank(), -1, failure, p);
     }
     default:
       return absl::OkStatus();
@@ -313,12 +250,7 @@ absl::Status JobManager::HandleRankEvent(v1::Job* job, const AgentState& agent,
 // ---------------------------------------------------------------- JobService
 
 absl::StatusOr<v1::Job> JobManager::CreateJob(v1::JobSpec spec, const std::string& request_id) {
-  // The same resolution the CLI and the ranks use (proto/jobspec.h).
-  if (ftune::Status resolved = ResolveJobSpec(&spec); !resolved.ok()) {
-    std::string msg = "invalid job spec: ";
-    for (char c : resolved.message()) msg += c == '\n' ? std::string("; ") : std::string(1, c);
-    return absl::InvalidArgumentError(msg);
-  }
+  FTUNE_RETURN_IF_ERROR(ValidateAndResolveSpec(&spec));
   if (request_id.size() > 128)
     return absl::InvalidArgumentError("request_id is longer than 128 characters");
   std::lock_guard<std::mutex> lock(mu_);
@@ -362,7 +294,7 @@ absl::StatusOr<v1::Job> JobManager::CreateJob(v1::JobSpec spec, const std::strin
     job.set_planned_device_bytes(planned);
     job.set_state(v1::QUEUED);
     job.set_state_reason("waiting for the scheduler");
-    job.set_create_time_unix_ms(clock_->NowMs());
+    job.set_create_time_unix_ms(NowMs());
     job.set_update_time_unix_ms(job.create_time_unix_ms());
     v1::JobEvent e;
     e.set_rank(-1);
@@ -370,8 +302,7 @@ absl::StatusOr<v1::Job> JobManager::CreateJob(v1::JobSpec spec, const std::strin
     e.mutable_state_change()->set_reason("submitted");
     AddEvent(&job, std::move(e), &p);
     FTUNE_RETURN_IF_ERROR(store_->InsertJob(job, *ordinal));
-    for (const auto& ev : p.events) FTUNE_RETURN_IF_ERROR(store_->AppendEvent(ev));
-    return absl::OkStatus();
+    return events_->Append(p.events);
   });
   if (!st.ok()) return st;
   Flush(&p);
@@ -437,8 +368,7 @@ absl::StatusOr<v1::Job> JobManager::CancelJob(const std::string& job_id) {
             Transition(&job, v1::CANCELLED, "cancelled by user", "cancelled", &p));
     }
     FTUNE_RETURN_IF_ERROR(store_->UpdateJob(job));
-    for (const auto& ev : p.events) FTUNE_RETURN_IF_ERROR(store_->AppendEvent(ev));
-    return absl::OkStatus();
+    return events_->Append(p.events);
   });
   if (!st.ok()) return st;
   Flush(&p);
@@ -455,81 +385,82 @@ absl::StatusOr<std::vector<v1::Checkpoint>> JobManager::ListCheckpoints(
   return store_->ListCheckpoints(job_id);
 }
 
-std::vector<v1::Agent> JobManager::ListAgents() {
+// ---------------------------------------------------------------- AgentService
+
+void JobManager::Rendezvous(const v1::RendezvousPublish& pub) {
   std::lock_guard<std::mutex> lock(mu_);
-  std::vector<v1::Agent> out;
-  for (auto& [id, a] : agents_) {
-    v1::Agent agent = a.stored.agent;
-    agent.set_alive(a.alive);
-    agent.set_last_seen_unix_ms(a.last_seen_ms);
-    out.push_back(std::move(agent));
-  }
-  if (auto rows = ListSlotHolders(); rows.ok()) {
-    for (const auto& [ord, job] : *rows)
-      for (const auto& pl : job.placement())
-        for (auto& agent : out)
-          if (agent.agent_id() == pl.agent_id()) {
-            auto* u = agent.add_used();
-            *u = pl;
-            u->set_job_id(job.id());
-          }
-  }
-  return out;
+  auto job = store_->GetJob(pub.job_id());
+  if (!job.ok() || job->attempt() != pub.attempt() || IsTerminal(job->state())) return;
+  std::set<std::string> targets;
+  for (const auto& pl : job->placement()) targets.insert(pl.agent_id());
+  v1::CoordinatorToAgent msg;
+  *msg.mutable_rendezvous() = pub;
+  for (const auto& t : targets) agents_->Send(t, msg);
 }
 
-absl::StatusOr<std::vector<v1::JobEvent>> JobManager::ReadEvents(const std::string& job_id,
-                                                                 int64_t after_seq, int limit) {
-  // Reads need no manager lock: events are immutable once committed.
-  return store_->ReadEvents(job_id, after_seq, INT64_MAX, limit);
+// ---------------------------------------------------------------- rank events
+
+absl::StatusOr<int> JobManager::ApplyRankEvents(
+    std::vector<IngestedEvent> events, const std::function<absl::Status()>& also_in_transaction) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Pending p;
+  int applied = 0;
+  auto st = store_->Transaction([&]() -> absl::Status {
+    std::map<std::string, v1::Job> jobs;
+    for (auto& in : events) {
+      const v1::RankEvent& ev = *in.rank_event;
+      auto jit = jobs.find(ev.job_id());
+      if (jit == jobs.end()) {
+        auto job = store_->GetJob(ev.job_id());
+        if (!job.ok()) continue;  // a job this store never had: nothing to attach it to
+        jit = jobs.emplace(ev.job_id(), *job).first;
+      }
+      FTUNE_RETURN_IF_ERROR(ApplyRankEvent(&jit->second, ev, std::move(in.job_event), &p));
+      ++applied;
+    }
+    for (const auto& [id, job] : jobs) FTUNE_RETURN_IF_ERROR(store_->UpdateJob(job));
+    FTUNE_RETURN_IF_ERROR(events_->Append(p.events));
+    return also_in_transaction();
+  });
+  if (!st.ok()) return st;
+  FlushAndReschedule(&p);
+  return applied;
 }
 
 // ---------------------------------------------------------------- agents
 
-absl::Status JobManager::RegisterAgent(const v1::RegisterAgent& reg,
-                                       std::shared_ptr<AgentLink> link) {
-  if (reg.agent_id().empty()) return absl::InvalidArgumentError("register: agent_id is empty");
-  if (reg.slots_size() == 0)
-    return absl::InvalidArgumentError("register: agent " + reg.host() +
-                                      " has no slots (no GPUs found and no --cpu-slots)");
-  std::lock_guard<std::mutex> lock(mu_);
-  AgentState& a = agents_[reg.agent_id()];
-  a.stored.agent.set_agent_id(reg.agent_id());
-  a.stored.agent.set_host(reg.host());
-  *a.stored.agent.mutable_slots() = reg.slots();
-  if (auto st = store_->PutAgent(a.stored); !st.ok()) return st;
-  a.link = std::move(link);
-  a.alive = true;
-  a.last_seen_ms = clock_->NowMs();
-  a.reported_running.assign(reg.running().begin(), reg.running().end());
-
-  v1::CoordinatorToAgent registered;
-  registered.mutable_registered()->set_heartbeat_interval_ms(options_.heartbeat_interval_ms);
-  for (const auto& r : reg.running()) {
+std::vector<v1::RunningRank> JobManager::UnwantedRanks(
+    const std::string& agent_id, const std::vector<v1::RunningRank>& running) {
+  std::vector<v1::RunningRank> unwanted;
+  for (const auto& r : running) {
     auto job = store_->GetJob(r.job_id());
     bool wanted = false;
     if (job.ok() && HoldsSlots(job->state()) && job->state() != v1::CANCELLING &&
         job->state() != v1::RESTARTING && job->attempt() == r.attempt()) {
       for (const auto& pl : job->placement())
-        if (pl.rank() == r.rank() && pl.agent_id() == reg.agent_id()) wanted = true;
+        if (pl.rank() == r.rank() && pl.agent_id() == agent_id) wanted = true;
     }
-    if (!wanted) *registered.mutable_registered()->add_stale() = r;
+    if (!wanted) unwanted.push_back(r);
   }
-  a.link->Send(registered);
-  v1::CoordinatorToAgent ack;
-  ack.mutable_ack()->set_agent_seq(a.stored.acked_seq);
-  a.link->Send(ack);
-
-  Pending p;
-  a.lost_check_seq = reg.last_agent_seq();
-  if (a.stored.acked_seq >= a.lost_check_seq) CheckLostRanks(&a, &p);
-  Flush(&p);
-  RefreshGaugesLocked();
-  return absl::OkStatus();
+  return unwanted;
 }
 
-void JobManager::CheckLostRanks(AgentState* agent, Pending* p) {
-  agent->lost_check_seq = -1;
-  const std::string& agent_id = agent->stored.agent.agent_id();
+std::vector<v1::RankPlacement> JobManager::SlotHolderPlacements() {
+  std::vector<v1::RankPlacement> out;
+  auto rows = ListSlotHolders();
+  if (!rows.ok()) return out;
+  for (const auto& [ord, job] : *rows)
+    for (const auto& pl : job.placement()) {
+      out.push_back(pl);
+      out.back().set_job_id(job.id());
+    }
+  return out;
+}
+
+void JobManager::CheckLostRanks(const std::string& agent_id,
+                                const std::vector<v1::RunningRank>& running) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Pending p;
   auto rows = ListSlotHolders();
   if (!rows.ok()) return;
   for (auto& [ord, job_row] : *rows) {
@@ -541,11 +472,11 @@ void JobManager::CheckLostRanks(AgentState* agent, Pending* p) {
         if (pl.agent_id() != agent_id) continue;
         const v1::RankStatus* rs = RankStatusOf(&job, pl.rank());
         if (rs == nullptr || rs->exited()) continue;
-        bool running = false;
-        for (const auto& r : agent->reported_running)
+        bool is_running = false;
+        for (const auto& r : running)
           if (r.job_id() == job.id() && r.attempt() == job.attempt() && r.rank() == pl.rank())
-            running = true;
-        if (running) continue;
+            is_running = true;
+        if (is_running) continue;
         if (!rs->started() && job.state() == v1::SCHEDULED) {
           // The assignment may never have reached the agent: send it again.
           auto* ra = resend.add_ranks();
@@ -560,8 +491,7 @@ void JobManager::CheckLostRanks(AgentState* agent, Pending* p) {
       }
       if (local.events.empty()) return absl::OkStatus();
       FTUNE_RETURN_IF_ERROR(store_->UpdateJob(job));
-      for (const auto& ev : local.events) FTUNE_RETURN_IF_ERROR(store_->AppendEvent(ev));
-      return absl::OkStatus();
+      return events_->Append(local.events);
     });
     if (!st.ok()) continue;
     if (resend.ranks_size() > 0) {
@@ -574,106 +504,54 @@ void JobManager::CheckLostRanks(AgentState* agent, Pending* p) {
       *msg.mutable_assign() = resend;
       local.outbox.emplace_back(agent_id, std::move(msg));
     }
-    p->Merge(std::move(local));
+    p.Merge(std::move(local));
   }
+  FlushAndReschedule(&p);
 }
 
-absl::StatusOr<int64_t> JobManager::IngestEvents(const std::string& agent_id,
-                                                 const v1::RankEventBatch& batch) {
+void JobManager::AgentsDead(const std::set<std::string>& dead) {
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = agents_.find(agent_id);
-  if (it == agents_.end())
-    return absl::FailedPreconditionError("agent " + agent_id + " sent events before registering");
-  AgentState& agent = it->second;
-  agent.last_seen_ms = clock_->NowMs();
-  int64_t acked = agent.stored.acked_seq;
   Pending p;
-  int stored = 0;
-  auto st = store_->Transaction([&]() -> absl::Status {
-    std::map<std::string, v1::Job> jobs;
-    for (const auto& ev : batch.events()) {
-      if (ev.agent_seq() <= acked) continue;  // a resend of something stored
-      acked = ev.agent_seq();
-      auto jit = jobs.find(ev.job_id());
-      if (jit == jobs.end()) {
-        auto job = store_->GetJob(ev.job_id());
-        if (!job.ok()) continue;  // a job this store never had: nothing to attach it to
-        jit = jobs.emplace(ev.job_id(), *job).first;
+  auto rows = ListSlotHolders();
+  if (!rows.ok()) return;
+  for (auto& [ord, row] : *rows) {
+    v1::Job job = row;
+    Pending local;
+    auto st = store_->Transaction([&]() -> absl::Status {
+      for (const auto& pl : job.placement()) {
+        if (!dead.count(pl.agent_id())) continue;
+        FTUNE_RETURN_IF_ERROR(RankExited(
+            &job, pl.rank(), -1,
+            "rank " + std::to_string(pl.rank()) + " lost: agent on " + pl.host() +
+                " sent no heartbeat for " + std::to_string(options_.agent_timeout_ms / 1000) + "s",
+            &local));
       }
-      FTUNE_RETURN_IF_ERROR(HandleRankEvent(&jit->second, agent, ev, &p));
-      ++stored;
-    }
-    for (const auto& [id, job] : jobs) FTUNE_RETURN_IF_ERROR(store_->UpdateJob(job));
-    for (const auto& ev : p.events) FTUNE_RETURN_IF_ERROR(store_->AppendEvent(ev));
-    if (acked != agent.stored.acked_seq)
-      FTUNE_RETURN_IF_ERROR(store_->SetAgentAck(agent_id, acked));
-    return absl::OkStatus();
-  });
-  if (!st.ok()) return st;
-  agent.stored.acked_seq = acked;
-  if (metrics_ && stored > 0) metrics_->EventsIngested(stored);
-  if (agent.lost_check_seq >= 0 && acked >= agent.lost_check_seq) CheckLostRanks(&agent, &p);
-  Flush(&p);
-  if (!p.ended_jobs.empty() || !p.restarted_jobs.empty()) {
-    Pending sched;
-    ScheduleLocked(&sched);
-    Flush(&sched);
+      if (local.events.empty()) return absl::OkStatus();
+      FTUNE_RETURN_IF_ERROR(store_->UpdateJob(job));
+      return events_->Append(local.events);
+    });
+    if (!st.ok()) continue;
+    p.Merge(std::move(local));
   }
-  return acked;
-}
-
-void JobManager::Heartbeat(const std::string& agent_id) {
-  std::lock_guard<std::mutex> lock(mu_);
-  auto it = agents_.find(agent_id);
-  if (it != agents_.end()) it->second.last_seen_ms = clock_->NowMs();
-}
-
-void JobManager::Rendezvous(const std::string& agent_id, const v1::RendezvousPublish& pub) {
-  std::lock_guard<std::mutex> lock(mu_);
-  auto job = store_->GetJob(pub.job_id());
-  if (!job.ok() || job->attempt() != pub.attempt() || IsTerminal(job->state())) return;
-  std::set<std::string> targets;
-  for (const auto& pl : job->placement()) targets.insert(pl.agent_id());
-  for (const auto& t : targets) {
-    auto it = agents_.find(t);
-    if (it == agents_.end() || !it->second.link) continue;
-    v1::CoordinatorToAgent msg;
-    *msg.mutable_rendezvous() = pub;
-    it->second.link->Send(msg);
-  }
-}
-
-void JobManager::AgentDisconnected(const std::string& agent_id, const AgentLink* link) {
-  std::lock_guard<std::mutex> lock(mu_);
-  auto it = agents_.find(agent_id);
-  if (it != agents_.end() && it->second.link.get() == link) it->second.link.reset();
+  FlushAndReschedule(&p);
 }
 
 // ---------------------------------------------------------------- scheduling
 
 std::vector<AgentView> JobManager::FleetLocked(bool include_used) {
-  std::vector<AgentView> out;
+  std::vector<AgentView> out = agents_->Fleet();
+  if (!include_used) return out;
   std::map<std::string, size_t> index;
-  for (const auto& [id, a] : agents_) {
-    AgentView v;
-    v.agent_id = id;
-    v.host = a.stored.agent.host();
-    v.alive = a.alive;
-    v.slots.assign(a.stored.agent.slots().begin(), a.stored.agent.slots().end());
-    index[id] = out.size();
-    out.push_back(std::move(v));
-  }
-  if (include_used) {
-    if (auto rows = ListSlotHolders(); rows.ok()) {
-      for (const auto& [ord, job] : *rows)
-        for (const auto& pl : job.placement()) {
-          bool exited = false;
-          for (const auto& r : job.ranks())
-            if (r.rank() == pl.rank()) exited = r.exited();
-          auto it = index.find(pl.agent_id());
-          if (!exited && it != index.end()) out[it->second].used.insert(pl.slot());
-        }
-    }
+  for (size_t i = 0; i < out.size(); ++i) index[out[i].agent_id] = i;
+  if (auto rows = ListSlotHolders(); rows.ok()) {
+    for (const auto& [ord, job] : *rows)
+      for (const auto& pl : job.placement()) {
+        bool exited = false;
+        for (const auto& r : job.ranks())
+          if (r.rank() == pl.rank()) exited = r.exited();
+        auto it = index.find(pl.agent_id());
+        if (!exited && it != index.end()) out[it->second].used.insert(pl.slot());
+      }
   }
   return out;
 }
@@ -718,7 +596,7 @@ void JobManager::ScheduleLocked(Pending* p) {
                                            " ranks on " + where,
                                        "", &local));
       FTUNE_RETURN_IF_ERROR(store_->UpdateJob(job));
-      for (const auto& ev : local.events) FTUNE_RETURN_IF_ERROR(store_->AppendEvent(ev));
+      FTUNE_RETURN_IF_ERROR(events_->Append(local.events));
       std::map<std::string, v1::Assignment> per_agent;
       for (const auto& pl : d.placement) {
         auto& as = per_agent[pl.agent_id()];
@@ -743,44 +621,28 @@ void JobManager::ScheduleLocked(Pending* p) {
   }
 }
 
-void JobManager::SweepLocked(Pending* p) {
-  const int64_t now = clock_->NowMs();
-  std::set<std::string> dead;
-  for (auto& [id, a] : agents_) {
-    if (a.alive && now - a.last_seen_ms > options_.agent_timeout_ms) {
-      a.alive = false;
-      a.link.reset();
-      dead.insert(id);
-    }
-  }
-  auto rows = ListSlotHolders();
-  if (!rows.ok()) return;
+void JobManager::ExpireCancelsLocked(Pending* p) {
+  const int64_t now = NowMs();
   const int64_t cancel_deadline_ms =
       2LL * options_.grace_seconds * 1000 + options_.agent_timeout_ms;
+  JobFilter f;
+  f.states = {v1::CANCELLING};
+  f.limit = 1 << 20;
+  auto rows = store_->ListJobs(f);
+  if (!rows.ok()) return;
   for (auto& [ord, row] : *rows) {
+    if (now - row.update_time_unix_ms() <= cancel_deadline_ms) continue;
     v1::Job job = row;
     Pending local;
     auto st = store_->Transaction([&]() -> absl::Status {
-      for (const auto& pl : job.placement()) {
-        if (!dead.count(pl.agent_id())) continue;
-        FTUNE_RETURN_IF_ERROR(RankExited(
-            &job, pl.rank(), -1,
-            "rank " + std::to_string(pl.rank()) + " lost: agent on " + pl.host() +
-                " sent no heartbeat for " + std::to_string(options_.agent_timeout_ms / 1000) + "s",
-            &local));
-      }
-      if (job.state() == v1::CANCELLING && now - job.update_time_unix_ms() > cancel_deadline_ms) {
-        for (auto& r : *job.mutable_ranks()) r.set_exited(true);
-        FTUNE_RETURN_IF_ERROR(Transition(&job, v1::CANCELLED,
-                                         "cancelled by user; some ranks did not confirm they "
-                                         "stopped within " +
-                                             std::to_string(cancel_deadline_ms / 1000) + "s",
-                                         "cancelled", &local));
-      }
-      if (local.events.empty()) return absl::OkStatus();
+      for (auto& r : *job.mutable_ranks()) r.set_exited(true);
+      FTUNE_RETURN_IF_ERROR(Transition(&job, v1::CANCELLED,
+                                       "cancelled by user; some ranks did not confirm they "
+                                       "stopped within " +
+                                           std::to_string(cancel_deadline_ms / 1000) + "s",
+                                       "cancelled", &local));
       FTUNE_RETURN_IF_ERROR(store_->UpdateJob(job));
-      for (const auto& ev : local.events) FTUNE_RETURN_IF_ERROR(store_->AppendEvent(ev));
-      return absl::OkStatus();
+      return events_->Append(local.events);
     });
     if (!st.ok()) continue;
     p->Merge(std::move(local));
@@ -790,7 +652,7 @@ void JobManager::SweepLocked(Pending* p) {
 void JobManager::Tick() {
   std::lock_guard<std::mutex> lock(mu_);
   Pending p;
-  SweepLocked(&p);
+  ExpireCancelsLocked(&p);
   Flush(&p);
   Pending sched;
   ScheduleLocked(&sched);
@@ -798,24 +660,30 @@ void JobManager::Tick() {
   RefreshGaugesLocked();
 }
 
+// ---------------------------------------------------------------- after commit
+
 void JobManager::Flush(Pending* p) {
-  if (!p->events.empty()) bus_->Publish(p->events);
-  for (auto& [agent_id, msg] : p->outbox) {
-    auto it = agents_.find(agent_id);
-    if (it != agents_.end() && it->second.link) it->second.link->Send(msg);
-  }
+  events_->Publish(p->events);
+  for (auto& [agent_id, msg] : p->outbox) agents_->Send(agent_id, msg);
   if (metrics_) {
-    for (const auto& e : p->events) {
-      if (e.has_step()) metrics_->Step(e.job_id(), e.rank(), e.step());
-      if (e.has_memory()) metrics_->Memory(e.job_id(), e.rank(), e.memory());
-      if (e.has_checkpoint() && e.checkpoint().complete() && e.rank() == 0)
-        metrics_->CheckpointSaved(e.job_id(), e.time_unix_ms());
-    }
     for (const auto& j : p->restarted_jobs) metrics_->Restarted(j);
     for (const auto& j : p->ended_jobs) metrics_->JobEnded(j);
   }
   p->events.clear();
   p->outbox.clear();
+}
+
+void JobManager::FlushAndReschedule(Pending* p) {
+  Flush(p);
+  if (p->ended_jobs.empty() && p->restarted_jobs.empty()) return;
+  Pending sched;
+  ScheduleLocked(&sched);
+  Flush(&sched);
+}
+
+void JobManager::RefreshGauges() {
+  std::lock_guard<std::mutex> lock(mu_);
+  RefreshGaugesLocked();
 }
 
 void JobManager::RefreshGaugesLocked() {

@@ -1,14 +1,48 @@
-// JobManager: all job and agent logic of the coordinator, free of gRPC.
+// JobManager: the jobs of the coordinator, free of gRPC.
 //
-// It is the only writer of job state. Each operation runs under one mutex:
-// load from the Store, apply the state machine (job_state.h), write back and
-// append events in ONE store transaction, then (after commit) publish the
-// events to the EventBus, update metrics, and queue messages to agents.
-// Nothing is published or sent for a change that did not commit.
+// The only writer of job rows. It validates and stores jobs, moves them
+// through the state machine, cancels them, restarts the gang of a failed
+// attempt from its latest complete checkpoint, and asks the Scheduler where
+// queued jobs go. The table of allowed transitions is job_state.h's; what
+// drives each one is here:
 //
-// Agents are reached through AgentLink, whose Send must not block (the
-// gRPC stream behind it drains a queue on its own thread). Time comes from
-// a Clock so tests drive heartbeats and timeouts by hand.
+//   QUEUED -> SCHEDULED -> RUNNING -> SUCCEEDED
+//     |          |           |  \--> FAILED
+//     |          |           \-----> RESTARTING -> QUEUED (next attempt)
+//     |          \-----------------> RESTARTING | FAILED | RUNNING
+//     \--> CANCELLED     SCHEDULED | RUNNING | RESTARTING -> CANCELLING -> CANCELLED
+//
+//   QUEUED -> SCHEDULED        the Scheduler placed every rank (after each
+//                              create, cancel, end or requeue, and each Tick)
+//   SCHEDULED -> RUNNING       every rank said hello
+//   SCHEDULED|RUNNING
+//     -> SUCCEEDED             every rank exited 0
+//     -> RESTARTING            a rank failed or was lost and restarts remain:
+//                              the rest of the gang is stopped
+//     -> FAILED                the same with no restarts left
+//   RESTARTING -> QUEUED       the whole gang exited: attempt + 1, resuming
+//                              from the latest complete checkpoint
+//   QUEUED -> CANCELLED        CancelJob
+//   live -> CANCELLING         CancelJob: ranks save a checkpoint and stop
+//   CANCELLING -> CANCELLED    every rank exited, or the cancel deadline
+//                              (2 x grace + agent timeout) passed
+//
+// Every change is one transaction: load from the Store, apply, write the job
+// back and append its events (EventManager::Append); after the commit, the
+// events are published (EventManager::Publish), messages go to agents
+// (AgentManager::Send) and metrics are updated. Nothing is published or sent
+// for a change that did not commit.
+//
+// It is also the job side of the other two managers: AgentListener (agents
+// registering, lost or dead) and RankEventHandler (what a rank event does to
+// its job).
+//
+// Locking: mu_ (the job lock) is held across every read-modify-write of job
+// rows, scheduling included. Lock order across the coordinator:
+// EventManager's ingest lock -> mu_ -> AgentManager's registry lock -> Store
+// and EventBus. Messages and publishing happen after commit, never inside a
+// store transaction. UnwantedRanks and SlotHolderPlacements read committed
+// rows without mu_ (the registry calls them under its own lock).
 //
 // Thread-safe: every public method may be called from any thread.
 #ifndef FTUNE_SERVER_JOB_MANAGER_H_
@@ -16,79 +50,47 @@
 
 #include <cstdint>
 #include <functional>
-#include <map>
-#include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "event_bus.h"
+#include "agent_manager.h"
+#include "event_manager.h"
+#include "ftune/clock.h"
 #include "ftune/v1/agent_service.pb.h"
 #include "ftune/v1/job_service.pb.h"
+#include "metrics_sink.h"
 #include "scheduler.h"
 #include "store.h"
 
 namespace ftune::server {
-
-class Clock {
- public:
-  virtual ~Clock() = default;
-  virtual int64_t NowMs() = 0;
-};
-
-class SystemClock : public Clock {
- public:
-  int64_t NowMs() override;
-};
-
-class AgentLink {
- public:
-  virtual ~AgentLink() = default;
-  // Queues a message for the agent; never blocks.
-  virtual void Send(const v1::CoordinatorToAgent& msg) = 0;
-};
-
-// What the manager reports to Prometheus (server/metrics.h implements it).
-class MetricsSink {
- public:
-  virtual ~MetricsSink() = default;
-  virtual void JobStates(const std::map<v1::JobState, int>& counts) = 0;
-  virtual void Fleet(int agents_alive, int agents_dead, int slots_free, int slots_used) = 0;
-  virtual void Step(const std::string& job_id, int rank, const v1::StepMetrics& m) = 0;
-  virtual void Memory(const std::string& job_id, int rank, const v1::MemoryStats& m) = 0;
-  virtual void CheckpointSaved(const std::string& job_id, int64_t time_ms) = 0;
-  virtual void Restarted(const std::string& job_id) = 0;
-  virtual void JobEnded(const std::string& job_id) = 0;
-  virtual void EventsIngested(int n) = 0;
-};
-
-struct ManagerOptions {
-  int64_t agent_timeout_ms = 15000;
-  int32_t heartbeat_interval_ms = 2000;
-  int32_t grace_seconds = 30;
-  // Per-rank peak device bytes of a (defaulted, valid) spec: the memory plan
-  // (main.cc wires worker/trainer's PlanMemory). An error (the model's
-  // config is not readable here) means "no plan": the job is scheduled on
-  // resources.min_gpu_memory alone. Unset: no plans.
-  std::function<absl::StatusOr<int64_t>(const v1::JobSpec&)> plan_device_bytes;
-};
 
 struct ListJobsResult {
   std::vector<v1::Job> jobs;
   std::string next_page_token;
 };
 
-class JobManager {
+class JobManager final : public AgentListener, public RankEventHandler {
  public:
-  JobManager(Store* store, Clock* clock, EventBus* bus, MetricsSink* metrics,
-             ManagerOptions options);
+  struct Options {
+    int32_t grace_seconds = 30;
+    // The agents' heartbeat timeout: part of the cancel deadline, and said
+    // when ranks are lost with their agent.
+    int64_t agent_timeout_ms = 15000;
+    // Per-rank peak device bytes of a (defaulted, valid) spec: the memory plan
+    // (main.cc wires worker/trainer's PlanMemory). An error (the model's
+    // config is not readable here) means "no plan": the job is scheduled on
+    // resources.min_gpu_memory alone. Unset: no plans.
+    std::function<absl::StatusOr<int64_t>(const v1::JobSpec&)> plan_device_bytes;
+  };
 
-  // Loads agents from the store (all disconnected; each gets a full timeout
-  // to reconnect) and refreshes gauges. Call once before serving.
-  absl::Status Recover();
+  // metrics may be null; agents and events must outlive this.
+  JobManager(Store* store, Clock* clock, MetricsSink* metrics, AgentManager* agents,
+             EventManager* events, Options options);
 
   // --- JobService
   absl::StatusOr<v1::Job> CreateJob(v1::JobSpec spec, const std::string& request_id);
@@ -96,36 +98,33 @@ class JobManager {
   absl::StatusOr<ListJobsResult> ListJobs(const v1::ListJobsRequest& request);
   absl::StatusOr<v1::Job> CancelJob(const std::string& job_id);
   absl::StatusOr<std::vector<v1::Checkpoint>> ListCheckpoints(const std::string& job_id);
-  std::vector<v1::Agent> ListAgents();
-  absl::StatusOr<std::vector<v1::JobEvent>> ReadEvents(const std::string& job_id,
-                                                       int64_t after_seq, int limit);
 
   // --- AgentService
-  absl::Status RegisterAgent(const v1::RegisterAgent& reg, std::shared_ptr<AgentLink> link);
-  // Stores a batch in one transaction; returns the agent's new ack seq.
-  absl::StatusOr<int64_t> IngestEvents(const std::string& agent_id,
-                                       const v1::RankEventBatch& batch);
-  void Heartbeat(const std::string& agent_id);
-  void Rendezvous(const std::string& agent_id, const v1::RendezvousPublish& publish);
-  // The agent's stream ended; only forgets `link` if it is still the current one.
-  void AgentDisconnected(const std::string& agent_id, const AgentLink* link);
+  // Relays a rank's rendezvous data to every agent of its job's current attempt.
+  void Rendezvous(const v1::RendezvousPublish& publish);
 
-  // Liveness, cancel deadlines, scheduling. Called periodically.
+  // Cancel deadlines, scheduling, gauges. Called periodically, after
+  // AgentManager::CheckLiveness.
   void Tick();
+  void RefreshGauges();
 
-  EventBus* bus() { return bus_; }
+  // --- AgentListener
+  std::vector<v1::RunningRank> UnwantedRanks(const std::string& agent_id,
+                                             const std::vector<v1::RunningRank>& running) override;
+  std::vector<v1::RankPlacement> SlotHolderPlacements() override;
+  void CheckLostRanks(const std::string& agent_id,
+                      const std::vector<v1::RunningRank>& running) override;
+  void AgentsDead(const std::set<std::string>& agent_ids) override;
+  void FleetChanged() override { RefreshGauges(); }
+
+  // --- RankEventHandler
+  absl::StatusOr<int> ApplyRankEvents(
+      std::vector<IngestedEvent> events,
+      const std::function<absl::Status()>& also_in_transaction) override;
 
  private:
-  struct AgentState {
-    StoredAgent stored;
-    std::shared_ptr<AgentLink> link;
-    bool alive = false;
-    int64_t last_seen_ms = 0;
-    // After a (re)register: check for lost ranks once events up to here are in.
-    int64_t lost_check_seq = -1;
-    std::vector<v1::RunningRank> reported_running;
-  };
   using Outbox = std::vector<std::pair<std::string, v1::CoordinatorToAgent>>;
+  // What a committed change still has to do.
   struct Pending {
     std::vector<v1::JobEvent> events;
     Outbox outbox;
@@ -134,14 +133,20 @@ class JobManager {
     void Merge(Pending&& other);
   };
 
-  // All below: mu_ held.
-  // Jobs whose ranks may hold slots (SCHEDULED, RUNNING, RESTARTING, CANCELLING).
+  // The one check of a submitted spec: defaults applied, then validated
+  // (proto/jobspec.h). INVALID_ARGUMENT listing every problem.
+  static absl::Status ValidateAndResolveSpec(v1::JobSpec* spec);
+
+  // Jobs whose ranks may hold slots (SCHEDULED, RUNNING, RESTARTING,
+  // CANCELLING). A read of committed rows: needs no lock.
   absl::StatusOr<std::vector<std::pair<int64_t, v1::Job>>> ListSlotHolders();
+
+  // All below: mu_ held.
   void AddEvent(v1::Job* job, v1::JobEvent event, Pending* p);
   absl::Status Transition(v1::Job* job, v1::JobState to, const std::string& reason,
                           const std::string& reason_code, Pending* p);
-  absl::Status HandleRankEvent(v1::Job* job, const AgentState& agent, const v1::RankEvent& ev,
-                               Pending* p);
+  absl::Status ApplyRankEvent(v1::Job* job, const v1::RankEvent& ev, v1::JobEvent je,
+                              Pending* p);
   absl::Status RankExited(v1::Job* job, int32_t rank, int32_t exit_code,
                           const std::string& failure, Pending* p);
   absl::Status FailAttempt(v1::Job* job, const std::string& why, const std::string& code,
@@ -149,20 +154,22 @@ class JobManager {
   absl::Status Requeue(v1::Job* job, Pending* p);
   void StopRanks(const v1::Job& job, bool save_checkpoint, const std::string& reason, Pending* p);
   bool AllExited(const v1::Job& job) const;
-  void CheckLostRanks(AgentState* agent, Pending* p);
+  void ExpireCancelsLocked(Pending* p);
   void ScheduleLocked(Pending* p);
-  void SweepLocked(Pending* p);
   std::vector<AgentView> FleetLocked(bool include_used);
   void Flush(Pending* p);  // publish, send, metrics: after commit
+  // Flush, then schedule when a job ended or was requeued (slots freed).
+  void FlushAndReschedule(Pending* p);
   void RefreshGaugesLocked();
+  int64_t NowMs() { return absl::ToUnixMillis(clock_->Now()); }
 
-  Store* store_;
-  Clock* clock_;
-  EventBus* bus_;
-  MetricsSink* metrics_;
-  ManagerOptions options_;
+  Store* const store_;
+  Clock* const clock_;
+  MetricsSink* const metrics_;
+  AgentManager* const agents_;
+  EventManager* const events_;
+  const Options options_;
   std::mutex mu_;
-  std::map<std::string, AgentState> agents_;
 };
 
 }  // namespace ftune::server

@@ -29,8 +29,13 @@ class RpcTimer {
 
 }  // namespace
 
-JobServiceImpl::JobServiceImpl(JobManager* manager, Metrics* metrics, std::string client_token)
-    : manager_(manager), metrics_(metrics), token_(std::move(client_token)) {}
+JobServiceImpl::JobServiceImpl(JobManager* jobs, AgentManager* agents, EventManager* events,
+                               Metrics* metrics, std::string client_token)
+    : jobs_(jobs),
+      agents_(agents),
+      events_(events),
+      metrics_(metrics),
+      token_(std::move(client_token)) {}
 
 #define FTUNE_AUTH()                                                   \
   if (auto auth = CheckBearer(*ctx, token_, "client"); !auth.ok()) return auth
@@ -39,7 +44,7 @@ grpc::Status JobServiceImpl::CreateJob(grpc::ServerContext* ctx, const v1::Creat
                                        v1::Job* resp) {
   RpcTimer t(metrics_, "CreateJob");
   FTUNE_AUTH();
-  auto job = manager_->CreateJob(req->spec(), req->request_id());
+  auto job = jobs_->CreateJob(req->spec(), req->request_id());
   if (!job.ok()) return ToGrpc(job.status());
   *resp = *job;
   return grpc::Status::OK;
@@ -49,7 +54,7 @@ grpc::Status JobServiceImpl::GetJob(grpc::ServerContext* ctx, const v1::GetJobRe
                                     v1::Job* resp) {
   RpcTimer t(metrics_, "GetJob");
   FTUNE_AUTH();
-  auto job = manager_->GetJob(req->job_id());
+  auto job = jobs_->GetJob(req->job_id());
   if (!job.ok()) return ToGrpc(job.status());
   *resp = *job;
   return grpc::Status::OK;
@@ -59,7 +64,7 @@ grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext* ctx, const v1::ListJo
                                       v1::ListJobsResponse* resp) {
   RpcTimer t(metrics_, "ListJobs");
   FTUNE_AUTH();
-  auto r = manager_->ListJobs(*req);
+  auto r = jobs_->ListJobs(*req);
   if (!r.ok()) return ToGrpc(r.status());
   for (auto& j : r->jobs) *resp->add_jobs() = std::move(j);
   resp->set_next_page_token(r->next_page_token);
@@ -70,7 +75,7 @@ grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext* ctx, const v1::Cance
                                        v1::Job* resp) {
   RpcTimer t(metrics_, "CancelJob");
   FTUNE_AUTH();
-  auto job = manager_->CancelJob(req->job_id());
+  auto job = jobs_->CancelJob(req->job_id());
   if (!job.ok()) return ToGrpc(job.status());
   *resp = *job;
   return grpc::Status::OK;
@@ -91,8 +96,13 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
   static constexpr int kPage = 256;
   static constexpr int kMaxBatch = 500;
 
-  WatchReactor(JobManager* manager, const v1::WatchJobRequest& req, const grpc::Status& auth)
-      : manager_(manager), job_id_(req.job_id()), follow_(req.follow()), last_(req.after_seq()) {
+  WatchReactor(JobManager* jobs, EventManager* events, const v1::WatchJobRequest& req,
+               const grpc::Status& auth)
+      : jobs_(jobs),
+        events_(events),
+        job_id_(req.job_id()),
+        follow_(req.follow()),
+        last_(req.after_seq()) {
     if (!auth.ok()) {
       finished_ = true;
       Finish(auth);
@@ -104,9 +114,9 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
       return;
     }
     // Subscribe before the first store read: see event_bus.h.
-    manager_->bus()->Subscribe(job_id_, this);
+    events_->bus()->Subscribe(job_id_, this);
     subscribed_ = true;
-    auto job = manager_->GetJob(job_id_);
+    auto job = jobs_->GetJob(job_id_);
     std::lock_guard<std::mutex> lock(mu_);
     if (!job.ok()) {
       FinishLocked(ToGrpc(job.status()));
@@ -141,7 +151,7 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
   }
 
   void OnDone() override {
-    if (subscribed_) manager_->bus()->Unsubscribe(job_id_, this);
+    if (subscribed_) events_->bus()->Unsubscribe(job_id_, this);
     delete this;
   }
 
@@ -161,7 +171,7 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
         continue;
       }
       if (catching_up_) {
-        auto page = manager_->ReadEvents(job_id_, last_, kPage);
+        auto page = events_->ReadEvents(job_id_, last_, kPage);
         if (!page.ok()) {
           FinishLocked(ToGrpc(page.status()));
           return nullptr;
@@ -215,7 +225,8 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
     Finish(status);
   }
 
-  JobManager* manager_;
+  JobManager* jobs_;
+  EventManager* events_;
   const std::string job_id_;
   const bool follow_;
   bool subscribed_ = false;
@@ -234,7 +245,7 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
 
 grpc::ServerWriteReactor<v1::WatchJobResponse>* JobServiceImpl::WatchJob(
     grpc::CallbackServerContext* ctx, const v1::WatchJobRequest* req) {
-  return new WatchReactor(manager_, *req, CheckBearer(*ctx, token_, "client"));
+  return new WatchReactor(jobs_, events_, *req, CheckBearer(*ctx, token_, "client"));
 }
 
 grpc::Status JobServiceImpl::ListCheckpoints(grpc::ServerContext* ctx,
@@ -242,7 +253,7 @@ grpc::Status JobServiceImpl::ListCheckpoints(grpc::ServerContext* ctx,
                                              v1::ListCheckpointsResponse* resp) {
   RpcTimer t(metrics_, "ListCheckpoints");
   FTUNE_AUTH();
-  auto r = manager_->ListCheckpoints(req->job_id());
+  auto r = jobs_->ListCheckpoints(req->job_id());
   if (!r.ok()) return ToGrpc(r.status());
   for (auto& c : *r) *resp->add_checkpoints() = std::move(c);
   return grpc::Status::OK;
@@ -253,7 +264,7 @@ grpc::Status JobServiceImpl::ListAgents(grpc::ServerContext* ctx,
                                         v1::ListAgentsResponse* resp) {
   RpcTimer t(metrics_, "ListAgents");
   FTUNE_AUTH();
-  for (auto& a : manager_->ListAgents()) *resp->add_agents() = std::move(a);
+  for (auto& a : agents_->ListAgents()) *resp->add_agents() = std::move(a);
   return grpc::Status::OK;
 }
 

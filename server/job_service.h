@@ -1,5 +1,6 @@
-// JobService: the public API. Handlers check the client token, call the
-// JobManager and translate its status; no logic lives here.
+// JobService: the public API. Handlers check the client token, call a
+// manager (jobs: JobManager; agents: AgentManager; WatchJob's stored and live
+// events: EventManager) and translate its status; no logic lives here.
 //
 // WatchJob uses gRPC's callback API (a ServerWriteReactor per watcher, no
 // thread per stream), so thousands of watchers cost queued writes, not
@@ -10,6 +11,8 @@
 #include <string>
 
 #include "ftune/v1/job_service.grpc.pb.h"
+#include "agent_manager.h"
+#include "event_manager.h"
 #include "job_manager.h"
 #include "metrics.h"
 
@@ -18,7 +21,9 @@ namespace ftune::server {
 class JobServiceImpl final
     : public v1::JobService::WithCallbackMethod_WatchJob<v1::JobService::Service> {
  public:
-  JobServiceImpl(JobManager* manager, Metrics* metrics, std::string client_token);
+  // metrics may be null; the managers must outlive the service.
+  JobServiceImpl(JobManager* jobs, AgentManager* agents, EventManager* events, Metrics* metrics,
+                 std::string client_token);
 
   grpc::Status CreateJob(grpc::ServerContext* ctx, const v1::CreateJobRequest* req,
                          v1::Job* resp) override;
@@ -36,7 +41,9 @@ class JobServiceImpl final
                           v1::ListAgentsResponse* resp) override;
 
  private:
-  JobManager* manager_;
+  JobManager* jobs_;
+  AgentManager* agents_;
+  EventManager* events_;
   Metrics* metrics_;
   std::string token_;
 };

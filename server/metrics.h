@@ -10,7 +10,7 @@
 #include <memory>
 #include <string>
 
-#include "job_manager.h"
+#include "metrics_sink.h"
 
 namespace prometheus {
 class Registry;

@@ -333,7 +333,9 @@ absl::Status Store::PruneCheckpoints(const std::string& job_id, int keep) {
 }
 
 absl::Status Store::PutAgent(const StoredAgent& a) {
-  FTUNE_PREPARE(st, "INSERT OR REPLACE INTO agents(agent_id, agent, acked_seq) VALUES(?,?,?)");
+  FTUNE_PREPARE(st,
+                "INSERT INTO agents(agent_id, agent, acked_seq) VALUES(?,?,?) "
+                "ON CONFLICT(agent_id) DO UPDATE SET agent=excluded.agent");
   const std::string blob = a.agent.SerializeAsString();
   sqlite3_bind_text(st, 1, a.agent.agent_id().c_str(), -1, SQLITE_TRANSIENT);
   sqlite3_bind_blob(st, 2, blob.data(), static_cast<int>(blob.size()), SQLITE_TRANSIENT);

@@ -7,8 +7,9 @@
 // point leaves either all or none of a state change on disk. The schema is
 // versioned; Open() applies the missing migrations in order.
 //
-// Thread-safety: a Store serializes all calls with an internal mutex; the
-// job manager additionally holds its own lock across read-modify-write.
+// Thread-safety: a Store serializes all calls with an internal mutex, held
+// across a Transaction; the managers hold their own locks across
+// read-modify-write and take them before this one (coordinator.h).
 #ifndef FTUNE_SERVER_STORE_H_
 #define FTUNE_SERVER_STORE_H_
 
@@ -79,6 +80,8 @@ class Store {
   absl::Status PruneCheckpoints(const std::string& job_id, int keep);
 
   // --- agents
+  // Inserts the agent; an existing row gets the new record but keeps its
+  // acked_seq, which only SetAgentAck moves (with the events it covers).
   absl::Status PutAgent(const StoredAgent& agent);
   absl::StatusOr<std::vector<StoredAgent>> ListAgents();
   absl::Status SetAgentAck(const std::string& agent_id, int64_t acked_seq);

@@ -155,13 +155,15 @@ inline std::string Status::ToString() const {
 
 }  // namespace ftune
 
-// Early return of a non-OK Status from a function returning Status or
-// Result<T>. Prefixed FTUNE_ so they never meet absl's or gRPC's macros in
+// Early return of a non-OK status from a function returning a status or a
+// result. Written against the shape both error types share (ok(),
+// status(), value()), so the same two macros serve ftune::Status/Result and,
+// in the control plane, absl::Status/StatusOr. Prefixed FTUNE_ so they never meet absl's or gRPC's macros in
 // a translation unit that includes both (tests, tools).
-#define FTUNE_RETURN_IF_ERROR(expr)             \
-  do {                                                  \
-    ::ftune::Status ftune_status_ = (expr);    \
-    if (!ftune_status_.ok()) return ftune_status_;      \
+#define FTUNE_RETURN_IF_ERROR(expr)                   \
+  do {                                                \
+    auto ftune_status_ = (expr);                      \
+    if (!ftune_status_.ok()) return ftune_status_;    \
   } while (false)
 
 #define FTUNE_CONCAT_INNER_(a, b) a##b

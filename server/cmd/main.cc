@@ -12,7 +12,7 @@
 
 #include "agent_service.h"
 #include "grpc_util.h"
-#include "job_manager.h"
+#include "coordinator.h"
 #include "job_service.h"
 #include "metrics.h"
 #include "store.h"
@@ -81,7 +81,6 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
-  SystemClock clock;
   EventBus bus;
   ManagerOptions opts;
   opts.agent_timeout_ms = static_cast<int64_t>(agent_timeout_s * 1000);
@@ -94,14 +93,16 @@ int main(int argc, char** argv) {
     if (!plan.ok()) return absl::NotFoundError(plan.status().ToString());
     return plan->device_peak_bytes;
   };
-  JobManager manager(store->get(), &clock, &bus, &metrics, opts);
-  if (auto st = manager.Recover(); !st.ok()) {
+  Coordinator coordinator(store->get(), ftune::RealClock(), &bus, &metrics, opts);
+  if (auto st = coordinator.Recover(); !st.ok()) {
     std::fprintf(stderr, "ftune-coordinator: recovering state: %s\n",
                  std::string(st.message()).c_str());
     return 1;
   }
-  JobServiceImpl job_service(&manager, &metrics, client_token);
-  AgentServiceImpl agent_service(&manager, agent_token);
+  JobServiceImpl job_service(&coordinator.jobs(), &coordinator.agents(), &coordinator.events(),
+                             &metrics, client_token);
+  AgentServiceImpl agent_service(&coordinator.agents(), &coordinator.events(), &coordinator.jobs(),
+                                 agent_token);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -137,7 +138,7 @@ int main(int argc, char** argv) {
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
   while (!g_stop) {
-    manager.Tick();
+    coordinator.Tick();
     std::this_thread::sleep_for(std::chrono::milliseconds(tick_ms));
   }
   std::printf("ftune-coordinator: shutting down\n");

@@ -1,17 +1,12 @@
-// JobManager driven by hand: fake clock, fake agent links, real SQLite store.
+// The coordinator's managers driven by hand, through the JobManager's eyes:
+// fake clock, fake agent links, real SQLite store.
 #include <gtest/gtest.h>
 
-#include "job_manager.h"
+#include "coordinator.h"
 #include "jobspec.h"
 
 namespace ftune::server {
 namespace {
-
-class FakeClock : public Clock {
- public:
-  int64_t NowMs() override { return now; }
-  int64_t now = 1700000000000;
-};
 
 class FakeLink : public AgentLink {
  public:
@@ -42,8 +37,12 @@ class JobManagerTest : public ::testing::Test {
     o.agent_timeout_ms = 10000;
     o.grace_seconds = 5;
     o.plan_device_bytes = plan_;
-    manager_ = std::make_unique<JobManager>(store_.get(), &clock_, &bus_, nullptr, o);
-    ASSERT_TRUE(manager_->Recover().ok());
+    coordinator_.reset();
+    coordinator_ = std::make_unique<Coordinator>(store_.get(), &clock_, &bus_, nullptr, o);
+    manager_ = &coordinator_->jobs();
+    agents_ = &coordinator_->agents();
+    events_ = &coordinator_->events();
+    ASSERT_TRUE(coordinator_->Recover().ok());
   }
   std::shared_ptr<FakeLink> Register(const std::string& id, int slots,
                                      std::vector<v1::RunningRank> running = {},
@@ -59,7 +58,7 @@ class JobManagerTest : public ::testing::Test {
     for (auto& r : running) *reg.add_running() = r;
     reg.set_last_agent_seq(last_seq);
     auto link = std::make_shared<FakeLink>();
-    EXPECT_TRUE(manager_->RegisterAgent(reg, link).ok());
+    EXPECT_TRUE(agents_->RegisterAgent(reg, link).ok());
     return link;
   }
   v1::JobSpec Spec(int ranks, int max_restarts = 2, int priority = 0) {
@@ -80,10 +79,10 @@ class JobManagerTest : public ::testing::Test {
     e->set_job_id(job);
     e->set_attempt(attempt);
     e->set_rank(rank);
-    e->set_time_unix_ms(clock_.now);
+    e->set_time_unix_ms(absl::ToUnixMillis(clock_.Now()));
     fill(e);
     last_batch_ = b;
-    auto acked = manager_->IngestEvents(agent, b);
+    auto acked = events_->IngestEvents(agent, b);
     EXPECT_TRUE(acked.ok()) << acked.status();
     return acked.ok() ? *acked : -1;
   }
@@ -108,7 +107,7 @@ class JobManagerTest : public ::testing::Test {
   }
   v1::Job Get(const std::string& id) { return *manager_->GetJob(id); }
   std::vector<v1::JobEvent> Events(const std::string& id) {
-    return *manager_->ReadEvents(id, 0, 100000);
+    return *events_->ReadEvents(id, 0, 100000);
   }
 
   // The coordinator's memory plan (main.cc wires PlanMemory); none by default.
@@ -116,7 +115,10 @@ class JobManagerTest : public ::testing::Test {
   FakeClock clock_;
   EventBus bus_;
   std::unique_ptr<Store> store_;
-  std::unique_ptr<JobManager> manager_;
+  std::unique_ptr<Coordinator> coordinator_;
+  JobManager* manager_ = nullptr;
+  AgentManager* agents_ = nullptr;
+  EventManager* events_ = nullptr;
   std::map<std::string, int64_t> seq_;
   v1::RankEventBatch last_batch_;
 };
@@ -220,7 +222,7 @@ TEST_F(JobManagerTest, ResentBatchIsStoredOnce) {
   auto job = manager_->CreateJob(Spec(1), "");
   Hello("a", job->id(), 0, 0);
   const size_t n = Events(job->id()).size();
-  auto acked = manager_->IngestEvents("a", last_batch_);  // the agent resends after a reconnect
+  auto acked = events_->IngestEvents("a", last_batch_);  // the agent resends after a reconnect
   ASSERT_TRUE(acked.ok());
   EXPECT_EQ(*acked, 1);
   EXPECT_EQ(Events(job->id()).size(), n);
@@ -265,15 +267,15 @@ TEST_F(JobManagerTest, DeadAgentFailsItsRanks) {
   Register("a", 1);
   const std::string id = manager_->CreateJob(Spec(1, /*max_restarts=*/0), "")->id();
   Hello("a", id, 0, 0);
-  clock_.now += 5000;
-  manager_->Tick();
+  clock_.Advance(absl::Seconds(5));
+  coordinator_->Tick();
   EXPECT_EQ(Get(id).state(), v1::RUNNING);
-  clock_.now += 20000;
-  manager_->Tick();
+  clock_.Advance(absl::Seconds(20));
+  coordinator_->Tick();
   v1::Job j = Get(id);
   EXPECT_EQ(j.state(), v1::FAILED);
   EXPECT_NE(j.state_reason().find("sent no heartbeat"), std::string::npos) << j.state_reason();
-  auto agents = manager_->ListAgents();
+  auto agents = agents_->ListAgents();
   ASSERT_EQ(agents.size(), 1u);
   EXPECT_FALSE(agents[0].alive());
 }
@@ -336,6 +338,38 @@ TEST_F(JobManagerTest, AgentRestartedWithoutItsRankMeansLost) {
   v1::Job j = Get(id);
   EXPECT_EQ(j.state(), v1::FAILED);
   EXPECT_NE(j.state_reason().find("was lost"), std::string::npos);
+}
+
+TEST_F(JobManagerTest, RanksNoJobWantsAreStaleWhenTheirAgentRegisters) {
+  Register("a", 2);
+  const std::string live = manager_->CreateJob(Spec(1), "")->id();
+  const std::string cancelled = manager_->CreateJob(Spec(1), "")->id();
+  Hello("a", live, 0, 0);
+  Hello("a", cancelled, 0, 0);
+  ASSERT_TRUE(manager_->CancelJob(cancelled).ok());
+  auto agents = agents_->ListAgents();
+  ASSERT_EQ(agents.size(), 1u);
+  ASSERT_EQ(agents[0].used_size(), 2);
+  EXPECT_EQ(agents[0].used(0).job_id(), live);
+
+  auto running = [](const std::string& job, int attempt) {
+    v1::RunningRank r;
+    r.set_job_id(job);
+    r.set_attempt(attempt);
+    r.set_rank(0);
+    return r;
+  };
+  auto link = Register("a", 2,
+                       {running(live, 0), running(live, 1), running(cancelled, 0),
+                        running("job-999999", 0)},
+                       seq_["a"]);
+  const auto& stale = link->sent[0].registered().stale();
+  ASSERT_EQ(stale.size(), 3);
+  EXPECT_EQ(stale[0].job_id(), live);  // an attempt that is not the job's
+  EXPECT_EQ(stale[0].attempt(), 1);
+  EXPECT_EQ(stale[1].job_id(), cancelled);  // stopping
+  EXPECT_EQ(stale[2].job_id(), "job-999999");  // unknown here
+  EXPECT_EQ(Get(live).state(), v1::RUNNING);
 }
 
 TEST_F(JobManagerTest, ExitSpooledWhileCoordinatorWasAwayIsNotALoss) {

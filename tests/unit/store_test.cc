@@ -59,6 +59,26 @@ TEST(Store, PersistsAcrossReopen) {
   EXPECT_EQ((*agents)[0].acked_seq, 7);
 }
 
+TEST(Store, PutAgentUpdatesTheRecordButNotTheAck) {
+  // Registration rewrites the agent's record; the ack moves only with the
+  // events it covers (SetAgentAck), whatever the registry last read.
+  auto s = Store::Open(":memory:");
+  ASSERT_TRUE(s.ok());
+  StoredAgent a;
+  a.agent.set_agent_id("ag");
+  a.agent.set_host("old-host");
+  a.acked_seq = 3;
+  ASSERT_TRUE((*s)->PutAgent(a).ok());
+  ASSERT_TRUE((*s)->SetAgentAck("ag", 9).ok());
+  a.agent.set_host("new-host");
+  ASSERT_TRUE((*s)->PutAgent(a).ok());
+  auto agents = (*s)->ListAgents();
+  ASSERT_TRUE(agents.ok());
+  ASSERT_EQ(agents->size(), 1u);
+  EXPECT_EQ((*agents)[0].agent.host(), "new-host");
+  EXPECT_EQ((*agents)[0].acked_seq, 9);
+}
+
 TEST(Store, FailedTransactionLeavesNothing) {
   auto s = Store::Open(":memory:");
   ASSERT_TRUE(s.ok());

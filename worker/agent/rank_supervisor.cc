@@ -81,15 +81,6 @@ struct RankSupervisor::Rank {
   std::string name() const { return Describe(job_id, attempt, rank); }
 };
 
-Clock* RealClock() {
-  class Real : public Clock {
-   public:
-    absl::Time Now() override { return absl::Now(); }
-  };
-  static Real* clock = new Real;
-  return clock;
-}
-
 RankSupervisor::RankSupervisor(Options options, std::vector<HostSlot> slots, Spool* spool,
                                ProcessLauncher* launcher, RendezvousSink sink)
     : options_(std::move(options)),

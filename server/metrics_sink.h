@@ -1,0 +1,35 @@
+// What the coordinator's managers report to Prometheus. server/metrics.h
+// implements it; tests pass null (every manager checks).
+//
+// EventManager reports what events say (steps, memory, checkpoints, how many
+// were ingested); JobManager reports what jobs do (state counts, fleet,
+// restarts, ends).
+//
+// Thread-safety: implementations must allow calls from any thread.
+#ifndef FTUNE_SERVER_METRICS_SINK_H_
+#define FTUNE_SERVER_METRICS_SINK_H_
+
+#include <cstdint>
+#include <map>
+#include <string>
+
+#include "ftune/v1/job_service.pb.h"
+
+namespace ftune::server {
+
+class MetricsSink {
+ public:
+  virtual ~MetricsSink() = default;
+  virtual void JobStates(const std::map<v1::JobState, int>& counts) = 0;
+  virtual void Fleet(int agents_alive, int agents_dead, int slots_free, int slots_used) = 0;
+  virtual void Step(const std::string& job_id, int rank, const v1::StepMetrics& m) = 0;
+  virtual void Memory(const std::string& job_id, int rank, const v1::MemoryStats& m) = 0;
+  virtual void CheckpointSaved(const std::string& job_id, int64_t time_ms) = 0;
+  virtual void Restarted(const std::string& job_id) = 0;
+  virtual void JobEnded(const std::string& job_id) = 0;
+  virtual void EventsIngested(int n) = 0;
+};
+
+}  // namespace ftune::server
+
+#endif  // FTUNE_SERVER_METRICS_SINK_H_
