@@ -158,8 +158,9 @@ inline std::string Status::ToString() const {
 // Early return of a non-OK status from a function returning a status or a
 // result. Written against the shape both error types share (ok(),
 // status(), value()), so the same two macros serve ftune::Status/Result and,
-// in the control plane, absl::Status/StatusOr. Prefixed FTUNE_ so they never meet absl's or gRPC's macros in
-// a translation unit that includes both (tests, tools).
+// in the control plane, absl::Status/StatusOr. Prefixed FTUNE_ so they
+// never meet absl's or gRPC's macros in a translation unit that includes
+// both (tests, tools).
 #define FTUNE_RETURN_IF_ERROR(expr)                   \
   do {                                                \
     auto ftune_status_ = (expr);                      \
