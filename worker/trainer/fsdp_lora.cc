@@ -49,6 +49,10 @@ Result<std::unique_ptr<ShardedLora>> ShardedLora::Create(LlamaModel* model,
   s->world_ = comm == nullptr ? 1 : comm->size();
   s->rank_ = comm == nullptr ? 0 : comm->rank();
   s->comm_device_ = CommDevice(comm, model->options().device);
+  // The option the units were given (LoadShardedModel's FsdpOptions).
+  const FsdpUnits* units = FsdpUnitsOf(*model);
+  s->offload_ = units != nullptr && units->options().offload_params;
+  s->pin_ = s->offload_ && model->options().device.is_cuda();
   s->clock_ = std::make_shared<internal::CollectiveClock>();
   for (const NamedTensor& p : model->LoraParameters()) {
     Entry e;
@@ -77,10 +81,8 @@ Result<std::unique_ptr<ShardedLora>> ShardedLora::Create(LlamaModel* model,
       s->params_[i].view(-1).copy_(dev.narrow(0, e.offset, e.numel));
     }
   }
-  s->shard_ = flat.narrow(0, s->shard_begin(), s->shard_numel_)
-                  .to(model->options().device)
-                  .clone()
-                  .detach();
+  const at::Tensor mine = flat.narrow(0, s->shard_begin(), s->shard_numel_);
+  s->shard_ = (s->offload_ ? s->HostCopy(mine) : mine.to(model->options().device).clone()).detach();
   s->shard_.set_requires_grad(true);
   if (s->world_ > 1) {
     // Spans: consecutive entries of the same decoder layer (PEFT names
@@ -202,6 +204,14 @@ Status ShardedLora::ReduceSpan(size_t index) {
   return st;
 }
 
+at::Tensor ShardedLora::HostCopy(const at::Tensor& t) const {
+  // Allocated here, not by t.cpu() or clone(): those give pageable memory.
+  at::Tensor host = at::empty(
+      t.sizes(), at::TensorOptions().dtype(at::kFloat).device(c10::kCPU).pinned_memory(pin_));
+  host.copy_(t);  // blocking: from a GPU it returns once the bytes are here
+  return host;
+}
+
 // The full flat vector (padded) of the adapters or of their gradients
 // (zeros where a gradient is undefined), on the communicator's device.
 Result<at::Tensor> ShardedLora::FullFlat(bool grads) const {
@@ -233,12 +243,13 @@ Status ShardedLora::ReduceGradients() {
       ComputeAfterLane(LaneFor(comm_, comm_device_), compute);
     }
 #endif
-    mine = acc_.to(shard_.device());
+    mine = offload_ ? HostCopy(acc_) : acc_.to(shard_.device());
     acc_ = at::zeros_like(acc_);
   } else {
     // One rank: the shard is the whole flat gradient.
     FTUNE_TRAINER_ASSIGN_OR_RETURN(at::Tensor flat, FullFlat(/*grads=*/true));
-    mine = flat.narrow(0, 0, shard_numel_).to(shard_.device());
+    mine = flat.narrow(0, 0, shard_numel_);
+    mine = offload_ ? HostCopy(mine) : mine.to(shard_.device());
   }
   c10::NoGradGuard no_grad;
   if (shard_.grad().defined()) {
@@ -293,6 +304,8 @@ Result<double> ShardedLora::ClipGradNorm(double max_norm) {
 
 Status ShardedLora::GatherParams() {
   c10::NoGradGuard no_grad;
+  // Offloaded: the host's updated shard to the communicator's device (a
+  // blocking copy, so the host may write the shard again right after).
   at::Tensor send = shard_.detach().to(comm_device_).contiguous();
   at::Tensor full;
   if (world_ == 1) {

@@ -18,6 +18,34 @@
 // gradient contribute zeros) and hands the shard gradient over. The
 // reductions are timed like the unit gathers (fsdp_units.h, "Timing").
 //
+// Offload (FsdpOptions::offload_params, read from the model's FsdpUnits:
+// the struct LoadShardedModel was given) means what torch FSDP's
+// CPUOffload(offload_params=True) means: the trainable state lives in host
+// memory and the optimizer runs there. Where each buffer lives (D = the
+// model's device; C = the communicator's: the host for Gloo, D for NCCL):
+//                                          offload off   offload on
+//   adapters, whole (fp32) + their grads   D             D
+//   a layer's span staged in backward      C             C
+//   reduced shard gradient (accumulator)   C             C
+//   shard (fp32 master parameters)         D             host, pinned
+//   shard().grad()                         D             host, pinned
+//   AdamW's exp_avg, exp_avg_sq            D             host
+//   GatherParams' send + gathered vector   C             C
+// (AdamW allocates its moments where the shard is. With one rank there are
+// no spans and no accumulator: ReduceGradients flattens the whole gradients
+// on C, then copies the shard's part.) With offload,
+// ReduceGradients copies the reduced shard gradient to the host,
+// ClipGradNorm / GradNorm and AdamW::Step run on the host, and GatherParams
+// copies the updated shard to C for the all-gather. Pinned (when D is a
+// GPU) are the buffers that cross to the device each step; the moments
+// never do, so they stay pageable. Both copies are blocking: the host reads
+// the gradient right away, and the device needs the shard right away, so
+// there is nothing to overlap. The accumulator stays on C: the reductions
+// land in it on the communicator's stream during backward, which a copy to
+// the host per layer would stall. A model without FsdpUnits
+// (LlamaModel::Load, a pre-quantized directory) keeps everything on D. On a
+// CPU model offload moves nothing (D is the host) but takes the same path.
+//
 // Thread-safety: one thread at a time (the rank's training thread; the
 // communicator's rule). The Communicator must outlive the ShardedLora, and
 // the model must outlive it too (its hooks point at the model's adapters).
@@ -50,11 +78,15 @@ class ShardedLora {
  public:
   // The model's adapters must be attached (FAILED_PRECONDITION otherwise);
   // rank 0's values are broadcast so every rank starts from the same ones.
-  // comm == nullptr: one rank.
+  // comm == nullptr: one rank. Offloads when the model's FsdpUnits have
+  // offload_params (see the file comment).
   static Result<std::unique_ptr<ShardedLora>> Create(LlamaModel* model, comm::Communicator* comm);
 
   at::Tensor shard() const { return shard_; }  // fp32 1-D leaf, what AdamW updates;
                                               // .grad() defined after ReduceGradients
+  // True when the shard, its gradient and the optimizer state are kept in
+  // host memory (FsdpOptions::offload_params), also on a CPU model.
+  bool offloaded() const { return offload_; }
   int64_t total_numel() const { return total_numel_; }
   int64_t shard_begin() const { return rank_ * shard_numel_; }
   int64_t shard_numel() const { return shard_numel_; }
@@ -97,6 +129,9 @@ class ShardedLora {
  private:
   ShardedLora() = default;
   Result<at::Tensor> FullFlat(bool grads) const;
+  // Offloading: a copy of `t` (fp32) in a new host buffer, pinned when the
+  // model is on a GPU; the copy has finished when it returns.
+  at::Tensor HostCopy(const at::Tensor& t) const;
   // A decoder layer's adapters: a span [begin, end) of the flat vector.
   struct Span {
     int64_t begin = 0, end = 0;
@@ -125,6 +160,8 @@ class ShardedLora {
   std::vector<Entry> layout_;
   std::vector<at::Tensor> params_;  // the model's LoRA tensors, layout() order
   at::Tensor shard_;
+  bool offload_ = false;  // FsdpOptions::offload_params of the model's units
+  bool pin_ = false;      // offloading from a GPU: host buffers that cross are pinned
   c10::Device comm_device_ = c10::Device(c10::DeviceType::CPU);
   std::shared_ptr<internal::CollectiveClock> clock_;
 };

@@ -24,7 +24,9 @@
 //
 // Where the shards live: on the communicator's device (the GPU for NCCL,
 // the host for Gloo), or with FsdpOptions::offload_params in host memory
-// (pinned when the model is on a GPU, so the copy in is asynchronous).
+// (pinned when the model is on a GPU, so the copy in is asynchronous). The
+// gathered units are always on the model's device. (The trainable state's
+// placement: fsdp_lora.h.)
 //
 // The gathered buffer holds each segment's world pieces back to back, so
 // each tensor's bytes are contiguous and the layers use views into it. A
@@ -83,11 +85,18 @@
 
 namespace ftune::trainer {
 
+// One struct for the whole of FSDP: LoadShardedModel hands it to the
+// FsdpUnits it installs, and ShardedLora::Create reads it back from them
+// (FsdpUnits::options), so the units and the LoRA state cannot disagree.
 struct FsdpOptions {
   bool reshard_after_forward = true;  // FULL_SHARD; false = SHARD_GRAD_OP (units stay gathered
                                       // from forward to backward)
-  bool offload_params = false;        // frozen shards kept in (pinned when CUDA) host memory,
-                                      // copied in before the gather
+  // torch FSDP's CPUOffload(offload_params=True): the frozen shards (copied
+  // in before each gather), and ShardedLora's flat LoRA shard, its gradient
+  // and the AdamW moments, live in host memory, pinned where they cross to
+  // a GPU; clipping and the optimizer step run on the host (fsdp_lora.h).
+  // On a CPU model nothing moves (everything already is on the host).
+  bool offload_params = false;
   // Gather the next unit while the current one computes. NCCL: on a second
   // CUDA stream. Gloo: on a background thread (collectives block their
   // thread), which pays only with spare cores: on a 2-core machine with 2
