@@ -14,6 +14,9 @@
 //   (e) a peer killed mid-load, before the forward or before the backward,
 //       or hung mid-load, makes the survivors' LoadShardedModel / forward /
 //       backward fail with the collective's error within the timeout;
+//   (f) with offload_params, ShardedLora takes the offloaded path (state in
+//       host memory, optimizer on the host) and, on CPU ranks where that
+//       moves nothing, trains bit for bit like without it;
 //   and ranks given different options are refused before any data moves.
 // The parent process never touches LibTorch (forking after LibTorch has
 // started its thread pools is unsafe); every rank computes its own 1-rank
@@ -438,6 +441,7 @@ TEST_P(FsdpTrainTest, ShardedStepEqualsOneRank) {
                     LoadShardedModel(dir, options, fsdp, shard_comm));
         FTUNE_RETURN_IF_ERROR(m->LoadAdapter(adapter));
         RANK_ASSIGN(std::unique_ptr<ShardedLora> lora, ShardedLora::Create(m.get(), shard_comm));
+        RANK_EXPECT(lora->offloaded() == tc.offload, "the units' offload_params did not reach it");
         RANK_EXPECT(lora->total_numel() == ref_grads.numel(), "total_numel");
         RANK_EXPECT(lora->shard_numel() * world >= lora->total_numel(), "shard_numel");
         RANK_EXPECT(lora->layout().size() == ref->LoraParameters().size(), "layout");
@@ -1074,6 +1078,113 @@ INSTANTIATE_TEST_SUITE_P(Points, FsdpKillTest,
                            }
                            return std::string("killed_before_forward");
                          });
+
+// ------------------------------------------------------------ (f) offload
+
+// Three steps (forward, backward, ReduceGradients, clipping, AdamW on the
+// shard, GatherParams) with FsdpOptions::offload_params on and off, rank r
+// taking rows r::W. On CPU ranks offload changes where nothing lives, only
+// the path: the results must be the same bits.
+class FsdpOffloadTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(FsdpOffloadTest, OffloadedLoraStateTrainsLikeTheDeviceOne) {
+  const int world = GetParam();
+  auto exits = RunRanks(
+      world,
+      [&](int rank, const std::string& store) -> Status {
+        std::unique_ptr<Communicator> comm;
+        FTUNE_RETURN_IF_ERROR(MakeGloo(rank, world, store, milliseconds(60000), &comm));
+        Communicator* shard_comm = world == 1 ? nullptr : comm.get();  // 1 rank: none at all
+        const std::string dir = Golden("llama2_tiny");
+        const std::string adapter = Golden("llama2_tiny_adapter");
+        ModelOptions options = DefaultModelOptions(c10::kCPU);
+        options.attention = AttentionImpl::kMath;
+        at::Generator gen = at::detail::createCPUGenerator(11);
+        const int64_t batch = 12, seq = 16;
+        at::Tensor ids = at::randint(0, 128, {batch, seq}, gen, at::TensorOptions().dtype(at::kLong));
+        at::Tensor labels = ids.clone();
+        labels.view(-1).slice(0, 0, labels.numel(), 7).fill_(-100);
+        const double global_tokens =
+            static_cast<double>(LlamaModel::CountLossTokens(labels, at::Tensor()));
+        const at::Tensor my_ids = ids.slice(0, rank, batch, world);
+        const at::Tensor my_labels = labels.slice(0, rank, batch, world);
+
+        struct Run {
+          std::vector<double> losses, norms;
+          at::Tensor adapters, shard, exp_avg, exp_avg_sq;
+        };
+        auto train = [&](bool offload) -> Result<Run> {
+          FsdpOptions fsdp;
+          fsdp.offload_params = offload;
+          RANK_ASSIGN(std::unique_ptr<LlamaModel> m,
+                      LoadShardedModel(dir, options, fsdp, shard_comm));
+          FTUNE_RETURN_IF_ERROR(m->LoadAdapter(adapter));
+          RANK_ASSIGN(std::unique_ptr<ShardedLora> lora, ShardedLora::Create(m.get(), shard_comm));
+          // The option reached ShardedLora through the units.
+          RANK_EXPECT(lora->offloaded() == offload,
+                      "offloaded() " + std::to_string(lora->offloaded()));
+          RANK_EXPECT(lora->shard().device().is_cpu(), "shard on " + lora->shard().device().str());
+          AdamWOptions adam;
+          adam.lr = 1e-2;
+          AdamW opt({lora->shard()}, adam);
+          Run run;
+          for (int step = 0; step < 3; ++step) {
+            LossOutput out = m->Loss(my_ids, at::Tensor(), my_labels, /*training=*/true);
+            at::Tensor loss = out.loss_sum / global_tokens;
+            loss.backward();
+            run.losses.push_back(loss.item<double>());
+            FTUNE_RETURN_IF_ERROR(lora->ReduceGradients());
+            RANK_EXPECT(lora->shard().grad().defined() && lora->shard().grad().device().is_cpu(),
+                        "the shard's gradient is not on the host");
+            RANK_ASSIGN(double norm, lora->GradNorm());
+            RANK_ASSIGN(double clipped, lora->ClipGradNorm(norm / 2));  // clipping active
+            run.norms.push_back(norm);
+            run.norms.push_back(clipped);
+            opt.Step(adam.lr);
+            RANK_EXPECT(opt.exp_avg(0).device().is_cpu() && opt.exp_avg_sq(0).device().is_cpu(),
+                        "AdamW's moments are not on the host");
+            opt.ZeroGrad();
+            FTUNE_RETURN_IF_ERROR(lora->GatherParams());
+          }
+          run.adapters = Flat(Params(*m)).clone();
+          run.shard = lora->shard().detach().clone();
+          run.exp_avg = opt.exp_avg(0).clone();
+          run.exp_avg_sq = opt.exp_avg_sq(0).clone();
+          return run;
+        };
+        RANK_ASSIGN(Run off, train(false));
+        RANK_ASSIGN(Run on, train(true));
+        RANK_EXPECT(off.losses.back() != off.losses.front(), "the steps changed nothing");
+        for (size_t i = 0; i < off.losses.size(); ++i) {
+          RANK_EXPECT(on.losses[i] == off.losses[i],
+                      "step " + std::to_string(i) + " loss " + std::to_string(on.losses[i]) +
+                          " offloaded vs " + std::to_string(off.losses[i]));
+        }
+        for (size_t i = 0; i < off.norms.size(); ++i) {
+          RANK_EXPECT(on.norms[i] == off.norms[i],
+                      "norm " + std::to_string(i) + ": " + std::to_string(on.norms[i]) +
+                          " offloaded vs " + std::to_string(off.norms[i]));
+        }
+        RANK_EXPECT(at::equal(on.adapters, off.adapters),
+                    "adapters differ by " +
+                        std::to_string(testing::MaxAbsDiff(on.adapters, off.adapters)));
+        RANK_EXPECT(at::equal(on.shard, off.shard), "shards differ");
+        RANK_EXPECT(at::equal(on.exp_avg, off.exp_avg) && at::equal(on.exp_avg_sq, off.exp_avg_sq),
+                    "AdamW moments differ");
+        if (rank == 0) {
+          std::printf("%d ranks, 3 steps: losses %.9g %.9g %.9g bit-equal with and without "
+                      "offload, as are the adapters, shard and AdamW moments\n",
+                      world, on.losses[0], on.losses[1], on.losses[2]);
+        }
+        return OkStatus();
+      },
+      milliseconds(300000));
+  ASSERT_TRUE(AllOk(exits, world)) << Report(exits);
+  std::printf("%s", exits[0].output.c_str());
+}
+
+INSTANTIATE_TEST_SUITE_P(Ranks, FsdpOffloadTest, ::testing::Values(1, 2, 3),
+                         [](const auto& info) { return std::to_string(info.param) + "ranks"; });
 
 }  // namespace
 }  // namespace ftune::trainer

@@ -1,5 +1,5 @@
 // Streams and clocks of the FSDP collectives (internal to ftune_fsdp; see
-// fsdp.h, "Timing" and the NCCL prefetch):
+// fsdp_units.h, "Timing" and the NCCL prefetch):
 //   CurrentStream   where tensor work of a device is enqueued;
 //   CommLane        the one CUDA stream a communicator's background
 //                   collectives use (FSDP prefetch, LoRA reductions), with the
@@ -17,7 +17,6 @@
 #include <map>
 
 #include "worker/comm/communicator.h"
-#include "worker/trainer/fsdp.h"
 
 #if FTUNE_FSDP_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -25,6 +24,12 @@
 #endif
 
 namespace ftune::trainer::internal {
+
+#if FTUNE_FSDP_CUDA
+inline constexpr bool kCudaStreams = true;
+#else
+inline constexpr bool kCudaStreams = false;
+#endif
 
 // c10's current CUDA stream for a GPU device, none (nullptr) otherwise.
 // (A CUDA handle may be nullptr too: the legacy default stream.)
