@@ -123,7 +123,6 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
   lora *= L;
   const int64_t lora_full = lora * 4;                  // fp32 adapters
   const int64_t lora_shard = CeilDiv(lora, w) * 4;     // one fp32 shard-sized vector
-  const int64_t optimizer = 4 * lora_shard;            // shard, its grad, exp_avg, exp_avg_sq
   // At the device peak (backward, or the loss) the shard's gradient does not
   // exist yet: ReduceGradients makes it after backward, ZeroGrad drops it.
   const int64_t optimizer_at_peak = 3 * lora_shard;
@@ -190,6 +189,10 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
                  o.activation_checkpointing ? checkpoints : L * saved});
   dev.push_back({"LoRA adapters (whole) + their grads", 2 * lora_full});
   if (!o.offload_params) dev.push_back({"LoRA shard + AdamW moments", optimizer_at_peak});
+  // With several ranks each layer's reduced gradient span is added into a
+  // shard-sized accumulator on the communicator's device during backward
+  // (kept there with offload too: a host copy per layer would sync).
+  if (w > 1) dev.push_back({"reduced LoRA gradient accumulator", lora_shard});
   int64_t allocated = 0;
   for (const auto& it : dev) allocated += it.second;
   // What the caching allocator holds beyond the live tensors. With the NCCL
@@ -224,12 +227,14 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
   // Pinned host memory measured 10% above the tensors it holds (70B on 2
   // H200s: 23.45 GiB RSS for 19.94 GiB of shards and optimizer state).
   const int64_t pinned_frozen = static_cast<int64_t>(frozen * 1.1);
-  const int64_t pinned_optimizer = static_cast<int64_t>(optimizer * 1.1);
+  // Of the offloaded LoRA state the shard and its gradient cross to the
+  // device and are pinned; the AdamW moments stay plain host memory.
+  const int64_t pinned_optimizer = static_cast<int64_t>(2 * lora_shard * 1.1) + 2 * lora_shard;
   plan.loading_host_peak_bytes = o.host_runtime_bytes + (w > 1 ? o.nccl_host_bytes : 0) +
                                  read_part + (o.offload_params ? pinned_frozen : 0);
   if (o.offload_params) {
     host.push_back({"offloaded frozen shards (pinned)", pinned_frozen});
-    host.push_back({"offloaded LoRA shard + grad + AdamW moments (pinned)", pinned_optimizer});
+    host.push_back({"offloaded LoRA shard + grad (pinned) + AdamW moments", pinned_optimizer});
   }
   if (read_part > 0) host.push_back({"loading: one tensor's share in the file dtype", read_part});
   int64_t total_host = 0;
