@@ -14,31 +14,6 @@
 #include <utility>
 
 namespace ftune {
-namespace {
-
-std::string DirName(const std::string& path) {
-  const size_t slash = path.find_last_of('/');
-  if (slash == std::string::npos) return ".";
-  if (slash == 0) return "/";
-  return path.substr(0, slash);
-}
-
-// Makes a completed rename durable: without the directory fsync a crash can
-// leave the old directory entry in place although the data blocks are on
-// disk.
-Status FsyncDirectory(const std::string& dir) {
-  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) {
-    return InternalError(dir + ": cannot open directory to fsync: " + ErrnoMessage(errno));
-  }
-  const int rc = ::fsync(fd);
-  const int err = errno;
-  ::close(fd);
-  if (rc != 0) return InternalError(dir + ": fsync of directory failed: " + ErrnoMessage(err));
-  return OkStatus();
-}
-
-}  // namespace
 
 std::string ErrnoMessage(int err) {
   char buf[256];
@@ -173,7 +148,7 @@ Status AtomicFileWriter::Commit() {
   }
   tmp_path_.clear();
   committed_ = true;
-  return FsyncDirectory(DirName(path_));
+  return FsyncDirectory(Dirname(path_));
 }
 
 Status WriteFileAtomically(const std::string& path, std::string_view contents) {
@@ -266,6 +241,9 @@ int64_t ProcStatusBytes(const char* key) {
 int64_t CurrentRssBytes() { return ProcStatusBytes("VmRSS:"); }
 int64_t PeakRssBytes() { return ProcStatusBytes("VmHWM:"); }
 
+// Makes a completed rename durable: without the directory fsync a crash can
+// leave the old directory entry in place although the data blocks are on
+// disk.
 Status FsyncDirectory(const std::string& dir) {
   const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) return InternalError("cannot open directory " + dir + ": " + ErrnoMessage(errno));
