@@ -146,7 +146,7 @@ TEST(MemoryPlanTest, Llama70BOnTheIssuesThreeFleets) {
                 k.name, p->FitsDevice(k.device_bytes) ? "fits" : "DOES NOT FIT",
                 p->ToString().c_str());
   }
-  // What people run (REFERENCE.md): 2 x 24 GB with offload, 4 x 24 GB, 2 x
+  // What people run with QLoRA + FSDP: 2 x 24 GB with offload, 4 x 24 GB, 2 x
   // 80 GB all fit; 2 x 24 GB without offload cannot hold ~20 GiB of shards
   // plus the working set.
   EXPECT_TRUE(PlanMemory(c, Fleet(2, true)).value().FitsDevice(24 * kGiB));

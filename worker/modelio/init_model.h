@@ -112,7 +112,7 @@ const std::vector<std::string>& InitModelPresets();
 //   tiny:        hidden 256, 4 layers, 8 heads (head_dim 32), 4 kv heads,
 //                intermediate 688, rope_theta 500000, max positions 8192,
 //                rms_norm_eps 1e-5, untied, bf16; vocab = tokenizer's.
-//   llama3-8b:   Meta-Llama-3-8B (REFERENCE.md), max positions 8192;
+//   llama3-8b:   Meta-Llama-3-8B (its config.json), max positions 8192;
 //   llama3.1-8b: the same with llama3 rope_scaling (factor 8, low 1,
 //                high 4, original 8192) and 131072 positions;
 //   llama3-70b, llama3.1-70b: likewise for 70B.

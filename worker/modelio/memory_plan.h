@@ -1,6 +1,6 @@
 // PlanMemory: per-rank peak device and host memory of an FSDP + QLoRA job,
-// predicted from the model shape and the job's options (issue 4, `ftune
-// plan`). Pure arithmetic, no LibTorch, so the coordinator can place and
+// predicted from the model shape and the job's options (`ftune-rank
+// plan`; the options come from RunConfig, worker/config/run_config.h). Pure arithmetic, no LibTorch, so the coordinator can place and
 // refuse jobs with it.
 //
 // What it counts, per rank (world W), mirroring fsdp.h and model.h:

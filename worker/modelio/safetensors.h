@@ -1,6 +1,6 @@
 // ftune's own safetensors reader and writer (no LibTorch).
 //
-// Format (REFERENCE.md): u64 little-endian N, N bytes of UTF-8 JSON header,
+// Format (the safetensors specification): u64 little-endian N, N bytes of UTF-8 JSON header,
 // then the data buffer. The header maps tensor names to
 // {"dtype", "shape", "data_offsets": [begin, end]} (offsets relative to the
 // data buffer) plus an optional "__metadata__" map of strings.
@@ -31,7 +31,7 @@
 //   "DATA_LOSS: /m/model.safetensors: tensor 'lm_head.weight': data_offsets
 //    [0, 100] hold 100 bytes but BF16 x [128, 64] needs 16384 bytes".
 //
-// Reading slices (the FSDP loading path, issue 4): ReadRange/ReadElements copy
+// Reading slices (the FSDP loading path): ReadRange/ReadElements copy
 // a byte range of one tensor with pread(2), so only the pages of that range
 // are read from disk and none are mapped into this process; Data/DataRange
 // give zero-copy views into a read-only mmap of the file, whose pages are

@@ -1,7 +1,7 @@
 // A frozen linear layer whose weight is stored in NF4, as bitsandbytes'
 // Linear4bit stores it (load_in_4bit), and dequantized on the fly.
 //
-// Storage (REFERENCE.md, "NF4"): the row-major flattened weight (out, in) in
+// Storage (bitsandbytes' Linear4bit layout): the row-major flattened weight (out, in) in
 // blocks of `blocksize`; packed codes, two per byte (element 2j in the high
 // nibble), and one absmax per block. With double quantization (bitsandbytes'
 // bnb_4bit_use_double_quant, QLoRA's default) the absmax values are
