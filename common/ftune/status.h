@@ -1,7 +1,7 @@
 // Status and Result<T>: the error type of the worker-side modules (trainer,
-// collectives, data pipeline), which must build on GPU hosts without abseil
-// (ARCHITECTURE.md). One type for all of them, so errors cross module
-// boundaries unchanged. Codes and their text follow absl/gRPC canonical
+// collectives, data pipeline), which must build on GPU hosts that have no
+// abseil (docs/architecture.md). One type for all of them, so errors cross
+// module boundaries unchanged. Codes and their text follow absl/gRPC canonical
 // codes. The control plane uses absl::Status instead.
 //
 // Thread-safety: values; no shared state.

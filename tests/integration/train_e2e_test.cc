@@ -1,4 +1,4 @@
-// Issue 6: real fine-tunes through the whole system on CPU. A coordinator,
+// Real fine-tunes through the whole system on CPU. A coordinator,
 // agents with CPU slots and the real ftune-rank (NF4 + LoRA + FSDP over
 // Gloo) train a tiny random Llama written by `ftune-rank init-model` on the
 // examples/ instruction dataset, and the failure cases of the control plane

@@ -1,7 +1,8 @@
 // `ftune-rank score` on CUDA (label gpu; skipped without a CUDA device): fp32
 // on the GPU must meet the CPU bound against the golden logits, and the
-// command's own CUDA mode (bf16, the precision policy) must give the
-// peft loss within the bf16 loss tolerance model_cuda_test uses.
+// command's own CUDA mode (bf16 weights and activations, the engine's default
+// on CUDA: DefaultModelOptions) must give the peft loss within the bf16 loss
+// tolerance model_cuda_test uses.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <gtest/gtest.h>

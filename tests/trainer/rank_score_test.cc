@@ -28,7 +28,7 @@ using testing::GoldenDir;
 using testing::GoldenFile;
 using testing::LoadGoldenModel;
 
-constexpr double kLogProbAbs = 1e-4;  // the logits bound, per token
+constexpr double kLogProbAbs = 1e-4;  // model_golden_test's logits bound, per token
 constexpr double kLossRel = 1e-4;
 
 std::vector<int64_t> Row(const at::Tensor& t) {

@@ -1,4 +1,4 @@
-// The training loop over FSDP ranks (issue 4, "Evidence", CPU/Gloo part):
+// The training loop over FSDP ranks, on CPU ranks over Gloo:
 // 2, 3 and 4 ranks train like 1 rank with the same global batch; resuming
 // from a checkpoint reproduces the uninterrupted run (exactly with the same
 // ranks, to rounding with others); a rank that dies makes the others fail
