@@ -658,6 +658,45 @@ TEST_F(CliIntegrationTest, CoordinatorFromEnvironmentAndUnreachableCoordinator) 
   EXPECT_EQ(Lines(r.err).size(), 1u);
 }
 
+// The first word of each line of the "Subcommands:" section of a help text.
+std::vector<std::string> ListedSubcommands(const std::string& help) {
+  std::vector<std::string> names;
+  bool in_section = false;
+  for (const std::string& line : Lines(help)) {
+    if (line.rfind("Subcommands:", 0) == 0) {
+      in_section = true;
+      continue;
+    }
+    if (!in_section) continue;
+    if (line.empty() || line[0] != ' ') break;  // the next section
+    std::istringstream words(line);
+    std::string name;
+    if (words >> name) names.push_back(name);
+  }
+  return names;
+}
+
+TEST(CliHelpTest, HelpListsDataAmongTheSubcommands) {
+  const Result r = RunFtune({"--help"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(ListedSubcommands(r.out),
+              ::testing::ElementsAre("submit", "jobs", "describe", "watch", "cancel", "wait",
+                                     "checkpoints", "agents", "data"))
+      << r.out;
+
+  // `ftune data --help` is the data tools' own help, not the list above.
+  const Result data = RunFtune({"data", "--help"});
+#ifdef FTUNE_CLI_HAS_DATA
+  EXPECT_EQ(data.exit_code, 0) << data.err;
+  EXPECT_THAT(ListedSubcommands(data.out),
+              ::testing::ElementsAre("tokenize", "detokenize", "prepare", "inspect"))
+      << data.out;
+#else
+  EXPECT_EQ(data.exit_code, 2);
+  EXPECT_THAT(data.err, HasSubstr("`ftune data` is not part of this build"));
+#endif
+}
+
 }  // namespace
 }  // namespace ftune
 
