@@ -1,7 +1,6 @@
 // Command-line handling of `ftune`: what each command line means, which
 // ones are usage errors (exit 2), and checks that happen before any RPC.
 #include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <regex>
 #include <set>
@@ -11,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include "cli/commands.h"
+#include "temp_dir.h"
 
 namespace ftune::cli {
 namespace {
@@ -217,20 +217,13 @@ class CliRunTest : public CliArgsTest {
   }
 
   std::string Write(const std::string& name, const std::string& text) {
-    const auto path = std::filesystem::temp_directory_path() /
-                      ("ftune_cli_args_" + std::to_string(getpid()) + "_" + name);
+    const std::string path = dir_.path() + "/" + name;
     std::ofstream(path) << text;
-    files_.push_back(path);
-    return path.string();
-  }
-
-  void TearDown() override {
-    for (const auto& f : files_) std::filesystem::remove(f);
-    CliArgsTest::TearDown();
+    return path;
   }
 
   std::ostringstream out_, err_;
-  std::vector<std::filesystem::path> files_;
+  testutil::TempDir dir_{"ftune_cli_args_test"};
   DataCommand data_;
 };
 

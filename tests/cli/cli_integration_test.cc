@@ -25,6 +25,7 @@
 #include <nlohmann/json.hpp>
 
 #include "fake_job_service.h"
+#include "temp_dir.h"
 
 namespace ftune {
 namespace {
@@ -206,13 +207,6 @@ std::vector<v1::JobEvent> SucceededRun(const std::string& job_id) {
 
 class CliIntegrationTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    dir_ = std::filesystem::temp_directory_path() /
-           ("ftune_cli_test_" + std::to_string(getpid()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    std::filesystem::create_directories(dir_);
-  }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
 
   std::string WriteFile(const std::string& name, const std::string& contents) {
     const std::string path = (dir_ / name).string();
@@ -237,7 +231,8 @@ class CliIntegrationTest : public ::testing::Test {
     return args;
   }
 
-  std::filesystem::path dir_;
+  testutil::TempDir tmp_{"ftune_cli_test"};
+  const std::filesystem::path dir_{tmp_.path()};
   FakeCoordinator fake_;
 };
 
@@ -712,9 +707,8 @@ std::string ReadAll(const std::filesystem::path& path) {
 
 // TLS: a self-signed certificate for 127.0.0.1 made with the openssl tool.
 TEST(CliTlsIntegrationTest, TlsCaConnectsOverTlsAndPlaintextDoesNot) {
-  const std::filesystem::path dir = std::filesystem::temp_directory_path() /
-                                    ("ftune_cli_tls_" + std::to_string(getpid()));
-  std::filesystem::create_directories(dir);
+  testutil::TempDir tmp("ftune_cli_tls");
+  const std::filesystem::path dir = tmp.path();
   const std::string key = (dir / "key.pem").string();
   const std::string cert = (dir / "cert.pem").string();
   const std::string cmd =
@@ -722,7 +716,6 @@ TEST(CliTlsIntegrationTest, TlsCaConnectsOverTlsAndPlaintextDoesNot) {
       "-addext subjectAltName=IP:127.0.0.1 -keyout " + key + " -out " + cert +
       " >/dev/null 2>&1";
   if (std::system(cmd.c_str()) != 0) {
-    std::filesystem::remove_all(dir);
     GTEST_SKIP() << "the openssl tool is not available to make a test certificate";
   }
   grpc::SslServerCredentialsOptions ssl;
@@ -736,7 +729,6 @@ TEST(CliTlsIntegrationTest, TlsCaConnectsOverTlsAndPlaintextDoesNot) {
   r = RunFtune({"--coordinator", fake.address(), "agents"});
   EXPECT_EQ(r.exit_code, 4);
   EXPECT_THAT(r.err, HasSubstr("cannot reach coordinator at " + fake.address()));
-  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "model_test_util.h"
+#include "temp_dir.h"
 #include "worker/trainer/score.h"
 #include "worker/trainer/torch_compat.h"
 
@@ -76,8 +77,7 @@ TEST_P(CudaScoreTest, Bf16CommandMatchesThePeftLoss) {
   o.model_dir = GoldenDir() + "/" + GetParam();
   o.adapter_dir = o.model_dir + "_adapter";
   o.device = "cuda";
-  o.tokens_path = ::testing::TempDir() + "/rank_score_cuda_test_" + std::to_string(getpid()) +
-                  "_" + GetParam() + ".jsonl";
+  o.tokens_path = testutil::SharedTempDir("rank_score_cuda_test") + "/" + GetParam() + ".jsonl";
   {
     std::ofstream f(o.tokens_path);
     for (int64_t b = 0; b < ids.size(0); ++b) {
