@@ -462,6 +462,17 @@ std::optional<int> ParseCommandLine(const std::vector<std::string>& args, Invoca
   job_arg(subcommand("checkpoints", "List a job's checkpoints", Command::kCheckpoints));
   subcommand("agents", "List host agents and their slots", Command::kAgents);
 
+  // `ftune data` has its own parser (cli/data_commands.cc): everything after
+  // `data`, --help included, is handed to it unparsed.
+  CLI::App* data = app.add_subcommand(
+      "data", "Local data tools, no coordinator: tokenize, detokenize, prepare, inspect");
+  data->prefix_command();
+  data->set_help_flag();
+  data->callback([inv, data] {
+    inv->command = Command::kData;
+    inv->data_args = data->remaining();
+  });
+
   std::vector<const char*> argv;
   for (const std::string& a : args) argv.push_back(a.c_str());
   try {
@@ -507,6 +518,14 @@ std::optional<int> ParseCommandLine(const std::vector<std::string>& args, Invoca
 }
 
 int RunCommand(const Invocation& inv, const Environment& env) {
+  if (inv.command == Command::kData) {
+    if (!env.data) {
+      *env.err << "ftune: `ftune data` is not part of this build (it needs PCRE2 and "
+                  "nlohmann-json when ftune is built)\n";
+      return kExitUsage;
+    }
+    return env.data(inv.data_args);
+  }
   // A bad spec is reported before anything touches the network: a typo
   // should not depend on the coordinator being up.
   v1::JobSpec spec;
@@ -537,15 +556,19 @@ int RunCommand(const Invocation& inv, const Environment& env) {
       return RunCheckpoints(client, inv, env);
     case Command::kAgents:
       return RunAgents(client, inv, env);
+    case Command::kData:
+      break;  // handled above
   }
   return kExitUsage;
 }
 
-int Main(int argc, char** argv) {
+int Main(int argc, char** argv, DataCommand data) {
   std::vector<std::string> args(argv, argv + argc);
   Invocation inv;
   if (std::optional<int> code = ParseCommandLine(args, &inv, std::cout, std::cerr)) return *code;
-  return RunCommand(inv, SystemEnvironment());
+  Environment env = SystemEnvironment();
+  env.data = std::move(data);
+  return RunCommand(inv, env);
 }
 
 }  // namespace ftune::cli

@@ -1,6 +1,8 @@
 // The `ftune` commands: command-line parsing and one function per command,
 // each mapping to one JobService RPC (plus GetJob where a command must learn
-// how a job ended).
+// how a job ended). `ftune data ...` is listed and parsed here like the
+// others but runs locally (cli/data_commands.h), through Environment::data,
+// because those tools need worker/data, which only the binary links.
 //
 // Parsing and running are split so tests can check what a command line means
 // without a coordinator, and so main.cc only hands argv over. Commands write
@@ -41,7 +43,17 @@ inline constexpr int kExitRpcError = 4;
 // How long a follower keeps reconnecting without ever getting a stream.
 inline constexpr std::chrono::seconds kReconnectWindow{60};
 
-enum class Command { kSubmit, kJobs, kDescribe, kWatch, kCancel, kWait, kCheckpoints, kAgents };
+enum class Command {
+  kSubmit,
+  kJobs,
+  kDescribe,
+  kWatch,
+  kCancel,
+  kWait,
+  kCheckpoints,
+  kAgents,
+  kData,
+};
 
 enum class OutputFormat { kText, kJson };
 
@@ -64,7 +76,13 @@ struct Invocation {
   // describe, watch, cancel, wait, checkpoints
   std::string job_id;
   int64_t after_seq = 0;
+  // data: every argument after `data`, unparsed (`ftune data` parses them).
+  std::vector<std::string> data_args;
 };
+
+// Runs `ftune data ARGS...` given the arguments after `data`; returns the
+// exit code.
+using DataCommand = std::function<int(const std::vector<std::string>& args)>;
 
 // The world a command runs in.
 struct Environment {
@@ -72,9 +90,11 @@ struct Environment {
   std::ostream* err;
   std::function<int64_t()> now_ms;
   std::function<void(std::chrono::milliseconds)> sleep;
+  // `ftune data`; empty when this build has no data tools.
+  DataCommand data;
 };
 
-// std::cout, std::cerr, the system clock and a real sleep.
+// std::cout, std::cerr, the system clock and a real sleep; no data tools.
 Environment SystemEnvironment();
 
 // Parses argv (args[0] is the program name). Returns std::nullopt when the
@@ -87,8 +107,9 @@ std::optional<int> ParseCommandLine(const std::vector<std::string>& args, Invoca
 // Runs a parsed command and returns the process exit code.
 int RunCommand(const Invocation& invocation, const Environment& env);
 
-// main(): parse, then run with SystemEnvironment().
-int Main(int argc, char** argv);
+// main(): parse, then run with SystemEnvironment() and `data` as its data
+// tools (empty: not built).
+int Main(int argc, char** argv, DataCommand data = nullptr);
 
 // 0 for SUCCEEDED, 1 for FAILED, 3 for CANCELLED; kExitRpcError for a state
 // that is not final (a coordinator that ended the watch too early).

@@ -2,8 +2,8 @@
 //
 // Design: every rounding decision follows bitsandbytes' CUDA kernels and
 // torch's own arithmetic, so a weight quantized here is byte for byte what
-// `bitsandbytes.functional.quantize_4bit(w, quant_type="nf4")` stores (see
-// ../shared/REFERENCE.md, "NF4"):
+// `bitsandbytes.functional.quantize_4bit(w, quant_type="nf4")` stores
+// (bitsandbytes' CUDA kernel `kQuantizeBlockwise` and its `dQuantizeNF4`):
 //   - blocks of `blocksize` consecutive elements of the row-major flattened
 //     weight (a partial last block is allowed); absmax = max |x| per block;
 //   - v = x * (1.0f / absmax) in fp32, then a decision tree with strict `>`

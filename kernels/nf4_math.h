@@ -22,8 +22,9 @@
 #define FTUNE_HD inline
 #endif
 
-// bitsandbytes' NF4 values (REFERENCE.md), index = code. A macro so that the
-// host table and the device __constant__ table are written from one list.
+// bitsandbytes' NF4 values (its `get_4bit_type('nf4')` table), index = code.
+// A macro so that the host table and the device __constant__ table are
+// written from one list.
 #define FTUNE_NF4_CODE_VALUES                                                     \
   -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,       \
       -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,  \

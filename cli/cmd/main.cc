@@ -4,6 +4,7 @@
 // coordinator, when the tokenizer library is built.
 #include <iostream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cli/commands.h"
@@ -12,11 +13,13 @@
 #endif
 
 int main(int argc, char** argv) {
+  ftune::cli::DataCommand data;
 #ifdef FTUNE_CLI_DATA
-  if (argc >= 2 && std::string(argv[1]) == "data") {
-    return ftune::cli::RunDataCommand(std::vector<std::string>(argv, argv + argc), std::cin,
-                                      std::cout, std::cerr);
-  }
+  data = [](const std::vector<std::string>& data_args) {
+    std::vector<std::string> args = {"ftune", "data"};
+    args.insert(args.end(), data_args.begin(), data_args.end());
+    return ftune::cli::RunDataCommand(args, std::cin, std::cout, std::cerr);
+  };
 #endif
-  return ftune::cli::Main(argc, argv);
+  return ftune::cli::Main(argc, argv, std::move(data));
 }

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <condition_variable>
+#include <filesystem>
 #include <map>
 #include <mutex>
 #include <set>
@@ -22,12 +23,13 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "ftune/v1/agent_service.grpc.pb.h"
+#include "temp_dir.h"
 #include "tests/agent/test_util.h"
 
 namespace ftune::agent {
 namespace {
 
-using testing::TempDir;
+using testutil::TempDir;
 using testing::WaitFor;
 using Stream = grpc::ServerReaderWriter<v1::CoordinatorToAgent, v1::AgentToCoordinator>;
 using namespace std::chrono_literals;

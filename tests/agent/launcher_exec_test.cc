@@ -8,10 +8,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <mutex>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "temp_dir.h"
 #include "tests/agent/test_util.h"
 #include "worker/agent/process_launcher.h"
 #include "worker/agent/rank_supervisor.h"
@@ -20,7 +22,7 @@ namespace ftune::agent {
 namespace {
 
 using testing::AllEvents;
-using testing::TempDir;
+using testutil::TempDir;
 using testing::WaitFor;
 
 class AgentLauncherExecTest : public ::testing::Test {

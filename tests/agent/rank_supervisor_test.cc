@@ -12,17 +12,19 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <filesystem>
 #include <mutex>
 
 #include "channel.h"
 #include "jobspec.h"
+#include "temp_dir.h"
 #include "tests/agent/test_util.h"
 
 namespace ftune::agent {
 namespace {
 
 using testing::AllEvents;
-using testing::TempDir;
+using testutil::TempDir;
 using testing::WaitFor;
 
 // What the test sees of one fake rank process.

@@ -13,6 +13,8 @@
 #include <sstream>
 #include <thread>
 
+#include "temp_dir.h"
+
 namespace ftune::agent {
 namespace {
 
@@ -20,15 +22,6 @@ namespace fs = std::filesystem;
 
 class AgentSpoolTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    std::string tmpl = (fs::temp_directory_path() / "agent_spool_test.XXXXXX").string();
-    root_ = ::mkdtemp(tmpl.data());
-    dir_ = root_ + "/spool";
-  }
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(root_, ec);
-  }
 
   std::unique_ptr<Spool> Open(int64_t compact_bytes = 4 << 20) {
     Spool::Options o;
@@ -70,8 +63,9 @@ class AgentSpoolTest : public ::testing::Test {
   std::string log_path() const { return dir_ + "/events.log"; }
   int64_t FileSize(const std::string& p) const { return static_cast<int64_t>(fs::file_size(p)); }
 
-  std::string root_;
-  std::string dir_;
+  testutil::TempDir tmp_{"agent_spool_test"};
+  const std::string root_ = tmp_.path();
+  const std::string dir_ = root_ + "/spool";
 };
 
 TEST_F(AgentSpoolTest, NewSpoolHasAStableHexAgentId) {

@@ -1,13 +1,10 @@
-// Helpers shared by the agent tests: temporary directories, polling with a
-// deadline (tests never sleep for a fixed time to "let things happen"), and
-// reading a spool's content.
+// Helpers shared by the agent tests: polling with a deadline (tests never
+// sleep for a fixed time to "let things happen") and reading a spool's
+// content. Temporary directories are tests/common/temp_dir.h's.
 #ifndef FTUNE_TESTS_AGENT_TEST_UTIL_H_
 #define FTUNE_TESTS_AGENT_TEST_UTIL_H_
 
-#include <stdlib.h>
-
 #include <chrono>
-#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <sstream>
@@ -19,22 +16,6 @@
 #include "worker/agent/spool.h"
 
 namespace ftune::agent::testing {
-
-class TempDir {
- public:
-  explicit TempDir(const std::string& prefix = "agent_test") {
-    std::string tmpl = (std::filesystem::temp_directory_path() / (prefix + ".XXXXXX")).string();
-    path_ = ::mkdtemp(tmpl.data());
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 // Polls pred every few milliseconds until it holds or the timeout passes.
 inline bool WaitFor(const std::function<bool()>& pred,

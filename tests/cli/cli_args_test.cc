@@ -1,7 +1,6 @@
 // Command-line handling of `ftune`: what each command line means, which
 // ones are usage errors (exit 2), and checks that happen before any RPC.
 #include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <regex>
 #include <set>
@@ -11,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include "cli/commands.h"
+#include "temp_dir.h"
 
 namespace ftune::cli {
 namespace {
@@ -149,7 +149,7 @@ TEST_F(CliArgsTest, HelpListsCommandsAndExitCodes) {
   Parsed p = Parse({"--help"});
   EXPECT_EQ(p.exit_code, 0);
   for (const char* text : {"submit", "jobs", "describe", "watch", "cancel", "wait",
-                           "checkpoints", "agents", "--coordinator", "FTUNE_COORDINATOR",
+                           "checkpoints", "agents", "data", "--coordinator", "FTUNE_COORDINATOR",
                            "--token-file", "--tls-ca", "--output", "Exit codes:",
                            "1  the job FAILED", "2  usage error or invalid job spec",
                            "3  the job was CANCELLED", "4  the coordinator could not be reached"}) {
@@ -161,6 +161,23 @@ TEST_F(CliArgsTest, HelpListsCommandsAndExitCodes) {
   p = Parse({"--version"});
   EXPECT_EQ(p.exit_code, 0);
   EXPECT_THAT(p.out, HasSubstr("ftune "));
+}
+
+TEST_F(CliArgsTest, DataHandsEverythingAfterItToTheDataTools) {
+  Parsed p = Parse({"data", "tokenize", "--tokenizer", "dir", "--help"});
+  ASSERT_FALSE(p.exit_code.has_value()) << p.err;
+  EXPECT_EQ(p.inv.command, Command::kData);
+  EXPECT_THAT(p.inv.data_args, ElementsAre("tokenize", "--tokenizer", "dir", "--help"));
+  // Global options before `data` are still the CLI's; after it, the tools'.
+  p = Parse({"--coordinator", "h:1", "data", "prepare", "job.yaml", "-o", "json"});
+  ASSERT_FALSE(p.exit_code.has_value()) << p.err;
+  EXPECT_EQ(p.inv.coordinator, "h:1");
+  EXPECT_EQ(p.inv.output, OutputFormat::kText);
+  EXPECT_THAT(p.inv.data_args, ElementsAre("prepare", "job.yaml", "-o", "json"));
+  p = Parse({"data"});
+  ASSERT_FALSE(p.exit_code.has_value()) << p.err;
+  EXPECT_EQ(p.inv.command, Command::kData);
+  EXPECT_TRUE(p.inv.data_args.empty());
 }
 
 TEST_F(CliArgsTest, LabelsAndRequestIds) {
@@ -195,30 +212,40 @@ class CliRunTest : public CliArgsTest {
     env.err = &err_;
     env.now_ms = [] { return int64_t{0}; };
     env.sleep = [](std::chrono::milliseconds) {};
+    env.data = data_;
     return RunCommand(inv, env);
   }
 
   std::string Write(const std::string& name, const std::string& text) {
-    const auto path = std::filesystem::temp_directory_path() /
-                      ("ftune_cli_args_" + std::to_string(getpid()) + "_" + name);
+    const std::string path = dir_.path() + "/" + name;
     std::ofstream(path) << text;
-    files_.push_back(path);
-    return path.string();
-  }
-
-  void TearDown() override {
-    for (const auto& f : files_) std::filesystem::remove(f);
-    CliArgsTest::TearDown();
+    return path;
   }
 
   std::ostringstream out_, err_;
-  std::vector<std::filesystem::path> files_;
+  testutil::TempDir dir_{"ftune_cli_args_test"};
+  DataCommand data_;
 };
 
 TEST_F(CliRunTest, SpecErrorsComeBeforeTheConnection) {
   EXPECT_EQ(Run({"submit", "/nonexistent/job.yaml"}), kExitUsage);
   EXPECT_THAT(err_.str(), HasSubstr("ftune: /nonexistent/job.yaml: "));
   EXPECT_EQ(out_.str(), "");
+}
+
+TEST_F(CliRunTest, DataRunsTheDataToolsOrSaysTheyAreNotBuilt) {
+  EXPECT_EQ(Run({"data", "inspect", "f.ftok"}), kExitUsage);
+  EXPECT_THAT(err_.str(), HasSubstr("ftune: `ftune data` is not part of this build"));
+  err_.str("");
+  std::vector<std::string> seen;
+  data_ = [&seen](const std::vector<std::string>& args) {
+    seen = args;
+    return 7;
+  };
+  // A token file that cannot be read does not matter: nothing connects.
+  EXPECT_EQ(Run({"--token-file", "/nonexistent/token", "data", "inspect", "f.ftok"}), 7);
+  EXPECT_THAT(seen, ElementsAre("inspect", "f.ftok"));
+  EXPECT_EQ(err_.str(), "");
 }
 
 TEST_F(CliRunTest, UnreadableTokenOrCaFileIsAUsageError) {

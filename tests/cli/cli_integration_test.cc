@@ -25,6 +25,7 @@
 #include <nlohmann/json.hpp>
 
 #include "fake_job_service.h"
+#include "temp_dir.h"
 
 namespace ftune {
 namespace {
@@ -206,13 +207,6 @@ std::vector<v1::JobEvent> SucceededRun(const std::string& job_id) {
 
 class CliIntegrationTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    dir_ = std::filesystem::temp_directory_path() /
-           ("ftune_cli_test_" + std::to_string(getpid()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    std::filesystem::create_directories(dir_);
-  }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
 
   std::string WriteFile(const std::string& name, const std::string& contents) {
     const std::string path = (dir_ / name).string();
@@ -237,7 +231,8 @@ class CliIntegrationTest : public ::testing::Test {
     return args;
   }
 
-  std::filesystem::path dir_;
+  testutil::TempDir tmp_{"ftune_cli_test"};
+  const std::filesystem::path dir_{tmp_.path()};
   FakeCoordinator fake_;
 };
 
@@ -658,6 +653,45 @@ TEST_F(CliIntegrationTest, CoordinatorFromEnvironmentAndUnreachableCoordinator) 
   EXPECT_EQ(Lines(r.err).size(), 1u);
 }
 
+// The first word of each line of the "Subcommands:" section of a help text.
+std::vector<std::string> ListedSubcommands(const std::string& help) {
+  std::vector<std::string> names;
+  bool in_section = false;
+  for (const std::string& line : Lines(help)) {
+    if (line.rfind("Subcommands:", 0) == 0) {
+      in_section = true;
+      continue;
+    }
+    if (!in_section) continue;
+    if (line.empty() || line[0] != ' ') break;  // the next section
+    std::istringstream words(line);
+    std::string name;
+    if (words >> name) names.push_back(name);
+  }
+  return names;
+}
+
+TEST(CliHelpTest, HelpListsDataAmongTheSubcommands) {
+  const Result r = RunFtune({"--help"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(ListedSubcommands(r.out),
+              ::testing::ElementsAre("submit", "jobs", "describe", "watch", "cancel", "wait",
+                                     "checkpoints", "agents", "data"))
+      << r.out;
+
+  // `ftune data --help` is the data tools' own help, not the list above.
+  const Result data = RunFtune({"data", "--help"});
+#ifdef FTUNE_CLI_HAS_DATA
+  EXPECT_EQ(data.exit_code, 0) << data.err;
+  EXPECT_THAT(ListedSubcommands(data.out),
+              ::testing::ElementsAre("tokenize", "detokenize", "prepare", "inspect"))
+      << data.out;
+#else
+  EXPECT_EQ(data.exit_code, 2);
+  EXPECT_THAT(data.err, HasSubstr("`ftune data` is not part of this build"));
+#endif
+}
+
 }  // namespace
 }  // namespace ftune
 
@@ -673,9 +707,8 @@ std::string ReadAll(const std::filesystem::path& path) {
 
 // TLS: a self-signed certificate for 127.0.0.1 made with the openssl tool.
 TEST(CliTlsIntegrationTest, TlsCaConnectsOverTlsAndPlaintextDoesNot) {
-  const std::filesystem::path dir = std::filesystem::temp_directory_path() /
-                                    ("ftune_cli_tls_" + std::to_string(getpid()));
-  std::filesystem::create_directories(dir);
+  testutil::TempDir tmp("ftune_cli_tls");
+  const std::filesystem::path dir = tmp.path();
   const std::string key = (dir / "key.pem").string();
   const std::string cert = (dir / "cert.pem").string();
   const std::string cmd =
@@ -683,7 +716,6 @@ TEST(CliTlsIntegrationTest, TlsCaConnectsOverTlsAndPlaintextDoesNot) {
       "-addext subjectAltName=IP:127.0.0.1 -keyout " + key + " -out " + cert +
       " >/dev/null 2>&1";
   if (std::system(cmd.c_str()) != 0) {
-    std::filesystem::remove_all(dir);
     GTEST_SKIP() << "the openssl tool is not available to make a test certificate";
   }
   grpc::SslServerCredentialsOptions ssl;
@@ -697,7 +729,6 @@ TEST(CliTlsIntegrationTest, TlsCaConnectsOverTlsAndPlaintextDoesNot) {
   r = RunFtune({"--coordinator", fake.address(), "agents"});
   EXPECT_EQ(r.exit_code, 4);
   EXPECT_THAT(r.err, HasSubstr("cannot reach coordinator at " + fake.address()));
-  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 
 #include <gtest/gtest.h>
 
+#include "temp_dir.h"
 #include "worker/data/dataset.h"
 #include "worker/data/prepare.h"
 #include "worker/data/sha256.h"
@@ -139,8 +140,8 @@ TEST(DatasetTest, SkipInvalidCountsAndKeepsExamples) {
 }
 
 TEST(DatasetTest, ReadsSeveralFilesAndNamesMissingOnes) {
-  const std::string dir = ::testing::TempDir() + "/dataset_test_" + std::to_string(getpid());
-  ASSERT_EQ(system(("mkdir -p '" + dir + "'").c_str()), 0);
+  testutil::TempDir tmp("dataset_test");
+  const std::string dir = tmp.path();
   std::ofstream(dir + "/a.jsonl") << "{\"text\": \"1\"}\n";
   std::ofstream(dir + "/b.json") << "[{\"text\": \"2\"}, {\"text\": \"3\"}]";
   ReadResult r;

@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "temp_dir.h"
 #include "tokenizer_test_data.h"
 
 namespace ftune::data {
@@ -19,7 +20,7 @@ namespace {
 using json = nlohmann::json;
 
 std::string TempPath(const std::string& name) {
-  return ::testing::TempDir() + "/ftune_data_cli_" + std::to_string(getpid()) + "_" + name;
+  return testutil::SharedTempDir("ftune_data_cli_test") + "/" + name;
 }
 
 std::vector<std::string> ReadLines(const std::string& path) {

@@ -7,7 +7,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -21,6 +20,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "temp_dir.h"
 #include "tokenizer_test_data.h"
 #include "worker/data/packing.h"
 #include "worker/data/prepare.h"
@@ -31,20 +31,13 @@ namespace {
 
 using json = nlohmann::json;
 
-std::string TempDir(const std::string& name) {
-  static std::atomic<int> counter{0};
-  const std::string dir = ::testing::TempDir() + "/token_file_test_" + std::to_string(getpid()) + "_" +
-                          std::to_string(counter++) + "_" + name;
-  EXPECT_EQ(system(("rm -rf '" + dir + "' && mkdir -p '" + dir + "'").c_str()), 0);
-  return dir;
-}
-
 std::vector<Row> SampleRows() {
   return {{{1, 2, 3}, {-100, 2, 3}, {0, 1, 0}}, {{7}, {7}, {0}}, {{4, 5, 6, 8}, {4, -100, 6, 8}, {0, 1, 2, 3}}};
 }
 
 TEST(TokenFileTest, WritesAndMapsRows) {
-  const std::string path = TempDir("rt") + "/x.ftok";
+  testutil::TempDir tmp("token_file_test_rt");
+  const std::string path = tmp.path() + "/x.ftok";
   TokenFileHeaderInfo info;
   info.max_seq_len = 4;
   info.pad_token_id = 99;
@@ -82,7 +75,8 @@ TEST(TokenFileTest, WritesAndMapsRows) {
 }
 
 TEST(TokenFileTest, CorruptFilesAreErrorsNamingTheFile) {
-  const std::string dir = TempDir("bad");
+  testutil::TempDir tmp("token_file_test_bad");
+  const std::string dir = tmp.path();
   TokenFileHeaderInfo info;
   info.max_seq_len = 4;
   ASSERT_TRUE(WriteTokenFile(dir + "/ok.ftok", SampleRows(), info).ok());
@@ -120,7 +114,6 @@ class PrepareTest : public ::testing::Test {
     std::string missing;
     tokenizer_dir_ = test_data::TokenizerDir("llama3_1", &missing);
     if (tokenizer_dir_.empty()) GTEST_SKIP() << missing;
-    dir_ = TempDir("prep");
     std::ofstream out(dir_ + "/chat.jsonl");
     for (int i = 0; i < 40; ++i) {
       json rec = {{"messages",
@@ -138,7 +131,9 @@ class PrepareTest : public ::testing::Test {
     o.num_threads = 2;
     return o;
   }
-  std::string tokenizer_dir_, dir_;
+  std::string tokenizer_dir_;
+  testutil::TempDir tmp_{"token_file_test_prep"};
+  const std::string dir_ = tmp_.path();
 };
 
 std::vector<Row> ReadRows(const std::string& path) {

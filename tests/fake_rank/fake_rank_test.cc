@@ -22,6 +22,7 @@
 #include "channel.h"
 #include "ftune/v1/rank_channel.pb.h"
 #include "jobspec.h"
+#include "temp_dir.h"
 
 namespace {
 
@@ -39,20 +40,10 @@ std::string ReadAll(const std::string& path) {
   return ss.str();
 }
 
-class TempDir {
+// A fresh directory per test, removed at its end.
+class TempDir : public ftune::testutil::TempDir {
  public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "fake_rank_test.XXXXXX").string();
-    path_ = ::mkdtemp(tmpl.data());
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
+  TempDir() : ftune::testutil::TempDir("fake_rank_test") {}
 };
 
 struct RankConfig {

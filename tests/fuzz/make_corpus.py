@@ -4,8 +4,11 @@
 corpus/safetensors/  whole safetensors files: valid ones in the layouts real
                      writers produce, and one malformed file per rule the parser
                      enforces (the unit tests' MalformedFileTest cases).
-corpus/json/         config.json fixtures of tests/trainer/data, variations of
+corpus/config/       config.json fixtures of tests/trainer/data, variations of
                      their RoPE settings, and model.safetensors.index.json files.
+
+The other folders of corpus/ (tokenizer_json, tokenizer_encode,
+dataset_reader) are hand-made seeds; this script leaves them alone.
 
 Run from anywhere: python3 tests/fuzz/make_corpus.py. Output is deterministic.
 """
@@ -161,7 +164,7 @@ def json_seeds():
 
 def main():
     for sub, seeds, ext in (("safetensors", safetensors_seeds(), ".safetensors"),
-                            ("json", json_seeds(), ".json")):
+                            ("config", json_seeds(), ".json")):
         d = os.path.join(OUT, sub)
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)

@@ -1,15 +1,46 @@
 #!/bin/sh
-# Runs one libFuzzer binary for a bounded time as a test:
-#   run_fuzzer.sh FUZZER SEED_DIR WORK_DIR [libFuzzer flags...]
-# The committed seed corpus is only read; new inputs go to a fresh WORK_DIR
+# Runs one of this folder's libFuzzer harnesses for a bounded time, as a ctest
+# test or by hand:
+#   tests/fuzz/run_fuzzer.sh NAME BIN_DIR [libFuzzer flags...]
+# NAME is the fuzzer (its CMake target), BIN_DIR the folder holding its binary
+# (build/tests/fuzz/bin). Its seeds are corpus/<NAME without "_fuzzer">/; its
+# dictionary and limits are in the table below. Flags given here come after
+# those defaults and win (libFuzzer keeps a flag's last value), e.g. for a
+# long, random session:
+#   tests/fuzz/run_fuzzer.sh safetensors_fuzzer build/tests/fuzz/bin \
+#       -runs=-1 -max_total_time=3600 -seed=0
+# The committed seeds are only read; new inputs go to BIN_DIR/NAME.work/corpus
 # (emptied first, so every run starts from the same seeds), and a crash
-# reproducer lands in WORK_DIR/artifacts/. A fixed -seed in the flags keeps CI
-# runs reproducible; run the binary by hand for longer, random exploration.
+# reproducer lands in BIN_DIR/NAME.work/artifacts/. The fixed -seed keeps
+# ctest runs reproducible.
 set -eu
-fuzzer=$1
-seeds=$2
-work=$3
-shift 3
+if [ $# -lt 2 ]; then
+  echo "usage: $0 NAME BIN_DIR [libFuzzer flags...]" >&2
+  exit 2
+fi
+name=$1
+bin_dir=$2
+shift 2
+here=$(cd "$(dirname "$0")" && pwd)
+
+#   fuzzer                   dictionary        runs    max_len
+case $name in
+  safetensors_fuzzer)        dict=model;       runs=200000; max_len=8192 ;;
+  config_fuzzer)             dict=model;       runs=200000; max_len=8192 ;;
+  tokenizer_json_fuzzer)     dict=tokenizer;   runs=50000;  max_len=16384 ;;
+  tokenizer_encode_fuzzer)   dict=tokenizer;   runs=50000;  max_len=4096 ;;
+  dataset_reader_fuzzer)     dict=dataset;     runs=100000; max_len=8192 ;;
+  *)
+    echo "$0: unknown fuzzer '$name' (safetensors_fuzzer, config_fuzzer," \
+         "tokenizer_json_fuzzer, tokenizer_encode_fuzzer, dataset_reader_fuzzer)" >&2
+    exit 2 ;;
+esac
+
+seeds=$here/corpus/${name%_fuzzer}
+work=$bin_dir/$name.work
 rm -rf "$work"
 mkdir -p "$work/corpus" "$work/artifacts"
-exec "$fuzzer" -artifact_prefix="$work/artifacts/" "$@" "$work/corpus" "$seeds"
+exec "$bin_dir/$name" -artifact_prefix="$work/artifacts/" \
+  -seed=1 -runs=$runs -max_total_time=60 -max_len=$max_len -timeout=10 \
+  -rss_limit_mb=2048 -dict="$here/$dict.dict" -print_final_stats=1 \
+  "$@" "$work/corpus" "$seeds"

@@ -1,4 +1,4 @@
-"""Checks that the Python stack loads what ftune writes (issue 3, "Evidence").
+"""Checks that the Python stack loads what ftune writes (adapter, merged model, scores).
 
 Run on a host with torch + transformers + peft (the GPU hosts have them):
   python3 tests/gpu/peft_interop.py MODEL_DIR ADAPTER_DIR MERGED_DIR SCORE_JSON TOKENS_JSONL

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The trainer on a GPU host (issue 3/4 evidence on CUDA): builds ftune-rank
+# The trainer on a GPU host (the engine and FSDP on CUDA): builds ftune-rank
 # against the host's LibTorch (2.x + CUDA) with the CUDA kernels and NCCL,
 # then
 #   1. trains the tiny demo model on 1 GPU and on N GPUs (NCCL FSDP) with the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole system on a GPU host (issue 6, "On the GPU host"): the
+# The whole system on a GPU host (coordinator, agent and ranks on GPUs): the
 # control-plane binaries built on the Debian dev machine are carried in
 # .deps/cp (stripped ftune-coordinator, ftune-agent, ftune + the shared
 # libraries `ldd` lists, minus glibc/libstdc++; tests/gpu/make_deps.sh),

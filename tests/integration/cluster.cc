@@ -8,7 +8,6 @@
 #include <unistd.h>
 
 #include <climits>
-#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -90,13 +89,10 @@ std::string ReadFile(const std::string& path) {
   return b.str();
 }
 
-Cluster::Cluster() {
-  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  dir_ = (std::filesystem::temp_directory_path() /
-          ("ftune-it-" + std::string(info->name()) + "-" + std::to_string(getpid())))
-             .string();
-  std::filesystem::remove_all(dir_);
-  std::filesystem::create_directories(dir_);
+Cluster::Cluster()
+    : tmp_("ftune-it-" +
+           std::string(::testing::UnitTest::GetInstance()->current_test_info()->name())),
+      dir_(tmp_.path()) {
   std::ofstream(dir_ + "/client.token") << client_token() << "\n";
   std::ofstream(dir_ + "/agent.token") << agent_token() << "\n";
   grpc_port_ = FreePort();
@@ -106,8 +102,10 @@ Cluster::Cluster() {
 Cluster::~Cluster() {
   agents_.clear();
   coordinator_.reset();
-  if (!::testing::Test::HasFailure()) std::filesystem::remove_all(dir_);
-  else std::fprintf(stderr, "logs kept in %s\n", dir_.c_str());
+  if (::testing::Test::HasFailure()) {
+    tmp_.Keep();
+    std::fprintf(stderr, "logs kept in %s\n", dir_.c_str());
+  }
 }
 
 void Cluster::StartCoordinator(std::vector<std::string> extra) {

@@ -15,6 +15,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "ftune/v1/job_service.grpc.pb.h"
+#include "temp_dir.h"
 
 namespace ftune::testing {
 
@@ -88,6 +89,7 @@ class Cluster {
   std::string agent_token() const { return "agent-secret"; }
 
  private:
+  testutil::TempDir tmp_;  // kept when the test failed, for the logs
   std::string dir_;
   int grpc_port_;
   int metrics_port_;

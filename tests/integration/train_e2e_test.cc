@@ -1,4 +1,4 @@
-// Issue 6: real fine-tunes through the whole system on CPU. A coordinator,
+// Real fine-tunes through the whole system on CPU. A coordinator,
 // agents with CPU slots and the real ftune-rank (NF4 + LoRA + FSDP over
 // Gloo) train a tiny random Llama written by `ftune-rank init-model` on the
 // examples/ instruction dataset, and the failure cases of the control plane
@@ -19,13 +19,15 @@
 
 #include "cluster.h"
 #include "jobspec.h"
+#include "temp_dir.h"
 
 namespace ftune::testing {
 namespace {
 
 using std::chrono::seconds;
 
-std::string g_model_dir;  // written once per test binary
+testutil::TempDir* g_model_root = nullptr;  // written once per test binary
+std::string g_model_dir;
 
 // Runs a command, returns its exit code; output goes to `log`.
 int RunCommand(const std::string& command, const std::string& log) {
@@ -35,14 +37,18 @@ int RunCommand(const std::string& command, const std::string& log) {
 class TrainE2e : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    char tmpl[] = "/tmp/ftune-e2e-model-XXXXXX";
-    const std::string root = ::mkdtemp(tmpl);
+    g_model_root = new testutil::TempDir("ftune-e2e-model");
+    const std::string root = g_model_root->path();
     g_model_dir = root + "/tiny";
     const int rc = RunCommand(std::string(FTUNE_RANK_BIN) + " init-model --preset tiny --layers 2" +
                            " --vocab-size 512 --tokenizer-corpus " + FTUNE_EXAMPLES_DIR +
                            "/data/instructions.jsonl --out " + g_model_dir,
                        root + "/init.log");
     ASSERT_EQ(rc, 0) << ReadFile(root + "/init.log");
+  }
+  static void TearDownTestSuite() {
+    delete g_model_root;
+    g_model_root = nullptr;
   }
 
   // A coordinator and one agent with 2 CPU slots running the real ftune-rank.

@@ -319,9 +319,9 @@ double DefaultInvFreq(int64_t i, int64_t dim, double theta) {
   return 1.0 / std::pow(theta, Exponent(i, dim));
 }
 
-// REFERENCE.md: wavelen = 2*pi/f; wavelen > old/low -> f/factor;
-// wavelen < old/high -> f; otherwise s = (old/wavelen - low)/(high - low),
-// f' = (1 - s) * f / factor + s * f.
+// transformers' llama3 rope_scaling: wavelen = 2*pi/f;
+// wavelen > old/low -> f/factor; wavelen < old/high -> f;
+// otherwise s = (old/wavelen - low)/(high - low), f' = (1 - s) * f / factor + s * f.
 double Llama3InvFreq(double f, const RopeScaling& s) {
   const double old = static_cast<double>(s.original_max_position_embeddings);
   const double wavelen = 2 * M_PI / f;

@@ -8,7 +8,6 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
-#include <ftw.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -16,10 +15,12 @@
 #include <fstream>
 #include <iterator>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 
 #include "model_test_util.h"
+#include "temp_dir.h"
 #include "worker/modelio/llama_config.h"
 #include "worker/trainer/lora.h"
 #include "worker/trainer/loss.h"
@@ -112,34 +113,23 @@ at::Tensor Ids(std::vector<int64_t> v) {
   return at::tensor(v, at::kLong).unsqueeze(0);  // (1, seq)
 }
 
-// Fresh directories under /tmp, removed after the last test (inside main,
-// not from an exit handler, so nothing runs during static destruction).
-std::vector<std::string>& TempDirs() {
-  static auto* dirs = new std::vector<std::string>();
+// Fresh directories, removed after the last test (inside main, not from an
+// exit handler, so nothing runs during static destruction).
+std::vector<std::unique_ptr<testutil::TempDir>>& TempDirs() {
+  static auto* dirs = new std::vector<std::unique_ptr<testutil::TempDir>>();
   return *dirs;
 }
 
 class TempDirCleanup : public ::testing::Environment {
  public:
-  void TearDown() override {
-    // nftw, not std::filesystem: see torch_compat.h.
-    for (const auto& d : TempDirs()) {
-      nftw(d.c_str(),
-           [](const char* path, const struct stat*, int, struct FTW*) { return ::remove(path); },
-           16, FTW_DEPTH | FTW_PHYS);
-    }
-    TempDirs().clear();
-  }
+  void TearDown() override { TempDirs().clear(); }
 };
 ::testing::Environment* const kTempDirCleanup =
     ::testing::AddGlobalTestEnvironment(new TempDirCleanup);
 
-std::string TempDir() {
-  char tmpl[] = "/tmp/ftune_model_test_XXXXXX";
-  const char* d = mkdtemp(tmpl);
-  EXPECT_NE(d, nullptr);
-  TempDirs().push_back(d);
-  return d;
+std::string NewTempDir() {
+  TempDirs().push_back(std::make_unique<testutil::TempDir>("ftune_model_test"));
+  return TempDirs().back()->path();
 }
 
 // Seeds the CPU generator only: at::manual_seed would also initialise every
@@ -402,7 +392,7 @@ TEST(ChunkedCrossEntropy, ChecksShapes) {
 // Writes a model directory with BF16 weights like a real checkpoint.
 std::string WriteBf16Model(const LlamaConfig& c, const std::map<std::string, at::Tensor>& w,
                            bool tie, const std::string& skip = "") {
-  const std::string dir = TempDir();
+  const std::string dir = NewTempDir();
   std::string cfg = kTinyConfig;
   cfg.replace(cfg.find("%TIE%"), 5, tie ? "true" : "false");
   WriteText(dir + "/config.json", cfg);
@@ -485,7 +475,7 @@ TEST(Loading, AdapterErrors) {
   ad.tensors["base_model.model.lm_head.lora_A.weight"] = at::zeros({8, 32});
   EXPECT_THAT(m->AttachAdapter(ad).message(), HasSubstr("does not belong"));
 
-  const std::string dir = TempDir();
+  const std::string dir = NewTempDir();
   WriteText(dir + "/adapter_config.json",
             R"({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "use_dora": true,
                 "target_modules": ["q_proj"]})");
@@ -515,7 +505,7 @@ TEST(Loading, PeftAdapterFromTheGoldenDirectory) {
 TEST(Loading, SavedAdapterIsByteIdenticalToPeft) {
   for (const std::string model : {"llama3_tiny", "llama2_tiny"}) {
     auto m = testing::LoadGoldenModel(model, DefaultModelOptions(c10::kCPU), true);
-    const std::string dir = TempDir() + "/adapter";
+    const std::string dir = NewTempDir() + "/adapter";
     Status s = m->SaveAdapter(dir, "meta-llama/Llama-3.1-8B");
     ASSERT_TRUE(s.ok()) << s.ToString();
     auto slurp = [](const std::string& p) {
@@ -534,7 +524,7 @@ TEST(Loading, SavedAdapterIsByteIdenticalToPeft) {
     EXPECT_EQ(back->tensors.size(), 28u);
   }
   auto fresh = TinyModel();
-  EXPECT_EQ(fresh->SaveAdapter(TempDir(), "x").code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(fresh->SaveAdapter(NewTempDir(), "x").code(), StatusCode::kFailedPrecondition);
 }
 
 }  // namespace

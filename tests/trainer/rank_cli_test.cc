@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "model_test_util.h"
+#include "temp_dir.h"
 
 namespace ftune::trainer {
 namespace {
@@ -27,7 +28,7 @@ using testing::GoldenDir;
 using testing::GoldenFile;
 
 std::string TempPath(const std::string& name) {
-  return ::testing::TempDir() + "/rank_cli_test_" + std::to_string(getpid()) + "_" + name;
+  return testutil::SharedTempDir("rank_cli_test") + "/" + name;
 }
 
 std::string ReadAll(const std::string& path) {

@@ -1,7 +1,8 @@
 // `ftune-rank score` on CUDA (label gpu; skipped without a CUDA device): fp32
 // on the GPU must meet the CPU bound against the golden logits, and the
-// command's own CUDA mode (bf16, the precision policy) must give the
-// peft loss within the bf16 loss tolerance model_cuda_test uses.
+// command's own CUDA mode (bf16 weights and activations, the engine's default
+// on CUDA: DefaultModelOptions) must give the peft loss within the bf16 loss
+// tolerance model_cuda_test uses.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <gtest/gtest.h>
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "model_test_util.h"
+#include "temp_dir.h"
 #include "worker/trainer/score.h"
 #include "worker/trainer/torch_compat.h"
 
@@ -75,8 +77,7 @@ TEST_P(CudaScoreTest, Bf16CommandMatchesThePeftLoss) {
   o.model_dir = GoldenDir() + "/" + GetParam();
   o.adapter_dir = o.model_dir + "_adapter";
   o.device = "cuda";
-  o.tokens_path = ::testing::TempDir() + "/rank_score_cuda_test_" + std::to_string(getpid()) +
-                  "_" + GetParam() + ".jsonl";
+  o.tokens_path = testutil::SharedTempDir("rank_score_cuda_test") + "/" + GetParam() + ".jsonl";
   {
     std::ofstream f(o.tokens_path);
     for (int64_t b = 0; b < ids.size(0); ++b) {

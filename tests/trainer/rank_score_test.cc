@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "model_test_util.h"
+#include "temp_dir.h"
 #include "worker/trainer/score.h"
 
 namespace ftune::trainer {
@@ -28,7 +29,7 @@ using testing::GoldenDir;
 using testing::GoldenFile;
 using testing::LoadGoldenModel;
 
-constexpr double kLogProbAbs = 1e-4;  // the logits bound, per token
+constexpr double kLogProbAbs = 1e-4;  // model_golden_test's logits bound, per token
 constexpr double kLossRel = 1e-4;
 
 std::vector<int64_t> Row(const at::Tensor& t) {
@@ -78,8 +79,7 @@ std::pair<double, int64_t> ExpectScoreMatches(const SequenceScore& got,
 }
 
 std::string TempFile(const std::string& name, const std::string& contents) {
-  const std::string path =
-      ::testing::TempDir() + "/rank_score_test_" + std::to_string(getpid()) + "_" + name;
+  const std::string path = testutil::SharedTempDir("rank_score_test") + "/" + name;
   std::ofstream(path) << contents;
   return path;
 }
@@ -376,9 +376,8 @@ TEST(RunScore, ReportsBadOptionsMissingFilesAndOutOfVocabIds) {
   EXPECT_THAT(RunScore(bad).status().message(), HasSubstr("--device must be cpu or cuda"));
 
   bad = o;
-  std::string empty_dir = ::testing::TempDir() + "/rank_score_test_empty_XXXXXX";
-  ASSERT_NE(mkdtemp(empty_dir.data()), nullptr);
-  bad.model_dir = empty_dir;  // a directory without config.json
+  testutil::TempDir empty_dir("rank_score_test_empty");
+  bad.model_dir = empty_dir.path();  // a directory without config.json
   Result<std::string> missing = RunScore(bad);
   EXPECT_EQ(missing.status().code(), StatusCode::kNotFound);
   EXPECT_THAT(missing.status().message(), HasSubstr("config.json"));
@@ -388,7 +387,7 @@ TEST(RunScore, ReportsBadOptionsMissingFilesAndOutOfVocabIds) {
   EXPECT_THAT(RunScore(bad).status().message(), HasSubstr("--adapter " + bad.adapter_dir));
 
   bad = o;
-  bad.tokens_path = ::testing::TempDir() + "/rank_score_test_missing.jsonl";
+  bad.tokens_path = testutil::SharedTempDir("rank_score_test") + "/missing.jsonl";
   EXPECT_THAT(RunScore(bad).status().message(), HasSubstr("tokens file " + bad.tokens_path));
 }
 

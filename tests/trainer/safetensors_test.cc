@@ -27,6 +27,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "temp_dir.h"
 
 namespace ftune::trainer {
 namespace {
@@ -37,25 +38,19 @@ using ::testing::HasSubstr;
 // A fresh directory per test under the test's working directory (the build
 // tree: a real disk filesystem, unlike a tmpfs /tmp, which matters for the
 // page-residency test).
-class TempDir {
- public:
-  TempDir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    std::string name = std::string("st_tmp_") + info->test_suite_name() + "_" + info->name() +
-                       "_" + std::to_string(::getpid());
-    for (char& c : name) {
-      if (c == '/') c = '_';
-    }
-    path_ = fs::absolute(name);
-    fs::remove_all(path_);
-    fs::create_directories(path_);
+std::string TestDirName() {
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  std::string name = std::string("st_tmp_") + info->test_suite_name() + "_" + info->name();
+  for (char& c : name) {
+    if (c == '/') c = '_';
   }
-  ~TempDir() { fs::remove_all(path_); }
-  std::string File(const std::string& name) const { return (path_ / name).string(); }
-  const fs::path& path() const { return path_; }
+  return name;
+}
 
- private:
-  fs::path path_;
+class TempDir : public testutil::TempDir {
+ public:
+  TempDir() : testutil::TempDir(TestDirName(), fs::current_path().string()) {}
+  std::string File(const std::string& name) const { return path() + "/" + name; }
 };
 
 void WriteBytes(const std::string& path, const std::string& bytes) {
@@ -639,7 +634,7 @@ class ShardedModelTest : public ::testing::Test {
 TEST_F(ShardedModelTest, OpensAllShardsAndFindsEveryTensor) {
   WriteIndex(GoodIndex());
   Result<std::unique_ptr<SafetensorsModel>> model =
-      SafetensorsModel::OpenDirectory(dir_.path().string());
+      SafetensorsModel::OpenDirectory(dir_.path());
   ASSERT_TRUE(model.ok()) << model.status().ToString();
   EXPECT_EQ((*model)->shards().size(), 2u);
   EXPECT_EQ((*model)->TensorNames(),
@@ -669,7 +664,7 @@ TEST_F(ShardedModelTest, SingleFileDirectoryWorksWithoutIndex) {
                                {Tensor("only", Dtype::kU8, {8}, d)})
                   .ok());
   Result<std::unique_ptr<SafetensorsModel>> model =
-      SafetensorsModel::OpenDirectory(dir_.path().string() + "/");
+      SafetensorsModel::OpenDirectory(dir_.path() + "/");
   ASSERT_TRUE(model.ok()) << model.status().ToString();
   EXPECT_EQ((*model)->TensorNames(), std::vector<std::string>{"only"});
   Result<ByteSpan> span = (*model)->Data("only");
@@ -681,7 +676,7 @@ TEST_F(ShardedModelTest, MissingShardNamesIndexShardAndTensor) {
   WriteIndex(R"({"weight_map": {"a.weight": "model-00001-of-00002.safetensors",
                                  "x.weight": "model-00003-of-00003.safetensors"}})");
   Result<std::unique_ptr<SafetensorsModel>> model =
-      SafetensorsModel::OpenDirectory(dir_.path().string());
+      SafetensorsModel::OpenDirectory(dir_.path());
   ASSERT_FALSE(model.ok());
   EXPECT_EQ(model.status().code(), StatusCode::kNotFound);
   EXPECT_THAT(model.status().message(), HasSubstr("model.safetensors.index.json"));
@@ -703,7 +698,7 @@ TEST_F(ShardedModelTest, MalformedShardNamesIndexAndShardFile) {
   WriteBytes(dir_.File("model-00002-of-00002.safetensors"), RawFile("{\"c.weight\": 3}", ""));
   WriteIndex(GoodIndex());
   Result<std::unique_ptr<SafetensorsModel>> model =
-      SafetensorsModel::OpenDirectory(dir_.path().string());
+      SafetensorsModel::OpenDirectory(dir_.path());
   ASSERT_FALSE(model.ok());
   EXPECT_EQ(model.status().code(), StatusCode::kDataLoss);
   EXPECT_THAT(model.status().message(), HasSubstr("model.safetensors.index.json"));
@@ -728,7 +723,7 @@ TEST_F(ShardedModelTest, MalformedIndexes) {
   for (const auto& [json, expected] : cases) {
     WriteIndex(json);
     Result<std::unique_ptr<SafetensorsModel>> model =
-        SafetensorsModel::OpenDirectory(dir_.path().string());
+        SafetensorsModel::OpenDirectory(dir_.path());
     ASSERT_FALSE(model.ok()) << json;
     EXPECT_EQ(model.status().code(), StatusCode::kDataLoss) << json;
     EXPECT_THAT(model.status().message(), HasSubstr("model.safetensors.index.json")) << json;
@@ -739,7 +734,7 @@ TEST_F(ShardedModelTest, MalformedIndexes) {
 TEST(SafetensorsModelTest, EmptyDirectoryIsNotFound) {
   TempDir dir;
   Result<std::unique_ptr<SafetensorsModel>> model =
-      SafetensorsModel::OpenDirectory(dir.path().string());
+      SafetensorsModel::OpenDirectory(dir.path());
   ASSERT_FALSE(model.ok());
   EXPECT_EQ(model.status().code(), StatusCode::kNotFound);
   EXPECT_THAT(model.status().message(), HasSubstr("neither model.safetensors.index.json"));

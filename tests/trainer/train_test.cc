@@ -1,4 +1,4 @@
-// The training loop over FSDP ranks (issue 4, "Evidence", CPU/Gloo part):
+// The training loop over FSDP ranks, on CPU ranks over Gloo:
 // 2, 3 and 4 ranks train like 1 rank with the same global batch; resuming
 // from a checkpoint reproduces the uninterrupted run (exactly with the same
 // ranks, to rounding with others); a rank that dies makes the others fail
@@ -23,6 +23,7 @@
 
 #include "jobspec.h"
 #include "rank_harness.h"
+#include "temp_dir.h"
 #include "worker/comm/gloo_communicator.h"
 #include "worker/comm/local_rendezvous.h"
 #include "worker/trainer/bnb_checkpoint.h"
@@ -39,14 +40,15 @@ using comm::testing::Report;
 using comm::testing::RunRanks;
 using ::testing::HasSubstr;
 
+testutil::TempDir* g_root_dir = nullptr;
 std::string g_root;
 std::string g_model;
 
 class TrainTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    char tmpl[] = "/tmp/ftune-train-test-XXXXXX";
-    g_root = ::mkdtemp(tmpl);
+    g_root_dir = new testutil::TempDir("ftune-train-test");
+    g_root = g_root_dir->path();
     g_model = g_root + "/model";
     InitModelOptions o;
     o.out_dir = g_model;
@@ -57,7 +59,10 @@ class TrainTest : public ::testing::Test {
     const Status s = InitModel(o);
     ASSERT_TRUE(s.ok()) << s.ToString();
   }
-  static void TearDownTestSuite() { (void)RemoveTree(g_root); }
+  static void TearDownTestSuite() {
+    delete g_root_dir;
+    g_root_dir = nullptr;
+  }
 
   static v1::JobSpec Spec(int per_device_batch, int steps, int save_steps) {
     v1::JobSpec s;

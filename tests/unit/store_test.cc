@@ -1,23 +1,12 @@
-#include <unistd.h>
-
-#include <filesystem>
-
 #include <gtest/gtest.h>
 #include <sqlite3.h>
 
 #include "store.h"
+#include "temp_dir.h"
 
 namespace ftune::server {
 namespace {
 
-std::string TempDir() {
-  std::string t = (std::filesystem::temp_directory_path() /
-                   ("ftune-store-" + std::to_string(getpid()) + "-" +
-                    ::testing::UnitTest::GetInstance()->current_test_info()->name()))
-                      .string();
-  std::filesystem::remove_all(t);
-  return t;
-}
 
 v1::Job MakeJob(const std::string& id, v1::JobState state, const std::string& label = "") {
   v1::Job j;
@@ -29,7 +18,8 @@ v1::Job MakeJob(const std::string& id, v1::JobState state, const std::string& la
 }
 
 TEST(Store, PersistsAcrossReopen) {
-  const std::string dir = TempDir();
+  testutil::TempDir tmp("ftune-store");
+  const std::string dir = tmp.path() + "/state";  // Store::Open creates it
   {
     auto s = Store::Open(dir);
     ASSERT_TRUE(s.ok()) << s.status();
@@ -156,7 +146,8 @@ TEST(Store, PruneKeepsNewestCheckpoints) {
 }
 
 TEST(Store, RefusesNewerSchema) {
-  const std::string dir = TempDir();
+  testutil::TempDir tmp("ftune-store");
+  const std::string dir = tmp.path() + "/state";  // Store::Open creates it
   { ASSERT_TRUE(Store::Open(dir).ok()); }
   sqlite3* db = nullptr;
   ASSERT_EQ(sqlite3_open((dir + "/ftune.db").c_str(), &db), SQLITE_OK);

@@ -1,6 +1,7 @@
 // Starting and watching rank processes, behind an interface so that tests of
 // the rank supervisor can inject launch failures, exits and signals by hand
-// (STYLE.md "inject the world"); ForkExecLauncher is the real one.
+// instead of sleeping or killing real processes; ForkExecLauncher is the
+// real one.
 //
 // ForkExecLauncher puts each rank in its own process group, so a Ctrl-C on the
 // agent's terminal reaches only the agent (which then stops its ranks in

@@ -73,7 +73,8 @@ Status LocalRankGroup::Start(const LocalLaunchOptions& options,
       ::setenv(kEnvRendezvousStore, address.c_str(), 1);
       ::setenv(kEnvRank, std::to_string(r).c_str(), 1);
       ::setenv(kEnvWorldSize, std::to_string(options.nproc).c_str(), 1);
-      // Every rank environment keeps NVLink multicast off (DEVICE.md).
+      // Every rank environment keeps NVLink multicast off: NVLS on shared
+      // GPU hosts can take their GPUs out of service.
       ::setenv("NCCL_NVLS_ENABLE", "0", 0);
       const int code = rank_main(r, address);
       std::fflush(stdout);

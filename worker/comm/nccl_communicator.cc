@@ -453,7 +453,8 @@ Status CheckNvls(const NcclOptions& options) {
   return Status(StatusCode::kFailedPrecondition,
                 std::string("NCCL_NVLS_ENABLE=") + v +
                     ": NVLink multicast must stay off on shared GPU hosts "
-                    "(DEVICE.md); set NCCL_NVLS_ENABLE=0 or "
+                    "(NVLS can take their GPUs out of service); set "
+                    "NCCL_NVLS_ENABLE=0 or "
                     "NcclOptions::allow_nvlink_multicast");
 }
 

@@ -17,8 +17,8 @@
 // the error naming the collective, its sequence number, rank, host and
 // device. NCCL does not say which peer failed; the message says so.
 //
-// Environment: NCCL_NVLS_ENABLE=0 is expected (NVLink multicast can take
-// the host's shared GPUs out of service, DEVICE.md). Unset, it is set to 0
+// Environment: NCCL_NVLS_ENABLE=0 is expected (NVLink multicast, NVLS, can
+// take the GPUs of a shared host out of service). Unset, it is set to 0
 // before NCCL starts; set to anything else, creation fails unless
 // NcclOptions::allow_nvlink_multicast.
 //

@@ -1,5 +1,7 @@
 // PrepareDataset: data files + tokenizer -> cached, memory-mappable token
-// files, once per host before the ranks start (ARCHITECTURE.md). The steps:
+// files. Every rank calls it before it loads the model; ranks that share a
+// cache directory (those of one host) prepare the data once: the first one
+// builds the files, the others wait on its lock and find them. The steps:
 //   hash      read every data and tokenizer file; the cache key is SHA-256 of
 //             their bytes and of every option that changes the result
 //             (format, chat_template, completion_only_loss, max_seq_len,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Golden parity data for ftune's Llama + LoRA engine (issue 3).
+"""Golden parity data for ftune's Llama + LoRA engine (worker/trainer/).
 
 Builds two tiny random Llama models with transformers, wraps them with PEFT
 LoRA and records what the Python stack computes, so that the C++ engine can be
@@ -116,7 +116,8 @@ def make_config(spec):
 
 
 def expected_inv_freq(spec):
-    """The llama3 formula of REFERENCE.md, in float64, as an independent check."""
+    """The llama3 rope_scaling formula (transformers' _compute_llama3_parameters),
+    in float64, as an independent check."""
     hd = spec["hidden_size"] // spec["num_attention_heads"]
     inv = [1.0 / spec["rope_theta"] ** (2 * i / hd) for i in range(hd // 2)]
     r = spec["rope_scaling"]

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Golden token ids for ftune's tokenizer, made with Hugging Face `tokenizers`.
 
-Run on a host that has the `tokenizers` package (the GPU hosts do, see
-shared/DEVICE.md), with the npm test packages installed (see README.md beside this file
-for the npm line), e.g.
+Run on a host that has the `tokenizers` package (the GPU hosts have it in
+their Python stack), with the npm test packages installed (see README.md beside
+this file for the npm line), e.g.
 
   python3 tests/golden/tokenizer/make_golden.py \
       --npm /opt/ftune-testdata/npm --out tests/golden/tokenizer [--bench-mb 10]

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Makes the reference data the trainer's unit tests compare against.
 
-Run where torch, transformers and safetensors are installed (the GPU hosts,
-see shared/DEVICE.md), from the repository root:
+Run where torch, transformers and safetensors are installed (the GPU hosts
+have them in their Python stack), from the repository root:
 
     python3 tests/trainer/data/make_reference_data.py OUT_DIR
 

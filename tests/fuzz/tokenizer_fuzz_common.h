@@ -2,8 +2,8 @@
 // byte-level BPE with the tiktoken-style Split regex, added tokens,
 // ignore_merges, TemplateProcessing; Llama 2: Prepend/Replace normalizer,
 // byte fallback, Replace/ByteFallback/Fuse/Strip decoder), for the fuzzers.
-#ifndef FTUNE_TESTS_DATA_FUZZ_TOKENIZER_FUZZ_COMMON_H_
-#define FTUNE_TESTS_DATA_FUZZ_TOKENIZER_FUZZ_COMMON_H_
+#ifndef FTUNE_TESTS_FUZZ_TOKENIZER_FUZZ_COMMON_H_
+#define FTUNE_TESTS_FUZZ_TOKENIZER_FUZZ_COMMON_H_
 
 #include <cstdio>
 #include <string>
@@ -96,4 +96,4 @@ inline std::string SentencePieceTokenizerJson() {
 
 }  // namespace ftune::data::fuzz
 
-#endif  // FTUNE_TESTS_DATA_FUZZ_TOKENIZER_FUZZ_COMMON_H_
+#endif  // FTUNE_TESTS_FUZZ_TOKENIZER_FUZZ_COMMON_H_

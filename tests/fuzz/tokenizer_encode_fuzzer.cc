@@ -9,7 +9,7 @@
 #include <memory>
 #include <string>
 
-#include "tests/data/fuzz/tokenizer_fuzz_common.h"
+#include "tests/fuzz/tokenizer_fuzz_common.h"
 #include "worker/data/tokenizer.h"
 #include "worker/data/utf8.h"
 
