@@ -46,10 +46,13 @@ constexpr char kFooter[] =
 
 // Reads a whole file; the error names the file and the reason.
 absl::StatusOr<std::string> ReadFile(const std::string& what, const std::string& path) {
+  errno = 0;
   Result<std::string> contents = ReadFileToString(path, kMaxSmallFileBytes);
   if (!contents.ok()) {
+    // The OS's words ("No such file or directory"), not the path twice.
+    const int err = errno;
     return absl::InvalidArgumentError("cannot read " + what + " " + path + ": " +
-                                      contents.status().message());
+                                      (err != 0 ? ErrnoMessage(err) : contents.status().message()));
   }
   return std::move(*contents);
 }

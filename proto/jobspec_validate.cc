@@ -6,6 +6,7 @@
 #include <set>
 #include <sstream>
 
+#include "ftune/file_util.h"
 #include "jobspec.h"
 
 namespace ftune {
@@ -238,15 +239,21 @@ Status ResolveJobSpec(v1::JobSpec* spec, const std::string& base_dir) {
 }
 
 Result<v1::JobSpec> LoadJobSpec(const std::string& path, const std::string& base_dir) {
+  // A job spec is a few KiB; a huge "spec" is a mistake (or /dev/zero).
+  constexpr uint64_t kMaxSpecBytes = 1 << 20;
+  Result<std::string> text = ReadFileToString(path, kMaxSpecBytes);
+  if (!text.ok()) {
+    const std::string why = text.status().message();
+    // ReadFileToString's messages already start with the path.
+    const std::string message =
+        why.rfind(path, 0) == 0 ? why : path + ": " + why;
+    return Status(text.status().code(), message + " (cannot read the job spec)");
+  }
   v1::JobSpec spec;
   std::vector<std::string> errors;
-  if (!LoadJobSpecFile(path, &spec, &errors)) {
-    // LoadJobSpecFile already prefixes each parse error with the path.
+  if (!ParseJobSpecYaml(*text, &spec, &errors)) {
     std::string message;
-    for (const std::string& e : errors) message += (message.empty() ? "" : "\n") + e;
-    if (errors.size() == 1 && errors[0].rfind("cannot read job spec file", 0) == 0) {
-      return NotFoundError(message);
-    }
+    for (const std::string& e : errors) message += (message.empty() ? "" : "\n") + path + ": " + e;
     return InvalidArgumentError(message);
   }
   Status resolved = ResolveJobSpec(&spec, base_dir);
