@@ -5,6 +5,8 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -123,6 +125,18 @@ std::vector<v1::RankMessage> RecordingEventSink::events() const {
 void StopFlag::Request(bool save_checkpoint) {
   if (save_checkpoint) save_.store(true, std::memory_order_release);
   requested_.store(true, std::memory_order_release);
+}
+
+void EmitHello(EventSink& events, int rank, int world_size, const std::string& device,
+               int64_t start_step) {
+  v1::RankMessage m;
+  auto* h = m.mutable_hello();
+  h->set_rank(rank);
+  h->set_world_size(world_size);
+  h->set_pid(::getpid());
+  h->set_device(device);
+  h->set_start_step(start_step);
+  events.Emit(m);
 }
 
 MemoryNow DeviceMemory(const c10::Device& device) {

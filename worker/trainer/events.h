@@ -104,6 +104,11 @@ class StopFlag {
 
 // --- Telemetry.
 
+// The rank's hello: who it is, its process and device, the step it starts
+// from. The agent counts a rank as started from it.
+void EmitHello(EventSink& events, int rank, int world_size, const std::string& device,
+               int64_t start_step);
+
 // Device memory of a rank: the CUDA caching allocator's counters and the
 // device's memory in use, or for CPU ranks (whose device is host RAM) the
 // process's RSS.

@@ -6,7 +6,6 @@
 #include <torch/version.h>
 #include <stdlib.h>
 #endif
-#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -65,17 +64,6 @@ CollectiveTotals CollectivesNow(const TrainingState& state, double train_seconds
   c.reduce_exposed = state.lora->reduce_scatter_exposed_seconds();
   c.seconds = train_seconds;
   return c;
-}
-
-void EmitHello(const RankEnv& env, int64_t start_step) {
-  v1::RankMessage m;
-  auto* h = m.mutable_hello();
-  h->set_rank(env.rank);
-  h->set_world_size(env.world_size);
-  h->set_pid(::getpid());
-  h->set_device(env.device_name);
-  h->set_start_step(start_step);
-  env.events->Emit(m);
 }
 
 struct StepOutcome {
@@ -200,7 +188,9 @@ Result<TrainResult> TrainOrThrow(const v1::JobSpec& spec, const TrainContext& ct
   // 4. Schedule.
   FTUNE_ASSIGN_OR_RETURN(Schedule schedule,
                          MakeSchedule(t, *data.train, config.data.seed, ctx.world_size));
-  if (ctx.emit_hello) EmitHello(env, progress.step);
+  if (ctx.emit_hello) {
+    EmitHello(*ctx.events, ctx.rank, ctx.world_size, ctx.device, progress.step);
+  }
   if (ctx.rank == 0) {
     const int64_t batch = t.per_device_train_batch_size;
     ctx.events->Info(

@@ -322,16 +322,7 @@ int RunAgentRank(const RunFlags& flags) {
     if (!st.ok()) return fail(st.status());
     start_step = st->step;
   }
-  {
-    ftune::v1::RankMessage m;
-    auto* h = m.mutable_hello();
-    h->set_rank(flags.rank);
-    h->set_world_size(flags.world_size);
-    h->set_pid(::getpid());
-    h->set_device(flags.device);
-    h->set_start_step(start_step);
-    events.Emit(m);
-  }
+  trainer::EmitHello(events, flags.rank, flags.world_size, flags.device, start_step);
   const auto on_agent_message = [&](const ftune::v1::AgentMessage& m) {
     if (m.has_stop()) stop.Request(m.stop().save_checkpoint());
   };
