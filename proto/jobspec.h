@@ -86,6 +86,10 @@ bool ParseByteSize(const std::string& text, int64_t* bytes);
 // 42949672960 -> "40GiB" (exact binary units when possible).
 std::string FormatByteSize(int64_t bytes);
 
+// "5-7" -> [5, 7], "5" -> [5, 5]: a 1-based inclusive range of optimizer
+// steps (training.profile_steps). False when the text is not one.
+bool ParseStepRange(const std::string& text, int64_t* first, int64_t* last);
+
 // The LoRA target modules ftune knows (Llama projections).
 const std::vector<std::string>& KnownLoraTargets();
 

@@ -205,6 +205,10 @@ std::vector<std::string> ValidateJobSpec(const v1::JobSpec& spec) {
   c.Range("training.adam_beta2", t.adam_beta2(), 0, 1, true);
   c.Require(std::isfinite(t.adam_epsilon()) && t.adam_epsilon() > 0, "training.adam_epsilon",
             Num(t.adam_epsilon()), "must be > 0");
+  int64_t first = 0, last = 0;
+  c.Require(t.profile_steps().empty() || ParseStepRange(t.profile_steps(), &first, &last),
+            "training.profile_steps", "'" + t.profile_steps() + "'",
+            "must be a step N or a range N-M of optimizer steps with 1 <= N <= M");
 
   const auto& r = spec.resources();
   c.Range("resources.num_ranks", r.num_ranks(), 1, 65536, false);
@@ -226,6 +230,31 @@ std::vector<std::string> ValidateJobSpec(const v1::JobSpec& spec) {
               "must be at most 256 characters");
   }
   return c.Take();
+}
+
+bool ParseStepRange(const std::string& text, int64_t* first, int64_t* last) {
+  const auto number = [](const std::string& s, int64_t* out) {
+    if (s.empty() || s.size() > 12) return false;
+    int64_t v = 0;
+    for (char c : s) {
+      if (c < '0' || c > '9') return false;
+      v = v * 10 + (c - '0');
+    }
+    *out = v;
+    return true;
+  };
+  const size_t dash = text.find('-');
+  int64_t a = 0, b = 0;
+  if (dash == std::string::npos) {
+    if (!number(text, &a)) return false;
+    b = a;
+  } else if (!number(text.substr(0, dash), &a) || !number(text.substr(dash + 1), &b)) {
+    return false;
+  }
+  if (a < 1 || b < a) return false;
+  *first = a;
+  *last = b;
+  return true;
 }
 
 Status ResolveJobSpec(v1::JobSpec* spec, const std::string& base_dir) {

@@ -143,6 +143,7 @@ const std::vector<KeyCase>& RunKeys() {
       {"training.adam_beta1", "training: {adam_beta1: 0.8}", {"adam.beta1"}},
       {"training.adam_beta2", "training: {adam_beta2: 0.95}", {"adam.beta2"}},
       {"training.adam_epsilon", "training: {adam_epsilon: 0.000001}", {"adam.eps"}},
+      {"training.profile_steps", "training: {profile_steps: 5-7}", {"training.profile_steps"}},
       {"resources.num_ranks", "resources: {num_ranks: 4}", {"world_size", "plan.world_size"}},
   };
   return kCases;
@@ -327,6 +328,21 @@ TEST(RunConfigTest, OffloadIsOneDecisionForEngineAndPlan) {
   ASSERT_TRUE(without.ok()) << without.status().ToString();
   EXPECT_LT(with->device_peak_bytes, without->device_peak_bytes);
   EXPECT_GT(with->host_peak_bytes, without->host_peak_bytes);
+}
+
+TEST(RunConfigTest, ProfileStepsAreARangeOfOptimizerSteps) {
+  const RunConfig c = Resolve(Parse(std::string(kBase) + "training: {profile_steps: 5-7}\n"));
+  EXPECT_EQ(c.training.profile_first, 5);
+  EXPECT_EQ(c.training.profile_last, 7);
+  const RunConfig one = Resolve(Parse(std::string(kBase) + "training: {profile_steps: '3'}\n"));
+  EXPECT_EQ(one.training.profile_first, 3);
+  EXPECT_EQ(one.training.profile_last, 3);
+  for (const char* bad : {"0-2", "7-5", "x", "5-", "-5", "1-2-3"}) {
+    v1::JobSpec spec = Parse(std::string(kBase) + "training: {profile_steps: '" + bad + "'}\n");
+    const Status st = ResolveJobSpec(&spec);
+    ASSERT_FALSE(st.ok()) << bad;
+    EXPECT_NE(st.message().find("training.profile_steps"), std::string::npos) << st.message();
+  }
 }
 
 TEST(RunConfigTest, AnUnresolvedSpecIsRefusedWithItsProblems) {

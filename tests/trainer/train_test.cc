@@ -14,11 +14,13 @@
 
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <fstream>
 #include <sstream>
 #include <thread>
 
 #include <gmock/gmock.h>
+#include <nlohmann/json.hpp>
 #include <gtest/gtest.h>
 
 #include "jobspec.h"
@@ -241,6 +243,42 @@ TEST_F(TrainTest, TwoThreeFourRanksTrainLikeOneRankWithTheSameGlobalBatch) {
     }
     ExpectSameAdapter(dir + "/adapter", one + "/adapter", "world " + std::to_string(world));
   }
+}
+
+// training.profile_steps: each rank writes a Chrome trace of exactly the
+// steps asked for, with the engine's named ranges in it, and the traced run
+// trains like an untraced one.
+TEST_F(TrainTest, ProfileStepsWriteATraceOfThoseStepsPerRank) {
+  const std::string plain = g_root + "/unprofiled";
+  auto exits = TrainRanks({Spec(6, 4, 0), plain, "", 2});
+  ASSERT_TRUE(AllOk(exits, 2)) << Report(exits);
+  v1::JobSpec spec = Spec(6, 4, 0);
+  spec.mutable_training()->set_profile_steps("2-3");
+  ASSERT_TRUE(ResolveJobSpec(&spec).ok());
+  const std::string dir = g_root + "/profiled";
+  exits = TrainRanks({spec, dir, "", 2});
+  ASSERT_TRUE(AllOk(exits, 2)) << Report(exits);
+  EXPECT_EQ(Losses(dir), Losses(plain));
+  for (int rank : {0, 1}) {
+    const std::string path =
+        dir + "/profile/rank-" + std::to_string(rank) + "-steps-2-3.trace.json";
+    ASSERT_TRUE(IsRegularFile(path)) << path;
+    std::ifstream in(path);
+    const nlohmann::json trace = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+    ASSERT_TRUE(trace.is_object() && trace.contains("traceEvents")) << path;
+    std::map<std::string, int> count;
+    for (const auto& e : trace["traceEvents"]) {
+      if (e.contains("name") && e["name"].is_string()) ++count[e["name"].get<std::string>()];
+    }
+    EXPECT_EQ(count["ftune::step"], 2) << "steps 2 and 3 only";
+    for (const char* range : {"ftune::layer_forward", "ftune::attention", "ftune::lora",
+                              "ftune::nf4_dequantize", "ftune::loss", "ftune::fsdp_gather",
+                              "ftune::reduce_gradients", "ftune::optimizer",
+                              "ftune::gather_lora"}) {
+      EXPECT_GT(count[range], 0) << range << " missing from " << path;
+    }
+  }
+  EXPECT_FALSE(IsDirectory(plain + "/profile"));
 }
 
 TEST_F(TrainTest, ResumeReproducesTheUninterruptedRun) {

@@ -90,6 +90,9 @@ Result<RunConfig> MakeRunConfig(const v1::JobSpec& spec, DeviceKind device, int 
   s.save_steps = t.save_steps();
   s.save_total_limit = t.save_total_limit();
   s.seed = static_cast<uint64_t>(t.seed());
+  if (!t.profile_steps().empty()) {
+    ParseStepRange(t.profile_steps(), &s.profile_first, &s.profile_last);  // validated
+  }
 
   FTUNE_RETURN_IF_ERROR(l.Validate());
   FTUNE_RETURN_IF_ERROR(c.adam.Validate());
@@ -174,6 +177,8 @@ std::string DescribeRunConfig(const RunConfig& c) {
   line("training.save_steps", s.save_steps);
   line("training.save_total_limit", s.save_total_limit);
   line("training.seed", s.seed);
+  line("training.profile_steps", std::to_string(s.profile_first) + "-" +
+                                     std::to_string(s.profile_last));
   const MemoryPlanOptions& p = c.plan;
   line("plan.world_size", p.world_size);
   line("plan.micro_batch_size", p.micro_batch_size);

@@ -22,6 +22,7 @@
 //   training.* (steps, schedule, logging,
 //     eval, saving, clipping, batch)     -> training
 //   training.gradient_checkpointing      -> model.activation_checkpointing
+//   training.profile_steps               -> training.profile_first, .profile_last
 //   everything above                     -> plan (MemoryPlanOptions)
 // The control-plane keys (name, labels, priority, max_restarts, output_dir,
 // resources.*) are the coordinator's and the agent's; run_config_test walks
@@ -73,6 +74,8 @@ struct TrainingSettings {
   int64_t save_steps = 500;               // 0: no periodic checkpoints
   int save_total_limit = 0;
   uint64_t seed = 42;                     // data order, LoRA init, dropout
+  int64_t profile_first = 0;              // optimizer steps traced, 1-based,
+  int64_t profile_last = -1;              // inclusive; none when first is 0
 };
 
 struct RunConfig {

@@ -17,6 +17,7 @@
 
 #include "worker/trainer/fsdp_common.h"
 #include "worker/trainer/fsdp_streams.h"
+#include "worker/trainer/profiler.h"
 
 namespace ftune::trainer {
 namespace internal {
@@ -80,6 +81,7 @@ class FsdpUnitsImpl final : public FsdpUnits {
 
   // --- UnitHooks
   void Gather(int64_t unit, UnitPhase phase) override {
+    FTUNE_RANGE("ftune::fsdp_gather");
     const Status s = GatherUnit(unit);
     TORCH_CHECK(s.ok(), "FSDP gather of unit ", unit, " (",
                 unit >= 0 && unit < num_units() ? units_[unit].name : std::string("?"), ", ",

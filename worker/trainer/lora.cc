@@ -1,5 +1,6 @@
 // LoRA over frozen base layers; see lora.h for the semantics and seeding.
 #include "worker/trainer/lora.h"
+#include "worker/trainer/profiler.h"
 
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
@@ -68,6 +69,7 @@ at::Tensor LoraLinear::Forward(const at::Tensor& x, bool training) const {
   at::Tensor y = base_->Forward(x);  // (..., out) in x's dtype
   if (!adapter_) return y;
   const LoraAdapter& ad = *adapter_;
+  FTUNE_RANGE("ftune::lora");
   // PEFT casts the input to the adapter's dtype (fp32) and the sum back to
   // the base output's dtype; doing the same keeps bf16 runs comparable.
   at::Tensor xa = x.to(at::kFloat);  // (..., in)

@@ -1,5 +1,6 @@
 // Chunked lm_head cross-entropy; see loss.h for why and how.
 #include "worker/trainer/loss.h"
+#include "worker/trainer/profiler.h"
 
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
@@ -83,6 +84,7 @@ struct ChunkedCrossEntropy : public torch::autograd::Function<ChunkedCrossEntrop
 
 at::Tensor ChunkedCrossEntropySum(const at::Tensor& hidden, const at::Tensor& weight,
                                   const at::Tensor& targets, int64_t chunk_tokens) {
+  FTUNE_RANGE("ftune::loss");
   CheckInputs(hidden, weight, targets, chunk_tokens);
   return ChunkedCrossEntropy::apply(hidden, weight, targets, chunk_tokens);
 }

@@ -1,5 +1,6 @@
 // Llama decoder forward/backward; see model.h for the design.
 #include "worker/trainer/model.h"
+#include "worker/trainer/profiler.h"
 
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
@@ -508,6 +509,7 @@ LlamaModel::AttentionContext LlamaModel::MakeAttentionContext(const at::Tensor& 
 
 at::Tensor LlamaModel::Attention(const DecoderLayer& layer, const at::Tensor& x,
                                  const AttentionContext& ctx, bool training) const {
+  FTUNE_RANGE("ftune::attention");
   const int64_t b = x.size(0), s = x.size(1);
   const int64_t nh = config_.num_attention_heads, nkv = config_.num_key_value_heads;
   const int64_t hd = config_.head_dim;
@@ -538,6 +540,7 @@ at::Tensor LlamaModel::Attention(const DecoderLayer& layer, const at::Tensor& x,
 
 at::Tensor LlamaModel::LayerForward(int64_t layer, const at::Tensor& h, const AttentionContext& ctx,
                                     bool training) const {
+  FTUNE_RANGE("ftune::layer_forward");
   const DecoderLayer& l = layers_[layer];
   const double eps = config_.rms_norm_eps;
   at::Tensor x = RmsNorm(h, l.input_layernorm, eps);  // (b, s, hidden)

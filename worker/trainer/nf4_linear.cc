@@ -1,5 +1,6 @@
 // NF4 base linear layer; see nf4_linear.h for the design.
 #include "worker/trainer/nf4_linear.h"
+#include "worker/trainer/profiler.h"
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -228,6 +229,7 @@ Nf4Weight QuantizeNf4Weight(const at::Tensor& weight, const Nf4Options& options)
 }
 
 at::Tensor DequantizeNf4Weight(const Nf4Weight& w, c10::ScalarType dtype) {
+  FTUNE_RANGE("ftune::nf4_dequantize");
   const c10::Device dev = w.device();
   const int64_t n = w.numel();
   if (dtype != at::kFloat && dtype != at::kBFloat16) {

@@ -16,6 +16,7 @@
 #include "worker/comm/communicator.h"
 #include "worker/config/run_config.h"
 #include "worker/trainer/checkpoint.h"
+#include "worker/trainer/profiler.h"
 #include "worker/trainer/train_state.h"
 
 namespace ftune::trainer {
@@ -83,6 +84,7 @@ struct StepOutcome {
 Result<StepOutcome> TrainStep(const RunConfig& config, const RankEnv& env, TrainingState& state,
                               Schedule& schedule, const data::TokenFile& train,
                               const TrainProgress& progress) {
+  FTUNE_RANGE("ftune::step");
   const int64_t accumulation = config.training.gradient_accumulation_steps;
   StepOutcome out;
   std::vector<Batch> micro_batches;
@@ -103,16 +105,26 @@ Result<StepOutcome> TrainStep(const RunConfig& config, const RankEnv& env, Train
     loss.loss_sum.mul(scale).backward();
     local_loss_sum += loss.loss_sum.item<double>();
   }
-  FTUNE_RETURN_IF_ERROR(state.lora->ReduceGradients());
-  if (config.training.max_grad_norm > 0) {
-    FTUNE_ASSIGN_OR_RETURN(out.grad_norm, state.lora->ClipGradNorm(config.training.max_grad_norm));
-  } else {
-    FTUNE_ASSIGN_OR_RETURN(out.grad_norm, state.lora->GradNorm());
+  {
+    FTUNE_RANGE("ftune::reduce_gradients");
+    FTUNE_RETURN_IF_ERROR(state.lora->ReduceGradients());
   }
-  out.lr = schedule.lr.LrAt(progress.step);
-  state.optimizer->Step(out.lr);
-  state.optimizer->ZeroGrad();
-  FTUNE_RETURN_IF_ERROR(state.lora->GatherParams());
+  {
+    FTUNE_RANGE("ftune::optimizer");
+    if (config.training.max_grad_norm > 0) {
+      FTUNE_ASSIGN_OR_RETURN(out.grad_norm,
+                             state.lora->ClipGradNorm(config.training.max_grad_norm));
+    } else {
+      FTUNE_ASSIGN_OR_RETURN(out.grad_norm, state.lora->GradNorm());
+    }
+    out.lr = schedule.lr.LrAt(progress.step);
+    state.optimizer->Step(out.lr);
+    state.optimizer->ZeroGrad();
+  }
+  {
+    FTUNE_RANGE("ftune::gather_lora");
+    FTUNE_RETURN_IF_ERROR(state.lora->GatherParams());
+  }
   FTUNE_ASSIGN_OR_RETURN(double loss_sum, env.reduce->SumDouble(local_loss_sum));
   out.loss = loss_sum * scale;
   return out;
@@ -210,6 +222,12 @@ Result<TrainResult> TrainOrThrow(const v1::JobSpec& spec, const TrainContext& ct
   if (data.eval != nullptr) {
     evaluator = std::make_unique<Evaluator>(state.model.get(), data.eval.get(), env);
   }
+  StepProfiler profiler(t.profile_first, t.profile_last, ctx.output_dir + "/profile", ctx.rank,
+                        device.is_cuda());
+  const auto report_trace = [&](const std::string& path) {
+    if (!path.empty()) ctx.events->Info("profile of rank " + std::to_string(ctx.rank) +
+                                        " written to " + path);
+  };
   const auto save = [&](double loss) -> Status {
     FTUNE_ASSIGN_OR_RETURN(std::string dir, checkpointer.Save(progress, loss));
     (void)dir;
@@ -233,6 +251,7 @@ Result<TrainResult> TrainOrThrow(const v1::JobSpec& spec, const TrainContext& ct
       break;
     }
     const Clock::time_point step_start = Clock::now();
+    FTUNE_RETURN_IF_ERROR(profiler.BeginStep(progress.step + 1));
     FTUNE_ASSIGN_OR_RETURN(StepOutcome s,
                            TrainStep(config, env, state, schedule, *data.train, progress));
     loss = s.loss;
@@ -240,6 +259,8 @@ Result<TrainResult> TrainOrThrow(const v1::JobSpec& spec, const TrainContext& ct
     progress.tokens_total += s.loss_tokens;
     my_input_tokens += s.input_tokens;
     ++progress.step;
+    FTUNE_ASSIGN_OR_RETURN(std::string trace, profiler.EndStep(progress.step));
+    report_trace(trace);
     result.losses.push_back(loss);
     const double step_seconds = Seconds(step_start);
     if (!collectives_base.taken) {
@@ -264,6 +285,11 @@ Result<TrainResult> TrainOrThrow(const v1::JobSpec& spec, const TrainContext& ct
 
   // 6. The end: collective summary, final eval, final checkpoint, adapter.
   const double train_seconds = Seconds(train_start);
+  {
+    // Stopped (or out of steps) inside the traced range: keep what ran.
+    FTUNE_ASSIGN_OR_RETURN(std::string trace, profiler.Finish());
+    report_trace(trace);
+  }
   if (ctx.rank == 0 && ctx.world_size > 1 && collectives_base.taken) {
     const CollectiveTotals now = CollectivesNow(state, train_seconds);
     if (now.seconds > collectives_base.seconds) {

@@ -181,6 +181,7 @@ struct TrainFlags {
   std::string device = "cpu";
   std::string output_dir;
   std::string resume_from;
+  std::string profile_steps;  // overrides training.profile_steps
   bool json = false;
 };
 
@@ -260,6 +261,13 @@ int RunTrain(const TrainFlags& flags) {
   if (Status s = LoadSpec(flags.spec_path, &spec); !s.ok()) {
     std::cerr << "ftune-rank train: " << s.ToString() << "\n";
     return kUsage;
+  }
+  if (!flags.profile_steps.empty()) {
+    spec.mutable_training()->set_profile_steps(flags.profile_steps);
+    if (Status s = ftune::ResolveJobSpec(&spec); !s.ok()) {
+      std::cerr << "ftune-rank train: --profile-steps: " << s.ToString() << "\n";
+      return kUsage;
+    }
   }
   if (flags.nproc == 1) return TrainOneRank(flags, spec, 0, "");
   std::unique_ptr<ftune::comm::LocalRankGroup> group;
@@ -429,6 +437,9 @@ int main(int argc, char** argv) {
                         "./ftune-output)");
   train_cmd->add_option("--resume-from", train.resume_from,
                         "checkpoint directory, or 'auto' for the latest complete one");
+  train_cmd->add_option("--profile-steps", train.profile_steps,
+                        "trace these optimizer steps (e.g. 5-7) into <output_dir>/profile/ "
+                        "(training.profile_steps)");
   train_cmd->add_flag("--json", train.json, "events as JSON lines on stderr");
 
   RunFlags run;

@@ -1,0 +1,119 @@
+#include "worker/trainer/profiler.h"
+
+#include <torch/csrc/autograd/profiler_kineto.h>
+#include <torch/version.h>
+
+#include <set>
+#include <sstream>
+#include <utility>
+
+#include <nlohmann/json.hpp>
+
+#include "ftune/file_util.h"
+
+namespace ftune::trainer {
+namespace {
+
+namespace prof = torch::autograd::profiler;
+using torch::profiler::impl::ActivityType;
+using torch::profiler::impl::ProfilerConfig;
+using torch::profiler::impl::ProfilerState;
+
+std::set<ActivityType> Activities(bool cuda) {
+  std::set<ActivityType> a{ActivityType::CPU};
+  if (cuda) a.insert(ActivityType::CUDA);
+  return a;
+}
+
+ProfilerConfig Config() {
+  // KINETO: ops with their shapes off (cheap), no memory or stack records.
+  return ProfilerConfig(ProfilerState::KINETO, /*report_input_shapes=*/false,
+                        /*profile_memory=*/false, /*with_stack=*/false, /*with_flops=*/false,
+                        /*with_modules=*/false);
+}
+
+#if TORCH_VERSION_MAJOR < 2
+// Without Kineto the events are still collected: write them as Chrome trace
+// "complete" events (microseconds), one thread lane per recording thread.
+Status WriteChromeTrace(const prof::ProfilerResult& result, int rank, const std::string& path) {
+  nlohmann::json events = nlohmann::json::array();
+  for (const prof::KinetoEvent& e : result.events()) {
+    events.push_back({{"name", e.name()},
+                      {"ph", "X"},
+                      {"cat", e.deviceType() == c10::DeviceType::CUDA ? "kernel" : "cpu_op"},
+                      {"ts", e.startUs()},
+                      {"dur", e.durationUs()},
+                      {"pid", rank},
+                      {"tid", e.startThreadId()}});
+  }
+  const nlohmann::json trace = {{"traceEvents", events}, {"displayTimeUnit", "ms"}};
+  return WriteFileAtomically(path, trace.dump());
+}
+#endif
+
+}  // namespace
+
+StepProfiler::StepProfiler(int64_t first, int64_t last, std::string dir, int rank, bool cuda)
+    : first_(first), last_(last), dir_(std::move(dir)), rank_(rank), cuda_(cuda) {}
+
+StepProfiler::~StepProfiler() {
+  if (active_) {
+    try {
+      prof::disableProfiler();
+    } catch (...) {
+    }
+  }
+}
+
+Status StepProfiler::BeginStep(int64_t step) {
+  if (first_ < 1 || step != first_ || active_) return OkStatus();
+  try {
+    prof::prepareProfiler(Config(), Activities(cuda_));
+    prof::enableProfiler(Config(), Activities(cuda_),
+                         {at::RecordScope::FUNCTION, at::RecordScope::USER_SCOPE,
+                          at::RecordScope::BACKWARD_FUNCTION});
+  } catch (const c10::Error& e) {
+    return InternalError("cannot start the profiler: " + std::string(e.what_without_backtrace()));
+  }
+  active_ = true;
+  started_ = step;
+  return OkStatus();
+}
+
+Result<std::string> StepProfiler::EndStep(int64_t step) {
+  if (!active_ || step < last_) return std::string();
+  return StopAndWrite(step);
+}
+
+Result<std::string> StepProfiler::Finish() {
+  if (!active_) return std::string();
+  return StopAndWrite(-1);
+}
+
+Result<std::string> StepProfiler::StopAndWrite(int64_t last_step) {
+  active_ = false;
+  std::unique_ptr<prof::ProfilerResult> result;
+  try {
+    result = prof::disableProfiler();
+  } catch (const c10::Error& e) {
+    return InternalError("cannot stop the profiler: " + std::string(e.what_without_backtrace()));
+  }
+  FTUNE_RETURN_IF_ERROR(MakeDirectories(dir_));
+  std::ostringstream name;
+  name << dir_ << "/rank-" << rank_ << "-steps-" << started_ << "-"
+       << (last_step > 0 ? last_step : started_) << ".trace.json";
+  const std::string path = name.str();
+#if TORCH_VERSION_MAJOR < 2
+  FTUNE_RETURN_IF_ERROR(WriteChromeTrace(*result, rank_, path));
+#else
+  try {
+    result->save(path);
+  } catch (const c10::Error& e) {
+    return InternalError("cannot write the trace " + path + ": " +
+                         std::string(e.what_without_backtrace()));
+  }
+#endif
+  return path;
+}
+
+}  // namespace ftune::trainer

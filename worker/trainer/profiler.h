@@ -1,0 +1,70 @@
+// StepProfiler: traces a range of optimizer steps with LibTorch's profiler
+// (CPU ops, and CUDA kernels on GPU ranks) into a Chrome/Perfetto trace,
+// <dir>/rank-<r>-steps-<first>-<last>.trace.json, one per rank. Open it in
+// https://ui.perfetto.dev or chrome://tracing (docs/performance.md).
+//
+// The engine marks its phases with named ranges (FTUNE_RANGE below), which
+// appear in the trace beside the ops they contain:
+//   ftune::step            one optimizer step
+//   ftune::layer_forward   a decoder layer's forward (also when recomputed)
+//   ftune::attention       its attention
+//   ftune::lora            a LoRA adapter's forward
+//   ftune::nf4_dequantize  an NF4 weight expanded for a GEMM
+//   ftune::loss            the chunked lm_head + cross-entropy
+//   ftune::fsdp_gather     a unit's all-gather (or copy-in)
+//   ftune::reduce_gradients, ftune::gather_lora, ftune::optimizer
+//
+// Writing the trace: LibTorch 2.x writes Kineto's own trace (with CUDA
+// kernels and memcpys); a LibTorch built without Kineto (Debian's 1.13)
+// collects the same events, which are written here as Chrome trace JSON.
+//
+// Thread-safety: one per rank, used by the training thread.
+#ifndef FTUNE_WORKER_TRAINER_PROFILER_H_
+#define FTUNE_WORKER_TRAINER_PROFILER_H_
+
+#include <ATen/record_function.h>
+
+#include <cstdint>
+#include <string>
+
+#include "ftune/status.h"
+
+// A named range in the trace for the rest of the enclosing scope; free when
+// no profiler runs. One per scope.
+#define FTUNE_RANGE(name) RECORD_USER_SCOPE(name)
+
+namespace ftune::trainer {
+
+class StepProfiler {
+ public:
+  // Traces optimizer steps [first, last] (1-based); does nothing when first
+  // is 0. `cuda` adds the CUDA activity.
+  StepProfiler(int64_t first, int64_t last, std::string dir, int rank, bool cuda);
+  ~StepProfiler();
+  StepProfiler(const StepProfiler&) = delete;
+  StepProfiler& operator=(const StepProfiler&) = delete;
+
+  // Before optimizer step `step` (1-based) runs: starts at `first`.
+  Status BeginStep(int64_t step);
+  // After it ran: at `last`, stops and writes the trace. Returns the path
+  // written, "" when nothing was.
+  Result<std::string> EndStep(int64_t step);
+  // The loop ended (or stopped) inside the range: writes what was traced.
+  Result<std::string> Finish();
+
+  bool active() const { return active_; }
+
+ private:
+  Result<std::string> StopAndWrite(int64_t last_step);
+
+  int64_t first_, last_;
+  std::string dir_;
+  int rank_;
+  bool cuda_;
+  bool active_ = false;
+  int64_t started_ = 0;
+};
+
+}  // namespace ftune::trainer
+
+#endif  // FTUNE_WORKER_TRAINER_PROFILER_H_
