@@ -29,9 +29,14 @@
 
 #include "ftune/status.h"
 
-// A named range in the trace for the rest of the enclosing scope; free when
-// no profiler runs. One per scope.
-#define FTUNE_RANGE(name) RECORD_USER_SCOPE(name)
+// A named range in the trace for the rest of the enclosing scope; a flag
+// test when no profiler runs. LibTorch's RECORD_USER_SCOPE names its guard
+// `guard`, which collides with CUDA guards of the same name; this one is
+// named after the line.
+#define FTUNE_RANGE_IMPL_(var, name)                   \
+  at::RecordFunction var(at::RecordScope::USER_SCOPE); \
+  if (var.isActive()) var.before(name)
+#define FTUNE_RANGE(name) FTUNE_RANGE_IMPL_(FTUNE_CONCAT_(ftune_range_, __LINE__), name)
 
 namespace ftune::trainer {
 
