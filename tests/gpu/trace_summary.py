@@ -35,7 +35,9 @@ def main():
     steps = []
     for e in events:
         name, dur, cat = e.get("name", ""), float(e["dur"]), e.get("cat", "")
-        if name.startswith("ftune::"):
+        if name.startswith("ftune::") and cat in ("user_annotation", "cpu_op"):
+            # The host side of a range (Kineto also projects it onto the GPU
+            # timeline as gpu_user_annotation).
             ranges[name][0] += 1
             ranges[name][1] += dur
             if name == "ftune::step":
