@@ -3,6 +3,7 @@
 #include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/version.h>
 
+#include <algorithm>
 #include <set>
 #include <sstream>
 #include <utility>
@@ -10,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "ftune/file_util.h"
+#include "worker/trainer/events.h"
 
 namespace ftune::trainer {
 namespace {
@@ -53,8 +55,10 @@ Status WriteChromeTrace(const prof::ProfilerResult& result, int rank, const std:
 
 }  // namespace
 
-StepProfiler::StepProfiler(int64_t first, int64_t last, std::string dir, int rank, bool cuda)
-    : first_(first), last_(last), dir_(std::move(dir)), rank_(rank), cuda_(cuda) {}
+StepProfiler::StepProfiler(int64_t first, int64_t last, std::string dir, int rank, bool cuda,
+                           EventSink* events)
+    : first_(first), last_(last), dir_(std::move(dir)), rank_(rank), cuda_(cuda),
+      events_(events) {}
 
 StepProfiler::~StepProfiler() {
   if (active_) {
@@ -80,17 +84,18 @@ Status StepProfiler::BeginStep(int64_t step) {
   return OkStatus();
 }
 
-Result<std::string> StepProfiler::EndStep(int64_t step) {
-  if (!active_ || step < last_) return std::string();
+Status StepProfiler::EndStep(int64_t step) {
+  if (active_) last_traced_ = step;
+  if (!active_ || step < last_) return OkStatus();
   return StopAndWrite(step);
 }
 
-Result<std::string> StepProfiler::Finish() {
-  if (!active_) return std::string();
-  return StopAndWrite(-1);
+Status StepProfiler::Finish() {
+  if (!active_) return OkStatus();
+  return StopAndWrite(last_traced_);
 }
 
-Result<std::string> StepProfiler::StopAndWrite(int64_t last_step) {
+Status StepProfiler::StopAndWrite(int64_t last_step) {
   active_ = false;
   std::unique_ptr<prof::ProfilerResult> result;
   try {
@@ -101,7 +106,7 @@ Result<std::string> StepProfiler::StopAndWrite(int64_t last_step) {
   FTUNE_RETURN_IF_ERROR(MakeDirectories(dir_));
   std::ostringstream name;
   name << dir_ << "/rank-" << rank_ << "-steps-" << started_ << "-"
-       << (last_step > 0 ? last_step : started_) << ".trace.json";
+       << std::max(last_step, started_) << ".trace.json";
   const std::string path = name.str();
 #if TORCH_VERSION_MAJOR < 2
   FTUNE_RETURN_IF_ERROR(WriteChromeTrace(*result, rank_, path));
@@ -113,7 +118,10 @@ Result<std::string> StepProfiler::StopAndWrite(int64_t last_step) {
                          std::string(e.what_without_backtrace()));
   }
 #endif
-  return path;
+  if (events_ != nullptr) {
+    events_->Info("profile of rank " + std::to_string(rank_) + " written to " + path);
+  }
+  return OkStatus();
 }
 
 }  // namespace ftune::trainer

@@ -40,34 +40,39 @@
 
 namespace ftune::trainer {
 
+class EventSink;
+
 class StepProfiler {
  public:
   // Traces optimizer steps [first, last] (1-based); does nothing when first
-  // is 0. `cuda` adds the CUDA activity.
-  StepProfiler(int64_t first, int64_t last, std::string dir, int rank, bool cuda);
+  // is 0. `cuda` adds the CUDA activity. `events` (not owned) gets an INFO
+  // line naming each trace written.
+  StepProfiler(int64_t first, int64_t last, std::string dir, int rank, bool cuda,
+               EventSink* events);
   ~StepProfiler();
   StepProfiler(const StepProfiler&) = delete;
   StepProfiler& operator=(const StepProfiler&) = delete;
 
   // Before optimizer step `step` (1-based) runs: starts at `first`.
   Status BeginStep(int64_t step);
-  // After it ran: at `last`, stops and writes the trace. Returns the path
-  // written, "" when nothing was.
-  Result<std::string> EndStep(int64_t step);
+  // After it ran: at `last`, stops and writes the trace.
+  Status EndStep(int64_t step);
   // The loop ended (or stopped) inside the range: writes what was traced.
-  Result<std::string> Finish();
+  Status Finish();
 
   bool active() const { return active_; }
 
  private:
-  Result<std::string> StopAndWrite(int64_t last_step);
+  Status StopAndWrite(int64_t last_step);
 
   int64_t first_, last_;
   std::string dir_;
   int rank_;
   bool cuda_;
+  EventSink* events_;
   bool active_ = false;
-  int64_t started_ = 0;
+  int64_t started_ = 0;      // the first step traced
+  int64_t last_traced_ = 0;  // the last step that ended while tracing
 };
 
 }  // namespace ftune::trainer

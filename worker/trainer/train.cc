@@ -154,97 +154,164 @@ Result<int64_t> AgreeOnStop(const RankEnv& env, const StopFlag* stop) {
   return env.reduce->MaxInt(local);
 }
 
+Status Resume(const TrainContext& ctx, TrainingState& state, TrainProgress* progress) {
+  if (ctx.resume_from.empty()) return OkStatus();
+  FTUNE_ASSIGN_OR_RETURN(*progress, ResumeFromCheckpoint(ctx.resume_from, ctx.rank,
+                                                         ctx.world_size, state.lora.get(),
+                                                         state.optimizer.get(),
+                                                         state.cpu_generator));
+  if (ctx.rank == 0) {
+    ctx.events->Info("resumed from " + ctx.resume_from + " at step " +
+                     std::to_string(progress->step) + " (written by " +
+                     std::to_string(progress->resumed_world_size) + " ranks)");
+  }
+  return OkStatus();
+}
+
+void ReportStart(const TrainContext& ctx, const TrainingSettings& t, const Schedule& schedule,
+                 const TrainingState& state, int64_t start_step) {
+  if (ctx.emit_hello) EmitHello(*ctx.events, ctx.rank, ctx.world_size, ctx.device, start_step);
+  if (ctx.rank != 0) return;
+  const int64_t batch = t.per_device_train_batch_size;
+  ctx.events->Info("training " + std::to_string(schedule.total_steps) + " steps: " +
+                   std::to_string(batch * ctx.world_size * t.gradient_accumulation_steps) +
+                   " rows per step (" + std::to_string(batch) + " per rank x " +
+                   std::to_string(ctx.world_size) + " ranks x " +
+                   std::to_string(t.gradient_accumulation_steps) + " accumulation), " +
+                   std::to_string(state.lora->total_numel()) + " trainable LoRA parameters");
+}
+
+// What the loop keeps across steps besides the progress.
+struct RunTotals {
+  TrainResult result;
+  double loss = 0;
+  int64_t my_input_tokens = 0;
+  CollectiveTotals collectives_base;  // after this run's first (warm-up) step
+  Clock::time_point start = Clock::now();
+};
+
+// After a step: the step and memory events, eval and checkpoint when due.
+Status AfterStep(const RunConfig& config, const RankEnv& env, const TrainProgress& progress,
+                 const StepOutcome& s, const Schedule& schedule, RunTotals& run,
+                 double step_seconds, Evaluator* evaluator, Checkpointer& checkpointer) {
+  const TrainingSettings& t = config.training;
+  const int64_t step = progress.step;
+  if (step % t.logging_steps == 0 || step == schedule.total_steps || step == 1) {
+    EmitStep(env, progress, s, run.my_input_tokens, step_seconds,
+             schedule.order.EpochAt(progress.micro));
+  }
+  if (step == 1 || step % std::max<int64_t>(t.logging_steps, 10) == 0) {
+    EmitMemory(*env.events, env.device, env.device_name, "train");
+  }
+  if (evaluator != nullptr && t.eval_steps > 0 && step % t.eval_steps == 0) {
+    FTUNE_RETURN_IF_ERROR(evaluator->RunAndReport(step));
+  }
+  if (t.save_steps > 0 && step % t.save_steps == 0 && step < schedule.total_steps) {
+    FTUNE_RETURN_IF_ERROR(checkpointer.Save(progress, run.loss).status());
+  }
+  return OkStatus();
+}
+
+// The end of a run that was not stopped: the final eval and checkpoint (a
+// restart after this point, say a rank that dies before exiting, does not
+// train again) and rank 0's consolidated adapter. Then, for every run, the
+// collective summary, the memory event and `done`.
+Result<TrainResult> Finish(const RunConfig& config, const TrainContext& ctx, const RankEnv& env,
+                           const TrainProgress& progress, TrainingState& state, RunTotals& run,
+                           Evaluator* evaluator, Checkpointer& checkpointer) {
+  const TrainingSettings& t = config.training;
+  TrainResult& result = run.result;
+  const double train_seconds = Seconds(run.start);
+  if (ctx.rank == 0 && ctx.world_size > 1 && run.collectives_base.taken) {
+    const CollectiveTotals now = CollectivesNow(state, train_seconds);
+    if (now.seconds > run.collectives_base.seconds) {
+      ctx.events->Info(DescribeCollectives(run.collectives_base, now));
+    }
+  }
+  if (!result.stopped) {
+    if (evaluator != nullptr && t.eval_steps > 0 && progress.step % t.eval_steps != 0) {
+      FTUNE_RETURN_IF_ERROR(evaluator->RunAndReport(progress.step));
+    }
+    if (t.save_steps > 0 && checkpointer.last_saved_step() != progress.step) {
+      FTUNE_RETURN_IF_ERROR(checkpointer.Save(progress, run.loss).status());
+    }
+    if (ctx.rank == 0) {
+      result.adapter_dir = ctx.output_dir + "/adapter";
+      FTUNE_RETURN_IF_ERROR(state.model->SaveAdapter(result.adapter_dir, config.model.dir));
+    }
+  }
+  result.final_step = progress.step;
+  result.final_loss = run.loss;
+  result.tokens_total = progress.tokens_total;
+  result.tokens_per_second = train_seconds > 0 ? run.my_input_tokens / train_seconds : 0;
+  if (checkpointer.last_saved_step() >= 0) {
+    result.last_checkpoint =
+        ctx.output_dir + "/checkpoints/" + CheckpointDirName(checkpointer.last_saved_step());
+  }
+  result.peak_rss_bytes = PeakRssBytes();
+  result.peak_device_bytes = DeviceMemory(env.device).peak;
+  EmitMemory(*ctx.events, env.device, ctx.device, "end");
+  v1::RankMessage done;
+  done.mutable_done()->set_final_step(progress.step);
+  done.mutable_done()->set_final_loss(run.loss);
+  done.mutable_done()->set_adapter_path(result.adapter_dir);
+  ctx.events->Emit(done);
+  return std::move(result);
+}
+
 // The algorithm, top to bottom; the mechanics are in train_state.h,
-// checkpoint.h and events.h.
+// checkpoint.h, events.h and the helpers above.
 Result<TrainResult> TrainOrThrow(const v1::JobSpec& spec, const TrainContext& ctx) {
 #if defined(FTUNE_TRAIN_CUDA) && TORCH_VERSION_MAJOR >= 2
-  // Before the caching allocator's first use: segments that grow in place
-  // instead of many fixed ones, so the units gathered and freed on two
-  // streams do not fragment the device (on 70B's 2-GPU run the reserved
-  // peak was 7.5 GiB above the allocated one without it). A user's own
-  // setting wins.
+  // Before the caching allocator's first use: segments that grow in place,
+  // so units gathered and freed on two streams do not fragment the device
+  // (70B on 2 GPUs reserved 7.5 GiB above its allocations without it). A
+  // user's own setting wins.
   setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True", /*overwrite=*/0);
 #endif
   FTUNE_RETURN_IF_ERROR(CheckContext(ctx));
   FTUNE_ASSIGN_OR_RETURN(c10::Device device, ParseDevice(ctx.device));
+  // 1. The job's options, derived once for this rank's device.
   FTUNE_ASSIGN_OR_RETURN(
       const RunConfig config,
       MakeRunConfig(spec, device.is_cuda() ? DeviceKind::kCuda : DeviceKind::kCpu, ctx.world_size));
+  const TrainingSettings& t = config.training;
   comm::Communicator* comm = ctx.world_size > 1 ? ctx.comm : nullptr;
   Reducer reduce(comm, device);
   const RankEnv env{ctx.rank, ctx.world_size, device, ctx.device, comm, &reduce, ctx.events};
-  const TrainingSettings& t = config.training;
   FTUNE_RETURN_IF_ERROR(MakeDirectories(ctx.output_dir));
-
-  // 1. Data. 2. Model: load -> quantize -> attach LoRA -> shard -> optimizer.
-  FTUNE_ASSIGN_OR_RETURN(
-      RankData data,
-      PrepareRankData(config.data,
-                      ctx.data_cache_dir.empty() ? ctx.output_dir + "/data-cache"
-                                                 : ctx.data_cache_dir,
-                      env));
+  // 2. Data. 3. Model: load -> quantize -> attach LoRA -> shard -> optimizer.
+  FTUNE_ASSIGN_OR_RETURN(RankData data,
+                         PrepareRankData(config.data,
+                                         ctx.data_cache_dir.empty()
+                                             ? ctx.output_dir + "/data-cache"
+                                             : ctx.data_cache_dir,
+                                         env));
   FTUNE_ASSIGN_OR_RETURN(TrainingState state, BuildTrainingState(config, env));
-  // 3. Resume.
+  // 4. Resume; the schedule.
   TrainProgress progress;
-  if (!ctx.resume_from.empty()) {
-    FTUNE_ASSIGN_OR_RETURN(progress, ResumeFromCheckpoint(ctx.resume_from, ctx.rank,
-                                                          ctx.world_size, state.lora.get(),
-                                                          state.optimizer.get(),
-                                                          state.cpu_generator));
-    if (ctx.rank == 0) {
-      ctx.events->Info("resumed from " + ctx.resume_from + " at step " +
-                       std::to_string(progress.step) + " (written by " +
-                       std::to_string(progress.resumed_world_size) + " ranks)");
-    }
-  }
-  // 4. Schedule.
+  FTUNE_RETURN_IF_ERROR(Resume(ctx, state, &progress));
   FTUNE_ASSIGN_OR_RETURN(Schedule schedule,
                          MakeSchedule(t, *data.train, config.data.seed, ctx.world_size));
-  if (ctx.emit_hello) {
-    EmitHello(*ctx.events, ctx.rank, ctx.world_size, ctx.device, progress.step);
-  }
-  if (ctx.rank == 0) {
-    const int64_t batch = t.per_device_train_batch_size;
-    ctx.events->Info(
-        "training " + std::to_string(schedule.total_steps) + " steps: " +
-        std::to_string(batch * ctx.world_size * t.gradient_accumulation_steps) +
-        " rows per step (" + std::to_string(batch) + " per rank x " +
-        std::to_string(ctx.world_size) + " ranks x " +
-        std::to_string(t.gradient_accumulation_steps) + " accumulation), " +
-        std::to_string(state.lora->total_numel()) + " trainable LoRA parameters");
-  }
+  ReportStart(ctx, t, schedule, state, progress.step);
   Checkpointer checkpointer({ctx.rank, ctx.world_size, ctx.output_dir, config.model.dir,
                              t.save_total_limit, t.seed},
                             state.model.get(), state.lora.get(), state.optimizer.get(),
                             state.cpu_generator, [&reduce] { return reduce.Barrier(); },
                             ctx.events);
-  std::unique_ptr<Evaluator> evaluator;
-  if (data.eval != nullptr) {
-    evaluator = std::make_unique<Evaluator>(state.model.get(), data.eval.get(), env);
-  }
+  std::unique_ptr<Evaluator> evaluator =
+      data.eval == nullptr ? nullptr
+                           : std::make_unique<Evaluator>(state.model.get(), data.eval.get(), env);
   StepProfiler profiler(t.profile_first, t.profile_last, ctx.output_dir + "/profile", ctx.rank,
-                        device.is_cuda());
-  const auto report_trace = [&](const std::string& path) {
-    if (!path.empty()) ctx.events->Info("profile of rank " + std::to_string(ctx.rank) +
-                                        " written to " + path);
-  };
-  const auto save = [&](double loss) -> Status {
-    FTUNE_ASSIGN_OR_RETURN(std::string dir, checkpointer.Save(progress, loss));
-    (void)dir;
-    return OkStatus();
-  };
+                        device.is_cuda(), ctx.events);
 
-  // 5. The loop.
-  TrainResult result;
-  CollectiveTotals collectives_base;  // after this run's first (warm-up) step
-  const Clock::time_point train_start = Clock::now();
-  int64_t my_input_tokens = 0;
-  double loss = 0;
+  // 5. The loop: agree on stopping, step, report, eval, checkpoint.
+  RunTotals run;
   while (progress.step < schedule.total_steps) {
     FTUNE_ASSIGN_OR_RETURN(int64_t stop, AgreeOnStop(env, ctx.stop));
     if (stop > 0) {
-      if (stop == 2) FTUNE_RETURN_IF_ERROR(save(loss));
-      result.stopped = true;
+      if (stop == 2) FTUNE_RETURN_IF_ERROR(checkpointer.Save(progress, run.loss).status());
+      run.result.stopped = true;
       if (ctx.rank == 0) {
         ctx.events->Info("stopped at step " + std::to_string(progress.step) + " on request");
       }
@@ -254,79 +321,22 @@ Result<TrainResult> TrainOrThrow(const v1::JobSpec& spec, const TrainContext& ct
     FTUNE_RETURN_IF_ERROR(profiler.BeginStep(progress.step + 1));
     FTUNE_ASSIGN_OR_RETURN(StepOutcome s,
                            TrainStep(config, env, state, schedule, *data.train, progress));
-    loss = s.loss;
+    run.loss = s.loss;
     progress.micro += t.gradient_accumulation_steps;
     progress.tokens_total += s.loss_tokens;
-    my_input_tokens += s.input_tokens;
+    run.my_input_tokens += s.input_tokens;
     ++progress.step;
-    FTUNE_ASSIGN_OR_RETURN(std::string trace, profiler.EndStep(progress.step));
-    report_trace(trace);
-    result.losses.push_back(loss);
-    const double step_seconds = Seconds(step_start);
-    if (!collectives_base.taken) {
-      collectives_base = CollectivesNow(state, Seconds(train_start));
+    FTUNE_RETURN_IF_ERROR(profiler.EndStep(progress.step));
+    run.result.losses.push_back(run.loss);
+    if (!run.collectives_base.taken) {
+      run.collectives_base = CollectivesNow(state, Seconds(run.start));
     }
-
-    const int64_t step = progress.step;
-    if (step % t.logging_steps == 0 || step == schedule.total_steps || step == 1) {
-      EmitStep(env, progress, s, my_input_tokens, step_seconds,
-               schedule.order.EpochAt(progress.micro));
-    }
-    if (step == 1 || step % std::max<int64_t>(t.logging_steps, 10) == 0) {
-      EmitMemory(*ctx.events, device, ctx.device, "train");
-    }
-    if (evaluator != nullptr && t.eval_steps > 0 && step % t.eval_steps == 0) {
-      FTUNE_RETURN_IF_ERROR(evaluator->RunAndReport(step));
-    }
-    if (t.save_steps > 0 && step % t.save_steps == 0 && step < schedule.total_steps) {
-      FTUNE_RETURN_IF_ERROR(save(loss));
-    }
+    FTUNE_RETURN_IF_ERROR(AfterStep(config, env, progress, s, schedule, run, Seconds(step_start),
+                                    evaluator.get(), checkpointer));
   }
-
-  // 6. The end: collective summary, final eval, final checkpoint, adapter.
-  const double train_seconds = Seconds(train_start);
-  {
-    // Stopped (or out of steps) inside the traced range: keep what ran.
-    FTUNE_ASSIGN_OR_RETURN(std::string trace, profiler.Finish());
-    report_trace(trace);
-  }
-  if (ctx.rank == 0 && ctx.world_size > 1 && collectives_base.taken) {
-    const CollectiveTotals now = CollectivesNow(state, train_seconds);
-    if (now.seconds > collectives_base.seconds) {
-      ctx.events->Info(DescribeCollectives(collectives_base, now));
-    }
-  }
-  result.final_step = progress.step;
-  result.final_loss = loss;
-  result.tokens_total = progress.tokens_total;
-  result.tokens_per_second = train_seconds > 0 ? my_input_tokens / train_seconds : 0;
-  if (!result.stopped) {
-    if (evaluator != nullptr && t.eval_steps > 0 && progress.step % t.eval_steps != 0) {
-      FTUNE_RETURN_IF_ERROR(evaluator->RunAndReport(progress.step));
-    }
-    // The final state is a checkpoint too, so a restart after this point
-    // (a rank that dies before exiting) does not train again.
-    if (t.save_steps > 0 && checkpointer.last_saved_step() != progress.step) {
-      FTUNE_RETURN_IF_ERROR(save(loss));
-    }
-    if (ctx.rank == 0) {
-      result.adapter_dir = ctx.output_dir + "/adapter";
-      FTUNE_RETURN_IF_ERROR(state.model->SaveAdapter(result.adapter_dir, config.model.dir));
-    }
-  }
-  if (checkpointer.last_saved_step() >= 0) {
-    result.last_checkpoint =
-        ctx.output_dir + "/checkpoints/" + CheckpointDirName(checkpointer.last_saved_step());
-  }
-  result.peak_rss_bytes = PeakRssBytes();
-  result.peak_device_bytes = DeviceMemory(device).peak;
-  EmitMemory(*ctx.events, device, ctx.device, "end");
-  v1::RankMessage done;
-  done.mutable_done()->set_final_step(progress.step);
-  done.mutable_done()->set_final_loss(loss);
-  done.mutable_done()->set_adapter_path(result.adapter_dir);
-  ctx.events->Emit(done);
-  return result;
+  // 6. The end (a stop inside the profiled range keeps what was traced).
+  FTUNE_RETURN_IF_ERROR(profiler.Finish());
+  return Finish(config, ctx, env, progress, state, run, evaluator.get(), checkpointer);
 }
 
 }  // namespace
