@@ -6,15 +6,12 @@
 #include "jobspec.h"
 
 namespace ftune::trainer {
-namespace {
 
-std::string Num(double v) {
+std::string OptionValue(double v) {
   std::ostringstream s;
   s << v;
   return s.str();
 }
-
-}  // namespace
 
 std::vector<std::string> LoraConfig::DefaultTargetModules() { return KnownLoraTargets(); }
 
@@ -26,10 +23,12 @@ double LoraConfig::Scaling() const {
 Status LoraConfig::Validate() const {
   if (r < 1) return InvalidArgumentError("lora r (" + std::to_string(r) + ") must be >= 1");
   if (!(lora_alpha > 0) || !std::isfinite(lora_alpha)) {
-    return InvalidArgumentError("lora_alpha (" + Num(lora_alpha) + ") must be a positive number");
+    return InvalidArgumentError("lora_alpha (" + OptionValue(lora_alpha) +
+                                ") must be a positive number");
   }
   if (!(lora_dropout >= 0 && lora_dropout < 1)) {
-    return InvalidArgumentError("lora_dropout (" + Num(lora_dropout) + ") must be in [0, 1)");
+    return InvalidArgumentError("lora_dropout (" + OptionValue(lora_dropout) +
+                                ") must be in [0, 1)");
   }
   if (target_modules.empty()) return InvalidArgumentError("lora target_modules must not be empty");
   const std::vector<std::string>& known = KnownLoraTargets();
@@ -47,17 +46,19 @@ Status LoraConfig::Validate() const {
 
 Status AdamWOptions::Validate() const {
   if (!(lr >= 0) || !std::isfinite(lr)) {
-    return InvalidArgumentError("learning_rate (" + Num(lr) + ") must be >= 0");
+    return InvalidArgumentError("learning_rate (" + OptionValue(lr) + ") must be >= 0");
   }
   if (!(beta1 >= 0 && beta1 < 1)) {
-    return InvalidArgumentError("adam_beta1 (" + Num(beta1) + ") must be in [0, 1)");
+    return InvalidArgumentError("adam_beta1 (" + OptionValue(beta1) + ") must be in [0, 1)");
   }
   if (!(beta2 >= 0 && beta2 < 1)) {
-    return InvalidArgumentError("adam_beta2 (" + Num(beta2) + ") must be in [0, 1)");
+    return InvalidArgumentError("adam_beta2 (" + OptionValue(beta2) + ") must be in [0, 1)");
   }
-  if (!(eps >= 0)) return InvalidArgumentError("adam_epsilon (" + Num(eps) + ") must be >= 0");
+  if (!(eps >= 0)) {
+    return InvalidArgumentError("adam_epsilon (" + OptionValue(eps) + ") must be >= 0");
+  }
   if (!(weight_decay >= 0)) {
-    return InvalidArgumentError("weight_decay (" + Num(weight_decay) + ") must be >= 0");
+    return InvalidArgumentError("weight_decay (" + OptionValue(weight_decay) + ") must be >= 0");
   }
   return OkStatus();
 }

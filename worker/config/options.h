@@ -75,6 +75,9 @@ struct AdamWOptions {
   Status Validate() const;
 };
 
+// A number as the option messages print it ("0.0002", "1e-08").
+std::string OptionValue(double v);
+
 }  // namespace ftune::trainer
 
 #endif  // FTUNE_WORKER_CONFIG_OPTIONS_H_

@@ -9,15 +9,6 @@
 #include <utility>
 
 namespace ftune::trainer {
-namespace {
-
-std::string Num(double v) {
-  std::ostringstream s;
-  s << v;
-  return s.str();
-}
-
-}  // namespace
 
 AdamW::AdamW(std::vector<at::Tensor> params, AdamWOptions options)
     : params_(std::move(params)), options_(options) {
@@ -143,9 +134,12 @@ Result<LrSchedule> LrSchedule::Make(LrSchedulerType type, double base_lr,
                                 ") must be >= 0");
   }
   if (!(warmup_ratio >= 0 && warmup_ratio <= 1)) {
-    return InvalidArgumentError("warmup_ratio (" + Num(warmup_ratio) + ") must be in [0, 1]");
+    return InvalidArgumentError("warmup_ratio (" + OptionValue(warmup_ratio) +
+                                ") must be in [0, 1]");
   }
-  if (!(base_lr >= 0)) return InvalidArgumentError("learning_rate (" + Num(base_lr) + ") must be >= 0");
+  if (!(base_lr >= 0)) {
+    return InvalidArgumentError("learning_rate (" + OptionValue(base_lr) + ") must be >= 0");
+  }
   const int64_t warmup =
       warmup_steps > 0
           ? warmup_steps
