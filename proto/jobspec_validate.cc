@@ -178,6 +178,10 @@ std::vector<std::string> ValidateJobSpec(const v1::JobSpec& spec) {
                   " (FULL_SHARD reshards after forward, SHARD_GRAD_OP does not)");
   }
 
+  c.Require(f.device_memory_limit_bytes() == 0 || f.device_memory_limit_bytes() >= (1LL << 30),
+            "fsdp.device_memory_limit", std::to_string(f.device_memory_limit_bytes()) + " bytes",
+            "must be 0 (the whole device) or at least 1GiB");
+
   const auto& t = spec.training();
   c.Require(std::isfinite(t.learning_rate()) && t.learning_rate() > 0 && t.learning_rate() < 1,
             "training.learning_rate", Num(t.learning_rate()), "must be in (0, 1)");

@@ -149,6 +149,20 @@ class YamlReader {
       }
       return true;
     }
+    if (type == "ftune.v1.FsdpSpec" && key == "device_memory_limit") {
+      int64_t bytes = 0;
+      if (!value.IsScalar() || !ParseByteSize(value.Scalar(), &bytes)) {
+        Error(path, "expected a size such as 24GiB, got '" + Show(value) + "'");
+      } else {
+        static_cast<v1::FsdpSpec*>(msg)->set_device_memory_limit_bytes(bytes);
+      }
+      return true;
+    }
+    if (type == "ftune.v1.TrainingSpec" && key == "gradient_checkpointing" && value.IsScalar() &&
+        value.Scalar() == "auto") {
+      static_cast<v1::TrainingSpec*>(msg)->clear_gradient_checkpointing();
+      return true;
+    }
     if (type == "ftune.v1.TrainingSpec" && (key == "max_seq_length" || key == "max_length")) {
       const FieldDescriptor* f = msg->GetDescriptor()->FindFieldByName("max_seq_len");
       ReadField(value, path, f, msg);

@@ -92,7 +92,7 @@ const std::vector<KeyCase>& RunKeys() {
        {"data.completion_only_loss"}},
       {"lora.r", "lora: {r: 32}", {"lora.r", "plan.lora_r"}},
       {"lora.lora_alpha", "lora: {lora_alpha: 64}", {"lora.lora_alpha"}},
-      {"lora.lora_dropout", "lora: {lora_dropout: 0.1}", {"lora.lora_dropout"}},
+      {"lora.lora_dropout", "lora: {lora_dropout: 0.1}", {"lora.lora_dropout", "plan.lora_dropout"}},
       {"lora.target_modules", "lora: {target_modules: [q_proj, v_proj]}",
        {"lora.target_modules", "plan.target_modules"}},
       {"lora.use_rslora", "lora: {use_rslora: true}", {"lora.use_rslora"}},
@@ -112,6 +112,8 @@ const std::vector<KeyCase>& RunKeys() {
       {"fsdp.reshard_after_forward", "fsdp: {reshard_after_forward: false}",
        {"fsdp.reshard_after_forward", "plan.reshard_after_forward"}},
       {"fsdp.prefetch", "fsdp: {prefetch: false}", {"fsdp.prefetch", "plan.prefetch"}},
+      {"fsdp.device_memory_limit_bytes", "fsdp: {device_memory_limit: 24GiB}",
+       {"model.device_memory_limit_bytes"}},
       {"training.learning_rate", "training: {learning_rate: 0.001}",
        {"adam.lr", "training.learning_rate"}},
       {"training.lr_scheduler_type", "training: {lr_scheduler_type: cosine}",
@@ -130,8 +132,10 @@ const std::vector<KeyCase>& RunKeys() {
       {"training.max_seq_len", "training: {max_seq_len: 512}",
        {"data.max_seq_len", "plan.seq_len"}},
       {"training.packing", "training: {packing: true}", {"data.packing"}},
-      {"training.gradient_checkpointing", "training: {gradient_checkpointing: true}",
-       {"model.activation_checkpointing", "plan.activation_checkpointing"}},
+      // Unset is auto on a GPU rank (every layer until the rank plans).
+      {"training.gradient_checkpointing", "training: {gradient_checkpointing: false}",
+       {"model.activation_checkpointing", "model.checkpointing_auto",
+        "plan.activation_checkpointing"}},
       {"training.max_grad_norm", "training: {max_grad_norm: 0.5}", {"training.max_grad_norm"}},
       {"training.weight_decay", "training: {weight_decay: 0.1}", {"adam.weight_decay"}},
       {"training.seed", "training: {seed: 7}", {"data.seed", "lora.seed", "training.seed"}},
@@ -294,6 +298,42 @@ TEST(RunConfigTest, PrefetchDefaultFollowsTheDevice) {
   const RunConfig forced = Resolve(Parse(std::string(kBase) + "fsdp: {prefetch: true}\n"),
                                    DeviceKind::kCpu);
   EXPECT_TRUE(forced.fsdp.prefetch);
+}
+
+// gradient_checkpointing unset (or "auto"): a GPU rank plans how many
+// layers to checkpoint and starts from all of them; a CPU rank keeps every
+// activation. true/false keep their meaning on both.
+TEST(RunConfigTest, GradientCheckpointingAutoFollowsTheDevice) {
+  const RunConfig gpu = Resolve(Parse(kBase), DeviceKind::kCuda);
+  EXPECT_TRUE(gpu.model.activation_checkpointing);
+  EXPECT_TRUE(gpu.model.checkpointing_auto);
+  EXPECT_EQ(gpu.model.checkpoint_layers, -1);
+  EXPECT_TRUE(gpu.plan.activation_checkpointing);
+  const RunConfig cpu = Resolve(Parse(kBase), DeviceKind::kCpu);
+  EXPECT_FALSE(cpu.model.activation_checkpointing);
+  EXPECT_FALSE(cpu.model.checkpointing_auto);
+  const std::string auto_yaml = std::string(kBase) + "training: {gradient_checkpointing: auto}\n";
+  v1::JobSpec spelled = Parse(auto_yaml);
+  EXPECT_FALSE(spelled.training().has_gradient_checkpointing());
+  EXPECT_EQ(Lines(Resolve(spelled)), Lines(gpu));
+  for (const char* v : {"true", "false"}) {
+    SCOPED_TRACE(v);
+    const std::string yaml =
+        std::string(kBase) + "training: {gradient_checkpointing: " + v + "}\n";
+    for (DeviceKind d : {DeviceKind::kCuda, DeviceKind::kCpu}) {
+      const RunConfig c = Resolve(Parse(yaml), d);
+      EXPECT_EQ(c.model.activation_checkpointing, std::string(v) == "true");
+      EXPECT_FALSE(c.model.checkpointing_auto);
+    }
+  }
+  v1::JobSpec bad;
+  std::vector<std::string> errors;
+  EXPECT_FALSE(ParseJobSpecYaml(std::string(kBase) + "training: {gradient_checkpointing: some}\n",
+                                &bad, &errors));
+  v1::JobSpec small = Parse(std::string(kBase) + "fsdp: {device_memory_limit: 512MiB}\n");
+  const Status st = ResolveJobSpec(&small);
+  ASSERT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("fsdp.device_memory_limit"), std::string::npos) << st.message();
 }
 
 TEST(RunConfigTest, CpuRanksComputeInFp32) {

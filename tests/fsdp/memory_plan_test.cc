@@ -125,6 +125,74 @@ TEST(MemoryPlanTest, OptionsMoveMemoryWhereTheyShould) {
   EXPECT_LT(PlanMemory(c, Fleet(4, false)).value().device_peak_bytes, base.device_peak_bytes);
 }
 
+LlamaConfig Llama3_8B() {
+  LlamaConfig c = Llama3_70B();
+  c.hidden_size = 4096;
+  c.intermediate_size = 14336;
+  c.num_hidden_layers = 32;
+  c.num_attention_heads = 32;
+  return c;
+}
+
+// Checkpointing k of L layers sits between all and none, one layer's
+// activations (minus its input) per layer not checkpointed.
+TEST(MemoryPlanTest, PartialCheckpointingIsBetweenAllAndNone) {
+  const LlamaConfig c = Llama3_8B();
+  MemoryPlanOptions o = Fleet(1, false);
+  auto peak = [&](int64_t layers) {
+    o.checkpoint_layers = layers;
+    return PlanMemory(c, o).value().device_peak_bytes;
+  };
+  const int64_t all = peak(-1);
+  EXPECT_EQ(peak(32), all);
+  EXPECT_EQ(peak(100), all);
+  int64_t prev = all;
+  for (int64_t k = 31; k >= 0; --k) {
+    const int64_t p = peak(k);
+    EXPECT_GT(p, prev) << k << " checkpointed layers";
+    prev = p;
+  }
+  o.checkpoint_layers = -1;
+  o.activation_checkpointing = false;
+  EXPECT_EQ(PlanMemory(c, o).value().device_peak_bytes, prev);
+  // Each layer kept costs the same: the steps are equal.
+  o.activation_checkpointing = true;
+  EXPECT_EQ(peak(30) - peak(31), peak(20) - peak(21));
+}
+
+TEST(MemoryPlanTest, ChooseCheckpointLayersTakesTheFewestThatFit) {
+  const LlamaConfig c = Llama3_8B();
+  const MemoryPlanOptions o = Fleet(1, false);
+  // A device that holds every activation: nothing is recomputed.
+  auto big = ChooseCheckpointLayers(c, o, 200 * kGiB, /*allocator_budget=*/false).value();
+  EXPECT_TRUE(big.fits);
+  EXPECT_EQ(big.checkpoint_layers, 0);
+  // Too small for even full checkpointing: all layers, reported as not fitting.
+  auto tiny = ChooseCheckpointLayers(c, o, 2 * kGiB, false).value();
+  EXPECT_FALSE(tiny.fits);
+  EXPECT_EQ(tiny.checkpoint_layers, 32);
+  // In between: the choice fits within 90% and one layer fewer would not.
+  for (int64_t gib : {12, 16, 20}) {
+    SCOPED_TRACE(gib);
+    auto mid = ChooseCheckpointLayers(c, o, gib * kGiB, false).value();
+    ASSERT_TRUE(mid.fits);
+    EXPECT_GT(mid.checkpoint_layers, 0);
+    EXPECT_LT(mid.checkpoint_layers, 32);
+    EXPECT_LE(mid.plan.device_peak_bytes, 0.9 * gib * kGiB);
+    MemoryPlanOptions fewer = o;
+    fewer.checkpoint_layers = mid.checkpoint_layers - 1;
+    EXPECT_GT(PlanMemory(c, fewer).value().device_peak_bytes, 0.9 * gib * kGiB);
+    std::printf("8B seq 2048 on %lld GiB: %lld of 32 layers checkpointed, plan %.2f GiB\n",
+                static_cast<long long>(gib), static_cast<long long>(mid.checkpoint_layers),
+                static_cast<double>(mid.plan.device_peak_bytes) / kGiB);
+  }
+  // An allocator cap does not count the CUDA context against the budget.
+  auto capped = ChooseCheckpointLayers(c, o, 16 * kGiB, /*allocator_budget=*/true).value();
+  auto device = ChooseCheckpointLayers(c, o, 16 * kGiB, false).value();
+  EXPECT_LE(capped.checkpoint_layers, device.checkpoint_layers);
+  EXPECT_FALSE(ChooseCheckpointLayers(c, o, 0, false).ok());
+}
+
 TEST(MemoryPlanTest, Llama70BOnTheIssuesThreeFleets) {
   const LlamaConfig c = Llama3_70B();
   struct Case {

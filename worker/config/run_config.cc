@@ -40,7 +40,15 @@ Result<RunConfig> MakeRunConfig(const v1::JobSpec& spec, DeviceKind device, int 
   // are fp32 against transformers); GPU ranks in bnb_4bit_compute_dtype.
   m.compute_dtype = device == DeviceKind::kCuda ? spec.quantization().bnb_4bit_compute_dtype()
                                                 : "float32";
-  m.activation_checkpointing = t.gradient_checkpointing();
+  if (t.has_gradient_checkpointing()) {
+    m.activation_checkpointing = t.gradient_checkpointing();
+  } else {
+    // auto: a GPU rank checkpoints only what its memory needs; CPU ranks
+    // have no device budget to plan against and keep every activation.
+    m.activation_checkpointing = device == DeviceKind::kCuda;
+    m.checkpointing_auto = device == DeviceKind::kCuda;
+  }
+  m.device_memory_limit_bytes = spec.fsdp().device_memory_limit_bytes();
 
   data::DatasetOptions& o = c.data;
   o.tokenizer_dir = m.dir;
@@ -105,6 +113,8 @@ Result<RunConfig> MakeRunConfig(const v1::JobSpec& spec, DeviceKind device, int 
   p.target_modules = l.target_modules;
   p.offload_params = c.fsdp.offload_params;
   p.activation_checkpointing = m.activation_checkpointing;
+  p.checkpoint_layers = m.checkpoint_layers;
+  p.lora_dropout = l.lora_dropout > 0;
   p.reshard_after_forward = c.fsdp.reshard_after_forward;
   p.quantize_base = m.quantize_base;
   p.nf4_blocksize = m.nf4_blocksize;
@@ -137,6 +147,9 @@ std::string DescribeRunConfig(const RunConfig& c) {
   line("model.double_quant", c.model.double_quant);
   line("model.compute_dtype", c.model.compute_dtype);
   line("model.activation_checkpointing", c.model.activation_checkpointing);
+  line("model.checkpoint_layers", c.model.checkpoint_layers);
+  line("model.checkpointing_auto", c.model.checkpointing_auto);
+  line("model.device_memory_limit_bytes", c.model.device_memory_limit_bytes);
   line("data.tokenizer_dir", c.data.tokenizer_dir);
   line("data.data_files", list(c.data.data_files));
   line("data.eval_data_files", list(c.data.eval_data_files));
@@ -187,6 +200,8 @@ std::string DescribeRunConfig(const RunConfig& c) {
   line("plan.target_modules", list(p.target_modules));
   line("plan.offload_params", p.offload_params);
   line("plan.activation_checkpointing", p.activation_checkpointing);
+  line("plan.checkpoint_layers", p.checkpoint_layers);
+  line("plan.lora_dropout", p.lora_dropout);
   line("plan.reshard_after_forward", p.reshard_after_forward);
   line("plan.quantize_base", p.quantize_base);
   line("plan.nf4_blocksize", p.nf4_blocksize);

@@ -21,7 +21,9 @@
 //     weight_decay                       -> adam (AdamWOptions)
 //   training.* (steps, schedule, logging,
 //     eval, saving, clipping, batch)     -> training
-//   training.gradient_checkpointing      -> model.activation_checkpointing
+//   training.gradient_checkpointing      -> model.activation_checkpointing, .checkpointing_auto
+//                                           (unset: auto on CUDA, off on CPU)
+//   fsdp.device_memory_limit_bytes       -> model.device_memory_limit_bytes
 //   training.profile_steps               -> training.profile_first, .profile_last
 //   everything above                     -> plan (MemoryPlanOptions)
 // The control-plane keys (name, labels, priority, max_restarts, output_dir,
@@ -56,6 +58,17 @@ struct ModelSettings {
   bool double_quant = true;
   std::string compute_dtype = "bfloat16"; // bfloat16 | float16 | float32 on CUDA
   bool activation_checkpointing = false;
+  // With activation_checkpointing: the first checkpoint_layers decoder
+  // layers recompute in backward, -1 = all of them.
+  int64_t checkpoint_layers = -1;
+  // gradient_checkpointing unset on a GPU rank: the rank picks
+  // checkpoint_layers from its memory plan and its device memory
+  // (ChooseCheckpointLayers); until then every layer is checkpointed, which
+  // is also what the coordinator places the job by.
+  bool checkpointing_auto = false;
+  // fsdp.device_memory_limit_bytes: the rank's allocator cap and the budget
+  // of automatic checkpointing; 0 = the whole device.
+  int64_t device_memory_limit_bytes = 0;
 };
 
 // The step loop's schedule and bookkeeping (HF TrainingArguments).

@@ -147,18 +147,30 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
   saved += 2 * T * h * (2 * 4 + 2 * cb);               // two RMSNorms: fp32 stats + outputs
   saved += T * (q + 2 * kv) * cb;                      // q, k, v projections
   saved += T * (q + kv) * cb * 3;                      // RoPE: inputs, rotated halves, outputs
-  saved += 2 * T * q * cb;                             // k, v repeated to every head (GQA)
-  saved += 2 * T * q * cb;                             // attention output, transposed copy
+  // Flash's varlen path (16-bit) reads the kv heads in place and writes its
+  // output in the projections' layout; SDPA gets repeated k/v and its
+  // output is transposed back.
+  const bool varlen_flash = o.flash_attention && cb == 2;
+  if (!varlen_flash) saved += 2 * T * q * cb;          // k, v repeated to every head (GQA)
+  saved += (varlen_flash ? 1 : 2) * T * q * cb;        // attention output (+ transposed copy)
   saved += 4 * T * inter * cb;                         // gate, up, silu(gate), product
   for (const Projection& p : Projections(c)) {
-    if (targets.count(p.name)) saved += T * (p.in + r) * 4;  // fp32 input cast + A output
+    if (!targets.count(p.name)) continue;
+    // fp32: the input cast + A's output; 16-bit: A's output in the compute
+    // dtype (the input is the base layer's). Dropout keeps its output and mask.
+    saved += cb == 4 ? T * (p.in + r) * 4 : T * r * cb;
+    if (o.lora_dropout) saved += T * p.in * (cb + 1);
   }
   if (!o.flash_attention) {
     saved += 2 * o.micro_batch_size * c.num_attention_heads * o.seq_len * o.seq_len * cb;
   }
   const int64_t working = static_cast<int64_t>(saved * (1.0 + o.activation_grad_factor));
-  const int64_t checkpoints = L * T * h * cb;         // each layer's input
-  const int64_t activations = o.activation_checkpointing ? checkpoints + working : L * working;
+  const int64_t num_checkpointed =
+      !o.activation_checkpointing ? 0
+      : o.checkpoint_layers < 0   ? L
+                                  : std::min<int64_t>(o.checkpoint_layers, L);
+  const int64_t num_kept = L - num_checkpointed;       // layers keeping their activations
+  const int64_t checkpoints = num_checkpointed * T * h * cb;  // checkpointed layers' inputs
   // Scratch: one dequantized projection, the loss chunk's logits + grad.
   const int64_t dequant = o.quantize_base ? largest_projection * cb : 0;
   const int64_t loss_chunk = std::min(o.loss_chunk_tokens, T) * c.vocab_size * 4 * 2;
@@ -199,8 +211,17 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
     dev.push_back({"loss chunk logits + grad", loss_chunk});
     dev.push_back({"hidden-state grads", hidden_grads});
   }
-  dev.push_back({o.activation_checkpointing ? "checkpointed layer inputs" : "all layers' activations",
-                 o.activation_checkpointing ? checkpoints : L * saved});
+  if (num_checkpointed > 0) dev.push_back({"checkpointed layer inputs", checkpoints});
+  if (num_kept > 0) {
+    dev.push_back({num_checkpointed > 0 ? "activations of the layers not checkpointed"
+                                        : "all layers' activations",
+                   num_kept * saved});
+    // Autograd keeps the gathered unit those layers saved (a copy only
+    // when units are copied in).
+    if (copied_in && (o.reshard_after_forward || w == 1)) {
+      dev.push_back({"gathered units kept for backward", num_kept * layer_gathered});
+    }
+  }
   dev.push_back({"LoRA adapters (whole) + their grads", 2 * lora_full});
   if (!o.offload_params) dev.push_back({"LoRA shard + AdamW moments", optimizer_at_peak});
   // With several ranks each layer's reduced gradient span is added into a
@@ -258,6 +279,35 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
   for (const auto& it : host) total_host += it.second;
   plan.host_peak_bytes = total_host;
   return plan;
+}
+
+Result<CheckpointChoice> ChooseCheckpointLayers(const LlamaConfig& config,
+                                                MemoryPlanOptions options, int64_t budget_bytes,
+                                                bool allocator_budget) {
+  if (budget_bytes <= 0) {
+    return InvalidArgumentError("ChooseCheckpointLayers: the budget (" +
+                                std::to_string(budget_bytes) + " bytes) must be > 0");
+  }
+  const int64_t outside_allocator =
+      allocator_budget ? options.device_runtime_bytes +
+                             (options.world_size > 1 ? options.nccl_runtime_bytes : 0)
+                       : 0;
+  const auto limit = static_cast<int64_t>(0.9 * static_cast<double>(budget_bytes));
+  options.activation_checkpointing = true;
+  CheckpointChoice choice;
+  // Fewer checkpointed layers never need less memory: the first that fits
+  // is the fastest that fits.
+  for (int64_t n = 0; n <= config.num_hidden_layers; ++n) {
+    options.checkpoint_layers = n;
+    FTUNE_ASSIGN_OR_RETURN(MemoryPlan plan, PlanMemory(config, options));
+    choice.checkpoint_layers = n;
+    choice.plan = std::move(plan);
+    if (choice.plan.device_peak_bytes - outside_allocator <= limit) {
+      choice.fits = true;
+      break;
+    }
+  }
+  return choice;
 }
 
 }  // namespace ftune::trainer

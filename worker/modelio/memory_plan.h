@@ -20,15 +20,16 @@
 //                   fp32 gradients exist from backward to ReduceGradients;
 //                   the flat shard, its gradient and AdamW's two moments are
 //                   1/W of the flat vector each (on the host with offload).
-//   activations     with checkpointing: each layer's input (batch x seq x
-//                   hidden, compute dtype) for every layer, plus one layer's
-//                   recompute working set in backward; without it, every
-//                   layer's working set. The working set counts the tensors
-//                   autograd saves in model.h's layer (norm outputs and their
-//                   fp32 statistics, q/k/v before and after RoPE, attention
-//                   output, MLP gate/up/activation/product, LoRA's fp32 input
-//                   casts and A outputs) and the gradients alive at its peak
-//                   (activation_grad_factor of it).
+//   activations     a checkpointed layer keeps its input (batch x seq x
+//                   hidden, compute dtype), plus one layer's recompute
+//                   working set in backward; a layer that is not keeps its
+//                   whole working set (and its gathered unit when units are
+//                   copied in). The working set counts the tensors autograd
+//                   saves in model.h's layer (norm outputs and their fp32
+//                   statistics, q/k/v before and after RoPE, attention
+//                   output, MLP gate/up/activation/product, LoRA's A outputs
+//                   and, in fp32 compute, its input casts) and the gradients
+//                   alive at its peak (activation_grad_factor of it).
 //   scratch         the dequantized weight of the largest projection
 //                   (forward and backward each dequantize it once), the
 //                   loss's chunk of fp32 logits and their gradient, and with
@@ -69,6 +70,11 @@ struct MemoryPlanOptions {
   std::vector<std::string> target_modules;
   bool offload_params = false;  // frozen shards + LoRA shard + AdamW state on the host
   bool activation_checkpointing = true;
+  // With activation_checkpointing: how many layers are checkpointed, -1 =
+  // all; the others keep their activations (and, when units are copied in,
+  // their gathered unit) from forward to backward.
+  int64_t checkpoint_layers = -1;
+  bool lora_dropout = false;  // lora_dropout > 0: each adapter keeps its dropped input
   bool reshard_after_forward = true;
   bool quantize_base = true;  // NF4 projections (QLoRA); else dense in the compute dtype
   int64_t nf4_blocksize = 64;
@@ -76,7 +82,9 @@ struct MemoryPlanOptions {
   int compute_dtype_bytes = 2;  // bf16 on CUDA
   int file_dtype_bytes = 2;     // bf16 checkpoints
   int64_t loss_chunk_tokens = 1024;
-  bool flash_attention = true;  // SDPA flash path: no (seq x seq) scores kept
+  // Flash attention: no (seq x seq) scores kept; with a 16-bit compute
+  // dtype the varlen path, which shares kv heads without copies (model.h).
+  bool flash_attention = true;
   bool prefetch = true;         // NCCL prefetch on a second stream (its own allocator pool)
   bool random_weights = false;  // model.random_weights: nothing read through the host
   // Runtime constants (see the file comment), measured on H200 ranks with
@@ -110,6 +118,20 @@ struct MemoryPlan {
 };
 
 Result<MemoryPlan> PlanMemory(const LlamaConfig& config, const MemoryPlanOptions& options);
+
+// Automatic checkpointing: the fewest checkpointed layers whose plan fits
+// `budget_bytes` with headroom (the plan's device peak at most 90% of it),
+// or every layer when none fits. With `allocator_budget` the budget caps
+// the caching allocator only (fsdp.device_memory_limit), so the CUDA
+// context and NCCL's buffers are not counted against it.
+struct CheckpointChoice {
+  int64_t checkpoint_layers = 0;  // of config.num_hidden_layers
+  bool fits = false;              // false: every layer checkpointed and still over
+  MemoryPlan plan;                // the plan of that choice
+};
+Result<CheckpointChoice> ChooseCheckpointLayers(const LlamaConfig& config,
+                                                MemoryPlanOptions options, int64_t budget_bytes,
+                                                bool allocator_budget);
 
 // Bytes of one rank's shard of an NF4 tensor of `numel` elements split over
 // `world` ranks (packed + absmax + absmax2 pieces, padded as fsdp.h does).

@@ -154,6 +154,7 @@ MemoryNow DeviceMemory(const c10::Device& device) {
     size_t free_bytes = 0, total_bytes = 0;
     if (cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess) {
       m.device_used = static_cast<int64_t>(total_bytes - free_bytes);
+      m.device_total = static_cast<int64_t>(total_bytes);
     }
 #endif
     return m;

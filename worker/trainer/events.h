@@ -115,6 +115,7 @@ void EmitHello(EventSink& events, int rank, int world_size, const std::string& d
 struct MemoryNow {
   int64_t allocated = 0, reserved = 0, peak = 0;
   int64_t reserved_peak = 0, device_used = 0;  // CUDA only
+  int64_t device_total = 0;                     // CUDA only: the device's memory
 };
 MemoryNow DeviceMemory(const c10::Device& device);
 

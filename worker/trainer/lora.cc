@@ -70,6 +70,18 @@ at::Tensor LoraLinear::Forward(const at::Tensor& x, bool training) const {
   if (!adapter_) return y;
   const LoraAdapter& ad = *adapter_;
   FTUNE_RANGE("ftune::lora");
+  if (x.scalar_type() != at::kFloat && !fp32_compute_) {
+    // 16-bit compute, as PEFT runs under autocast: A and B are cast to the
+    // compute dtype (their gradients flow back to the fp32 masters through
+    // the casts), the scaling is folded into B, and B's product is added to
+    // the base output by the GEMM itself (addmm, beta = 1).
+    const c10::ScalarType dt = x.scalar_type();
+    at::Tensor xa = training && ad.dropout > 0 ? at::dropout(x, ad.dropout, /*train=*/true) : x;
+    at::Tensor t = at::linear(xa, ad.a.to(dt));                                // (..., r)
+    at::Tensor bs = (ad.b * ad.scaling).to(dt);                                // (out, r)
+    const int64_t out = y.size(-1), r = t.size(-1);
+    return at::addmm(y.reshape({-1, out}), t.reshape({-1, r}), bs.t()).view(y.sizes());
+  }
   // PEFT casts the input to the adapter's dtype (fp32) and the sum back to
   // the base output's dtype; doing the same keeps bf16 runs comparable.
   at::Tensor xa = x.to(at::kFloat);  // (..., in)

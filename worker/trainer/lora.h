@@ -3,9 +3,13 @@
 //   y = base(x) + B(A(dropout(x))) * scaling
 //   A: (r, in)  kaiming_uniform(a = sqrt(5)), seeded;  B: (out, r) zeros
 //   scaling = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora
-// Adapters are kept in fp32 whatever the compute dtype: as PEFT does, the
-// input is cast to fp32 for the adapter path and the sum is cast back to the
-// base output's dtype.
+// Adapters are kept in fp32 whatever the compute dtype (the trainable
+// masters, their gradients and optimizer state). With an fp32 input the
+// adapter path computes in fp32 as PEFT does. With a 16-bit input (bf16 on
+// CUDA) it computes in that dtype, as PEFT under autocast does: A and B are
+// cast for the product, the scaling is folded into B and B's product is
+// accumulated into the base output by one addmm; set_fp32_compute(true)
+// keeps PEFT's default instead (the input cast to fp32, the sum cast back).
 //
 // The base weight sits behind BaseLinear so that the same LoraLinear runs
 // over a dense weight today and an NF4 weight that is dequantized on the fly
@@ -89,6 +93,10 @@ class LoraLinear {
   const LoraAdapter& adapter() const;
   LoraAdapter& mutable_adapter();
 
+  // The adapter path in fp32 also for a 16-bit input (see the file comment).
+  void set_fp32_compute(bool on) { fp32_compute_ = on; }
+  bool fp32_compute() const { return fp32_compute_; }
+
   // x (..., in) -> (..., out) in x's dtype. Dropout on the adapter input only
   // while training.
   at::Tensor Forward(const at::Tensor& x, bool training) const;
@@ -98,6 +106,7 @@ class LoraLinear {
  private:
   std::unique_ptr<BaseLinear> base_;
   std::unique_ptr<LoraAdapter> adapter_;
+  bool fp32_compute_ = false;
 };
 
 // PEFT's default A: uniform(-b, b) with b = sqrt(3) * sqrt(2 / (1 + 5)) /

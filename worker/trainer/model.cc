@@ -76,6 +76,8 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     ctx->saved_data["has_mask"] = actx.allowed.defined();
     if (actx.allowed.defined()) ctx->saved_data["allowed"] = actx.allowed;
     ctx->saved_data["plain_causal"] = actx.plain_causal;
+    ctx->saved_data["flash"] = actx.flash;
+    if (actx.flash) ctx->saved_data["cu_seqlens"] = actx.cu_seqlens;
     // Dropout draws from the device's default generator; backward must see
     // the same stream to recompute the same masks.
     at::Generator gen = at::globalContext().defaultGenerator(h.device());
@@ -97,6 +99,8 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     actx.sin = ctx->saved_data["sin"].toTensor();
     if (ctx->saved_data["has_mask"].toBool()) actx.allowed = ctx->saved_data["allowed"].toTensor();
     actx.plain_causal = ctx->saved_data["plain_causal"].toBool();
+    actx.flash = ctx->saved_data["flash"].toBool();
+    if (actx.flash) actx.cu_seqlens = ctx->saved_data["cu_seqlens"].toTensor();
 
     at::Generator gen = at::globalContext().defaultGenerator(h.device());
     at::Tensor current_rng;
@@ -221,6 +225,13 @@ bool LlamaModel::UseSdpa() const {
     case AttentionImpl::kAuto: return compat::kHasSdpa;
   }
   return false;
+}
+
+bool LlamaModel::UseFlash() const {
+  if (!compat::kHasFlashVarlen || !options_.device.is_cuda()) return false;
+  if (options_.attention == AttentionImpl::kMath) return false;
+  if (options_.dtype != at::kBFloat16 && options_.dtype != at::kHalf) return false;
+  return config_.head_dim % 8 == 0 && config_.head_dim <= 256;
 }
 
 Result<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& dir,
@@ -376,6 +387,7 @@ Status LlamaModel::AttachLora(const LoraConfig& lora) {
       LoraLinear* m = layers_[i].Module(name);
       m->Attach(NewLoraAdapter(lora, m->in_features(), m->out_features(),
                                LoraModuleSeed(lora.seed, i, name), options_.device));
+      m->set_fp32_compute(options_.lora_fp32_compute);
     }
   }
   lora_config_ = lora;
@@ -431,7 +443,9 @@ Status LlamaModel::AttachAdapter(const PeftAdapter& adapter) {
   for (int64_t i = 0; i < static_cast<int64_t>(layers_.size()); ++i) {
     for (const char* name : kModules) layers_[i].Module(name)->Detach();
     for (size_t k = 0; k < adapter.config.target_modules.size(); ++k) {
-      layers_[i].Module(adapter.config.target_modules[k])->Attach(std::move(staged[i][k]));
+      LoraLinear* m = layers_[i].Module(adapter.config.target_modules[k]);
+      m->Attach(std::move(staged[i][k]));
+      m->set_fp32_compute(options_.lora_fp32_compute);
     }
   }
   lora_config_ = adapter.config;
@@ -489,11 +503,20 @@ LlamaModel::AttentionContext LlamaModel::MakeAttentionContext(const at::Tensor& 
   // over both halves, cos/sin in fp32, then cast to the compute dtype.
   at::Tensor freqs = position_ids.to(at::kFloat).unsqueeze(-1) * inv_freq_;  // (b, s, hd/2)
   at::Tensor emb = at::cat({freqs, freqs}, -1);                              // (b, s, hd)
-  ctx.cos = emb.cos().to(options_.dtype).unsqueeze(1);                       // (b, 1, s, hd)
-  ctx.sin = emb.sin().to(options_.dtype).unsqueeze(1);
+  ctx.flash = UseFlash();
+  const int64_t head_axis = ctx.flash ? 2 : 1;  // (b, s, 1, hd) or (b, 1, s, hd)
+  ctx.cos = emb.cos().to(options_.dtype).unsqueeze(head_axis);
+  ctx.sin = emb.sin().to(options_.dtype).unsqueeze(head_axis);
 
   const at::Tensor starts = DocumentStarts(position_ids);  // (b, s)
   const int64_t s = position_ids.size(1);
+  if (ctx.flash) {
+    // Each row starts a document, so the flattened rows never share one.
+    at::Tensor offsets = starts.reshape({-1}).nonzero().squeeze(1).to(at::kInt);  // (docs)
+    ctx.cu_seqlens = at::cat({offsets, at::full({1}, starts.numel(), offsets.options())});
+    ctx.plain_causal = false;
+    return ctx;
+  }
   ctx.plain_causal = !starts.slice(1, 1).any().item<bool>();
   if (ctx.plain_causal && UseSdpa()) return ctx;
   at::Tensor causal = at::ones({s, s}, position_ids.options().dtype(at::kBool)).tril();  // (s, s)
@@ -513,6 +536,18 @@ at::Tensor LlamaModel::Attention(const DecoderLayer& layer, const at::Tensor& x,
   const int64_t b = x.size(0), s = x.size(1);
   const int64_t nh = config_.num_attention_heads, nkv = config_.num_key_value_heads;
   const int64_t hd = config_.head_dim;
+  const double scale = std::pow(static_cast<double>(hd), -0.5);  // HF: head_dim ** -0.5
+  if (ctx.flash) {
+    // (b, s, heads * hd) -> (b * s, heads, hd): the projections' layout.
+    at::Tensor q = layer.q_proj->Forward(x, training).view({b, s, nh, hd});
+    at::Tensor k = layer.k_proj->Forward(x, training).view({b, s, nkv, hd});
+    at::Tensor v = layer.v_proj->Forward(x, training).view({b * s, nkv, hd});
+    q = q * ctx.cos + RotateHalf(q) * ctx.sin;
+    k = k * ctx.cos + RotateHalf(k) * ctx.sin;
+    at::Tensor out = compat::FlashAttentionVarlen(q.view({b * s, nh, hd}), k.view({b * s, nkv, hd}),
+                                                  v, ctx.cu_seqlens, s, scale);  // (b * s, nh, hd)
+    return layer.o_proj->Forward(out.view({b, s, nh * hd}), training);
+  }
   // (b, s, heads * hd) -> (b, heads, s, hd)
   at::Tensor q = layer.q_proj->Forward(x, training).view({b, s, nh, hd}).transpose(1, 2);
   at::Tensor k = layer.k_proj->Forward(x, training).view({b, s, nkv, hd}).transpose(1, 2);
@@ -521,7 +556,6 @@ at::Tensor LlamaModel::Attention(const DecoderLayer& layer, const at::Tensor& x,
   k = k * ctx.cos + RotateHalf(k) * ctx.sin;
   k = RepeatKv(k, config_.num_kv_groups());  // (b, nh, s, hd)
   v = RepeatKv(v, config_.num_kv_groups());
-  const double scale = std::pow(static_cast<double>(hd), -0.5);  // HF: head_dim ** -0.5
 
   at::Tensor out;  // (b, nh, s, hd)
   if (UseSdpa()) {
@@ -579,8 +613,12 @@ at::Tensor LlamaModel::HiddenKeepHead(const at::Tensor& input_ids, const at::Ten
   // The embedding is frozen and its input is ids: nothing of it is needed
   // in backward.
   if (hooks != nullptr) hooks->Release(kEmbeddingUnit, UnitPhase::kForwardOnly);
-  const bool checkpoint = options_.activation_checkpointing && grad;
+  const int64_t num_checkpointed =
+      !(options_.activation_checkpointing && grad) ? 0
+      : options_.checkpoint_layers < 0             ? static_cast<int64_t>(layers_.size())
+                                                   : options_.checkpoint_layers;
   for (int64_t i = 0; i < static_cast<int64_t>(layers_.size()); ++i) {
+    const bool checkpoint = i < num_checkpointed;
     if (hooks != nullptr) {
       hooks->Gather(LayerUnit(i), UnitPhase::kForward);
       hooks->Prefetch(i + 1 < static_cast<int64_t>(layers_.size()) ? LayerUnit(i + 1) : head_unit(),

@@ -17,10 +17,15 @@
 // ids restarting at 0). Attention never crosses a document boundary, and the
 // loss never asks a token to predict the first token of the next document.
 //
-// Attention: LibTorch's scaled_dot_product_attention where this LibTorch has
-// it (>= 2.1), else an exact math path (HF's eager attention). A batch with
-// no document boundary uses SDPA's is_causal (flash attention on CUDA); a
-// packed batch passes the block-diagonal causal mask.
+// Attention: on CUDA in bf16/fp16, flash attention's variable-length path:
+// every document of every row is one sequence (offsets from the position
+// ids), causal within it, so packed rows need no (s x s) mask, and the
+// kv heads are shared by their query groups without being copied; q/k/v
+// stay in the projections' (batch, seq, heads, head_dim) layout. Otherwise
+// LibTorch's scaled_dot_product_attention where this LibTorch has it
+// (>= 2.1), else an exact math path (HF's eager attention): a batch with
+// no document boundary uses is_causal, a packed batch passes the
+// block-diagonal causal mask, kv heads are repeated as HF's repeat_kv.
 //
 // Precision: ModelOptions::dtype is the compute dtype of activations and of
 // the frozen weights (fp32 on the CPU, bf16 on CUDA); LoRA adapters are fp32
@@ -78,6 +83,12 @@ struct ModelOptions {
   c10::Device device = c10::Device(c10::DeviceType::CPU);
   c10::ScalarType dtype = c10::ScalarType::Float;  // compute dtype
   bool activation_checkpointing = false;
+  // With activation_checkpointing: how many layers (the first ones) are
+  // checkpointed; -1 = all. The others keep their activations for backward.
+  int64_t checkpoint_layers = -1;
+  // LoRA's product in fp32 also when the compute dtype is 16-bit (PEFT
+  // without autocast); by default it runs in the compute dtype (lora.h).
+  bool lora_fp32_compute = false;
   int64_t loss_chunk_tokens = 1024;
   AttentionImpl attention = AttentionImpl::kAuto;
   // NF4 base weights for all 7 projections of every layer, quantized at load
@@ -267,6 +278,9 @@ class LlamaModel {
   at::Tensor Attention(const DecoderLayer& layer, const at::Tensor& x, const AttentionContext& ctx,
                        bool training) const;
   bool UseSdpa() const;
+  // Flash attention (varlen, GQA without K/V copies, no mask): CUDA with a
+  // 16-bit compute dtype and a head_dim it supports, attention auto or sdpa.
+  bool UseFlash() const;
 
   LlamaConfig config_;
   ModelOptions options_;
@@ -282,8 +296,14 @@ class LlamaModel {
 
 // Per-forward attention inputs shared by all layers.
 struct LlamaModel::AttentionContext {
-  at::Tensor cos;      // (batch, 1, seq, head_dim) compute dtype
-  at::Tensor sin;      // (batch, 1, seq, head_dim)
+  // Flash layout (batch, seq, 1, head_dim) when `flash`, else
+  // (batch, 1, seq, head_dim); compute dtype.
+  at::Tensor cos;
+  at::Tensor sin;
+  // Flash attention over the documents of all rows (see UseFlash): their
+  // offsets in the flattened (batch * seq) tokens, int32 (num_docs + 1).
+  bool flash = false;
+  at::Tensor cu_seqlens;
   // (batch, 1, seq, seq) bool, true = may attend; undefined when the batch is
   // plain causal and SDPA runs (is_causal needs no mask).
   at::Tensor allowed;

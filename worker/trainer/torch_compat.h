@@ -6,6 +6,9 @@
 //   * scaled_dot_product_attention is public from 2.0 and takes `scale` from
 //     2.1. On older LibTorch the model uses its exact math path (HF's eager
 //     attention), which is also what the fp32 parity tests compare.
+//   * Flash attention's variable-length entry point (aten's
+//     _flash_attention_forward, differentiable) is used directly on CUDA:
+//     packed documents without an (s x s) mask, GQA without K/V copies.
 //   * c10::optional became an alias of std::optional in 2.x and may be gone
 //     later; Optional<T> names whichever this LibTorch's signatures take.
 //   * Not a header difference but a link-time one: the pip LibTorch of the GPU
@@ -20,6 +23,8 @@
 
 #include <ATen/ATen.h>
 #include <torch/version.h>
+
+#include <tuple>
 
 #if TORCH_VERSION_MAJOR >= 3 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1)
 #define FTUNE_TORCH_HAS_SDPA 1
@@ -68,6 +73,39 @@ inline at::Tensor ScaledDotProductAttention(const at::Tensor& q, const at::Tenso
   (void)scale;
   TORCH_CHECK(false, "scaled_dot_product_attention needs LibTorch >= 2.1, this is ",
               TORCH_VERSION, "; use the math attention path");
+#endif
+}
+
+
+// Flash attention over packed variable-length sequences, differentiable
+// (autograd routes it to the flash backward). q (total, heads, head_dim),
+// k/v (total, kv_heads, head_dim) with heads a multiple of kv_heads (GQA is
+// native: K/V are not repeated), bf16/fp16 on CUDA, head_dim a multiple of 8
+// up to 256; cu_seqlens int32 (num_seqs + 1) on the device, the offsets of
+// each sequence in `total`; max_seqlen an upper bound of their lengths.
+// Causal within each sequence. Returns (total, heads, head_dim). Only
+// callable when kHasFlashVarlen.
+#if FTUNE_TORCH_HAS_SDPA
+inline constexpr bool kHasFlashVarlen = true;
+#else
+inline constexpr bool kHasFlashVarlen = false;
+#endif
+inline at::Tensor FlashAttentionVarlen(const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, const at::Tensor& cu_seqlens,
+                                       int64_t max_seqlen, double scale) {
+#if FTUNE_TORCH_HAS_SDPA
+  auto out = at::_flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen,
+                                          max_seqlen, /*dropout_p=*/0.0, /*is_causal=*/true,
+                                          /*return_debug_mask=*/false, scale);
+  return std::get<0>(out);
+#else
+  (void)q;
+  (void)k;
+  (void)v;
+  (void)cu_seqlens;
+  (void)max_seqlen;
+  (void)scale;
+  TORCH_CHECK(false, "flash attention needs LibTorch >= 2.1, this is ", TORCH_VERSION);
 #endif
 }
 

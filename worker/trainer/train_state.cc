@@ -16,6 +16,8 @@
 #include <type_traits>
 
 #include "worker/comm/communicator.h"
+#include "worker/modelio/llama_config.h"
+#include "worker/modelio/memory_plan.h"
 #include "worker/trainer/bnb_checkpoint.h"
 
 namespace ftune::trainer {
@@ -99,6 +101,7 @@ ModelOptions ModelOptionsFor(const RunConfig& config, c10::Device device) {
   ModelOptions o = DefaultModelOptions(device);
   if (device.is_cuda()) o.dtype = ComputeDtype(config.model.compute_dtype);
   o.activation_checkpointing = config.model.activation_checkpointing;
+  o.checkpoint_layers = config.model.checkpoint_layers;
   o.quantize_base = config.model.quantize_base;
   o.nf4.blocksize = config.model.nf4_blocksize;
   o.nf4.double_quant = config.model.double_quant;
@@ -107,9 +110,73 @@ ModelOptions ModelOptionsFor(const RunConfig& config, c10::Device device) {
   return o;
 }
 
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+// fsdp.device_memory_limit caps the caching allocator of a GPU rank (as
+// torch.cuda.set_per_process_memory_fraction does), and gradient
+// checkpointing "auto" picks from the memory plan how many layers to
+// checkpoint within that budget (or the device's memory). Every rank must
+// recompute the same layers (the backward's gathers follow them), so the
+// ranks agree on the largest count any of them needs.
+Status PlanDeviceMemory(const RunConfig& config, const RankEnv& env, ModelOptions* options) {
+  if (!env.device.is_cuda()) return OkStatus();
+  const int64_t total = DeviceMemory(env.device).device_total;
+  const int64_t limit = config.model.device_memory_limit_bytes;
+  std::ostringstream report;
+  report << std::fixed << std::setprecision(2);
+  if (limit > 0) {
+    if (total > 0 && limit > total) {
+      return InvalidArgumentError("fsdp.device_memory_limit (" + std::to_string(limit) +
+                                  " bytes) is more than " + env.device_name + " has (" +
+                                  std::to_string(total) + " bytes)");
+    }
+#if defined(FTUNE_TRAIN_CUDA)
+    if (total > 0) {
+      c10::cuda::CUDACachingAllocator::setMemoryFraction(
+          static_cast<double>(limit) / static_cast<double>(total), env.device.index());
+    }
+#endif
+    report << "device memory capped at " << limit / kGiB << " GiB of " << total / kGiB
+           << " GiB; ";
+  }
+  if (!config.model.checkpointing_auto) {
+    if (limit > 0 && env.rank == 0) env.events->Info(report.str() + "checkpointing as the spec says");
+    return OkStatus();
+  }
+  const int64_t budget = limit > 0 ? limit : total;
+  FTUNE_ASSIGN_OR_RETURN(LlamaConfig shape, LoadLlamaConfig(config.model.dir));
+  int64_t layers = shape.num_hidden_layers;
+  CheckpointChoice choice;
+  if (budget > 0) {
+    FTUNE_ASSIGN_OR_RETURN(choice, ChooseCheckpointLayers(shape, config.plan, budget,
+                                                          /*allocator_budget=*/limit > 0));
+    layers = choice.checkpoint_layers;
+  }
+  if (env.reduce != nullptr && env.world_size > 1) {
+    FTUNE_ASSIGN_OR_RETURN(layers, env.reduce->MaxInt(layers));
+  }
+  options->activation_checkpointing = layers > 0;
+  options->checkpoint_layers = layers;
+  if (env.rank == 0) {
+    report << "gradient_checkpointing auto: " << layers << " of " << shape.num_hidden_layers
+           << " layers checkpointed (plan " << choice.plan.device_peak_bytes / kGiB
+           << " GiB for a budget of " << budget / kGiB << " GiB"
+           << (budget > 0 && !choice.fits ? "; it does not fit even with every layer checkpointed"
+                                          : "")
+           << ")";
+    env.events->Info(report.str());
+  }
+  return OkStatus();
+}
+
+}  // namespace
+
 Result<TrainingState> BuildTrainingState(const RunConfig& config, const RankEnv& env) {
   const auto start = std::chrono::steady_clock::now();
-  const ModelOptions model_options = ModelOptionsFor(config, env.device);
+  ModelOptions model_options = ModelOptionsFor(config, env.device);
+  FTUNE_RETURN_IF_ERROR(PlanDeviceMemory(config, env, &model_options));
   const std::string& model_dir = config.model.dir;
   TrainingState state;
   // Load and quantize.
