@@ -122,6 +122,9 @@ constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 // ranks agree on the largest count any of them needs.
 Status PlanDeviceMemory(const RunConfig& config, const RankEnv& env, ModelOptions* options) {
   if (!env.device.is_cuda()) return OkStatus();
+  // The caching allocator is set up by the device's first allocation; its
+  // counters and its cap are not there before.
+  (void)at::empty({1}, at::TensorOptions().device(env.device));
   const int64_t total = DeviceMemory(env.device).device_total;
   const int64_t limit = config.model.device_memory_limit_bytes;
   std::ostringstream report;
