@@ -122,6 +122,11 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
       FinishLocked(ToGrpc(job.status()));
       return;
     }
+    // An ended job's events are all stored: following it is a plain read,
+    // which ends once they are sent, even when after_seq is at or past its
+    // last event (its terminal state change is then never seen to end the
+    // stream).
+    if (IsTerminal(job->state())) follow_ = false;
     NextLocked();
   }
 
@@ -228,7 +233,7 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
   JobManager* jobs_;
   EventManager* events_;
   const std::string job_id_;
-  const bool follow_;
+  bool follow_;  // cleared for a job that has already ended
   bool subscribed_ = false;
   std::mutex mu_;
   int64_t last_;

@@ -68,12 +68,13 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  Metrics metrics;  // before the store, which reports its errors to it
   auto store = Store::Open(state_dir);
   if (!store.ok()) {
     std::fprintf(stderr, "ftune-coordinator: %s\n", std::string(store.status().message()).c_str());
     return 1;
   }
-  Metrics metrics;
+  (*store)->SetErrorListener([&metrics](const absl::Status&) { metrics.StoreError(); });
   if (!metrics_listen.empty()) {
     if (auto err = metrics.Serve(metrics_listen); !err.empty()) {
       std::fprintf(stderr, "ftune-coordinator: %s (choose another --metrics-listen)\n",
