@@ -369,8 +369,16 @@ absl::StatusOr<ListJobsResult> JobManager::ListJobs(const v1::ListJobsRequest& r
   if (!rows.ok()) return rows.status();
   ListJobsResult out;
   const size_t page = static_cast<size_t>(f.limit - 1);
-  for (size_t i = 0; i < rows->size() && i < page; ++i) out.jobs.push_back((*rows)[i].second);
-  if (rows->size() > page) out.next_page_token = std::to_string((*rows)[page - 1].first);
+  size_t bytes = 0;
+  size_t i = 0;
+  for (; i < rows->size() && i < page; ++i) {
+    // A page ends early rather than outgrow what a client takes.
+    const size_t size = (*rows)[i].second.ByteSizeLong();
+    if (i > 0 && bytes + size > kMaxListJobsBytes) break;
+    bytes += size;
+    out.jobs.push_back((*rows)[i].second);
+  }
+  if (i < rows->size()) out.next_page_token = std::to_string((*rows)[i - 1].first);
   return out;
 }
 

@@ -70,6 +70,10 @@
 
 namespace ftune::server {
 
+// Bytes of jobs in one ListJobs page (beyond its first job): with the rest
+// of the response, under gRPC's default 4 MiB receive limit of clients.
+inline constexpr size_t kMaxListJobsBytes = 2 << 20;
+
 struct ListJobsResult {
   std::vector<v1::Job> jobs;
   std::string next_page_token;

@@ -95,6 +95,10 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
   static constexpr size_t kMaxLive = 10000;
   static constexpr int kPage = 256;
   static constexpr int kMaxBatch = 500;
+  // Bytes of events per message (beyond the first event): a watcher with
+  // gRPC's default 4 MiB receive limit takes every batch, since one event is
+  // at most 1 MiB (the agent's limit, worker/agent/event_size.h).
+  static constexpr size_t kMaxBatchBytes = 1 << 20;
 
   WatchReactor(JobManager* jobs, EventManager* events, const v1::WatchJobRequest& req,
                const grpc::Status& auth)
@@ -205,10 +209,17 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
   void NextLocked() {
     if (writing_ || finished_) return;
     response_.clear_events();
+    size_t bytes = 0;
     while (response_.events_size() < kMaxBatch && !ended_) {
       SharedEvent e = TakeNextLocked();
       if (finished_) return;
       if (!e) break;
+      const size_t size = e->ByteSizeLong();
+      if (response_.events_size() > 0 && bytes + size > kMaxBatchBytes) {
+        stored_.push_front(std::move(e));  // first of the next message
+        break;
+      }
+      bytes += size;
       last_ = e->seq();
       ended_ = Terminal(*e);
       *response_.add_events() = *e;

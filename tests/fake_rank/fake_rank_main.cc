@@ -16,6 +16,7 @@
 //                         this many bytes ("x"...)
 //   test.big_error_bytes  ... and a RankError whose message is this long
 //                         (it keeps training: the agent must cope)
+//   test.big_log_count    how many such LogLines (default 1)
 //   test.hang_at_step     the targeted rank stops sending and sleeps forever
 //   test.fail_rendezvous  "true": the targeted rank reports a RankError and
 //                         exits 5 instead of training after the rendezvous
@@ -179,6 +180,7 @@ struct Script {
   int64_t crash_exit_code = 3;
   int64_t big_log_bytes = 0;
   int64_t big_error_bytes = 0;
+  int64_t big_log_count = 1;
   int64_t hang_at_step = -1;
   bool fail_rendezvous = false;
   bool targeted = false;  // whether the faults apply to this rank and attempt
@@ -203,6 +205,7 @@ Script ReadScript(const ftune::v1::JobSpec& spec, const Args& args) {
   label_int("test.crash_exit_code", &s.crash_exit_code, 1);
   label_int("test.big_log_bytes", &s.big_log_bytes, 0);
   label_int("test.big_error_bytes", &s.big_error_bytes, 0);
+  label_int("test.big_log_count", &s.big_log_count, 0);
   label_int("test.hang_at_step", &s.hang_at_step, 1);
   auto fr = labels.find("test.fail_rendezvous");
   if (fr != labels.end()) {
@@ -387,7 +390,7 @@ class Rank {
       RankMessage log;
       log.mutable_log()->set_level("INFO");
       log.mutable_log()->set_text(std::string(static_cast<size_t>(script_.big_log_bytes), 'x'));
-      Send(log);
+      for (int64_t i = 0; i < script_.big_log_count; ++i) Send(log);
     }
     if (script_.big_error_bytes > 0) {
       RankMessage error;

@@ -119,5 +119,41 @@ TEST(Faults, FollowingAnEndedJobFromItsLastEventEndsAtOnce) {
   }
 }
 
+// Before the agent cut strings, such an event made a batch over the
+// coordinator's gRPC limit, refused and resent forever: the job's stream
+// was jammed. Many big log lines also test the watch's byte cap: read with
+// gRPC's default 4 MiB receive limit, no batch may exceed it.
+TEST(Faults, HugeLogLineAndErrorFromARankArriveTruncatedAndTheJobGoesOn) {
+  Cluster c;
+  c.StartCoordinator();
+  c.StartAgent("host-a", 1);
+  ASSERT_TRUE(c.WaitAgents(1));
+  v1::JobSpec spec = c.Spec(1, 6, 0);
+  (*spec.mutable_labels())["test.big_log_bytes"] = std::to_string(5 << 20);
+  (*spec.mutable_labels())["test.big_log_count"] = "100";
+  (*spec.mutable_labels())["test.big_error_bytes"] = std::to_string(20 << 20);
+  const v1::Job job = c.Submit(spec);
+  ASSERT_TRUE(c.WaitState(job.id(), v1::SUCCEEDED, seconds(60))) << Describe(c.GetJob(job.id()));
+  const auto events = c.Events(job.id());
+  ASSERT_EQ(static_cast<int64_t>(events.size()), c.GetJob(job.id()).last_event_seq());
+  int big_logs = 0, big_errors = 0, steps = 0;
+  for (const auto& e : events) {
+    steps += e.has_step();
+    if (e.has_log() && e.log().text().find("truncated by ftune-agent: 5242880 bytes") !=
+                           std::string::npos) {
+      EXPECT_LT(e.log().text().size(), 65 << 10);
+      ++big_logs;
+    }
+    if (e.has_error() && e.error().message().find("truncated by ftune-agent: 20971520 bytes") !=
+                             std::string::npos) {
+      EXPECT_LT(e.error().message().size(), 65 << 10);
+      ++big_errors;
+    }
+  }
+  EXPECT_EQ(big_logs, 100);
+  EXPECT_EQ(big_errors, 1);
+  EXPECT_EQ(steps, 6);
+}
+
 }  // namespace
 }  // namespace ftune::testing

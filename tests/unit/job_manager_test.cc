@@ -510,5 +510,38 @@ TEST_F(JobManagerTest, ListJobsPagesAndFilters) {
   EXPECT_EQ(manager_->ListJobs(bad).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST_F(JobManagerTest, ListJobsPagesAreCappedInBytes) {
+  Register("a", 8);
+  for (int i = 0; i < 12; ++i) {
+    v1::JobSpec s = Spec(1);
+    for (int k = 0; k < 1200; ++k)  // 300 KiB of labels a job
+      (*s.mutable_labels())["note" + std::to_string(k)] = std::string(256, 'n');
+    ASSERT_TRUE(manager_->CreateJob(s, "").ok());
+  }
+  v1::ListJobsRequest req;
+  req.set_page_size(100);
+  size_t total = 0;
+  int pages = 0;
+  for (;;) {
+    auto page = manager_->ListJobs(req);
+    ASSERT_TRUE(page.ok());
+    ++pages;
+    size_t bytes = 0;
+    for (const auto& j : page->jobs) bytes += j.ByteSizeLong();
+    EXPECT_LE(bytes, kMaxListJobsBytes);
+    total += page->jobs.size();
+    if (page->next_page_token.empty()) break;
+    req.set_page_token(page->next_page_token);
+  }
+  EXPECT_EQ(total, 12u);
+  EXPECT_GE(pages, 2);
+}
+
+TEST_F(JobManagerTest, ListJobsRefusesForeignPageTokens) {
+  v1::ListJobsRequest bad;
+  bad.set_page_token("garbage");
+  EXPECT_EQ(manager_->ListJobs(bad).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace ftune::server

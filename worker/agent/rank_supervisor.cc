@@ -16,6 +16,7 @@
 #include "jobspec.h"
 #include "ftune/absl_status.h"
 #include "ftune/file_util.h"
+#include "worker/agent/event_size.h"
 #include "worker/agent/log.h"
 
 extern char** environ;
@@ -127,6 +128,10 @@ void RankSupervisor::TimerLoop() {
 
 void RankSupervisor::SpoolEvent(v1::RankEvent* event) {
   event->set_time_unix_ms(absl::ToUnixMillis(clock_->Now()));
+  if (const std::string cut = FitEvent(event); !cut.empty()) {
+    LogWarning(absl::StrCat(Describe(event->job_id(), event->attempt(), event->rank()), ": ",
+                            cut));
+  }
   if (absl::Status s = spool_->Append(event); !s.ok()) {
     LogError(absl::StrCat("lost an event of ",
                           Describe(event->job_id(), event->attempt(), event->rank()), ": ",
