@@ -34,6 +34,7 @@ namespace {
 class NullLink : public AgentLink {
  public:
   void Send(const v1::CoordinatorToAgent&) override {}
+  void Disconnect() override {}
 };
 
 int64_t NowNs() {

@@ -95,18 +95,26 @@ std::vector<v1::Agent> AgentManager::ListAgents() {
 
 void AgentManager::CheckLiveness() {
   std::set<std::string> dead;
+  std::vector<std::shared_ptr<AgentLink>> links;
   {
     std::lock_guard<std::mutex> lock(mu_);
     const int64_t now = NowMs();
     for (auto& [id, a] : agents_) {
       if (a.alive && now - a.last_seen_ms > options_.agent_timeout_ms) {
         a.alive = false;
+        if (a.link) links.push_back(std::move(a.link));
         a.link.reset();
         dead.insert(id);
       }
     }
   }
   if (!dead.empty()) listener_->AgentsDead(dead);
+  // The stream may still be open (a paused agent, a stalled network): end it,
+  // so that the agent registers again instead of heartbeating into a link the
+  // coordinator no longer uses. After AgentsDead: the registration's reply
+  // must already see its ranks' attempt as failed, so that it lists them as
+  // stale.
+  for (const auto& link : links) link->Disconnect();
 }
 
 std::vector<AgentView> AgentManager::Fleet() {

@@ -9,8 +9,12 @@
 //     link are `registered` (heartbeat interval, and the ranks it runs that no
 //     job wants any more: it stops them) and the ack of what is stored.
 //   * Liveness: heartbeats and event batches count as signs of life. An agent
-//     silent for agent_timeout_ms is dead: its link is dropped and the job
-//     side fails the ranks placed on it.
+//     silent for agent_timeout_ms is dead: its link is dropped and
+//     disconnected, and the job side fails the ranks placed on it. Ending the
+//     stream is what brings a paused agent back: heartbeats on a stream that
+//     stayed open would never revive it, while a fresh registration does, and
+//     its Registered reply names the ranks of attempts the coordinator no
+//     longer wants (the agent kills them).
 //   * Lost ranks: a re-registering agent reports the ranks it still runs;
 //     ranks placed on it that it does not report died with its previous
 //     process. That check waits until every event the agent sent before
@@ -56,6 +60,9 @@ class AgentLink {
   virtual ~AgentLink() = default;
   // Queues a message for the agent; never blocks.
   virtual void Send(const v1::CoordinatorToAgent& msg) = 0;
+  // Ends the stream (the agent sees it break and registers again); never
+  // blocks. A no-op once the stream has ended.
+  virtual void Disconnect() = 0;
 };
 
 // The job side of the registry (JobManager implements it).
@@ -114,7 +121,8 @@ class AgentManager {
   // --- JobService
   std::vector<v1::Agent> ListAgents();
 
-  // Marks agents silent for longer than the timeout dead. Called periodically.
+  // Marks agents silent for longer than the timeout dead and disconnects
+  // them. Called periodically.
   void CheckLiveness();
 
   // --- for the other managers

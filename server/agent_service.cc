@@ -14,7 +14,8 @@ using Stream = grpc::ServerReaderWriter<v1::CoordinatorToAgent, v1::AgentToCoord
 
 class StreamLink : public AgentLink {
  public:
-  explicit StreamLink(Stream* stream) : stream_(stream), writer_([this] { Run(); }) {}
+  StreamLink(grpc::ServerContext* ctx, Stream* stream)
+      : ctx_(ctx), stream_(stream), writer_([this] { Run(); }) {}
   ~StreamLink() override { Close(); }
 
   void Send(const v1::CoordinatorToAgent& msg) override {
@@ -24,10 +25,24 @@ class StreamLink : public AgentLink {
     cv_.notify_one();
   }
 
+  // Cancelling the RPC makes the handler's Read fail, so Connect returns and
+  // the agent sees its stream end. ended_ keeps the context from being used
+  // once the handler has returned.
+  void Disconnect() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (ended_) return;
+    closed_ = true;
+    queue_.clear();
+    cv_.notify_one();
+    ctx_->TryCancel();
+  }
+
+  // The handler is done with the stream; call before it returns.
   void Close() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       closed_ = true;
+      ended_ = true;
       cv_.notify_one();
     }
     if (writer_.joinable()) writer_.join();
@@ -53,11 +68,13 @@ class StreamLink : public AgentLink {
     }
   }
 
+  grpc::ServerContext* const ctx_;
   Stream* stream_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<v1::CoordinatorToAgent> queue_;
   bool closed_ = false;
+  bool ended_ = false;  // the handler returned (or is returning)
   std::thread writer_;
 };
 
@@ -75,7 +92,7 @@ grpc::Status AgentServiceImpl::Connect(grpc::ServerContext* ctx, Stream* stream)
     return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
                         "the first message on an agent stream must be RegisterAgent");
   const std::string agent_id = first.register_().agent_id();
-  auto link = std::make_shared<StreamLink>(stream);
+  auto link = std::make_shared<StreamLink>(ctx, stream);
   if (auto st = agents_->RegisterAgent(first.register_(), link); !st.ok()) {
     link->Close();
     return ToGrpc(st);

@@ -94,7 +94,7 @@ absl::StatusOr<int64_t> EventManager::IngestEvents(const std::string& agent_id,
   for (const auto& ev : batch.events()) {
     if (ev.agent_seq() <= acked) continue;  // a resend of something stored
     acked = ev.agent_seq();
-    fresh.push_back({&ev, JobEventFor(ev, source->host)});
+    fresh.push_back({&ev, agent_id, JobEventFor(ev, source->host)});
   }
   if (!fresh.empty()) {
     auto applied = handler_->ApplyRankEvents(std::move(fresh), [&]() -> absl::Status {

@@ -12,7 +12,9 @@
 //
 // So an ack never covers an event that is not stored, a resent event is never
 // stored twice, and nothing is published that did not commit. Events of a job
-// this store never had are acked and dropped. Job event seqs (gap-free per
+// this store never had, of an attempt other than the job's current one, or of
+// a rank not placed on the sending agent are acked and dropped (counted in
+// ftune_events_dropped_total). Job event seqs (gap-free per
 // job) are assigned by the job side, since they live in the job row.
 //
 // State it owns: none in memory beyond ingest_mu_; the events table of the
@@ -49,6 +51,8 @@ namespace ftune::server {
 // One fresh rank event on its way into the store.
 struct IngestedEvent {
   const v1::RankEvent* rank_event;
+  // The agent it came from.
+  std::string agent_id;
   // What watchers will see (its text is also the reason a failure gives);
   // job_id and seq are set by the job side.
   v1::JobEvent job_event;
@@ -61,7 +65,9 @@ class RankEventHandler {
   // Applies `events` (fresh, in agent_seq order) to their jobs and, in one
   // store transaction, writes the jobs, appends the JobEvents and runs
   // `also_in_transaction` (the ack); publishes and sends after the commit.
-  // Returns how many events belonged to a job this store has.
+  // Returns how many events were stored; the others (of a job this store
+  // never had, of an attempt that is not the job's current one, of a rank
+  // not placed on the sending agent) are dropped and counted.
   virtual absl::StatusOr<int> ApplyRankEvents(
       std::vector<IngestedEvent> events,
       const std::function<absl::Status()>& also_in_transaction) = 0;

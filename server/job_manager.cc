@@ -17,6 +17,11 @@ std::string JobIdFor(int64_t ordinal) {
   return buf;
 }
 
+// A rank's exit code for a bad spec or input (docs/control-plane.md, "Rank
+// processes"), and the job's reason_code when that fails it.
+constexpr int kBadInputExitCode = 2;
+constexpr char kBadInputCode[] = "bad_input";
+
 v1::RankStatus* RankStatusOf(v1::Job* job, int rank) {
   for (auto& r : *job->mutable_ranks())
     if (r.rank() == rank) return &r;
@@ -129,6 +134,17 @@ absl::Status JobManager::Requeue(v1::Job* job, Pending* p) {
 
 absl::Status JobManager::FailAttempt(v1::Job* job, const std::string& why,
                                      const std::string& code, Pending* p) {
+  if (code == kBadInputCode) {
+    // The rank said its spec or input is wrong: every restart would fail the
+    // same way, so none is spent.
+    FTUNE_RETURN_IF_ERROR(Transition(
+        job, v1::FAILED,
+        why + " (exit code " + std::to_string(kBadInputExitCode) +
+            ": a bad spec or input, which a restart would not fix)",
+        code, p));
+    StopRanks(*job, /*save_checkpoint=*/false, "job failed: " + why, p);
+    return absl::OkStatus();
+  }
   if (job->restarts() < job->spec().max_restarts()) {
     FTUNE_RETURN_IF_ERROR(Transition(job, v1::RESTARTING, why, code, p));
     StopRanks(*job, /*save_checkpoint=*/false, "gang restart: " + why, p);
@@ -153,6 +169,7 @@ absl::Status JobManager::RankExited(v1::Job* job, int32_t rank, int32_t exit_cod
   switch (job->state()) {
     case v1::SCHEDULED:
     case v1::RUNNING:
+      if (exit_code == kBadInputExitCode) return FailAttempt(job, failure, kBadInputCode, p);
       if (exit_code != 0) return FailAttempt(job, failure, "rank_failed", p);
       if (AllExited(*job)) {
         return Transition(job, v1::SUCCEEDED,
@@ -170,12 +187,26 @@ absl::Status JobManager::RankExited(v1::Job* job, int32_t rank, int32_t exit_cod
   }
 }
 
+// Only the ranks the job's current attempt placed, each from the agent it was
+// placed on, speak for the job: a rank of an earlier attempt (left running
+// on an agent that was declared dead, or whose events were spooled while the
+// coordinator restarted the gang) must not move the job's checkpoint,
+// adapter or state, nor add to its events.
+const char* JobManager::WhyDropped(const v1::Job& job, const v1::RankEvent& ev,
+                                   const std::string& agent_id) {
+  if (ev.attempt() != job.attempt()) return "stale_attempt";
+  for (const auto& pl : job.placement())
+    if (pl.rank() == ev.rank()) return pl.agent_id() == agent_id ? nullptr : "not_placed";
+  return "not_placed";
+}
+
 // What one rank event does to its job. `je` (EventManager's words for it) is
 // appended first, so a state change it causes follows it in the job's events.
 absl::Status JobManager::ApplyRankEvent(v1::Job* job, const v1::RankEvent& ev, v1::JobEvent je,
                                         Pending* p) {
-  // Events of an earlier attempt (or after the end) are kept, but move nothing.
-  const bool current = ev.attempt() == job->attempt() && !IsTerminal(job->state());
+  // Events after the end (ranks stopped after a failure) are kept, but move
+  // no state; those of other attempts never get here (WhyDropped).
+  const bool current = !IsTerminal(job->state());
   switch (ev.payload_case()) {
     case v1::RankEvent::kMessage: {
       const v1::RankMessage& m = ev.message();
@@ -338,8 +369,16 @@ absl::StatusOr<ListJobsResult> JobManager::ListJobs(const v1::ListJobsRequest& r
   if (!rows.ok()) return rows.status();
   ListJobsResult out;
   const size_t page = static_cast<size_t>(f.limit - 1);
-  for (size_t i = 0; i < rows->size() && i < page; ++i) out.jobs.push_back((*rows)[i].second);
-  if (rows->size() > page) out.next_page_token = std::to_string((*rows)[page - 1].first);
+  size_t bytes = 0;
+  size_t i = 0;
+  for (; i < rows->size() && i < page; ++i) {
+    // A page ends early rather than outgrow what a client takes.
+    const size_t size = (*rows)[i].second.ByteSizeLong();
+    if (i > 0 && bytes + size > kMaxListJobsBytes) break;
+    bytes += size;
+    out.jobs.push_back((*rows)[i].second);
+  }
+  if (i < rows->size()) out.next_page_token = std::to_string((*rows)[i - 1].first);
   return out;
 }
 
@@ -405,15 +444,26 @@ absl::StatusOr<int> JobManager::ApplyRankEvents(
   std::lock_guard<std::mutex> lock(mu_);
   Pending p;
   int applied = 0;
+  std::map<std::string, int> dropped;  // by reason
   auto st = store_->Transaction([&]() -> absl::Status {
+    applied = 0;
+    dropped.clear();
     std::map<std::string, v1::Job> jobs;
     for (auto& in : events) {
       const v1::RankEvent& ev = *in.rank_event;
       auto jit = jobs.find(ev.job_id());
       if (jit == jobs.end()) {
         auto job = store_->GetJob(ev.job_id());
-        if (!job.ok()) continue;  // a job this store never had: nothing to attach it to
+        if (absl::IsNotFound(job.status())) {  // nothing to attach it to
+          ++dropped["unknown_job"];
+          continue;
+        }
+        if (!job.ok()) return job.status();  // not stored, not acked: the agent resends
         jit = jobs.emplace(ev.job_id(), *job).first;
+      }
+      if (const char* why = WhyDropped(jit->second, ev, in.agent_id)) {
+        ++dropped[why];
+        continue;
       }
       FTUNE_RETURN_IF_ERROR(ApplyRankEvent(&jit->second, ev, std::move(in.job_event), &p));
       ++applied;
@@ -423,6 +473,8 @@ absl::StatusOr<int> JobManager::ApplyRankEvents(
     return also_in_transaction();
   });
   if (!st.ok()) return st;
+  if (metrics_)
+    for (const auto& [why, n] : dropped) metrics_->EventsDropped(why, n);
   FlushAndReschedule(&p);
   return applied;
 }

@@ -19,7 +19,8 @@
 //     -> SUCCEEDED             every rank exited 0
 //     -> RESTARTING            a rank failed or was lost and restarts remain:
 //                              the rest of the gang is stopped
-//     -> FAILED                the same with no restarts left
+//     -> FAILED                the same with no restarts left, or a rank
+//                              exited 2 (bad spec or input: not restarted)
 //   RESTARTING -> QUEUED       the whole gang exited: attempt + 1, resuming
 //                              from the latest complete checkpoint
 //   QUEUED -> CANCELLED        CancelJob
@@ -68,6 +69,10 @@
 #include "store.h"
 
 namespace ftune::server {
+
+// Bytes of jobs in one ListJobs page (beyond its first job): with the rest
+// of the response, under gRPC's default 4 MiB receive limit of clients.
+inline constexpr size_t kMaxListJobsBytes = 2 << 20;
 
 struct ListJobsResult {
   std::vector<v1::Job> jobs;
@@ -145,6 +150,10 @@ class JobManager final : public AgentListener, public RankEventHandler {
   void AddEvent(v1::Job* job, v1::JobEvent event, Pending* p);
   absl::Status Transition(v1::Job* job, v1::JobState to, const std::string& reason,
                           const std::string& reason_code, Pending* p);
+  // Null when `ev`, sent by agent_id, may act on `job`; else the reason
+  // (ftune_events_dropped_total's label) it is dropped.
+  static const char* WhyDropped(const v1::Job& job, const v1::RankEvent& ev,
+                                const std::string& agent_id);
   absl::Status ApplyRankEvent(v1::Job* job, const v1::RankEvent& ev, v1::JobEvent je,
                               Pending* p);
   absl::Status RankExited(v1::Job* job, int32_t rank, int32_t exit_code,

@@ -95,6 +95,10 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
   static constexpr size_t kMaxLive = 10000;
   static constexpr int kPage = 256;
   static constexpr int kMaxBatch = 500;
+  // Bytes of events per message (beyond the first event): a watcher with
+  // gRPC's default 4 MiB receive limit takes every batch, since one event is
+  // at most 1 MiB (the agent's limit, worker/agent/event_size.h).
+  static constexpr size_t kMaxBatchBytes = 1 << 20;
 
   WatchReactor(JobManager* jobs, EventManager* events, const v1::WatchJobRequest& req,
                const grpc::Status& auth)
@@ -122,6 +126,11 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
       FinishLocked(ToGrpc(job.status()));
       return;
     }
+    // An ended job's events are all stored: following it is a plain read,
+    // which ends once they are sent, even when after_seq is at or past its
+    // last event (its terminal state change is then never seen to end the
+    // stream).
+    if (IsTerminal(job->state())) follow_ = false;
     NextLocked();
   }
 
@@ -200,10 +209,17 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
   void NextLocked() {
     if (writing_ || finished_) return;
     response_.clear_events();
+    size_t bytes = 0;
     while (response_.events_size() < kMaxBatch && !ended_) {
       SharedEvent e = TakeNextLocked();
       if (finished_) return;
       if (!e) break;
+      const size_t size = e->ByteSizeLong();
+      if (response_.events_size() > 0 && bytes + size > kMaxBatchBytes) {
+        stored_.push_front(std::move(e));  // first of the next message
+        break;
+      }
+      bytes += size;
       last_ = e->seq();
       ended_ = Terminal(*e);
       *response_.add_events() = *e;
@@ -228,7 +244,7 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
   JobManager* jobs_;
   EventManager* events_;
   const std::string job_id_;
-  const bool follow_;
+  bool follow_;  // cleared for a job that has already ended
   bool subscribed_ = false;
   std::mutex mu_;
   int64_t last_;

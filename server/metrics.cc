@@ -77,6 +77,15 @@ struct Metrics::Impl {
                         .Help("Rank events stored")
                         .Register(*registry)
                         .Add({});
+  Family<Counter>& dropped = BuildCounter()
+                                 .Name("ftune_events_dropped_total")
+                                 .Help("Rank events not stored, by reason")
+                                 .Register(*registry);
+  Counter& store_errors = BuildCounter()
+                              .Name("ftune_store_errors_total")
+                              .Help("Failed operations on the state database")
+                              .Register(*registry)
+                              .Add({});
   Family<Histogram>& rpc = BuildHistogram()
                                .Name("ftune_rpc_duration_seconds")
                                .Help("Latency of coordinator RPCs")
@@ -182,6 +191,13 @@ void Metrics::JobEnded(const std::string& job) {
 }
 
 void Metrics::EventsIngested(int n) { impl_->events.Increment(n); }
+
+void Metrics::EventsDropped(const std::string& reason, int n) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->dropped.Add({{"reason", reason}}).Increment(n);
+}
+
+void Metrics::StoreError() { impl_->store_errors.Increment(); }
 
 void Metrics::RpcLatency(const std::string& method, double seconds) {
   static const Histogram::BucketBoundaries kBuckets = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,

@@ -35,6 +35,9 @@ class Metrics : public MetricsSink {
   void Restarted(const std::string& job_id) override;
   void JobEnded(const std::string& job_id) override;
   void EventsIngested(int n) override;
+  void EventsDropped(const std::string& reason, int n) override;
+  // A store operation failed (Store::SetErrorListener).
+  void StoreError();
   // Latency of one RPC, by method name.
   void RpcLatency(const std::string& method, double seconds);
 

@@ -2,7 +2,7 @@
 // implements it; tests pass null (every manager checks).
 //
 // EventManager reports what events say (steps, memory, checkpoints, how many
-// were ingested); JobManager reports what jobs do (state counts, fleet,
+// were ingested); JobManager which events it dropped and reports what jobs do (state counts, fleet,
 // restarts, ends).
 //
 // Thread-safety: implementations must allow calls from any thread.
@@ -28,6 +28,10 @@ class MetricsSink {
   virtual void Restarted(const std::string& job_id) = 0;
   virtual void JobEnded(const std::string& job_id) = 0;
   virtual void EventsIngested(int n) = 0;
+  // Rank events not stored: `reason` is "stale_attempt" (a rank of an
+  // attempt that is not the job's current one), "not_placed" (a rank the
+  // sending agent does not hold) or "unknown_job".
+  virtual void EventsDropped(const std::string& reason, int n) = 0;
 };
 
 }  // namespace ftune::server

@@ -2,6 +2,7 @@
 
 #include <sqlite3.h>
 
+#include <cstdio>
 #include <filesystem>
 
 namespace ftune::server {
@@ -68,14 +69,69 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
                                          "': " + sqlite3_errmsg(s->db_));
   }
   sqlite3_busy_timeout(s->db_, 5000);
+  if (auto st = s->CheckIntegrity(path); !st.ok()) return st;
   // WAL + synchronous=FULL: a committed transaction survives power loss, and
-  // readers never block the writer.
-  for (const char* pragma : {"PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL",
-                             "PRAGMA foreign_keys=ON"}) {
+  // readers never block the writer. journal_mode answers with the mode in
+  // effect, which is not WAL where the filesystem cannot share memory.
+  if (dir != ":memory:") {
+    sqlite3_stmt* q = nullptr;
+    std::string mode;
+    if (sqlite3_prepare_v2(s->db_, "PRAGMA journal_mode=WAL", -1, &q, nullptr) == SQLITE_OK &&
+        sqlite3_step(q) == SQLITE_ROW) {
+      const unsigned char* m = sqlite3_column_text(q, 0);
+      mode = m ? reinterpret_cast<const char*>(m) : "";
+    }
+    sqlite3_finalize(q);
+    if (mode != "wal")
+      return absl::FailedPreconditionError(
+          "state database '" + path + "' cannot use write-ahead logging (journal_mode is '" +
+          mode + "', " + sqlite3_errmsg(s->db_) +
+          "): put --state-dir on a local filesystem");
+  }
+  for (const char* pragma : {"PRAGMA synchronous=FULL", "PRAGMA foreign_keys=ON"}) {
     if (auto st = s->Exec(pragma); !st.ok()) return st;
   }
   if (auto st = s->Migrate(); !st.ok()) return st;
   return s;
+}
+
+// quick_check reads every page (not the indexes' contents): a few ms for a
+// small database, seconds for gigabytes; paid once per start.
+absl::Status Store::CheckIntegrity(const std::string& path) {
+  sqlite3_stmt* q = nullptr;
+  if (sqlite3_prepare_v2(db_, "PRAGMA quick_check", -1, &q, nullptr) != SQLITE_OK) {
+    return absl::FailedPreconditionError("state database '" + path +
+                                         "' cannot be read: " + sqlite3_errmsg(db_) +
+                                         "; restore it from a backup, or move it away to start "
+                                         "with an empty state");
+  }
+  std::string problems;
+  int rc;
+  int lines = 0;
+  while ((rc = sqlite3_step(q)) == SQLITE_ROW) {
+    const unsigned char* t = sqlite3_column_text(q, 0);
+    const std::string line = t ? reinterpret_cast<const char*>(t) : "";
+    if (line == "ok") continue;
+    if (lines++ < 3) problems += (problems.empty() ? "" : "; ") + line;
+  }
+  if (rc != SQLITE_DONE && problems.empty()) problems = sqlite3_errmsg(db_);
+  sqlite3_finalize(q);
+  if (problems.empty()) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      "state database '" + path + "' failed its integrity check (PRAGMA quick_check: " + problems +
+      (lines > 3 ? "; ..." : "") +
+      "); restore it from a backup, or move it away to start with an empty state");
+}
+
+void Store::SetErrorListener(std::function<void(const absl::Status&)> listener) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  on_error_ = std::move(listener);
+}
+
+absl::Status Store::Failed(absl::Status st) {
+  std::fprintf(stderr, "ftune-coordinator: store error: %s\n", st.ToString().c_str());
+  if (on_error_) on_error_(st);
+  return st;
 }
 
 Store::~Store() {
@@ -83,16 +139,36 @@ Store::~Store() {
   if (db_) sqlite3_close(db_);
 }
 
+namespace {
+
+absl::Status StatusFor(int rc, const std::string& msg) {
+  switch (rc & 0xff) {  // the primary code of an extended one
+    case SQLITE_FULL:
+      return absl::ResourceExhaustedError(msg + " (the state database's disk is full)");
+    case SQLITE_BUSY:
+    case SQLITE_LOCKED:
+      return absl::UnavailableError(msg);
+    case SQLITE_CORRUPT:
+    case SQLITE_NOTADB:
+      return absl::DataLossError(msg);
+    default:
+      return absl::InternalError(msg);
+  }
+}
+
+}  // namespace
+
 absl::Status Store::Error(const std::string& what) {
-  return absl::InternalError(what + ": " + sqlite3_errmsg(db_));
+  return Failed(StatusFor(sqlite3_extended_errcode(db_), what + ": " + sqlite3_errmsg(db_)));
 }
 
 absl::Status Store::Exec(const std::string& sql) {
   char* err = nullptr;
-  if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err) != SQLITE_OK) {
+  const int rc = sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err);
+  if (rc != SQLITE_OK) {
     std::string msg = err ? err : "unknown error";
     sqlite3_free(err);
-    return absl::InternalError("sqlite: " + msg + " in: " + sql.substr(0, 80));
+    return Failed(StatusFor(rc, "sqlite: " + msg + " in: " + sql.substr(0, 80)));
   }
   return absl::OkStatus();
 }
@@ -140,11 +216,20 @@ sqlite3_stmt* Store::Prepare(const char* sql) {
 
 absl::Status Store::Transaction(const std::function<absl::Status()>& fn) {
   std::lock_guard<std::recursive_mutex> lock(mu_);
-  if (!sqlite3_get_autocommit(db_)) return fn();  // nested: join the outer one
+  if (transaction_depth_ > 0) {  // nested: join the outer one
+    ++transaction_depth_;
+    absl::Status st = fn();
+    --transaction_depth_;
+    return st;
+  }
   if (auto st = Exec("BEGIN IMMEDIATE"); !st.ok()) return st;
+  ++transaction_depth_;
   absl::Status st = fn();
+  --transaction_depth_;
   if (st.ok()) st = Exec("COMMIT");
-  if (!st.ok()) Exec("ROLLBACK").IgnoreError();
+  // A failed COMMIT (a full disk) may leave the transaction open: end it,
+  // so the next one can begin. Its own failure is logged by Exec.
+  if (!st.ok() && !sqlite3_get_autocommit(db_)) Exec("ROLLBACK").IgnoreError();
   return st;
 }
 
@@ -200,7 +285,8 @@ absl::StatusOr<v1::Job> Store::GetJob(const std::string& id) {
   if (rc == SQLITE_DONE) return absl::NotFoundError("job '" + id + "' not found");
   if (rc != SQLITE_ROW) return Error("read job " + id);
   v1::Job job;
-  if (!job.ParseFromString(Blob(st, 0))) return absl::DataLossError("job " + id + " is corrupt");
+  if (!job.ParseFromString(Blob(st, 0)))
+    return Failed(absl::DataLossError("stored job " + id + " is corrupt"));
   return job;
 }
 
@@ -211,7 +297,8 @@ absl::StatusOr<std::optional<v1::Job>> Store::FindJobByRequestId(const std::stri
   if (rc == SQLITE_DONE) return std::optional<v1::Job>();
   if (rc != SQLITE_ROW) return Error("find request id");
   v1::Job job;
-  if (!job.ParseFromString(Blob(st, 0))) return absl::DataLossError("job is corrupt");
+  if (!job.ParseFromString(Blob(st, 0)))
+    return Failed(absl::DataLossError("stored job of request id " + request_id + " is corrupt"));
   return std::optional<v1::Job>(job);
 }
 
@@ -241,11 +328,18 @@ absl::StatusOr<std::vector<std::pair<int64_t, v1::Job>>> Store::ListJobs(const J
   int rc;
   while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
     v1::Job job;
-    job.ParseFromString(Blob(st, 1));
+    if (!job.ParseFromString(Blob(st, 1))) {
+      sqlite3_finalize(st);
+      return Failed(absl::DataLossError("a stored job is corrupt (listing jobs)"));
+    }
     out.emplace_back(sqlite3_column_int64(st, 0), std::move(job));
   }
+  if (rc != SQLITE_DONE) {
+    absl::Status err = Error("list jobs");
+    sqlite3_finalize(st);
+    return err;
+  }
   sqlite3_finalize(st);
-  if (rc != SQLITE_DONE) return Error("list jobs");
   return out;
 }
 
@@ -290,7 +384,8 @@ absl::StatusOr<std::vector<v1::JobEvent>> Store::ReadEvents(const std::string& j
   int rc;
   while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
     v1::JobEvent e;
-    e.ParseFromString(Blob(st, 0));
+    if (!e.ParseFromString(Blob(st, 0)))
+      return Failed(absl::DataLossError("a stored event of job " + job_id + " is corrupt"));
     out.push_back(std::move(e));
   }
   if (rc != SQLITE_DONE) return Error("read events of " + job_id);
@@ -314,7 +409,8 @@ absl::StatusOr<std::vector<v1::Checkpoint>> Store::ListCheckpoints(const std::st
   int rc;
   while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
     v1::Checkpoint c;
-    c.ParseFromString(Blob(st, 0));
+    if (!c.ParseFromString(Blob(st, 0)))
+      return Failed(absl::DataLossError("a stored checkpoint of job " + job_id + " is corrupt"));
     out.push_back(std::move(c));
   }
   if (rc != SQLITE_DONE) return Error("list checkpoints of " + job_id);
@@ -350,7 +446,8 @@ absl::StatusOr<std::vector<StoredAgent>> Store::ListAgents() {
   int rc;
   while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
     StoredAgent a;
-    a.agent.ParseFromString(Blob(st, 0));
+    if (!a.agent.ParseFromString(Blob(st, 0)))
+      return Failed(absl::DataLossError("a stored agent is corrupt"));
     a.acked_seq = sqlite3_column_int64(st, 1);
     out.push_back(std::move(a));
   }

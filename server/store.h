@@ -7,6 +7,16 @@
 // point leaves either all or none of a state change on disk. The schema is
 // versioned; Open() applies the missing migrations in order.
 //
+// Open refuses a database it cannot trust: journal_mode=WAL must take
+// effect (a filesystem without shared memory cannot do it) and
+// `PRAGMA quick_check` must pass; the error says what to do.
+//
+// Every SQLite failure is logged to stderr and reported to the error
+// listener (ftune_store_errors_total) where it happens, then returned:
+// RESOURCE_EXHAUSTED for a full disk or database (SQLITE_FULL), UNAVAILABLE
+// when the database is busy or locked, DATA_LOSS for corruption, INTERNAL
+// otherwise. "Not found" answers are not errors.
+//
 // Thread-safety: a Store serializes all calls with an internal mutex, held
 // across a Transaction; the managers hold their own locks across
 // read-modify-write and take them before this one (coordinator.h).
@@ -52,7 +62,13 @@ class Store {
   static constexpr int kSchemaVersion = 1;
   int schema_version() const { return schema_version_; }
 
-  // Runs fn inside BEGIN IMMEDIATE ... COMMIT; rolls back if fn fails.
+  // Called with every store error (after it is logged), from the thread
+  // that hit it, with the store's lock held: count, do not call back.
+  void SetErrorListener(std::function<void(const absl::Status&)> listener);
+
+  // Runs fn inside BEGIN IMMEDIATE ... COMMIT; rolls back if fn fails. A
+  // Transaction inside fn joins the outer one (depth tracked here, not
+  // guessed from SQLite's autocommit flag).
   absl::Status Transaction(const std::function<absl::Status()>& fn);
 
   // --- jobs (call inside Transaction for multi-step changes)
@@ -92,10 +108,15 @@ class Store {
   absl::Status Migrate();
   sqlite3_stmt* Prepare(const char* sql);  // cached
   absl::Status Error(const std::string& what);
+  // Logs and reports st (not OK) and returns it.
+  absl::Status Failed(absl::Status st);
+  absl::Status CheckIntegrity(const std::string& path);
 
   std::recursive_mutex mu_;
   sqlite3* db_ = nullptr;
   int schema_version_ = 0;
+  int transaction_depth_ = 0;  // guarded by mu_
+  std::function<void(const absl::Status&)> on_error_;
   std::vector<std::pair<const char*, sqlite3_stmt*>> stmts_;
 };
 

@@ -21,6 +21,8 @@
 
 namespace {
 
+constexpr int kMaxReceiveBytes = 8 << 20;
+
 std::atomic<bool> g_stop{false};
 void OnSignal(int) { g_stop = true; }
 
@@ -68,12 +70,13 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  Metrics metrics;  // before the store, which reports its errors to it
   auto store = Store::Open(state_dir);
   if (!store.ok()) {
     std::fprintf(stderr, "ftune-coordinator: %s\n", std::string(store.status().message()).c_str());
     return 1;
   }
-  Metrics metrics;
+  (*store)->SetErrorListener([&metrics](const absl::Status&) { metrics.StoreError(); });
   if (!metrics_listen.empty()) {
     if (auto err = metrics.Serve(metrics_listen); !err.empty()) {
       std::fprintf(stderr, "ftune-coordinator: %s (choose another --metrics-listen)\n",
@@ -125,6 +128,10 @@ int main(int argc, char** argv) {
   builder.RegisterService(&agent_service);
   // Many WatchJob streams each hold a thread of the sync server.
   builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS, 4);
+  // Above the largest message an agent sends: a batch of events is at most
+  // its max_batch_bytes (1 MiB) or one event (at most 1 MiB:
+  // worker/agent/event_size.h). A refused batch would be resent forever.
+  builder.SetMaxReceiveMessageSize(kMaxReceiveBytes);
   auto server = builder.BuildAndStart();
   if (!server || port == 0) {
     std::fprintf(stderr, "ftune-coordinator: cannot listen on %s (in use? choose another --listen)\n",

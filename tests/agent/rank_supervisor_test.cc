@@ -562,6 +562,57 @@ TEST_F(AgentRankSupervisorTest, StaleRanksGetSigtermAtOnce) {
   r0->Exit(0);
 }
 
+// The coordinator gave up on attempt 0 (its agent was declared dead) and
+// places attempt 1 on the same slot right after the agent registers again.
+TEST_F(AgentRankSupervisorTest, NextAttemptWaitsForTheSlotOfAStaleRank) {
+  Start();
+  supervisor_->Assign(MakeAssignment(1, {{0, 0}}));
+  auto old_rank = launcher_.rank(0);
+  v1::RunningRank stale;
+  stale.set_job_id("job-1");
+  stale.set_attempt(0);
+  stale.set_rank(0);
+  supervisor_->StopStale({stale});
+  supervisor_->Assign(MakeAssignment(1, {{0, 0}}, "job-1", 1));
+  supervisor_->CheckTimers();
+  EXPECT_EQ(launcher_.num_launches(), 1u);  // not yet, and not failed
+  old_rank->Exit(143);
+  EXPECT_TRUE(WaitFor([&] {
+    supervisor_->CheckTimers();
+    return launcher_.num_launches() == 2;
+  }));
+  auto events = WaitEvents(1);
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_TRUE(events[0].has_exit()) << events[0].DebugString();
+  EXPECT_EQ(events[0].attempt(), 0);
+  auto running = supervisor_->Running();
+  ASSERT_EQ(running.size(), 1u);
+  EXPECT_EQ(running[0].attempt(), 1);
+  launcher_.rank(1)->Exit(0);
+}
+
+TEST_F(AgentRankSupervisorTest, AWaitingRankStoppedBeforeItStartsIsReported) {
+  Start();
+  supervisor_->Assign(MakeAssignment(1, {{0, 0}}));
+  v1::RunningRank stale;
+  stale.set_job_id("job-1");
+  stale.set_attempt(0);
+  stale.set_rank(0);
+  supervisor_->StopStale({stale});
+  supervisor_->Assign(MakeAssignment(1, {{0, 0}}, "job-1", 1));
+  v1::StopJob stop;
+  stop.set_job_id("job-1");
+  stop.set_attempt(1);
+  supervisor_->Stop(stop);
+  auto events = WaitEvents(1);
+  ASSERT_TRUE(events[0].has_launch_failed());
+  EXPECT_EQ(events[0].attempt(), 1);
+  launcher_.rank(0)->Exit(143);
+  ASSERT_TRUE(supervisor_->WaitIdle(absl::Seconds(10)));
+  supervisor_->CheckTimers();
+  EXPECT_EQ(launcher_.num_launches(), 1u);
+}
+
 TEST_F(AgentRankSupervisorTest, GarbageOnTheChannelIsReportedAndTheRankKilled) {
   Start();
   supervisor_->Assign(MakeAssignment(1, {{0, 0}}));

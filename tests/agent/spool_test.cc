@@ -1,6 +1,7 @@
 // Spool: identity, seq assignment across restarts, acks and trimming,
 // compaction, and recovery from torn or corrupt tails.
 #include "worker/agent/spool.h"
+#include "worker/agent/event_size.h"
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -125,6 +126,21 @@ TEST_F(AgentSpoolTest, EventsAndSeqsSurviveARestart) {
   auto s = Open();
   EXPECT_EQ(Seqs(*s), (std::vector<int64_t>{1, 2, 3, 4, 5}));
   EXPECT_EQ(AppendSteps(s.get(), 1), (std::vector<int64_t>{6}));
+}
+
+TEST_F(AgentSpoolTest, AnOversizedEventIsRefusedAndTheBatchWithIt) {
+  auto s = Open();
+  std::vector<v1::RankEvent> batch = {StepEvent(0, 1), StepEvent(0, 2)};
+  batch[1].mutable_message()->mutable_log()->set_text(std::string(kMaxEventBytes + 1, 'x'));
+  const absl::Status st = s->Append(&batch);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("limit"), std::string::npos) << st.message();
+  EXPECT_EQ(batch[0].agent_seq(), 0);
+  EXPECT_EQ(s->num_unacked(), 0u);
+  EXPECT_EQ(s->last_seq(), 0);
+  v1::RankEvent fits = StepEvent(0, 3);
+  ASSERT_TRUE(s->Append(&fits).ok());
+  EXPECT_EQ(fits.agent_seq(), 1);  // no seq was consumed
 }
 
 TEST_F(AgentSpoolTest, AckTrimsAndPersistsAndSeqsNeverRestart) {

@@ -11,6 +11,12 @@
 //   test.steps            total steps (default 10)
 //   test.step_ms          sleep per step (default 20)
 //   test.crash_at_step    the targeted rank exits 3 when it reaches this step
+//   test.crash_exit_code  the exit code of that crash instead of 3
+//   test.big_log_bytes    after step 1 the targeted rank sends a LogLine of
+//                         this many bytes ("x"...)
+//   test.big_error_bytes  ... and a RankError whose message is this long
+//                         (it keeps training: the agent must cope)
+//   test.big_log_count    how many such LogLines (default 1)
 //   test.hang_at_step     the targeted rank stops sending and sleeps forever
 //   test.fail_rendezvous  "true": the targeted rank reports a RankError and
 //                         exits 5 instead of training after the rendezvous
@@ -171,6 +177,10 @@ struct Script {
   int64_t step_ms = 20;
   int64_t save_steps = 0;
   int64_t crash_at_step = -1;
+  int64_t crash_exit_code = 3;
+  int64_t big_log_bytes = 0;
+  int64_t big_error_bytes = 0;
+  int64_t big_log_count = 1;
   int64_t hang_at_step = -1;
   bool fail_rendezvous = false;
   bool targeted = false;  // whether the faults apply to this rank and attempt
@@ -192,6 +202,10 @@ Script ReadScript(const ftune::v1::JobSpec& spec, const Args& args) {
   label_int("test.steps", &s.steps, 0);
   label_int("test.step_ms", &s.step_ms, 0);
   label_int("test.crash_at_step", &s.crash_at_step, 1);
+  label_int("test.crash_exit_code", &s.crash_exit_code, 1);
+  label_int("test.big_log_bytes", &s.big_log_bytes, 0);
+  label_int("test.big_error_bytes", &s.big_error_bytes, 0);
+  label_int("test.big_log_count", &s.big_log_count, 0);
   label_int("test.hang_at_step", &s.hang_at_step, 1);
   auto fr = labels.find("test.fail_rendezvous");
   if (fr != labels.end()) {
@@ -336,7 +350,7 @@ class Rank {
         Say("rank %d: simulated crash at step %lld (test.crash_at_step)", args_.rank,
             static_cast<long long>(step));
         Say("rank %d: last checksum %s", args_.rank, Hex(checksum_).c_str());
-        Exit(3);
+        Exit(static_cast<int>(script_.crash_exit_code));
       }
       if (script_.targeted && step == script_.hang_at_step) {
         Say("rank %d: simulated hang at step %lld (test.hang_at_step)", args_.rank,
@@ -349,6 +363,7 @@ class Rank {
       checksum_ = Mix(checksum_, step);
       SendStep(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       if (step % 5 == 0) SendMemory();
+      if (script_.targeted && step == 1) SendBigMessages();
 
       bool stop = false, save = false;
       Barrier(step, &stop, &save);
@@ -368,6 +383,21 @@ class Rank {
   void Send(const RankMessage& msg) {
     if (!channel_.Write(msg))
       Die(4, "cannot write to the agent channel (" + channel_.error() + "); exiting");
+  }
+
+  void SendBigMessages() {
+    if (script_.big_log_bytes > 0) {
+      RankMessage log;
+      log.mutable_log()->set_level("INFO");
+      log.mutable_log()->set_text(std::string(static_cast<size_t>(script_.big_log_bytes), 'x'));
+      for (int64_t i = 0; i < script_.big_log_count; ++i) Send(log);
+    }
+    if (script_.big_error_bytes > 0) {
+      RankMessage error;
+      error.mutable_error()->set_message(
+          std::string(static_cast<size_t>(script_.big_error_bytes), 'e'));
+      Send(error);
+    }
   }
 
   void ReadLoop() {

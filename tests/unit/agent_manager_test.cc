@@ -12,7 +12,9 @@ namespace {
 class FakeLink : public AgentLink {
  public:
   void Send(const v1::CoordinatorToAgent& msg) override { sent.push_back(msg); }
+  void Disconnect() override { ++disconnects; }
   std::vector<v1::CoordinatorToAgent> sent;
+  int disconnects = 0;
 };
 
 class FakeJobs : public AgentListener {
@@ -147,6 +149,7 @@ TEST_F(AgentManagerTest, HeartbeatsAndEventsKeepAnAgentAliveSilenceKillsIt) {
   agents_->CheckLiveness();
   ASSERT_EQ(jobs_.dead.size(), 1u);
   EXPECT_EQ(jobs_.dead[0], std::set<std::string>{"a"});
+  EXPECT_EQ(link->disconnects, 1);  // its stream is ended, so it registers again
   EXPECT_FALSE(agents_->Fleet()[0].alive);
   EXPECT_FALSE(agents_->ListAgents()[0].alive());
   const size_t sent = link->sent.size();
@@ -154,6 +157,26 @@ TEST_F(AgentManagerTest, HeartbeatsAndEventsKeepAnAgentAliveSilenceKillsIt) {
   EXPECT_EQ(link->sent.size(), sent);
   agents_->CheckLiveness();
   EXPECT_EQ(jobs_.dead.size(), 1u);  // reported once
+  EXPECT_EQ(link->disconnects, 1);
+}
+
+TEST_F(AgentManagerTest, ADeadAgentWhoseStreamStayedOpenComesBackByRegistering) {
+  jobs_.unwanted_jobs = {"job-1"};
+  auto paused = Register(Reg("a", {Running("job-1", 0)}));
+  clock_.Advance(absl::Seconds(11));
+  agents_->CheckLiveness();
+  ASSERT_EQ(paused->disconnects, 1);
+  // Heartbeats on the old stream (before the cancel reaches it) revive nothing.
+  agents_->Heartbeat("a");
+  EXPECT_FALSE(agents_->Fleet()[0].alive);
+  // The agent registers again on a new stream: alive, and told which of its
+  // ranks no job wants any more.
+  auto back = Register(Reg("a", {Running("job-1", 0)}));
+  EXPECT_TRUE(agents_->Fleet()[0].alive);
+  ASSERT_TRUE(back->sent[0].has_registered());
+  ASSERT_EQ(back->sent[0].registered().stale_size(), 1);
+  EXPECT_EQ(back->sent[0].registered().stale(0).job_id(), "job-1");
+  EXPECT_EQ(back->disconnects, 0);
 }
 
 TEST_F(AgentManagerTest, OnlyTheCurrentLinkIsForgottenOnDisconnect) {

@@ -25,6 +25,7 @@ class NoJobs : public AgentListener {
 class NullLink : public AgentLink {
  public:
   void Send(const v1::CoordinatorToAgent&) override {}
+  void Disconnect() override {}
 };
 
 // Stores what it is given, as the job side does: every event of a job
@@ -72,6 +73,7 @@ class CountingMetrics : public MetricsSink {
   void Restarted(const std::string&) override {}
   void JobEnded(const std::string&) override {}
   void EventsIngested(int n) override { ingested += n; }
+  void EventsDropped(const std::string&, int) override {}
   int steps = 0, memory = 0, checkpoints = 0, ingested = 0;
 };
 

@@ -11,6 +11,7 @@ namespace {
 class FakeLink : public AgentLink {
  public:
   void Send(const v1::CoordinatorToAgent& msg) override { sent.push_back(msg); }
+  void Disconnect() override { disconnected = true; }
   std::vector<v1::Assignment> Assignments() const {
     std::vector<v1::Assignment> out;
     for (const auto& m : sent)
@@ -24,6 +25,21 @@ class FakeLink : public AgentLink {
     return out;
   }
   std::vector<v1::CoordinatorToAgent> sent;
+  bool disconnected = false;
+};
+
+class CountingMetrics : public MetricsSink {
+ public:
+  void JobStates(const std::map<v1::JobState, int>&) override {}
+  void Fleet(int, int, int, int) override {}
+  void Step(const std::string&, int, const v1::StepMetrics&) override {}
+  void Memory(const std::string&, int, const v1::MemoryStats&) override {}
+  void CheckpointSaved(const std::string&, int64_t) override {}
+  void Restarted(const std::string&) override {}
+  void JobEnded(const std::string&) override {}
+  void EventsIngested(int) override {}
+  void EventsDropped(const std::string& reason, int n) override { dropped[reason] += n; }
+  std::map<std::string, int> dropped;
 };
 
 class JobManagerTest : public ::testing::Test {
@@ -38,7 +54,7 @@ class JobManagerTest : public ::testing::Test {
     o.grace_seconds = 5;
     o.plan_device_bytes = plan_;
     coordinator_.reset();
-    coordinator_ = std::make_unique<Coordinator>(store_.get(), &clock_, &bus_, nullptr, o);
+    coordinator_ = std::make_unique<Coordinator>(store_.get(), &clock_, &bus_, &metrics_, o);
     manager_ = &coordinator_->jobs();
     agents_ = &coordinator_->agents();
     events_ = &coordinator_->events();
@@ -113,6 +129,7 @@ class JobManagerTest : public ::testing::Test {
   // The coordinator's memory plan (main.cc wires PlanMemory); none by default.
   std::function<absl::StatusOr<int64_t>(const v1::JobSpec&)> plan_;
   FakeClock clock_;
+  CountingMetrics metrics_;
   EventBus bus_;
   std::unique_ptr<Store> store_;
   std::unique_ptr<Coordinator> coordinator_;
@@ -263,6 +280,21 @@ TEST_F(JobManagerTest, RankCrashRestartsGangFromLatestCheckpoint) {
   EXPECT_NE(j.state_reason().find("no restarts left"), std::string::npos);
 }
 
+TEST_F(JobManagerTest, ExitCode2FailsAtOnceWithoutRestarting) {
+  auto link = Register("a", 2);
+  const std::string id = manager_->CreateJob(Spec(2, /*max_restarts=*/3), "")->id();
+  Hello("a", id, 0, 0);
+  Hello("a", id, 0, 1);
+  Exit("a", id, 0, 1, 2);  // bad spec or input
+  v1::Job j = Get(id);
+  EXPECT_EQ(j.state(), v1::FAILED);
+  EXPECT_EQ(j.reason_code(), "bad_input");
+  EXPECT_EQ(j.restarts(), 0);
+  EXPECT_NE(j.state_reason().find("would not fix"), std::string::npos) << j.state_reason();
+  ASSERT_EQ(link->Stops().size(), 1u);  // the survivor is stopped
+  EXPECT_EQ(link->Assignments().size(), 1u);
+}
+
 TEST_F(JobManagerTest, DeadAgentFailsItsRanks) {
   Register("a", 1);
   const std::string id = manager_->CreateJob(Spec(1, /*max_restarts=*/0), "")->id();
@@ -278,6 +310,74 @@ TEST_F(JobManagerTest, DeadAgentFailsItsRanks) {
   auto agents = agents_->ListAgents();
   ASSERT_EQ(agents.size(), 1u);
   EXPECT_FALSE(agents[0].alive());
+}
+
+// An agent paused past the heartbeat timeout while its stream stayed open:
+// its rank kept running. The gang restarts once; nothing the old rank says
+// afterwards moves the job, and the agent, made to register again, is told
+// to kill it.
+TEST_F(JobManagerTest, RanksOfAnAttemptDeclaredLostMoveNothing) {
+  auto paused = Register("a", 1);
+  const std::string id = manager_->CreateJob(Spec(1, /*max_restarts=*/2), "")->id();
+  Hello("a", id, 0, 0);
+  Checkpoint("a", id, 0, 10);
+  clock_.Advance(absl::Seconds(20));
+  coordinator_->Tick();
+  EXPECT_TRUE(paused->disconnected);
+  v1::Job j = Get(id);
+  EXPECT_EQ(j.state(), v1::QUEUED);  // requeued; its only agent is dead
+  EXPECT_EQ(j.attempt(), 1);
+  const size_t num_events = Events(id).size();
+
+  // The old rank goes on: a checkpoint, the end with an adapter, its exit.
+  Checkpoint("a", id, 0, 20);
+  Send("a", id, 0, 0, [](v1::RankEvent* e) {
+    e->mutable_message()->mutable_done()->set_adapter_path("/out/adapter");
+  });
+  Exit("a", id, 0, 0, 0);
+  j = Get(id);
+  EXPECT_EQ(j.state(), v1::QUEUED);
+  EXPECT_EQ(j.resume_checkpoint(), "/out/checkpoint-10");
+  EXPECT_TRUE(j.adapter_path().empty());
+  EXPECT_EQ(manager_->ListCheckpoints(id)->size(), 1u);
+  EXPECT_EQ(Events(id).size(), num_events);
+  EXPECT_EQ(metrics_.dropped["stale_attempt"], 3);
+
+  // Back on a new stream, still running the old rank: it is stale, and
+  // attempt 1 starts from checkpoint 10.
+  v1::RunningRank old;
+  old.set_job_id(id);
+  old.set_attempt(0);
+  old.set_rank(0);
+  auto back = Register("a", 1, {old}, /*last_seq=*/seq_["a"]);
+  ASSERT_TRUE(back->sent[0].has_registered());
+  ASSERT_EQ(back->sent[0].registered().stale_size(), 1);
+  EXPECT_EQ(back->sent[0].registered().stale(0).attempt(), 0);
+  coordinator_->Tick();
+  ASSERT_EQ(back->Assignments().size(), 1u);
+  EXPECT_EQ(back->Assignments()[0].attempt(), 1);
+  EXPECT_EQ(back->Assignments()[0].resume_checkpoint(), "/out/checkpoint-10");
+  EXPECT_EQ(Get(id).restarts(), 1);
+}
+
+TEST_F(JobManagerTest, EventsForARankPlacedOnAnotherAgentAreDropped) {
+  Register("a", 1);
+  Register("b", 1);
+  const std::string id = manager_->CreateJob(Spec(1), "")->id();
+  const std::string holder = Get(id).placement(0).agent_id();
+  const std::string other = holder == "a" ? "b" : "a";
+  Hello(holder, id, 0, 0);
+  Checkpoint(other, id, 0, 5);
+  Exit(other, id, 0, 0, 1);
+  Hello(other, id, 0, 7);  // a rank the job does not have
+  v1::Job j = Get(id);
+  EXPECT_EQ(j.state(), v1::RUNNING);
+  EXPECT_TRUE(j.resume_checkpoint().empty());
+  EXPECT_EQ(metrics_.dropped["not_placed"], 3);
+  Send("a", "job-nope", 0, 0, [](v1::RankEvent* e) {
+    e->mutable_message()->mutable_log()->set_text("hi");
+  });
+  EXPECT_EQ(metrics_.dropped["unknown_job"], 1);
 }
 
 TEST_F(JobManagerTest, CancelStopsWithCheckpointThenCancels) {
@@ -405,6 +505,39 @@ TEST_F(JobManagerTest, ListJobsPagesAndFilters) {
   v1::ListJobsRequest by_label;
   (*by_label.mutable_labels())["team"] = "nlp";
   EXPECT_EQ(manager_->ListJobs(by_label)->jobs.size(), 2u);
+  v1::ListJobsRequest bad;
+  bad.set_page_token("garbage");
+  EXPECT_EQ(manager_->ListJobs(bad).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(JobManagerTest, ListJobsPagesAreCappedInBytes) {
+  Register("a", 8);
+  for (int i = 0; i < 12; ++i) {
+    v1::JobSpec s = Spec(1);
+    for (int k = 0; k < 1200; ++k)  // 300 KiB of labels a job
+      (*s.mutable_labels())["note" + std::to_string(k)] = std::string(256, 'n');
+    ASSERT_TRUE(manager_->CreateJob(s, "").ok());
+  }
+  v1::ListJobsRequest req;
+  req.set_page_size(100);
+  size_t total = 0;
+  int pages = 0;
+  for (;;) {
+    auto page = manager_->ListJobs(req);
+    ASSERT_TRUE(page.ok());
+    ++pages;
+    size_t bytes = 0;
+    for (const auto& j : page->jobs) bytes += j.ByteSizeLong();
+    EXPECT_LE(bytes, kMaxListJobsBytes);
+    total += page->jobs.size();
+    if (page->next_page_token.empty()) break;
+    req.set_page_token(page->next_page_token);
+  }
+  EXPECT_EQ(total, 12u);
+  EXPECT_GE(pages, 2);
+}
+
+TEST_F(JobManagerTest, ListJobsRefusesForeignPageTokens) {
   v1::ListJobsRequest bad;
   bad.set_page_token("garbage");
   EXPECT_EQ(manager_->ListJobs(bad).status().code(), absl::StatusCode::kInvalidArgument);

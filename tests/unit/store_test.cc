@@ -1,6 +1,9 @@
 #include <gtest/gtest.h>
 #include <sqlite3.h>
 
+#include <filesystem>
+#include <fstream>
+
 #include "store.h"
 #include "temp_dir.h"
 
@@ -143,6 +146,49 @@ TEST(Store, PruneKeepsNewestCheckpoints) {
   ASSERT_EQ(list->size(), 2u);
   EXPECT_EQ((*list)[0].step(), 30);
   EXPECT_EQ((*list)[1].step(), 40);
+}
+
+TEST(Store, ErrorsAreReportedToTheListenerAndReturned) {
+  auto s = Store::Open(":memory:");
+  ASSERT_TRUE(s.ok());
+  std::vector<absl::Status> errors;
+  (*s)->SetErrorListener([&](const absl::Status& st) { errors.push_back(st); });
+  v1::JobEvent e;
+  e.set_job_id("j");
+  e.set_seq(1);
+  ASSERT_TRUE((*s)->AppendEvent(e).ok());
+  const absl::Status dup = (*s)->AppendEvent(e);
+  EXPECT_EQ(dup.code(), absl::StatusCode::kInternal);
+  ASSERT_EQ(errors.size(), 1u);
+  EXPECT_EQ(errors[0], dup);
+  // "Not found" is an answer, not an error.
+  EXPECT_EQ((*s)->GetJob("job-nope").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(errors.size(), 1u);
+}
+
+TEST(Store, CorruptDatabaseIsRefusedAtStart) {
+  testutil::TempDir tmp("ftune-store");
+  const std::string dir = tmp.path() + "/state";
+  {
+    auto s = Store::Open(dir);
+    ASSERT_TRUE(s.ok());
+    for (int i = 1; i <= 300; ++i)
+      ASSERT_TRUE((*s)->InsertJob(MakeJob("job-" + std::to_string(i), v1::QUEUED, "team"), i).ok());
+  }  // closing checkpoints the WAL into ftune.db
+  const std::string db = dir + "/ftune.db";
+  const auto size = std::filesystem::file_size(db);
+  ASSERT_GT(size, 16u * 4096);
+  {
+    std::fstream f(db, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(8 * 4096);
+    const std::string garbage(3 * 4096, '\xab');
+    f.write(garbage.data(), static_cast<std::streamsize>(garbage.size()));
+  }
+  auto s = Store::Open(dir);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(s.status().message().find("restore it from a backup"), std::string::npos)
+      << s.status().message();
 }
 
 TEST(Store, RefusesNewerSchema) {

@@ -16,6 +16,7 @@
 #include "jobspec.h"
 #include "ftune/absl_status.h"
 #include "ftune/file_util.h"
+#include "worker/agent/event_size.h"
 #include "worker/agent/log.h"
 
 extern char** environ;
@@ -127,6 +128,10 @@ void RankSupervisor::TimerLoop() {
 
 void RankSupervisor::SpoolEvent(v1::RankEvent* event) {
   event->set_time_unix_ms(absl::ToUnixMillis(clock_->Now()));
+  if (const std::string cut = FitEvent(event); !cut.empty()) {
+    LogWarning(absl::StrCat(Describe(event->job_id(), event->attempt(), event->rank()), ": ",
+                            cut));
+  }
   if (absl::Status s = spool_->Append(event); !s.ok()) {
     LogError(absl::StrCat("lost an event of ",
                           Describe(event->job_id(), event->attempt(), event->rank()), ": ",
@@ -234,10 +239,20 @@ void RankSupervisor::LaunchRank(const v1::Assignment& a, const v1::RankAssignmen
   std::string busy;
   {
     absl::MutexLock lock(&mu_);
+    std::shared_ptr<Rank> holder;
     for (const auto& [key, r] : live_) {
-      if (r->slot == ra.slot())
-        busy = absl::StrCat("slot ", ra.slot(), " is busy with ", r->name());
+      if (r->slot == ra.slot()) holder = r;
     }
+    if (holder && holder->stopping && !closed_) {
+      LogInfo(absl::StrCat(Describe(a.job_id(), a.attempt(), ra.rank()), " waits for slot ",
+                           ra.slot(), ": ", holder->name(), " is stopping"));
+      WaitingLaunch w{a, spec_path, attempt_dir, output_dir};
+      w.assignment.clear_ranks();
+      *w.assignment.add_ranks() = ra;
+      waiting_.push_back(std::move(w));
+      return;
+    }
+    if (holder) busy = absl::StrCat("slot ", ra.slot(), " is busy with ", holder->name());
   }
   if (!busy.empty()) {
     ReportLaunchFailed(a.job_id(), a.attempt(), ra.rank(), busy);
@@ -473,9 +488,27 @@ void RankSupervisor::Stop(const v1::StopJob& stop) {
       ranks.push_back(r);
     }
   }
+  // Ranks of the attempt still waiting for a slot never start.
+  std::vector<int> never_started;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto it = waiting_.begin(); it != waiting_.end();) {
+      const v1::Assignment& a = it->assignment;
+      if (a.job_id() != stop.job_id() || a.attempt() != stop.attempt()) {
+        ++it;
+        continue;
+      }
+      never_started.push_back(a.ranks(0).rank());
+      it = waiting_.erase(it);
+    }
+  }
+  for (int r : never_started)
+    ReportLaunchFailed(stop.job_id(), stop.attempt(), r,
+                       "stopped while waiting for its slot to be freed");
   if (ranks.empty()) {
-    LogInfo(absl::StrCat("StopJob for job ", stop.job_id(), " attempt ", stop.attempt(),
-                         ": no running rank of it here"));
+    if (never_started.empty())
+      LogInfo(absl::StrCat("StopJob for job ", stop.job_id(), " attempt ", stop.attempt(),
+                           ": no running rank of it here"));
     return;
   }
   v1::AgentMessage msg;
@@ -605,6 +638,37 @@ void RankSupervisor::CheckTimers() {
   }
   for (auto& r : finished) {
     if (r->waiter.joinable()) r->waiter.join();
+  }
+  StartWaitingLaunches();
+}
+
+void RankSupervisor::StartWaitingLaunches() {
+  std::vector<WaitingLaunch> ready;
+  bool closed;
+  {
+    absl::MutexLock lock(&mu_);
+    closed = closed_;
+    for (auto it = waiting_.begin(); it != waiting_.end();) {
+      bool busy = false;
+      for (const auto& [key, r] : live_)
+        busy = busy || r->slot == it->assignment.ranks(0).slot();
+      if (busy && !closed) {
+        ++it;
+        continue;
+      }
+      ready.push_back(std::move(*it));
+      it = waiting_.erase(it);
+    }
+  }
+  if (ready.empty()) return;
+  absl::MutexLock assign_lock(&assign_mu_);
+  for (const WaitingLaunch& w : ready) {
+    const v1::Assignment& a = w.assignment;
+    if (closed) {
+      ReportLaunchFailed(a.job_id(), a.attempt(), a.ranks(0).rank(), "the agent is shutting down");
+      continue;
+    }
+    LaunchRank(a, a.ranks(0), w.spec_path, w.attempt_dir, w.output_dir);
   }
 }
 

@@ -30,6 +30,12 @@
 // this process is not started again when the coordinator re-sends it after a
 // reconnect.
 //
+// A rank assigned to a slot still held by a rank that is stopping (a stale
+// rank the coordinator gave up on, terminated on registration) waits for
+// that slot instead of failing: it starts once the old rank has exited,
+// which SIGKILL bounds. A StopJob for its attempt meanwhile reports it as
+// launch_failed, so the coordinator still hears of every rank it placed.
+//
 // Thread-safety: all public methods may be called from any thread. Assign
 // calls are serialized internally.
 #ifndef FTUNE_WORKER_AGENT_RANK_SUPERVISOR_H_
@@ -107,7 +113,8 @@ class RankSupervisor {
   // coordinator may have missed them.
   std::vector<v1::RendezvousPublish> LocalPublications() const;
 
-  // Runs the silence and stop timers once and joins finished rank threads.
+  // Runs the silence and stop timers once, joins finished rank threads and
+  // starts ranks whose slot a stopped rank freed.
   void CheckTimers();
 
   // Terminates every rank (SIGTERM at once, SIGKILL after grace) and waits
@@ -123,9 +130,18 @@ class RankSupervisor {
   using AttemptKey = std::pair<std::string, int>;  // job_id, attempt
   struct Rank;
 
+  // A rank waiting for its slot to be freed by a stopping rank.
+  struct WaitingLaunch {
+    v1::Assignment assignment;  // its ranks: just this one
+    std::string spec_path, attempt_dir, output_dir;
+  };
+
   void LaunchRank(const v1::Assignment& a, const v1::RankAssignment& ra,
                   const std::string& spec_path, const std::string& attempt_dir,
                   const std::string& output_dir);
+  // Starts the waiting launches whose slot is free (or fails them once the
+  // supervisor is closed). Takes assign_mu_.
+  void StartWaitingLaunches();
   void ReadLoop(const std::shared_ptr<Rank>& rank);
   void WaitLoop(const std::shared_ptr<Rank>& rank);
   void ReportLaunchFailed(const std::string& job_id, int attempt, int rank,
@@ -151,6 +167,7 @@ class RankSupervisor {
   std::vector<std::shared_ptr<Rank>> finished_ ABSL_GUARDED_BY(mu_);
   // Every rank this process started or failed to start.
   std::set<Key> started_ ABSL_GUARDED_BY(mu_);
+  std::vector<WaitingLaunch> waiting_ ABSL_GUARDED_BY(mu_);
   std::map<AttemptKey, std::string> rendezvous_in_ ABSL_GUARDED_BY(mu_);
   std::map<AttemptKey, std::string> rendezvous_out_ ABSL_GUARDED_BY(mu_);
   bool stop_timer_ ABSL_GUARDED_BY(mu_) = false;

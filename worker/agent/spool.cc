@@ -14,14 +14,16 @@
 #include "absl/strings/str_cat.h"
 #include "ftune/absl_status.h"
 #include "ftune/file_util.h"
+#include "worker/agent/event_size.h"
 #include "worker/agent/log.h"
 
 namespace ftune::agent {
 namespace {
 
-// A length prefix above this is corruption, not an event (events are small;
-// the biggest, a RankExit, carries ~20 stderr lines).
+// A length prefix above this is corruption, not an event: Append refuses
+// events over kMaxEventBytes (event_size.h), far below it.
 constexpr uint64_t kMaxRecordBytes = 16u << 20;
+static_assert(kMaxEventBytes + 64 < kMaxRecordBytes);
 constexpr size_t kMaxVarintBytes = 10;
 
 std::array<uint32_t, 256> MakeCrcTable() {
@@ -291,6 +293,13 @@ absl::Status Spool::Append(std::vector<v1::RankEvent>* events) {
     int64_t seq = last_seq_;
     int64_t off = file_size_;
     for (v1::RankEvent& e : *events) {
+      // Checked before anything is written: a batch is appended whole or not at all.
+      if (e.ByteSizeLong() > kMaxEventBytes) {
+        for (v1::RankEvent& undo : *events) undo.clear_agent_seq();
+        return absl::InvalidArgumentError(absl::StrCat(
+            "spool: an event of job ", e.job_id(), " rank ", e.rank(), " is ", e.ByteSizeLong(),
+            " bytes, over the ", kMaxEventBytes, "-byte limit (FitEvent makes events fit)"));
+      }
       e.set_agent_seq(++seq);
       std::string record = EncodeRecord(e);
       added.push_back(Entry{seq, off, static_cast<int64_t>(record.size())});

@@ -64,7 +64,8 @@ class Spool {
   const std::string& agent_id() const { return agent_id_; }
 
   // Assigns the next agent_seq values to *events (in order), appends them and
-  // fsyncs once. On error nothing is appended and no seq is consumed.
+  // fsyncs once. On error nothing is appended and no seq is consumed; an
+  // event over kMaxEventBytes (event_size.h) is INVALID_ARGUMENT.
   absl::Status Append(std::vector<v1::RankEvent>* events);
   absl::Status Append(v1::RankEvent* event);
 
