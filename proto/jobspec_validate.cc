@@ -213,6 +213,11 @@ std::vector<std::string> ValidateJobSpec(const v1::JobSpec& spec) {
   c.Require(t.profile_steps().empty() || ParseStepRange(t.profile_steps(), &first, &last),
             "training.profile_steps", "'" + t.profile_steps() + "'",
             "must be a step N or a range N-M of optimizer steps with 1 <= N <= M");
+  for (const std::string& to : t.report_to()) {
+    c.Choice("training.report_to", to, {"tensorboard", "all", "none"});
+    c.Require(to != "none" || t.report_to_size() == 1, "training.report_to", "'none'",
+              "must be the only entry when given");
+  }
 
   const auto& r = spec.resources();
   c.Range("resources.num_ranks", r.num_ranks(), 1, 65536, false);

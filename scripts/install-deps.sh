@@ -14,6 +14,9 @@ PACKAGES=(
   # points at; without OpenBLAS that is the reference BLAS, ~5-10x slower.
   libopenblas0-pthread
   curl jq procps openssl
+  # The Python client (clients/python): Debian's python3 with gRPC, protobuf
+  # (the runtime of the stubs protoc + grpc_python_plugin generate) and YAML.
+  python3 python3-grpcio python3-protobuf python3-yaml
   clang libclang-rt-14-dev
 )
 

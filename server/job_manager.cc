@@ -46,6 +46,7 @@ void JobManager::Pending::Merge(Pending&& other) {
   for (auto& m : other.outbox) outbox.push_back(std::move(m));
   for (auto& j : other.ended_jobs) ended_jobs.push_back(std::move(j));
   for (auto& j : other.restarted_jobs) restarted_jobs.push_back(std::move(j));
+  for (auto& j : other.started_jobs) started_jobs.push_back(std::move(j));
 }
 
 // The same resolution the CLI and the ranks use (proto/jobspec.h).
@@ -87,6 +88,7 @@ absl::Status JobManager::Transition(v1::Job* job, v1::JobState to, const std::st
   job->set_update_time_unix_ms(NowMs());
   AddEvent(job, std::move(e), p);
   if (IsTerminal(to)) p->ended_jobs.push_back(job->id());
+  if (to == v1::RUNNING) p->started_jobs.emplace_back(job->id(), job->restarts());
   return absl::OkStatus();
 }
 
@@ -718,6 +720,7 @@ void JobManager::Flush(Pending* p) {
   events_->Publish(p->events);
   for (auto& [agent_id, msg] : p->outbox) agents_->Send(agent_id, msg);
   if (metrics_) {
+    for (const auto& [j, restarts] : p->started_jobs) metrics_->JobStarted(j, restarts);
     for (const auto& j : p->restarted_jobs) metrics_->Restarted(j);
     for (const auto& j : p->ended_jobs) metrics_->JobEnded(j);
   }
@@ -736,6 +739,11 @@ void JobManager::FlushAndReschedule(Pending* p) {
 void JobManager::RefreshGauges() {
   std::lock_guard<std::mutex> lock(mu_);
   RefreshGaugesLocked();
+  // Jobs a recovered coordinator finds live started before it did.
+  if (!metrics_) return;
+  if (auto live = ListSlotHolders(); live.ok()) {
+    for (const auto& [ord, job] : *live) metrics_->JobStarted(job.id(), job.restarts());
+  }
 }
 
 void JobManager::RefreshGaugesLocked() {

@@ -111,6 +111,8 @@ class JobManager final : public AgentListener, public RankEventHandler {
   // Cancel deadlines, scheduling, gauges. Called periodically, after
   // AgentManager::CheckLiveness.
   void Tick();
+  // Gauges; also the per-job counters of every live job (JobStarted), for a
+  // coordinator that recovered jobs started before it.
   void RefreshGauges();
 
   // --- AgentListener
@@ -135,6 +137,7 @@ class JobManager final : public AgentListener, public RankEventHandler {
     Outbox outbox;
     std::vector<std::string> ended_jobs;
     std::vector<std::string> restarted_jobs;
+    std::vector<std::pair<std::string, int64_t>> started_jobs;  // id, restarts
     void Merge(Pending&& other);
   };
 

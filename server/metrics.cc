@@ -166,6 +166,16 @@ void Metrics::CheckpointSaved(const std::string& job, int64_t time_ms) {
   impl_->last_ckpt.Add(l).Set(static_cast<double>(time_ms) / 1000.0);
 }
 
+void Metrics::JobStarted(const std::string& job, int64_t restarts) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto l = impl_->J(job);
+  impl_->ckpts.Add(l);
+  Counter& r = impl_->restarts.Add(l);
+  // A counter only goes up: a recovered coordinator catches up with the
+  // job's stored count once; a later attempt's start changes nothing.
+  if (static_cast<double>(restarts) > r.Value()) r.Increment(static_cast<double>(restarts) - r.Value());
+}
+
 void Metrics::Restarted(const std::string& job) {
   std::lock_guard<std::mutex> lock(impl_->mu);
   impl_->restarts.Add(impl_->J(job)).Increment();

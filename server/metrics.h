@@ -1,7 +1,9 @@
 // Prometheus metrics of the coordinator (prometheus-cpp), served on
 // --metrics-listen at /metrics. Names and labels: docs/control-plane.md.
-// Per-job series are removed when the job ends, so a long-lived coordinator
-// does not accumulate dead series.
+// Per-job counters appear at 0 when the job starts (JobStarted), so a query
+// over them has data before the first checkpoint or restart; per-job series
+// are removed when the job ends, so a long-lived coordinator does not
+// accumulate dead series.
 //
 // Thread-safe.
 #ifndef FTUNE_SERVER_METRICS_H_
@@ -32,6 +34,7 @@ class Metrics : public MetricsSink {
   void Step(const std::string& job_id, int rank, const v1::StepMetrics& m) override;
   void Memory(const std::string& job_id, int rank, const v1::MemoryStats& m) override;
   void CheckpointSaved(const std::string& job_id, int64_t time_ms) override;
+  void JobStarted(const std::string& job_id, int64_t restarts) override;
   void Restarted(const std::string& job_id) override;
   void JobEnded(const std::string& job_id) override;
   void EventsIngested(int n) override;

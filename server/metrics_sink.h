@@ -2,8 +2,8 @@
 // implements it; tests pass null (every manager checks).
 //
 // EventManager reports what events say (steps, memory, checkpoints, how many
-// were ingested); JobManager which events it dropped and reports what jobs do (state counts, fleet,
-// restarts, ends).
+// were ingested); JobManager which events it dropped and what jobs do
+// (state counts, fleet, starts, restarts, ends).
 //
 // Thread-safety: implementations must allow calls from any thread.
 #ifndef FTUNE_SERVER_METRICS_SINK_H_
@@ -25,6 +25,11 @@ class MetricsSink {
   virtual void Step(const std::string& job_id, int rank, const v1::StepMetrics& m) = 0;
   virtual void Memory(const std::string& job_id, int rank, const v1::MemoryStats& m) = 0;
   virtual void CheckpointSaved(const std::string& job_id, int64_t time_ms) = 0;
+  // A job's attempt started (RUNNING), or a recovering coordinator found it
+  // holding slots: its per-job counters exist from now on, checkpoints at 0
+  // and restarts at `restarts` (the job's stored count), so every dashboard
+  // panel has data from the first scrape instead of from the first restart.
+  virtual void JobStarted(const std::string& job_id, int64_t restarts) = 0;
   virtual void Restarted(const std::string& job_id) = 0;
   virtual void JobEnded(const std::string& job_id) = 0;
   virtual void EventsIngested(int n) = 0;

@@ -148,6 +148,10 @@ const std::vector<KeyCase>& RunKeys() {
       {"training.adam_beta2", "training: {adam_beta2: 0.95}", {"adam.beta2"}},
       {"training.adam_epsilon", "training: {adam_epsilon: 0.000001}", {"adam.eps"}},
       {"training.profile_steps", "training: {profile_steps: 5-7}", {"training.profile_steps"}},
+      {"training.report_to", "training: {report_to: [tensorboard]}",
+       {"training.report_to_tensorboard"}},
+      // The job's name names its TensorBoard run (output_dir/runs/<name>).
+      {"name", "name: other", {"training.run_name"}},
       {"resources.num_ranks", "resources: {num_ranks: 4}", {"world_size", "plan.world_size"}},
   };
   return kCases;
@@ -157,7 +161,6 @@ const std::vector<KeyCase>& RunKeys() {
 // checked to leave RunConfig unchanged.
 const std::map<std::string, std::string>& ControlPlaneKeys() {
   static const std::map<std::string, std::string> kKeys = {
-      {"name", "display name (coordinator, CLI)"},
       {"labels", "job labels (coordinator: ListJobs filters)"},
       {"priority", "queue order (coordinator scheduler)"},
       {"max_restarts", "gang restarts (coordinator JobManager)"},
@@ -173,7 +176,6 @@ const std::map<std::string, std::string>& ControlPlaneKeys() {
 
 const std::map<std::string, std::string>& ControlPlaneYaml() {
   static const std::map<std::string, std::string> kYaml = {
-      {"name", "name: other"},
       {"labels", "labels: {team: nlp}"},
       {"priority", "priority: 5"},
       {"max_restarts", "max_restarts: 1"},
@@ -383,6 +385,32 @@ TEST(RunConfigTest, ProfileStepsAreARangeOfOptimizerSteps) {
     ASSERT_FALSE(st.ok()) << bad;
     EXPECT_NE(st.message().find("training.profile_steps"), std::string::npos) << st.message();
   }
+}
+
+// training.report_to takes HF's spellings: a list or one string; "all" is
+// every integration ftune has, "none" none. Anything else is refused with
+// the supported values named.
+TEST(RunConfigTest, ReportToTensorBoardAndItsSpellings) {
+  EXPECT_FALSE(Resolve(Parse(kBase)).training.report_to_tensorboard);
+  for (const char* yaml : {"[tensorboard]", "tensorboard", "all", "[all]"}) {
+    const RunConfig c =
+        Resolve(Parse(std::string(kBase) + "training: {report_to: " + yaml + "}\nname: my run\n"));
+    EXPECT_TRUE(c.training.report_to_tensorboard) << yaml;
+    EXPECT_EQ(c.training.run_name, "my run");
+  }
+  EXPECT_FALSE(Resolve(Parse(std::string(kBase) + "training: {report_to: none}\n"))
+                   .training.report_to_tensorboard);
+  for (const std::string bad : {"[wandb]", "[tensorboard, mlflow]", "[none, tensorboard]"}) {
+    v1::JobSpec spec = Parse(std::string(kBase) + "training: {report_to: " + bad + "}\n");
+    const Status st = ResolveJobSpec(&spec);
+    ASSERT_FALSE(st.ok()) << bad;
+    EXPECT_NE(st.message().find("training.report_to"), std::string::npos) << st.message();
+  }
+  v1::JobSpec wandb = Parse(std::string(kBase) + "training: {report_to: [wandb]}\n");
+  EXPECT_NE(ResolveJobSpec(&wandb).message().find(
+                "training.report_to ('wandb') must be one of: all, none, tensorboard"),
+            std::string::npos)
+      << ResolveJobSpec(&wandb).message();
 }
 
 TEST(RunConfigTest, AnUnresolvedSpecIsRefusedWithItsProblems) {

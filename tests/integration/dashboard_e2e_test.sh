@@ -48,7 +48,7 @@ metric() {  # value of the first sample of a metric on /metrics, or empty
 for _ in $(seq 200); do [ "$(metric 'ftune_agents\{state="alive"\}' || true)" = "1" ] && break; sleep 0.1; done
 
 # A job that checkpoints every 4 steps, crashes once at step 6 (so the
-# restart counter exists) and then runs long enough to be scraped.
+# restart counter has moved) and then runs long enough to be scraped.
 cat >"$tmp/job.yaml" <<YAML
 name: dashboard
 model: $tmp/model

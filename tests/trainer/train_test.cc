@@ -23,6 +23,7 @@
 #include <nlohmann/json.hpp>
 #include <gtest/gtest.h>
 
+#include "event_file_reader.h"
 #include "jobspec.h"
 #include "rank_harness.h"
 #include "temp_dir.h"
@@ -279,6 +280,59 @@ TEST_F(TrainTest, ProfileStepsWriteATraceOfThoseStepsPerRank) {
     }
   }
   EXPECT_FALSE(IsDirectory(plain + "/profile"));
+}
+
+// training.report_to: [tensorboard]: rank 0 (only) writes an event file in
+// output_dir/runs/<name> whose scalars are the run's own: the loss of every
+// step, its learning rate, grad norm, throughput and memory, and the eval
+// loss. Read back by the test's own reader (event_file_reader.h).
+TEST_F(TrainTest, ReportToTensorBoardWritesTheScalarsOfEveryStep) {
+  v1::JobSpec spec = Spec(3, 4, 0);
+  spec.set_name("tiny run");
+  spec.mutable_training()->add_report_to("tensorboard");
+  spec.mutable_training()->set_logging_steps(1);
+  spec.mutable_training()->set_eval_steps(3);
+  spec.mutable_dataset()->set_eval_split_ratio(0.2);
+  ASSERT_TRUE(ResolveJobSpec(&spec).ok());
+  const std::string dir = g_root + "/tensorboard";
+  auto exits = TrainRanks({spec, dir, "", 2});
+  ASSERT_TRUE(AllOk(exits, 2)) << Report(exits);
+  const std::vector<double> losses = Losses(dir);
+  ASSERT_EQ(losses.size(), 4u);
+
+  Result<std::vector<std::string>> files = ListDirectory(dir + "/runs/tiny_run");
+  ASSERT_TRUE(files.ok()) << files.status().ToString();
+  ASSERT_EQ(files->size(), 1u) << "rank 0 alone writes";
+  EXPECT_THAT((*files)[0], ::testing::StartsWith("events.out.tfevents."));
+  std::vector<testutil::TbEvent> events;
+  std::string error;
+  ASSERT_TRUE(testutil::ReadEventFile(dir + "/runs/tiny_run/" + (*files)[0], &events, &error))
+      << error;
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events[0].file_version, "brain.Event:2");
+  std::map<int64_t, std::map<std::string, float>> by_step;
+  for (size_t i = 1; i < events.size(); ++i) {
+    EXPECT_GT(events[i].wall_time, 1.6e9);
+    for (const auto& [tag, value] : events[i].values) by_step[events[i].step][tag] = value;
+  }
+  ASSERT_EQ(by_step.size(), 4u);
+  for (int64_t step = 1; step <= 4; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    const auto& v = by_step[step];
+    EXPECT_EQ(v.at("train/loss"), static_cast<float>(losses[step - 1]));
+    // The warmup step's learning rate is 0 (HF), and a 0 is still written.
+    if (step == 1) EXPECT_EQ(v.at("train/learning_rate"), 0.0f);
+    else EXPECT_GT(v.at("train/learning_rate"), 0.0f);
+    EXPECT_GT(v.at("train/grad_norm"), 0.0f);
+    EXPECT_GT(v.at("train/tokens_per_second"), 0.0f);
+    EXPECT_GT(v.at("train/epoch"), 0.0f);
+    EXPECT_GT(v.at("memory/host_rss_gib"), 0.0f);
+    EXPECT_GT(v.at("memory/device_peak_gib"), 0.0f);
+    EXPECT_EQ(v.count("eval/loss"), step >= 3 ? 1u : 0u);
+  }
+  EXPECT_GT(by_step[3].at("eval/loss"), 0.0f);
+  // Then linear decay.
+  EXPECT_GT(by_step[2].at("train/learning_rate"), by_step[4].at("train/learning_rate"));
 }
 
 TEST_F(TrainTest, ResumeReproducesTheUninterruptedRun) {

@@ -70,6 +70,7 @@ class CountingMetrics : public MetricsSink {
   void Step(const std::string&, int, const v1::StepMetrics&) override { ++steps; }
   void Memory(const std::string&, int, const v1::MemoryStats&) override { ++memory; }
   void CheckpointSaved(const std::string&, int64_t) override { ++checkpoints; }
+  void JobStarted(const std::string&, int64_t) override {}
   void Restarted(const std::string&) override {}
   void JobEnded(const std::string&) override {}
   void EventsIngested(int n) override { ingested += n; }

@@ -2,6 +2,9 @@
 // fake clock, fake agent links, real SQLite store.
 #include <gtest/gtest.h>
 
+#include <mutex>
+#include <utility>
+
 #include "coordinator.h"
 #include "jobspec.h"
 
@@ -35,11 +38,42 @@ class CountingMetrics : public MetricsSink {
   void Step(const std::string&, int, const v1::StepMetrics&) override {}
   void Memory(const std::string&, int, const v1::MemoryStats&) override {}
   void CheckpointSaved(const std::string&, int64_t) override {}
+  void JobStarted(const std::string&, int64_t) override {}
   void Restarted(const std::string&) override {}
   void JobEnded(const std::string&) override {}
   void EventsIngested(int) override {}
   void EventsDropped(const std::string& reason, int n) override { dropped[reason] += n; }
   std::map<std::string, int> dropped;
+};
+
+// Which jobs the JobManager reported started, restarted and ended.
+class JobMetrics : public MetricsSink {
+ public:
+  void JobStates(const std::map<v1::JobState, int>&) override {}
+  void Fleet(int, int, int, int) override {}
+  void Step(const std::string&, int, const v1::StepMetrics&) override {}
+  void Memory(const std::string&, int, const v1::MemoryStats&) override {}
+  void CheckpointSaved(const std::string&, int64_t) override {}
+  void JobStarted(const std::string& job, int64_t restarts) override {
+    std::lock_guard<std::mutex> lock(mu);
+    log.push_back("started " + job + " " + std::to_string(restarts));
+  }
+  void Restarted(const std::string& job) override {
+    std::lock_guard<std::mutex> lock(mu);
+    log.push_back("restarted " + job);
+  }
+  void JobEnded(const std::string& job) override {
+    std::lock_guard<std::mutex> lock(mu);
+    log.push_back("ended " + job);
+  }
+  void EventsIngested(int) override {}
+  void EventsDropped(const std::string&, int) override {}
+  std::vector<std::string> Take() {
+    std::lock_guard<std::mutex> lock(mu);
+    return std::exchange(log, {});
+  }
+  std::mutex mu;
+  std::vector<std::string> log;
 };
 
 class JobManagerTest : public ::testing::Test {
@@ -54,7 +88,7 @@ class JobManagerTest : public ::testing::Test {
     o.grace_seconds = 5;
     o.plan_device_bytes = plan_;
     coordinator_.reset();
-    coordinator_ = std::make_unique<Coordinator>(store_.get(), &clock_, &bus_, &metrics_, o);
+    coordinator_ = std::make_unique<Coordinator>(store_.get(), &clock_, &bus_, metrics_, o);
     manager_ = &coordinator_->jobs();
     agents_ = &coordinator_->agents();
     events_ = &coordinator_->events();
@@ -126,10 +160,12 @@ class JobManagerTest : public ::testing::Test {
     return *events_->ReadEvents(id, 0, 100000);
   }
 
+  CountingMetrics counting_;
+  // counting_ unless a test sets another before Restart().
+  MetricsSink* metrics_ = &counting_;
   // The coordinator's memory plan (main.cc wires PlanMemory); none by default.
   std::function<absl::StatusOr<int64_t>(const v1::JobSpec&)> plan_;
   FakeClock clock_;
-  CountingMetrics metrics_;
   EventBus bus_;
   std::unique_ptr<Store> store_;
   std::unique_ptr<Coordinator> coordinator_;
@@ -341,7 +377,7 @@ TEST_F(JobManagerTest, RanksOfAnAttemptDeclaredLostMoveNothing) {
   EXPECT_TRUE(j.adapter_path().empty());
   EXPECT_EQ(manager_->ListCheckpoints(id)->size(), 1u);
   EXPECT_EQ(Events(id).size(), num_events);
-  EXPECT_EQ(metrics_.dropped["stale_attempt"], 3);
+  EXPECT_EQ(counting_.dropped["stale_attempt"], 3);
 
   // Back on a new stream, still running the old rank: it is stale, and
   // attempt 1 starts from checkpoint 10.
@@ -373,11 +409,11 @@ TEST_F(JobManagerTest, EventsForARankPlacedOnAnotherAgentAreDropped) {
   v1::Job j = Get(id);
   EXPECT_EQ(j.state(), v1::RUNNING);
   EXPECT_TRUE(j.resume_checkpoint().empty());
-  EXPECT_EQ(metrics_.dropped["not_placed"], 3);
+  EXPECT_EQ(counting_.dropped["not_placed"], 3);
   Send("a", "job-nope", 0, 0, [](v1::RankEvent* e) {
     e->mutable_message()->mutable_log()->set_text("hi");
   });
-  EXPECT_EQ(metrics_.dropped["unknown_job"], 1);
+  EXPECT_EQ(counting_.dropped["unknown_job"], 1);
 }
 
 TEST_F(JobManagerTest, CancelStopsWithCheckpointThenCancels) {
@@ -427,6 +463,36 @@ TEST_F(JobManagerTest, SurvivesCoordinatorRestart) {
   EXPECT_EQ(Get(id).state(), v1::RUNNING);
   Exit("a", id, 0, 0, 0);
   EXPECT_EQ(Get(id).state(), v1::SUCCEEDED);
+}
+
+// Per-job counters exist from the job's start (a dashboard's restarts panel
+// has data before any restart): JobStarted when the gang runs, with the
+// restarts so far, and again for live jobs a restarted coordinator recovers.
+TEST_F(JobManagerTest, MetricsHearOfAJobWhenItStartsAndWhenItIsRecovered) {
+  JobMetrics metrics;
+  metrics_ = &metrics;
+  Restart();
+  Register("a", 1);
+  const std::string id = manager_->CreateJob(Spec(1, /*max_restarts=*/1), "")->id();
+  metrics.Take();
+  Hello("a", id, 0, 0);
+  EXPECT_EQ(metrics.Take(), std::vector<std::string>{"started " + id + " 0"});
+  Exit("a", id, 0, 0, 1);
+  EXPECT_EQ(metrics.Take(), std::vector<std::string>{"restarted " + id});
+  Hello("a", id, 1, 0);
+  EXPECT_EQ(metrics.Take(), std::vector<std::string>{"started " + id + " 1"});
+  Restart();  // a new coordinator over the same store
+  EXPECT_EQ(metrics.Take(), std::vector<std::string>{"started " + id + " 1"});
+  v1::RunningRank rr;
+  rr.set_job_id(id);
+  rr.set_attempt(1);
+  rr.set_rank(0);
+  Register("a", 1, {rr}, seq_["a"]);
+  for (const std::string& e : metrics.Take()) EXPECT_EQ(e, "started " + id + " 1");
+  Exit("a", id, 1, 0, 0);
+  EXPECT_EQ(metrics.Take(), std::vector<std::string>{"ended " + id});
+  coordinator_.reset();
+  metrics_ = &counting_;
 }
 
 TEST_F(JobManagerTest, AgentRestartedWithoutItsRankMeansLost) {

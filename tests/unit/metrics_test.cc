@@ -44,6 +44,31 @@ TEST(Metrics, PerJobSeriesAppearAndGoAwayWhenTheJobEnds) {
   EXPECT_NE(text.find("ftune_job_step{job_id=\"job-000002\",rank=\"1\"} 7"), std::string::npos);
 }
 
+// Every per-job counter is on the first scrape after the job starts, at 0:
+// a dashboard's "restarts per job" has data before any restart. A recovered
+// coordinator resumes the count at the job's stored restarts.
+TEST(Metrics, PerJobCountersStartAtZeroWhenTheJobStarts) {
+  Metrics m;
+  m.JobStarted("job-000001", 0);
+  std::string text = Scrape(m);
+  EXPECT_NE(text.find("ftune_job_restarts_total{job_id=\"job-000001\"} 0"), std::string::npos)
+      << text;
+  EXPECT_NE(text.find("ftune_job_checkpoints_total{job_id=\"job-000001\"} 0"), std::string::npos);
+  m.Restarted("job-000001");
+  m.JobStarted("job-000001", 1);  // the next attempt: no change
+  m.CheckpointSaved("job-000001", 1700000000000);
+  m.JobStarted("job-000002", 2);  // found live by a recovered coordinator
+  text = Scrape(m);
+  EXPECT_NE(text.find("ftune_job_restarts_total{job_id=\"job-000001\"} 1"), std::string::npos)
+      << text;
+  EXPECT_NE(text.find("ftune_job_checkpoints_total{job_id=\"job-000001\"} 1"), std::string::npos);
+  EXPECT_NE(text.find("ftune_job_restarts_total{job_id=\"job-000002\"} 2"), std::string::npos);
+  m.JobEnded("job-000001");
+  m.JobEnded("job-000002");
+  text = Scrape(m);
+  EXPECT_EQ(text.find("job-00000"), std::string::npos) << text;
+}
+
 TEST(Metrics, FleetAndStateGauges) {
   Metrics m;
   m.JobStates({{v1::QUEUED, 2}, {v1::RUNNING, 1}});

@@ -101,6 +101,10 @@ Result<RunConfig> MakeRunConfig(const v1::JobSpec& spec, DeviceKind device, int 
   if (!t.profile_steps().empty()) {
     ParseStepRange(t.profile_steps(), &s.profile_first, &s.profile_last);  // validated
   }
+  for (const std::string& to : t.report_to()) {
+    if (to == "tensorboard" || to == "all") s.report_to_tensorboard = true;  // validated
+  }
+  s.run_name = spec.name();
 
   FTUNE_RETURN_IF_ERROR(l.Validate());
   FTUNE_RETURN_IF_ERROR(c.adam.Validate());
@@ -192,6 +196,8 @@ std::string DescribeRunConfig(const RunConfig& c) {
   line("training.seed", s.seed);
   line("training.profile_steps", std::to_string(s.profile_first) + "-" +
                                      std::to_string(s.profile_last));
+  line("training.report_to_tensorboard", s.report_to_tensorboard);
+  line("training.run_name", s.run_name);
   const MemoryPlanOptions& p = c.plan;
   line("plan.world_size", p.world_size);
   line("plan.micro_batch_size", p.micro_batch_size);

@@ -25,8 +25,10 @@
 //                                           (unset: auto on CUDA, off on CPU)
 //   fsdp.device_memory_limit_bytes       -> model.device_memory_limit_bytes
 //   training.profile_steps               -> training.profile_first, .profile_last
+//   training.report_to                   -> training.report_to_tensorboard
+//   name                                 -> training.run_name (the TensorBoard run)
 //   everything above                     -> plan (MemoryPlanOptions)
-// The control-plane keys (name, labels, priority, max_restarts, output_dir,
+// The control-plane keys (labels, priority, max_restarts, output_dir,
 // resources.*) are the coordinator's and the agent's; run_config_test walks
 // every JobSpec field and fails on one that reaches neither.
 //
@@ -89,6 +91,8 @@ struct TrainingSettings {
   uint64_t seed = 42;                     // data order, LoRA init, dropout
   int64_t profile_first = 0;              // optimizer steps traced, 1-based,
   int64_t profile_last = -1;              // inclusive; none when first is 0
+  bool report_to_tensorboard = false;     // rank 0 writes <output_dir>/runs/<run_name>/
+  std::string run_name;                   // the job's name; may be empty
 };
 
 struct RunConfig {

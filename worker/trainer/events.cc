@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <iomanip>
@@ -18,6 +19,7 @@
 
 #include "channel.h"
 #include "ftune/file_util.h"
+#include "worker/trainer/tensorboard.h"
 
 namespace ftune::trainer {
 namespace {
@@ -120,6 +122,59 @@ void RecordingEventSink::Emit(const v1::RankMessage& message) {
 std::vector<v1::RankMessage> RecordingEventSink::events() const {
   std::lock_guard<std::mutex> lock(mu_);
   return events_;
+}
+
+TensorBoardEventSink::TensorBoardEventSink(EventSink* forward,
+                                           std::unique_ptr<TensorBoardWriter> writer,
+                                           const c10::Device& device)
+    : forward_(forward), writer_(std::move(writer)), device_(device) {}
+
+TensorBoardEventSink::~TensorBoardEventSink() = default;
+
+void TensorBoardEventSink::Emit(const v1::RankMessage& m) {
+  forward_->Emit(m);
+  std::vector<Scalar> scalars;
+  int64_t step = 0;
+  if (m.has_step()) {
+    const v1::StepMetrics& s = m.step();
+    step = s.step();
+    const MemoryNow memory = DeviceMemory(device_);
+    const double gib = 1.0 / (1ull << 30);
+    scalars = {{"train/loss", s.loss()},
+               {"train/learning_rate", s.learning_rate()},
+               {"train/grad_norm", s.grad_norm()},
+               {"train/epoch", s.epoch()},
+               {"train/tokens_per_second", s.tokens_per_second()},
+               {"memory/device_allocated_gib", memory.allocated * gib},
+               {"memory/device_peak_gib", memory.peak * gib},
+               {"memory/host_rss_gib", CurrentRssBytes() * gib}};
+  } else if (m.has_eval()) {
+    step = m.eval().step();
+    scalars = {{"eval/loss", m.eval().eval_loss()}};
+  } else {
+    return;
+  }
+  const double now =
+      std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  std::lock_guard<std::mutex> lock(mu_);
+  if (failed_) return;
+  const Status written = writer_->WriteScalars(step, scalars, now);
+  if (!written.ok()) {
+    failed_ = true;
+    forward_->Log("WARNING", "TensorBoard reporting stopped: " + written.message());
+  }
+}
+
+Result<std::unique_ptr<EventSink>> OpenTensorBoardSink(EventSink* forward,
+                                                       const std::string& log_dir,
+                                                       const c10::Device& device) {
+  const double now =
+      std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  FTUNE_ASSIGN_OR_RETURN(std::unique_ptr<TensorBoardWriter> writer,
+                         TensorBoardWriter::Open(log_dir, now));
+  forward->Info("TensorBoard scalars: " + writer->path());
+  return std::unique_ptr<EventSink>(
+      std::make_unique<TensorBoardEventSink>(forward, std::move(writer), device));
 }
 
 void StopFlag::Request(bool save_checkpoint) {

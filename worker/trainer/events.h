@@ -1,5 +1,6 @@
 // Where a rank's events go: the agent's channel (`ftune-rank run`), the
-// terminal (`ftune-rank train`), or memory (tests).
+// terminal (`ftune-rank train`), or memory (tests); on rank 0 of a job with
+// training.report_to: [tensorboard], also a TensorBoard event file.
 //
 // Events are the RankMessages of proto/ftune/v1/rank_channel.proto (hello,
 // step, memory, checkpoint, log, error, done): one vocabulary whether a rank
@@ -29,6 +30,7 @@
 
 #include <c10/core/Device.h>
 
+#include "ftune/status.h"
 #include "ftune/v1/rank_channel.pb.h"
 
 namespace ftune {
@@ -36,6 +38,8 @@ class Channel;
 }
 
 namespace ftune::trainer {
+
+class TensorBoardWriter;
 
 class EventSink {
  public:
@@ -89,6 +93,35 @@ class RecordingEventSink final : public EventSink {
   mutable std::mutex mu_;
   std::vector<v1::RankMessage> events_;
 };
+
+// Rank 0's scalars for TensorBoard (training.report_to): forwards every
+// event unchanged and writes the step, eval and memory values it carries as
+// scalars under HF Trainer's tags where HF has one:
+//   step event  train/loss, train/learning_rate, train/grad_norm,
+//               train/epoch, train/tokens_per_second (this rank's), and the
+//               memory measured then: memory/device_allocated_gib,
+//               memory/device_peak_gib, memory/host_rss_gib
+//   eval event  eval/loss
+// A write that fails is reported once as a WARNING log and ends the
+// reporting; training goes on. OpenTensorBoardSink makes one writing a new
+// event file in `log_dir` and says where in an INFO log.
+class TensorBoardEventSink final : public EventSink {
+ public:
+  TensorBoardEventSink(EventSink* forward, std::unique_ptr<TensorBoardWriter> writer,
+                       const c10::Device& device);
+  ~TensorBoardEventSink() override;
+  void Emit(const v1::RankMessage& message) override;
+
+ private:
+  EventSink* forward_;  // not owned
+  std::unique_ptr<TensorBoardWriter> writer_;
+  c10::Device device_;
+  std::mutex mu_;
+  bool failed_ = false;
+};
+Result<std::unique_ptr<EventSink>> OpenTensorBoardSink(EventSink* forward,
+                                                       const std::string& log_dir,
+                                                       const c10::Device& device);
 
 class StopFlag {
  public:

@@ -17,6 +17,7 @@
 #include "worker/config/run_config.h"
 #include "worker/trainer/checkpoint.h"
 #include "worker/trainer/profiler.h"
+#include "worker/trainer/tensorboard.h"
 #include "worker/trainer/train_state.h"
 
 namespace ftune::trainer {
@@ -261,7 +262,7 @@ Result<TrainResult> Finish(const RunConfig& config, const TrainContext& ctx, con
 
 // The algorithm, top to bottom; the mechanics are in train_state.h,
 // checkpoint.h, events.h and the helpers above.
-Result<TrainResult> TrainOrThrow(const v1::JobSpec& spec, const TrainContext& ctx) {
+Result<TrainResult> TrainOrThrow(const v1::JobSpec& spec, TrainContext ctx) {
 #if defined(FTUNE_TRAIN_CUDA) && TORCH_VERSION_MAJOR >= 2
   // Before the caching allocator's first use: segments that grow in place,
   // so units gathered and freed on two streams do not fragment the device
@@ -276,6 +277,14 @@ Result<TrainResult> TrainOrThrow(const v1::JobSpec& spec, const TrainContext& ct
       const RunConfig config,
       MakeRunConfig(spec, device.is_cuda() ? DeviceKind::kCuda : DeviceKind::kCpu, ctx.world_size));
   const TrainingSettings& t = config.training;
+  // training.report_to: rank 0's events also become TensorBoard scalars.
+  std::unique_ptr<EventSink> tensorboard;
+  if (ctx.rank == 0 && t.report_to_tensorboard) {
+    FTUNE_ASSIGN_OR_RETURN(
+        tensorboard,
+        OpenTensorBoardSink(ctx.events, TensorBoardLogDir(ctx.output_dir, t.run_name), device));
+    ctx.events = tensorboard.get();
+  }
   comm::Communicator* comm = ctx.world_size > 1 ? ctx.comm : nullptr;
   Reducer reduce(comm, device);
   const RankEnv env{ctx.rank, ctx.world_size, device, ctx.device, comm, &reduce, ctx.events};
