@@ -113,8 +113,9 @@ void IngestBench(int total, int batch) {
 
 void FanoutBench(int watchers, int events, int batch, int period_ms) {
   Env env("fanout");
+  const Authenticator open_auth = *Authenticator::Create({});  // loopback: no tokens
   JobServiceImpl service(&env.coordinator->jobs(), &env.coordinator->agents(),
-                         &env.coordinator->events(), nullptr, "");
+                         &env.coordinator->events(), nullptr, &open_auth);
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);

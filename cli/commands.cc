@@ -19,6 +19,7 @@
 #include <CLI/CLI.hpp>
 
 #include "cli/format.h"
+#include "ftune/address.h"
 #include "ftune/file_util.h"
 #include "jobspec.h"
 
@@ -78,6 +79,14 @@ absl::StatusOr<ConnectionOptions> MakeConnectionOptions(const Invocation& inv) {
       return absl::InvalidArgumentError("TLS CA file " + inv.tls_ca_file + " is empty");
     }
     options.tls_ca_pem = *pem;
+  }
+  // A token is the user's identity: never in plaintext off this host.
+  if (!options.token.empty() && options.tls_ca_pem.empty() && !inv.insecure &&
+      !IsLoopbackAddress(options.coordinator)) {
+    return absl::InvalidArgumentError(
+        "refusing to send the token in plaintext to " + options.coordinator +
+        ", which is not on this host: pass --tls-ca (the coordinator serves TLS), or --insecure "
+        "on a network you trust");
   }
   return options;
 }
@@ -160,6 +169,7 @@ int RunJobs(JobClient& client, const Invocation& inv, const Environment& env) {
   v1::ListJobsRequest request;
   for (v1::JobState s : inv.states) request.add_states(s);
   for (const auto& [key, value] : inv.labels) (*request.mutable_labels())[key] = value;
+  request.set_owner(inv.owner);
 
   std::vector<v1::Job> jobs;
   std::string page_token;
@@ -418,6 +428,8 @@ std::optional<int> ParseCommandLine(const std::vector<std::string>& args, Invoca
                  "File holding the client bearer token (sent as 'authorization: Bearer')")
       ->envname("FTUNE_TOKEN_FILE");
   app.add_option("--tls-ca", inv->tls_ca_file, "PEM CA bundle; connects with TLS when given");
+  app.add_flag("--insecure", inv->insecure,
+               "Send the token to a coordinator off this host without TLS");
   std::string output = "text";
   app.add_option("--output,-o", output, "Output format: text, or json (protobuf JSON, one object per line)")
       ->check(CLI::IsMember({"text", "json"}))
@@ -454,6 +466,8 @@ std::optional<int> ParseCommandLine(const std::vector<std::string>& args, Invoca
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
   jobs->add_option("--limit", inv->limit, "Show at most N jobs (0: all)")
       ->check(CLI::NonNegativeNumber);
+  jobs->add_option("--owner", inv->owner,
+                   "Only this user's jobs (an admin sees everyone's; a user only their own)");
 
   job_arg(subcommand("describe", "Show a job: state, placement, spec", Command::kDescribe));
   CLI::App* watch = subcommand("watch", "Stream a job's events until it ends", Command::kWatch);

@@ -64,6 +64,8 @@ struct Invocation {
   std::string coordinator;
   std::string token_file;
   std::string tls_ca_file;
+  // Send the token to a non-loopback coordinator without TLS.
+  bool insecure = false;
   OutputFormat output = OutputFormat::kText;
   // submit
   std::string spec_file;
@@ -73,6 +75,7 @@ struct Invocation {
   std::vector<v1::JobState> states;
   std::map<std::string, std::string> labels;
   int64_t limit = 0;  // 0: every job
+  std::string owner;  // only this user's jobs (admins); empty: all visible
   // describe, watch, cancel, wait, checkpoints
   std::string job_id;
   int64_t after_seq = 0;

@@ -195,11 +195,12 @@ std::string FormatEvent(const v1::JobEvent& event) {
 }
 
 std::string FormatJobsTable(const std::vector<v1::Job>& jobs, int64_t now_ms) {
-  TextTable table({"ID", "NAME", "STATE", "RANKS", "STEP", "LOSS", "RESTARTS", "AGE", "REASON"});
-  for (size_t c : {3, 4, 5, 6}) table.SetAlign(c, TextTable::Align::kRight);
+  TextTable table(
+      {"ID", "NAME", "OWNER", "STATE", "RANKS", "STEP", "LOSS", "RESTARTS", "AGE", "REASON"});
+  for (size_t c : {4, 5, 6, 7}) table.SetAlign(c, TextTable::Align::kRight);
   for (const v1::Job& job : jobs) {
     table.AddRow({job.id(), job.spec().name().empty() ? "-" : job.spec().name(),
-                  JobStateName(job.state()), std::to_string(job.spec().resources().num_ranks()),
+                  job.owner().empty() ? "-" : job.owner(), JobStateName(job.state()), std::to_string(job.spec().resources().num_ranks()),
                   job.last_step() > 0 ? std::to_string(job.last_step()) : "-",
                   job.last_step() > 0 ? FormatFixed(job.last_loss(), 4) : "-",
                   std::to_string(job.restarts()),
@@ -212,6 +213,7 @@ std::string FormatJobDetails(const v1::Job& job, int64_t now_ms) {
   std::ostringstream out;
   KeyValue(out, "id", job.id());
   KeyValue(out, "name", job.spec().name().empty() ? "-" : job.spec().name());
+  KeyValue(out, "owner", job.owner().empty() ? "-" : job.owner());
   KeyValue(out, "state", JobStateName(job.state()));
   KeyValue(out, "reason", job.state_reason().empty() ? "-" : job.state_reason());
   KeyValue(out, "created", FormatTimestamp(job.create_time_unix_ms(), now_ms));

@@ -30,16 +30,31 @@ absl::Status AgentManager::RegisterAgent(const v1::RegisterAgent& reg,
                                       " has no slots (no GPUs found and no --cpu-slots)");
   const std::vector<v1::RunningRank> running(reg.running().begin(), reg.running().end());
   bool check_lost_now = false;
+  std::shared_ptr<AgentLink> replaced;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    const int64_t now = NowMs();
+    if (auto it = agents_.find(reg.agent_id()); it != agents_.end() && it->second.link &&
+                                                 it->second.alive &&
+                                                 now - it->second.last_seen_ms <= LiveWindowMs()) {
+      return absl::AlreadyExistsError(
+          "agent " + reg.agent_id() + " is already connected (host " +
+          it->second.stored.agent.host() + ", heard from " +
+          std::to_string(now - it->second.last_seen_ms) +
+          " ms ago); a second agent with its id is refused. Two hosts with one id (a copied "
+          "--work-dir or --agent-id)? Give each its own");
+    }
     AgentState& a = agents_[reg.agent_id()];
+    // A link that went quiet is a stream the agent itself left (a network
+    // cut the coordinator has not noticed): end it, the new one replaces it.
+    replaced = std::move(a.link);
     a.stored.agent.set_agent_id(reg.agent_id());
     a.stored.agent.set_host(reg.host());
     *a.stored.agent.mutable_slots() = reg.slots();
     if (auto st = store_->PutAgent(a.stored); !st.ok()) return st;
     a.link = std::move(link);
     a.alive = true;
-    a.last_seen_ms = NowMs();
+    a.last_seen_ms = now;
     a.reported_running = running;
 
     // Still under mu_: a job change committed after this read sends its
@@ -59,6 +74,7 @@ absl::Status AgentManager::RegisterAgent(const v1::RegisterAgent& reg,
       a.lost_check_seq = -1;
     }
   }
+  if (replaced) replaced->Disconnect();
   if (check_lost_now) listener_->CheckLostRanks(reg.agent_id(), running);
   listener_->FleetChanged();
   return absl::OkStatus();

@@ -8,6 +8,11 @@
 //   * Register: the agent's record is stored; the first messages on its new
 //     link are `registered` (heartbeat interval, and the ranks it runs that no
 //     job wants any more: it stops them) and the ack of what is stored.
+//   * One live registration per id: while an agent's stream is open and it
+//     was heard from within LiveWindowMs (three heartbeat intervals, at most
+//     the timeout), a second registration of its id is refused
+//     (ALREADY_EXISTS). Past that the old stream is taken for one its agent
+//     left, and is ended in favour of the new one.
 //   * Liveness: heartbeats and event batches count as signs of life. An agent
 //     silent for agent_timeout_ms is dead: its link is dropped and
 //     disconnected, and the job side fails the ranks placed on it. Ending the
@@ -36,6 +41,7 @@
 #ifndef FTUNE_SERVER_AGENT_MANAGER_H_
 #define FTUNE_SERVER_AGENT_MANAGER_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -152,6 +158,9 @@ class AgentManager {
   };
 
   int64_t NowMs() { return absl::ToUnixMillis(clock_->Now()); }
+  int64_t LiveWindowMs() const {
+    return std::min<int64_t>(options_.agent_timeout_ms, 3 * int64_t{options_.heartbeat_interval_ms});
+  }
 
   Store* const store_;
   Clock* const clock_;

@@ -81,17 +81,19 @@ class StreamLink : public AgentLink {
 }  // namespace
 
 AgentServiceImpl::AgentServiceImpl(AgentManager* agents, EventManager* events, JobManager* jobs,
-                                   std::string agent_token)
-    : agents_(agents), events_(events), jobs_(jobs), token_(std::move(agent_token)) {}
+                                   const Authenticator* auth)
+    : agents_(agents), events_(events), jobs_(jobs), auth_(auth) {}
 
 grpc::Status AgentServiceImpl::Connect(grpc::ServerContext* ctx, Stream* stream) {
-  if (auto auth = CheckBearer(*ctx, token_, "agent"); !auth.ok()) return auth;
+  auto identity = auth_->AuthenticateAgent(Authorization(*ctx));
+  if (!identity.ok()) return ToGrpc(identity.status());
   v1::AgentToCoordinator first;
   if (!stream->Read(&first)) return grpc::Status::OK;
   if (!first.has_register_())
     return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
                         "the first message on an agent stream must be RegisterAgent");
   const std::string agent_id = first.register_().agent_id();
+  if (auto st = CheckAgentId(*identity, agent_id); !st.ok()) return ToGrpc(st);
   auto link = std::make_shared<StreamLink>(ctx, stream);
   if (auto st = agents_->RegisterAgent(first.register_(), link); !st.ok()) {
     link->Close();
@@ -112,7 +114,7 @@ grpc::Status AgentServiceImpl::Connect(grpc::ServerContext* ctx, Stream* stream)
       ack.mutable_ack()->set_agent_seq(*acked);
       link->Send(ack);
     } else if (msg.has_rendezvous()) {
-      jobs_->Rendezvous(msg.rendezvous());
+      jobs_->Rendezvous(agent_id, msg.rendezvous());
     } else if (msg.has_register_()) {
       result = grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
                             "agent registered twice on one stream");

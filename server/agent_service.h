@@ -3,6 +3,12 @@
 // disconnect: AgentManager; rank events: EventManager; rendezvous:
 // JobManager); a per-stream writer thread drains the outgoing queue, so the
 // managers can queue messages without ever blocking on the network.
+//
+// Identity: the stream's credential must be an agent's (auth.h), and a
+// per-agent credential registers only its own agent_id (PERMISSION_DENIED
+// otherwise). Everything later on the stream is taken as that agent's: its
+// rank events and rendezvous data act only on ranks placed on it
+// (JobManager drops and counts the rest).
 #ifndef FTUNE_SERVER_AGENT_SERVICE_H_
 #define FTUNE_SERVER_AGENT_SERVICE_H_
 
@@ -10,6 +16,7 @@
 
 #include "ftune/v1/agent_service.grpc.pb.h"
 #include "agent_manager.h"
+#include "auth.h"
 #include "event_manager.h"
 #include "job_manager.h"
 
@@ -19,7 +26,7 @@ class AgentServiceImpl final : public v1::AgentService::Service {
  public:
   // The managers must outlive the service.
   AgentServiceImpl(AgentManager* agents, EventManager* events, JobManager* jobs,
-                   std::string agent_token);
+                   const Authenticator* auth);
 
   grpc::Status Connect(
       grpc::ServerContext* ctx,
@@ -29,7 +36,7 @@ class AgentServiceImpl final : public v1::AgentService::Service {
   AgentManager* agents_;
   EventManager* events_;
   JobManager* jobs_;
-  std::string token_;
+  const Authenticator* auth_;
 };
 
 }  // namespace ftune::server

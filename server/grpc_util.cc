@@ -5,25 +5,11 @@
 
 namespace ftune::server {
 
-grpc::Status CheckBearer(const grpc::ServerContextBase& ctx, const std::string& token,
-                         const char* who) {
-  if (token.empty()) return grpc::Status::OK;
+std::optional<std::string_view> Authorization(const grpc::ServerContextBase& ctx) {
   const auto& md = ctx.client_metadata();
   auto it = md.find("authorization");
-  if (it == md.end())
-    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
-                        std::string("missing 'authorization: Bearer <token>' metadata; pass the ") +
-                            who + " token (--token-file)");
-  const std::string value(it->second.data(), it->second.size());
-  const std::string expected = "Bearer " + token;
-  // Constant-time comparison: the token is a secret.
-  unsigned diff = value.size() ^ expected.size();
-  for (size_t i = 0; i < value.size() && i < expected.size(); ++i)
-    diff |= static_cast<unsigned char>(value[i]) ^ static_cast<unsigned char>(expected[i]);
-  if (diff != 0)
-    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
-                        std::string("invalid ") + who + " token");
-  return grpc::Status::OK;
+  if (it == md.end()) return std::nullopt;
+  return std::string_view(it->second.data(), it->second.size());
 }
 
 absl::Status ReadTokenFile(const std::string& path, std::string* token) {

@@ -1,13 +1,17 @@
 // Small glue between the managers' absl::Status and gRPC: status mapping and
-// bearer-token checks. Only *_service.cc files include this.
+// the call's credentials (auth.h decides what they prove). Only *_service.cc
+// files include this.
 #ifndef FTUNE_SERVER_GRPC_UTIL_H_
 #define FTUNE_SERVER_GRPC_UTIL_H_
 
+#include <optional>
 #include <string>
+#include <string_view>
 
 #include <grpcpp/grpcpp.h>
 
 #include "absl/status/status.h"
+#include "auth.h"
 
 namespace ftune::server {
 
@@ -16,10 +20,8 @@ inline grpc::Status ToGrpc(const absl::Status& s) {
   return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
 }
 
-// OK when `token` is empty (auth off) or the call carries
-// "authorization: Bearer <token>"; UNAUTHENTICATED naming what is missing.
-grpc::Status CheckBearer(const grpc::ServerContextBase& ctx, const std::string& token,
-                         const char* who);
+// The call's "authorization" metadata, nullopt when absent.
+std::optional<std::string_view> Authorization(const grpc::ServerContextBase& ctx);
 
 // Reads a token file (whitespace trimmed); empty path -> empty token.
 absl::Status ReadTokenFile(const std::string& path, std::string* token);

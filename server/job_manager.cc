@@ -282,7 +282,8 @@ absl::Status JobManager::ApplyRankEvent(v1::Job* job, const v1::RankEvent& ev, v
 
 // ---------------------------------------------------------------- JobService
 
-absl::StatusOr<v1::Job> JobManager::CreateJob(v1::JobSpec spec, const std::string& request_id) {
+absl::StatusOr<v1::Job> JobManager::CreateJob(v1::JobSpec spec, const std::string& request_id,
+                                               const std::string& owner) {
   FTUNE_RETURN_IF_ERROR(ValidateAndResolveSpec(&spec));
   if (request_id.size() > 128)
     return absl::InvalidArgumentError("request_id is longer than 128 characters");
@@ -291,6 +292,11 @@ absl::StatusOr<v1::Job> JobManager::CreateJob(v1::JobSpec spec, const std::strin
     auto found = store_->FindJobByRequestId(request_id);
     if (!found.ok()) return found.status();
     if (found->has_value()) {
+      // Request ids are one namespace; another user's job is neither
+      // returned nor named.
+      if ((*found)->owner() != owner)
+        return absl::AlreadyExistsError("request_id '" + request_id +
+                                        "' is already used by another user's job; choose another");
       v1::JobSpec same = spec;
       if (same.name().empty()) same.set_name((*found)->spec().name());
       if ((*found)->spec().SerializeAsString() != same.SerializeAsString())
@@ -324,6 +330,7 @@ absl::StatusOr<v1::Job> JobManager::CreateJob(v1::JobSpec spec, const std::strin
     if (spec.name().empty()) spec.set_name(job.id());
     *job.mutable_spec() = spec;
     job.set_request_id(request_id);
+    job.set_owner(owner);
     job.set_planned_device_bytes(planned);
     job.set_state(v1::QUEUED);
     job.set_state_reason("waiting for the scheduler");
@@ -364,6 +371,7 @@ absl::StatusOr<ListJobsResult> JobManager::ListJobs(const v1::ListJobsRequest& r
   }
   for (int s : req.states()) f.states.push_back(static_cast<v1::JobState>(s));
   for (const auto& [k, v] : req.labels()) f.labels.emplace_back(k, v);
+  if (!req.owner().empty()) f.owner = req.owner();
   std::lock_guard<std::mutex> lock(mu_);
   // One extra row tells whether another page exists.
   ++f.limit;
@@ -428,15 +436,26 @@ absl::StatusOr<std::vector<v1::Checkpoint>> JobManager::ListCheckpoints(
 
 // ---------------------------------------------------------------- AgentService
 
-void JobManager::Rendezvous(const v1::RendezvousPublish& pub) {
+bool JobManager::Rendezvous(const std::string& agent_id, const v1::RendezvousPublish& pub) {
   std::lock_guard<std::mutex> lock(mu_);
   auto job = store_->GetJob(pub.job_id());
-  if (!job.ok() || job->attempt() != pub.attempt() || IsTerminal(job->state())) return;
+  if (!job.ok() || job->attempt() != pub.attempt() || IsTerminal(job->state())) return false;
   std::set<std::string> targets;
-  for (const auto& pl : job->placement()) targets.insert(pl.agent_id());
+  bool from_rank0 = false;
+  for (const auto& pl : job->placement()) {
+    targets.insert(pl.agent_id());
+    from_rank0 = from_rank0 || (pl.rank() == 0 && pl.agent_id() == agent_id);
+  }
+  // Rank 0 publishes where its peers connect: from anyone else it could
+  // lead a job's ranks (and their weights) to another host.
+  if (!from_rank0) {
+    if (metrics_) metrics_->EventsDropped("rendezvous_not_placed", 1);
+    return false;
+  }
   v1::CoordinatorToAgent msg;
   *msg.mutable_rendezvous() = pub;
   for (const auto& t : targets) agents_->Send(t, msg);
+  return true;
 }
 
 // ---------------------------------------------------------------- rank events

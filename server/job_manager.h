@@ -98,15 +98,20 @@ class JobManager final : public AgentListener, public RankEventHandler {
              EventManager* events, Options options);
 
   // --- JobService
-  absl::StatusOr<v1::Job> CreateJob(v1::JobSpec spec, const std::string& request_id);
+  // `owner` is stored with the job (empty: none). A request_id already used
+  // by another owner's job is refused.
+  absl::StatusOr<v1::Job> CreateJob(v1::JobSpec spec, const std::string& request_id,
+                                    const std::string& owner = "");
   absl::StatusOr<v1::Job> GetJob(const std::string& job_id);
   absl::StatusOr<ListJobsResult> ListJobs(const v1::ListJobsRequest& request);
   absl::StatusOr<v1::Job> CancelJob(const std::string& job_id);
   absl::StatusOr<std::vector<v1::Checkpoint>> ListCheckpoints(const std::string& job_id);
 
   // --- AgentService
-  // Relays a rank's rendezvous data to every agent of its job's current attempt.
-  void Rendezvous(const v1::RendezvousPublish& publish);
+  // Relays rank 0's rendezvous data to every agent of its job's current
+  // attempt. Only from the agent rank 0 is placed on: from any other it is
+  // dropped (and counted), and false is returned.
+  bool Rendezvous(const std::string& agent_id, const v1::RendezvousPublish& publish);
 
   // Cancel deadlines, scheduling, gauges. Called periodically, after
   // AgentManager::CheckLiveness.

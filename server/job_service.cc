@@ -30,21 +30,30 @@ class RpcTimer {
 }  // namespace
 
 JobServiceImpl::JobServiceImpl(JobManager* jobs, AgentManager* agents, EventManager* events,
-                               Metrics* metrics, std::string client_token)
-    : jobs_(jobs),
-      agents_(agents),
-      events_(events),
-      metrics_(metrics),
-      token_(std::move(client_token)) {}
+                               Metrics* metrics, const Authenticator* auth)
+    : jobs_(jobs), agents_(agents), events_(events), metrics_(metrics), auth_(auth) {}
 
-#define FTUNE_AUTH()                                                   \
-  if (auto auth = CheckBearer(*ctx, token_, "client"); !auth.ok()) return auth
+absl::StatusOr<v1::Job> JobServiceImpl::VisibleJob(const User& user, const std::string& job_id) {
+  auto job = jobs_->GetJob(job_id);
+  if (!job.ok()) return job.status();
+  if (auto st = CheckCanSeeJob(user, *job); !st.ok()) return st;
+  return job;
+}
+
+// Declares `user`, the caller, or returns the call's UNAUTHENTICATED or
+// PERMISSION_DENIED.
+#define FTUNE_AUTH()                                         \
+  auto user = auth_->AuthenticateUser(Authorization(*ctx)); \
+  if (!user.ok()) return ToGrpc(user.status())
 
 grpc::Status JobServiceImpl::CreateJob(grpc::ServerContext* ctx, const v1::CreateJobRequest* req,
                                        v1::Job* resp) {
   RpcTimer t(metrics_, "CreateJob");
   FTUNE_AUTH();
-  auto job = jobs_->CreateJob(req->spec(), req->request_id());
+  if (auto st = CheckPriority(*user, req->spec().priority(), auth_->max_user_priority());
+      !st.ok())
+    return ToGrpc(st);
+  auto job = jobs_->CreateJob(req->spec(), req->request_id(), user->name);
   if (!job.ok()) return ToGrpc(job.status());
   *resp = *job;
   return grpc::Status::OK;
@@ -54,7 +63,7 @@ grpc::Status JobServiceImpl::GetJob(grpc::ServerContext* ctx, const v1::GetJobRe
                                     v1::Job* resp) {
   RpcTimer t(metrics_, "GetJob");
   FTUNE_AUTH();
-  auto job = jobs_->GetJob(req->job_id());
+  auto job = VisibleJob(*user, req->job_id());
   if (!job.ok()) return ToGrpc(job.status());
   *resp = *job;
   return grpc::Status::OK;
@@ -64,7 +73,11 @@ grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext* ctx, const v1::ListJo
                                       v1::ListJobsResponse* resp) {
   RpcTimer t(metrics_, "ListJobs");
   FTUNE_AUTH();
-  auto r = jobs_->ListJobs(*req);
+  auto owner = ListOwnerFilter(*user, req->owner());
+  if (!owner.ok()) return ToGrpc(owner.status());
+  v1::ListJobsRequest scoped = *req;
+  scoped.set_owner(*owner);
+  auto r = jobs_->ListJobs(scoped);
   if (!r.ok()) return ToGrpc(r.status());
   for (auto& j : r->jobs) *resp->add_jobs() = std::move(j);
   resp->set_next_page_token(r->next_page_token);
@@ -75,6 +88,7 @@ grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext* ctx, const v1::Cance
                                        v1::Job* resp) {
   RpcTimer t(metrics_, "CancelJob");
   FTUNE_AUTH();
+  if (auto seen = VisibleJob(*user, req->job_id()); !seen.ok()) return ToGrpc(seen.status());
   auto job = jobs_->CancelJob(req->job_id());
   if (!job.ok()) return ToGrpc(job.status());
   *resp = *job;
@@ -101,15 +115,15 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
   static constexpr size_t kMaxBatchBytes = 1 << 20;
 
   WatchReactor(JobManager* jobs, EventManager* events, const v1::WatchJobRequest& req,
-               const grpc::Status& auth)
+               const absl::StatusOr<User>& user)
       : jobs_(jobs),
         events_(events),
         job_id_(req.job_id()),
         follow_(req.follow()),
         last_(req.after_seq()) {
-    if (!auth.ok()) {
+    if (!user.ok()) {
       finished_ = true;
-      Finish(auth);
+      Finish(ToGrpc(user.status()));
       return;
     }
     if (req.after_seq() < 0) {
@@ -124,6 +138,10 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
     std::lock_guard<std::mutex> lock(mu_);
     if (!job.ok()) {
       FinishLocked(ToGrpc(job.status()));
+      return;
+    }
+    if (auto st = CheckCanSeeJob(*user, *job); !st.ok()) {
+      FinishLocked(ToGrpc(st));
       return;
     }
     // An ended job's events are all stored: following it is a plain read,
@@ -261,7 +279,7 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
 
 grpc::ServerWriteReactor<v1::WatchJobResponse>* JobServiceImpl::WatchJob(
     grpc::CallbackServerContext* ctx, const v1::WatchJobRequest* req) {
-  return new WatchReactor(jobs_, events_, *req, CheckBearer(*ctx, token_, "client"));
+  return new WatchReactor(jobs_, events_, *req, auth_->AuthenticateUser(Authorization(*ctx)));
 }
 
 grpc::Status JobServiceImpl::ListCheckpoints(grpc::ServerContext* ctx,
@@ -269,6 +287,7 @@ grpc::Status JobServiceImpl::ListCheckpoints(grpc::ServerContext* ctx,
                                              v1::ListCheckpointsResponse* resp) {
   RpcTimer t(metrics_, "ListCheckpoints");
   FTUNE_AUTH();
+  if (auto seen = VisibleJob(*user, req->job_id()); !seen.ok()) return ToGrpc(seen.status());
   auto r = jobs_->ListCheckpoints(req->job_id());
   if (!r.ok()) return ToGrpc(r.status());
   for (auto& c : *r) *resp->add_checkpoints() = std::move(c);

@@ -1,6 +1,10 @@
-// JobService: the public API. Handlers check the client token, call a
-// manager (jobs: JobManager; agents: AgentManager; WatchJob's stored and live
-// events: EventManager) and translate its status; no logic lives here.
+// JobService: the public API. Handlers authenticate the user (auth.h),
+// call a manager (jobs: JobManager; agents: AgentManager; WatchJob's stored
+// and live events: EventManager), apply auth.h's ownership rules to what it
+// returns, and translate its status; no other logic lives here. Jobs record
+// the user who created them; a user sees, watches and cancels only those
+// (another's are NOT_FOUND), an admin every job. ListAgents is open to every
+// user.
 //
 // WatchJob uses gRPC's callback API (a ServerWriteReactor per watcher, no
 // thread per stream), so thousands of watchers cost queued writes, not
@@ -12,6 +16,7 @@
 
 #include "ftune/v1/job_service.grpc.pb.h"
 #include "agent_manager.h"
+#include "auth.h"
 #include "event_manager.h"
 #include "job_manager.h"
 #include "metrics.h"
@@ -23,7 +28,7 @@ class JobServiceImpl final
  public:
   // metrics may be null; the managers must outlive the service.
   JobServiceImpl(JobManager* jobs, AgentManager* agents, EventManager* events, Metrics* metrics,
-                 std::string client_token);
+                 const Authenticator* auth);
 
   grpc::Status CreateJob(grpc::ServerContext* ctx, const v1::CreateJobRequest* req,
                          v1::Job* resp) override;
@@ -45,7 +50,9 @@ class JobServiceImpl final
   AgentManager* agents_;
   EventManager* events_;
   Metrics* metrics_;
-  std::string token_;
+  const Authenticator* auth_;
+  // The job if `user` may see it; NOT_FOUND alike for missing and others' jobs.
+  absl::StatusOr<v1::Job> VisibleJob(const User& user, const std::string& job_id);
 };
 
 }  // namespace ftune::server

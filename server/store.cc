@@ -32,6 +32,11 @@ const char* const kMigrations[] = {
     CREATE TABLE agents(
       agent_id TEXT PRIMARY KEY, agent BLOB NOT NULL, acked_seq INTEGER NOT NULL);
     )sql",
+    // 2: job owners. Rows stored before have none (''): only admins see them.
+    R"sql(
+    ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    CREATE INDEX jobs_by_owner ON jobs(owner, ordinal);
+    )sql",
 };
 
 std::string Blob(sqlite3_stmt* st, int col) {
@@ -244,8 +249,8 @@ absl::Status Store::InsertJob(const v1::Job& job, int64_t ordinal) {
   return Transaction([&]() -> absl::Status {
     {
       FTUNE_PREPARE(st,
-                    "INSERT INTO jobs(id, ordinal, request_id, state, priority, job) "
-                    "VALUES(?,?,?,?,?,?)");
+                    "INSERT INTO jobs(id, ordinal, request_id, state, priority, job, owner) "
+                    "VALUES(?,?,?,?,?,?,?)");
       const std::string blob = job.SerializeAsString();
       sqlite3_bind_text(st, 1, job.id().c_str(), -1, SQLITE_TRANSIENT);
       sqlite3_bind_int64(st, 2, ordinal);
@@ -254,6 +259,7 @@ absl::Status Store::InsertJob(const v1::Job& job, int64_t ordinal) {
       sqlite3_bind_int(st, 4, job.state());
       sqlite3_bind_int(st, 5, job.spec().priority());
       sqlite3_bind_blob(st, 6, blob.data(), static_cast<int>(blob.size()), SQLITE_TRANSIENT);
+      sqlite3_bind_text(st, 7, job.owner().c_str(), -1, SQLITE_TRANSIENT);
       if (sqlite3_step(st) != SQLITE_DONE) return Error("insert job " + job.id());
     }
     for (const auto& [k, v] : job.spec().labels()) {
@@ -310,6 +316,7 @@ absl::StatusOr<std::vector<std::pair<int64_t, v1::Job>>> Store::ListJobs(const J
     for (size_t i = 0; i < f.states.size(); ++i) sql += i ? ",?" : "?";
     sql += ")";
   }
+  if (f.owner) sql += " AND owner=?";
   for (size_t i = 0; i < f.labels.size(); ++i)
     sql += " AND id IN (SELECT job_id FROM job_labels WHERE key=? AND value=?)";
   sql += " ORDER BY ordinal LIMIT ?";
@@ -319,6 +326,7 @@ absl::StatusOr<std::vector<std::pair<int64_t, v1::Job>>> Store::ListJobs(const J
   int i = 1;
   sqlite3_bind_int64(st, i++, f.after_ordinal);
   for (auto s : f.states) sqlite3_bind_int(st, i++, s);
+  if (f.owner) sqlite3_bind_text(st, i++, f.owner->c_str(), -1, SQLITE_TRANSIENT);
   for (const auto& [k, v] : f.labels) {
     sqlite3_bind_text(st, i++, k.c_str(), -1, SQLITE_TRANSIENT);
     sqlite3_bind_text(st, i++, v.c_str(), -1, SQLITE_TRANSIENT);

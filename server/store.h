@@ -1,7 +1,8 @@
 // Durable state of the coordinator in SQLite (WAL mode, synchronous=FULL).
 //
 // Jobs, agents and checkpoints are stored as serialized protobuf next to the
-// few columns that are queried (state, priority, order, request id, labels);
+// few columns that are queried (state, priority, order, request id, owner,
+// labels);
 // events are rows keyed by (job_id, seq). Every mutation that belongs
 // together runs in one transaction (Transaction below), so a kill -9 at any
 // point leaves either all or none of a state change on disk. The schema is
@@ -49,6 +50,7 @@ struct StoredAgent {
 struct JobFilter {
   std::vector<v1::JobState> states;  // empty: all
   std::vector<std::pair<std::string, std::string>> labels;
+  std::optional<std::string> owner;  // unset: every owner
   int64_t after_ordinal = 0;  // pagination cursor
   int limit = 100;
 };
@@ -59,7 +61,7 @@ class Store {
   static absl::StatusOr<std::unique_ptr<Store>> Open(const std::string& dir);
   ~Store();
 
-  static constexpr int kSchemaVersion = 1;
+  static constexpr int kSchemaVersion = 2;
   int schema_version() const { return schema_version_; }
 
   // Called with every store error (after it is logged), from the thread

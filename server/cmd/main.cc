@@ -6,16 +6,18 @@
 #include <thread>
 
 #include <CLI/CLI.hpp>
-#include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
 #include "agent_service.h"
+#include "auth.h"
 #include "grpc_util.h"
 #include "coordinator.h"
 #include "job_service.h"
 #include "metrics.h"
+#include "reflection_service.h"
 #include "store.h"
+#include "ftune/address.h"
 #include "ftune/file_util.h"
 #include "worker/config/plan_spec.h"
 
@@ -33,6 +35,62 @@ bool ReadFile(const std::string& path, std::string* out) {
   return true;
 }
 
+struct AuthFlags {
+  std::string user_tokens, client_token_file, agent_tokens, agent_token_file;
+  int max_user_priority = 0;
+};
+
+// The credentials the flags name, checked against each other.
+absl::StatusOr<ftune::server::Authenticator> LoadAuth(const AuthFlags& f) {
+  using namespace ftune::server;
+  AuthConfig config;
+  config.max_user_priority = f.max_user_priority;
+  auto read = [](const std::string& flag, const std::string& path) -> absl::StatusOr<std::string> {
+    ftune::Result<std::string> text = ftune::ReadFileToString(path, ftune::kMaxSmallFileBytes);
+    if (!text.ok())
+      return absl::InvalidArgumentError(flag + " " + path + ": " + text.status().message());
+    return std::move(*text);
+  };
+  if (!f.user_tokens.empty()) {
+    auto text = read("--user-tokens", f.user_tokens);
+    if (!text.ok()) return text.status();
+    auto users = ParseUserTokens(*text, f.user_tokens);
+    if (!users.ok()) return users.status();
+    config.users = std::move(*users);
+  }
+  if (!f.client_token_file.empty()) {
+    std::string token;
+    if (auto st = ReadTokenFile(f.client_token_file, &token); !st.ok()) return st;
+    config.users.push_back({token, User{"admin", true}});
+  }
+  if (!f.agent_tokens.empty() && !f.agent_token_file.empty())
+    return absl::InvalidArgumentError(
+        "--agent-tokens and --agent-token-file both given: the shared token would let its "
+        "holder register as any agent; keep --agent-tokens");
+  if (!f.agent_tokens.empty()) {
+    auto text = read("--agent-tokens", f.agent_tokens);
+    if (!text.ok()) return text.status();
+    auto agents = ParseAgentTokens(*text, f.agent_tokens);
+    if (!agents.ok()) return agents.status();
+    config.agents = std::move(*agents);
+  }
+  if (auto st = ReadTokenFile(f.agent_token_file, &config.shared_agent_token); !st.ok()) return st;
+  return Authenticator::Create(std::move(config));
+}
+
+// What a coordinator reachable from other hosts lacks; empty when nothing.
+std::vector<std::string> MissingProtection(const ftune::server::Authenticator& auth, bool tls) {
+  std::vector<std::string> missing;
+  if (!auth.users_configured()) missing.push_back("user credentials (--user-tokens FILE)");
+  if (!auth.per_agent_tokens())
+    missing.push_back(auth.agents_configured()
+                          ? "per-agent credentials (--agent-tokens FILE; the shared "
+                            "--agent-token-file lets any holder register as any agent)"
+                          : "agent credentials (--agent-tokens FILE)");
+  if (!tls) missing.push_back("TLS (--tls-cert and --tls-key)");
+  return missing;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -42,7 +100,9 @@ int main(int argc, char** argv) {
   std::string state_dir = "ftune-state";
   std::string listen = "127.0.0.1:7450";
   std::string metrics_listen = "127.0.0.1:9464";
-  std::string client_token_file, agent_token_file, tls_cert, tls_key;
+  AuthFlags auth_flags;
+  bool insecure = false;
+  std::string tls_cert, tls_key;
   double agent_timeout_s = 15;
   int grace_seconds = 30;
   int heartbeat_ms = 2000;
@@ -50,8 +110,20 @@ int main(int argc, char** argv) {
   app.add_option("--state-dir", state_dir, "directory of the SQLite state (ftune.db)");
   app.add_option("--listen", listen, "gRPC address (JobService, AgentService, health, reflection)");
   app.add_option("--metrics-listen", metrics_listen, "Prometheus /metrics address; empty: off");
-  app.add_option("--client-token-file", client_token_file, "bearer token clients must send");
-  app.add_option("--agent-token-file", agent_token_file, "bearer token agents must send");
+  app.add_option("--user-tokens", auth_flags.user_tokens,
+                 "file of `TOKEN USER [admin]` lines: the users and their bearer tokens");
+  app.add_option("--client-token-file", auth_flags.client_token_file,
+                 "file holding one client token: the user `admin` (an admin)");
+  app.add_option("--agent-tokens", auth_flags.agent_tokens,
+                 "file of `AGENT_ID TOKEN` lines: each agent's own bearer token");
+  app.add_option("--agent-token-file", auth_flags.agent_token_file,
+                 "file holding one agent token shared by all agents, any of which may claim "
+                 "any agent id (development only)");
+  app.add_option("--max-user-priority", auth_flags.max_user_priority,
+                 "highest job priority a non-admin user may set")
+      ->capture_default_str();
+  app.add_flag("--insecure", insecure,
+               "serve a non-loopback --listen without user and per-agent credentials or TLS");
   app.add_option("--tls-cert", tls_cert, "PEM certificate: serve TLS (with --tls-key)");
   app.add_option("--tls-key", tls_key, "PEM private key of --tls-cert");
   app.add_option("--agent-timeout", agent_timeout_s,
@@ -62,13 +134,38 @@ int main(int argc, char** argv) {
   app.add_option("--tick-ms", tick_ms, "how often liveness and the scheduler run");
   CLI11_PARSE(app, argc, argv);
 
-  std::string client_token, agent_token;
-  for (auto [path, token] : {std::pair{&client_token_file, &client_token},
-                             std::pair{&agent_token_file, &agent_token}}) {
-    if (auto st = ReadTokenFile(*path, token); !st.ok()) {
-      std::fprintf(stderr, "ftune-coordinator: %s\n", std::string(st.message()).c_str());
+  auto auth = LoadAuth(auth_flags);
+  if (!auth.ok()) {
+    std::fprintf(stderr, "ftune-coordinator: %s\n", std::string(auth.status().message()).c_str());
+    return 2;
+  }
+  // Secure by default: off this host, every party proves who it is, over TLS.
+  const bool tls = !tls_cert.empty() || !tls_key.empty();
+  const std::vector<std::string> missing = MissingProtection(*auth, tls);
+  if (!missing.empty() && !ftune::IsLoopbackAddress(listen)) {
+    if (!insecure) {
+      std::fprintf(stderr,
+                   "ftune-coordinator: refusing to listen on %s, which other hosts can reach, "
+                   "without:\n",
+                   listen.c_str());
+      for (const auto& m : missing) std::fprintf(stderr, "  - %s\n", m.c_str());
+      std::fprintf(stderr,
+                   "Give them (docs/security.md shows a secure start), listen on 127.0.0.1, "
+                   "or pass --insecure on a network you trust.\n");
       return 2;
     }
+    for (const auto& m : missing)
+      std::fprintf(stderr, "ftune-coordinator: WARNING: --insecure: serving %s without %s\n",
+                   listen.c_str(), m.c_str());
+    std::fprintf(stderr,
+                 "ftune-coordinator: WARNING: --insecure: anyone who can reach %s may act as "
+                 "any user or agent the missing credentials would have stopped\n",
+                 listen.c_str());
+  } else if (!auth->users_configured() || !auth->agents_configured()) {
+    std::printf("ftune-coordinator: loopback only, %s%s%s\n",
+                auth->users_configured() ? "" : "no user tokens: every client is the admin 'local'",
+                !auth->users_configured() && !auth->agents_configured() ? "; " : "",
+                auth->agents_configured() ? "" : "no agent tokens: any local agent may register");
   }
   Metrics metrics;  // before the store, which reports its errors to it
   auto store = Store::Open(state_dir);
@@ -103,12 +200,15 @@ int main(int argc, char** argv) {
     return 1;
   }
   JobServiceImpl job_service(&coordinator.jobs(), &coordinator.agents(), &coordinator.events(),
-                             &metrics, client_token);
+                             &metrics, &*auth);
   AgentServiceImpl agent_service(&coordinator.agents(), &coordinator.events(), &coordinator.jobs(),
-                                 agent_token);
+                                 &*auth);
+  ReflectionServiceImpl reflection(
+      &*auth, {ftune::v1::JobService::service_full_name(),
+               ftune::v1::AgentService::service_full_name(), "grpc.health.v1.Health",
+               grpc::reflection::v1alpha::ServerReflection::service_full_name()});
 
   grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
   if (!tls_cert.empty() || !tls_key.empty()) {
     grpc::SslServerCredentialsOptions ssl;
@@ -126,6 +226,7 @@ int main(int argc, char** argv) {
   builder.AddListeningPort(listen, creds, &port);
   builder.RegisterService(&job_service);
   builder.RegisterService(&agent_service);
+  builder.RegisterService(&reflection);
   // Many WatchJob streams each hold a thread of the sync server.
   builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS, 4);
   // Above the largest message an agent sends: a batch of events is at most

@@ -92,6 +92,29 @@ TEST_F(AgentSpoolTest, NewSpoolHasAStableHexAgentId) {
   EXPECT_NE((*other)->agent_id(), id);
 }
 
+TEST_F(AgentSpoolTest, AGivenAgentIdIsKeptAndAnotherIsRefused) {
+  Spool::Options o;
+  o.dir = dir_;
+  o.agent_id = "gpu-node-1";
+  {
+    auto s = Spool::Open(o);
+    ASSERT_TRUE(s.ok()) << s.status();
+    EXPECT_EQ((*s)->agent_id(), "gpu-node-1");
+  }
+  EXPECT_EQ(Open()->agent_id(), "gpu-node-1");  // kept without the flag
+  // The spool's unacknowledged events are gpu-node-1's: another id is refused.
+  o.agent_id = "gpu-node-2";
+  auto other = Spool::Open(o);
+  ASSERT_FALSE(other.ok());
+  EXPECT_EQ(other.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(other.status().message().find("belongs to agent gpu-node-1, not --agent-id gpu-node-2"),
+            std::string::npos)
+      << other.status();
+  o.agent_id = "bad/id";
+  o.dir = root_ + "/fresh";
+  EXPECT_EQ(Spool::Open(o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(AgentSpoolTest, AppendAssignsIncreasingSeqsAndReadsThemBack) {
   auto s = Open();
   std::vector<v1::RankEvent> batch = {StepEvent(0, 1), StepEvent(1, 1), StepEvent(0, 2)};

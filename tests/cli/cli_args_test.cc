@@ -202,8 +202,8 @@ TEST_F(CliArgsTest, LabelsAndRequestIds) {
 // network, so the coordinator address points at nothing.
 class CliRunTest : public CliArgsTest {
  protected:
-  int Run(std::vector<std::string> args) {
-    args.insert(args.begin(), {"ftune", "--coordinator", "127.0.0.1:1"});
+  int Run(std::vector<std::string> args, const std::string& coordinator = "127.0.0.1:1") {
+    args.insert(args.begin(), {"ftune", "--coordinator", coordinator});
     Invocation inv;
     std::optional<int> code = ParseCommandLine(args, &inv, out_, err_);
     if (code) return *code;
@@ -258,6 +258,17 @@ TEST_F(CliRunTest, UnreadableTokenOrCaFileIsAUsageError) {
   err_.str("");
   EXPECT_EQ(Run({"--tls-ca", "/nonexistent/ca.pem", "agents"}), kExitUsage);
   EXPECT_THAT(err_.str(), HasSubstr("ftune: cannot read TLS CA file /nonexistent/ca.pem"));
+}
+
+TEST_F(CliRunTest, ATokenIsNeverSentInPlaintextOffThisHost) {
+  const std::string token = Write("token", "alice-token-0123456789\n");
+  for (const char* remote : {"10.1.2.3:7450", "0.0.0.0:7450", "coordinator.example:7450"}) {
+    err_.str("");
+    EXPECT_EQ(Run({"--token-file", token, "jobs"}, remote), kExitUsage) << remote;
+    EXPECT_THAT(err_.str(), HasSubstr(std::string("ftune: refusing to send the token in "
+                                                  "plaintext to ") +
+                                      remote + ", which is not on this host: pass --tls-ca"));
+  }
 }
 
 }  // namespace

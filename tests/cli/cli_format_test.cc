@@ -202,16 +202,17 @@ TEST(CliFormatTest, JobsTable) {
   a.set_last_loss(1.23);
   a.set_restarts(1);
   a.set_create_time_unix_ms(kT0);
+  a.set_owner("alice");
   v1::Job b;
   b.set_id("job-22");
   b.set_state(v1::QUEUED);
   b.set_state_reason("waiting for 2 free slots");
   b.set_create_time_unix_ms(kT0 + 3600000);
   EXPECT_EQ(FormatJobsTable({a, b}, kT0 + 2 * 3600000),
-            "ID      NAME   STATE    RANKS  STEP    LOSS  RESTARTS  AGE     REASON\n"
-            "job-1   llama  RUNNING      8   120  1.2300         1  2h ago\n"
-            "job-22  -      QUEUED       0     -       -         0  1h ago  waiting for 2 free "
-            "slots\n");
+            "ID      NAME   OWNER  STATE    RANKS  STEP    LOSS  RESTARTS  AGE     REASON\n"
+            "job-1   llama  alice  RUNNING      8   120  1.2300         1  2h ago\n"
+            "job-22  -      -      QUEUED       0     -       -         0  1h ago  waiting for 2 "
+            "free slots\n");
 }
 
 TEST(CliFormatTest, JobDetailsIncludeLabelsPlacementAndSpecYaml) {
@@ -233,6 +234,7 @@ TEST(CliFormatTest, JobDetailsIncludeLabelsPlacementAndSpecYaml) {
   p->set_agent_id("a");
   const std::string text = FormatJobDetails(job, kT0 + 60000);
   EXPECT_THAT(text, HasSubstr("id:            job-1\n"));
+  EXPECT_THAT(text, HasSubstr("owner:         -\n"));  // stored before owners existed
   EXPECT_THAT(text, HasSubstr("state:         FAILED\n"));
   EXPECT_THAT(text, HasSubstr("reason:        rank 1 hung\n"));
   EXPECT_THAT(text, HasSubstr("created:       2024-05-01T12:00:00Z (1m ago)\n"));

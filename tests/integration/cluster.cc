@@ -97,6 +97,23 @@ Cluster::Cluster()
   std::ofstream(dir_ + "/agent.token") << agent_token() << "\n";
   grpc_port_ = FreePort();
   metrics_port_ = FreePort();
+  auth_flags_ = {"--client-token-file=" + dir_ + "/client.token",
+                 "--agent-token-file=" + dir_ + "/agent.token"};
+}
+
+void Cluster::UseCredentials(const std::string& user_lines,
+                             const std::map<std::string, std::string>& agent_tokens,
+                             const std::string& default_token) {
+  std::ofstream(dir_ + "/users.tokens") << user_lines;
+  std::ofstream agents(dir_ + "/agents.tokens");
+  for (const auto& [host, token] : agent_tokens) {
+    agents << host << " " << token << "\n";
+    std::ofstream(dir_ + "/agent-" + host + ".token") << token << "\n";
+  }
+  agent_tokens_ = agent_tokens;
+  client_token_ = default_token;
+  auth_flags_ = {"--user-tokens=" + dir_ + "/users.tokens",
+                 "--agent-tokens=" + dir_ + "/agents.tokens"};
 }
 
 Cluster::~Cluster() {
@@ -113,12 +130,11 @@ void Cluster::StartCoordinator(std::vector<std::string> extra) {
                                    "--state-dir=" + dir_ + "/state",
                                    "--listen=" + address(),
                                    "--metrics-listen=127.0.0.1:" + std::to_string(metrics_port_),
-                                   "--client-token-file=" + dir_ + "/client.token",
-                                   "--agent-token-file=" + dir_ + "/agent.token",
                                    "--agent-timeout=3",
                                    "--grace-seconds=2",
                                    "--heartbeat-ms=300",
                                    "--tick-ms=50"};
+  for (auto& f : auth_flags_) argv.push_back(f);
   for (auto& e : extra) argv.push_back(e);
   coordinator_ = std::make_unique<Process>(
       argv, dir_ + "/coordinator-" + std::to_string(coordinator_starts_++) + ".log");
@@ -143,9 +159,14 @@ void Cluster::KillCoordinator(int sig) {
 
 int Cluster::StartAgent(const std::string& host, int cpu_slots, std::vector<std::string> extra,
                         const std::string& rank_binary) {
+  const bool own_token = agent_tokens_.count(host) > 0;
+  auto given = [&](const std::string& flag) {
+    for (const auto& e : extra)
+      if (e.rfind(flag, 0) == 0) return true;
+    return false;
+  };
   std::vector<std::string> argv = {FTUNE_AGENT_BIN,
                                    "--coordinator=" + address(),
-                                   "--token-file=" + dir_ + "/agent.token",
                                    "--work-dir=" + dir_ + "/agent-" + host,
                                    "--cpu-slots=" + std::to_string(cpu_slots),
                                    "--host=" + host,
@@ -153,6 +174,10 @@ int Cluster::StartAgent(const std::string& host, int cpu_slots, std::vector<std:
                                                            ? std::string(FTUNE_TEST_RANK_BIN)
                                                            : rank_binary),
                                    "--grace-seconds=2"};
+  if (!given("--token-file="))
+    argv.push_back("--token-file=" + dir_ +
+                   (own_token ? "/agent-" + host + ".token" : "/agent.token"));
+  if (own_token && !given("--agent-id=")) argv.push_back("--agent-id=" + host);
   for (auto& e : extra) argv.push_back(e);
   agents_.push_back(std::make_unique<Process>(argv, dir_ + "/agent-" + host + ".log"));
   return static_cast<int>(agents_.size()) - 1;

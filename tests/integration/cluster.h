@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -50,6 +51,15 @@ class Cluster {
   Cluster();  // makes a fresh temp dir and token files
   ~Cluster();
 
+  // Users (`TOKEN USER [admin]` lines) and one token per agent host instead
+  // of the shared client and agent tokens: the coordinator gets
+  // --user-tokens and --agent-tokens, StartAgent gives each agent
+  // --agent-id=<host> and its own token, and AddAuth's default token is
+  // `default_token`. Call before StartCoordinator.
+  void UseCredentials(const std::string& user_lines,
+                      const std::map<std::string, std::string>& agent_tokens,
+                      const std::string& default_token);
+
   void StartCoordinator(std::vector<std::string> extra = {});
   void KillCoordinator(int sig);
   // Starts an agent with `cpu_slots` CPU slots; returns its index. Ranks are
@@ -85,7 +95,7 @@ class Cluster {
   std::string dir() const { return dir_; }
   std::string address() const { return "127.0.0.1:" + std::to_string(grpc_port_); }
   int metrics_port() const { return metrics_port_; }
-  std::string client_token() const { return "client-secret"; }
+  std::string client_token() const { return client_token_; }
   std::string agent_token() const { return "agent-secret"; }
 
  private:
@@ -96,6 +106,9 @@ class Cluster {
   std::unique_ptr<Process> coordinator_;
   std::vector<std::unique_ptr<Process>> agents_;
   int coordinator_starts_ = 0;
+  std::string client_token_ = "client-secret";
+  std::vector<std::string> auth_flags_;
+  std::map<std::string, std::string> agent_tokens_;  // host (= agent id) -> token
 };
 
 }  // namespace ftune::testing

@@ -1,6 +1,6 @@
 // What tools like grpcurl and load-balancer probes rely on: server
-// reflection lists ftune's services, and grpc.health.v1 answers SERVING
-// without a token. Uses gRPC's generic stub with hand-encoded messages, so
+// reflection lists ftune's services to a caller with a user token (and to
+// nobody else), and grpc.health.v1 answers SERVING without a token. Uses gRPC's generic stub with hand-encoded messages, so
 // the test needs no copy of the reflection or health protos.
 #include <gtest/gtest.h>
 #include <grpcpp/generic/generic_stub.h>
@@ -46,12 +46,25 @@ TEST(GrpcSurface, HealthAnswersServingWithoutToken) {
   EXPECT_EQ(Str(resp), std::string("\x08\x01", 2));  // status: SERVING
 }
 
-TEST(GrpcSurface, ReflectionListsFtuneServices) {
+TEST(GrpcSurface, ReflectionListsFtuneServicesToAClient) {
   Cluster c;
   c.StartCoordinator();
   grpc::GenericStub stub(c.Channel());
+  {
+    grpc::CompletionQueue cq;
+    grpc::ClientContext ctx;  // no token: refused
+    auto call = stub.PrepareCall(
+        &ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", &cq);
+    call->StartCall(reinterpret_cast<void*>(1));
+    ASSERT_TRUE(Next(&cq));
+    grpc::Status st;
+    call->Finish(&st, reinterpret_cast<void*>(2));
+    ASSERT_TRUE(Next(&cq));
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAUTHENTICATED) << st.error_message();
+  }
   grpc::CompletionQueue cq;
   grpc::ClientContext ctx;
+  c.AddAuth(&ctx);
   auto call = stub.PrepareCall(&ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
                                &cq);
   call->StartCall(reinterpret_cast<void*>(1));

@@ -116,13 +116,14 @@ TEST_F(AgentManagerTest, RefusesAgentsWithoutIdOrSlots) {
 }
 
 TEST_F(AgentManagerTest, LostRankCheckWaitsUntilTheSpoolIsStored) {
-  Register(Reg("a"));
+  auto first = Register(Reg("a"));
   ASSERT_EQ(jobs_.lost_checks.size(), 1u);  // nothing spooled: checked at once
   jobs_.lost_checks.clear();
   agents_->EventsAcked("a", 2);
   EXPECT_TRUE(jobs_.lost_checks.empty());  // no re-register, nothing to check
 
   // Back with events 3..5 still in its spool: the check waits for them.
+  agents_->AgentDisconnected("a", first.get());
   Register(Reg("a", {Running("job-1", 0)}, /*last_seq=*/5));
   EXPECT_TRUE(jobs_.lost_checks.empty());
   agents_->EventsAcked("a", 4);
@@ -179,8 +180,42 @@ TEST_F(AgentManagerTest, ADeadAgentWhoseStreamStayedOpenComesBackByRegistering) 
   EXPECT_EQ(back->disconnects, 0);
 }
 
+TEST_F(AgentManagerTest, ASecondLiveRegistrationOfAnIdIsRefused) {
+  auto first = Register(Reg("a"));
+  clock_.Advance(absl::Milliseconds(1400));  // within 3 heartbeats (500 ms)
+  auto impostor = std::make_shared<FakeLink>();
+  v1::RegisterAgent other = Reg("a");
+  other.set_host("elsewhere");
+  const absl::Status st = agents_->RegisterAgent(other, impostor);
+  EXPECT_EQ(st.code(), absl::StatusCode::kAlreadyExists) << st;
+  EXPECT_NE(st.message().find("agent a is already connected (host a-host"), std::string::npos)
+      << st;
+  EXPECT_TRUE(impostor->sent.empty());
+  EXPECT_EQ(first->disconnects, 0);
+  EXPECT_EQ(agents_->ListAgents()[0].host(), "a-host");  // nothing of it stored
+  agents_->Send("a", Stop());
+  EXPECT_TRUE(first->sent.back().has_stop());
+
+  // Once its stream has ended, the id registers again at once.
+  agents_->AgentDisconnected("a", first.get());
+  EXPECT_TRUE(agents_->RegisterAgent(other, impostor).ok());
+  EXPECT_EQ(agents_->ListAgents()[0].host(), "elsewhere");
+}
+
+TEST_F(AgentManagerTest, AQuietStreamIsReplacedByANewRegistration) {
+  // An agent whose connection broke without the coordinator noticing comes
+  // back on a new stream: past three heartbeat intervals of silence the old
+  // one is ended instead of refusing the agent until its timeout.
+  auto first = Register(Reg("a"));
+  clock_.Advance(absl::Milliseconds(1600));
+  auto second = Register(Reg("a"));
+  EXPECT_EQ(first->disconnects, 1);
+  EXPECT_EQ(second->disconnects, 0);
+}
+
 TEST_F(AgentManagerTest, OnlyTheCurrentLinkIsForgottenOnDisconnect) {
   auto first = Register(Reg("a"));
+  clock_.Advance(absl::Seconds(2));  // quiet: the next registration replaces it
   auto second = Register(Reg("a"));
   agents_->AgentDisconnected("a", first.get());  // the old stream ends late
   agents_->Send("a", Stop());

@@ -107,8 +107,13 @@ class JobManagerTest : public ::testing::Test {
     }
     for (auto& r : running) *reg.add_running() = r;
     reg.set_last_agent_seq(last_seq);
+    // A registering agent's previous stream has ended (a second live one
+    // would be refused).
+    if (auto old = links_.find(id); old != links_.end())
+      agents_->AgentDisconnected(id, old->second.get());
     auto link = std::make_shared<FakeLink>();
     EXPECT_TRUE(agents_->RegisterAgent(reg, link).ok());
+    links_[id] = link;
     return link;
   }
   v1::JobSpec Spec(int ranks, int max_restarts = 2, int priority = 0) {
@@ -173,6 +178,7 @@ class JobManagerTest : public ::testing::Test {
   AgentManager* agents_ = nullptr;
   EventManager* events_ = nullptr;
   std::map<std::string, int64_t> seq_;
+  std::map<std::string, std::shared_ptr<FakeLink>> links_;
   v1::RankEventBatch last_batch_;
 };
 
@@ -414,6 +420,63 @@ TEST_F(JobManagerTest, EventsForARankPlacedOnAnotherAgentAreDropped) {
     e->mutable_message()->mutable_log()->set_text("hi");
   });
   EXPECT_EQ(counting_.dropped["unknown_job"], 1);
+}
+
+TEST_F(JobManagerTest, RendezvousOnlyFromTheAgentOfRank0) {
+  auto a = Register("a", 1);
+  auto b = Register("b", 1);
+  auto c = Register("c", 1);
+  v1::JobSpec spec = Spec(2);
+  spec.mutable_resources()->set_placement("spread");
+  const std::string id = manager_->CreateJob(spec, "")->id();
+  const v1::Job job = Get(id);
+  ASSERT_EQ(job.placement_size(), 2);
+  std::string rank0, rank1;
+  for (const auto& pl : job.placement()) (pl.rank() == 0 ? rank0 : rank1) = pl.agent_id();
+  std::string outsider = "c";
+  for (const std::string x : {"a", "b", "c"})
+    if (x != rank0 && x != rank1) outsider = x;
+  auto rendezvous_count = [&](const std::shared_ptr<FakeLink>& link) {
+    int n = 0;
+    for (const auto& m : link->sent) n += m.has_rendezvous();
+    return n;
+  };
+  v1::RendezvousPublish pub;
+  pub.set_job_id(id);
+  pub.set_attempt(0);
+  pub.set_data("tcp://evil:1");
+  // Neither an agent outside the job nor the one of rank 1 leads its ranks.
+  EXPECT_FALSE(manager_->Rendezvous(outsider, pub));
+  EXPECT_FALSE(manager_->Rendezvous(rank1, pub));
+  EXPECT_EQ(rendezvous_count(a) + rendezvous_count(b) + rendezvous_count(c), 0);
+  EXPECT_EQ(metrics_.dropped["rendezvous_not_placed"], 2);
+  pub.set_data("tcp://rank0:1");
+  EXPECT_TRUE(manager_->Rendezvous(rank0, pub));
+  EXPECT_EQ(rendezvous_count(a) + rendezvous_count(b) + rendezvous_count(c), 2);
+}
+
+TEST_F(JobManagerTest, JobsRecordTheirOwnerAndRequestIdsDoNotCrossOwners) {
+  Register("a", 1);
+  auto alice = manager_->CreateJob(Spec(1), "req-1", "alice");
+  ASSERT_TRUE(alice.ok()) << alice.status();
+  EXPECT_EQ(alice->owner(), "alice");
+  EXPECT_EQ(Get(alice->id()).owner(), "alice");
+  // Alice retrying gets her job; Bob with the same id neither gets it nor
+  // learns its id.
+  EXPECT_EQ(manager_->CreateJob(Spec(1), "req-1", "alice")->id(), alice->id());
+  auto bob = manager_->CreateJob(Spec(1), "req-1", "bob");
+  EXPECT_EQ(bob.status().code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(bob.status().message().find(alice->id()), std::string::npos) << bob.status();
+  ASSERT_TRUE(manager_->CreateJob(Spec(1), "req-2", "bob").ok());
+
+  v1::ListJobsRequest req;
+  req.set_owner("bob");
+  auto listed = manager_->ListJobs(req);
+  ASSERT_TRUE(listed.ok());
+  ASSERT_EQ(listed->jobs.size(), 1u);
+  EXPECT_EQ(listed->jobs[0].owner(), "bob");
+  req.clear_owner();
+  EXPECT_EQ(manager_->ListJobs(req)->jobs.size(), 2u);
 }
 
 TEST_F(JobManagerTest, CancelStopsWithCheckpointThenCancels) {

@@ -191,6 +191,50 @@ TEST(Store, CorruptDatabaseIsRefusedAtStart) {
       << s.status().message();
 }
 
+TEST(Store, JobsStoredBeforeOwnersExistedStayReadable) {
+  // A version 1 database (no owner column), as an older coordinator left it.
+  testutil::TempDir tmp("ftune-store");
+  const std::string dir = tmp.path() + "/state";
+  {
+    auto s = Store::Open(dir);
+    ASSERT_TRUE(s.ok()) << s.status();
+    ASSERT_TRUE((*s)->InsertJob(MakeJob("job-1", v1::RUNNING, "nlp"), 1).ok());
+  }
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open((dir + "/ftune.db").c_str(), &db), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(db,
+                         "DROP INDEX jobs_by_owner; ALTER TABLE jobs DROP COLUMN owner; "
+                         "UPDATE schema_version SET version=1",
+                         nullptr, nullptr, nullptr),
+            SQLITE_OK)
+      << sqlite3_errmsg(db);
+  sqlite3_close(db);
+
+  auto s = Store::Open(dir);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ((*s)->schema_version(), 2);
+  auto job = (*s)->GetJob("job-1");
+  ASSERT_TRUE(job.ok()) << job.status();
+  EXPECT_EQ(job->state(), v1::RUNNING);
+  EXPECT_EQ(job->owner(), "");
+  JobFilter all;
+  EXPECT_EQ((*s)->ListJobs(all)->size(), 1u);
+  JobFilter ownerless;
+  ownerless.owner = "";
+  EXPECT_EQ((*s)->ListJobs(ownerless)->size(), 1u);
+
+  v1::Job owned = MakeJob("job-2", v1::QUEUED, "nlp");
+  owned.set_owner("alice");
+  ASSERT_TRUE((*s)->InsertJob(owned, 2).ok());
+  JobFilter alice;
+  alice.owner = "alice";
+  alice.labels = {{"team", "nlp"}};
+  auto listed = (*s)->ListJobs(alice);
+  ASSERT_TRUE(listed.ok());
+  ASSERT_EQ(listed->size(), 1u);
+  EXPECT_EQ((*listed)[0].second.id(), "job-2");
+}
+
 TEST(Store, RefusesNewerSchema) {
   testutil::TempDir tmp("ftune-store");
   const std::string dir = tmp.path() + "/state";  // Store::Open creates it

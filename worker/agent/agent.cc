@@ -302,11 +302,18 @@ Agent::Outcome Agent::RunConnection() {
   }
   Outcome outcome;
   outcome.registered = registered;
-  if (status.error_code() == grpc::StatusCode::UNAUTHENTICATED) {
+  if (status.error_code() == grpc::StatusCode::UNAUTHENTICATED ||
+      status.error_code() == grpc::StatusCode::PERMISSION_DENIED) {
     outcome.rejected = true;
     outcome.failure = absl::StrCat(
-        "coordinator ", options_.coordinator, " rejected the agent (", StatusText(status),
-        "): make --token-file hold the token of the coordinator's --agent-token-file");
+        "coordinator ", options_.coordinator, " rejected agent ", spool_->agent_id(), " (",
+        StatusText(status),
+        "): make --token-file hold this agent's token from the coordinator's --agent-tokens, "
+        "and --agent-id the id it is listed under");
+  } else if (status.error_code() == grpc::StatusCode::ALREADY_EXISTS) {
+    outcome.rejected = true;
+    outcome.failure = absl::StrCat("coordinator ", options_.coordinator, " refused agent ",
+                                   spool_->agent_id(), " (", StatusText(status), ")");
   } else if (!shutting_down || status.error_code() != grpc::StatusCode::CANCELLED) {
     outcome.failure =
         absl::StrCat(registered ? "lost the connection to " : "cannot connect to ",

@@ -78,6 +78,14 @@ bool WriteAll(int fd, const char* p, size_t n) {
   return true;
 }
 
+// The coordinator's rule for agent ids (server/auth.h).
+bool IsValidAgentId(const std::string& id) {
+  return !id.empty() && id.size() <= 64 && std::all_of(id.begin(), id.end(), [](char c) {
+    return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' ||
+           c == '-' || c == '@';
+  });
+}
+
 absl::StatusOr<std::string> NewAgentId() {
   unsigned char bytes[16];
   size_t got = 0;
@@ -140,19 +148,27 @@ absl::StatusOr<std::unique_ptr<Spool>> Spool::Open(const Options& options) {
 
   const std::string id_path = dir + "/agent_id";
   absl::StatusOr<std::string> id = ToAbsl(ReadFileToString(id_path, kMaxSmallFileBytes));
+  if (!options.agent_id.empty() && !IsValidAgentId(options.agent_id)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "agent id '", options.agent_id.substr(0, 64), "' must be 1 to 64 of A-Z a-z 0-9 . _ @ -"));
+  }
   if (id.ok()) {
     std::string trimmed(absl::StripAsciiWhitespace(*id));
-    const bool hex =
-        !trimmed.empty() && trimmed.size() <= 64 &&
-        std::all_of(trimmed.begin(), trimmed.end(), [](char c) { return absl::ascii_isxdigit(c); });
-    if (!hex) {
+    if (!IsValidAgentId(trimmed)) {
       return absl::DataLossError(absl::StrCat(
-          "spool: ", id_path, " does not hold a hex agent id ('", trimmed.substr(0, 40),
+          "spool: ", id_path, " does not hold an agent id ('", trimmed.substr(0, 40),
           "'); restore it, or delete the whole spool directory to register as a new agent"));
+    }
+    if (!options.agent_id.empty() && options.agent_id != trimmed) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "spool: ", dir, " belongs to agent ", trimmed, ", not --agent-id ", options.agent_id,
+          "; its unacknowledged events are that agent's. Pass --agent-id ", trimmed,
+          ", or another --work-dir for a new agent"));
     }
     spool->agent_id_ = trimmed;
   } else if (absl::IsNotFound(id.status())) {
-    absl::StatusOr<std::string> fresh = NewAgentId();
+    absl::StatusOr<std::string> fresh =
+        options.agent_id.empty() ? NewAgentId() : absl::StatusOr<std::string>(options.agent_id);
     if (!fresh.ok()) return fresh.status();
     if (absl::Status s = ToAbsl(WriteFileAtomically(id_path, *fresh + "\n")); !s.ok()) {
       return absl::FailedPreconditionError(

@@ -7,7 +7,9 @@
 // into the coordinator's store, which drops agent_seq values it already has.
 //
 // Layout of the spool directory:
-//   agent_id     random hex, created once; the agent's identity forever after
+//   agent_id     the agent's identity forever after: --agent-id when given
+//                (the id its per-agent credential names), else random hex;
+//                written once
 //   acked        decimal agent_seq: every event <= it is stored upstream
 //   events.log   records: varint length | RankEvent bytes | CRC-32 (LE, 4 B)
 //                of length+bytes. The CRC lets recovery tell a torn or
@@ -49,6 +51,9 @@ class Spool {
   struct Options {
     // Directory holding agent_id, acked and events.log; created if missing.
     std::string dir;
+    // The agent's id: written on first use; a spool holding another id is
+    // refused. Empty: the stored id, or a fresh random one.
+    std::string agent_id;
     // Rewrite events.log once its acked prefix is at least this large.
     int64_t compact_bytes = 4 << 20;
   };

@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "worker/agent/agent.h"
 #include "ftune/absl_status.h"
+#include "ftune/address.h"
 #include "ftune/file_util.h"
 #include "worker/agent/log.h"
 #include "worker/agent/process_launcher.h"
@@ -60,7 +61,9 @@ int main(int argc, char** argv) {
   CLI::App app{"ftune host agent: registers this host's slots with the coordinator and runs ranks"};
   std::string coordinator = "127.0.0.1:7450";
   std::string token_file;
+  std::string agent_id;
   std::string tls_ca;
+  bool insecure = false;
   std::string work_dir = "./ftune-agent";
   int cpu_slots = 0;
   std::string host = DefaultHost();
@@ -71,8 +74,15 @@ int main(int argc, char** argv) {
   app.add_option("--coordinator", coordinator, "coordinator address HOST:PORT")
       ->envname("FTUNE_COORDINATOR")
       ->capture_default_str();
-  app.add_option("--token-file", token_file, "file holding the agent bearer token")
+  app.add_option("--token-file", token_file,
+                 "file holding this agent's bearer token (its line in the coordinator's "
+                 "--agent-tokens)")
       ->check(CLI::ExistingFile);
+  app.add_option("--agent-id", agent_id,
+                 "this agent's id, the one its token is issued for (default: a random id kept "
+                 "in the work dir)");
+  app.add_flag("--insecure", insecure,
+               "send the token to a non-loopback coordinator without TLS (--tls-ca)");
   app.add_option("--tls-ca", tls_ca, "PEM CA certificate of the coordinator; enables TLS")
       ->check(CLI::ExistingFile);
   app.add_option("--work-dir", work_dir, "spool and job directories")->capture_default_str();
@@ -119,12 +129,24 @@ int main(int argc, char** argv) {
     options.tls_ca_pem = *pem;
   }
 
+  // The token is the agent's identity: never in plaintext off this host.
+  if (!options.token.empty() && options.tls_ca_pem.empty() && !IsLoopbackAddress(coordinator)) {
+    if (!insecure) {
+      return Fail(absl::StrCat("refusing to send the agent token in plaintext to ", coordinator,
+                               ", which is not on this host: pass --tls-ca (the coordinator "
+                               "serves TLS), or --insecure on a network you trust"));
+    }
+    LogWarning(absl::StrCat("--insecure: the agent token goes to ", coordinator,
+                            " in plaintext; anyone on the path can take it"));
+  }
+
   const std::string abs_work_dir = AbsolutePath(work_dir);
   if (absl::Status s = ToAbsl(MakeDirectories(abs_work_dir)); !s.ok()) {
     return Fail(absl::StrCat(s.message(), "; pass a writable --work-dir"));
   }
   Spool::Options spool_options;
   spool_options.dir = abs_work_dir + "/spool";
+  spool_options.agent_id = agent_id;
   absl::StatusOr<std::unique_ptr<Spool>> spool = Spool::Open(spool_options);
   if (!spool.ok()) return Fail(std::string(spool.status().message()));
 

@@ -1,0 +1,222 @@
+#include "auth.h"
+
+#include <set>
+
+#include "absl/strings/ascii.h"
+
+namespace ftune::server {
+namespace {
+
+bool SameToken(std::string_view a, std::string_view b) {
+  unsigned diff = a.size() ^ b.size();
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i)
+    diff |= static_cast<unsigned char>(a[i]) ^ static_cast<unsigned char>(b[i]);
+  return diff == 0;
+}
+
+// gRPC metadata values are printable ASCII; a token must travel unchanged.
+bool IsValidToken(std::string_view token) {
+  if (token.empty()) return false;
+  for (char c : token)
+    if (c <= ' ' || c > '~') return false;
+  return true;
+}
+
+// The whitespace-separated fields of each line that is not blank or a
+// comment, with its number.
+std::vector<std::pair<int, std::vector<std::string>>> Lines(std::string_view text) {
+  std::vector<std::pair<int, std::vector<std::string>>> out;
+  int number = 0;
+  size_t pos = 0;
+  while (pos <= text.size()) {
+    size_t end = text.find('\n', pos);
+    if (end == std::string_view::npos) end = text.size();
+    const std::string_view line = text.substr(pos, end - pos);
+    pos = end + 1;
+    ++number;
+    std::vector<std::string> fields;
+    size_t i = 0;
+    while (i < line.size()) {
+      while (i < line.size() && absl::ascii_isspace(static_cast<unsigned char>(line[i]))) ++i;
+      size_t j = i;
+      while (j < line.size() && !absl::ascii_isspace(static_cast<unsigned char>(line[j]))) ++j;
+      if (j > i) fields.emplace_back(line.substr(i, j - i));
+      i = j;
+    }
+    if (fields.empty() || fields[0][0] == '#') continue;
+    out.emplace_back(number, std::move(fields));
+  }
+  return out;
+}
+
+std::string Where(const std::string& path, int line) {
+  return path + ":" + std::to_string(line);
+}
+
+absl::Status CheckToken(std::string_view token, const std::string& where, const std::string& of) {
+  if (!IsValidToken(token))
+    return absl::InvalidArgumentError(where + ": the token of " + of +
+                                      " has characters other than printable ASCII");
+  if (token.size() < kMinTokenChars)
+    return absl::InvalidArgumentError(
+        where + ": the token of " + of + " has " + std::to_string(token.size()) +
+        " characters; use at least " + std::to_string(kMinTokenChars) +
+        " (e.g. `openssl rand -hex 32`)");
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+bool IsValidPrincipalName(std::string_view name) {
+  if (name.empty() || name.size() > 64) return false;
+  for (char c : name)
+    if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-' &&
+        c != '@')
+      return false;
+  return true;
+}
+
+absl::StatusOr<std::vector<UserToken>> ParseUserTokens(std::string_view text,
+                                                       const std::string& path) {
+  std::vector<UserToken> out;
+  for (auto& [line, f] : Lines(text)) {
+    const std::string where = Where(path, line);
+    if (f.size() < 2 || f.size() > 3 || (f.size() == 3 && f[2] != "admin"))
+      return absl::InvalidArgumentError(where + ": expected `TOKEN USER [admin]`");
+    if (!IsValidPrincipalName(f[1]))
+      return absl::InvalidArgumentError(where + ": user name '" + f[1].substr(0, 64) +
+                                        "' must be 1 to 64 of A-Z a-z 0-9 . _ @ -");
+    if (auto st = CheckToken(f[0], where, "user " + f[1]); !st.ok()) return st;
+    out.push_back({f[0], User{f[1], f.size() == 3}});
+  }
+  if (out.empty())
+    return absl::InvalidArgumentError(path + " holds no `TOKEN USER [admin]` line");
+  return out;
+}
+
+absl::StatusOr<std::vector<AgentToken>> ParseAgentTokens(std::string_view text,
+                                                         const std::string& path) {
+  std::vector<AgentToken> out;
+  std::set<std::string> ids;
+  for (auto& [line, f] : Lines(text)) {
+    const std::string where = Where(path, line);
+    if (f.size() != 2) return absl::InvalidArgumentError(where + ": expected `AGENT_ID TOKEN`");
+    if (!IsValidPrincipalName(f[0]))
+      return absl::InvalidArgumentError(where + ": agent id '" + f[0].substr(0, 64) +
+                                        "' must be 1 to 64 of A-Z a-z 0-9 . _ @ -");
+    if (!ids.insert(f[0]).second)
+      return absl::InvalidArgumentError(where + ": agent " + f[0] +
+                                        " is listed twice; give each agent one token");
+    if (auto st = CheckToken(f[1], where, "agent " + f[0]); !st.ok()) return st;
+    out.push_back({f[0], f[1]});
+  }
+  if (out.empty()) return absl::InvalidArgumentError(path + " holds no `AGENT_ID TOKEN` line");
+  return out;
+}
+
+absl::StatusOr<Authenticator> Authenticator::Create(AuthConfig config) {
+  // Who holds each token, to refuse one token held twice.
+  std::vector<std::pair<std::string_view, std::string>> holders;
+  for (const auto& u : config.users) holders.emplace_back(u.token, "user " + u.user.name);
+  for (const auto& a : config.agents) holders.emplace_back(a.token, "agent " + a.agent_id);
+  if (!config.shared_agent_token.empty())
+    holders.emplace_back(config.shared_agent_token, "the shared agent token");
+  for (size_t i = 0; i < holders.size(); ++i)
+    for (size_t j = i + 1; j < holders.size(); ++j)
+      if (holders[i].first == holders[j].first)
+        return absl::InvalidArgumentError(
+            "one token is configured for both " + holders[i].second + " and " + holders[j].second +
+            ": every credential must be its own (a client token that is also an agent token "
+            "lets every user act as an agent)");
+  return Authenticator(std::move(config));
+}
+
+std::optional<std::string_view> Authenticator::Bearer(std::string_view authorization) {
+  constexpr std::string_view kPrefix = "Bearer ";
+  if (authorization.substr(0, kPrefix.size()) != kPrefix) return std::nullopt;
+  return authorization.substr(kPrefix.size());
+}
+
+const UserToken* Authenticator::FindUser(std::string_view token) const {
+  const UserToken* found = nullptr;
+  for (const auto& u : config_.users)
+    if (SameToken(u.token, token)) found = &u;
+  return found;
+}
+
+const AgentToken* Authenticator::FindAgent(std::string_view token) const {
+  const AgentToken* found = nullptr;
+  for (const auto& a : config_.agents)
+    if (SameToken(a.token, token)) found = &a;
+  return found;
+}
+
+bool Authenticator::IsSharedAgentToken(std::string_view token) const {
+  return !config_.shared_agent_token.empty() && SameToken(config_.shared_agent_token, token);
+}
+
+absl::StatusOr<User> Authenticator::AuthenticateUser(
+    std::optional<std::string_view> authorization) const {
+  if (!authorization) {
+    if (!users_configured()) return User{kLocalUser, true};
+    return absl::UnauthenticatedError(
+        "missing 'authorization: Bearer <token>' metadata; pass your user token (--token-file)");
+  }
+  std::optional<std::string_view> token = Bearer(*authorization);
+  if (!token)
+    return absl::UnauthenticatedError("the authorization metadata must be 'Bearer <token>'");
+  if (const UserToken* u = FindUser(*token)) return u->user;
+  if (FindAgent(*token) || IsSharedAgentToken(*token))
+    return absl::PermissionDeniedError(
+        "an agent credential may not call JobService or reflection; use a user token");
+  if (!users_configured()) return User{kLocalUser, true};
+  return absl::UnauthenticatedError("invalid user token");
+}
+
+absl::StatusOr<AgentIdentity> Authenticator::AuthenticateAgent(
+    std::optional<std::string_view> authorization) const {
+  if (!authorization) {
+    if (!agents_configured()) return AgentIdentity{};
+    return absl::UnauthenticatedError(
+        "missing 'authorization: Bearer <token>' metadata; pass the agent's token (--token-file)");
+  }
+  std::optional<std::string_view> token = Bearer(*authorization);
+  if (!token)
+    return absl::UnauthenticatedError("the authorization metadata must be 'Bearer <token>'");
+  if (const AgentToken* a = FindAgent(*token)) return AgentIdentity{a->agent_id};
+  if (IsSharedAgentToken(*token)) return AgentIdentity{};
+  if (FindUser(*token))
+    return absl::PermissionDeniedError(
+        "a user credential may not connect as an agent; use the agent's own token");
+  if (!agents_configured()) return AgentIdentity{};
+  return absl::UnauthenticatedError("invalid agent token");
+}
+
+absl::Status CheckCanSeeJob(const User& user, const v1::Job& job) {
+  if (user.admin || (!job.owner().empty() && job.owner() == user.name)) return absl::OkStatus();
+  // The store's words for a job that does not exist (Store::GetJob).
+  return absl::NotFoundError("job '" + job.id() + "' not found");
+}
+
+absl::Status CheckPriority(const User& user, int priority, int max_user_priority) {
+  if (user.admin || priority <= max_user_priority) return absl::OkStatus();
+  return absl::PermissionDeniedError("priority " + std::to_string(priority) +
+                                     " is above the coordinator's --max-user-priority (" +
+                                     std::to_string(max_user_priority) +
+                                     "); only an admin may set it higher");
+}
+
+absl::StatusOr<std::string> ListOwnerFilter(const User& user, const std::string& requested) {
+  if (user.admin) return requested;
+  if (requested.empty() || requested == user.name) return user.name;
+  return absl::PermissionDeniedError("only an admin may list the jobs of another user (" +
+                                     requested + ")");
+}
+
+absl::Status CheckAgentId(const AgentIdentity& identity, const std::string& claimed_id) {
+  if (identity.agent_id.empty() || identity.agent_id == claimed_id) return absl::OkStatus();
+  return absl::PermissionDeniedError("this credential is agent " + identity.agent_id +
+                                     "'s; it may not register as agent " + claimed_id);
+}
+
+}  // namespace ftune::server

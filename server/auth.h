@@ -1,0 +1,137 @@
+// Who is calling the coordinator, and what they may do. gRPC-free: the
+// services hand in the call's `authorization` metadata and map the status.
+//
+// Credentials are bearer tokens (docs/security.md has the trust model):
+//   * users: `--user-tokens FILE`, lines `TOKEN USER [admin]`; the legacy
+//     `--client-token-file` is one more line, `TOKEN admin admin`. A user
+//     calls JobService and reflection; an admin also sees every job and may
+//     set any priority.
+//   * agents: `--agent-tokens FILE`, lines `AGENT_ID TOKEN`: the token proves
+//     that one id, and a registration under another id is refused. The legacy
+//     shared `--agent-token-file` proves only "some agent": any holder may
+//     claim any id (development only; main.cc refuses it off loopback
+//     without --insecure).
+// A kind of credential that is not configured is not checked: without user
+// tokens every client call is the built-in admin `local`, without agent
+// tokens any caller may register any agent id. main.cc allows that only on a
+// loopback address (or with --insecure).
+//
+// Status codes, the same for every RPC: no credential, or one that matches
+// nothing -> UNAUTHENTICATED; a valid credential of the wrong kind (an agent
+// token on JobService, a user token on AgentService) or an agent token
+// claiming another agent's id -> PERMISSION_DENIED. A job another user owns
+// is NOT_FOUND, word for word as a job that does not exist, so ids do not
+// tell whether a job exists (CheckCanSeeJob below).
+//
+// Tokens are compared in constant time against every configured one.
+//
+// Thread-safety: immutable after construction; every method is const.
+#ifndef FTUNE_SERVER_AUTH_H_
+#define FTUNE_SERVER_AUTH_H_
+
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "ftune/v1/job_service.pb.h"
+
+namespace ftune::server {
+
+// The user a client call acts for.
+struct User {
+  std::string name;
+  bool admin = false;
+};
+
+// What an agent credential proves.
+struct AgentIdentity {
+  // The one id it may register; empty: any (shared token, or agent auth off).
+  std::string agent_id;
+};
+
+struct UserToken {
+  std::string token;
+  User user;
+};
+
+struct AgentToken {
+  std::string agent_id;
+  std::string token;
+};
+
+// The built-in user of a coordinator without user tokens.
+inline constexpr char kLocalUser[] = "local";
+
+struct AuthConfig {
+  std::vector<UserToken> users;
+  std::vector<AgentToken> agents;
+  // Legacy shared agent token; empty: none.
+  std::string shared_agent_token;
+  // Non-admin users may set priority up to this (--max-user-priority).
+  int max_user_priority = 0;
+};
+
+// Parses a --user-tokens file: `TOKEN USER [admin]` per line, `#` comments
+// and blank lines ignored. Errors name the file and line.
+absl::StatusOr<std::vector<UserToken>> ParseUserTokens(std::string_view text,
+                                                       const std::string& path);
+// Parses an --agent-tokens file: `AGENT_ID TOKEN` per line.
+absl::StatusOr<std::vector<AgentToken>> ParseAgentTokens(std::string_view text,
+                                                         const std::string& path);
+
+// A token shorter than this in a token file is refused.
+inline constexpr size_t kMinTokenChars = 16;
+
+// Agent ids and user names: 1 to 64 of [A-Za-z0-9._@-].
+bool IsValidPrincipalName(std::string_view name);
+
+class Authenticator {
+ public:
+  // INVALID_ARGUMENT when a token is configured twice (for two users, two
+  // agents, or a user and an agent: a client token that is also an agent
+  // token would let every user register agents).
+  static absl::StatusOr<Authenticator> Create(AuthConfig config);
+
+  bool users_configured() const { return !config_.users.empty(); }
+  bool agents_configured() const {
+    return !config_.agents.empty() || !config_.shared_agent_token.empty();
+  }
+  bool per_agent_tokens() const { return !config_.agents.empty(); }
+  int max_user_priority() const { return config_.max_user_priority; }
+
+  // `authorization`: the call's metadata value, nullopt when absent.
+  absl::StatusOr<User> AuthenticateUser(std::optional<std::string_view> authorization) const;
+  absl::StatusOr<AgentIdentity> AuthenticateAgent(
+      std::optional<std::string_view> authorization) const;
+
+ private:
+  explicit Authenticator(AuthConfig config) : config_(std::move(config)) {}
+  // The bearer token of an authorization value; nullopt when malformed.
+  static std::optional<std::string_view> Bearer(std::string_view authorization);
+  const UserToken* FindUser(std::string_view token) const;
+  const AgentToken* FindAgent(std::string_view token) const;
+  bool IsSharedAgentToken(std::string_view token) const;
+
+  AuthConfig config_;
+};
+
+// --- What a user may do with jobs.
+
+// OK when `user` may see (get, watch, list checkpoints of, cancel) `job`:
+// its owner, or an admin. Otherwise NOT_FOUND with the store's words for a
+// missing job.
+absl::Status CheckCanSeeJob(const User& user, const v1::Job& job);
+// OK when `user` may submit a job with this priority.
+absl::Status CheckPriority(const User& user, int priority, int max_user_priority);
+// The owner filter a ListJobs of `user` runs with: non-admins see their own
+// jobs only (naming another owner is PERMISSION_DENIED).
+absl::StatusOr<std::string> ListOwnerFilter(const User& user, const std::string& requested);
+// OK when a registration under `claimed_id` may use `identity`.
+absl::Status CheckAgentId(const AgentIdentity& identity, const std::string& claimed_id);
+
+}  // namespace ftune::server
+
+#endif  // FTUNE_SERVER_AUTH_H_

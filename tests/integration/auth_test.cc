@@ -1,0 +1,549 @@
+// Identity and authorization on loopback, through real processes: a
+// coordinator with users (alice, bob, the admin root) and per-agent tokens
+// (host-a, host-b), the real agent for host-a, and hand-driven agent streams
+// for the parties that misbehave.
+//   * the auth matrix: every RPC (JobService, AgentService, health,
+//     reflection) x {no credential, alice, bob, root, an agent's token}, each
+//     cell's exact status code;
+//   * an agent token registering another agent's id, and a second live
+//     registration of one id, are refused;
+//   * an agent cannot move a job placed on another agent (checkpoint, rank
+//     exit, rendezvous);
+//   * secure by default: what the coordinator, agent and CLI refuse off
+//     loopback.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <climits>
+#include <csignal>
+#include <functional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <grpcpp/generic/generic_stub.h>
+
+#include "cluster.h"
+#include "ftune/v1/agent_service.grpc.pb.h"
+#include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
+
+namespace ftune::testing {
+namespace {
+
+using grpc::StatusCode;
+using std::chrono::seconds;
+
+constexpr char kAlice[] = "alice-token-0123456789abcdef";
+constexpr char kBob[] = "bob-token-0123456789abcdef";
+constexpr char kRoot[] = "root-token-0123456789abcdef";
+constexpr char kAgentA[] = "host-a-agent-token-0123456789";
+constexpr char kAgentB[] = "host-b-agent-token-0123456789";
+
+// Credentials, in the order of the matrix's columns; "" sends none.
+const std::vector<std::pair<std::string, std::string>> kCallers = {
+    {"none", ""}, {"alice", kAlice}, {"bob", kBob}, {"root", kRoot}, {"agent", kAgentB}};
+
+void UseTestCredentials(Cluster* c) {
+  c->UseCredentials(std::string(kAlice) + " alice\n" + kBob + " bob\n" + kRoot + " root admin\n",
+                    {{"host-a", kAgentA}, {"host-b", kAgentB}}, kRoot);
+}
+
+void Auth(grpc::ClientContext* ctx, const std::string& token) {
+  if (!token.empty()) ctx->AddMetadata("authorization", "Bearer " + token);
+}
+
+v1::Job CreateAs(Cluster& c, const std::string& token, const v1::JobSpec& spec,
+                 grpc::Status* status = nullptr) {
+  auto stub = c.Client();
+  grpc::ClientContext ctx;
+  Auth(&ctx, token);
+  v1::CreateJobRequest req;
+  *req.mutable_spec() = spec;
+  v1::Job job;
+  grpc::Status st = stub->CreateJob(&ctx, req, &job);
+  if (status) *status = st;
+  else EXPECT_TRUE(st.ok()) << st.error_message();
+  return job;
+}
+
+// Opens an agent stream with `token` and registers `agent_id`. OK once the
+// coordinator answers Registered; else the stream's status.
+struct AgentStream {
+  grpc::ClientContext ctx;
+  std::unique_ptr<v1::AgentService::Stub> stub;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::AgentToCoordinator, v1::CoordinatorToAgent>> rw;
+
+  grpc::Status Open(Cluster& c, const std::string& token, const std::string& agent_id) {
+    stub = v1::AgentService::NewStub(c.Channel());
+    Auth(&ctx, token);
+    rw = stub->Connect(&ctx);
+    v1::AgentToCoordinator reg;
+    reg.mutable_register_()->set_agent_id(agent_id);
+    reg.mutable_register_()->set_host("intruder");
+    auto* slot = reg.mutable_register_()->add_slots();
+    slot->set_index(0);
+    slot->set_name("CPU");
+    slot->set_device_uuid("cpu-0");
+    rw->Write(reg);
+    v1::CoordinatorToAgent first;
+    if (rw->Read(&first) && first.has_registered()) return grpc::Status::OK;
+    rw->WritesDone();
+    return rw->Finish();
+  }
+  // Reads until an Ack of at least seq.
+  bool WaitAck(int64_t seq) {
+    v1::CoordinatorToAgent msg;
+    while (rw->Read(&msg))
+      if (msg.has_ack() && msg.ack().agent_seq() >= seq) return true;
+    return false;
+  }
+  void Close() {
+    ctx.TryCancel();
+    rw->Finish();
+  }
+};
+
+grpc::Status Health(Cluster& c, const std::string& token) {
+  grpc::GenericStub stub(c.Channel());
+  grpc::CompletionQueue cq;
+  grpc::ClientContext ctx;
+  Auth(&ctx, token);
+  grpc::Slice empty("");
+  auto call =
+      stub.PrepareUnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::ByteBuffer(&empty, 1), &cq);
+  call->StartCall();
+  grpc::ByteBuffer resp;
+  grpc::Status st;
+  call->Finish(&resp, &st, reinterpret_cast<void*>(1));
+  void* tag;
+  bool ok;
+  cq.Next(&tag, &ok);
+  return st;
+}
+
+grpc::Status Reflection(Cluster& c, const std::string& token) {
+  auto stub = grpc::reflection::v1alpha::ServerReflection::NewStub(c.Channel());
+  grpc::ClientContext ctx;
+  Auth(&ctx, token);
+  auto rw = stub->ServerReflectionInfo(&ctx);
+  grpc::reflection::v1alpha::ServerReflectionRequest req;
+  req.set_list_services("*");
+  rw->Write(req);
+  grpc::reflection::v1alpha::ServerReflectionResponse listing;
+  const bool listed = rw->Read(&listing);
+  // Then a service's file by symbol, as grpcurl asks for it.
+  req.set_file_containing_symbol("ftune.v1.JobService");
+  rw->Write(req);
+  grpc::reflection::v1alpha::ServerReflectionResponse file;
+  const bool described = rw->Read(&file);
+  rw->WritesDone();
+  grpc::Status st = rw->Finish();
+  if (st.ok()) {
+    EXPECT_TRUE(listed && described);
+    std::string names;
+    for (const auto& s : listing.list_services_response().service()) names += s.name() + " ";
+    EXPECT_NE(names.find("ftune.v1.JobService"), std::string::npos) << names;
+    // job_service.proto and the files it imports.
+    EXPECT_GE(file.file_descriptor_response().file_descriptor_proto_size(), 2)
+        << file.ShortDebugString().substr(0, 300);
+  }
+  return st;
+}
+
+std::string Code(const grpc::Status& st) {
+  static const char* kNames[] = {"OK",
+                                 "CANCELLED",
+                                 "UNKNOWN",
+                                 "INVALID_ARGUMENT",
+                                 "DEADLINE_EXCEEDED",
+                                 "NOT_FOUND",
+                                 "ALREADY_EXISTS",
+                                 "PERMISSION_DENIED",
+                                 "RESOURCE_EXHAUSTED",
+                                 "FAILED_PRECONDITION",
+                                 "ABORTED",
+                                 "OUT_OF_RANGE",
+                                 "UNIMPLEMENTED",
+                                 "INTERNAL",
+                                 "UNAVAILABLE",
+                                 "DATA_LOSS",
+                                 "UNAUTHENTICATED"};
+  const int c = st.error_code();
+  return c >= 0 && c <= 16 ? kNames[c] : std::to_string(c);
+}
+
+// GET http://127.0.0.1:port/metrics.
+std::string Scrape(int port) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string out;
+  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0) {
+    const std::string req = "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n";
+    (void)!write(fd, req.data(), req.size());
+    char buf[65536];
+    ssize_t n;
+    while ((n = read(fd, buf, sizeof(buf))) > 0) out.append(buf, static_cast<size_t>(n));
+  }
+  close(fd);
+  return out;
+}
+
+TEST(Auth, MatrixOverEveryRpc) {
+  Cluster c;
+  UseTestCredentials(&c);
+  c.StartCoordinator({"--max-user-priority=5"});
+  c.StartAgent("host-a", 1);
+  ASSERT_TRUE(c.WaitAgents(1));
+  // alice's job runs on host-a; bob's waits behind it.
+  const v1::Job alices = CreateAs(c, kAlice, c.Spec(1, 100000, 0));
+  const v1::Job bobs = CreateAs(c, kBob, c.Spec(1, 5, 0));
+  ASSERT_FALSE(alices.id().empty());
+  EXPECT_EQ(alices.owner(), "alice");
+  EXPECT_EQ(bobs.owner(), "bob");
+  ASSERT_TRUE(c.WaitFor_Step(alices.id(), 1));
+  auto stub = c.Client();
+  // The admin cancels anyone's job (bob's, still queued).
+  {
+    grpc::ClientContext ctx;
+    Auth(&ctx, kRoot);
+    v1::CancelJobRequest req;
+    req.set_job_id(bobs.id());
+    v1::Job job;
+    EXPECT_TRUE(stub->CancelJob(&ctx, req, &job).ok());
+    EXPECT_EQ(job.state(), v1::CANCELLED);
+  }
+
+  using Call = std::function<grpc::Status(const std::string& token)>;
+  const std::vector<std::pair<std::string, Call>> rpcs = {
+      {"CreateJob",
+       [&](const std::string& t) {
+         grpc::Status st;
+         CreateAs(c, t, c.Spec(1, 5, 0), &st);
+         return st;
+       }},
+      {"CreateJob(priority 6 > cap 5)",
+       [&](const std::string& t) {
+         v1::JobSpec spec = c.Spec(1, 5, 0);
+         spec.set_priority(6);
+         grpc::Status st;
+         CreateAs(c, t, spec, &st);
+         return st;
+       }},
+      {"GetJob(alice's)",
+       [&](const std::string& t) {
+         grpc::ClientContext ctx;
+         Auth(&ctx, t);
+         v1::GetJobRequest req;
+         req.set_job_id(alices.id());
+         v1::Job job;
+         return stub->GetJob(&ctx, req, &job);
+       }},
+      {"ListJobs",
+       [&](const std::string& t) {
+         grpc::ClientContext ctx;
+         Auth(&ctx, t);
+         v1::ListJobsResponse r;
+         return stub->ListJobs(&ctx, {}, &r);
+       }},
+      {"ListJobs(owner alice)",
+       [&](const std::string& t) {
+         grpc::ClientContext ctx;
+         Auth(&ctx, t);
+         v1::ListJobsRequest req;
+         req.set_owner("alice");
+         v1::ListJobsResponse r;
+         return stub->ListJobs(&ctx, req, &r);
+       }},
+      {"WatchJob(alice's)",
+       [&](const std::string& t) {
+         grpc::ClientContext ctx;
+         Auth(&ctx, t);
+         v1::WatchJobRequest req;
+         req.set_job_id(alices.id());
+         auto reader = stub->WatchJob(&ctx, req);
+         v1::WatchJobResponse r;
+         while (reader->Read(&r)) {
+         }
+         return reader->Finish();
+       }},
+      {"ListCheckpoints(alice's)",
+       [&](const std::string& t) {
+         grpc::ClientContext ctx;
+         Auth(&ctx, t);
+         v1::ListCheckpointsRequest req;
+         req.set_job_id(alices.id());
+         v1::ListCheckpointsResponse r;
+         return stub->ListCheckpoints(&ctx, req, &r);
+       }},
+      {"CancelJob(alice's)",
+       [&](const std::string& t) {
+         grpc::ClientContext ctx;
+         Auth(&ctx, t);
+         v1::CancelJobRequest req;
+         req.set_job_id(alices.id());
+         v1::Job job;
+         // Only refusals are tried on alice's running job: her own cancel
+         // comes after the matrix, root's was tried on bob's job.
+         if (t == kAlice || t == kRoot) return grpc::Status(StatusCode::OK, "skipped");
+         return stub->CancelJob(&ctx, req, &job);
+       }},
+      {"ListAgents",
+       [&](const std::string& t) {
+         grpc::ClientContext ctx;
+         Auth(&ctx, t);
+         v1::ListAgentsResponse r;
+         return stub->ListAgents(&ctx, {}, &r);
+       }},
+      {"AgentService.Connect(as host-b)",
+       [&](const std::string& t) {
+         AgentStream s;
+         grpc::Status st = s.Open(c, t, "host-b");
+         if (st.ok()) s.Close();
+         return st;
+       }},
+      {"Health.Check", [&](const std::string& t) { return Health(c, t); }},
+      {"ServerReflectionInfo", [&](const std::string& t) { return Reflection(c, t); }},
+  };
+  // Columns: none, alice, bob, root (admin), agent (host-b's token).
+  const std::vector<std::vector<std::string>> want = {
+      {"UNAUTHENTICATED", "OK", "OK", "OK", "PERMISSION_DENIED"},
+      {"UNAUTHENTICATED", "PERMISSION_DENIED", "PERMISSION_DENIED", "OK", "PERMISSION_DENIED"},
+      {"UNAUTHENTICATED", "OK", "NOT_FOUND", "OK", "PERMISSION_DENIED"},
+      {"UNAUTHENTICATED", "OK", "OK", "OK", "PERMISSION_DENIED"},
+      {"UNAUTHENTICATED", "OK", "PERMISSION_DENIED", "OK", "PERMISSION_DENIED"},
+      {"UNAUTHENTICATED", "OK", "NOT_FOUND", "OK", "PERMISSION_DENIED"},
+      {"UNAUTHENTICATED", "OK", "NOT_FOUND", "OK", "PERMISSION_DENIED"},
+      {"UNAUTHENTICATED", "OK", "NOT_FOUND", "OK", "PERMISSION_DENIED"},
+      {"UNAUTHENTICATED", "OK", "OK", "OK", "PERMISSION_DENIED"},
+      {"UNAUTHENTICATED", "PERMISSION_DENIED", "PERMISSION_DENIED", "PERMISSION_DENIED", "OK"},
+      {"OK", "OK", "OK", "OK", "OK"},
+      {"UNAUTHENTICATED", "OK", "OK", "OK", "PERMISSION_DENIED"},
+  };
+  ASSERT_EQ(want.size(), rpcs.size());
+  for (size_t r = 0; r < rpcs.size(); ++r)
+    for (size_t k = 0; k < kCallers.size(); ++k) {
+      const grpc::Status st = rpcs[r].second(kCallers[k].second);
+      EXPECT_EQ(Code(st), want[r][k]) << rpcs[r].first << " by " << kCallers[k].first << ": "
+                                      << st.error_message();
+    }
+
+  // What each user's listing holds.
+  auto owners = [&](const std::string& t) {
+    grpc::ClientContext ctx;
+    Auth(&ctx, t);
+    v1::ListJobsResponse r;
+    EXPECT_TRUE(stub->ListJobs(&ctx, {}, &r).ok());
+    std::set<std::string> out;
+    for (const auto& j : r.jobs()) out.insert(j.owner());
+    return out;
+  };
+  EXPECT_EQ(owners(kAlice), std::set<std::string>{"alice"});
+  EXPECT_EQ(owners(kBob), std::set<std::string>{"bob"});
+  EXPECT_EQ(owners(kRoot), (std::set<std::string>{"alice", "bob", "root"}));
+  // Bob's refusal reads as for a job that does not exist.
+  {
+    grpc::ClientContext ctx;
+    Auth(&ctx, kBob);
+    v1::GetJobRequest req;
+    req.set_job_id(alices.id());
+    v1::Job job;
+    EXPECT_EQ(stub->GetJob(&ctx, req, &job).error_message(),
+              "job '" + alices.id() + "' not found");
+  }
+  // Nothing bob tried touched alice's job; she cancels it herself.
+  EXPECT_EQ(c.GetJob(alices.id()).state(), v1::RUNNING);
+  {
+    grpc::ClientContext ctx;
+    Auth(&ctx, kAlice);
+    v1::CancelJobRequest req;
+    req.set_job_id(alices.id());
+    v1::Job job;
+    ASSERT_TRUE(stub->CancelJob(&ctx, req, &job).ok());
+  }
+}
+
+TEST(Auth, AnAgentTokenRegistersOnlyItsOwnIdAndOnlyOnce) {
+  Cluster c;
+  UseTestCredentials(&c);
+  c.StartCoordinator();
+  const int agent = c.StartAgent("host-a", 1);
+  ASSERT_TRUE(c.WaitAgents(1));
+
+  // An outsider holding host-b's token claims host-a: refused, named.
+  AgentStream impostor;
+  grpc::Status st = impostor.Open(c, kAgentB, "host-a");
+  EXPECT_EQ(st.error_code(), StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(st.error_message(),
+            "this credential is agent host-b's; it may not register as agent host-a");
+  // host-a's own token, while host-a is connected: a second live
+  // registration of one id is refused.
+  AgentStream twin;
+  st = twin.Open(c, kAgentA, "host-a");
+  EXPECT_EQ(st.error_code(), StatusCode::ALREADY_EXISTS);
+  EXPECT_NE(st.error_message().find("agent host-a is already connected (host host-a"),
+            std::string::npos)
+      << st.error_message();
+
+  // The real host-a kept its link and slots.
+  auto stub = c.Client();
+  grpc::ClientContext ctx;
+  c.AddAuth(&ctx);
+  v1::ListAgentsResponse agents;
+  ASSERT_TRUE(stub->ListAgents(&ctx, {}, &agents).ok());
+  ASSERT_EQ(agents.agents_size(), 1);
+  EXPECT_EQ(agents.agents(0).agent_id(), "host-a");
+  EXPECT_EQ(agents.agents(0).host(), "host-a");
+  const v1::Job job = c.Submit(c.Spec(1, 5, 0));
+  EXPECT_TRUE(c.WaitState(job.id(), v1::SUCCEEDED)) << v1::JobState_Name(c.GetJob(job.id()).state());
+
+  // The real agent started with another agent's token says why it is refused.
+  c.StartAgent("host-c", 1, {"--token-file=" + c.dir() + "/agent-host-b.token",
+                             "--agent-id=host-c"});
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        return ReadFile(c.agent(1).log_path()).find("rejected agent host-c (PERMISSION_DENIED") !=
+               std::string::npos;
+      },
+      seconds(20)))
+      << ReadFile(c.agent(1).log_path());
+  (void)agent;
+}
+
+TEST(Auth, AnAgentCannotMoveAJobPlacedOnAnotherAgent) {
+  Cluster c;
+  UseTestCredentials(&c);
+  c.StartCoordinator();
+  c.StartAgent("host-a", 1);
+  ASSERT_TRUE(c.WaitAgents(1));
+  v1::JobSpec spec = c.Spec(1, 150, 5);
+  spec.set_max_restarts(2);
+  const v1::Job job = CreateAs(c, kAlice, spec);
+  ASSERT_TRUE(c.WaitFor_Step(job.id(), 3));
+
+  // host-b, with its own valid token, forges rank 0's checkpoint and exit
+  // and a rendezvous for alice's job, which runs on host-a.
+  AgentStream b;
+  ASSERT_TRUE(b.Open(c, kAgentB, "host-b").ok());
+  v1::AgentToCoordinator batch;
+  auto add = [&](int64_t seq) {
+    auto* e = batch.mutable_events()->add_events();
+    e->set_agent_seq(seq);
+    e->set_job_id(job.id());
+    e->set_attempt(0);
+    e->set_rank(0);
+    return e;
+  };
+  auto* ckpt = add(1)->mutable_message()->mutable_checkpoint();
+  ckpt->set_step(1000);
+  ckpt->set_path("/forged/checkpoint-1000");
+  ckpt->set_complete(true);
+  add(2)->mutable_exit()->set_exit_code(1);
+  ASSERT_TRUE(b.rw->Write(batch));
+  v1::AgentToCoordinator rdzv;
+  rdzv.mutable_rendezvous()->set_job_id(job.id());
+  rdzv.mutable_rendezvous()->set_attempt(0);
+  rdzv.mutable_rendezvous()->set_data("tcp://forged:1");
+  ASSERT_TRUE(b.rw->Write(rdzv));
+  EXPECT_TRUE(b.WaitAck(2));  // taken off its hands, and dropped
+
+  const std::string metrics = Scrape(c.metrics_port());
+  EXPECT_NE(metrics.find("ftune_events_dropped_total{reason=\"not_placed\"} 2"), std::string::npos)
+      << metrics.substr(0, 4000);
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        return Scrape(c.metrics_port())
+                   .find("ftune_events_dropped_total{reason=\"rendezvous_not_placed\"} 1") !=
+               std::string::npos;
+      },
+      seconds(10)));
+  b.Close();
+
+  ASSERT_TRUE(c.WaitState(job.id(), v1::SUCCEEDED, seconds(60)))
+      << v1::JobState_Name(c.GetJob(job.id()).state());
+  const v1::Job done = c.GetJob(job.id());
+  EXPECT_EQ(done.restarts(), 0);
+  EXPECT_EQ(done.resume_checkpoint().find("/forged"), std::string::npos);
+  for (const auto& e : c.Events(job.id()))
+    EXPECT_EQ(e.ShortDebugString().find("forged"), std::string::npos) << e.ShortDebugString();
+}
+
+// Secure by default, for each process.
+TEST(Auth, NothingServesOrSendsCredentialsOffLoopbackUnprotected) {
+  Cluster c;
+  const std::string dir = c.dir();
+  auto run = [&](std::vector<std::string> argv, const std::string& log) {
+    Process p(std::move(argv), dir + "/" + log);
+    const int code = p.Wait(seconds(20));
+    if (code == INT_MIN) p.Signal(SIGKILL);
+    return std::make_pair(code, ReadFile(dir + "/" + log));
+  };
+  const std::string port = std::to_string(FreePort());
+  const std::string metrics = "--metrics-listen=127.0.0.1:" + std::to_string(FreePort());
+
+  // A coordinator on every interface without credentials and TLS: refused,
+  // every missing piece named.
+  auto [code, log] = run({FTUNE_COORDINATOR_BIN, "--state-dir=" + dir + "/s1",
+                          "--listen=0.0.0.0:" + port, metrics},
+                         "open.log");
+  EXPECT_EQ(code, 2) << log;
+  for (const char* missing : {"refusing to listen on 0.0.0.0:" , "user credentials (--user-tokens",
+                              "agent credentials (--agent-tokens", "TLS (--tls-cert"})
+    EXPECT_NE(log.find(missing), std::string::npos) << missing << "\n" << log;
+  // The shared agent token is not enough either.
+  std::tie(code, log) =
+      run({FTUNE_COORDINATOR_BIN, "--state-dir=" + dir + "/s1", "--listen=0.0.0.0:" + port,
+           metrics, "--agent-token-file=" + dir + "/agent.token"},
+          "shared.log");
+  EXPECT_EQ(code, 2) << log;
+  EXPECT_NE(log.find("the shared --agent-token-file lets any holder register as any agent"),
+            std::string::npos)
+      << log;
+
+  // One token for clients and agents: refused, on loopback too.
+  std::tie(code, log) =
+      run({FTUNE_COORDINATOR_BIN, "--state-dir=" + dir + "/s2", "--listen=127.0.0.1:" + port,
+           metrics, "--client-token-file=" + dir + "/client.token",
+           "--agent-token-file=" + dir + "/client.token"},
+          "same.log");
+  EXPECT_EQ(code, 2) << log;
+  EXPECT_NE(log.find("one token is configured for both user admin and the shared agent token"),
+            std::string::npos)
+      << log;
+
+  // --insecure serves, and says so loudly.
+  {
+    Process p({FTUNE_COORDINATOR_BIN, "--state-dir=" + dir + "/s3", "--listen=0.0.0.0:" + port,
+               metrics, "--insecure"},
+              dir + "/insecure.log");
+    EXPECT_TRUE(WaitFor(
+        [&] { return ReadFile(dir + "/insecure.log").find("serving on") != std::string::npos; },
+        seconds(20)))
+        << ReadFile(dir + "/insecure.log");
+    const std::string said = ReadFile(dir + "/insecure.log");
+    EXPECT_NE(said.find("WARNING: --insecure: serving 0.0.0.0:" + port +
+                        " without user credentials"),
+              std::string::npos)
+        << said;
+    p.Signal(SIGTERM);
+    p.Wait(seconds(10));
+  }
+
+  // The agent does not send its token in plaintext off this host.
+  std::tie(code, log) = run({FTUNE_AGENT_BIN, "--coordinator=10.1.2.3:7450",
+                             "--token-file=" + dir + "/agent.token", "--work-dir=" + dir + "/ag",
+                             "--cpu-slots=1"},
+                            "agent.log");
+  EXPECT_EQ(code, 1) << log;
+  EXPECT_NE(log.find("refusing to send the agent token in plaintext to 10.1.2.3:7450"),
+            std::string::npos)
+      << log;
+}
+
+}  // namespace
+}  // namespace ftune::testing
