@@ -48,6 +48,14 @@ std::string EventPayload(const v1::JobEvent& event) {
           FormatScientific(m.learning_rate()) + "  grad_norm " + FormatFixed(m.grad_norm(), 3) +
           "  tokens/s " + FormatFixed(m.tokens_per_second(), 1);
       if (m.epoch() > 0) s += "  epoch " + FormatFixed(m.epoch(), 2);
+      if (m.forward_seconds() > 0 || m.backward_seconds() > 0) {
+        s += "  fwd " + FormatFixed(m.forward_seconds(), 3) + "s  bwd " +
+             FormatFixed(m.backward_seconds(), 3) + "s  opt " +
+             FormatFixed(m.optimizer_seconds(), 3) + "s";
+        if (m.exposed_comm_seconds() > 0) {
+          s += "  comm_exposed " + FormatFixed(m.exposed_comm_seconds(), 3) + "s";
+        }
+      }
       break;
     }
     case v1::JobEvent::kMemory: {

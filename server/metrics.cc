@@ -42,6 +42,11 @@ struct Metrics::Impl {
                            .Name("ftune_job_tokens_per_second")
                            .Help("Training throughput of a rank")
                            .Register(*registry);
+  Family<Gauge>& phase = BuildGauge()
+                             .Name("ftune_job_step_phase_seconds")
+                             .Help("Seconds of a rank's last step by phase (forward, backward, "
+                                   "optimizer, exposed_comm)")
+                             .Register(*registry);
   Family<Counter>& tokens = BuildCounter()
                                 .Name("ftune_job_tokens_total")
                                 .Help("Tokens trained on by a rank")
@@ -147,6 +152,18 @@ void Metrics::Step(const std::string& job, int rank, const v1::StepMetrics& m) {
   impl_->loss.Add(l).Set(m.loss());
   impl_->lr.Add(l).Set(m.learning_rate());
   impl_->tps.Add(l).Set(m.tokens_per_second());
+  if (m.forward_seconds() > 0 || m.backward_seconds() > 0) {
+    const std::pair<const char*, double> phases[] = {
+        {"forward", m.forward_seconds()},
+        {"backward", m.backward_seconds()},
+        {"optimizer", m.optimizer_seconds()},
+        {"exposed_comm", m.exposed_comm_seconds()}};
+    for (const auto& [name, seconds] : phases) {
+      auto pl = l;
+      pl["phase"] = name;
+      impl_->phase.Add(pl).Set(seconds);
+    }
+  }
   if (m.tokens() > 0) impl_->tokens.Add(l).Increment(static_cast<double>(m.tokens()));
 }
 
@@ -190,6 +207,11 @@ void Metrics::JobEnded(const std::string& job) {
                       &im.mem_peak, &im.rss})
       if (fam->Has(l)) fam->Remove(&fam->Add(l));
     if (im.tokens.Has(l)) im.tokens.Remove(&im.tokens.Add(l));
+    for (const char* phase : {"forward", "backward", "optimizer", "exposed_comm"}) {
+      auto pl = l;
+      pl["phase"] = phase;
+      if (im.phase.Has(pl)) im.phase.Remove(&im.phase.Add(pl));
+    }
   }
   im.ranks_of_job.erase(job);
   if (im.jobs_with_job_series.erase(job)) {

@@ -89,6 +89,13 @@ TEST(CliFormatTest, EventLines) {
             "grad_norm 0.512  tokens/s 1234.6\n");
   m->set_epoch(0.25);
   EXPECT_THAT(FormatEvent(e), HasSubstr("tokens/s 1234.6  epoch 0.25\n"));
+  e.mutable_step()->set_forward_seconds(0.1234);
+  e.mutable_step()->set_backward_seconds(0.25);
+  e.mutable_step()->set_optimizer_seconds(0.002);
+  EXPECT_THAT(FormatEvent(e),
+              HasSubstr("epoch 0.25  fwd 0.123s  bwd 0.250s  opt 0.002s\n"));
+  e.mutable_step()->set_exposed_comm_seconds(0.01);
+  EXPECT_THAT(FormatEvent(e), HasSubstr("opt 0.002s  comm_exposed 0.010s\n"));
 
   e = At(2, 12, 1);
   e.mutable_memory()->set_allocated_bytes(1610612736);

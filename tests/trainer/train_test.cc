@@ -163,6 +163,16 @@ std::vector<comm::RankExit> TrainRanks(const RunConfig& config) {
         std::ofstream out(config.output_dir + "/losses-" + std::to_string(rank) + ".txt");
         out.precision(17);
         for (double l : r.losses) out << l << "\n";
+        // Each step's phase times and its duration (tokens / tokens per second).
+        std::ofstream phases(config.output_dir + "/phases-" + std::to_string(rank) + ".txt");
+        phases.precision(17);
+        for (const v1::RankMessage& m : events.events()) {
+          if (!m.has_step()) continue;
+          const v1::StepMetrics& st = m.step();
+          phases << st.forward_seconds() << " " << st.backward_seconds() << " "
+                 << st.optimizer_seconds() << " " << st.exposed_comm_seconds() << " "
+                 << static_cast<double>(st.tokens()) / st.tokens_per_second() << "\n";
+        }
         return OkStatus();
       },
       std::chrono::minutes(5));
@@ -249,6 +259,30 @@ TEST_F(TrainTest, TwoThreeFourRanksTrainLikeOneRankWithTheSameGlobalBatch) {
 // training.profile_steps: each rank writes a Chrome trace of exactly the
 // steps asked for, with the engine's named ranges in it, and the traced run
 // trains like an untraced one.
+// Every step event says where the step's time went: forwards, backwards
+// and the optimizer phase each took time, together most of the step and
+// not more than it; with two Gloo ranks and no prefetch (CPU) the gathers
+// are exposed, so exposed communication is reported too.
+TEST_F(TrainTest, StepEventsCarryPhaseTimes) {
+  const std::string dir = g_root + "/phases";
+  auto exits = TrainRanks({Spec(6, 3, 0), dir, "", 2});
+  ASSERT_TRUE(AllOk(exits, 2)) << Report(exits);
+  for (int rank : {0, 1}) {
+    std::ifstream in(dir + "/phases-" + std::to_string(rank) + ".txt");
+    int steps = 0;
+    for (double fwd, bwd, opt, comm, step; in >> fwd >> bwd >> opt >> comm >> step; ++steps) {
+      SCOPED_TRACE("rank " + std::to_string(rank) + " step " + std::to_string(steps + 1));
+      EXPECT_GT(fwd, 0);
+      EXPECT_GT(bwd, 0);
+      EXPECT_GT(opt, 0);
+      EXPECT_GT(comm, 0);
+      EXPECT_LE(fwd + bwd + opt, step * 1.001 + 1e-4);
+      EXPECT_GT(fwd + bwd + opt, 0.5 * step);
+    }
+    EXPECT_EQ(steps, 3) << "rank " << rank;
+  }
+}
+
 TEST_F(TrainTest, ProfileStepsWriteATraceOfThoseStepsPerRank) {
   const std::string plain = g_root + "/unprofiled";
   auto exits = TrainRanks({Spec(6, 4, 0), plain, "", 2});

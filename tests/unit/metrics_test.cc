@@ -21,8 +21,11 @@ TEST(Metrics, PerJobSeriesAppearAndGoAwayWhenTheJobEnds) {
   s.set_learning_rate(1e-4);
   s.set_tokens(4096);
   s.set_tokens_per_second(2000);
-  m.Step("job-000001", 0, s);
   m.Step("job-000002", 1, s);
+  s.set_forward_seconds(0.125);
+  s.set_backward_seconds(0.25);
+  s.set_optimizer_seconds(0.5);
+  m.Step("job-000001", 0, s);
   v1::MemoryStats mem;
   mem.set_peak_bytes(1 << 30);
   m.Memory("job-000001", 0, mem);
@@ -38,6 +41,15 @@ TEST(Metrics, PerJobSeriesAppearAndGoAwayWhenTheJobEnds) {
             std::string::npos);
   EXPECT_NE(text.find("ftune_job_restarts_total{job_id=\"job-000001\"} 1"), std::string::npos);
   EXPECT_NE(text.find("ftune_events_ingested_total 3"), std::string::npos);
+  EXPECT_NE(text.find("ftune_job_step_phase_seconds{job_id=\"job-000001\",phase=\"backward\","
+                      "rank=\"0\"} 0.25"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("ftune_job_step_phase_seconds{job_id=\"job-000001\",phase=\"exposed_comm\","
+                      "rank=\"0\"} 0"),
+            std::string::npos);
+  // A rank that reports no phases (an older rank) gets no phase series.
+  EXPECT_EQ(text.find("ftune_job_step_phase_seconds{job_id=\"job-000002\""), std::string::npos);
   m.JobEnded("job-000001");
   text = Scrape(m);
   EXPECT_EQ(text.find("job-000001"), std::string::npos) << text;

@@ -181,8 +181,13 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
                                   : std::min<int64_t>(o.checkpoint_layers, L);
   const int64_t num_kept = L - num_checkpointed;       // layers keeping their activations
   const int64_t checkpoints = num_checkpointed * T * h * cb;  // checkpointed layers' inputs
-  // Scratch: one dequantized projection, the loss chunk's logits + grad.
-  const int64_t dequant = o.quantize_base ? largest_projection * cb : 0;
+  // Scratch: one dequantized projection, or while a checkpointed layer's
+  // backward runs, all of its projections (its recompute keeps them, nf4_linear.h);
+  // the loss chunk's logits + grad.
+  int64_t layer_dense = 0;
+  for (const Projection& p : Projections(c)) layer_dense += p.out * p.in;
+  const int64_t dequant =
+      !o.quantize_base ? 0 : (num_checkpointed > 0 ? layer_dense : largest_projection) * cb;
   const int64_t loss_chunk = std::min(o.loss_chunk_tokens, T) * c.vocab_size * 4 * 2;
   const int64_t hidden_grads = 2 * T * h * 4;          // grad of the residual stream (fp32 in flight)
 

@@ -71,7 +71,9 @@ void ConsoleEventSink::Emit(const v1::RankMessage& m) {
            << std::scientific << std::setprecision(3) << "  lr " << s.learning_rate()
            << std::fixed << std::setprecision(3) << "  grad_norm " << s.grad_norm()
            << std::setprecision(1) << "  tok/s " << s.tokens_per_second() << std::setprecision(2)
-           << "  epoch " << s.epoch();
+           << "  epoch " << s.epoch() << std::setprecision(3) << "  fwd " << s.forward_seconds()
+           << "s  bwd " << s.backward_seconds() << "s  opt " << s.optimizer_seconds()
+           << "s  comm_exposed " << s.exposed_comm_seconds() << "s";
       break;
     }
     case v1::RankMessage::kMemory:

@@ -35,24 +35,47 @@ at::Tensor ChunkLogits(const at::Tensor& hidden, const at::Tensor& weight, int64
 }
 
 struct ChunkedCrossEntropy : public torch::autograd::Function<ChunkedCrossEntropy> {
+  // eager_grad: only hidden needs a gradient (lm_head frozen, the LoRA
+  // case). The forward then also computes d sum / d hidden chunk by chunk
+  // from the logits it has, and backward only scales it: two lm_head GEMMs
+  // per chunk instead of three, no logits recomputed.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hidden,
                             const at::Tensor& weight, const at::Tensor& targets,
-                            int64_t chunk_tokens) {
-    ctx->save_for_backward({hidden, weight, targets});
+                            int64_t chunk_tokens, bool eager_grad) {
     ctx->saved_data["chunk"] = chunk_tokens;
+    ctx->saved_data["eager"] = eager_grad;
     const int64_t n = hidden.size(0);
     at::Tensor total = at::zeros({}, hidden.options().dtype(at::kFloat));
+    at::Tensor grad_h = eager_grad ? at::empty_like(hidden) : at::Tensor();  // (n, hidden)
     for (int64_t b = 0; b < n; b += chunk_tokens) {
       const int64_t e = std::min(n, b + chunk_tokens);
+      const at::Tensor t = targets.slice(0, b, e).unsqueeze(1);             // (rows, 1)
       at::Tensor logits = ChunkLogits(hidden, weight, b, e);                // (rows, vocab)
-      at::Tensor lse = at::logsumexp(logits, {-1});                         // (rows)
-      at::Tensor tgt = logits.gather(1, targets.slice(0, b, e).unsqueeze(1)).squeeze(1);
-      total.add_((lse - tgt).sum());
+      at::Tensor lse = at::logsumexp(logits, {-1}, /*keepdim=*/true);       // (rows, 1)
+      total.add_((lse - logits.gather(1, t)).sum());
+      if (!eager_grad) continue;
+      // softmax - onehot, in place of the logits; cast to the compute dtype
+      // before it meets W, as autograd does for `logits.float()`.
+      at::Tensor p = logits.sub_(lse).exp_();
+      p.scatter_add_(1, t, at::full({e - b, 1}, -1.0, p.options()));
+      grad_h.slice(0, b, e).copy_(at::matmul(p.to(hidden.scalar_type()), weight));
+    }
+    if (eager_grad) {
+      ctx->saved_data["grad_h"] = grad_h;
+    } else {
+      ctx->save_for_backward({hidden, weight, targets});
     }
     return total;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    if (ctx->saved_data["eager"].toBool()) {
+      at::Tensor grad_h = ctx->saved_data["grad_h"].toTensor();
+      ctx->saved_data.erase("grad_h");
+      const at::Tensor g = grad_outputs[0].to(at::kFloat);  // () d loss / d sum
+      return {grad_h.mul(g).to(grad_h.scalar_type()), at::Tensor(), at::Tensor(), at::Tensor(),
+              at::Tensor()};
+    }
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& hidden = saved[0];
     const at::Tensor& weight = saved[1];
@@ -76,7 +99,7 @@ struct ChunkedCrossEntropy : public torch::autograd::Function<ChunkedCrossEntrop
       if (need_w) grad_w.add_(at::matmul(gl.t(), hidden.slice(0, b, e)).to(at::kFloat));
     }
     if (need_w) grad_w = grad_w.to(weight.scalar_type());
-    return {grad_h, grad_w, at::Tensor(), at::Tensor()};
+    return {grad_h, grad_w, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -86,7 +109,9 @@ at::Tensor ChunkedCrossEntropySum(const at::Tensor& hidden, const at::Tensor& we
                                   const at::Tensor& targets, int64_t chunk_tokens) {
   FTUNE_RANGE("ftune::loss");
   CheckInputs(hidden, weight, targets, chunk_tokens);
-  return ChunkedCrossEntropy::apply(hidden, weight, targets, chunk_tokens);
+  const bool eager_grad =
+      at::GradMode::is_enabled() && hidden.requires_grad() && !weight.requires_grad();
+  return ChunkedCrossEntropy::apply(hidden, weight, targets, chunk_tokens, eager_grad);
 }
 
 at::Tensor ChunkedTargetLogProbs(const at::Tensor& hidden, const at::Tensor& weight,

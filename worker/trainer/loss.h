@@ -4,9 +4,13 @@
 // Llama 3's 128256-entry vocabulary are gigabytes (8192 tokens: 4.2 GB), more
 // than the rest of a QLoRA step. ChunkedCrossEntropySum therefore computes
 // lm_head + log-softmax + NLL for `chunk_tokens` rows at a time and keeps
-// none of the logits: it is a custom autograd function whose backward
-// recomputes each chunk's logits and turns them into the chunk's gradient
-// (softmax - onehot) at once. Peak extra memory is chunk_tokens x vocab fp32.
+// none of the logits: it is a custom autograd function. When only the
+// hidden states need a gradient (lm_head frozen, as in LoRA training), the
+// forward turns each chunk's logits into the chunk's gradient (softmax -
+// onehot) times lm_head right away and keeps that (tokens x hidden) result
+// for backward, which only scales it: two lm_head GEMMs per chunk. When
+// lm_head needs a gradient too, backward recomputes each chunk's logits.
+// Peak extra memory is chunk_tokens x vocab fp32.
 //
 // Numerics follow transformers' loss: logits in the compute dtype (h W^T),
 // upcast to fp32, log-softmax and NLL in fp32; the gradient w.r.t. the logits

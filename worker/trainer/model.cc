@@ -120,6 +120,9 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     at::Tensor out;
     {
       at::AutoGradMode enable(true);
+      // The backward below follows at once: keep each dequantized weight
+      // for it rather than dequantizing a third time.
+      KeepDequantizedWeights keep;
       out = model->LayerForward(layer, x, actx, training);
     }
     {

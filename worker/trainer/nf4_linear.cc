@@ -58,11 +58,19 @@ at::Tensor BlockAbsmax(const Nf4Weight& w) {
 #endif
 }
 
+thread_local bool keep_dequantized = false;
+
 // Backs Nf4Linear::Forward. Saves the quantized tensors only (refcounted, so
-// the graph never points into a layer that might be gone), never the dense
-// weight: backward dequantizes again, as bitsandbytes' MatMul4Bit does.
+// the graph never points into a layer that might be gone), not the dense
+// weight: backward dequantizes again, as bitsandbytes' MatMul4Bit does;
+// except in a KeepDequantizedWeights scope, where it saves the dense weight.
 struct Nf4MatMul : public torch::autograd::Function<Nf4MatMul> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const Nf4Weight& w) {
+    at::Tensor dense = DequantizeNf4Weight(w, x.scalar_type());  // (out, in)
+    if (keep_dequantized) {
+      ctx->saved_data["dense"] = dense;
+      return at::linear(x, dense);  // (..., out)
+    }
     ctx->saved_data["packed"] = w.packed;
     ctx->saved_data["absmax"] = w.absmax;
     ctx->saved_data["nested"] = w.nested();
@@ -73,11 +81,16 @@ struct Nf4MatMul : public torch::autograd::Function<Nf4MatMul> {
     ctx->saved_data["out"] = w.out_features;
     ctx->saved_data["in"] = w.in_features;
     ctx->saved_data["blocksize"] = w.blocksize;
-    at::Tensor dense = DequantizeNf4Weight(w, x.scalar_type());  // (out, in), this call only
-    return at::linear(x, dense);                                  // (..., out)
+    return at::linear(x, dense);  // (..., out); `dense` is freed on return
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& gy = grads[0];  // (..., out)
+    if (ctx->saved_data.count("dense") > 0) {
+      at::Tensor dense = ctx->saved_data["dense"].toTensor();
+      ctx->saved_data.erase("dense");
+      return {gy.matmul(dense.to(gy.scalar_type())), at::Tensor()};
+    }
     Nf4Weight w;
     w.packed = ctx->saved_data["packed"].toTensor();
     w.absmax = ctx->saved_data["absmax"].toTensor();
@@ -88,8 +101,7 @@ struct Nf4MatMul : public torch::autograd::Function<Nf4MatMul> {
     w.out_features = ctx->saved_data["out"].toInt();
     w.in_features = ctx->saved_data["in"].toInt();
     w.blocksize = ctx->saved_data["blocksize"].toInt();
-    const at::Tensor& gy = grads[0];                               // (..., out)
-    at::Tensor dense = DequantizeNf4Weight(w, gy.scalar_type());   // (out, in)
+    at::Tensor dense = DequantizeNf4Weight(w, gy.scalar_type());  // (out, in)
     // The frozen weight gets no gradient; x's is grad_y W, the same mm that
     // at::linear's backward runs for a dense weight.
     return {gy.matmul(dense), at::Tensor()};
@@ -97,6 +109,12 @@ struct Nf4MatMul : public torch::autograd::Function<Nf4MatMul> {
 };
 
 }  // namespace
+
+KeepDequantizedWeights::KeepDequantizedWeights() : previous_(keep_dequantized) {
+  keep_dequantized = true;
+}
+KeepDequantizedWeights::~KeepDequantizedWeights() { keep_dequantized = previous_; }
+bool KeepDequantizedWeights::active() { return keep_dequantized; }
 
 int64_t Nf4Weight::StorageBytes() const {
   int64_t bytes = 0;

@@ -17,6 +17,12 @@
 // is frozen); so across a whole forward only the 4-bit bytes stay resident,
 // which is what makes QLoRA fit.
 //
+// Exception: inside a KeepDequantizedWeights scope (a checkpointed layer's
+// recompute, whose backward follows at once) the forward keeps its dense
+// weight for its backward, so a recomputed weight is dequantized twice per
+// step instead of three times, at the cost of one layer's dense weights
+// while that layer's backward runs.
+//
 // Numerics: the dequantized weight is exactly what
 // bitsandbytes.functional.dequantize_4bit gives (fp32: code * absmax, one
 // rounding; bf16: that rounded once more), so the layer equals a dense layer
@@ -95,6 +101,20 @@ struct Nf4NestedStats {
   at::Tensor offset;
 };
 Nf4NestedStats DoubleQuantizeNf4Absmax(const at::Tensor& absmax);
+
+// While alive, NF4 forwards on this thread save their dequantized weight
+// for their backward (see the file comment). Scopes nest.
+class KeepDequantizedWeights {
+ public:
+  KeepDequantizedWeights();
+  ~KeepDequantizedWeights();
+  KeepDequantizedWeights(const KeepDequantizedWeights&) = delete;
+  KeepDequantizedWeights& operator=(const KeepDequantizedWeights&) = delete;
+  static bool active();
+
+ private:
+  bool previous_;
+};
 
 class Nf4Linear final : public BaseLinear {
  public:

@@ -2,8 +2,12 @@
 
 #include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/version.h>
+#if defined(FTUNE_TRAIN_CUDA)
+#include <ATen/cuda/CUDAEvent.h>
+#endif
 
 #include <algorithm>
+#include <chrono>
 #include <set>
 #include <sstream>
 #include <utility>
@@ -122,6 +126,67 @@ Status StepProfiler::StopAndWrite(int64_t last_step) {
     events_->Info("profile of rank " + std::to_string(rank_) + " written to " + path);
   }
   return OkStatus();
+}
+
+struct PhaseTimer::Impl {
+  bool cuda = false;
+  std::vector<StepPhase> phases;  // of each mark after the start
+  std::vector<std::chrono::steady_clock::time_point> times;  // CPU: start + marks
+#if defined(FTUNE_TRAIN_CUDA)
+  std::vector<std::unique_ptr<at::cuda::CUDAEvent>> events;  // CUDA: start + marks
+#endif
+  void Record() {
+#if defined(FTUNE_TRAIN_CUDA)
+    if (cuda) {
+      events.push_back(std::make_unique<at::cuda::CUDAEvent>(cudaEventDefault));
+      events.back()->record();
+      return;
+    }
+#endif
+    times.push_back(std::chrono::steady_clock::now());
+  }
+};
+
+PhaseTimer::PhaseTimer(bool cuda) : impl_(std::make_unique<Impl>()) {
+#if defined(FTUNE_TRAIN_CUDA)
+  impl_->cuda = cuda;
+#else
+  (void)cuda;  // a CPU-only LibTorch: every rank is timed by the host clock
+#endif
+}
+
+PhaseTimer::~PhaseTimer() = default;
+
+void PhaseTimer::Start() {
+  impl_->phases.clear();
+  impl_->times.clear();
+#if defined(FTUNE_TRAIN_CUDA)
+  impl_->events.clear();
+#endif
+  impl_->Record();
+}
+
+void PhaseTimer::Mark(StepPhase phase) {
+  impl_->phases.push_back(phase);
+  impl_->Record();
+}
+
+std::array<double, kNumStepPhases> PhaseTimer::Seconds() {
+  std::array<double, kNumStepPhases> out{};
+  for (size_t i = 0; i < impl_->phases.size(); ++i) {
+    double seconds = 0;
+#if defined(FTUNE_TRAIN_CUDA)
+    if (impl_->cuda) {
+      if (i == 0) impl_->events.back()->synchronize();  // the step's end
+      seconds = impl_->events[i]->elapsed_time(*impl_->events[i + 1]) / 1000.0;
+    }
+#endif
+    if (!impl_->cuda) {
+      seconds = std::chrono::duration<double>(impl_->times[i + 1] - impl_->times[i]).count();
+    }
+    out[static_cast<int>(impl_->phases[i])] += seconds;
+  }
+  return out;
 }
 
 }  // namespace ftune::trainer

@@ -24,7 +24,9 @@
 
 #include <ATen/record_function.h>
 
+#include <array>
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "ftune/status.h"
@@ -41,6 +43,33 @@
 namespace ftune::trainer {
 
 class EventSink;
+
+// The step's phases as StepMetrics reports them.
+enum class StepPhase { kForward = 0, kBackward = 1, kOptimizer = 2 };
+inline constexpr int kNumStepPhases = 3;
+
+// Time of a step's phases without a host sync inside the step: on CUDA each
+// Mark records an event on the current stream and Seconds() reads the
+// intervals once the last one has completed (the step's end, which the
+// loss already waits for); on the CPU, host clock readings. Each Mark
+// charges the time since the previous mark (or Start) to its phase, so a
+// phase may be marked several times per step (micro-batches).
+class PhaseTimer {
+ public:
+  explicit PhaseTimer(bool cuda);
+  ~PhaseTimer();
+  PhaseTimer(const PhaseTimer&) = delete;
+  PhaseTimer& operator=(const PhaseTimer&) = delete;
+
+  void Start();
+  void Mark(StepPhase phase);
+  // Seconds per phase since Start, indexed by StepPhase.
+  std::array<double, kNumStepPhases> Seconds();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 class StepProfiler {
  public:

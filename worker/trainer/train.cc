@@ -74,6 +74,8 @@ struct StepOutcome {
   double lr = 0;
   int64_t loss_tokens = 0;   // every rank's
   int64_t input_tokens = 0;  // this rank's
+  std::array<double, kNumStepPhases> phase_seconds{};  // by StepPhase
+  double exposed_comm_seconds = 0;
 };
 
 // One optimizer step: the step's loss tokens are counted over every
@@ -84,10 +86,11 @@ struct StepOutcome {
 // shard, all-gather of the updated shard.
 Result<StepOutcome> TrainStep(const RunConfig& config, const RankEnv& env, TrainingState& state,
                               Schedule& schedule, const data::TokenFile& train,
-                              const TrainProgress& progress) {
+                              const TrainProgress& progress, PhaseTimer& phases) {
   FTUNE_RANGE("ftune::step");
   const int64_t accumulation = config.training.gradient_accumulation_steps;
   StepOutcome out;
+  const CollectiveTotals comm_before = CollectivesNow(state, 0);
   std::vector<Batch> micro_batches;
   int64_t local_loss_tokens = 0;
   for (int64_t a = 0; a < accumulation; ++a) {
@@ -101,9 +104,12 @@ Result<StepOutcome> TrainStep(const RunConfig& config, const RankEnv& env, Train
   const double scale = 1.0 / static_cast<double>(std::max<int64_t>(out.loss_tokens, 1));
 
   double local_loss_sum = 0;
+  phases.Start();
   for (const Batch& b : micro_batches) {
     LossOutput loss = state.model->Loss(b.input_ids, b.position_ids, b.labels, /*training=*/true);
+    phases.Mark(StepPhase::kForward);
     loss.loss_sum.mul(scale).backward();
+    phases.Mark(StepPhase::kBackward);
     local_loss_sum += loss.loss_sum.item<double>();
   }
   {
@@ -126,8 +132,13 @@ Result<StepOutcome> TrainStep(const RunConfig& config, const RankEnv& env, Train
     FTUNE_RANGE("ftune::gather_lora");
     FTUNE_RETURN_IF_ERROR(state.lora->GatherParams());
   }
+  phases.Mark(StepPhase::kOptimizer);
   FTUNE_ASSIGN_OR_RETURN(double loss_sum, env.reduce->SumDouble(local_loss_sum));
   out.loss = loss_sum * scale;
+  out.phase_seconds = phases.Seconds();
+  const CollectiveTotals comm_after = CollectivesNow(state, 0);
+  out.exposed_comm_seconds = (comm_after.gather_exposed - comm_before.gather_exposed) +
+                             (comm_after.reduce_exposed - comm_before.reduce_exposed);
   return out;
 }
 
@@ -143,6 +154,10 @@ void EmitStep(const RankEnv& env, const TrainProgress& progress, const StepOutco
   e->set_tokens_total(my_input_tokens);
   e->set_tokens_per_second(step_seconds > 0 ? s.input_tokens / step_seconds : 0);
   e->set_epoch(epoch);
+  e->set_forward_seconds(s.phase_seconds[static_cast<int>(StepPhase::kForward)]);
+  e->set_backward_seconds(s.phase_seconds[static_cast<int>(StepPhase::kBackward)]);
+  e->set_optimizer_seconds(s.phase_seconds[static_cast<int>(StepPhase::kOptimizer)]);
+  e->set_exposed_comm_seconds(s.exposed_comm_seconds);
   env.events->Emit(m);
 }
 
@@ -316,6 +331,7 @@ Result<TrainResult> TrainOrThrow(const v1::JobSpec& spec, TrainContext ctx) {
 
   // 5. The loop: agree on stopping, step, report, eval, checkpoint.
   RunTotals run;
+  PhaseTimer phases(device.is_cuda());
   while (progress.step < schedule.total_steps) {
     FTUNE_ASSIGN_OR_RETURN(int64_t stop, AgreeOnStop(env, ctx.stop));
     if (stop > 0) {
@@ -329,7 +345,8 @@ Result<TrainResult> TrainOrThrow(const v1::JobSpec& spec, TrainContext ctx) {
     const Clock::time_point step_start = Clock::now();
     FTUNE_RETURN_IF_ERROR(profiler.BeginStep(progress.step + 1));
     FTUNE_ASSIGN_OR_RETURN(StepOutcome s,
-                           TrainStep(config, env, state, schedule, *data.train, progress));
+                           TrainStep(config, env, state, schedule, *data.train, progress,
+                                     phases));
     run.loss = s.loss;
     progress.micro += t.gradient_accumulation_steps;
     progress.tokens_total += s.loss_tokens;
