@@ -69,7 +69,7 @@ struct Env {
     (void)coordinator->agents().RegisterAgent(reg, std::make_shared<NullLink>());
     v1::JobSpec spec;
     spec.mutable_model()->set_model_name_or_path("/m");
-    spec.mutable_dataset()->add_data_files("d.jsonl");
+    spec.mutable_dataset()->add_data_files("/d.jsonl");
     spec.mutable_resources()->set_num_ranks(8);
     job_id = coordinator->jobs().CreateJob(spec, "")->id();
   }

@@ -7,10 +7,17 @@
 #include <sstream>
 
 #include "ftune/file_util.h"
+#include "ftune/path_policy.h"
 #include "jobspec.h"
 
 namespace ftune {
 namespace {
+
+// Counts a spec may carry (docs/security.md, "Limits"). A spec is stored in
+// every job row and sent with every assignment: it stays small.
+constexpr int kMaxDataFiles = 1024;  // each of data_files, eval_data_files
+constexpr int kMaxLabels = 64;
+constexpr size_t kMaxLabelValueBytes = 256;
 
 std::string Num(double v) {
   std::ostringstream s;
@@ -126,6 +133,15 @@ std::vector<std::string> ValidateJobSpec(const v1::JobSpec& spec) {
 
   c.Require(!spec.model().model_name_or_path().empty(), "model.model_name_or_path", "empty",
             "must name a Hugging Face model directory");
+  // Where the paths may lead is the coordinator's and the agent's to check
+  // (ftune/path_policy.h); their length is the spec's.
+  const auto path_length = [&c](const std::string& key, const std::string& path) {
+    c.Require(path.size() <= kMaxSpecPathBytes, key,
+              "'" + path.substr(0, 64) + "...', " + std::to_string(path.size()) + " bytes",
+              "must be at most " + std::to_string(kMaxSpecPathBytes) + " bytes long");
+  };
+  path_length("model.model_name_or_path", spec.model().model_name_or_path());
+  path_length("output_dir", spec.output_dir());
 
   const auto& d = spec.dataset();
   c.Require(d.data_files_size() > 0, "dataset.data_files", "empty",
@@ -133,6 +149,16 @@ std::vector<std::string> ValidateJobSpec(const v1::JobSpec& spec) {
   for (int i = 0; i < d.data_files_size(); ++i)
     c.Require(!d.data_files(i).empty(), "dataset.data_files[" + std::to_string(i) + "]", "''",
               "must be a file path");
+  c.Require(d.data_files_size() <= kMaxDataFiles, "dataset.data_files",
+            std::to_string(d.data_files_size()) + " files",
+            "must list at most " + std::to_string(kMaxDataFiles) + " files");
+  c.Require(d.eval_data_files_size() <= kMaxDataFiles, "dataset.eval_data_files",
+            std::to_string(d.eval_data_files_size()) + " files",
+            "must list at most " + std::to_string(kMaxDataFiles) + " files");
+  for (int i = 0; i < d.data_files_size() && i < kMaxDataFiles; ++i)
+    path_length("dataset.data_files[" + std::to_string(i) + "]", d.data_files(i));
+  for (int i = 0; i < d.eval_data_files_size() && i < kMaxDataFiles; ++i)
+    path_length("dataset.eval_data_files[" + std::to_string(i) + "]", d.eval_data_files(i));
   c.Choice("dataset.format", d.format(), {"auto", "messages", "text", "prompt_completion"});
   c.Choice("dataset.chat_template", d.chat_template(),
            {"auto", "llama3", "llama3.1", "llama2", "chatml", "mistral"});
@@ -232,11 +258,17 @@ std::vector<std::string> ValidateJobSpec(const v1::JobSpec& spec) {
 
   c.Range("priority", spec.priority(), -1000, 1000, false);
   c.Range("max_restarts", spec.max_restarts(), 0, 100, false);
+  c.Require(spec.labels_size() <= kMaxLabels, "labels",
+            std::to_string(spec.labels_size()) + " labels",
+            "must be at most " + std::to_string(kMaxLabels));
+  int checked = 0;
   for (const auto& kv : spec.labels()) {
-    c.Require(ValidLabelKey(kv.first), "labels", "'" + kv.first + "'",
+    if (++checked > kMaxLabels) break;  // one message for too many, not one per label
+    c.Require(ValidLabelKey(kv.first), "labels", "'" + kv.first.substr(0, 64) + "'",
               "keys must be 1-63 characters of a-z, 0-9, '_', '-', '.', '/'");
-    c.Require(kv.second.size() <= 256, "labels." + kv.first, "'" + kv.second.substr(0, 32) + "...'",
-              "must be at most 256 characters");
+    c.Require(kv.second.size() <= kMaxLabelValueBytes, "labels." + kv.first.substr(0, 64),
+              "'" + kv.second.substr(0, 32) + "...'",
+              "must be at most " + std::to_string(kMaxLabelValueBytes) + " characters");
   }
   return c.Take();
 }

@@ -36,6 +36,11 @@ struct ManagerOptions {
   int32_t grace_seconds = 30;
   // See JobManager::Options::plan_device_bytes.
   std::function<absl::StatusOr<int64_t>(const v1::JobSpec&)> plan_device_bytes;
+  // See JobManager::Options.
+  int64_t plan_timeout_ms = 5000;
+  PathPolicy paths;
+  int64_t max_queued_jobs = 0;
+  int64_t event_retention_ms = 0;
 };
 
 class Coordinator {
@@ -49,7 +54,8 @@ class Coordinator {
   // Loads agents from the store and refreshes gauges. Call once before serving.
   absl::Status Recover();
   // Liveness first (so nothing is placed on a dead agent), then cancel
-  // deadlines and scheduling. Called periodically.
+  // deadlines and scheduling, then expiring old events. Called
+  // periodically.
   void Tick();
 
   AgentManager& agents() { return agents_; }

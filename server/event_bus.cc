@@ -2,9 +2,11 @@
 
 namespace ftune::server {
 
-void EventBus::Subscribe(const std::string& job_id, Listener* listener) {
+bool EventBus::Subscribe(const std::string& job_id, Listener* listener) {
   std::lock_guard<std::mutex> lock(mu_);
+  if (max_per_job_ > 0 && subs_.count(job_id) >= max_per_job_) return false;
   subs_.emplace(job_id, listener);
+  return true;
 }
 
 void EventBus::Unsubscribe(const std::string& job_id, Listener* listener) {

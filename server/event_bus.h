@@ -36,12 +36,20 @@ class EventBus {
     virtual void OnEvents(const std::vector<SharedEvent>& events) = 0;
   };
 
-  void Subscribe(const std::string& job_id, Listener* listener);
+  // 0: no cap on listeners per job.
+  explicit EventBus(size_t max_listeners_per_job = 0)
+      : max_per_job_(max_listeners_per_job) {}
+
+  // False (and not subscribed) when the job already has
+  // max_listeners_per_job listeners.
+  bool Subscribe(const std::string& job_id, Listener* listener);
   void Unsubscribe(const std::string& job_id, Listener* listener);
   void Publish(const std::vector<v1::JobEvent>& events);
   size_t num_subscribers() const;
+  size_t max_listeners_per_job() const { return max_per_job_; }
 
  private:
+  const size_t max_per_job_;
   mutable std::mutex mu_;
   std::multimap<std::string, Listener*> subs_;
 };

@@ -1,9 +1,12 @@
 #include "job_manager.h"
 
 #include <algorithm>
+#include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
+#include <thread>
 
 #include "job_state.h"
 #include "jobspec.h"
@@ -56,6 +59,90 @@ absl::Status JobManager::ValidateAndResolveSpec(v1::JobSpec* spec) {
   std::string msg = "invalid job spec: ";
   for (char c : resolved.message()) msg += c == '\n' ? std::string("; ") : std::string(1, c);
   return absl::InvalidArgumentError(msg);
+}
+
+absl::Status JobManager::CheckPaths(const v1::JobSpec& spec) const {
+  SpecPaths paths;
+  paths.model = {"model.model_name_or_path", spec.model().model_name_or_path()};
+  for (int i = 0; i < spec.dataset().data_files_size(); ++i)
+    paths.inputs.push_back(
+        {"dataset.data_files[" + std::to_string(i) + "]", spec.dataset().data_files(i)});
+  for (int i = 0; i < spec.dataset().eval_data_files_size(); ++i)
+    paths.inputs.push_back(
+        {"dataset.eval_data_files[" + std::to_string(i) + "]", spec.dataset().eval_data_files(i)});
+  paths.output_dir = {"output_dir", spec.output_dir()};
+  // The files live on the GPU hosts: what this host does not have passes on
+  // its text, and the agent checks it again where it is.
+  const ftune::Status st = options_.paths.CheckSpec(paths, /*must_exist=*/false);
+  if (st.ok()) return absl::OkStatus();
+  return absl::InvalidArgumentError("invalid job spec: " + st.message());
+}
+
+int64_t JobManager::PlanOutsideLock(const v1::JobSpec& spec) {
+  if (!options_.plan_device_bytes) return 0;
+  // Threads stuck on a hung filesystem are not waited for; past this many,
+  // jobs go unplanned rather than pile up more.
+  constexpr int kMaxPlansInFlight = 8;
+  if (plans_in_flight_->fetch_add(1) >= kMaxPlansInFlight) {
+    plans_in_flight_->fetch_sub(1);
+    return 0;
+  }
+  struct Call {
+    std::mutex mu;
+    std::condition_variable done_cv;
+    bool done = false;
+    int64_t bytes = 0;
+  };
+  auto call = std::make_shared<Call>();
+  std::thread([call, plan = options_.plan_device_bytes, spec, in_flight = plans_in_flight_] {
+    absl::StatusOr<int64_t> bytes = plan(spec);
+    std::lock_guard<std::mutex> lock(call->mu);
+    call->bytes = bytes.ok() ? *bytes : 0;
+    call->done = true;
+    call->done_cv.notify_all();
+    in_flight->fetch_sub(1);
+  }).detach();
+  std::unique_lock<std::mutex> lock(call->mu);
+  if (!call->done_cv.wait_for(lock, std::chrono::milliseconds(options_.plan_timeout_ms),
+                              [&] { return call->done; })) {
+    std::fprintf(stderr,
+                 "ftune-coordinator: the memory plan of a new job did not finish in %lld ms "
+                 "(reading %s/config.json); scheduling it on resources.min_gpu_memory\n",
+                 static_cast<long long>(options_.plan_timeout_ms),
+                 spec.model().model_name_or_path().c_str());
+    return 0;
+  }
+  return call->bytes;
+}
+
+void JobManager::ExpireEvents() {
+  if (options_.event_retention_ms <= 0) return;
+  std::lock_guard<std::mutex> lock(expiry_mu_);
+  const int64_t now = NowMs();
+  if (now < next_expiry_ms_) return;
+  next_expiry_ms_ =
+      now + std::clamp<int64_t>(options_.event_retention_ms / 10, 1000, 3600 * 1000);
+  JobFilter f;
+  f.states = {v1::SUCCEEDED, v1::FAILED, v1::CANCELLED};
+  f.limit = 1 << 30;
+  auto rows = store_->ListJobs(f);
+  if (!rows.ok()) return;  // logged and counted by the store; next round
+  int64_t jobs = 0, deleted = 0;
+  for (const auto& [ord, job] : *rows) {
+    if (now - job.update_time_unix_ms() <= options_.event_retention_ms) continue;
+    if (events_expired_.count(job.id())) continue;
+    auto n = store_->DeleteEventsBefore(job.id(), job.last_event_seq());
+    if (!n.ok()) return;
+    events_expired_.insert(job.id());
+    deleted += *n;
+    jobs += *n > 0;
+  }
+  if (deleted > 0)
+    std::fprintf(stderr,
+                 "ftune-coordinator: expired %lld events of %lld jobs that ended more than "
+                 "%lld s ago (--event-retention)\n",
+                 static_cast<long long>(deleted), static_cast<long long>(jobs),
+                 static_cast<long long>(options_.event_retention_ms / 1000));
 }
 
 absl::StatusOr<std::vector<std::pair<int64_t, v1::Job>>> JobManager::ListSlotHolders() {
@@ -287,6 +374,9 @@ absl::StatusOr<v1::Job> JobManager::CreateJob(v1::JobSpec spec, const std::strin
   FTUNE_RETURN_IF_ERROR(ValidateAndResolveSpec(&spec));
   if (request_id.size() > 128)
     return absl::InvalidArgumentError("request_id is longer than 128 characters");
+  FTUNE_RETURN_IF_ERROR(CheckPaths(spec));
+  // Before the job lock: it reads the model's config.json.
+  const int64_t planned = PlanOutsideLock(spec);
   std::lock_guard<std::mutex> lock(mu_);
   if (!request_id.empty()) {
     auto found = store_->FindJobByRequestId(request_id);
@@ -306,10 +396,16 @@ absl::StatusOr<v1::Job> JobManager::CreateJob(v1::JobSpec spec, const std::strin
       return **found;
     }
   }
-  int64_t planned = 0;
-  if (options_.plan_device_bytes) {
-    absl::StatusOr<int64_t> plan = options_.plan_device_bytes(spec);
-    if (plan.ok()) planned = *plan;
+  if (options_.max_queued_jobs > 0) {
+    auto counts = store_->CountJobsByState();
+    if (!counts.ok()) return counts.status();
+    const auto it = counts->find(v1::QUEUED);
+    const int64_t queued = it == counts->end() ? 0 : it->second;
+    if (queued >= options_.max_queued_jobs)
+      return absl::ResourceExhaustedError(
+          std::to_string(queued) + " jobs are queued, the most this coordinator takes "
+          "(--max-queued-jobs " + std::to_string(options_.max_queued_jobs) +
+          "); submit again once some have started, or cancel some");
   }
   auto fleet = FleetLocked(/*include_used=*/false);
   if (auto st = CheckFits(PlannedResources(spec.resources(), planned), fleet); !st.ok()) {

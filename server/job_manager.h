@@ -43,14 +43,17 @@
 // EventManager's ingest lock -> mu_ -> AgentManager's registry lock -> Store
 // and EventBus. Messages and publishing happen after commit, never inside a
 // store transaction. UnwantedRanks and SlotHolderPlacements read committed
-// rows without mu_ (the registry calls them under its own lock).
+// rows without mu_ (the registry calls them under its own lock). CreateJob
+// checks paths and runs the memory plan (file reads) before taking mu_.
 //
 // Thread-safe: every public method may be called from any thread.
 #ifndef FTUNE_SERVER_JOB_MANAGER_H_
 #define FTUNE_SERVER_JOB_MANAGER_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <string>
@@ -62,6 +65,7 @@
 #include "agent_manager.h"
 #include "event_manager.h"
 #include "ftune/clock.h"
+#include "ftune/path_policy.h"
 #include "ftune/v1/agent_service.pb.h"
 #include "ftune/v1/job_service.pb.h"
 #include "metrics_sink.h"
@@ -91,6 +95,18 @@ class JobManager final : public AgentListener, public RankEventHandler {
     // config is not readable here) means "no plan": the job is scheduled on
     // resources.min_gpu_memory alone. Unset: no plans.
     std::function<absl::StatusOr<int64_t>(const v1::JobSpec&)> plan_device_bytes;
+    // How long CreateJob waits for the plan (it reads the model's
+    // config.json, maybe on a network filesystem) before going on without.
+    int64_t plan_timeout_ms = 5000;
+    // Where a spec's paths may lead (ftune/path_policy.h), checked on
+    // CreateJob against what this host sees. No roots: anywhere.
+    PathPolicy paths;
+    // Jobs QUEUED at once; CreateJob beyond it is RESOURCE_EXHAUSTED.
+    // Counted over the coordinator: jobs have no owner yet. 0: no cap.
+    int64_t max_queued_jobs = 0;
+    // Events of a job that ended longer ago than this are deleted, all but
+    // its last (how it ended). 0: kept forever.
+    int64_t event_retention_ms = 0;
   };
 
   // metrics may be null; agents and events must outlive this.
@@ -106,6 +122,11 @@ class JobManager final : public AgentListener, public RankEventHandler {
   absl::StatusOr<ListJobsResult> ListJobs(const v1::ListJobsRequest& request);
   absl::StatusOr<v1::Job> CancelJob(const std::string& job_id);
   absl::StatusOr<std::vector<v1::Checkpoint>> ListCheckpoints(const std::string& job_id);
+
+  // Deletes the events of jobs that ended more than event_retention_ms ago
+  // (not their last). Runs at most every tenth of the retention (1 s to
+  // 1 h); called periodically. Takes no job lock: no job row changes.
+  void ExpireEvents();
 
   // --- AgentService
   // Relays rank 0's rendezvous data to every agent of its job's current
@@ -149,6 +170,12 @@ class JobManager final : public AgentListener, public RankEventHandler {
   // The one check of a submitted spec: defaults applied, then validated
   // (proto/jobspec.h). INVALID_ARGUMENT listing every problem.
   static absl::Status ValidateAndResolveSpec(v1::JobSpec* spec);
+  // The spec's paths against options_.paths; INVALID_ARGUMENT naming the key.
+  absl::Status CheckPaths(const v1::JobSpec& spec) const;
+  // options_.plan_device_bytes on its own thread, waited for at most
+  // plan_timeout_ms; 0 (no plan) on error, timeout, or when too many plans
+  // are still stuck. Called without mu_.
+  int64_t PlanOutsideLock(const v1::JobSpec& spec);
 
   // Jobs whose ranks may hold slots (SCHEDULED, RUNNING, RESTARTING,
   // CANCELLING). A read of committed rows: needs no lock.
@@ -187,6 +214,11 @@ class JobManager final : public AgentListener, public RankEventHandler {
   EventManager* const events_;
   const Options options_;
   std::mutex mu_;
+  // Plans still running (a stuck read keeps its thread): shared with them.
+  std::shared_ptr<std::atomic<int>> plans_in_flight_ = std::make_shared<std::atomic<int>>(0);
+  std::mutex expiry_mu_;
+  int64_t next_expiry_ms_ = 0;                  // guarded by expiry_mu_
+  std::set<std::string> events_expired_;        // guarded by expiry_mu_
 };
 
 }  // namespace ftune::server

@@ -132,7 +132,15 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
       return;
     }
     // Subscribe before the first store read: see event_bus.h.
-    events_->bus()->Subscribe(job_id_, this);
+    if (!events_->bus()->Subscribe(job_id_, this)) {
+      finished_ = true;
+      Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                          "job " + job_id_ + " already has " +
+                              std::to_string(events_->bus()->max_listeners_per_job()) +
+                              " watchers, the most the coordinator allows "
+                              "(--max-watchers-per-job); try again later"));
+      return;
+    }
     subscribed_ = true;
     auto job = jobs_->GetJob(job_id_);
     std::lock_guard<std::mutex> lock(mu_);

@@ -400,6 +400,15 @@ absl::StatusOr<std::vector<v1::JobEvent>> Store::ReadEvents(const std::string& j
   return out;
 }
 
+absl::StatusOr<int64_t> Store::DeleteEventsBefore(const std::string& job_id,
+                                                  int64_t before_seq) {
+  FTUNE_PREPARE(st, "DELETE FROM events WHERE job_id=? AND seq<?");
+  sqlite3_bind_text(st, 1, job_id.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_int64(st, 2, before_seq);
+  if (sqlite3_step(st) != SQLITE_DONE) return Error("expire events of " + job_id);
+  return static_cast<int64_t>(sqlite3_changes(db_));
+}
+
 absl::Status Store::InsertCheckpoint(const v1::Checkpoint& c) {
   FTUNE_PREPARE(st, "INSERT OR REPLACE INTO checkpoints(job_id, step, checkpoint) VALUES(?,?,?)");
   const std::string blob = c.SerializeAsString();

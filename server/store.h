@@ -90,6 +90,8 @@ class Store {
   absl::StatusOr<std::vector<v1::JobEvent>> ReadEvents(const std::string& job_id,
                                                        int64_t after_seq, int64_t up_to_seq,
                                                        int limit);
+  // Deletes the events of a job with seq < before_seq; returns how many.
+  absl::StatusOr<int64_t> DeleteEventsBefore(const std::string& job_id, int64_t before_seq);
 
   // --- checkpoints
   absl::Status InsertCheckpoint(const v1::Checkpoint& ckpt);

@@ -23,7 +23,9 @@ std::string ErrnoMessage(int err) {
 }
 
 Result<OpenedFile> OpenRegularFile(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a
+  // writer, forever. It is cleared again once fstat says the file is regular.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
   if (fd < 0) {
     const int err = errno;
     if (err == ENOENT) return NotFoundError(path + ": no such file");
@@ -37,7 +39,14 @@ Result<OpenedFile> OpenRegularFile(const std::string& path) {
   }
   if (!S_ISREG(st.st_mode)) {
     ::close(fd);
-    return InvalidArgumentError(path + ": not a regular file");
+    return InvalidArgumentError(path + ": not a regular file (a device, FIFO, socket or "
+                                "directory cannot be read as one)");
+  }
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0 || ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0) {
+    const int err = errno;
+    ::close(fd);
+    return InternalError(path + ": fcntl failed: " + ErrnoMessage(err));
   }
   return OpenedFile{fd, static_cast<uint64_t>(st.st_size)};
 }

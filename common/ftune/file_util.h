@@ -38,6 +38,8 @@ Result<std::string> ReadFileToString(const std::string& path, uint64_t max_bytes
 
 // An open read-only descriptor of a regular file and its size. Errors name
 // the path: NOT_FOUND when missing, INVALID_ARGUMENT when not a regular file.
+// Never blocks on a FIFO or a device: the file is opened non-blocking and
+// checked with fstat before anything is read.
 struct OpenedFile {
   int fd = -1;  // owned by the caller
   uint64_t size = 0;

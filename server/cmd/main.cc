@@ -3,7 +3,9 @@
 #include <cstdio>
 #include <fstream>
 #include <sstream>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 #include <grpcpp/grpcpp.h>
@@ -19,6 +21,7 @@
 #include "store.h"
 #include "ftune/address.h"
 #include "ftune/file_util.h"
+#include "ftune/path_policy.h"
 #include "worker/config/plan_spec.h"
 
 namespace {
@@ -27,6 +30,27 @@ constexpr int kMaxReceiveBytes = 8 << 20;
 
 std::atomic<bool> g_stop{false};
 void OnSignal(int) { g_stop = true; }
+
+// "90", "90s", "15m", "12h", "30d" -> milliseconds; false if not one.
+bool ParseDurationMs(const std::string& text, int64_t* ms) {
+  if (text.empty()) return false;
+  size_t used = 0;
+  double v = 0;
+  try {
+    v = std::stod(text, &used);
+  } catch (const std::exception&) {
+    return false;
+  }
+  const std::string unit = text.substr(used);
+  const double scale = unit.empty() || unit == "s" ? 1e3
+                       : unit == "m"               ? 60e3
+                       : unit == "h"               ? 3600e3
+                       : unit == "d"               ? 86400e3
+                                                   : -1;
+  if (scale < 0 || !(v >= 0) || v * scale > 1e15) return false;
+  *ms = static_cast<int64_t>(v * scale);
+  return true;
+}
 
 bool ReadFile(const std::string& path, std::string* out) {
   ftune::Result<std::string> contents = ftune::ReadFileToString(path, ftune::kMaxSmallFileBytes);
@@ -107,6 +131,11 @@ int main(int argc, char** argv) {
   int grace_seconds = 30;
   int heartbeat_ms = 2000;
   int tick_ms = 200;
+  std::vector<std::string> allowed_roots;
+  int64_t max_queued_jobs = 10000;
+  size_t max_watchers_per_job = 1000;
+  std::string event_retention = "0";
+  double plan_timeout_s = 5;
   app.add_option("--state-dir", state_dir, "directory of the SQLite state (ftune.db)");
   app.add_option("--listen", listen, "gRPC address (JobService, AgentService, health, reflection)");
   app.add_option("--metrics-listen", metrics_listen, "Prometheus /metrics address; empty: off");
@@ -132,8 +161,39 @@ int main(int argc, char** argv) {
                  "seconds a stopping rank gets before SIGTERM, and again before SIGKILL");
   app.add_option("--heartbeat-ms", heartbeat_ms, "heartbeat interval asked of agents");
   app.add_option("--tick-ms", tick_ms, "how often liveness and the scheduler run");
+  app.add_option("--allowed-root", allowed_roots,
+                 "directory a job's model, data and output_dir paths must lie under "
+                 "(repeatable; symlinks resolved). None: any absolute path (agents check "
+                 "their own --allowed-root again)");
+  app.add_option("--max-queued-jobs", max_queued_jobs,
+                 "jobs QUEUED at once; more are refused (0: no cap)")
+      ->capture_default_str();
+  app.add_option("--max-watchers-per-job", max_watchers_per_job,
+                 "WatchJob streams open on one job at once (0: no cap)")
+      ->capture_default_str();
+  app.add_option("--event-retention", event_retention,
+                 "delete the events (all but the last) of jobs ended longer ago than this, "
+                 "e.g. 30d, 12h (0: keep forever)")
+      ->capture_default_str();
+  app.add_option("--plan-timeout", plan_timeout_s,
+                 "seconds CreateJob waits for a job's memory plan (reading its config.json)")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
+  auto paths = ftune::PathPolicy::Create(allowed_roots);
+  if (!paths.ok()) {
+    std::fprintf(stderr, "ftune-coordinator: --allowed-root: %s\n",
+                 paths.status().message().c_str());
+    return 2;
+  }
+  int64_t event_retention_ms = 0;
+  if (!ParseDurationMs(event_retention, &event_retention_ms)) {
+    std::fprintf(stderr,
+                 "ftune-coordinator: --event-retention '%s' is not a duration (e.g. 30d, 12h, "
+                 "90m, 3600s; 0 keeps events forever)\n",
+                 event_retention.c_str());
+    return 2;
+  }
   auto auth = LoadAuth(auth_flags);
   if (!auth.ok()) {
     std::fprintf(stderr, "ftune-coordinator: %s\n", std::string(auth.status().message()).c_str());
@@ -181,8 +241,12 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
-  EventBus bus;
+  EventBus bus(max_watchers_per_job);
   ManagerOptions opts;
+  opts.paths = *paths;
+  opts.max_queued_jobs = max_queued_jobs;
+  opts.event_retention_ms = event_retention_ms;
+  opts.plan_timeout_ms = static_cast<int64_t>(plan_timeout_s * 1000);
   opts.agent_timeout_ms = static_cast<int64_t>(agent_timeout_s * 1000);
   opts.grace_seconds = grace_seconds;
   opts.heartbeat_interval_ms = heartbeat_ms;

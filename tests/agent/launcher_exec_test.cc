@@ -155,7 +155,8 @@ TEST_F(AgentLauncherExecTest, RankSeesContractArgvEnvironmentAndChannel) {
   options_.rank_binary = Script("show.sh",
                                 "echo \"args: $*\" >&2\n"
                                 "echo \"nvls=$NCCL_NVLS_ENABLE\" >&2\n"
-                                "[ -S /proc/$$/fd/$3 ] && echo \"channel fd $3 is a socket\" >&2\n"
+                                "fd=${2#--channel-fd=}\n"
+                                "[ -S /proc/$$/fd/$fd ] && echo \"fd $fd is a socket\" >&2\n"
                                 "echo \"stdout goes to the log too\"\n"
                                 "echo \"pgid=$(ps -o pgid= $$ | tr -d ' ') pid=$$\" >&2\n"
                                 "exit 7\n");
@@ -166,10 +167,10 @@ TEST_F(AgentLauncherExecTest, RankSeesContractArgvEnvironmentAndChannel) {
   EXPECT_EQ(exit.exit_code(), 7);
   const std::string tail = absl::StrJoin(exit.stderr_tail(), "\n");
   const std::string work = options_.work_dir;
-  EXPECT_NE(tail.find(absl::StrCat("args: run --channel-fd ")), std::string::npos) << tail;
-  EXPECT_NE(tail.find(absl::StrCat(" --spec ", work,
-                                   "/jobs/job-1/attempt-0/spec.yaml --job-id job-1 --attempt 0 "
-                                   "--rank 0 --world-size 1 --device cpu --output-dir ",
+  EXPECT_NE(tail.find(absl::StrCat("args: run --channel-fd=")), std::string::npos) << tail;
+  EXPECT_NE(tail.find(absl::StrCat(" --spec=", work,
+                                   "/jobs/job-1/attempt-0/spec.yaml --job-id=job-1 --attempt=0 "
+                                   "--rank=0 --world-size=1 --device=cpu --output-dir=",
                                    work, "/jobs/job-1/output")),
             std::string::npos)
       << tail;

@@ -12,7 +12,9 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <mutex>
 
 #include "channel.h"
@@ -196,26 +198,19 @@ TEST_F(AgentRankSupervisorTest, LaunchRequestFollowsTheContract) {
   ASSERT_EQ(launcher_.num_launches(), 2u);
   const LaunchRequest& r = launcher_.rank(1)->request;
   const std::string attempt_dir = options_.work_dir + "/jobs/job-1/attempt-0";
-  const std::vector<std::string> expected = {"/opt/ftune/bin/ftune-rank",
-                                             "run",
-                                             "--channel-fd",
-                                             std::to_string(r.inherit_fd),
-                                             "--spec",
-                                             attempt_dir + "/spec.yaml",
-                                             "--job-id",
-                                             "job-1",
-                                             "--attempt",
-                                             "0",
-                                             "--rank",
-                                             "3",
-                                             "--world-size",
-                                             "4",
-                                             "--device",
-                                             "cpu",
-                                             "--output-dir",
-                                             options_.work_dir + "/jobs/job-1/output",
-                                             "--resume-from",
-                                             "/ckpt/checkpoint-50"};
+  // --flag=value throughout: a value is never taken for a flag.
+  const std::vector<std::string> expected = {
+      "/opt/ftune/bin/ftune-rank",
+      "run",
+      "--channel-fd=" + std::to_string(r.inherit_fd),
+      "--spec=" + attempt_dir + "/spec.yaml",
+      "--job-id=job-1",
+      "--attempt=0",
+      "--rank=3",
+      "--world-size=4",
+      "--device=cpu",
+      "--output-dir=" + options_.work_dir + "/jobs/job-1/output",
+      "--resume-from=/ckpt/checkpoint-50"};
   EXPECT_EQ(r.argv, expected);
   EXPECT_EQ(r.binary, "/opt/ftune/bin/ftune-rank");
   EXPECT_GE(r.inherit_fd, 3);
@@ -240,7 +235,14 @@ TEST_F(AgentRankSupervisorTest, LaunchRequestFollowsTheContract) {
   EXPECT_TRUE(supervisor_->WaitIdle(absl::Seconds(10)));
 }
 
-TEST_F(AgentRankSupervisorTest, GpuSlotsGetTheirGpuAndSpecOutputDirIsUsed) {
+// The value of --name=value in argv, or "".
+std::string FlagValue(const std::vector<std::string>& argv, const std::string& name) {
+  for (const std::string& a : argv)
+    if (a.rfind(name + "=", 0) == 0) return a.substr(name.size() + 1);
+  return "";
+}
+
+TEST_F(AgentRankSupervisorTest, GpuSlotsGetTheirGpuAndEachJobItsOwnOutputDir) {
   HostSlot gpu;
   gpu.slot.set_index(0);
   gpu.slot.set_device_uuid("GPU-1234");
@@ -253,14 +255,112 @@ TEST_F(AgentRankSupervisorTest, GpuSlotsGetTheirGpuAndSpecOutputDirIsUsed) {
   const LaunchRequest& r = launcher_.rank(0)->request;
   EXPECT_NE(std::find(r.env.begin(), r.env.end(), "CUDA_VISIBLE_DEVICES=3"), r.env.end());
   EXPECT_NE(std::find(r.env.begin(), r.env.end(), "CUDA_DEVICE_ORDER=PCI_BUS_ID"), r.env.end());
-  auto flag = [&](const std::string& name) {
-    auto it = std::find(r.argv.begin(), r.argv.end(), name);
-    return it == r.argv.end() || it + 1 == r.argv.end() ? std::string() : *(it + 1);
-  };
-  EXPECT_EQ(flag("--device"), "cuda:0");
-  EXPECT_EQ(flag("--output-dir"), dir_.path() + "/custom-out");
-  EXPECT_EQ(std::find(r.argv.begin(), r.argv.end(), "--resume-from"), r.argv.end());
+  EXPECT_EQ(FlagValue(r.argv, "--device"), "cuda:0");
+  // <output_dir>/<job_id>: a second job naming the same output_dir gets its own.
+  EXPECT_EQ(FlagValue(r.argv, "--output-dir"), dir_.path() + "/custom-out/job-1");
+  EXPECT_TRUE(std::filesystem::is_directory(dir_.path() + "/custom-out/job-1"));
+  EXPECT_EQ(FlagValue(r.argv, "--resume-from"), "");
   launcher_.rank(0)->Exit(0);
+  ASSERT_TRUE(supervisor_->WaitIdle(absl::Seconds(10)));
+  v1::Assignment b = MakeAssignment(1, {{0, 0}}, "job-2");
+  b.mutable_spec()->set_output_dir(dir_.path() + "/custom-out");
+  supervisor_->Assign(b);
+  ASSERT_EQ(launcher_.num_launches(), 2u);
+  EXPECT_EQ(FlagValue(launcher_.rank(1)->request.argv, "--output-dir"),
+            dir_.path() + "/custom-out/job-2");
+  launcher_.rank(1)->Exit(0);
+}
+
+TEST_F(AgentRankSupervisorTest, ValuesStartingWithADashStayValues) {
+  Start();
+  v1::Assignment a = MakeAssignment(1, {{0, 0}}, "--help");
+  a.set_resume_checkpoint("/ckpt/-rf");
+  supervisor_->Assign(a);
+  ASSERT_EQ(launcher_.num_launches(), 1u);
+  const std::vector<std::string>& argv = launcher_.rank(0)->request.argv;
+  EXPECT_NE(std::find(argv.begin(), argv.end(), "--job-id=--help"), argv.end());
+  EXPECT_NE(std::find(argv.begin(), argv.end(), "--resume-from=/ckpt/-rf"), argv.end());
+  EXPECT_EQ(std::find(argv.begin(), argv.end(), "--help"), argv.end());
+  launcher_.rank(0)->Exit(0);
+}
+
+TEST_F(AgentRankSupervisorTest, RanksGetAnAllowlistedEnvironment) {
+  ::setenv("FTUNE_TEST_AGENT_SECRET", "hunter2", 1);
+  ::setenv("NCCL_DEBUG", "INFO", 1);
+  ::setenv("FTUNE_DATA_CACHE", "/cache", 1);
+  ::setenv("FTUNE_TEST_EXTRA", "yes", 1);
+  ::setenv("LD_AUDIT", "/tmp/evil.so", 1);
+  options_.extra_env = {"FTUNE_TEST_EXTRA"};
+  Start();
+  supervisor_->Assign(MakeAssignment(1, {{0, 0}}));
+  ASSERT_EQ(launcher_.num_launches(), 1u);
+  const std::vector<std::string>& env = launcher_.rank(0)->request.env;
+  const auto has = [&](const std::string& entry) {
+    return std::find(env.begin(), env.end(), entry) != env.end();
+  };
+  EXPECT_TRUE(has("NCCL_DEBUG=INFO"));
+  EXPECT_TRUE(has("FTUNE_DATA_CACHE=/cache"));
+  EXPECT_TRUE(has("FTUNE_TEST_EXTRA=yes"));  // --rank-env
+  EXPECT_TRUE(has(std::string("PATH=") + std::getenv("PATH")));
+  for (const std::string& e : env) {
+    EXPECT_NE(e.rfind("FTUNE_TEST_AGENT_SECRET=", 0), 0u) << e;
+    EXPECT_NE(e.rfind("LD_AUDIT=", 0), 0u) << e;
+  }
+  ::unsetenv("FTUNE_TEST_AGENT_SECRET");
+  ::unsetenv("LD_AUDIT");
+  launcher_.rank(0)->Exit(0);
+}
+
+TEST_F(AgentRankSupervisorTest, PathsOutsideTheAllowedRootsAreBadInputAndNothingStarts) {
+  const std::string data = dir_.path() + "/data";
+  const std::string outside = dir_.path() + "/outside";
+  std::filesystem::create_directories(data + "/model");
+  std::filesystem::create_directories(outside);
+  std::ofstream(data + "/train.jsonl") << "{}\n";
+  std::ofstream(outside + "/secret.jsonl") << "{}\n";
+  std::filesystem::create_symlink(outside + "/secret.jsonl", data + "/escape.jsonl");
+  std::filesystem::create_symlink(data + "/train.jsonl", data + "/inside.jsonl");
+  options_.allowed_roots = {data};
+  Start();
+
+  const auto spec_of = [&](const std::string& job, const std::string& file,
+                           const std::string& output_dir) {
+    v1::Assignment a = MakeAssignment(2, {{0, 0}, {1, 1}}, job);
+    a.mutable_spec()->mutable_model()->set_model_name_or_path(data + "/model");
+    a.mutable_spec()->mutable_dataset()->add_data_files(file);
+    a.mutable_spec()->set_output_dir(output_dir);
+    return a;
+  };
+  // A symlink out of the root, '..', /dev/zero, an output_dir outside.
+  supervisor_->Assign(spec_of("job-1", data + "/escape.jsonl", data + "/out"));
+  supervisor_->Assign(spec_of("job-2", data + "/../outside/secret.jsonl", data + "/out"));
+  supervisor_->Assign(spec_of("job-3", "/dev/zero", data + "/out"));
+  supervisor_->Assign(spec_of("job-4", data + "/train.jsonl", outside));
+  auto events = WaitEvents(8);
+  ASSERT_EQ(events.size(), 8u);
+  EXPECT_EQ(launcher_.num_launches(), 0u);
+  const std::vector<std::string> why = {"which resolves to " + outside + "/secret.jsonl",
+                                        "must not contain '..'", "(/dev/zero) is outside",
+                                        "output_dir (" + outside + ") is outside"};
+  for (size_t i = 0; i < events.size(); ++i) {
+    ASSERT_TRUE(events[i].has_exit()) << events[i].DebugString();
+    EXPECT_EQ(events[i].exit().exit_code(), 2);  // bad input: no restarts
+    ASSERT_EQ(events[i].exit().stderr_tail_size(), 1);
+    EXPECT_NE(events[i].exit().stderr_tail(0).find(why[i / 2]), std::string::npos)
+        << events[i].exit().stderr_tail(0);
+  }
+
+  // Inside: the rank gets the paths resolved, and its own output directory.
+  supervisor_->Assign(spec_of("job-5", data + "/inside.jsonl", data + "/out"));
+  ASSERT_EQ(launcher_.num_launches(), 2u);
+  v1::JobSpec written;
+  std::vector<std::string> errors;
+  ASSERT_TRUE(LoadJobSpecFile(options_.work_dir + "/jobs/job-5/attempt-0/spec.yaml", &written,
+                              &errors));
+  EXPECT_EQ(written.dataset().data_files(0), data + "/train.jsonl");
+  EXPECT_EQ(FlagValue(launcher_.rank(0)->request.argv, "--output-dir"), data + "/out/job-5");
+  launcher_.rank(0)->Exit(0);
+  launcher_.rank(1)->Exit(0);
 }
 
 TEST_F(AgentRankSupervisorTest, MessagesAreSpooledInOrderAndTheExitComesLast) {

@@ -132,9 +132,16 @@ Args ParseArgs(int argc, char** argv) {
   if (argc < 2 || std::string(argv[1]) != "run") Die(2, kUsage);
   Args a;
   for (int i = 2; i < argc; ++i) {
-    const std::string flag = argv[i];
-    if (i + 1 >= argc) Die(2, "flag " + flag + " needs a value; " + kUsage);
-    const std::string value = argv[++i];
+    // "--flag=value" (what the agent passes) or "--flag value".
+    std::string flag = argv[i];
+    std::string value;
+    if (const size_t eq = flag.find('='); eq != std::string::npos) {
+      value = flag.substr(eq + 1);
+      flag.resize(eq);
+    } else {
+      if (i + 1 >= argc) Die(2, "flag " + flag + " needs a value; " + kUsage);
+      value = argv[++i];
+    }
     int64_t n = 0;
     auto need_int = [&](int* out) {
       if (!ParseInt64(value, &n) || n < 0 || n > 1 << 30)

@@ -97,8 +97,8 @@ pid_t FindRank(const std::string& job_id, int rank) {
     std::string cmd((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
     for (char& ch : cmd) ch = ch == '\0' ? ' ' : ch;
     if (cmd.find(" run ") != std::string::npos &&
-        cmd.find("--job-id " + job_id + " ") != std::string::npos &&
-        cmd.find("--rank " + std::to_string(rank) + " ") != std::string::npos) {
+        cmd.find("--job-id=" + job_id + " ") != std::string::npos &&
+        cmd.find("--rank=" + std::to_string(rank) + " ") != std::string::npos) {
       found = pid;
       break;
     }
@@ -194,6 +194,60 @@ TEST_F(TrainE2e, KilledRankRestartsGangFromCheckpointWithTheSameAdapter) {
   for (size_t i = 0; i < resumed.size(); ++i) {
     EXPECT_EQ(resumed[resumed.size() - 1 - i], clean_losses[clean_losses.size() - 1 - i]);
   }
+}
+
+// A rank killed -9 in the middle of the run (maybe in the middle of a
+// checkpoint write), and the latest complete checkpoint damaged on disk: the
+// restart resumes from the one before it, says so, and the job finishes.
+TEST_F(TrainE2e, ADamagedLatestCheckpointResumesFromThePreviousOne) {
+  Cluster c;
+  ASSERT_TRUE(StartWithRealRanks(c, "host-a"));
+  v1::Job job = c.Submit(Spec(c, 20, 4, "damaged"));
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        const std::string r = c.GetJob(job.id()).resume_checkpoint();
+        return r.size() > 13 && r.compare(r.size() - 13, 13, "/checkpoint-8") == 0;
+      },
+      seconds(180)))
+      << c.GetJob(job.id()).resume_checkpoint();
+  const pid_t rank0 = FindRank(job.id(), 0), rank1 = FindRank(job.id(), 1);
+  ASSERT_GT(rank0, 0);
+  ASSERT_GT(rank1, 0);
+  // Freeze the gang so nothing newer completes, then damage the checkpoint
+  // the coordinator will hand the restart, and kill a rank.
+  ASSERT_EQ(::kill(rank0, SIGSTOP), 0);
+  ASSERT_EQ(::kill(rank1, SIGSTOP), 0);
+  const std::string latest = c.GetJob(job.id()).resume_checkpoint();
+  const std::string root = latest.substr(0, latest.rfind('/'));
+  const int step = std::atoi(latest.substr(latest.rfind('-') + 1).c_str());
+  const std::string previous = root + "/checkpoint-" + std::to_string(step - 4);
+  ASSERT_EQ(::truncate((latest + "/shard-1-of-2.safetensors").c_str(), 64), 0);
+  ASSERT_EQ(::kill(rank1, SIGKILL), 0);
+  ASSERT_EQ(::kill(rank0, SIGCONT), 0);
+
+  ASSERT_TRUE(c.WaitState(job.id(), v1::SUCCEEDED, seconds(240)))
+      << c.GetJob(job.id()).state_reason();
+  const v1::Job done = c.GetJob(job.id());
+  EXPECT_EQ(done.restarts(), 1);
+  bool warned = false;
+  int resumed = 0;
+  for (const auto& e : c.Events(job.id())) {
+    if (e.attempt() != 1 || !e.has_log()) continue;
+    if (e.log().text().find("resuming at step " + std::to_string(step - 4) + ")") !=
+        std::string::npos)
+      ++resumed;  // each rank's hello
+    if (e.log().level() == "WARNING" &&
+        e.log().text().find("cannot be resumed from") != std::string::npos) {
+      warned = true;
+      EXPECT_NE(e.log().text().find("resuming from the previous complete checkpoint " + previous),
+                std::string::npos)
+          << e.log().text();
+    }
+  }
+  EXPECT_TRUE(warned) << "no event says the run fell back";
+  EXPECT_EQ(resumed, 2);
+  EXPECT_TRUE(std::filesystem::is_directory(root + "/damaged-checkpoint-" + std::to_string(step)));
+  EXPECT_TRUE(std::filesystem::exists(done.adapter_path() + "/adapter_model.safetensors"));
 }
 
 TEST_F(TrainE2e, CoordinatorKill9MidRunLosesNothing) {

@@ -131,6 +131,61 @@ TEST(CheckpointTest, IncompleteCheckpointsAreNeverResumedAndArePruned) {
   EXPECT_TRUE(LatestCompleteCheckpoint(tmp.path() + "/nowhere")->empty());
 }
 
+TEST(CheckpointTest, ADamagedLatestCheckpointFallsBackToThePreviousOne) {
+  TempDir tmp;
+  const std::string root = tmp.path() + "/checkpoints";
+  at::Tensor x = at::arange(10, at::kFloat);
+  for (int step : {10, 20, 30})
+    WriteFlatCheckpoint(root + "/" + CheckpointDirName(step), x, x, x, 2, step);
+  const std::string c10 = root + "/checkpoint-10", c20 = root + "/checkpoint-20",
+                    c30 = root + "/checkpoint-30";
+  auto same = ChooseResumePoint(c30, /*set_aside=*/false);
+  ASSERT_TRUE(same.ok()) << same.status().message();
+  EXPECT_EQ(same->dir, c30);
+  EXPECT_EQ(same->state.step, 30);
+  EXPECT_TRUE(same->fallback.empty());
+
+  // A shard cut short (a rank killed while writing it, a disk that lost the
+  // tail): every rank sees the same sizes, so every rank falls back alike.
+  const std::string shard = c30 + "/" + ShardFileName(1, 2);
+  ASSERT_EQ(::truncate(shard.c_str(), 100), 0);
+  EXPECT_THAT(VerifyCheckpoint(c30).message(), HasSubstr("the manifest says"));
+  auto back = ChooseResumePoint(c30, /*set_aside=*/false);
+  ASSERT_TRUE(back.ok()) << back.status().message();
+  EXPECT_EQ(back->dir, c20);
+  EXPECT_EQ(back->state.step, 20);
+  EXPECT_THAT(back->fallback, HasSubstr("checkpoint " + c30 + " cannot be resumed from"));
+  EXPECT_THAT(back->fallback, HasSubstr("resuming from the previous complete checkpoint " + c20));
+  EXPECT_TRUE(IsDirectory(c30));  // only rank 0 moves it
+
+  // Rank 0 moves it aside: no later save, prune or latest-lookup takes it
+  // for a checkpoint, and a resume asked for it (the coordinator's record)
+  // finds it gone and falls back the same way.
+  back = ChooseResumePoint(c30, /*set_aside=*/true);
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ(back->dir, c20);
+  EXPECT_THAT(back->fallback, HasSubstr("moved to " + root + "/damaged-checkpoint-30"));
+  EXPECT_FALSE(IsDirectory(c30));
+  EXPECT_EQ(*LatestCompleteCheckpoint(tmp.path()), c20);
+  back = ChooseResumePoint(c30, /*set_aside=*/true);
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ(back->dir, c20);
+  EXPECT_THAT(back->fallback, HasSubstr("does not exist"));
+
+  // A manifest that is garbage; then nothing earlier is left: the start.
+  ASSERT_TRUE(WriteFileAtomically(c20 + "/" + kCheckpointManifestName, "{not json").ok());
+  back = ChooseResumePoint(c20, /*set_aside=*/false);
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ(back->dir, c10);
+  ASSERT_EQ(::unlink((c10 + "/" + ShardFileName(0, 2)).c_str()), 0);
+  back = ChooseResumePoint(c20, /*set_aside=*/false);
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ(back->dir, "");
+  EXPECT_EQ(back->state.step, 0);
+  EXPECT_THAT(back->fallback,
+              HasSubstr("no earlier complete checkpoint: starting from the beginning"));
+}
+
 TEST(CheckpointTest, CorruptManifestIsDataLoss) {
   TempDir tmp;
   ASSERT_TRUE(WriteFileAtomically(tmp.path() + "/" + kCheckpointManifestName,

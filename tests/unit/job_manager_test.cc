@@ -1,5 +1,10 @@
 // The coordinator's managers driven by hand, through the JobManager's eyes:
 // fake clock, fake agent links, real SQLite store.
+#include <chrono>
+#include <future>
+#include <memory>
+#include <thread>
+
 #include <gtest/gtest.h>
 
 #include <mutex>
@@ -83,7 +88,7 @@ class JobManagerTest : public ::testing::Test {
     Restart();
   }
   void Restart() {
-    ManagerOptions o;
+    ManagerOptions o = options_;
     o.agent_timeout_ms = 10000;
     o.grace_seconds = 5;
     o.plan_device_bytes = plan_;
@@ -119,7 +124,7 @@ class JobManagerTest : public ::testing::Test {
   v1::JobSpec Spec(int ranks, int max_restarts = 2, int priority = 0) {
     v1::JobSpec s;
     s.mutable_model()->set_model_name_or_path("/models/tiny");
-    s.mutable_dataset()->add_data_files("train.jsonl");
+    s.mutable_dataset()->add_data_files("/data/train.jsonl");
     s.mutable_resources()->set_num_ranks(ranks);
     s.set_max_restarts(max_restarts);
     s.set_priority(priority);
@@ -170,6 +175,8 @@ class JobManagerTest : public ::testing::Test {
   MetricsSink* metrics_ = &counting_;
   // The coordinator's memory plan (main.cc wires PlanMemory); none by default.
   std::function<absl::StatusOr<int64_t>(const v1::JobSpec&)> plan_;
+  // Paths, caps, retention: what Restart() builds the coordinator with.
+  ManagerOptions options_;
   FakeClock clock_;
   EventBus bus_;
   std::unique_ptr<Store> store_;
@@ -643,8 +650,8 @@ TEST_F(JobManagerTest, ListJobsPagesAreCappedInBytes) {
   Register("a", 8);
   for (int i = 0; i < 12; ++i) {
     v1::JobSpec s = Spec(1);
-    for (int k = 0; k < 1200; ++k)  // 300 KiB of labels a job
-      (*s.mutable_labels())["note" + std::to_string(k)] = std::string(256, 'n');
+    for (int k = 0; k < 100; ++k)  // 300 KiB of paths a job
+      s.mutable_dataset()->add_data_files("/data/" + std::string(3000, 'd') + std::to_string(k));
     ASSERT_TRUE(manager_->CreateJob(s, "").ok());
   }
   v1::ListJobsRequest req;
@@ -664,6 +671,102 @@ TEST_F(JobManagerTest, ListJobsPagesAreCappedInBytes) {
   }
   EXPECT_EQ(total, 12u);
   EXPECT_GE(pages, 2);
+}
+
+TEST_F(JobManagerTest, CreateJobChecksPathsAgainstTheAllowedRoots) {
+  Register("a", 2);
+  const auto refused = [&](const v1::JobSpec& spec, const std::string& words) {
+    auto r = manager_->CreateJob(spec, "");
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+    EXPECT_NE(r.status().message().find(words), std::string::npos) << r.status().message();
+  };
+  // No roots (a loopback demo): any absolute path, but never a device.
+  v1::JobSpec zero = Spec(1);
+  zero.mutable_dataset()->set_data_files(0, "/dev/zero");
+  refused(zero, "dataset.data_files[0] (/dev/zero) is not a regular file");
+  v1::JobSpec relative = Spec(1);
+  relative.mutable_dataset()->set_data_files(0, "train.jsonl");
+  refused(relative, "must be an absolute path");
+  v1::JobSpec dotdot = Spec(1);
+  dotdot.set_output_dir("/data/../etc");
+  refused(dotdot, "output_dir (/data/../etc) must not contain '..'");
+
+  options_.paths = *PathPolicy::Create({"/data", "/models"});
+  Restart();
+  ASSERT_TRUE(manager_->CreateJob(Spec(1), "").ok());
+  v1::JobSpec outside = Spec(1);
+  outside.set_output_dir("/home/someone/out");
+  refused(outside, "output_dir (/home/someone/out) is outside the allowed roots (/data, /models)");
+  v1::JobSpec model = Spec(1);
+  model.mutable_model()->set_model_name_or_path("/etc");
+  refused(model, "model.model_name_or_path (/etc) is outside the allowed roots");
+  EXPECT_EQ(manager_->ListJobs({})->jobs.size(), 1u);  // only the good one
+}
+
+TEST_F(JobManagerTest, QueuedJobsAreCapped) {
+  options_.max_queued_jobs = 2;
+  Restart();
+  Register("a", 1);
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(manager_->CreateJob(Spec(1), "").ok());  // 1 runs
+  auto r = manager_->CreateJob(Spec(1), "");
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(r.status().message().find("2 jobs are queued"), std::string::npos)
+      << r.status().message();
+  EXPECT_NE(r.status().message().find("--max-queued-jobs 2"), std::string::npos);
+  // Once one leaves the queue, there is room again.
+  const std::string queued = manager_->ListJobs({})->jobs.back().id();
+  ASSERT_TRUE(manager_->CancelJob(queued).ok());
+  EXPECT_TRUE(manager_->CreateJob(Spec(1), "").ok());
+}
+
+TEST_F(JobManagerTest, AStuckMemoryPlanDoesNotHoldCreateJobOrTheJobLock) {
+  // A FIFO or a hung filesystem under config.json: the plan never returns
+  // (until the test lets it go).
+  auto release = std::make_shared<std::promise<void>>();
+  std::shared_future<void> released = release->get_future().share();
+  plan_ = [released](const v1::JobSpec&) -> absl::StatusOr<int64_t> {
+    released.wait();
+    return int64_t{1} << 30;
+  };
+  options_.plan_timeout_ms = 200;
+  Restart();
+  Register("a", 2);
+  auto start = std::chrono::steady_clock::now();
+  std::thread other([&] {
+    // The job lock stays free meanwhile.
+    EXPECT_TRUE(manager_->ListJobs({}).ok());
+  });
+  auto r = manager_->CreateJob(Spec(1), "");
+  other.join();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->planned_device_bytes(), 0);  // went on without a plan
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+  release->set_value();
+}
+
+TEST_F(JobManagerTest, EventsOfJobsEndedLongerAgoThanTheRetentionExpire) {
+  options_.event_retention_ms = 3600 * 1000;
+  Restart();
+  Register("a", 2);
+  const std::string ended = manager_->CreateJob(Spec(1), "")->id();
+  Hello("a", ended, 0, 0);
+  Exit("a", ended, 0, 0, 0);
+  ASSERT_EQ(Get(ended).state(), v1::SUCCEEDED);
+  const std::string running = manager_->CreateJob(Spec(1), "")->id();
+  Hello("a", running, 0, 0);
+  const size_t ended_events = Events(ended).size();
+  const size_t running_events = Events(running).size();
+  ASSERT_GT(ended_events, 2u);
+
+  manager_->ExpireEvents();  // ended just now: kept
+  EXPECT_EQ(Events(ended).size(), ended_events);
+  clock_.Advance(absl::Hours(2));
+  manager_->ExpireEvents();
+  auto left = Events(ended);
+  ASSERT_EQ(left.size(), 1u);  // how it ended stays
+  EXPECT_EQ(left[0].state_change().to(), v1::SUCCEEDED);
+  EXPECT_EQ(left[0].seq(), Get(ended).last_event_seq());
+  EXPECT_EQ(Events(running).size(), running_events);
 }
 
 TEST_F(JobManagerTest, ListJobsRefusesForeignPageTokens) {

@@ -118,6 +118,34 @@ TEST(JobSpecValidate, ErrorNamesKeyAndValue) {
   EXPECT_EQ(errors[0], "training.gradient_accumulation_steps (-2) must be in [1, 1.04858e+06]");
 }
 
+TEST(JobSpecValidate, CountsAndLengthsAreCappedWithTheLimitInTheMessage) {
+  v1::JobSpec spec;
+  spec.mutable_model()->set_model_name_or_path("/m/" + std::string(5000, 'x'));
+  for (int i = 0; i < 1025; ++i) spec.mutable_dataset()->add_data_files("/d/" + std::to_string(i));
+  for (int i = 0; i < 65; ++i) (*spec.mutable_labels())["k" + std::to_string(i)] = "v";
+  (*spec.mutable_labels())["k0"] = std::string(300, 'v');
+  ApplyJobSpecDefaults(&spec);
+  std::string all;
+  for (const std::string& e : ValidateJobSpec(spec)) all += e + "\n";
+  EXPECT_NE(all.find("model.model_name_or_path"), std::string::npos) << all;
+  EXPECT_NE(all.find("5003 bytes) must be at most 4096 bytes long"), std::string::npos) << all;
+  EXPECT_NE(all.find("dataset.data_files (1025 files) must list at most 1024 files"),
+            std::string::npos)
+      << all;
+  EXPECT_NE(all.find("labels (65 labels) must be at most 64"), std::string::npos) << all;
+
+  v1::JobSpec ok;
+  ok.mutable_model()->set_model_name_or_path("/m");
+  for (int i = 0; i < 1024; ++i) ok.mutable_dataset()->add_data_files("/d/" + std::to_string(i));
+  for (int i = 0; i < 64; ++i) (*ok.mutable_labels())["k" + std::to_string(i)] = "v";
+  (*ok.mutable_labels())["k0"] = std::string(256, 'v');
+  ApplyJobSpecDefaults(&ok);
+  EXPECT_TRUE(ValidateJobSpec(ok).empty());
+  (*ok.mutable_labels())["k0"] = std::string(257, 'v');
+  ASSERT_EQ(ValidateJobSpec(ok).size(), 1u);
+  EXPECT_NE(ValidateJobSpec(ok)[0].find("must be at most 256 characters"), std::string::npos);
+}
+
 TEST(ByteSize, ParsesAndFormats) {
   int64_t b = 0;
   ASSERT_TRUE(ParseByteSize("80 GB", &b));

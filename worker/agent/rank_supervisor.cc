@@ -52,6 +52,31 @@ std::string Describe(const std::string& job_id, int attempt, int rank) {
   return absl::StrCat("job ", job_id, " attempt ", attempt, " rank ", rank);
 }
 
+// What a rank may see of the agent's environment: what the loader, CUDA,
+// NCCL/Gloo and the trainer read (grep getenv in worker/), and no more, so
+// the agent's own secrets, LD_PRELOAD and the like never reach a job.
+constexpr const char* kRankEnv[] = {
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "LD_LIBRARY_PATH",
+    // The trainer: its interface for collectives and its data cache.
+    "FTUNE_COMM_HOST", "FTUNE_DATA_CACHE", "XDG_CACHE_HOME",
+    // LibTorch's CPU threads and allocator, Gloo's interface.
+    "OMP_NUM_THREADS", "PYTORCH_CUDA_ALLOC_CONF", "GLOO_SOCKET_IFNAME"};
+constexpr const char* kRankEnvPrefixes[] = {"LC_", "NCCL_", "CUDA_"};
+
+bool RankMaySee(absl::string_view name, const std::vector<std::string>& extra) {
+  for (const char* n : kRankEnv)
+    if (name == n) return true;
+  for (const char* p : kRankEnvPrefixes)
+    if (absl::StartsWith(name, p)) return true;
+  for (const std::string& n : extra)
+    if (name == n) return true;
+  return false;
+}
+
+std::string Flag(absl::string_view name, absl::string_view value) {
+  return absl::StrCat("--", name, "=", value);
+}
+
 }  // namespace
 
 struct RankSupervisor::Rank {
@@ -90,6 +115,19 @@ RankSupervisor::RankSupervisor(Options options, std::vector<HostSlot> slots, Spo
       launcher_(launcher),
       sink_(std::move(sink)),
       clock_(options_.clock != nullptr ? options_.clock : RealClock()) {
+  if (!options_.allowed_roots.empty()) {
+    std::vector<std::string> roots = options_.allowed_roots;
+    roots.push_back(options_.work_dir);
+    Result<PathPolicy> policy = PathPolicy::Create(roots);
+    if (policy.ok()) {
+      paths_ = *std::move(policy);
+    } else {
+      // main.cc checks the flags; this is the safety net: allow only work_dir.
+      LogError(absl::StrCat("allowed roots: ", policy.status().message(),
+                            "; jobs may only use ", options_.work_dir));
+      paths_ = *PathPolicy::Create({options_.work_dir});
+    }
+  }
   // A rank may die while a message to it is in flight; that must be an EPIPE
   // error on the write, not a signal that kills the agent.
   ::signal(SIGPIPE, SIG_IGN);
@@ -150,6 +188,56 @@ void RankSupervisor::ReportLaunchFailed(const std::string& job_id, int attempt, 
   SpoolEvent(&event);
 }
 
+void RankSupervisor::ReportBadInput(const std::string& job_id, int attempt, int rank,
+                                    const std::string& message) {
+  LogError(absl::StrCat("not starting ", Describe(job_id, attempt, rank), ": ", message));
+  v1::RankEvent event;
+  event.set_job_id(job_id);
+  event.set_attempt(attempt);
+  event.set_rank(rank);
+  event.mutable_exit()->set_exit_code(2);
+  event.mutable_exit()->add_stderr_tail(absl::StrCat("ftune-agent: ", message));
+  SpoolEvent(&event);
+}
+
+absl::StatusOr<std::string> RankSupervisor::CheckPaths(const std::string& job_id,
+                                                       const std::string& job_dir,
+                                                       v1::JobSpec* spec) const {
+  // The path resolved, or as it was when missing (the rank then says it is
+  // missing: exit 2, the file named) or empty (the rank refuses the spec).
+  const auto check = [&](const std::string& key, const std::string& path,
+                         PathPolicy::Kind kind) -> absl::StatusOr<std::string> {
+    if (path.empty()) return path;
+    Result<std::string> resolved = paths_.Check(key, path, kind);
+    if (resolved.status().code() == StatusCode::kNotFound) return path;
+    return ToAbsl(std::move(resolved));
+  };
+  FTUNE_ASSIGN_OR_RETURN(std::string model, check("model.model_name_or_path",
+                                                  spec->model().model_name_or_path(),
+                                                  PathPolicy::Kind::kInputDir));
+  if (model != spec->model().model_name_or_path())
+    spec->mutable_model()->set_model_name_or_path(model);
+  for (const bool eval : {false, true}) {
+    const auto& files = eval ? spec->dataset().eval_data_files() : spec->dataset().data_files();
+    for (int i = 0; i < files.size(); ++i) {
+      FTUNE_ASSIGN_OR_RETURN(
+          std::string file,
+          check(absl::StrCat(eval ? "dataset.eval_data_files[" : "dataset.data_files[", i, "]"),
+                files[i], PathPolicy::Kind::kInputFile));
+      if (file == files[i]) continue;
+      auto* d = spec->mutable_dataset();
+      *(eval ? d->mutable_eval_data_files(i) : d->mutable_data_files(i)) = file;
+    }
+  }
+  if (spec->output_dir().empty()) return job_dir + "/output";
+  FTUNE_ASSIGN_OR_RETURN(std::string output_dir,
+                         check("output_dir", spec->output_dir(), PathPolicy::Kind::kOutputDir));
+  spec->set_output_dir(output_dir);
+  // Each job its own subdirectory: another job naming the same output_dir
+  // never reads or prunes this one's checkpoints.
+  return absl::StrCat(output_dir, "/", job_id);
+}
+
 std::vector<std::string> RankSupervisor::BuildEnv(const HostSlot& slot) const {
   std::vector<std::string> env;
   std::vector<std::string> overrides = {"NCCL_NVLS_ENABLE=0"};
@@ -161,6 +249,9 @@ std::vector<std::string> RankSupervisor::BuildEnv(const HostSlot& slot) const {
   }
   for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
     absl::string_view entry(*e);
+    const size_t eq = entry.find('=');
+    if (eq == absl::string_view::npos || !RankMaySee(entry.substr(0, eq), options_.extra_env))
+      continue;
     bool replaced = false;
     for (const std::string& o : overrides) {
       if (absl::StartsWith(entry, o.substr(0, o.find('=') + 1))) replaced = true;
@@ -208,18 +299,36 @@ void RankSupervisor::Assign(const v1::Assignment& a) {
     fail_all(absl::StrCat(s.message(), "; pass a writable --work-dir"));
     return;
   }
+  // The paths the rank will open, checked where the files are and
+  // resolved, so the rank opens what was checked.
+  v1::JobSpec spec = a.spec();
+  absl::StatusOr<std::string> output_dir = CheckPaths(a.job_id(), job_dir, &spec);
+  if (output_dir.ok() && !a.resume_checkpoint().empty()) {
+    // It came from the coordinator, as rank 0 of an earlier attempt
+    // reported it: still, only a directory under the roots. A missing one
+    // is the rank's to handle (it falls back to an earlier checkpoint).
+    absl::Status resume = ToAbsl(
+        paths_.Check("resume checkpoint", a.resume_checkpoint(), PathPolicy::Kind::kInputDir)
+            .status());
+    if (!resume.ok() && !absl::IsNotFound(resume)) output_dir = resume;
+  }
+  if (!output_dir.ok()) {
+    for (const v1::RankAssignment* ra : todo)
+      ReportBadInput(a.job_id(), a.attempt(), ra->rank(),
+                     absl::StrCat(output_dir.status().message(),
+                                  paths_.restricted() ? " (this agent's --allowed-root)" : ""));
+    return;
+  }
   const std::string spec_path = attempt_dir + "/spec.yaml";
-  if (absl::Status s = ToAbsl(WriteFileAtomically(spec_path, JobSpecToYaml(a.spec()))); !s.ok()) {
+  if (absl::Status s = ToAbsl(WriteFileAtomically(spec_path, JobSpecToYaml(spec))); !s.ok()) {
     fail_all(absl::StrCat(s.message(), "; pass a writable --work-dir"));
     return;
   }
-  const std::string output_dir =
-      a.spec().output_dir().empty() ? job_dir + "/output" : a.spec().output_dir();
-  if (absl::Status s = ToAbsl(MakeDirectories(output_dir)); !s.ok()) {
+  if (absl::Status s = ToAbsl(MakeDirectories(*output_dir)); !s.ok()) {
     fail_all(absl::StrCat(s.message(), "; make the job's output_dir writable by the agent"));
     return;
   }
-  for (const v1::RankAssignment* ra : todo) LaunchRank(a, *ra, spec_path, attempt_dir, output_dir);
+  for (const v1::RankAssignment* ra : todo) LaunchRank(a, *ra, spec_path, attempt_dir, *output_dir);
 }
 
 void RankSupervisor::LaunchRank(const v1::Assignment& a, const v1::RankAssignment& ra,
@@ -286,28 +395,19 @@ void RankSupervisor::LaunchRank(const v1::Assignment& a, const v1::RankAssignmen
 
   LaunchRequest req;
   req.binary = options_.rank_binary;
+  // --flag=value: a value that starts with '-' stays a value.
   req.argv = {options_.rank_binary,
               "run",
-              "--channel-fd",
-              std::to_string(child_fd),
-              "--spec",
-              spec_path,
-              "--job-id",
-              a.job_id(),
-              "--attempt",
-              std::to_string(a.attempt()),
-              "--rank",
-              std::to_string(ra.rank()),
-              "--world-size",
-              std::to_string(a.world_size()),
-              "--device",
-              slot->device(),
-              "--output-dir",
-              output_dir};
-  if (!a.resume_checkpoint().empty()) {
-    req.argv.push_back("--resume-from");
-    req.argv.push_back(a.resume_checkpoint());
-  }
+              Flag("channel-fd", std::to_string(child_fd)),
+              Flag("spec", spec_path),
+              Flag("job-id", a.job_id()),
+              Flag("attempt", std::to_string(a.attempt())),
+              Flag("rank", std::to_string(ra.rank())),
+              Flag("world-size", std::to_string(a.world_size())),
+              Flag("device", slot->device()),
+              Flag("output-dir", output_dir)};
+  if (!a.resume_checkpoint().empty())
+    req.argv.push_back(Flag("resume-from", a.resume_checkpoint()));
   req.env = BuildEnv(*slot);
   req.stderr_path = absl::StrCat(attempt_dir, "/rank-", ra.rank(), ".log");
   req.inherit_fd = child_fd;

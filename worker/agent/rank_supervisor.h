@@ -24,7 +24,18 @@
 //
 // Whatever cannot be done (bad slot, unwritable work dir, binary that does not
 // execute) becomes a RankEvent.launch_failed naming the cause; the supervisor
-// never throws or aborts.
+// never throws or aborts. A spec whose paths the agent refuses is bad input:
+// each of its ranks is reported as exiting 2 with the reason, so the job
+// fails without restarts, as if the rank had refused it itself.
+//
+// What a rank gets (docs/security.md, "What a job may touch"):
+//   * its spec with the paths checked against allowed_roots and resolved
+//     (symlinks followed), so the rank opens exactly what was checked;
+//   * <output_dir>/<job_id> as its output directory (<work_dir>/jobs/<job_id>/
+//     output without one): two jobs naming one output_dir never share
+//     checkpoints;
+//   * an allowlisted environment, and every argument as --flag=value, so a
+//     value starting with '-' is never read as a flag.
 //
 // An assignment is idempotent: a rank (job, attempt, rank) that runs or ran in
 // this process is not started again when the coordinator re-sends it after a
@@ -53,7 +64,9 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "absl/status/statusor.h"
 #include "ftune/clock.h"
+#include "ftune/path_policy.h"
 #include "ftune/v1/agent_service.pb.h"
 #include "worker/agent/process_launcher.h"
 #include "worker/agent/slots.h"
@@ -67,6 +80,12 @@ class RankSupervisor {
     // Absolute; job files go to <work_dir>/jobs/<job_id>/.
     std::string work_dir;
     std::string rank_binary;
+    // Absolute directories a job's model, data and output_dir must lie under
+    // (ftune/path_policy.h); work_dir is always one. Empty: any path.
+    std::vector<std::string> allowed_roots;
+    // Names of variables of the agent's environment ranks get besides the
+    // built-in allowlist (rank_supervisor.cc, kRankEnv).
+    std::vector<std::string> extra_env;
     absl::Duration silence_timeout = absl::Seconds(600);
     // Used when a StopJob says 0, for stale ranks and at shutdown.
     absl::Duration default_grace = absl::Seconds(30);
@@ -146,6 +165,13 @@ class RankSupervisor {
   void WaitLoop(const std::shared_ptr<Rank>& rank);
   void ReportLaunchFailed(const std::string& job_id, int attempt, int rank,
                           const std::string& message);
+  // A rank that is not started because its spec is bad: RankExit code 2.
+  void ReportBadInput(const std::string& job_id, int attempt, int rank,
+                      const std::string& message);
+  // The spec's paths checked and resolved in place; the output directory of
+  // the job. INVALID_ARGUMENT / NOT_FOUND naming the key otherwise.
+  absl::StatusOr<std::string> CheckPaths(const std::string& job_id, const std::string& job_dir,
+                                         v1::JobSpec* spec) const;
   void SpoolEvent(v1::RankEvent* event);
   void SendToRank(const std::shared_ptr<Rank>& rank, const v1::AgentMessage& msg);
   // For ranks already marked stopping with term_at due: logs and signals.
@@ -159,6 +185,7 @@ class RankSupervisor {
   ProcessLauncher* const launcher_;
   const RendezvousSink sink_;
   Clock* const clock_;
+  PathPolicy paths_;
 
   absl::Mutex assign_mu_;  // serializes Assign
   mutable absl::Mutex mu_;

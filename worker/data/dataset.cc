@@ -11,6 +11,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "ftune/file_util.h"
+
 namespace ftune::data {
 namespace {
 
@@ -317,12 +319,11 @@ Status ReadDatasetText(std::string_view text, const std::string& name, const Rea
 Status ReadDatasetFiles(const std::vector<std::string>& files, const ReadOptions& options,
                         ReadResult* out) {
   for (const std::string& file : files) {
-    std::ifstream in(file, std::ios::binary);
-    if (!in) return NotFoundError(file + ": cannot open the data file");
-    std::ostringstream s;
-    s << in.rdbuf();
-    if (in.bad()) return InternalError(file + ": read error");
-    FTUNE_RETURN_IF_ERROR(ReadDatasetText(s.str(), file, options, out));
+    Result<std::string> text = ReadFileToString(file, kMaxDataFileBytes);
+    if (!text.ok()) {
+      return Status(text.status().code(), text.status().message() + " (a data file)");
+    }
+    FTUNE_RETURN_IF_ERROR(ReadDatasetText(*text, file, options, out));
   }
   return OkStatus();
 }

@@ -69,6 +69,11 @@ struct ReadResult {
 
 inline constexpr size_t kMaxSkippedExamples = 10;
 
+// A data file is read whole into memory: larger ones are refused with the
+// sizes in the message, and so is anything that is not a regular file
+// (/dev/zero, a FIFO) before a byte is read.
+inline constexpr uint64_t kMaxDataFileBytes = 4ull << 30;
+
 // Reads `files` in order into *out (appending; the format already fixed in
 // *out, if any, must match). Errors name the file and line.
 Status ReadDatasetFiles(const std::vector<std::string>& files, const ReadOptions& options,

@@ -18,6 +18,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "ftune/file_util.h"
 #include "worker/data/chat_template.h"
 #include "worker/data/dataset.h"
 #include "worker/data/packing.h"
@@ -33,13 +34,15 @@ using json = nlohmann::json;
 // cache entries are not reused.
 constexpr char kPipelineVersion[] = "ftune-data-prepare-1";
 
-Result<std::string> ReadWholeFile(const std::string& path, const char* what) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return NotFoundError(path + ": cannot open the " + std::string(what));
-  std::ostringstream s;
-  s << in.rdbuf();
-  if (in.bad()) return InternalError(path + ": read error");
-  return s.str();
+// Whole-file reads are bounded and of regular files only (ReadFileToString):
+// `data_files: [/dev/zero]` fails at once instead of filling the host's
+// memory.
+Result<std::string> ReadWholeFile(const std::string& path, const char* what, uint64_t max_bytes) {
+  Result<std::string> text = ReadFileToString(path, max_bytes);
+  if (!text.ok()) {
+    return Status(text.status().code(), text.status().message() + " (the " + what + ")");
+  }
+  return text;
 }
 
 bool Exists(const std::string& path) {
@@ -244,7 +247,7 @@ Result<PreparedDataset> PrepareDataset(const DatasetOptions& options, const std:
   for (const auto* list : {&options.data_files, &options.eval_data_files}) {
     key.UpdateField(list == &options.data_files ? "train" : "eval");
     for (const std::string& file : *list) {
-      FTUNE_ASSIGN_OR_RETURN(std::string text, ReadWholeFile(file, "data file"));
+      FTUNE_ASSIGN_OR_RETURN(std::string text, ReadWholeFile(file, "data file", kMaxDataFileBytes));
       key.UpdateField(text);
       (list == &options.data_files ? train_texts : eval_texts).push_back(std::move(text));
       report("hash", ++hashed, num_files);
@@ -252,10 +255,12 @@ Result<PreparedDataset> PrepareDataset(const DatasetOptions& options, const std:
   }
   const std::string tok_json_path = options.tokenizer_dir + "/tokenizer.json";
   const std::string tok_config_path = options.tokenizer_dir + "/tokenizer_config.json";
-  FTUNE_ASSIGN_OR_RETURN(const std::string tok_json, ReadWholeFile(tok_json_path, "tokenizer"));
+  FTUNE_ASSIGN_OR_RETURN(const std::string tok_json,
+                         ReadWholeFile(tok_json_path, "tokenizer", kMaxTokenizerJsonBytes));
   std::string tok_config;
   if (Exists(tok_config_path)) {
-    FTUNE_ASSIGN_OR_RETURN(tok_config, ReadWholeFile(tok_config_path, "tokenizer config"));
+    FTUNE_ASSIGN_OR_RETURN(tok_config,
+                           ReadWholeFile(tok_config_path, "tokenizer config", kMaxSmallFileBytes));
   }
   Sha256 tok_hash;
   tok_hash.UpdateField(tok_json);
@@ -280,7 +285,7 @@ Result<PreparedDataset> PrepareDataset(const DatasetOptions& options, const std:
                                 FileLock::Acquire(Absolute(cache_dir) + "/" + cache_key + ".lock"));
   const std::string manifest_path = dir + "/manifest.json";
   if (Exists(manifest_path)) {
-    Result<std::string> text = ReadWholeFile(manifest_path, "manifest");
+    Result<std::string> text = ReadWholeFile(manifest_path, "manifest", kMaxSmallFileBytes);
     if (text.ok()) {
       json m = json::parse(*text, nullptr, false);
       const bool files_ok = TokenFile::Open(dir + "/train.ftok").ok() &&

@@ -13,6 +13,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "ftune/file_util.h"
+
 #include "worker/data/added_vocabulary.h"
 #include "worker/data/bpe.h"
 #include "worker/data/byte_level.h"
@@ -513,16 +515,8 @@ Status ParseConfig(std::string_view text, const std::string& path, TokenizerConf
   return OkStatus();
 }
 
-Result<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    if (errno == ENOENT) return NotFoundError(path + ": no such file");
-    return InvalidArgumentError(path + ": cannot open: " + std::strerror(errno));
-  }
-  std::ostringstream contents;
-  contents << in.rdbuf();
-  if (in.bad()) return InternalError(path + ": read failed");
-  return contents.str();
+Result<std::string> ReadFile(const std::string& path, uint64_t max_bytes) {
+  return ReadFileToString(path, max_bytes);
 }
 
 }  // namespace
@@ -733,14 +727,14 @@ Tokenizer::~Tokenizer() = default;
 Result<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& dir,
                                                    const TokenizerLoadOptions& options) {
   const std::string tokenizer_path = dir + "/tokenizer.json";
-  Result<std::string> tokenizer_json = ReadFile(tokenizer_path);
+  Result<std::string> tokenizer_json = ReadFile(tokenizer_path, kMaxTokenizerJsonBytes);
   if (!tokenizer_json.ok()) return tokenizer_json.status();
   const std::string config_path = dir + "/tokenizer_config.json";
   std::string config_json;
   std::ifstream probe(config_path);
   if (probe.good()) {
     probe.close();
-    Result<std::string> config = ReadFile(config_path);
+    Result<std::string> config = ReadFile(config_path, kMaxSmallFileBytes);
     if (!config.ok()) return config.status();
     config_json = std::move(config).value();
   }

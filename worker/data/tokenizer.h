@@ -66,6 +66,11 @@ struct TokenizerLoadOptions {
   size_t bpe_cache_capacity = 1 << 16;
 };
 
+// tokenizer.json is read whole: larger ones (and files that are not
+// regular) are refused. tokenizer_config.json is capped at
+// kMaxSmallFileBytes (ftune/file_util.h).
+inline constexpr uint64_t kMaxTokenizerJsonBytes = 256ull << 20;
+
 class Tokenizer {
  public:
   // Loads DIR/tokenizer.json and, when present, DIR/tokenizer_config.json.

@@ -184,6 +184,8 @@ Result<TrainerState> ReadCheckpointManifest(const std::string& dir) {
         static_cast<int>(j.at("shards").size()) != s.world_size) {
       return DataLossError(path + ": inconsistent world_size/step/shards");
     }
+    for (const json& shard : j.at("shards"))
+      s.shard_bytes.push_back(shard.at("bytes").get<int64_t>());
     return s;
   } catch (const json::exception& e) {
     return DataLossError(path + ": " + e.what());
@@ -241,6 +243,85 @@ Result<ShardState> ReadCheckpointSlice(const std::string& dir, const TrainerStat
     out.exp_avg_sq = v;
   }
   return out;
+}
+
+Status VerifyCheckpoint(const std::string& dir) {
+  if (!IsDirectory(dir)) return NotFoundError("checkpoint " + dir + " does not exist");
+  FTUNE_ASSIGN_OR_RETURN(TrainerState state, ReadCheckpointManifest(dir));
+  int64_t covered = 0;  // shards hold consecutive ranges, in rank order
+  for (int r = 0; r < state.world_size; ++r) {
+    const std::string path = dir + "/" + ShardFileName(r, state.world_size);
+    Result<int64_t> size = FileSize(path);
+    if (!size.ok()) return DataLossError(path + ": " + size.status().message());
+    if (*size != state.shard_bytes[r]) {
+      return DataLossError(path + " is " + std::to_string(*size) + " bytes, the manifest says " +
+                           std::to_string(state.shard_bytes[r]));
+    }
+    Result<std::unique_ptr<SafetensorsFile>> f = SafetensorsFile::Open(path);
+    if (!f.ok()) return DataLossError(f.status().message());
+    FTUNE_ASSIGN_OR_RETURN(int64_t begin, MetaInt(**f, "begin"));
+    FTUNE_ASSIGN_OR_RETURN(int64_t numel, MetaInt(**f, "numel"));
+    FTUNE_RETURN_IF_ERROR(MetaInt(**f, "adam_step").status());
+    if (begin != covered || numel < 0) {
+      return DataLossError(path + ": holds [" + std::to_string(begin) + ", +" +
+                           std::to_string(numel) + "), expected to start at " +
+                           std::to_string(covered));
+    }
+    for (const char* name : {"lora", "exp_avg", "exp_avg_sq"}) {
+      const TensorInfo* t = (*f)->Find(name);
+      if (t == nullptr && std::string(name) != "lora") continue;
+      if (t == nullptr || t->dtype != Dtype::kF32 ||
+          t->num_elements() != static_cast<uint64_t>(numel)) {
+        return DataLossError(path + ": tensor '" + name + "' is missing or not F32 [" +
+                             std::to_string(numel) + "]");
+      }
+    }
+    covered += numel;
+  }
+  if (covered != state.total_numel) {
+    return DataLossError(dir + ": shards hold " + std::to_string(covered) +
+                         " values, the manifest says " + std::to_string(state.total_numel));
+  }
+  return OkStatus();
+}
+
+Result<ResumePoint> ChooseResumePoint(const std::string& requested, bool set_aside) {
+  ResumePoint point;
+  Status st = VerifyCheckpoint(requested);
+  if (st.ok()) {
+    point.dir = requested;
+    FTUNE_ASSIGN_OR_RETURN(point.state, ReadCheckpointManifest(requested));
+    return point;
+  }
+  point.fallback = "checkpoint " + requested + " cannot be resumed from (" + st.message() + ")";
+  const size_t slash = requested.rfind('/');
+  const std::string root = slash == std::string::npos ? "." : requested.substr(0, slash);
+  const std::string name = requested.substr(slash == std::string::npos ? 0 : slash + 1);
+  const int64_t step = StepOfDirName(name);
+  if (set_aside && step >= 0 && st.code() != StatusCode::kNotFound) {
+    const std::string aside = root + "/damaged-" + name;
+    if (::rename(requested.c_str(), aside.c_str()) == 0) {
+      point.fallback += "; moved to " + aside;
+    }
+  }
+  // Earlier complete checkpoints, newest first.
+  std::vector<std::pair<int64_t, std::string>> earlier;
+  if (Result<std::vector<std::string>> names = ListDirectory(root); names.ok()) {
+    for (const std::string& n : *names) {
+      const int64_t s = StepOfDirName(n);
+      if (s >= 0 && (step < 0 || s < step)) earlier.push_back({s, root + "/" + n});
+    }
+  }
+  std::sort(earlier.rbegin(), earlier.rend());
+  for (const auto& [s, dir] : earlier) {
+    if (!VerifyCheckpoint(dir).ok()) continue;
+    point.dir = dir;
+    FTUNE_ASSIGN_OR_RETURN(point.state, ReadCheckpointManifest(dir));
+    point.fallback += "; resuming from the previous complete checkpoint " + dir;
+    return point;
+  }
+  point.fallback += "; no earlier complete checkpoint: starting from the beginning";
+  return point;
 }
 
 Result<std::string> LatestCompleteCheckpoint(const std::string& output_dir) {

@@ -26,6 +26,13 @@
 // ranks resumes on W' ranks (re-sharding on load). With the same world size
 // the RNG state is restored too, and the resumed run continues bit for bit.
 //
+// A damaged checkpoint must not burn every restart: ChooseResumePoint checks
+// the one asked for (VerifyCheckpoint: manifest, every shard's size, header,
+// metadata and coverage) and otherwise falls back to the newest earlier one
+// that passes, saying why. Every rank makes the same choice from the same
+// files, without talking to the others. Bytes flipped inside tensor data are
+// not detected (there are no checksums).
+//
 // Thread-safety: free functions; one thread per rank.
 #ifndef FTUNE_WORKER_TRAINER_CHECKPOINT_H_
 #define FTUNE_WORKER_TRAINER_CHECKPOINT_H_
@@ -64,6 +71,7 @@ struct TrainerState {
   int64_t total_numel = 0;    // flat LoRA elements (no padding)
   std::vector<FlatEntry> layout;
   uint64_t seed = 0;
+  std::vector<int64_t> shard_bytes;  // per rank, as the manifest records them
 };
 
 // One rank's part.
@@ -97,6 +105,27 @@ Result<TrainerState> ReadCheckpointManifest(const std::string& dir);
 // range (same world size).
 Result<ShardState> ReadCheckpointSlice(const std::string& dir, const TrainerState& state,
                                        int64_t begin, int64_t numel, int rank);
+
+// Checks that dir is a checkpoint a resume can read: the manifest parses,
+// and each shard is there with the size the manifest gives, a readable
+// header, its metadata, its tensors, and the shards together cover the flat
+// vector once. DATA_LOSS naming the problem (FAILED_PRECONDITION without a
+// manifest, NOT_FOUND without the directory).
+Status VerifyCheckpoint(const std::string& dir);
+
+// Where a resumed run starts.
+struct ResumePoint {
+  std::string dir;       // "" : from the start
+  TrainerState state;    // of dir
+  std::string fallback;  // why `requested` was not used; empty when it was
+};
+// `requested` when it verifies; otherwise the newest complete checkpoint
+// with a lower step in the same checkpoints/ directory that does, or "" (the
+// start) when none does. With set_aside (rank 0 only), a damaged directory
+// is renamed to damaged-checkpoint-<step>, so that a later save of that
+// step, LatestCompleteCheckpoint and PruneCheckpoints never take it for a
+// checkpoint; the other ranks then find it missing and choose the same.
+Result<ResumePoint> ChooseResumePoint(const std::string& requested, bool set_aside);
 
 // The complete checkpoint with the highest step under
 // <output_dir>/checkpoints, or "" when there is none.

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
@@ -71,6 +72,8 @@ int main(int argc, char** argv) {
   int silence_timeout_s = 600;
   int grace_seconds = 30;
   int heartbeat_ms = 0;
+  std::vector<std::string> allowed_roots;
+  std::vector<std::string> rank_env;
   app.add_option("--coordinator", coordinator, "coordinator address HOST:PORT")
       ->envname("FTUNE_COORDINATOR")
       ->capture_default_str();
@@ -102,6 +105,12 @@ int main(int argc, char** argv) {
   app.add_option("--heartbeat-ms", heartbeat_ms,
                  "heartbeat period (default: what the coordinator asks)")
       ->check(CLI::NonNegativeNumber);
+  app.add_option("--allowed-root", allowed_roots,
+                 "directory a job's model, data files and output_dir must lie under, symlinks "
+                 "resolved (repeatable; --work-dir always is one). None: any path")
+      ->check(CLI::ExistingDirectory);
+  app.add_option("--rank-env", rank_env,
+                 "environment variable ranks get besides the built-in allowlist (repeatable)");
   CLI11_PARSE(app, argc, argv);
 
   using namespace ftune;
@@ -162,6 +171,17 @@ int main(int argc, char** argv) {
   supervisor.rank_binary = AbsolutePath(rank_binary.empty() ? DefaultRankBinary() : rank_binary);
   supervisor.silence_timeout = absl::Seconds(silence_timeout_s);
   supervisor.default_grace = absl::Seconds(grace_seconds);
+  for (const std::string& root : allowed_roots)
+    supervisor.allowed_roots.push_back(AbsolutePath(root));
+  supervisor.extra_env = rank_env;
+  if (allowed_roots.empty()) {
+    LogWarning("no --allowed-root: jobs may read and write any path this agent's user can; "
+               "pass --allowed-root DIR (repeatable) on a shared cluster");
+  } else {
+    std::string roots = abs_work_dir;
+    for (const std::string& r : supervisor.allowed_roots) roots += ", " + r;
+    LogInfo(absl::StrCat("jobs may use paths under: ", roots));
+  }
   if (::access(supervisor.rank_binary.c_str(), X_OK) != 0) {
     LogWarning(absl::StrCat(
         "rank binary ", supervisor.rank_binary,

@@ -324,13 +324,22 @@ int RunAgentRank(const RunFlags& flags) {
   ShareCores(flags.device, flags.world_size);
   // Hello first: the agent counts the rank as started from it, and the
   // coordinator marks the job RUNNING once every rank said it.
-  int64_t start_step = 0;
+  // A damaged checkpoint (a rank killed while writing it, a bad disk) falls
+  // back to the one before it rather than failing every restart the same way.
+  trainer::ResumePoint resume;
   if (!flags.resume_from.empty()) {
-    ftune::Result<trainer::TrainerState> st = trainer::ReadCheckpointManifest(flags.resume_from);
-    if (!st.ok()) return fail(st.status());
-    start_step = st->step;
+    ftune::Result<trainer::ResumePoint> chosen =
+        trainer::ChooseResumePoint(flags.resume_from, /*set_aside=*/flags.rank == 0);
+    if (!chosen.ok()) return fail(chosen.status());
+    resume = *std::move(chosen);
   }
-  trainer::EmitHello(events, flags.rank, flags.world_size, flags.device, start_step);
+  trainer::EmitHello(events, flags.rank, flags.world_size, flags.device, resume.state.step);
+  if (!resume.fallback.empty() && flags.rank == 0) {
+    ftune::v1::RankMessage m;
+    m.mutable_log()->set_level("WARNING");
+    m.mutable_log()->set_text(resume.fallback);
+    events.Emit(m);
+  }
   const auto on_agent_message = [&](const ftune::v1::AgentMessage& m) {
     if (m.has_stop()) stop.Request(m.stop().save_checkpoint());
   };
@@ -354,7 +363,7 @@ int RunAgentRank(const RunFlags& flags) {
   ctx.world_size = flags.world_size;
   ctx.device = flags.device;
   ctx.output_dir = flags.output_dir;
-  ctx.resume_from = flags.resume_from;
+  ctx.resume_from = resume.dir;
   ctx.comm = comm.get();
   ctx.events = &events;
   ctx.stop = &stop;
