@@ -59,6 +59,8 @@ Batch MakeBatch(const data::TokenFile& file, const std::vector<int64_t>& rows,
   b.input_ids = ids.to(device);
   b.position_ids = pos.to(device);
   b.labels = labels.to(device);
+  b.host_position_ids = pos;
+  b.host_labels = labels;
   return b;
 }
 

@@ -59,6 +59,10 @@ struct Batch {
   at::Tensor position_ids;  // (batch, seq) int64
   at::Tensor labels;        // (batch, seq) int64, -100 ignored
   int64_t num_input_tokens = 0;  // real (unpadded) tokens
+  // The same position ids and labels on the CPU, for what the host needs to
+  // know of the batch without waiting for the device (LlamaModel::HostLayout).
+  at::Tensor host_position_ids;
+  at::Tensor host_labels;
 };
 
 Batch MakeBatch(const data::TokenFile& file, const std::vector<int64_t>& rows,

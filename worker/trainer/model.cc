@@ -500,7 +500,8 @@ at::Tensor LlamaModel::CheckedPositions(const at::Tensor& input_ids,
   return position_ids;
 }
 
-LlamaModel::AttentionContext LlamaModel::MakeAttentionContext(const at::Tensor& position_ids) const {
+LlamaModel::AttentionContext LlamaModel::MakeAttentionContext(const at::Tensor& position_ids,
+                                                              const BatchLayout* layout) const {
   AttentionContext ctx;
   // RoPE as LlamaRotaryEmbedding: fp32 angles pos * inv_freq, duplicated
   // over both halves, cos/sin in fp32, then cast to the compute dtype.
@@ -514,10 +515,14 @@ LlamaModel::AttentionContext LlamaModel::MakeAttentionContext(const at::Tensor& 
   const at::Tensor starts = DocumentStarts(position_ids);  // (b, s)
   const int64_t s = position_ids.size(1);
   if (ctx.flash) {
+    ctx.plain_causal = false;
+    if (layout != nullptr) {
+      ctx.cu_seqlens = layout->cu_seqlens;
+      return ctx;
+    }
     // Each row starts a document, so the flattened rows never share one.
     at::Tensor offsets = starts.reshape({-1}).nonzero().squeeze(1).to(at::kInt);  // (docs)
     ctx.cu_seqlens = at::cat({offsets, at::full({1}, starts.numel(), offsets.options())});
-    ctx.plain_causal = false;
     return ctx;
   }
   ctx.plain_causal = !starts.slice(1, 1).any().item<bool>();
@@ -599,10 +604,11 @@ void LlamaModel::ReleaseHead() const {
 }
 
 at::Tensor LlamaModel::HiddenKeepHead(const at::Tensor& input_ids, const at::Tensor& position_ids,
-                                      bool training, bool* boundary) const {
+                                      bool training, bool* boundary,
+                                      const BatchLayout* layout) const {
   *boundary = false;
   const at::Tensor pos = CheckedPositions(input_ids, position_ids);
-  const AttentionContext ctx = MakeAttentionContext(pos);
+  const AttentionContext ctx = MakeAttentionContext(pos, layout);
   const bool grad = at::GradMode::is_enabled();
   // Layers are handed back after their forward with kForward when a
   // backward will follow (it re-gathers them), kForwardOnly otherwise.
@@ -666,8 +672,34 @@ at::Tensor LlamaModel::Logits(const at::Tensor& input_ids, const at::Tensor& pos
   return logits;
 }
 
+BatchLayout LlamaModel::HostLayout(const at::Tensor& position_ids,
+                                   const at::Tensor& labels) const {
+  TORCH_CHECK(position_ids.device().is_cpu() && labels.device().is_cpu() &&
+                  position_ids.scalar_type() == at::kLong && labels.scalar_type() == at::kLong &&
+                  position_ids.dim() == 2 && labels.sizes() == position_ids.sizes(),
+              "HostLayout: position ids ", position_ids.sizes(), " and labels ", labels.sizes(),
+              " must be (batch, seq) int64 on the CPU");
+  const at::Tensor starts = DocumentStarts(position_ids);                    // (b, s)
+  at::Tensor offsets = starts.reshape({-1}).nonzero().squeeze(1).to(at::kInt);
+  BatchLayout l;
+  l.cu_seqlens = at::cat({offsets, at::full({1}, starts.numel(), offsets.options())});
+  const at::Tensor targets = labels.slice(1, 1);                             // (b, s - 1)
+  const at::Tensor valid = (targets != kIgnoreIndex) & starts.slice(1, 1).logical_not();
+  const at::Tensor rows = valid.reshape({-1}).nonzero().squeeze(1);          // (n)
+  const at::Tensor t = targets.reshape({-1}).index_select(0, rows);
+  TORCH_CHECK(t.numel() == 0 || (t.min().item<int64_t>() >= 0 &&
+                                 t.max().item<int64_t>() < config_.vocab_size),
+              "labels must be -100 or in [0, ", config_.vocab_size, ")");
+  l.num_loss_tokens = rows.size(0);
+  // Pageable copies: queued on the stream without waiting for it.
+  l.cu_seqlens = l.cu_seqlens.to(options_.device);
+  l.loss_rows = rows.to(options_.device);
+  return l;
+}
+
 LossOutput LlamaModel::Loss(const at::Tensor& input_ids, const at::Tensor& position_ids,
-                            const at::Tensor& labels, bool training) const {
+                            const at::Tensor& labels, bool training,
+                            const BatchLayout* layout) const {
   const at::Tensor pos = CheckedPositions(input_ids, position_ids);
   TORCH_CHECK(labels.sizes() == input_ids.sizes(), "labels ", labels.sizes(),
               " must match input_ids ", input_ids.sizes());
@@ -675,20 +707,27 @@ LossOutput LlamaModel::Loss(const at::Tensor& input_ids, const at::Tensor& posit
               "labels must be int64 on ", options_.device);
   const int64_t s = input_ids.size(1), hidden = config_.hidden_size;
   bool boundary = false;
-  at::Tensor h = HiddenKeepHead(input_ids, pos, training, &boundary);  // (b, s, hidden)
+  at::Tensor h = HiddenKeepHead(input_ids, pos, training, &boundary, layout);  // (b, s, hidden)
   // Position t predicts labels[t + 1]; skip ignored targets and targets that
   // open a new document (they would be predicted across the boundary).
   at::Tensor targets = labels.slice(1, 1);                                   // (b, s - 1)
-  at::Tensor valid = (targets != kIgnoreIndex) & DocumentStarts(pos).slice(1, 1).logical_not();
-  at::Tensor rows = valid.reshape({-1}).nonzero().squeeze(1);                // (n)
+  at::Tensor rows;                                                           // (n)
+  if (layout != nullptr) {
+    rows = layout->loss_rows;  // checked by HostLayout
+  } else {
+    at::Tensor valid = (targets != kIgnoreIndex) & DocumentStarts(pos).slice(1, 1).logical_not();
+    rows = valid.reshape({-1}).nonzero().squeeze(1);
+  }
   const at::Tensor t = targets.reshape({-1}).index_select(0, rows);          // (n)
-  TORCH_CHECK(t.numel() == 0 || (t.min().item<int64_t>() >= 0 &&
-                                 t.max().item<int64_t>() < config_.vocab_size),
-              "labels must be -100 or in [0, ", config_.vocab_size, ")");
+  if (layout == nullptr) {
+    TORCH_CHECK(t.numel() == 0 || (t.min().item<int64_t>() >= 0 &&
+                                   t.max().item<int64_t>() < config_.vocab_size),
+                "labels must be -100 or in [0, ", config_.vocab_size, ")");
+  }
   at::Tensor hs = h.slice(1, 0, s - 1).reshape({-1, hidden}).index_select(0, rows);  // (n, hidden)
   LossOutput out;
   out.loss_sum = ChunkedCrossEntropySum(hs, lm_head_, t, options_.loss_chunk_tokens);
-  out.num_tokens = rows.size(0);
+  out.num_tokens = layout != nullptr ? layout->num_loss_tokens : rows.size(0);
   if (!boundary) ReleaseHead();
   return out;
 }

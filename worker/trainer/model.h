@@ -140,6 +140,17 @@ class UnitHooks {
   virtual void Prefetch(int64_t unit, UnitPhase phase) {}
 };
 
+// What a batch's position ids and labels imply, computed on the host from
+// their CPU copies (LlamaModel::HostLayout) so that a training step need not
+// wait for the device to learn it: where the documents start (flash
+// attention's sequence offsets) and which targets the loss counts. Tensors
+// on the model's device.
+struct BatchLayout {
+  at::Tensor cu_seqlens;       // (documents + 1) int32: offsets in batch * seq
+  at::Tensor loss_rows;        // (num_loss_tokens) int64: flattened (b, s - 1) indices
+  int64_t num_loss_tokens = 0;
+};
+
 struct LossOutput {
   at::Tensor loss_sum;     // () fp32, sum of -log p(target), differentiable
   int64_t num_tokens = 0;  // targets counted in loss_sum
@@ -222,8 +233,14 @@ class LlamaModel {
   // Causal-LM loss with HF's label convention: labels (batch, seq) int64,
   // labels[t] is predicted from position t - 1, -100 ignored; targets that
   // start a new document are ignored too.
+  // With `layout` (HostLayout of the same batch) nothing in it is derived
+  // from the device tensors again: no host synchronization.
   LossOutput Loss(const at::Tensor& input_ids, const at::Tensor& position_ids,
-                  const at::Tensor& labels, bool training) const;
+                  const at::Tensor& labels, bool training,
+                  const BatchLayout* layout = nullptr) const;
+  // The layout of a batch from CPU position ids and labels (batch, seq)
+  // int64; checks the labels (-100 or in [0, vocab)) on the host.
+  BatchLayout HostLayout(const at::Tensor& position_ids, const at::Tensor& labels) const;
   // The number of targets Loss counts for these labels: what transformers
   // calls num_items_in_batch, needed before the forwards of an accumulated
   // step so every micro-batch can be scaled by the step's token count.
@@ -272,9 +289,10 @@ class LlamaModel {
   // Hidden with the head unit left resident; *boundary says whether the
   // head is released by the backward (a boundary node was inserted).
   at::Tensor HiddenKeepHead(const at::Tensor& input_ids, const at::Tensor& pos, bool training,
-                            bool* boundary) const;
+                            bool* boundary, const BatchLayout* layout = nullptr) const;
   at::Tensor CheckedPositions(const at::Tensor& input_ids, const at::Tensor& position_ids) const;
-  AttentionContext MakeAttentionContext(const at::Tensor& position_ids) const;
+  AttentionContext MakeAttentionContext(const at::Tensor& position_ids,
+                                        const BatchLayout* layout) const;
   at::Tensor Attention(const DecoderLayer& layer, const at::Tensor& x, const AttentionContext& ctx,
                        bool training) const;
   bool UseSdpa() const;

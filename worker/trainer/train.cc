@@ -91,26 +91,33 @@ Result<StepOutcome> TrainStep(const RunConfig& config, const RankEnv& env, Train
   const int64_t accumulation = config.training.gradient_accumulation_steps;
   StepOutcome out;
   const CollectiveTotals comm_before = CollectivesNow(state, 0);
+  // What the host must know of each micro-batch (document offsets, the
+  // loss's targets and their count) comes from its CPU copy: nothing in the
+  // step waits for the device until the loss is read at its end.
   std::vector<Batch> micro_batches;
+  std::vector<BatchLayout> layouts;
   int64_t local_loss_tokens = 0;
   for (int64_t a = 0; a < accumulation; ++a) {
     micro_batches.push_back(
         MakeBatch(train, schedule.order.RowsFor(progress.micro + a, env.rank), env.device));
-    local_loss_tokens += LlamaModel::CountLossTokens(micro_batches.back().labels,
-                                                     micro_batches.back().position_ids);
+    layouts.push_back(state.model->HostLayout(micro_batches.back().host_position_ids,
+                                              micro_batches.back().host_labels));
+    local_loss_tokens += layouts.back().num_loss_tokens;
     out.input_tokens += micro_batches.back().num_input_tokens;
   }
   FTUNE_ASSIGN_OR_RETURN(out.loss_tokens, env.reduce->SumInt(local_loss_tokens));
   const double scale = 1.0 / static_cast<double>(std::max<int64_t>(out.loss_tokens, 1));
 
-  double local_loss_sum = 0;
+  at::Tensor local_loss = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(env.device));
   phases.Start();
-  for (const Batch& b : micro_batches) {
-    LossOutput loss = state.model->Loss(b.input_ids, b.position_ids, b.labels, /*training=*/true);
+  for (size_t i = 0; i < micro_batches.size(); ++i) {
+    const Batch& b = micro_batches[i];
+    LossOutput loss = state.model->Loss(b.input_ids, b.position_ids, b.labels, /*training=*/true,
+                                        &layouts[i]);
     phases.Mark(StepPhase::kForward);
     loss.loss_sum.mul(scale).backward();
     phases.Mark(StepPhase::kBackward);
-    local_loss_sum += loss.loss_sum.item<double>();
+    local_loss.add_(loss.loss_sum.detach());
   }
   {
     FTUNE_RANGE("ftune::reduce_gradients");
@@ -133,6 +140,7 @@ Result<StepOutcome> TrainStep(const RunConfig& config, const RankEnv& env, Train
     FTUNE_RETURN_IF_ERROR(state.lora->GatherParams());
   }
   phases.Mark(StepPhase::kOptimizer);
+  const double local_loss_sum = local_loss.item<double>();
   FTUNE_ASSIGN_OR_RETURN(double loss_sum, env.reduce->SumDouble(local_loss_sum));
   out.loss = loss_sum * scale;
   out.phase_seconds = phases.Seconds();
