@@ -456,7 +456,7 @@ TEST_F(JobManagerTest, RendezvousOnlyFromTheAgentOfRank0) {
   EXPECT_FALSE(manager_->Rendezvous(outsider, pub));
   EXPECT_FALSE(manager_->Rendezvous(rank1, pub));
   EXPECT_EQ(rendezvous_count(a) + rendezvous_count(b) + rendezvous_count(c), 0);
-  EXPECT_EQ(metrics_.dropped["rendezvous_not_placed"], 2);
+  EXPECT_EQ(counting_.dropped["rendezvous_not_placed"], 2);
   pub.set_data("tcp://rank0:1");
   EXPECT_TRUE(manager_->Rendezvous(rank0, pub));
   EXPECT_EQ(rendezvous_count(a) + rendezvous_count(b) + rendezvous_count(c), 2);
