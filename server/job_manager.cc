@@ -283,10 +283,10 @@ absl::Status JobManager::RankExited(v1::Job* job, int32_t rank, int32_t exit_cod
 // adapter or state, nor add to its events.
 const char* JobManager::WhyDropped(const v1::Job& job, const v1::RankEvent& ev,
                                    const std::string& agent_id) {
-  if (ev.attempt() != job.attempt()) return "stale_attempt";
+  if (ev.attempt() != job.attempt()) return kDropStaleAttempt;
   for (const auto& pl : job.placement())
-    if (pl.rank() == ev.rank()) return pl.agent_id() == agent_id ? nullptr : "not_placed";
-  return "not_placed";
+    if (pl.rank() == ev.rank()) return pl.agent_id() == agent_id ? nullptr : kDropNotPlaced;
+  return kDropNotPlaced;
 }
 
 // What one rank event does to its job. `je` (EventManager's words for it) is
@@ -545,7 +545,7 @@ bool JobManager::Rendezvous(const std::string& agent_id, const v1::RendezvousPub
   // Rank 0 publishes where its peers connect: from anyone else it could
   // lead a job's ranks (and their weights) to another host.
   if (!from_rank0) {
-    if (metrics_) metrics_->EventsDropped("rendezvous_not_placed", 1);
+    if (metrics_) metrics_->EventsDropped(kDropRendezvousNotPlaced, 1);
     return false;
   }
   v1::CoordinatorToAgent msg;
@@ -572,7 +572,7 @@ absl::StatusOr<int> JobManager::ApplyRankEvents(
       if (jit == jobs.end()) {
         auto job = store_->GetJob(ev.job_id());
         if (absl::IsNotFound(job.status())) {  // nothing to attach it to
-          ++dropped["unknown_job"];
+          ++dropped[kDropUnknownJob];
           continue;
         }
         if (!job.ok()) return job.status();  // not stored, not acked: the agent resends

@@ -1,9 +1,10 @@
 // Prometheus metrics of the coordinator (prometheus-cpp), served on
 // --metrics-listen at /metrics. Names and labels: docs/control-plane.md.
 // Per-job counters appear at 0 when the job starts (JobStarted), so a query
-// over them has data before the first checkpoint or restart; per-job series
-// are removed when the job ends, so a long-lived coordinator does not
-// accumulate dead series.
+// over them has data before the first checkpoint or restart; the fleet
+// counters (store errors, events dropped by every reason) exist at 0 from
+// construction, for the same reason. Per-job series are removed when the job
+// ends, so a long-lived coordinator does not accumulate dead series.
 //
 // Thread-safe.
 #ifndef FTUNE_SERVER_METRICS_H_

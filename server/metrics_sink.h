@@ -17,6 +17,20 @@
 
 namespace ftune::server {
 
+// Why a rank event was not stored: the `reason` label of
+// ftune_events_dropped_total. The exporter creates a series at 0 for each,
+// so a dashboard has data before anything is dropped.
+//   stale_attempt          a rank of an attempt that is not the job's current one
+//   not_placed             a rank the sending agent does not hold
+//   unknown_job            a job the store does not have
+//   rendezvous_not_placed  rendezvous data from an agent other than rank 0's
+inline constexpr char kDropStaleAttempt[] = "stale_attempt";
+inline constexpr char kDropNotPlaced[] = "not_placed";
+inline constexpr char kDropUnknownJob[] = "unknown_job";
+inline constexpr char kDropRendezvousNotPlaced[] = "rendezvous_not_placed";
+inline constexpr const char* kEventDropReasons[] = {kDropStaleAttempt, kDropNotPlaced,
+                                                    kDropUnknownJob, kDropRendezvousNotPlaced};
+
 class MetricsSink {
  public:
   virtual ~MetricsSink() = default;
@@ -33,9 +47,7 @@ class MetricsSink {
   virtual void Restarted(const std::string& job_id) = 0;
   virtual void JobEnded(const std::string& job_id) = 0;
   virtual void EventsIngested(int n) = 0;
-  // Rank events not stored: `reason` is "stale_attempt" (a rank of an
-  // attempt that is not the job's current one), "not_placed" (a rank the
-  // sending agent does not hold) or "unknown_job".
+  // Rank events not stored: `reason` is one of kEventDropReasons.
   virtual void EventsDropped(const std::string& reason, int n) = 0;
 };
 

@@ -20,7 +20,7 @@ src="${1:?usage: deploy_dashboard_test.sh SOURCE_DIR}"
 dash="$src/deploy/grafana/dashboards/ftune.json"
 doc="$src/docs/control-plane.md"
 check="$src/deploy/check_dashboard_queries.sh"
-expected_queries=19
+expected_queries=22
 
 command -v jq >/dev/null || { echo "FAIL: jq is required (scripts/install-deps.sh installs it)"; exit 1; }
 tmp="$(mktemp -d)"

@@ -29,7 +29,8 @@
 // LogLine "resuming at step <N> from <CKPT>"; rank 0 publishes
 // "rdzv:<job>:<attempt>" and every rank waits for AgentMessage.rendezvous
 // with exactly those bytes before stepping. Each step sends StepMetrics
-// (loss 2*exp(-0.1*step) + 0.01*sin(0.7*step), the same on every rank) and
+// (loss 2*exp(-0.1*step) + 0.01*sin(0.7*step), the same on every rank;
+// forward, backward and optimizer 30/60/10% of the step's time) and
 // every 5th step MemoryStats. A running checksum, updated deterministically
 // each step and identical on every rank, stands in for the weights:
 // checkpoint-<step>/rank-<R>.state holds "step checksum"; rank 0 writes
@@ -504,6 +505,13 @@ class Rank {
                                          : 0);
     s->set_epoch(static_cast<double>(step_) /
                  static_cast<double>(std::max<int64_t>(script_.steps, 1)));
+    // Phase times as ftune-rank reports them: forward, backward and
+    // optimizer split the step; exposed_comm is a part of them (none with
+    // one rank).
+    s->set_forward_seconds(0.3 * seconds);
+    s->set_backward_seconds(0.6 * seconds);
+    s->set_optimizer_seconds(0.1 * seconds);
+    s->set_exposed_comm_seconds(args_.world_size > 1 ? 0.05 * seconds : 0);
     Send(m);
   }
 

@@ -229,6 +229,9 @@ TEST(FakeRankTest, RunsToCompletionWithCheckpointsAndAdapter) {
       EXPECT_GT(m.step().loss(), 0);
       EXPECT_GT(m.step().learning_rate(), 0);
       EXPECT_EQ(m.step().tokens_total(), m.step().tokens() * m.step().step());
+      EXPECT_GT(m.step().forward_seconds(), 0);
+      EXPECT_GT(m.step().backward_seconds(), m.step().forward_seconds());
+      EXPECT_EQ(m.step().exposed_comm_seconds(), 0);  // one rank
       last_loss = m.step().loss();
     }
     if (m.has_memory()) ++memory;

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A real Prometheus (Debian's package) on loopback scrapes a coordinator that
 # is running a job (which has checkpointed and restarted once), and every
-# query of the Grafana dashboard must return data for that job.
+# query of the Grafana dashboard must return data for that job: the step
+# phase panel from the ranks' step events, the store error and dropped event
+# panels from counters that exist at 0 before anything fails.
 #
 #   dashboard_e2e_test.sh COORDINATOR AGENT TEST_RANK SOURCE_DIR
 set -euo pipefail
@@ -69,6 +71,16 @@ for _ in $(seq 300); do
   sleep 0.1
 done
 echo "restarts=$restarts step=$step"
+# The series behind the panels that are easiest to leave empty, on the
+# coordinator's own page first (a clearer failure than an empty query).
+page=$(curl -sf "http://127.0.0.1:$mport/metrics")
+for series in "ftune_job_step_phase_seconds\{job_id=\"$job\",phase=\"forward\",rank=\"0\"\} " \
+              "ftune_job_step_phase_seconds\{job_id=\"$job\",phase=\"exposed_comm\",rank=\"1\"\} " \
+              "ftune_store_errors_total 0$" \
+              "ftune_events_dropped_total\{reason=\"unknown_job\"\} " \
+              "ftune_events_dropped_total\{reason=\"rendezvous_not_placed\"\} "; do
+  grep -qE "^$series" <<<"$page" || { echo "FAIL: no series /^$series/ on /metrics"; exit 1; }
+done
 sleep 6   # a few scrapes, so rate() has two points inside its window
 bash "$src/deploy/check_dashboard_queries.sh" --job-id "$job" --rate-interval 10s \
   "http://127.0.0.1:$pport" "$src/deploy/grafana/dashboards/ftune.json"

@@ -81,6 +81,28 @@ TEST(Metrics, PerJobCountersStartAtZeroWhenTheJobStarts) {
   EXPECT_EQ(text.find("job-00000"), std::string::npos) << text;
 }
 
+// The fleet counters are on the first scrape, at 0, before anything has
+// failed or been dropped: the dashboard's "store errors / s" and "events
+// dropped / s by reason" have data on a healthy coordinator.
+TEST(Metrics, FleetCountersStartAtZero) {
+  Metrics m;
+  std::string text = Scrape(m);
+  EXPECT_NE(text.find("\nftune_store_errors_total 0\n"), std::string::npos) << text;
+  // The reasons docs/control-plane.md lists, spelled out.
+  for (const std::string reason :
+       {"stale_attempt", "not_placed", "unknown_job", "rendezvous_not_placed"})
+    EXPECT_NE(text.find("\nftune_events_dropped_total{reason=\"" + reason + "\"} 0\n"),
+              std::string::npos)
+        << reason << "\n"
+        << text;
+  m.StoreError();
+  m.EventsDropped(kDropStaleAttempt, 2);
+  text = Scrape(m);
+  EXPECT_NE(text.find("\nftune_store_errors_total 1\n"), std::string::npos) << text;
+  EXPECT_NE(text.find("ftune_events_dropped_total{reason=\"stale_attempt\"} 2"), std::string::npos);
+  EXPECT_NE(text.find("ftune_events_dropped_total{reason=\"unknown_job\"} 0"), std::string::npos);
+}
+
 TEST(Metrics, FleetAndStateGauges) {
   Metrics m;
   m.JobStates({{v1::QUEUED, 2}, {v1::RUNNING, 1}});
