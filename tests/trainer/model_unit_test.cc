@@ -205,6 +205,47 @@ TEST(PackedSequences, LossIsTheSumOverDocuments) {
   EXPECT_EQ(m->Loss(ids, at::Tensor(), labels, false).num_tokens, 11 - 2);
 }
 
+// The host-side layout (what a training step uses to avoid syncs) gives the
+// loss exactly what the device path derives: same targets, same sum, same
+// gradients; and it checks the labels on the host.
+TEST(PackedSequences, HostLayoutGivesTheSameLossAndGradients) {
+  auto m = TinyModel();
+  ASSERT_TRUE(m->AttachLora(LoraConfig{}).ok());
+  RandomizeB(*m, 4);
+  const at::Tensor ids = at::cat({Ids({5, 9, 1, 33, 2, 8}), Ids({7, 7, 12, 30, 4, 0})}, 0);
+  const at::Tensor pos = at::cat({Ids({0, 1, 2, 0, 1, 2}), Ids({3, 4, 5, 6, 0, 1})}, 0);
+  at::Tensor labels = ids.clone();
+  labels[1][3] = -100;
+  const BatchLayout layout = m->HostLayout(pos, labels);
+  EXPECT_EQ(layout.cu_seqlens.sizes(), (std::vector<int64_t>{5}));
+  EXPECT_EQ(layout.cu_seqlens[1].item<int>(), 3);   // row 0's second document
+  EXPECT_EQ(layout.cu_seqlens[3].item<int>(), 10);  // row 1's second document
+  EXPECT_EQ(layout.cu_seqlens[4].item<int>(), 12);
+  auto loss_and_grads = [&](const BatchLayout* l) {
+    for (const NamedTensor& p : m->LoraParameters()) p.tensor.mutable_grad() = at::Tensor();
+    LossOutput out = m->Loss(ids, pos, labels, /*training=*/true, l);
+    out.loss_sum.backward();
+    std::vector<at::Tensor> grads;
+    for (const NamedTensor& p : m->LoraParameters()) grads.push_back(p.tensor.grad().clone());
+    return std::make_pair(out, grads);
+  };
+  auto [with, with_grads] = loss_and_grads(&layout);
+  auto [without, without_grads] = loss_and_grads(nullptr);
+  EXPECT_EQ(with.num_tokens, without.num_tokens);
+  EXPECT_EQ(with.num_tokens, 2 * 5 - 2 - 1);  // two documents start mid-row, one -100
+  EXPECT_EQ(with.loss_sum.item<double>(), without.loss_sum.item<double>());
+  ASSERT_EQ(with_grads.size(), without_grads.size());
+  for (size_t i = 0; i < with_grads.size(); ++i) EXPECT_TRUE(with_grads[i].equal(without_grads[i]));
+  at::Tensor bad = labels.clone();
+  bad[0][4] = 1000000;
+  try {
+    m->HostLayout(pos, bad);
+    FAIL() << "an out-of-range label was accepted";
+  } catch (const c10::Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("labels must be -100 or in [0, "));
+  }
+}
+
 // --- LoRA -----------------------------------------------------------------
 
 TEST(Lora, FreshAdapterIsTheIdentityAndOnlyAdaptersTrain) {
