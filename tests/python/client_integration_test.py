@@ -170,8 +170,9 @@ class ClientIntegrationTest(unittest.TestCase):
         self.assertEqual(state_name(final.state), "SUCCEEDED")
         self.assertEqual(final.last_step, 8)
         self.assertTrue(os.path.exists(os.path.join(final.adapter_path, "adapter_config.json")))
-        # report_to: [tensorboard] through the control plane: rank 0's file.
-        runs = os.path.join(self.dir, "out-tiny", "runs", "tiny")
+        # report_to: [tensorboard] through the control plane: rank 0's file,
+        # in the job's own directory under output_dir.
+        runs = os.path.join(self.dir, "out-tiny", job.id, "runs", "tiny")
         self.assertEqual(len([f for f in os.listdir(runs) if "tfevents" in f]), 1)
 
         steps = [cp.step for cp in c.checkpoints(job.id) if cp.complete]
