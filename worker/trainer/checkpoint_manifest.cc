@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 
 #include <nlohmann/json.hpp>
 
@@ -11,33 +12,25 @@ namespace {
 
 using json = nlohmann::json;
 
-// nlohmann's get<int64_t>() converts any number, casting floats and
-// out-of-range integers (UB for 1e300, a wrong value for 2^32 + 1): integers
-// are read only from integer JSON numbers in range.
-int64_t Int(const json& j, const char* key, int64_t lo, int64_t hi) {
+// The integer at j[key], which must be an integer JSON number in [lo, hi]
+// (hi >= 0). nlohmann's get<int64_t>() converts any number: 1e300 is
+// undefined behaviour, and 2^32 + 1 read as an int wraps to 1. Throws
+// json::exception when the key is missing, std::runtime_error naming the key
+// and the value otherwise.
+int64_t Field(const json& j, const char* key, int64_t lo, int64_t hi) {
   const json& v = j.at(key);
+  bool is_int = false;
   int64_t x = 0;
   if (v.is_number_unsigned()) {
     const uint64_t u = v.get<uint64_t>();
-    if (u > static_cast<uint64_t>(hi)) throw std::out_of_range("too large");
-    x = static_cast<int64_t>(u);
+    is_int = u <= static_cast<uint64_t>(hi);
+    if (is_int) x = static_cast<int64_t>(u);
   } else if (v.is_number_integer()) {
+    is_int = true;
     x = v.get<int64_t>();
-  } else {
-    throw std::invalid_argument("not an integer");
   }
-  if (x < lo || x > hi) throw std::out_of_range("out of range");
-  return x;
-}
-
-// Int, naming the key and the value in the error.
-int64_t Field(const json& j, const char* key, int64_t lo, int64_t hi) {
-  try {
-    return Int(j, key, lo, hi);
-  } catch (const std::invalid_argument&) {
-  } catch (const std::out_of_range&) {
-  }
-  throw std::runtime_error(std::string("'") + key + "' (" + j.at(key).dump() +
+  if (is_int && x >= lo && x <= hi) return x;
+  throw std::runtime_error(std::string("'") + key + "' (" + v.dump() +
                            ") must be an integer in [" + std::to_string(lo) + ", " +
                            std::to_string(hi) + "]");
 }
