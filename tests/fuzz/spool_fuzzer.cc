@@ -19,6 +19,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <string>
 #include <string_view>
 
@@ -37,6 +38,8 @@ const std::string& Dir() {
     char* made = mkdtemp(tmpl);
     if (made == nullptr) made = mkdtemp(tmpl_tmp);
     if (made == nullptr) __builtin_trap();
+    // libFuzzer ends with exit(): leave no spool behind in /dev/shm.
+    atexit([] { std::filesystem::remove_all(Dir()); });
     return new std::string(made);
   }();
   return *dir;
