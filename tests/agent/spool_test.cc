@@ -208,6 +208,20 @@ TEST_F(AgentSpoolTest, StaleAndFutureAcks) {
   EXPECT_EQ(AppendSteps(s.get(), 1), (std::vector<int64_t>{102}));
 }
 
+// An ack (or a record) at the top of int64, from a damaged or hand-edited
+// spool: appends are refused with an error instead of overflowing the seq.
+TEST_F(AgentSpoolTest, SeqsAtTheTopOfInt64RefuseAppendsInsteadOfOverflowing) {
+  auto s = Open();
+  ASSERT_TRUE(s->Ack(INT64_MAX - 1).ok());
+  EXPECT_EQ(AppendSteps(s.get(), 1), (std::vector<int64_t>{INT64_MAX}));
+  v1::RankEvent e = StepEvent(0, 1);
+  const absl::Status st = s->Append(&e);
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+  EXPECT_NE(st.message().find("no room"), std::string::npos) << st;
+  EXPECT_EQ(s->last_seq(), INT64_MAX);
+  EXPECT_EQ(s->num_unacked(), 1u);
+}
+
 TEST_F(AgentSpoolTest, CompactionDropsTheAckedPrefixFromTheFile) {
   auto s = Open(/*compact_bytes=*/256);
   AppendSteps(s.get(), 100);

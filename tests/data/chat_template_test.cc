@@ -98,6 +98,11 @@ TEST(ChatTemplateTest, PythonStripUsesUnicodeWhitespace) {
   EXPECT_EQ(PythonStrip("\xC2\xA0\xE3\x80\x80x\xE2\x80\xA8"), "x");  // NBSP, ideographic space, U+2028
   EXPECT_EQ(PythonStrip("\x1C\x1Fx\x1D"), "x");                      // Python counts U+001C..U+001F
   EXPECT_EQ(PythonStrip("\xE2\x80\x8Bx"), "\xE2\x80\x8Bx");           // zero-width space is not whitespace
+  // Stray continuation bytes are not code points: these two once decoded as
+  // U+0085 (NEL) and were stripped, and a last one was read past the end.
+  EXPECT_EQ(PythonStrip("\x82\x85x"), "\x82\x85x");
+  const std::string tail = "x\xAD";
+  EXPECT_EQ(PythonStrip(std::string_view(tail.data(), tail.size())), "x\xAD");
   EXPECT_EQ(PythonStrip("   "), "");
   EXPECT_EQ(PythonStrip("x\xE2"), "x\xE2");                           // a cut sequence is kept, not read past
 }

@@ -6,6 +6,15 @@ corpus/safetensors/  whole safetensors files: valid ones in the layouts real
                      enforces (the unit tests' MalformedFileTest cases).
 corpus/config/       config.json fixtures of tests/trainer/data, variations of
                      their RoPE settings, and model.safetensors.index.json files.
+corpus/chat_template/  a control byte (template, add_generation_prompt) and a
+                     messages JSON, with and without special tokens.
+corpus/checkpoint_manifest/  ftune_checkpoint.json as WriteCheckpointManifest
+                     writes it, and near misses.
+corpus/jobspec_yaml/ the job YAML files of examples/, and malformed ones.
+corpus/jobspec_proto/  JobSpec wire bytes (hand-encoded protobuf).
+corpus/channel/      rank channel streams: framed RankMessages, torn frames.
+corpus/spool/        spool_fuzzer inputs: a flag byte, then records the
+                     harness frames (see spool_fuzzer.cc) or a raw events.log.
 
 The other folders of corpus/ (tokenizer_json, tokenizer_encode,
 dataset_reader) are hand-made seeds; this script leaves them alone.
@@ -162,9 +171,133 @@ def json_seeds():
     return seeds
 
 
+def chat_template_seeds():
+    conv = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "  Hi \u3000"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Bye"}]
+    seeds = {}
+    for i in range(5):  # one per template, in SupportedChatTemplateNames order
+        seeds[f"conv_{i}"] = bytes([i]) + json.dumps(conv).encode()
+        seeds[f"conv_{i}_gen"] = bytes([0x80 | i]) + json.dumps(conv[1:]).encode()
+    seeds["tokens"] = b"\x01" + json.dumps({
+        "messages": conv[1:3], "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+        "date_string": "1 Jan 2025"}).encode()
+    seeds["bad_role"] = b"\x03" + json.dumps([{"role": "tool", "content": 1}]).encode()
+    seeds["llama31_jinja"] = b"\x01" + json.dumps({
+        "chat_template": "{{- bos_token }}{%- if not date_string is defined %}"
+                         "{%- set date_string = \"26 Jul 2024\" %}{%- endif %}"
+                         "Cutting Knowledge Date: December 2023<|start_header_id|>",
+        "messages": []}).encode()
+    seeds["jinja_text"] = b"\x00{% for message in messages %}<|im_start|>{{ message['role'] }}"
+    return seeds
+
+
+def manifest_seeds():
+    m = {"format": "ftune-checkpoint", "version": 1, "step": 20, "micro_batches": 80,
+         "tokens_total": 40960, "loss": 1.25, "world_size": 2, "total_numel": 96,
+         "seed": 42,
+         "shards": [{"file": "shard-0-of-2.safetensors", "bytes": 1000},
+                    {"file": "shard-1-of-2.safetensors", "bytes": 1000}],
+         "layout": [{"name": "base_model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                     "offset": 0, "numel": 64, "shape": [8, 8]},
+                    {"name": "base_model.model.layers.0.self_attn.q_proj.lora_B.weight",
+                     "offset": 64, "numel": 32, "shape": [4, 8]}]}
+    seeds = {"valid": json.dumps(m, indent=1).encode()}
+    for key, value in (("version", 2), ("world_size", 3), ("step", -1), ("seed", -1),
+                       ("format", 7), ("loss", "x"), ("version", 1e300),
+                       ("world_size", 4294967297), ("shards", "ab"), ("layout", {})):
+        bad = dict(m)
+        bad[key] = value
+        seeds[f"bad_{key}_{len(seeds)}"] = json.dumps(bad).encode()
+    seeds["not_object"] = b"[1, 2]"
+    return seeds
+
+
+def jobspec_yaml_seeds():
+    examples = os.path.join(HERE, "..", "..", "examples")
+    seeds = {}
+    for name in sorted(os.listdir(examples)):
+        if name.endswith(".yaml"):
+            with open(os.path.join(examples, name), "rb") as f:
+                seeds[name[:-5]] = f.read()
+    seeds["bad_types"] = b"name: [1]\nlora:\n  r: many\ntraining:\n  learning_rate: fast\n"
+    seeds["bad_unknown_key"] = b"model:\n  model_name_or_path: m\n  colour: red\n"
+    seeds["anchors"] = b"a: &x {r: 8}\nlora: *x\n"
+    seeds["not_mapping"] = b"- 1\n- 2\n"
+    return seeds
+
+
+def varint(v):
+    out = b""
+    while v >= 0x80:
+        out += bytes([(v & 0x7f) | 0x80])
+        v >>= 7
+    return out + bytes([v])
+
+
+def field(num, value):
+    """One protobuf field: bytes as length-delimited, int as varint."""
+    if isinstance(value, int):
+        return varint(num << 3) + varint(value & 0xffffffffffffffff)
+    return varint(num << 3 | 2) + varint(len(value)) + value
+
+
+def jobspec_proto_seeds():
+    model = field(1, b"/srv/models/llama")
+    dataset = field(1, b"/srv/data/train.jsonl") + field(2, b"messages")
+    lora = field(1, 16)
+    seeds = {
+        "minimal": field(1, b"job") + field(2, model) + field(3, dataset) + field(9, b"/srv/out"),
+        "lora": field(2, model) + field(3, dataset) + field(4, lora) + field(9, b"out"),
+        "relative_paths": field(2, field(1, b"../model")) + field(3, field(1, b"d.jsonl")),
+        "labels": field(2, model) + field(3, dataset) + field(10, 5) + field(11, 3) +
+                  field(12, field(1, b"team") + field(2, b"nlp")),
+        "negative_priority": field(2, model) + field(3, dataset) + field(10, -1),
+        "empty": b"",
+    }
+    return seeds
+
+
+def channel_seeds():
+    hello = field(1, 0) + field(2, 2) + field(3, 1234) + field(4, b"cpu")
+    msgs = [field(1, hello), field(9, b"nccl-id"), field(6, field(1, b"log line"))]
+    frames = b"".join(varint(len(m)) + m for m in msgs)
+    return {
+        "frames": frames,
+        "empty_frame": b"\x00",
+        "torn": frames[:-3],
+        "long_prefix": b"\xff\xff\xff\xff\x7f",
+        "over_limit": varint((64 << 20) + 1),
+        "bad_message": b"\x02\xff\xff",
+    }
+
+
+def spool_seeds():
+    def record(seq, payload=b"", kind=0):
+        return bytes([kind]) + struct.pack("<q", seq) + bytes([len(payload)]) + payload
+    job = field(2, b"job-1") + field(3, 0) + field(4, 1)
+    return {
+        "records": b"\x00" + record(1, job) + record(2, job) + record(3, job),
+        "acked": b"\x02" + struct.pack("<q", 2) + record(1, job) + record(2) + record(5, job),
+        "bad_crc": b"\x00" + record(1, job) + record(2, job, kind=1),
+        "torn_tail": b"\x00" + record(1, job) + record(2, job, kind=4),
+        "not_increasing": b"\x00" + record(4, job) + record(3, job),
+        "raw_payload": b"\x00" + record(1, b"\xff\xff", kind=2),
+        "seq_max": b"\x00" + record(0x7fffffffffffffff, job),
+        "raw": b"\x01\x05abcde\x00\x00\x00\x00",
+    }
+
+
 def main():
     for sub, seeds, ext in (("safetensors", safetensors_seeds(), ".safetensors"),
-                            ("config", json_seeds(), ".json")):
+                            ("config", json_seeds(), ".json"),
+                            ("chat_template", chat_template_seeds(), ".bin"),
+                            ("checkpoint_manifest", manifest_seeds(), ".json"),
+                            ("jobspec_yaml", jobspec_yaml_seeds(), ".yaml"),
+                            ("jobspec_proto", jobspec_proto_seeds(), ".pb"),
+                            ("channel", channel_seeds(), ".bin"),
+                            ("spool", spool_seeds(), ".bin")):
         d = os.path.join(OUT, sub)
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)

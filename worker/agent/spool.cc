@@ -308,6 +308,14 @@ absl::Status Spool::Append(std::vector<v1::RankEvent>* events) {
     std::vector<Entry> added;
     int64_t seq = last_seq_;
     int64_t off = file_size_;
+    // A damaged or hand-edited log or ack may put the last seq near the top
+    // of int64; numbering past it would overflow and reuse seqs.
+    if (seq > INT64_MAX - static_cast<int64_t>(events->size())) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "spool ", dir_, ": agent_seq ", seq, " leaves no room for ", events->size(),
+          " more events; the spool's acked file or events.log is damaged (move the spool "
+          "directory aside and start the agent again)"));
+    }
     for (v1::RankEvent& e : *events) {
       // Checked before anything is written: a batch is appended whole or not at all.
       if (e.ByteSizeLong() > kMaxEventBytes) {

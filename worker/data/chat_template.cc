@@ -15,8 +15,12 @@ namespace {
 bool IsPythonSpace(uint32_t cp) { return IsWhiteSpace(cp) || (cp >= 0x1C && cp <= 0x1F); }
 
 // Code point at `pos` when it is a complete sequence inside `text`, else -1.
+// A stray continuation byte is not one: DecodeUtf8At would read it as the
+// lead of a 2-byte sequence, past the end of the text when it is the last.
 int64_t CodePointAt(std::string_view text, size_t pos, size_t* length) {
-  const size_t n = Utf8Length(static_cast<unsigned char>(text[pos]));
+  const auto lead = static_cast<unsigned char>(text[pos]);
+  if (lead >= 0x80 && lead < 0xC0) return -1;
+  const size_t n = Utf8Length(lead);
   if (pos + n > text.size()) return -1;
   return DecodeUtf8At(text, pos, length);
 }

@@ -48,31 +48,9 @@
 #include <functional>
 
 #include "ftune/status.h"
+#include "worker/trainer/checkpoint_manifest.h"
 
 namespace ftune::trainer {
-
-inline constexpr const char kCheckpointManifestName[] = "ftune_checkpoint.json";
-inline constexpr int kCheckpointFormatVersion = 1;
-
-struct FlatEntry {
-  std::string name;  // PEFT tensor name
-  int64_t offset = 0;
-  int64_t numel = 0;
-  std::vector<int64_t> shape;
-};
-
-// What every rank agrees on at a checkpoint.
-struct TrainerState {
-  int64_t step = 0;           // optimizer steps completed
-  int64_t micro_batches = 0;  // global micro-batches consumed (data position)
-  int64_t tokens_total = 0;   // loss tokens seen by the whole job
-  double loss = 0;            // loss of the last step
-  int world_size = 1;
-  int64_t total_numel = 0;    // flat LoRA elements (no padding)
-  std::vector<FlatEntry> layout;
-  uint64_t seed = 0;
-  std::vector<int64_t> shard_bytes;  // per rank, as the manifest records them
-};
 
 // One rank's part.
 struct ShardState {

@@ -1,0 +1,4 @@
+
+/srv/models/llama!
+/srv/data/train.jsonlmessagesPXb
+teamnlp

@@ -1,0 +1,4 @@
+
+job
+/srv/models/llama!
+/srv/data/train.jsonlmessagesJ/srv/out

@@ -1,0 +1,3 @@
+
+/srv/models/llama!
+/srv/data/train.jsonlmessagesPÿÿÿÿÿÿÿÿÿ
