@@ -37,6 +37,11 @@ const char* const kMigrations[] = {
     ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     CREATE INDEX jobs_by_owner ON jobs(owner, ordinal);
     )sql",
+    // 3: the per-user queued cap counts one owner's jobs in one state on
+    // every CreateJob; this index keeps that count off the job rows.
+    R"sql(
+    CREATE INDEX jobs_by_owner_state ON jobs(owner, state);
+    )sql",
 };
 
 std::string Blob(sqlite3_stmt* st, int col) {
@@ -365,6 +370,14 @@ absl::StatusOr<std::map<int, int>> Store::CountJobsByState() {
     out[sqlite3_column_int(st, 0)] = sqlite3_column_int(st, 1);
   if (rc != SQLITE_DONE) return Error("count jobs");
   return out;
+}
+
+absl::StatusOr<int64_t> Store::CountJobs(int state, const std::string& owner) {
+  FTUNE_PREPARE(st, "SELECT COUNT(*) FROM jobs WHERE owner=? AND state=?");
+  sqlite3_bind_text(st, 1, owner.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_int(st, 2, state);
+  if (sqlite3_step(st) != SQLITE_ROW) return Error("count jobs of " + owner);
+  return sqlite3_column_int64(st, 0);
 }
 
 absl::Status Store::AppendEvent(const v1::JobEvent& e) {

@@ -203,7 +203,8 @@ TEST(Store, JobsStoredBeforeOwnersExistedStayReadable) {
   sqlite3* db = nullptr;
   ASSERT_EQ(sqlite3_open((dir + "/ftune.db").c_str(), &db), SQLITE_OK);
   ASSERT_EQ(sqlite3_exec(db,
-                         "DROP INDEX jobs_by_owner; ALTER TABLE jobs DROP COLUMN owner; "
+                         "DROP INDEX jobs_by_owner_state; DROP INDEX jobs_by_owner; "
+                         "ALTER TABLE jobs DROP COLUMN owner; "
                          "UPDATE schema_version SET version=1",
                          nullptr, nullptr, nullptr),
             SQLITE_OK)
@@ -212,7 +213,7 @@ TEST(Store, JobsStoredBeforeOwnersExistedStayReadable) {
 
   auto s = Store::Open(dir);
   ASSERT_TRUE(s.ok()) << s.status();
-  EXPECT_EQ((*s)->schema_version(), 2);
+  EXPECT_EQ((*s)->schema_version(), Store::kSchemaVersion);
   auto job = (*s)->GetJob("job-1");
   ASSERT_TRUE(job.ok()) << job.status();
   EXPECT_EQ(job->state(), v1::RUNNING);
