@@ -5,8 +5,20 @@
 //     a watcher" over real gRPC on loopback, p50/p99, for 1, 100, 1000
 //     watchers of one job.
 //
+//  3. scale (--scale): N simulated agents (8 slots each) on real gRPC
+//     streams, heartbeating, against M queued jobs: the scheduling tick,
+//     the coordinator's CPU per heartbeat, CreateJob p50/p99 over gRPC and
+//     the coordinator's RSS. The agents run in a child process forked
+//     before gRPC starts, so the CPU and memory figures are the
+//     coordinator's alone.
+//
 //   coordinator_bench [--events N] [--batch B] [--watchers 1,100,1000]
 //                     [--fanout-events N] [--fanout-period-ms MS]
+//   coordinator_bench --scale 1 [--agents 1000] [--queued 100000]
+//                     [--heartbeat-ms 1000] [--creates 100]
+#include <poll.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -15,12 +27,14 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <mutex>
 #include <sstream>
 #include <thread>
 
 #include <grpcpp/grpcpp.h>
 
+#include "agent_service.h"
 #include "coordinator.h"
 #include "job_service.h"
 #include "metrics.h"
@@ -206,22 +220,269 @@ void FanoutBench(int watchers, int events, int batch, int period_ms) {
               latencies_ms.size(), latencies_ms.size() / secs);
 }
 
+
+// --- scale
+
+int64_t RssBytes() {
+  std::ifstream f("/proc/self/status");
+  std::string key;
+  while (f >> key) {
+    if (key == "VmRSS:") {
+      int64_t kb = 0;
+      f >> kb;
+      return kb << 10;
+    }
+    std::string rest;
+    std::getline(f, rest);
+  }
+  return -1;
+}
+
+double CpuSeconds() {
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  return ru.ru_utime.tv_sec + ru.ru_stime.tv_sec + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+}
+
+// One simulated agent: registers 8 slots, heartbeats when told, and reads
+// (and drops) whatever the coordinator sends.
+class SimAgent : public grpc::ClientBidiReactor<v1::AgentToCoordinator, v1::CoordinatorToAgent> {
+ public:
+  SimAgent(v1::AgentService::Stub* stub, int i) {
+    auto* reg = out_.mutable_register_();
+    reg->set_agent_id("sim-" + std::to_string(i));
+    reg->set_host("sim-host-" + std::to_string(i));
+    for (int s = 0; s < 8; ++s) {
+      auto* slot = reg->add_slots();
+      slot->set_index(s);
+      slot->set_memory_bytes(80LL << 30);
+    }
+    stub->async()->Connect(&ctx_, this);
+    writing_ = true;
+    StartWrite(&out_);
+    StartRead(&in_);
+    StartCall();
+  }
+  // Sends a heartbeat unless a write is still in flight; true if sent.
+  bool Heartbeat() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (writing_ || done_) return false;
+    out_.Clear();
+    out_.mutable_heartbeat()->set_time_unix_ms(NowNs() / 1000000);
+    writing_ = true;
+    StartWrite(&out_);
+    return true;
+  }
+  void OnWriteDone(bool) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    writing_ = false;
+  }
+  void OnReadDone(bool ok) override {
+    if (ok) StartRead(&in_);
+  }
+  void OnDone(const grpc::Status&) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    done_ = true;
+  }
+  grpc::ClientContext ctx_;
+
+ private:
+  std::mutex mu_;
+  bool writing_ = false;
+  bool done_ = false;
+  v1::AgentToCoordinator out_;
+  v1::CoordinatorToAgent in_;
+};
+
+// The child: connects num_agents agents and heartbeats each every
+// heartbeat_ms until its parent closes the pipe. Writes how many
+// heartbeats it sent when done.
+void RunAgents(int port_fd, int count_fd, int num_agents, int heartbeat_ms) {
+  int port = 0;
+  if (read(port_fd, &port, sizeof(port)) != sizeof(port)) _exit(1);
+  const std::string address = "127.0.0.1:" + std::to_string(port);
+  std::vector<std::shared_ptr<grpc::Channel>> channels;
+  std::vector<std::unique_ptr<v1::AgentService::Stub>> stubs;
+  for (int i = 0; i < 16; ++i) {
+    grpc::ChannelArguments args;
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    channels.push_back(
+        grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args));
+    stubs.push_back(v1::AgentService::NewStub(channels.back()));
+  }
+  std::vector<std::unique_ptr<SimAgent>> agents;
+  for (int i = 0; i < num_agents; ++i)
+    agents.push_back(std::make_unique<SimAgent>(stubs[i % stubs.size()].get(), i));
+  // Spread over the interval: 100 rounds, each a hundredth of the agents.
+  int64_t sent = 0;
+  for (int64_t round = 0;; ++round) {
+    struct pollfd p{port_fd, POLLIN, 0};
+    if (poll(&p, 1, std::max(1, heartbeat_ms / 100)) != 0) break;  // parent closed: done
+    for (int i = static_cast<int>(round % 100); i < num_agents; i += 100)
+      sent += agents[i]->Heartbeat();
+  }
+  if (write(count_fd, &sent, sizeof(sent)) != sizeof(sent)) _exit(1);
+  for (auto& a : agents) a->ctx_.TryCancel();
+  _exit(0);
+}
+
+void ScaleBench(int num_agents, int num_queued, int heartbeat_ms, int num_creates) {
+  // Fork first: gRPC must not be running in a process that forks.
+  int to_child[2], from_child[2];
+  if (pipe(to_child) != 0 || pipe(from_child) != 0) return;
+  const pid_t child = fork();
+  if (child == 0) {
+    close(to_child[1]);
+    close(from_child[0]);
+    RunAgents(to_child[0], from_child[1], num_agents, heartbeat_ms);
+  }
+  close(to_child[0]);
+  close(from_child[1]);
+
+  const std::string dir = (std::filesystem::temp_directory_path() /
+                           ("ftune-bench-scale-" + std::to_string(getpid())))
+                              .string();
+  std::filesystem::remove_all(dir);
+  auto store = std::move(*Store::Open(dir));
+  v1::JobSpec spec;
+  spec.mutable_model()->set_model_name_or_path("/m");
+  spec.mutable_dataset()->add_data_files("/d.jsonl");
+  spec.mutable_resources()->set_num_ranks(8);
+  // The queue, stored directly in one transaction (CreateJob one by one
+  // would schedule after each).
+  auto t0 = Steady::now();
+  auto st = store->Transaction([&]() -> absl::Status {
+    for (int i = 1; i <= num_queued; ++i) {
+      v1::Job job;
+      job.set_id("job-" + std::to_string(i));
+      *job.mutable_spec() = spec;
+      job.mutable_spec()->set_name(job.id());
+      job.set_state(v1::QUEUED);
+      job.set_owner(i % 2 ? "alice" : "bob");
+      if (auto s = store->InsertJob(job, i); !s.ok()) return s;
+    }
+    return absl::OkStatus();
+  });
+  if (!st.ok()) {
+    std::fprintf(stderr, "preload failed: %s\n", std::string(st.message()).c_str());
+    return;
+  }
+  std::printf("scale: %d jobs queued in %.1f s; coordinator RSS %.0f MiB\n", num_queued,
+              std::chrono::duration<double>(Steady::now() - t0).count(), RssBytes() / 1048576.0);
+
+  EventBus bus;
+  ManagerOptions mo;
+  mo.heartbeat_interval_ms = heartbeat_ms;
+  mo.agent_timeout_ms = 60000;
+  Coordinator coordinator(store.get(), RealClock(), &bus, nullptr, mo);
+  (void)coordinator.Recover();
+  const Authenticator open_auth = *Authenticator::Create({});  // loopback: no tokens
+  AgentServiceImpl agent_service(&coordinator.agents(), &coordinator.events(), &coordinator.jobs(),
+                                 &open_auth);
+  JobServiceImpl job_service(&coordinator.jobs(), &coordinator.agents(), &coordinator.events(),
+                             nullptr, &open_auth);
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&agent_service);
+  builder.RegisterService(&job_service);
+  auto server = builder.BuildAndStart();
+  if (write(to_child[1], &port, sizeof(port)) != sizeof(port)) return;
+
+  t0 = Steady::now();
+  while (coordinator.agents().ListAgents().size() < static_cast<size_t>(num_agents) &&
+         Steady::now() - t0 < std::chrono::seconds(120))
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  std::printf("scale: %zu agents x 8 slots registered over gRPC in %.1f s; RSS %.0f MiB\n",
+              coordinator.agents().ListAgents().size(),
+              std::chrono::duration<double>(Steady::now() - t0).count(), RssBytes() / 1048576.0);
+
+  // Ticks: the first places what fits, the next ones find the fleet full.
+  std::vector<double> ticks;
+  for (int i = 0; i < 6; ++i) {
+    const auto a = Steady::now();
+    coordinator.Tick();
+    ticks.push_back(std::chrono::duration<double, std::milli>(Steady::now() - a).count());
+  }
+  std::vector<double> later(ticks.begin() + 1, ticks.end());
+  std::sort(later.begin(), later.end());
+  std::printf("scale: scheduling tick: first %.1f ms (places jobs), then median %.1f ms, max %.1f "
+              "ms (%d queued, fleet full)\n",
+              ticks[0], later[later.size() / 2], later.back(), num_queued);
+
+  // Heartbeats alone for 10 s: the coordinator's CPU over them.
+  const double cpu0 = CpuSeconds();
+  const auto w0 = Steady::now();
+  std::this_thread::sleep_for(std::chrono::seconds(10));
+  const double cpu = CpuSeconds() - cpu0;
+  const double window = std::chrono::duration<double>(Steady::now() - w0).count();
+  const double expected = num_agents * window * 1000.0 / heartbeat_ms;
+  std::printf("scale: heartbeats: ~%.0f/s; coordinator CPU %.1f%% of a core, %.1f us per "
+              "heartbeat\n",
+              expected / window, 100.0 * cpu / window, 1e6 * cpu / expected);
+
+  // CreateJob over gRPC against the full queue.
+  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(port),
+                                     grpc::InsecureChannelCredentials());
+  auto stub = v1::JobService::NewStub(channel);
+  std::vector<double> lat;
+  for (int i = 0; i < num_creates; ++i) {
+    grpc::ClientContext ctx;
+    v1::CreateJobRequest req;
+    *req.mutable_spec() = spec;
+    v1::Job out;
+    const auto a = Steady::now();
+    const grpc::Status s = stub->CreateJob(&ctx, req, &out);
+    lat.push_back(std::chrono::duration<double, std::milli>(Steady::now() - a).count());
+    if (!s.ok()) {
+      std::fprintf(stderr, "CreateJob: %s\n", s.error_message().c_str());
+      break;
+    }
+  }
+  std::sort(lat.begin(), lat.end());
+  if (!lat.empty())
+    std::printf("scale: CreateJob over gRPC with %d queued: p50 %.1f ms, p99 %.1f ms (%zu calls)\n",
+                num_queued, lat[lat.size() / 2],
+                lat[std::min(lat.size() - 1, lat.size() * 99 / 100)], lat.size());
+  std::printf("scale: coordinator RSS %.0f MiB\n", RssBytes() / 1048576.0);
+
+  close(to_child[1]);  // the agents stop
+  int64_t sent = 0;
+  if (read(from_child[0], &sent, sizeof(sent)) == sizeof(sent))
+    std::printf("scale: the agents sent %lld heartbeats in all\n", static_cast<long long>(sent));
+  waitpid(child, nullptr, 0);
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  std::filesystem::remove_all(dir);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   int events = 200000, batch = 500, fan_events = 200, fan_batch = 10, fan_period_ms = 100;
   std::vector<int> watchers = {1, 100, 1000};
+  int scale = 0, agents = 1000, queued = 100000, heartbeat_ms = 1000, creates = 100;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--events")) events = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--batch")) batch = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--fanout-events")) fan_events = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--fanout-period-ms")) fan_period_ms = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--scale")) scale = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--agents")) agents = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--queued")) queued = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--heartbeat-ms")) heartbeat_ms = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--creates")) creates = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--watchers")) {
       watchers.clear();
       std::stringstream ss(argv[i + 1]);
       std::string tok;
       while (std::getline(ss, tok, ',')) watchers.push_back(std::atoi(tok.c_str()));
     }
+  }
+  if (scale) {  // before anything starts gRPC: it forks
+    std::printf("ftune coordinator scale benchmark (%u cores)\n",
+                std::thread::hardware_concurrency());
+    ScaleBench(agents, queued, heartbeat_ms, creates);
+    return 0;
   }
   std::printf("ftune coordinator benchmark (%u cores)\n", std::thread::hardware_concurrency());
   IngestBench(events, batch);

@@ -397,13 +397,14 @@ absl::StatusOr<v1::Job> JobManager::CreateJob(v1::JobSpec spec, const std::strin
     }
   }
   if (options_.max_queued_jobs > 0) {
-    auto counts = store_->CountJobsByState();
-    if (!counts.ok()) return counts.status();
-    const auto it = counts->find(v1::QUEUED);
-    const int64_t queued = it == counts->end() ? 0 : it->second;
-    if (queued >= options_.max_queued_jobs)
+    // Per owner, admins included: one user filling the queue must not lock
+    // the others out of it.
+    auto queued = store_->CountJobs(v1::QUEUED, owner);
+    if (!queued.ok()) return queued.status();
+    if (*queued >= options_.max_queued_jobs)
       return absl::ResourceExhaustedError(
-          std::to_string(queued) + " jobs are queued, the most this coordinator takes "
+          (owner.empty() ? std::string("you have ") : "user '" + owner + "' has ") +
+          std::to_string(*queued) + " jobs queued, the most one user may have "
           "(--max-queued-jobs " + std::to_string(options_.max_queued_jobs) +
           "); submit again once some have started, or cancel some");
   }

@@ -101,8 +101,8 @@ class JobManager final : public AgentListener, public RankEventHandler {
     // Where a spec's paths may lead (ftune/path_policy.h), checked on
     // CreateJob against what this host sees. No roots: anywhere.
     PathPolicy paths;
-    // Jobs QUEUED at once; CreateJob beyond it is RESOURCE_EXHAUSTED.
-    // Counted over the coordinator: jobs have no owner yet. 0: no cap.
+    // Jobs one owner may have QUEUED at once (admins too); CreateJob beyond
+    // it is RESOURCE_EXHAUSTED. Other owners are unaffected. 0: no cap.
     int64_t max_queued_jobs = 0;
     // Events of a job that ended longer ago than this are deleted, all but
     // its last (how it ended). 0: kept forever.

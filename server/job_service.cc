@@ -1,5 +1,6 @@
 #include "job_service.h"
 
+#include <algorithm>
 #include <chrono>
 #include <deque>
 #include <mutex>
@@ -113,6 +114,13 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
   // gRPC's default 4 MiB receive limit takes every batch, since one event is
   // at most 1 MiB (the agent's limit, worker/agent/event_size.h).
   static constexpr size_t kMaxBatchBytes = 1 << 20;
+  // What a watcher holds beyond the batch in flight is capped in bytes as
+  // well as in events, so a thousand watchers that never read (their writes
+  // stopped by flow control) cost a thousand batches, not a thousand pages
+  // of large events: a store page is cut to kMaxBatchBytes (the next page
+  // asks for no more events than fitted), and live events queued beyond
+  // kMaxLiveBytes are dropped for a re-read from the store.
+  static constexpr size_t kMaxLiveBytes = 4 << 20;
 
   WatchReactor(JobManager* jobs, EventManager* events, const v1::WatchJobRequest& req,
                const absl::StatusOr<User>& user)
@@ -163,11 +171,15 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
   void OnEvents(const std::vector<SharedEvent>& events) override {
     std::lock_guard<std::mutex> lock(mu_);
     if (finished_ || !follow_) return;
-    if (live_.size() + events.size() > kMaxLive) {
+    size_t bytes = 0;
+    for (const SharedEvent& e : events) bytes += e->ByteSizeLong();
+    if (live_.size() + events.size() > kMaxLive || live_bytes_ + bytes > kMaxLiveBytes) {
       live_.clear();
+      live_bytes_ = 0;
       catching_up_ = true;  // re-read from the store instead of growing
     } else {
       live_.insert(live_.end(), events.begin(), events.end());
+      live_bytes_ += bytes;
     }
     NextLocked();
   }
@@ -206,24 +218,35 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
         continue;
       }
       if (catching_up_) {
-        auto page = events_->ReadEvents(job_id_, last_, kPage);
+        auto page = events_->ReadEvents(job_id_, last_, page_events_);
         if (!page.ok()) {
           FinishLocked(ToGrpc(page.status()));
           return nullptr;
         }
         if (page->empty()) {
           catching_up_ = false;
+          page_events_ = kPage;
           continue;
         }
-        for (auto& e : *page) stored_.push_back(std::make_shared<v1::JobEvent>(std::move(e)));
+        size_t bytes = 0;
+        int kept = 0;
+        for (auto& e : *page) {
+          bytes += e.ByteSizeLong();
+          if (kept > 0 && bytes > kMaxBatchBytes) break;  // read again when needed
+          stored_.push_back(std::make_shared<v1::JobEvent>(std::move(e)));
+          ++kept;
+        }
+        page_events_ = kept < static_cast<int>(page->size()) ? kept : kPage;
         continue;
       }
       if (live_.empty()) return nullptr;
       SharedEvent e = std::move(live_.front());
       live_.pop_front();
+      live_bytes_ -= std::min(live_bytes_, e->ByteSizeLong());
       if (e->seq() <= last_) continue;
       if (e->seq() != last_ + 1) {
         live_.clear();
+        live_bytes_ = 0;
         catching_up_ = true;
         continue;
       }
@@ -263,6 +286,7 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
     if (finished_) return;
     finished_ = true;
     live_.clear();
+    live_bytes_ = 0;
     stored_.clear();
     Finish(status);
   }
@@ -280,6 +304,8 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
   bool finished_ = false;
   std::deque<SharedEvent> stored_;
   std::deque<SharedEvent> live_;
+  size_t live_bytes_ = 0;     // of live_
+  int page_events_ = kPage;  // events asked of the next store read
   v1::WatchJobResponse response_;
 };
 

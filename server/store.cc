@@ -2,6 +2,7 @@
 
 #include <sqlite3.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <filesystem>
 
@@ -36,6 +37,11 @@ const char* const kMigrations[] = {
     R"sql(
     ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     CREATE INDEX jobs_by_owner ON jobs(owner, ordinal);
+    )sql",
+    // 3: the per-user queued cap counts one owner's jobs in one state on
+    // every CreateJob; this index keeps that count off the job rows.
+    R"sql(
+    CREATE INDEX jobs_by_owner_state ON jobs(owner, state);
     )sql",
 };
 
@@ -146,10 +152,23 @@ Store::~Store() {
 
 namespace {
 
-absl::Status StatusFor(int rc, const std::string& msg) {
+// The OS error behind SQLite's last I/O error. sqlite3_system_errno is not
+// set on every path (a failed COMMIT's write leaves it 0), so errno as the
+// failing call left it stands in; callers clear errno before calling SQLite.
+int SystemErrno(sqlite3* db) {
+  const int e = sqlite3_system_errno(db);
+  return e != 0 ? e : errno;
+}
+
+// sys_errno: the OS error behind an I/O error (SystemErrno).
+absl::Status StatusFor(int rc, int sys_errno, const std::string& msg) {
+  // SQLite says SQLITE_FULL only for ENOSPC; a write refused for the file
+  // size limit (EFBIG) or a quota (EDQUOT) is an I/O error, but just as full.
+  const bool full = (rc & 0xff) == SQLITE_FULL ||
+                    ((rc & 0xff) == SQLITE_IOERR &&
+                     (sys_errno == ENOSPC || sys_errno == EFBIG || sys_errno == EDQUOT));
+  if (full) return absl::ResourceExhaustedError(msg + " (the state database's disk is full)");
   switch (rc & 0xff) {  // the primary code of an extended one
-    case SQLITE_FULL:
-      return absl::ResourceExhaustedError(msg + " (the state database's disk is full)");
     case SQLITE_BUSY:
     case SQLITE_LOCKED:
       return absl::UnavailableError(msg);
@@ -164,16 +183,19 @@ absl::Status StatusFor(int rc, const std::string& msg) {
 }  // namespace
 
 absl::Status Store::Error(const std::string& what) {
-  return Failed(StatusFor(sqlite3_extended_errcode(db_), what + ": " + sqlite3_errmsg(db_)));
+  return Failed(StatusFor(sqlite3_extended_errcode(db_), SystemErrno(db_),
+                          what + ": " + sqlite3_errmsg(db_)));
 }
 
 absl::Status Store::Exec(const std::string& sql) {
   char* err = nullptr;
+  errno = 0;
   const int rc = sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err);
+  const int sys_errno = SystemErrno(db_);
   if (rc != SQLITE_OK) {
     std::string msg = err ? err : "unknown error";
     sqlite3_free(err);
-    return Failed(StatusFor(rc, "sqlite: " + msg + " in: " + sql.substr(0, 80)));
+    return Failed(StatusFor(rc, sys_errno, "sqlite: " + msg + " in: " + sql.substr(0, 80)));
   }
   return absl::OkStatus();
 }
@@ -242,6 +264,7 @@ absl::Status Store::Transaction(const std::function<absl::Status()>& fn) {
   std::lock_guard<std::recursive_mutex> lock(mu_);               \
   static const char kSql[] = sql;                                \
   sqlite3_stmt* var = Prepare(kSql);                             \
+  errno = 0; /* SystemErrno reads what the step leaves */        \
   if (var == nullptr) return Error("prepare");                   \
   Reset reset_##var{var}
 
@@ -365,6 +388,14 @@ absl::StatusOr<std::map<int, int>> Store::CountJobsByState() {
     out[sqlite3_column_int(st, 0)] = sqlite3_column_int(st, 1);
   if (rc != SQLITE_DONE) return Error("count jobs");
   return out;
+}
+
+absl::StatusOr<int64_t> Store::CountJobs(int state, const std::string& owner) {
+  FTUNE_PREPARE(st, "SELECT COUNT(*) FROM jobs WHERE owner=? AND state=?");
+  sqlite3_bind_text(st, 1, owner.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_int(st, 2, state);
+  if (sqlite3_step(st) != SQLITE_ROW) return Error("count jobs of " + owner);
+  return sqlite3_column_int64(st, 0);
 }
 
 absl::Status Store::AppendEvent(const v1::JobEvent& e) {

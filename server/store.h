@@ -61,7 +61,7 @@ class Store {
   static absl::StatusOr<std::unique_ptr<Store>> Open(const std::string& dir);
   ~Store();
 
-  static constexpr int kSchemaVersion = 2;
+  static constexpr int kSchemaVersion = 3;
   int schema_version() const { return schema_version_; }
 
   // Called with every store error (after it is logged), from the thread
@@ -83,6 +83,8 @@ class Store {
   absl::StatusOr<int64_t> NextOrdinal();
   // Number of jobs in each state (states with none are absent).
   absl::StatusOr<std::map<int, int>> CountJobsByState();
+  // Number of `owner`'s jobs in `state` (a v1::JobState).
+  absl::StatusOr<int64_t> CountJobs(int state, const std::string& owner);
 
   // --- events
   absl::Status AppendEvent(const v1::JobEvent& event);

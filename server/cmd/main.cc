@@ -166,7 +166,7 @@ int main(int argc, char** argv) {
                  "(repeatable; symlinks resolved). None: any absolute path (agents check "
                  "their own --allowed-root again)");
   app.add_option("--max-queued-jobs", max_queued_jobs,
-                 "jobs QUEUED at once; more are refused (0: no cap)")
+                 "jobs one user (admins too) may have QUEUED at once; more are refused (0: no cap)")
       ->capture_default_str();
   app.add_option("--max-watchers-per-job", max_watchers_per_job,
                  "WatchJob streams open on one job at once (0: no cap)")

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -391,6 +392,51 @@ TEST_F(AgentRankSupervisorTest, MessagesAreSpooledInOrderAndTheExitComesLast) {
   }
   EXPECT_TRUE(supervisor_->WaitIdle(absl::Seconds(10)));
   EXPECT_TRUE(supervisor_->Running().empty());
+}
+
+// No file of this process may grow while one lives: writes past its current
+// end fail with EFBIG, as they would with ENOSPC on a full disk.
+class FullDisk {
+ public:
+  explicit FullDisk(const std::string& file) {
+    old_handler_ = ::signal(SIGXFSZ, SIG_IGN);  // else the write kills the process
+    ::getrlimit(RLIMIT_FSIZE, &old_);
+    struct rlimit full = old_;
+    full.rlim_cur = std::filesystem::file_size(file);
+    EXPECT_EQ(::setrlimit(RLIMIT_FSIZE, &full), 0);
+  }
+  ~FullDisk() {
+    ::setrlimit(RLIMIT_FSIZE, &old_);
+    ::signal(SIGXFSZ, old_handler_);
+  }
+
+ private:
+  struct rlimit old_;
+  sighandler_t old_handler_;
+};
+
+TEST_F(AgentRankSupervisorTest, EventsAFullDiskRefusesAreHeldInOrderAndSpooledOnceThereIsRoom) {
+  Start();
+  supervisor_->Assign(MakeAssignment(1, {{0, 1}}));
+  auto rank = launcher_.rank(0);
+  rank->Send(Step(1));
+  WaitEvents(1);
+  {
+    FullDisk full(spool_->log_path());
+    rank->Send(Step(2));
+    rank->Exit(3);
+    EXPECT_TRUE(supervisor_->WaitIdle(absl::Seconds(10)));  // the exit was handled
+    supervisor_->CheckTimers();                              // and still has no room
+    EXPECT_EQ(spool_->num_unacked(), 1u);
+  }
+  supervisor_->CheckTimers();  // room again
+  auto events = Events();
+  ASSERT_EQ(events.size(), 3u);
+  EXPECT_EQ(events[1].message().step().step(), 2);
+  ASSERT_TRUE(events[2].has_exit());
+  EXPECT_EQ(events[2].exit().exit_code(), 3);
+  EXPECT_EQ(events[1].agent_seq(), 2);
+  EXPECT_EQ(events[2].agent_seq(), 3);
 }
 
 TEST_F(AgentRankSupervisorTest, FailedRankCarriesTheLastTwentyStderrLines) {

@@ -703,20 +703,37 @@ TEST_F(JobManagerTest, CreateJobChecksPathsAgainstTheAllowedRoots) {
   EXPECT_EQ(manager_->ListJobs({})->jobs.size(), 1u);  // only the good one
 }
 
-TEST_F(JobManagerTest, QueuedJobsAreCapped) {
+TEST_F(JobManagerTest, QueuedJobsAreCappedPerUser) {
   options_.max_queued_jobs = 2;
   Restart();
   Register("a", 1);
-  for (int i = 0; i < 3; ++i) ASSERT_TRUE(manager_->CreateJob(Spec(1), "").ok());  // 1 runs
-  auto r = manager_->CreateJob(Spec(1), "");
+  for (int i = 0; i < 3; ++i)
+    ASSERT_TRUE(manager_->CreateJob(Spec(1), "", "alice").ok());  // 1 runs
+  auto r = manager_->CreateJob(Spec(1), "", "alice");
   EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
-  EXPECT_NE(r.status().message().find("2 jobs are queued"), std::string::npos)
+  EXPECT_NE(r.status().message().find("user 'alice' has 2 jobs queued"), std::string::npos)
       << r.status().message();
   EXPECT_NE(r.status().message().find("--max-queued-jobs 2"), std::string::npos);
-  // Once one leaves the queue, there is room again.
-  const std::string queued = manager_->ListJobs({})->jobs.back().id();
+  // Another user's queue is their own; the admin is held to the same cap.
+  for (int i = 0; i < 2; ++i) EXPECT_TRUE(manager_->CreateJob(Spec(1), "", "bob").ok());
+  EXPECT_EQ(manager_->CreateJob(Spec(1), "", "bob").status().code(),
+            absl::StatusCode::kResourceExhausted);
+  for (int i = 0; i < 2; ++i) EXPECT_TRUE(manager_->CreateJob(Spec(1), "", "root").ok());
+  EXPECT_EQ(manager_->CreateJob(Spec(1), "", "root").status().code(),
+            absl::StatusCode::kResourceExhausted);
+  // Once one of alice's leaves the queue, she has room again, and only she.
+  auto all = manager_->ListJobs({});
+  ASSERT_TRUE(all.ok()) << all.status();
+  std::string queued;
+  for (const auto& job : all->jobs)
+    if (job.owner() == "alice" && job.state() == v1::QUEUED) queued = job.id();
+  ASSERT_FALSE(queued.empty());
   ASSERT_TRUE(manager_->CancelJob(queued).ok());
-  EXPECT_TRUE(manager_->CreateJob(Spec(1), "").ok());
+  EXPECT_TRUE(manager_->CreateJob(Spec(1), "", "alice").ok());
+  EXPECT_EQ(manager_->CreateJob(Spec(1), "", "alice").status().code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(manager_->CreateJob(Spec(1), "", "bob").status().code(),
+            absl::StatusCode::kResourceExhausted);
 }
 
 TEST_F(JobManagerTest, AStuckMemoryPlanDoesNotHoldCreateJobOrTheJobLock) {

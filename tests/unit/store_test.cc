@@ -1,5 +1,7 @@
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <sqlite3.h>
+#include <sys/resource.h>
 
 #include <filesystem>
 #include <fstream>
@@ -166,6 +168,84 @@ TEST(Store, ErrorsAreReportedToTheListenerAndReturned) {
   EXPECT_EQ(errors.size(), 1u);
 }
 
+// While one lives no file of this process may grow past `bytes`: a write
+// beyond fails with EFBIG, as it would with ENOSPC on a full disk.
+class FullDisk {
+ public:
+  explicit FullDisk(uintmax_t bytes) {
+    old_handler_ = ::signal(SIGXFSZ, SIG_IGN);  // else the write kills the process
+    ::getrlimit(RLIMIT_FSIZE, &old_);
+    struct rlimit full = old_;
+    full.rlim_cur = bytes;
+    EXPECT_EQ(::setrlimit(RLIMIT_FSIZE, &full), 0);
+  }
+  ~FullDisk() {
+    ::setrlimit(RLIMIT_FSIZE, &old_);
+    ::signal(SIGXFSZ, old_handler_);
+  }
+
+ private:
+  struct rlimit old_;
+  sighandler_t old_handler_;
+};
+
+TEST(Store, AFullDiskIsResourceExhaustedAndLosesNothingStored) {
+  testutil::TempDir tmp("ftune-store");
+  const std::string dir = tmp.path() + "/state";
+  auto s = Store::Open(dir);
+  ASSERT_TRUE(s.ok()) << s.status();
+  std::vector<absl::Status> errors;
+  (*s)->SetErrorListener([&](const absl::Status& st) { errors.push_back(st); });
+  int num_stored = 0;
+  const auto insert = [&]() {
+    const int i = num_stored + 1;
+    absl::Status st = (*s)->Transaction([&]() -> absl::Status {
+      if (auto st = (*s)->InsertJob(MakeJob("job-" + std::to_string(i), v1::QUEUED, "team"), i);
+          !st.ok())
+        return st;
+      v1::JobEvent e;
+      e.set_job_id("job-" + std::to_string(i));
+      e.set_seq(1);
+      e.mutable_log()->set_text(std::string(8192, 'x'));
+      return (*s)->AppendEvent(e);
+    });
+    if (st.ok()) ++num_stored;
+    return st;
+  };
+  for (int i = 0; i < 20; ++i) ASSERT_TRUE(insert().ok());
+
+  absl::Status refused;
+  {
+    FullDisk full(std::filesystem::file_size(dir + "/ftune.db-wal"));
+    for (int i = 0; i < 1000 && refused.ok(); ++i) refused = insert();
+  }
+  ASSERT_FALSE(refused.ok()) << "nothing was refused on a full disk";
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
+  EXPECT_NE(refused.message().find("disk is full"), std::string::npos) << refused;
+  ASSERT_FALSE(errors.empty());
+  EXPECT_EQ(errors.back().code(), absl::StatusCode::kResourceExhausted);
+
+  // Room again: what was stored is there, the refused job is not, and the
+  // store takes writes.
+  const auto count = [](Store& store) {
+    auto counts = store.CountJobsByState();
+    EXPECT_TRUE(counts.ok()) << counts.status();
+    return counts.ok() ? (*counts)[v1::QUEUED] : -1;
+  };
+  EXPECT_EQ(count(**s), num_stored);
+  const int before = num_stored;
+  EXPECT_TRUE(insert().ok());
+  s->reset();
+  auto reopened = Store::Open(dir);  // quick_check passes
+  ASSERT_TRUE(reopened.ok()) << reopened.status();
+  EXPECT_EQ(count(**reopened), before + 1);
+  for (int i = 1; i <= before + 1; ++i) {
+    auto events = (*reopened)->ReadEvents("job-" + std::to_string(i), 0, 10, 10);
+    ASSERT_TRUE(events.ok()) << events.status();
+    EXPECT_EQ(events->size(), 1u) << "job-" << i;
+  }
+}
+
 TEST(Store, CorruptDatabaseIsRefusedAtStart) {
   testutil::TempDir tmp("ftune-store");
   const std::string dir = tmp.path() + "/state";
@@ -203,7 +283,8 @@ TEST(Store, JobsStoredBeforeOwnersExistedStayReadable) {
   sqlite3* db = nullptr;
   ASSERT_EQ(sqlite3_open((dir + "/ftune.db").c_str(), &db), SQLITE_OK);
   ASSERT_EQ(sqlite3_exec(db,
-                         "DROP INDEX jobs_by_owner; ALTER TABLE jobs DROP COLUMN owner; "
+                         "DROP INDEX jobs_by_owner_state; DROP INDEX jobs_by_owner; "
+                         "ALTER TABLE jobs DROP COLUMN owner; "
                          "UPDATE schema_version SET version=1",
                          nullptr, nullptr, nullptr),
             SQLITE_OK)
@@ -212,7 +293,7 @@ TEST(Store, JobsStoredBeforeOwnersExistedStayReadable) {
 
   auto s = Store::Open(dir);
   ASSERT_TRUE(s.ok()) << s.status();
-  EXPECT_EQ((*s)->schema_version(), 2);
+  EXPECT_EQ((*s)->schema_version(), Store::kSchemaVersion);
   auto job = (*s)->GetJob("job-1");
   ASSERT_TRUE(job.ok()) << job.status();
   EXPECT_EQ(job->state(), v1::RUNNING);

@@ -151,7 +151,12 @@ RankSupervisor::~RankSupervisor() {
     mu_.Await(absl::Condition(
         +[](std::map<Key, std::shared_ptr<Rank>>* m) { return m->empty(); }, &live_));
   }
-  CheckTimers();  // joins the finished threads
+  CheckTimers();  // joins the finished threads (and tries the held events once more)
+  absl::MutexLock lock(&held_mu_);
+  if (!held_.empty()) {
+    LogError(absl::StrCat("exiting with ", held_.size(),
+                          " events the full spool never took; they are lost"));
+  }
 }
 
 void RankSupervisor::TimerLoop() {
@@ -164,16 +169,62 @@ void RankSupervisor::TimerLoop() {
   }
 }
 
+namespace {
+
+constexpr size_t kMaxHeldEvents = 10000;
+
+// What the coordinator needs to move the job on: never dropped while held.
+bool MustKeep(const v1::RankEvent& e) {
+  if (!e.has_message()) return true;  // exit, launch failure
+  const v1::RankMessage& m = e.message();
+  return m.has_checkpoint() || m.has_error() || m.has_done() || m.has_rendezvous_publish();
+}
+
+}  // namespace
+
 void RankSupervisor::SpoolEvent(v1::RankEvent* event) {
   event->set_time_unix_ms(absl::ToUnixMillis(clock_->Now()));
   if (const std::string cut = FitEvent(event); !cut.empty()) {
     LogWarning(absl::StrCat(Describe(event->job_id(), event->attempt(), event->rank()), ": ",
                             cut));
   }
-  if (absl::Status s = spool_->Append(event); !s.ok()) {
-    LogError(absl::StrCat("lost an event of ",
-                          Describe(event->job_id(), event->attempt(), event->rank()), ": ",
-                          s.message()));
+  absl::MutexLock lock(&held_mu_);
+  SpoolHeldLocked();
+  if (held_.empty()) {
+    absl::Status s = spool_->Append(event);
+    if (s.ok()) return;
+    if (s.code() != absl::StatusCode::kResourceExhausted) {
+      LogError(absl::StrCat("lost an event of ",
+                            Describe(event->job_id(), event->attempt(), event->rank()), ": ",
+                            s.message()));
+      return;
+    }
+    LogError(absl::StrCat(s.message(), "; holding events in memory until it can be written"));
+  }
+  if (held_.size() >= kMaxHeldEvents && !MustKeep(*event)) {
+    if (num_held_dropped_++ % 1000 == 0) {
+      LogWarning(absl::StrCat("the spool is still full: dropped ", num_held_dropped_,
+                              " metrics and log events so far (exits and checkpoints are kept)"));
+    }
+    return;
+  }
+  held_.push_back(*event);
+}
+
+void RankSupervisor::SpoolHeldLocked() {
+  if (held_.empty()) return;
+  size_t num_spooled = 0;
+  while (!held_.empty()) {
+    if (!spool_->Append(&held_.front()).ok()) break;
+    held_.pop_front();
+    ++num_spooled;
+  }
+  if (held_.empty()) {
+    LogInfo(absl::StrCat("the spool takes events again: ", num_spooled,
+                         " held in memory are spooled", num_held_dropped_ > 0
+                             ? absl::StrCat(", ", num_held_dropped_, " were dropped")
+                             : std::string()));
+    num_held_dropped_ = 0;
   }
 }
 
@@ -702,6 +753,10 @@ std::vector<v1::RendezvousPublish> RankSupervisor::LocalPublications() const {
 }
 
 void RankSupervisor::CheckTimers() {
+  {
+    absl::MutexLock lock(&held_mu_);
+    SpoolHeldLocked();
+  }
   std::vector<std::pair<std::shared_ptr<Rank>, int>> signals;
   std::vector<std::shared_ptr<Rank>> finished;
   {

@@ -52,6 +52,7 @@
 #ifndef FTUNE_WORKER_AGENT_RANK_SUPERVISOR_H_
 #define FTUNE_WORKER_AGENT_RANK_SUPERVISOR_H_
 
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -172,7 +173,12 @@ class RankSupervisor {
   // the job. INVALID_ARGUMENT / NOT_FOUND naming the key otherwise.
   absl::StatusOr<std::string> CheckPaths(const std::string& job_id, const std::string& job_dir,
                                          v1::JobSpec* spec) const;
+  // Appends to the spool. An event the spool refuses for want of disk
+  // (RESOURCE_EXHAUSTED: ENOSPC, EFBIG) is held in memory, and so is every
+  // later one until the held ones are in, so the order holds.
   void SpoolEvent(v1::RankEvent* event);
+  // Appends the held events, oldest first, until one is refused again.
+  void SpoolHeldLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(held_mu_);
   void SendToRank(const std::shared_ptr<Rank>& rank, const v1::AgentMessage& msg);
   // For ranks already marked stopping with term_at due: logs and signals.
   void TerminateNow(const std::vector<std::shared_ptr<Rank>>& ranks, const std::string& why);
@@ -198,6 +204,15 @@ class RankSupervisor {
   std::map<AttemptKey, std::string> rendezvous_in_ ABSL_GUARDED_BY(mu_);
   std::map<AttemptKey, std::string> rendezvous_out_ ABSL_GUARDED_BY(mu_);
   bool stop_timer_ ABSL_GUARDED_BY(mu_) = false;
+
+  // Events the spool could not take (disk full), oldest first: retried on
+  // every timer tick and before each new event. Exits, launch failures,
+  // checkpoints, errors and rendezvous are always kept; metrics and log
+  // lines beyond kMaxHeldEvents are dropped (and counted in the log), so a
+  // chatty rank on a full disk cannot grow the agent without bound.
+  absl::Mutex held_mu_ ABSL_ACQUIRED_AFTER(mu_);
+  std::deque<v1::RankEvent> held_ ABSL_GUARDED_BY(held_mu_);
+  int64_t num_held_dropped_ ABSL_GUARDED_BY(held_mu_) = 0;
   // Set by Shutdown: later assignments are refused (launch_failed).
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
   std::thread timer_;
