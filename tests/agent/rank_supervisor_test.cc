@@ -20,6 +20,7 @@
 
 #include "channel.h"
 #include "jobspec.h"
+#include "full_disk.h"
 #include "temp_dir.h"
 #include "tests/agent/test_util.h"
 
@@ -394,26 +395,7 @@ TEST_F(AgentRankSupervisorTest, MessagesAreSpooledInOrderAndTheExitComesLast) {
   EXPECT_TRUE(supervisor_->Running().empty());
 }
 
-// No file of this process may grow while one lives: writes past its current
-// end fail with EFBIG, as they would with ENOSPC on a full disk.
-class FullDisk {
- public:
-  explicit FullDisk(const std::string& file) {
-    old_handler_ = ::signal(SIGXFSZ, SIG_IGN);  // else the write kills the process
-    ::getrlimit(RLIMIT_FSIZE, &old_);
-    struct rlimit full = old_;
-    full.rlim_cur = std::filesystem::file_size(file);
-    EXPECT_EQ(::setrlimit(RLIMIT_FSIZE, &full), 0);
-  }
-  ~FullDisk() {
-    ::setrlimit(RLIMIT_FSIZE, &old_);
-    ::signal(SIGXFSZ, old_handler_);
-  }
-
- private:
-  struct rlimit old_;
-  sighandler_t old_handler_;
-};
+using testutil::FullDisk;
 
 TEST_F(AgentRankSupervisorTest, EventsAFullDiskRefusesAreHeldInOrderAndSpooledOnceThereIsRoom) {
   Start();
@@ -422,7 +404,7 @@ TEST_F(AgentRankSupervisorTest, EventsAFullDiskRefusesAreHeldInOrderAndSpooledOn
   rank->Send(Step(1));
   WaitEvents(1);
   {
-    FullDisk full(spool_->log_path());
+    FullDisk full(std::filesystem::file_size(spool_->log_path()));
     rank->Send(Step(2));
     rank->Exit(3);
     EXPECT_TRUE(supervisor_->WaitIdle(absl::Seconds(10)));  // the exit was handled

@@ -36,23 +36,9 @@ class FakeLink : public AgentLink {
   bool disconnected = false;
 };
 
-class CountingMetrics : public MetricsSink {
- public:
-  void JobStates(const std::map<v1::JobState, int>&) override {}
-  void Fleet(int, int, int, int) override {}
-  void Step(const std::string&, int, const v1::StepMetrics&) override {}
-  void Memory(const std::string&, int, const v1::MemoryStats&) override {}
-  void CheckpointSaved(const std::string&, int64_t) override {}
-  void JobStarted(const std::string&, int64_t) override {}
-  void Restarted(const std::string&) override {}
-  void JobEnded(const std::string&) override {}
-  void EventsIngested(int) override {}
-  void EventsDropped(const std::string& reason, int n) override { dropped[reason] += n; }
-  std::map<std::string, int> dropped;
-};
-
-// Which jobs the JobManager reported started, restarted and ended.
-class JobMetrics : public MetricsSink {
+// What the managers reported: dropped events by reason, and which jobs
+// started (with their restarts so far), restarted and ended.
+class RecordingMetrics : public MetricsSink {
  public:
   void JobStates(const std::map<v1::JobState, int>&) override {}
   void Fleet(int, int, int, int) override {}
@@ -60,25 +46,29 @@ class JobMetrics : public MetricsSink {
   void Memory(const std::string&, int, const v1::MemoryStats&) override {}
   void CheckpointSaved(const std::string&, int64_t) override {}
   void JobStarted(const std::string& job, int64_t restarts) override {
-    std::lock_guard<std::mutex> lock(mu);
-    log.push_back("started " + job + " " + std::to_string(restarts));
+    Log("started " + job + " " + std::to_string(restarts));
   }
-  void Restarted(const std::string& job) override {
-    std::lock_guard<std::mutex> lock(mu);
-    log.push_back("restarted " + job);
-  }
-  void JobEnded(const std::string& job) override {
-    std::lock_guard<std::mutex> lock(mu);
-    log.push_back("ended " + job);
-  }
+  void Restarted(const std::string& job) override { Log("restarted " + job); }
+  void JobEnded(const std::string& job) override { Log("ended " + job); }
   void EventsIngested(int) override {}
-  void EventsDropped(const std::string&, int) override {}
+  void EventsDropped(const std::string& reason, int n) override {
+    std::lock_guard<std::mutex> lock(mu);
+    dropped[reason] += n;
+  }
+  // The job log since the last Take.
   std::vector<std::string> Take() {
     std::lock_guard<std::mutex> lock(mu);
     return std::exchange(log, {});
   }
   std::mutex mu;
+  std::map<std::string, int> dropped;
   std::vector<std::string> log;
+
+ private:
+  void Log(std::string line) {
+    std::lock_guard<std::mutex> lock(mu);
+    log.push_back(std::move(line));
+  }
 };
 
 class JobManagerTest : public ::testing::Test {
@@ -93,7 +83,7 @@ class JobManagerTest : public ::testing::Test {
     o.grace_seconds = 5;
     o.plan_device_bytes = plan_;
     coordinator_.reset();
-    coordinator_ = std::make_unique<Coordinator>(store_.get(), &clock_, &bus_, metrics_, o);
+    coordinator_ = std::make_unique<Coordinator>(store_.get(), &clock_, &bus_, &metrics_, o);
     manager_ = &coordinator_->jobs();
     agents_ = &coordinator_->agents();
     events_ = &coordinator_->events();
@@ -170,9 +160,7 @@ class JobManagerTest : public ::testing::Test {
     return *events_->ReadEvents(id, 0, 100000);
   }
 
-  CountingMetrics counting_;
-  // counting_ unless a test sets another before Restart().
-  MetricsSink* metrics_ = &counting_;
+  RecordingMetrics metrics_;
   // The coordinator's memory plan (main.cc wires PlanMemory); none by default.
   std::function<absl::StatusOr<int64_t>(const v1::JobSpec&)> plan_;
   // Paths, caps, retention: what Restart() builds the coordinator with.
@@ -390,7 +378,7 @@ TEST_F(JobManagerTest, RanksOfAnAttemptDeclaredLostMoveNothing) {
   EXPECT_TRUE(j.adapter_path().empty());
   EXPECT_EQ(manager_->ListCheckpoints(id)->size(), 1u);
   EXPECT_EQ(Events(id).size(), num_events);
-  EXPECT_EQ(counting_.dropped["stale_attempt"], 3);
+  EXPECT_EQ(metrics_.dropped["stale_attempt"], 3);
 
   // Back on a new stream, still running the old rank: it is stale, and
   // attempt 1 starts from checkpoint 10.
@@ -422,11 +410,11 @@ TEST_F(JobManagerTest, EventsForARankPlacedOnAnotherAgentAreDropped) {
   v1::Job j = Get(id);
   EXPECT_EQ(j.state(), v1::RUNNING);
   EXPECT_TRUE(j.resume_checkpoint().empty());
-  EXPECT_EQ(counting_.dropped["not_placed"], 3);
+  EXPECT_EQ(metrics_.dropped["not_placed"], 3);
   Send("a", "job-nope", 0, 0, [](v1::RankEvent* e) {
     e->mutable_message()->mutable_log()->set_text("hi");
   });
-  EXPECT_EQ(counting_.dropped["unknown_job"], 1);
+  EXPECT_EQ(metrics_.dropped["unknown_job"], 1);
 }
 
 TEST_F(JobManagerTest, RendezvousOnlyFromTheAgentOfRank0) {
@@ -456,7 +444,7 @@ TEST_F(JobManagerTest, RendezvousOnlyFromTheAgentOfRank0) {
   EXPECT_FALSE(manager_->Rendezvous(outsider, pub));
   EXPECT_FALSE(manager_->Rendezvous(rank1, pub));
   EXPECT_EQ(rendezvous_count(a) + rendezvous_count(b) + rendezvous_count(c), 0);
-  EXPECT_EQ(counting_.dropped["rendezvous_not_placed"], 2);
+  EXPECT_EQ(metrics_.dropped["rendezvous_not_placed"], 2);
   pub.set_data("tcp://rank0:1");
   EXPECT_TRUE(manager_->Rendezvous(rank0, pub));
   EXPECT_EQ(rendezvous_count(a) + rendezvous_count(b) + rendezvous_count(c), 2);
@@ -539,9 +527,7 @@ TEST_F(JobManagerTest, SurvivesCoordinatorRestart) {
 // has data before any restart): JobStarted when the gang runs, with the
 // restarts so far, and again for live jobs a restarted coordinator recovers.
 TEST_F(JobManagerTest, MetricsHearOfAJobWhenItStartsAndWhenItIsRecovered) {
-  JobMetrics metrics;
-  metrics_ = &metrics;
-  Restart();
+  RecordingMetrics& metrics = metrics_;
   Register("a", 1);
   const std::string id = manager_->CreateJob(Spec(1, /*max_restarts=*/1), "")->id();
   metrics.Take();
@@ -561,8 +547,6 @@ TEST_F(JobManagerTest, MetricsHearOfAJobWhenItStartsAndWhenItIsRecovered) {
   for (const std::string& e : metrics.Take()) EXPECT_EQ(e, "started " + id + " 1");
   Exit("a", id, 1, 0, 0);
   EXPECT_EQ(metrics.Take(), std::vector<std::string>{"ended " + id});
-  coordinator_.reset();
-  metrics_ = &counting_;
 }
 
 TEST_F(JobManagerTest, AgentRestartedWithoutItsRankMeansLost) {

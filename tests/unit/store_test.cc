@@ -7,6 +7,7 @@
 #include <fstream>
 
 #include "store.h"
+#include "full_disk.h"
 #include "temp_dir.h"
 
 namespace ftune::server {
@@ -168,26 +169,7 @@ TEST(Store, ErrorsAreReportedToTheListenerAndReturned) {
   EXPECT_EQ(errors.size(), 1u);
 }
 
-// While one lives no file of this process may grow past `bytes`: a write
-// beyond fails with EFBIG, as it would with ENOSPC on a full disk.
-class FullDisk {
- public:
-  explicit FullDisk(uintmax_t bytes) {
-    old_handler_ = ::signal(SIGXFSZ, SIG_IGN);  // else the write kills the process
-    ::getrlimit(RLIMIT_FSIZE, &old_);
-    struct rlimit full = old_;
-    full.rlim_cur = bytes;
-    EXPECT_EQ(::setrlimit(RLIMIT_FSIZE, &full), 0);
-  }
-  ~FullDisk() {
-    ::setrlimit(RLIMIT_FSIZE, &old_);
-    ::signal(SIGXFSZ, old_handler_);
-  }
-
- private:
-  struct rlimit old_;
-  sighandler_t old_handler_;
-};
+using testutil::FullDisk;
 
 TEST(Store, AFullDiskIsResourceExhaustedAndLosesNothingStored) {
   testutil::TempDir tmp("ftune-store");
