@@ -87,7 +87,9 @@ std::string AdapterBytes(const std::string& dir) {
 }
 
 // The pid of a running `ftune-rank run` for (job, rank), from /proc.
-pid_t FindRank(const std::string& job_id, int rank) {
+// The rank process of this cluster's job (job ids repeat across clusters
+// running at once: its spec lies under the cluster's directory).
+pid_t FindRank(const Cluster& c, const std::string& job_id, int rank) {
   DIR* d = ::opendir("/proc");
   pid_t found = -1;
   while (const dirent* e = ::readdir(d)) {
@@ -97,6 +99,7 @@ pid_t FindRank(const std::string& job_id, int rank) {
     std::string cmd((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
     for (char& ch : cmd) ch = ch == '\0' ? ' ' : ch;
     if (cmd.find(" run ") != std::string::npos &&
+        cmd.find("--spec=" + c.dir() + "/") != std::string::npos &&
         cmd.find("--job-id=" + job_id + " ") != std::string::npos &&
         cmd.find("--rank=" + std::to_string(rank) + " ") != std::string::npos) {
       found = pid;
@@ -176,7 +179,7 @@ TEST_F(TrainE2e, KilledRankRestartsGangFromCheckpointWithTheSameAdapter) {
   ASSERT_TRUE(c.WaitState(clean.id(), v1::SUCCEEDED, seconds(240)));
   v1::Job job = c.Submit(Spec(c, 30, 5, "killed"));
   ASSERT_TRUE(c.WaitFor_Step(job.id(), 5, seconds(180)));
-  const pid_t victim = FindRank(job.id(), 1);
+  const pid_t victim = FindRank(c, job.id(), 1);
   ASSERT_GT(victim, 0);
   ASSERT_EQ(::kill(victim, SIGKILL), 0);
   ASSERT_TRUE(c.WaitState(job.id(), v1::SUCCEEDED, seconds(240)))
@@ -210,7 +213,7 @@ TEST_F(TrainE2e, ADamagedLatestCheckpointResumesFromThePreviousOne) {
       },
       seconds(180)))
       << c.GetJob(job.id()).resume_checkpoint();
-  const pid_t rank0 = FindRank(job.id(), 0), rank1 = FindRank(job.id(), 1);
+  const pid_t rank0 = FindRank(c, job.id(), 0), rank1 = FindRank(c, job.id(), 1);
   ASSERT_GT(rank0, 0);
   ASSERT_GT(rank1, 0);
   // Freeze the gang so nothing newer completes, then damage the checkpoint
