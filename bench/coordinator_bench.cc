@@ -27,7 +27,6 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <mutex>
 #include <sstream>
 #include <thread>
@@ -35,6 +34,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "agent_service.h"
+#include "ftune/file_util.h"
 #include "coordinator.h"
 #include "job_service.h"
 #include "metrics.h"
@@ -220,23 +220,7 @@ void FanoutBench(int watchers, int events, int batch, int period_ms) {
               latencies_ms.size(), latencies_ms.size() / secs);
 }
 
-
 // --- scale
-
-int64_t RssBytes() {
-  std::ifstream f("/proc/self/status");
-  std::string key;
-  while (f >> key) {
-    if (key == "VmRSS:") {
-      int64_t kb = 0;
-      f >> kb;
-      return kb << 10;
-    }
-    std::string rest;
-    std::getline(f, rest);
-  }
-  return -1;
-}
 
 double CpuSeconds() {
   struct rusage ru;
@@ -368,7 +352,7 @@ void ScaleBench(int num_agents, int num_queued, int heartbeat_ms, int num_create
     return;
   }
   std::printf("scale: %d jobs queued in %.1f s; coordinator RSS %.0f MiB\n", num_queued,
-              std::chrono::duration<double>(Steady::now() - t0).count(), RssBytes() / 1048576.0);
+              std::chrono::duration<double>(Steady::now() - t0).count(), ftune::CurrentRssBytes() / 1048576.0);
 
   EventBus bus;
   ManagerOptions mo;
@@ -395,7 +379,7 @@ void ScaleBench(int num_agents, int num_queued, int heartbeat_ms, int num_create
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   std::printf("scale: %zu agents x 8 slots registered over gRPC in %.1f s; RSS %.0f MiB\n",
               coordinator.agents().ListAgents().size(),
-              std::chrono::duration<double>(Steady::now() - t0).count(), RssBytes() / 1048576.0);
+              std::chrono::duration<double>(Steady::now() - t0).count(), ftune::CurrentRssBytes() / 1048576.0);
 
   // Ticks: the first places what fits, the next ones find the fleet full.
   std::vector<double> ticks;
@@ -444,7 +428,7 @@ void ScaleBench(int num_agents, int num_queued, int heartbeat_ms, int num_create
     std::printf("scale: CreateJob over gRPC with %d queued: p50 %.1f ms, p99 %.1f ms (%zu calls)\n",
                 num_queued, lat[lat.size() / 2],
                 lat[std::min(lat.size() - 1, lat.size() * 99 / 100)], lat.size());
-  std::printf("scale: coordinator RSS %.0f MiB\n", RssBytes() / 1048576.0);
+  std::printf("scale: coordinator RSS %.0f MiB\n", ftune::CurrentRssBytes() / 1048576.0);
 
   close(to_child[1]);  // the agents stop
   int64_t sent = 0;
