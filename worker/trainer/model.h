@@ -89,6 +89,10 @@ struct ModelOptions {
   // LoRA's product in fp32 also when the compute dtype is 16-bit (PEFT
   // without autocast); by default it runs in the compute dtype (lora.h).
   bool lora_fp32_compute = false;
+  // bf16 on CUDA: RMSNorm (with the residual add before the second one),
+  // SwiGLU and RoPE as fused kernels (fused_ops.h); false keeps the LibTorch
+  // op chains they replace.
+  bool fused_kernels = true;
   int64_t loss_chunk_tokens = 1024;
   AttentionImpl attention = AttentionImpl::kAuto;
   // NF4 base weights for all 7 projections of every layer, quantized at load
@@ -299,6 +303,8 @@ class LlamaModel {
   // Flash attention (varlen, GQA without K/V copies, no mask): CUDA with a
   // 16-bit compute dtype and a head_dim it supports, attention auto or sdpa.
   bool UseFlash() const;
+  // Whether the fused kernels run for activation x (ModelOptions::fused_kernels).
+  bool Fused(const at::Tensor& x) const;
 
   LlamaConfig config_;
   ModelOptions options_;
