@@ -160,6 +160,24 @@ TEST(MemoryPlanTest, PartialCheckpointingIsBetweenAllAndNone) {
   EXPECT_NEAR(static_cast<double>(peak(30) - peak(31)), static_cast<double>(peak(20) - peak(21)), 16);
 }
 
+// The fused kernels keep, per layer not checkpointed, bf16 norm inputs
+// instead of fp32 copies (2 norms x 2 bytes x T x h) and no silu(gate)
+// (2 bytes x T x intermediate); the op chains on the 16-bit path otherwise.
+TEST(MemoryPlanTest, FusedKernelsKeepLessPerLayer) {
+  const LlamaConfig c = Llama3_8B();
+  MemoryPlanOptions o = Fleet(1, false);
+  o.activation_checkpointing = false;
+  const int64_t T = o.micro_batch_size * o.seq_len;
+  auto peak = [&](bool fused) {
+    o.fused_kernels = fused;
+    return PlanMemory(c, o).value().device_peak_bytes;
+  };
+  const double per_layer = static_cast<double>(peak(false) - peak(true)) / c.num_hidden_layers;
+  const double expected = (2.0 * 2 * T * c.hidden_size + 2.0 * T * c.intermediate_size) *
+                          (1.0 + o.activation_grad_factor);
+  EXPECT_NEAR(per_layer, expected, expected * 0.01);
+}
+
 TEST(MemoryPlanTest, ChooseCheckpointLayersTakesTheFewestThatFit) {
   const LlamaConfig c = Llama3_8B();
   const MemoryPlanOptions o = Fleet(1, false);

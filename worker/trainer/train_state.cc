@@ -159,7 +159,9 @@ Status PlanDeviceMemory(const RunConfig& config, const RankEnv& env, ModelOption
   int64_t layers = shape.num_hidden_layers;
   CheckpointChoice choice;
   if (budget > 0) {
-    FTUNE_ASSIGN_OR_RETURN(choice, ChooseCheckpointLayers(shape, config.plan, budget,
+    MemoryPlanOptions plan_options = config.plan;
+    plan_options.fused_kernels = options->fused_kernels;
+    FTUNE_ASSIGN_OR_RETURN(choice, ChooseCheckpointLayers(shape, plan_options, budget,
                                                           /*allocator_budget=*/limit > 0));
     layers = choice.checkpoint_layers;
   }
