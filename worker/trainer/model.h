@@ -27,6 +27,11 @@
 // no document boundary uses is_causal, a packed batch passes the
 // block-diagonal causal mask, kv heads are repeated as HF's repeat_kv.
 //
+// Fused kernels (bf16 on CUDA, ModelOptions::fused_kernels): RMSNorm, the
+// residual add before the second one, SwiGLU and RoPE run as single kernels
+// (fused_ops.h) with the op chains' roundings; they keep bf16 inputs for
+// backward instead of fp32 copies. fp32 and the CPU use the chains.
+//
 // Precision: ModelOptions::dtype is the compute dtype of activations and of
 // the frozen weights (fp32 on the CPU, bf16 on CUDA); LoRA adapters are fp32
 // always. Embeddings, norms and lm_head are frozen like the base linears.
