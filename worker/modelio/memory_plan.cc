@@ -188,8 +188,13 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
   // the loss chunk's logits + grad.
   int64_t layer_dense = 0;
   for (const Projection& p : Projections(c)) layer_dense += p.out * p.in;
+  // Fused projections (16-bit varlen path with the fused kernels) dequantize
+  // q/k/v and gate/up each into one buffer.
+  const int64_t largest_dequant =
+      fused_mlp ? std::max({largest_projection, (q + 2 * kv) * h, 2 * inter * h})
+                : largest_projection;
   const int64_t dequant =
-      !o.quantize_base ? 0 : (num_checkpointed > 0 ? layer_dense : largest_projection) * cb;
+      !o.quantize_base ? 0 : (num_checkpointed > 0 ? layer_dense : largest_dequant) * cb;
   const int64_t loss_chunk = std::min(o.loss_chunk_tokens, T) * c.vocab_size * 4 * 2;
   const int64_t hidden_grads = 2 * T * h * 4;          // grad of the residual stream (fp32 in flight)
 

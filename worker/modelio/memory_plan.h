@@ -86,7 +86,8 @@ struct MemoryPlanOptions {
   // dtype the varlen path, which shares kv heads without copies (model.h).
   bool flash_attention = true;
   // With the 16-bit varlen path: RMSNorm, SwiGLU and RoPE as fused kernels,
-  // which keep bf16 inputs instead of fp32 copies and no silu(gate) (model.h).
+  // which keep bf16 inputs instead of fp32 copies and no silu(gate), and
+  // q/k/v and gate/up dequantized into one buffer each (model.h).
   bool fused_kernels = true;
   bool prefetch = true;         // NCCL prefetch on a second stream (its own allocator pool)
   bool random_weights = false;  // model.random_weights: nothing read through the host

@@ -30,7 +30,9 @@
 // Fused kernels (bf16 on CUDA, ModelOptions::fused_kernels): RMSNorm, the
 // residual add before the second one, SwiGLU and RoPE run as single kernels
 // (fused_ops.h) with the op chains' roundings; they keep bf16 inputs for
-// backward instead of fp32 copies. fp32 and the CPU use the chains.
+// backward instead of fp32 copies. With NF4 bases and no adapter dropout,
+// q/k/v and gate/up each run as one GEMM with the LoRA A rows appended
+// (fused_projection.h). fp32 and the CPU use the chains.
 //
 // Precision: ModelOptions::dtype is the compute dtype of activations and of
 // the frozen weights (fp32 on the CPU, bf16 on CUDA); LoRA adapters are fp32
