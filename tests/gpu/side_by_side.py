@@ -152,8 +152,10 @@ def main():
     for shape in a.shapes.split(","):
         preset, layers = SHAPES[shape]
         for seq in [int(s) for s in a.seq.split(",")]:
-            p_on = peer(a.peer, shape, seq, "on", a.out)
-            print(json.dumps({"peer": shape, "seq": seq, "ckpt": "on", **p_on}), flush=True)
+            p_on = {"error": "not run"}
+            if "on" in a.rows or "peer" in a.rows:
+                p_on = peer(a.peer, shape, seq, "on", a.out)
+                print(json.dumps({"peer": shape, "seq": seq, "ckpt": "on", **p_on}), flush=True)
             rows = []
             if "on" in a.rows:
                 rows.append(("ckpt on (both)", p_on, ftune(a.rank, preset, layers, seq, "on", None,

@@ -1,12 +1,14 @@
 // The fused decoder-layer CUDA kernels against their CPU references
 // (kernels/fused.h) on random bf16 data, with row widths and pointers that
 // take the vectorized path and ones that do not. RoPE must agree bit for
-// bit; SwiGLU (exp may differ in its last fp32 bit) and RMSNorm (its row
-// sums add in another order) to one bf16 step on a small share of values.
+// bit; SwiGLU (exp may differ in its last fp32 bit) to one bf16 step on a
+// small share of values; RMSNorm (its row sums add in another order) on a
+// small share, by little.
 // Skipped with a message where no CUDA device is present.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -165,12 +167,21 @@ TEST_F(FusedCudaTest, RmsNormAgreesWithTheReference) {
       const std::vector<float> got_rstd = RS.Host();
       for (int r = 0; r < rows; ++r) EXPECT_NEAR(got_rstd[r], rstd[r], 1e-5 * rstd[r]) << r;
       for (const auto& [name, got, want] : {std::tuple{"y", Y.Host(), y}, {"ds", DS.Host(), ds}}) {
+        // A row's rstd may differ in its last fp32 bit, which flips a rare
+        // rounding of x * rstd by one bf16 step; w * that may then move by
+        // two, and the backward's subtraction may cancel. So: few values
+        // differ, and none by more than 1% of the tensor's largest.
         const Diff d = Compare(got, want);
         std::printf("FUSED-CUDA rmsnorm %dx%d residual=%d %s: %lld of %zu differ, %lld by more than one step\n",
                     rows, h, with_residual, name, static_cast<long long>(d.differ), n,
                     static_cast<long long>(d.beyond_one_step));
-        EXPECT_EQ(d.beyond_one_step, 0) << name;
         EXPECT_LT(d.differ, static_cast<int64_t>(n / 100) + 1) << name;
+        float largest = 0, worst = 0;
+        for (size_t i = 0; i < n; ++i) {
+          largest = std::max(largest, std::abs(math::Bf16ToFloat(want[i])));
+          worst = std::max(worst, std::abs(math::Bf16ToFloat(got[i]) - math::Bf16ToFloat(want[i])));
+        }
+        EXPECT_LE(worst, 0.01f * largest) << name;
       }
     }
   }
