@@ -109,10 +109,13 @@ std::map<int, int> JobIndex::CountByState() const {
   return out;
 }
 
-std::map<std::string, std::set<int>> JobIndex::UsedSlots() const {
-  std::map<std::string, std::set<int>> out;
-  for (const auto& [agent, slots] : used_)
-    for (const auto& [slot, n] : slots) out[agent].insert(slot);
+std::map<std::string, std::vector<int>> JobIndex::UsedSlots() const {
+  std::map<std::string, std::vector<int>> out;
+  for (const auto& [agent, slots] : used_) {
+    std::vector<int>& v = out[agent];
+    v.reserve(slots.size());
+    for (const auto& [slot, n] : slots) v.push_back(slot);
+  }
   return out;
 }
 

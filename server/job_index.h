@@ -25,7 +25,6 @@
 #include <cstdint>
 #include <functional>
 #include <map>
-#include <set>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -93,8 +92,8 @@ class JobIndex {
   int64_t NumQueued(const std::string& owner) const;
   // Jobs per state (a v1::JobState); states with none are absent.
   std::map<int, int> CountByState() const;
-  // Slots held by live jobs, per agent.
-  std::map<std::string, std::set<int>> UsedSlots() const;
+  // Slots held by live jobs, per agent, ascending.
+  std::map<std::string, std::vector<int>> UsedSlots() const;
 
   // The first difference from `other` in words; empty when they hold the
   // same jobs, order and counts. For checking the index against a fresh load.

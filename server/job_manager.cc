@@ -408,8 +408,8 @@ absl::StatusOr<v1::Job> JobManager::CreateJob(v1::JobSpec spec, const std::strin
           "(--max-queued-jobs " + std::to_string(options_.max_queued_jobs) +
           "); submit again once some have started, or cancel some");
   }
-  auto fleet = FleetLocked(/*include_used=*/false);
-  if (auto st = CheckFits(PlannedResources(spec.resources(), planned), fleet); !st.ok()) {
+  const auto fleet = agents_->Fleet();
+  if (auto st = CheckFits(PlannedResources(spec.resources(), planned), *fleet); !st.ok()) {
     if (planned > 0 && planned > spec.resources().min_gpu_memory_bytes()) {
       return absl::ResourceExhaustedError(std::string(st.message()) +
                                           " (the memory plan needs " + FormatByteSize(planned) +
@@ -418,6 +418,14 @@ absl::StatusOr<v1::Job> JobManager::CreateJob(v1::JobSpec spec, const std::strin
     return st;
   }
 
+  // Behind a queued job of the same or a higher priority, the new job waits
+  // for it: stored with that reason, the pass below has nothing to write
+  // for it (one commit per CreateJob, not two) unless the queue moves.
+  bool behind = false;
+  store_->ForEachQueuedJob([&](const IndexedJob& first) {
+    behind = first.priority >= spec.priority();
+    return false;
+  });
   Pending p;
   v1::Job job;
   auto st = store_->Transaction([&]() -> absl::Status {
@@ -430,7 +438,8 @@ absl::StatusOr<v1::Job> JobManager::CreateJob(v1::JobSpec spec, const std::strin
     job.set_owner(owner);
     job.set_planned_device_bytes(planned);
     job.set_state(v1::QUEUED);
-    job.set_state_reason("waiting for the scheduler");
+    job.set_state_reason(behind ? kJobsAheadReason : "waiting for the scheduler");
+    if (behind) job.set_reason_code(kJobsAheadCode);
     job.set_create_time_unix_ms(NowMs());
     job.set_update_time_unix_ms(job.create_time_unix_ms());
     v1::JobEvent e;
@@ -708,13 +717,28 @@ void JobManager::AgentsDead(const std::set<std::string>& dead) {
 
 // ---------------------------------------------------------------- scheduling
 
-std::vector<AgentView> JobManager::FleetLocked(bool include_used) {
-  std::vector<AgentView> out = agents_->Fleet();
-  if (!include_used) return out;
-  const std::map<std::string, std::set<int>> used = store_->UsedSlots();
-  for (auto& a : out)
-    if (auto it = used.find(a.agent_id); it != used.end()) a.used = it->second;
+std::vector<AgentView> JobManager::FreeFleetLocked() {
+  const auto fleet = agents_->Fleet();
+  const std::map<std::string, std::vector<int>> used = store_->UsedSlots();
+  std::vector<AgentView> out;
+  for (const AgentView& a : *fleet) {
+    if (!a.alive) continue;
+    auto it = used.find(a.agent_id);
+    if (it == used.end()) {
+      out.push_back(a);
+      continue;
+    }
+    if (NumUsed(a, it->second) == static_cast<int>(a.slots.size())) continue;
+    out.push_back(a);
+    out.back().used.insert(it->second.begin(), it->second.end());
+  }
   return out;
+}
+
+int JobManager::NumUsed(const AgentView& agent, const std::vector<int>& used) {
+  int n = 0;
+  for (const auto& s : agent.slots) n += std::binary_search(used.begin(), used.end(), s.index());
+  return n;
 }
 
 // One pass over the queue in memory (store.h's job index), in scheduling
@@ -724,7 +748,7 @@ std::vector<AgentView> JobManager::FleetLocked(bool include_used) {
 // pass writes only what moved: the jobs placed, the head of the queue, and
 // jobs new to the queue.
 void JobManager::ScheduleLocked(Pending* p) {
-  GangPlacer placer(FleetLocked(/*include_used=*/true));
+  GangPlacer placer(FreeFleetLocked());
   std::vector<Decision> decisions;  // placements, then reasons to store
   std::optional<QueueKey> blocked;
   store_->ForEachQueuedJob([&](const IndexedJob& job) {
@@ -890,11 +914,14 @@ void JobManager::RefreshGaugesLocked() {
     counts[static_cast<v1::JobState>(state)] = n;
   metrics_->JobStates(counts);
   int alive = 0, dead = 0, free = 0, used = 0;
-  for (const auto& v : FleetLocked(/*include_used=*/true)) {
+  const std::map<std::string, std::vector<int>> used_slots = store_->UsedSlots();
+  for (const auto& v : *agents_->Fleet()) {
     (v.alive ? alive : dead)++;
     if (!v.alive) continue;
-    used += static_cast<int>(v.used.size());
-    free += static_cast<int>(v.slots.size() - v.used.size());
+    auto it = used_slots.find(v.agent_id);
+    const int n = it == used_slots.end() ? 0 : NumUsed(v, it->second);
+    used += n;
+    free += static_cast<int>(v.slots.size()) - n;
   }
   metrics_->Fleet(alive, dead, free, used);
 }

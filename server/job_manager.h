@@ -200,7 +200,10 @@ class JobManager final : public AgentListener, public RankEventHandler {
   bool AllExited(const v1::Job& job) const;
   void ExpireCancelsLocked(Pending* p);
   void ScheduleLocked(Pending* p);
-  std::vector<AgentView> FleetLocked(bool include_used);
+  // The live agents with a free slot, with the slots live jobs hold.
+  std::vector<AgentView> FreeFleetLocked();
+  // How many of the agent's slots are in `used` (ascending).
+  static int NumUsed(const AgentView& agent, const std::vector<int>& used);
   void Flush(Pending* p);  // publish, send, metrics: after commit
   // Flush, then schedule when a job ended or was requeued (slots freed).
   void FlushAndReschedule(Pending* p);

@@ -459,7 +459,7 @@ void Store::ForEachQueuedJobNotBehind(const std::function<bool(const IndexedJob&
   index_.ForEachQueuedNotBehind(fn);
 }
 
-std::map<std::string, std::set<int>> Store::UsedSlots() {
+std::map<std::string, std::vector<int>> Store::UsedSlots() {
   std::lock_guard<std::recursive_mutex> lock(mu_);
   return index_.UsedSlots();
 }

@@ -38,7 +38,6 @@
 #include <memory>
 #include <mutex>
 #include <optional>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -103,8 +102,8 @@ class Store {
   void ForEachQueuedJob(const std::function<bool(const IndexedJob&)>& fn);
   // The same, only those whose reason_code is not kJobsAheadCode.
   void ForEachQueuedJobNotBehind(const std::function<bool(const IndexedJob&)>& fn);
-  // Slots held by live jobs (ranks not exited), per agent.
-  std::map<std::string, std::set<int>> UsedSlots();
+  // Slots held by live jobs (ranks not exited), per agent, ascending.
+  std::map<std::string, std::vector<int>> UsedSlots();
   // Loads a fresh index from the rows and compares: OK when it matches the
   // one kept in memory, INTERNAL naming the first difference otherwise.
   // Reads every live job: for tests and checks, not for serving.

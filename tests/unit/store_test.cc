@@ -350,7 +350,7 @@ TEST(Store, JobIndexIsRebuiltAtOpenInSchedulingOrder) {
   EXPECT_EQ((*s)->NumQueuedJobs("carol"), 0);
   auto counts = (*s)->CountJobsByState();
   EXPECT_EQ(counts, (std::map<int, int>{{v1::QUEUED, 4}, {v1::RUNNING, 1}, {v1::SUCCEEDED, 1}}));
-  EXPECT_EQ((*s)->UsedSlots(), (std::map<std::string, std::set<int>>{{"a", {3}}}));
+  EXPECT_EQ((*s)->UsedSlots(), (std::map<std::string, std::vector<int>>{{"a", {3}}}));
 }
 
 TEST(Store, JobIndexTakesCommitsOnlyNotRollbacks) {
