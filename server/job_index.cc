@@ -41,6 +41,7 @@ void JobIndex::Remove(const std::string& id) {
     not_behind_.erase(old.key());
     if (--queued_per_owner_[old.owner] == 0) queued_per_owner_.erase(old.owner);
   }
+  if (!old.held_slots.empty()) ++used_version_;
   for (const auto& [agent, slot] : old.held_slots) {
     auto& slots = used_[agent];
     if (--slots[slot] == 0) slots.erase(slot);
@@ -60,6 +61,7 @@ void JobIndex::Put(IndexedJob job, bool inserted) {
     return;
   }
   ++per_state_[job.state];
+  if (!job.held_slots.empty()) ++used_version_;
   for (const auto& [agent, slot] : job.held_slots) ++used_[agent][slot];
   auto [it, added] = live_.emplace(job.id, std::move(job));
   const IndexedJob* e = &it->second;
@@ -75,6 +77,7 @@ void JobIndex::AddEnded(v1::JobState state, int64_t count) {
 }
 
 void JobIndex::Clear() {
+  ++used_version_;
   queue_.clear();
   not_behind_.clear();
   queued_per_owner_.clear();

@@ -94,6 +94,9 @@ class JobIndex {
   std::map<int, int> CountByState() const;
   // Slots held by live jobs, per agent, ascending.
   std::map<std::string, std::vector<int>> UsedSlots() const;
+  // Changes whenever UsedSlots() may have: a pass that saw this version
+  // may reuse what it computed from them.
+  uint64_t used_slots_version() const { return used_version_; }
 
   // The first difference from `other` in words; empty when they hold the
   // same jobs, order and counts. For checking the index against a fresh load.
@@ -110,6 +113,7 @@ class JobIndex {
   // agent_id -> slot -> how many live jobs say they hold it (1 unless
   // something is wrong).
   std::map<std::string, std::map<int, int>> used_;
+  uint64_t used_version_ = 0;
 };
 
 }  // namespace ftune::server

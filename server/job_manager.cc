@@ -718,7 +718,12 @@ void JobManager::AgentsDead(const std::set<std::string>& dead) {
 // ---------------------------------------------------------------- scheduling
 
 std::vector<AgentView> JobManager::FreeFleetLocked() {
+  // Until an agent registers or dies, or a job takes or frees slots, the
+  // answer stays what it was (on a full fleet: nothing).
   const auto fleet = agents_->Fleet();
+  const uint64_t used_version = store_->UsedSlotsVersion();
+  if (free_fleet_.fleet == fleet && free_fleet_.used_version == used_version)
+    return free_fleet_.agents;
   const std::map<std::string, std::vector<int>> used = store_->UsedSlots();
   std::vector<AgentView> out;
   for (const AgentView& a : *fleet) {
@@ -732,6 +737,7 @@ std::vector<AgentView> JobManager::FreeFleetLocked() {
     out.push_back(a);
     out.back().used.insert(it->second.begin(), it->second.end());
   }
+  free_fleet_ = {fleet, used_version, out};
   return out;
 }
 
@@ -836,6 +842,7 @@ void JobManager::ScheduleLocked(Pending* p) {
 }
 
 void JobManager::ExpireCancelsLocked(Pending* p) {
+  if (store_->CountJobsByState().count(v1::CANCELLING) == 0) return;  // no query
   const int64_t now = NowMs();
   const int64_t cancel_deadline_ms =
       2LL * options_.grace_seconds * 1000 + options_.agent_timeout_ms;

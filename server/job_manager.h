@@ -219,6 +219,13 @@ class JobManager final : public AgentListener, public RankEventHandler {
   std::mutex mu_;
   // Plans still running (a stuck read keeps its thread): shared with them.
   std::shared_ptr<std::atomic<int>> plans_in_flight_ = std::make_shared<std::atomic<int>>(0);
+  // FreeFleetLocked's last answer and what it was computed from.
+  struct FreeFleet {
+    std::shared_ptr<const std::vector<AgentView>> fleet;
+    uint64_t used_version = 0;
+    std::vector<AgentView> agents;
+  };
+  FreeFleet free_fleet_;  // guarded by mu_
   std::mutex expiry_mu_;
   int64_t next_expiry_ms_ = 0;                  // guarded by expiry_mu_
   std::set<std::string> events_expired_;        // guarded by expiry_mu_

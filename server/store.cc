@@ -464,6 +464,11 @@ std::map<std::string, std::vector<int>> Store::UsedSlots() {
   return index_.UsedSlots();
 }
 
+uint64_t Store::UsedSlotsVersion() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  return index_.used_slots_version();
+}
+
 absl::Status Store::CheckJobIndex() {
   std::lock_guard<std::recursive_mutex> lock(mu_);
   JobIndex fresh;

@@ -102,8 +102,10 @@ class Store {
   void ForEachQueuedJob(const std::function<bool(const IndexedJob&)>& fn);
   // The same, only those whose reason_code is not kJobsAheadCode.
   void ForEachQueuedJobNotBehind(const std::function<bool(const IndexedJob&)>& fn);
-  // Slots held by live jobs (ranks not exited), per agent, ascending.
+  // Slots held by live jobs (ranks not exited), per agent, ascending, and
+  // the version of that answer (JobIndex::used_slots_version).
   std::map<std::string, std::vector<int>> UsedSlots();
+  uint64_t UsedSlotsVersion();
   // Loads a fresh index from the rows and compares: OK when it matches the
   // one kept in memory, INTERNAL naming the first difference otherwise.
   // Reads every live job: for tests and checks, not for serving.
