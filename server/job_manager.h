@@ -34,6 +34,11 @@
 // (AgentManager::Send) and metrics are updated. Nothing is published or sent
 // for a change that did not commit.
 //
+// A scheduling pass reads the queue and the slots in use from the store's
+// in-memory index of live jobs (job_index.h), not from the rows, walks it
+// up to the first job that does not fit, and stores all its placements and
+// changed reasons in one transaction (ScheduleLocked).
+//
 // It is also the job side of the other two managers: AgentListener (agents
 // registering, lost or dead) and RankEventHandler (what a rank event does to
 // its job).
