@@ -359,7 +359,7 @@ absl::Status Store::UpdateJob(const v1::Job& job) {
     if (rc == SQLITE_DONE) return absl::NotFoundError("job " + job.id() + " not found");
     if (rc != SQLITE_ROW) return Error("update job " + job.id());
     ordinal = sqlite3_column_int64(st, 0);
-    // RETURNING rows come before the change is complete: step to the end.
+    // The change is made at the first step; the next one ends the statement.
     if ((rc = sqlite3_step(st)) != SQLITE_DONE) return Error("update job " + job.id());
   }
   IndexJob(IndexedJob::Of(job, ordinal), /*inserted=*/false);
