@@ -8,9 +8,9 @@
 //  3. scale (--scale): N simulated agents (8 slots each) on real gRPC
 //     streams, heartbeating, against M queued jobs: the time to open the
 //     store on them (its queue loaded once), the scheduling tick, the
-//     coordinator's CPU per heartbeat, CreateJob p50/p99 over gRPC next to
-//     the disk's own fdatasync p50/p99 (each CreateJob commits once), and
-//     the coordinator's RSS. The agents run in a child process forked
+//     coordinator's CPU per heartbeat, CreateJob p50/p99 over gRPC and
+//     called directly, next to the disk's own fdatasync p50/p99 (each
+//     CreateJob commits once), and the coordinator's RSS. The agents run in a child process forked
 //     before gRPC starts, so the CPU and memory figures are the
 //     coordinator's alone.
 //
@@ -466,6 +466,20 @@ void ScaleBench(int num_agents, int num_queued, int heartbeat_ms, int num_create
     std::printf("scale: CreateJob over gRPC with %d queued: p50 %.1f ms, p99 %.1f ms (%zu calls)\n",
                 num_queued, lat[lat.size() / 2],
                 lat[std::min(lat.size() - 1, lat.size() * 99 / 100)], lat.size());
+  // The same calls on the JobManager directly: what CreateJob costs without
+  // gRPC (validation, the per-user cap, the fit check, one commit, a pass).
+  std::vector<double> direct;
+  for (int i = 0; i < num_creates; ++i) {
+    const auto a = Steady::now();
+    const auto job = coordinator.jobs().CreateJob(spec, "");
+    direct.push_back(std::chrono::duration<double, std::milli>(Steady::now() - a).count());
+    if (!job.ok()) break;
+  }
+  std::sort(direct.begin(), direct.end());
+  if (!direct.empty())
+    std::printf("scale: CreateJob in the process (no gRPC): p50 %.1f ms, p99 %.1f ms (%zu calls)\n",
+                direct[direct.size() / 2],
+                direct[std::min(direct.size() - 1, direct.size() * 99 / 100)], direct.size());
   std::printf("scale: coordinator RSS %.0f MiB\n", ftune::CurrentRssBytes() / 1048576.0);
 
   close(to_child[1]);  // the agents stop
