@@ -6,9 +6,11 @@
 //     watchers of one job.
 //
 //  3. scale (--scale): N simulated agents (8 slots each) on real gRPC
-//     streams, heartbeating, against M queued jobs: the scheduling tick,
-//     the coordinator's CPU per heartbeat, CreateJob p50/p99 over gRPC and
-//     the coordinator's RSS. The agents run in a child process forked
+//     streams, heartbeating, against M queued jobs: the time to open the
+//     store on them (its queue loaded once), the scheduling tick, the
+//     coordinator's CPU per heartbeat, CreateJob p50/p99 over gRPC and
+//     called directly, next to the disk's own fdatasync p50/p99 (each
+//     CreateJob commits once), and the coordinator's RSS. The agents run in a child process forked
 //     before gRPC starts, so the CPU and memory figures are the
 //     coordinator's alone.
 //
@@ -16,6 +18,7 @@
 //                     [--fanout-events N] [--fanout-period-ms MS]
 //   coordinator_bench --scale 1 [--agents 1000] [--queued 100000]
 //                     [--heartbeat-ms 1000] [--creates 100]
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
@@ -278,6 +281,28 @@ class SimAgent : public grpc::ClientBidiReactor<v1::AgentToCoordinator, v1::Coor
   v1::CoordinatorToAgent in_;
 };
 
+// What one durable commit costs at least on the state dir's disk: the store
+// runs synchronous=FULL, so every committed transaction (each CreateJob)
+// waits for one fdatasync of the WAL. p50 and p99 of n syncs of 4 KiB, ms.
+std::pair<double, double> SyncLatencyMs(const std::string& dir, int n) {
+  const std::string path = dir + "/sync-probe";
+  const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  if (fd < 0) return {-1, -1};
+  const std::string block(4096, 'x');
+  std::vector<double> ms;
+  for (int i = 0; i < n; ++i) {
+    if (write(fd, block.data(), block.size()) != static_cast<ssize_t>(block.size())) break;
+    const auto a = Steady::now();
+    if (fdatasync(fd) != 0) break;
+    ms.push_back(std::chrono::duration<double, std::milli>(Steady::now() - a).count());
+  }
+  close(fd);
+  std::filesystem::remove(path);
+  if (ms.empty()) return {-1, -1};
+  std::sort(ms.begin(), ms.end());
+  return {ms[ms.size() / 2], ms[std::min(ms.size() - 1, ms.size() * 99 / 100)]};
+}
+
 // The child: connects num_agents agents and heartbeats each every
 // heartbeat_ms until its parent closes the pipe. Writes how many
 // heartbeats it sent when done.
@@ -353,6 +378,15 @@ void ScaleBench(int num_agents, int num_queued, int heartbeat_ms, int num_create
   }
   std::printf("scale: %d jobs queued in %.1f s; coordinator RSS %.0f MiB\n", num_queued,
               std::chrono::duration<double>(Steady::now() - t0).count(), ftune::CurrentRssBytes() / 1048576.0);
+  // Started again on that state, as a coordinator after a restart: the
+  // store loads its in-memory queue from the rows once, here.
+  store.reset();
+  t0 = Steady::now();
+  store = std::move(*Store::Open(dir));
+  std::printf("scale: the store opened again in %.2f s (integrity check, queue of %d loaded); "
+              "RSS %.0f MiB\n",
+              std::chrono::duration<double>(Steady::now() - t0).count(), num_queued,
+              ftune::CurrentRssBytes() / 1048576.0);
 
   EventBus bus;
   ManagerOptions mo;
@@ -424,10 +458,28 @@ void ScaleBench(int num_agents, int num_queued, int heartbeat_ms, int num_create
     }
   }
   std::sort(lat.begin(), lat.end());
+  const auto [sync_p50, sync_p99] = SyncLatencyMs(dir, 300);
+  std::printf("scale: fdatasync of 4 KiB on the state dir's disk (one per commit): p50 %.1f ms, "
+              "p99 %.1f ms\n",
+              sync_p50, sync_p99);
   if (!lat.empty())
     std::printf("scale: CreateJob over gRPC with %d queued: p50 %.1f ms, p99 %.1f ms (%zu calls)\n",
                 num_queued, lat[lat.size() / 2],
                 lat[std::min(lat.size() - 1, lat.size() * 99 / 100)], lat.size());
+  // The same calls on the JobManager directly: what CreateJob costs without
+  // gRPC (validation, the per-user cap, the fit check, one commit, a pass).
+  std::vector<double> direct;
+  for (int i = 0; i < num_creates; ++i) {
+    const auto a = Steady::now();
+    const auto job = coordinator.jobs().CreateJob(spec, "");
+    direct.push_back(std::chrono::duration<double, std::milli>(Steady::now() - a).count());
+    if (!job.ok()) break;
+  }
+  std::sort(direct.begin(), direct.end());
+  if (!direct.empty())
+    std::printf("scale: CreateJob in the process (no gRPC): p50 %.1f ms, p99 %.1f ms (%zu calls)\n",
+                direct[direct.size() / 2],
+                direct[std::min(direct.size() - 1, direct.size() * 99 / 100)], direct.size());
   std::printf("scale: coordinator RSS %.0f MiB\n", ftune::CurrentRssBytes() / 1048576.0);
 
   close(to_child[1]);  // the agents stop

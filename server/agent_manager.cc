@@ -19,6 +19,7 @@ absl::Status AgentManager::Recover() {
     s.last_seen_ms = now;
     agents_[s.stored.agent.agent_id()] = std::move(s);
   }
+  fleet_.reset();
   return absl::OkStatus();
 }
 
@@ -56,6 +57,7 @@ absl::Status AgentManager::RegisterAgent(const v1::RegisterAgent& reg,
     a.alive = true;
     a.last_seen_ms = now;
     a.reported_running = running;
+    fleet_.reset();
 
     // Still under mu_: a job change committed after this read sends its
     // messages to the new link, one committed before is in the read.
@@ -118,6 +120,7 @@ void AgentManager::CheckLiveness() {
     for (auto& [id, a] : agents_) {
       if (a.alive && now - a.last_seen_ms > options_.agent_timeout_ms) {
         a.alive = false;
+        fleet_.reset();
         if (a.link) links.push_back(std::move(a.link));
         a.link.reset();
         dead.insert(id);
@@ -133,19 +136,21 @@ void AgentManager::CheckLiveness() {
   for (const auto& link : links) link->Disconnect();
 }
 
-std::vector<AgentView> AgentManager::Fleet() {
+std::shared_ptr<const std::vector<AgentView>> AgentManager::Fleet() {
   std::lock_guard<std::mutex> lock(mu_);
-  std::vector<AgentView> out;
-  out.reserve(agents_.size());
+  if (fleet_) return fleet_;
+  auto out = std::make_shared<std::vector<AgentView>>();
+  out->reserve(agents_.size());
   for (const auto& [id, a] : agents_) {
     AgentView v;
     v.agent_id = id;
     v.host = a.stored.agent.host();
     v.alive = a.alive;
     v.slots.assign(a.stored.agent.slots().begin(), a.stored.agent.slots().end());
-    out.push_back(std::move(v));
+    out->push_back(std::move(v));
   }
-  return out;
+  fleet_ = std::move(out);
+  return fleet_;
 }
 
 void AgentManager::Send(const std::string& agent_id, const v1::CoordinatorToAgent& msg) {

@@ -132,8 +132,10 @@ class AgentManager {
   void CheckLiveness();
 
   // --- for the other managers
-  // Every agent with its slots, alive or not (`used` left empty), in agent_id order.
-  std::vector<AgentView> Fleet();
+  // Every agent with its slots, alive or not (`used` left empty), in
+  // agent_id order. Built again only after a registration or a death (not
+  // per heartbeat): the scheduler reads it on every pass. Immutable.
+  std::shared_ptr<const std::vector<AgentView>> Fleet();
   // Queues msg on the agent's link; dropped when it has none (dead, or
   // between streams: what matters is sent again when it registers).
   void Send(const std::string& agent_id, const v1::CoordinatorToAgent& msg);
@@ -168,6 +170,8 @@ class AgentManager {
   AgentListener* listener_ = nullptr;
   std::mutex mu_;
   std::map<std::string, AgentState> agents_;  // guarded by mu_
+  // Fleet() as of the last change of agents_; null: to build again.
+  std::shared_ptr<const std::vector<AgentView>> fleet_;  // guarded by mu_
 };
 
 }  // namespace ftune::server

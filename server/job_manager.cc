@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <map>
+#include <optional>
 #include <thread>
 
 #include "job_state.h"
@@ -399,17 +400,16 @@ absl::StatusOr<v1::Job> JobManager::CreateJob(v1::JobSpec spec, const std::strin
   if (options_.max_queued_jobs > 0) {
     // Per owner, admins included: one user filling the queue must not lock
     // the others out of it.
-    auto queued = store_->CountJobs(v1::QUEUED, owner);
-    if (!queued.ok()) return queued.status();
-    if (*queued >= options_.max_queued_jobs)
+    const int64_t queued = store_->NumQueuedJobs(owner);
+    if (queued >= options_.max_queued_jobs)
       return absl::ResourceExhaustedError(
           (owner.empty() ? std::string("you have ") : "user '" + owner + "' has ") +
-          std::to_string(*queued) + " jobs queued, the most one user may have "
+          std::to_string(queued) + " jobs queued, the most one user may have "
           "(--max-queued-jobs " + std::to_string(options_.max_queued_jobs) +
           "); submit again once some have started, or cancel some");
   }
-  auto fleet = FleetLocked(/*include_used=*/false);
-  if (auto st = CheckFits(PlannedResources(spec.resources(), planned), fleet); !st.ok()) {
+  const auto fleet = agents_->Fleet();
+  if (auto st = CheckFits(PlannedResources(spec.resources(), planned), *fleet); !st.ok()) {
     if (planned > 0 && planned > spec.resources().min_gpu_memory_bytes()) {
       return absl::ResourceExhaustedError(std::string(st.message()) +
                                           " (the memory plan needs " + FormatByteSize(planned) +
@@ -418,6 +418,14 @@ absl::StatusOr<v1::Job> JobManager::CreateJob(v1::JobSpec spec, const std::strin
     return st;
   }
 
+  // Behind a queued job of the same or a higher priority, the new job waits
+  // for it: stored with that reason, the pass below has nothing to write
+  // for it (one commit per CreateJob, not two) unless the queue moves.
+  bool behind = false;
+  store_->ForEachQueuedJob([&](const IndexedJob& first) {
+    behind = first.priority >= spec.priority();
+    return false;
+  });
   Pending p;
   v1::Job job;
   auto st = store_->Transaction([&]() -> absl::Status {
@@ -430,7 +438,8 @@ absl::StatusOr<v1::Job> JobManager::CreateJob(v1::JobSpec spec, const std::strin
     job.set_owner(owner);
     job.set_planned_device_bytes(planned);
     job.set_state(v1::QUEUED);
-    job.set_state_reason("waiting for the scheduler");
+    job.set_state_reason(behind ? kJobsAheadReason : "waiting for the scheduler");
+    if (behind) job.set_reason_code(kJobsAheadCode);
     job.set_create_time_unix_ms(NowMs());
     job.set_update_time_unix_ms(job.create_time_unix_ms());
     v1::JobEvent e;
@@ -708,55 +717,97 @@ void JobManager::AgentsDead(const std::set<std::string>& dead) {
 
 // ---------------------------------------------------------------- scheduling
 
-std::vector<AgentView> JobManager::FleetLocked(bool include_used) {
-  std::vector<AgentView> out = agents_->Fleet();
-  if (!include_used) return out;
-  std::map<std::string, size_t> index;
-  for (size_t i = 0; i < out.size(); ++i) index[out[i].agent_id] = i;
-  if (auto rows = ListSlotHolders(); rows.ok()) {
-    for (const auto& [ord, job] : *rows)
-      for (const auto& pl : job.placement()) {
-        bool exited = false;
-        for (const auto& r : job.ranks())
-          if (r.rank() == pl.rank()) exited = r.exited();
-        auto it = index.find(pl.agent_id());
-        if (!exited && it != index.end()) out[it->second].used.insert(pl.slot());
-      }
+std::vector<AgentView> JobManager::FreeFleetLocked() {
+  // Until an agent registers or dies, or a job takes or frees slots, the
+  // answer stays what it was (on a full fleet: nothing).
+  const auto fleet = agents_->Fleet();
+  const uint64_t used_version = store_->UsedSlotsVersion();
+  if (free_fleet_.fleet == fleet && free_fleet_.used_version == used_version)
+    return free_fleet_.agents;
+  const std::map<std::string, std::vector<int>> used = store_->UsedSlots();
+  std::vector<AgentView> out;
+  for (const AgentView& a : *fleet) {
+    if (!a.alive) continue;
+    auto it = used.find(a.agent_id);
+    if (it == used.end()) {
+      out.push_back(a);
+      continue;
+    }
+    if (NumUsed(a, it->second) == static_cast<int>(a.slots.size())) continue;
+    out.push_back(a);
+    out.back().used.insert(it->second.begin(), it->second.end());
   }
+  free_fleet_ = {fleet, used_version, out};
   return out;
 }
 
+int JobManager::NumUsed(const AgentView& agent, const std::vector<int>& used) {
+  int n = 0;
+  for (const auto& s : agent.slots) n += std::binary_search(used.begin(), used.end(), s.index());
+  return n;
+}
+
+// One pass over the queue in memory (store.h's job index), in scheduling
+// order, up to the first job that does not fit; then one transaction for
+// every placement and every reason that changed. A job already waiting
+// behind others keeps its stored reason (the same words for all), so a
+// pass writes only what moved: the jobs placed, the head of the queue, and
+// jobs new to the queue.
 void JobManager::ScheduleLocked(Pending* p) {
-  JobFilter f;
-  f.states = {v1::QUEUED};
-  f.limit = 1 << 20;
-  auto rows = store_->ListJobs(f);
-  if (!rows.ok() || rows->empty()) return;
-  std::vector<PendingJob> pending;
-  std::map<std::string, v1::Job> jobs;
-  for (const auto& [ord, job] : *rows) {
-    pending.push_back({job.id(), job.spec().priority(), ord,
-                       PlannedResources(job.spec().resources(), job.planned_device_bytes())});
-    jobs[job.id()] = job;
+  GangPlacer placer(FreeFleetLocked());
+  std::vector<Decision> decisions;  // placements, then reasons to store
+  std::optional<QueueKey> blocked;
+  store_->ForEachQueuedJob([&](const IndexedJob& job) {
+    Decision d = placer.Place({job.id, job.priority, job.ordinal, job.resources});
+    if (d.placed) {
+      decisions.push_back(std::move(d));
+      return true;
+    }
+    blocked = job.key();
+    if (job.state_reason != d.reason || job.reason_code != d.reason_code)
+      decisions.push_back(std::move(d));
+    return false;
+  });
+  if (blocked) {
+    store_->ForEachQueuedJobNotBehind([&](const IndexedJob& job) {
+      // Ahead of the blocked job: placed above.
+      if (*blocked < job.key()) decisions.push_back(JobsAhead(job.id));
+      return true;
+    });
   }
-  const auto decisions = Schedule(pending, FleetLocked(/*include_used=*/true));
-  for (const auto& d : decisions) {
-    v1::Job& job = jobs[d.job_id];
-    Pending local;
-    auto st = store_->Transaction([&]() -> absl::Status {
+  if (decisions.empty()) return;
+
+  Pending local;
+  auto st = store_->Transaction([&]() -> absl::Status {
+    local = Pending();
+    for (const auto& d : decisions) {
+      auto got = store_->GetJob(d.job_id);
+      // One row that is unreadable (logged and counted by the store), or
+      // not QUEUED as the index said (it and the rows must never disagree),
+      // is left alone rather than stop every placement; any other error
+      // ends the pass, to be tried again.
+      if (absl::IsDataLoss(got.status())) continue;
+      if (!got.ok() && !absl::IsNotFound(got.status())) return got.status();
+      if (!got.ok() || got->state() != v1::QUEUED) {
+        std::fprintf(stderr, "ftune-coordinator: scheduler skipped job %s: %s\n",
+                     d.job_id.c_str(),
+                     got.ok() ? ("stored as " + StateName(got->state()) + ", not QUEUED").c_str()
+                              : "not stored");
+        continue;
+      }
+      v1::Job& job = *got;
       if (!d.placed) {
-        if (job.state_reason() == d.reason) return absl::OkStatus();
         job.set_state_reason(d.reason);
         job.set_reason_code(d.reason_code);
-        return store_->UpdateJob(job);
+        FTUNE_RETURN_IF_ERROR(store_->UpdateJob(job));
+        continue;
       }
       job.clear_placement();
       job.clear_ranks();
       std::set<std::string> hosts;
       for (const auto& pl : d.placement) {
         *job.add_placement() = pl;
-        auto* rs = job.add_ranks();
-        rs->set_rank(pl.rank());
+        job.add_ranks()->set_rank(pl.rank());
         hosts.insert(pl.host());
       }
       std::string where;
@@ -766,11 +817,9 @@ void JobManager::ScheduleLocked(Pending* p) {
                                            " ranks on " + where,
                                        "", &local));
       FTUNE_RETURN_IF_ERROR(store_->UpdateJob(job));
-      FTUNE_RETURN_IF_ERROR(events_->Append(local.events));
       std::map<std::string, v1::Assignment> per_agent;
       for (const auto& pl : d.placement) {
-        auto& as = per_agent[pl.agent_id()];
-        auto* ra = as.add_ranks();
+        auto* ra = per_agent[pl.agent_id()].add_ranks();
         ra->set_rank(pl.rank());
         ra->set_slot(pl.slot());
       }
@@ -784,14 +833,16 @@ void JobManager::ScheduleLocked(Pending* p) {
         *msg.mutable_assign() = as;
         local.outbox.emplace_back(agent_id, std::move(msg));
       }
-      return absl::OkStatus();
-    });
-    if (!st.ok()) continue;
-    p->Merge(std::move(local));
-  }
+    }
+    return events_->Append(local.events);
+  });
+  // Not stored: nothing is sent, and the next pass decides again.
+  if (!st.ok()) return;
+  p->Merge(std::move(local));
 }
 
 void JobManager::ExpireCancelsLocked(Pending* p) {
+  if (store_->CountJobsByState().count(v1::CANCELLING) == 0) return;  // no query
   const int64_t now = NowMs();
   const int64_t cancel_deadline_ms =
       2LL * options_.grace_seconds * 1000 + options_.agent_timeout_ms;
@@ -866,15 +917,18 @@ void JobManager::RefreshGaugesLocked() {
   if (!metrics_) return;
   std::map<v1::JobState, int> counts;
   for (int s = v1::QUEUED; s <= v1::CANCELLED; ++s) counts[static_cast<v1::JobState>(s)] = 0;
-  if (auto rows = store_->CountJobsByState(); rows.ok())
-    for (const auto& [state, n] : *rows) counts[static_cast<v1::JobState>(state)] = n;
+  for (const auto& [state, n] : store_->CountJobsByState())
+    counts[static_cast<v1::JobState>(state)] = n;
   metrics_->JobStates(counts);
   int alive = 0, dead = 0, free = 0, used = 0;
-  for (const auto& v : FleetLocked(/*include_used=*/true)) {
+  const std::map<std::string, std::vector<int>> used_slots = store_->UsedSlots();
+  for (const auto& v : *agents_->Fleet()) {
     (v.alive ? alive : dead)++;
     if (!v.alive) continue;
-    used += static_cast<int>(v.used.size());
-    free += static_cast<int>(v.slots.size() - v.used.size());
+    auto it = used_slots.find(v.agent_id);
+    const int n = it == used_slots.end() ? 0 : NumUsed(v, it->second);
+    used += n;
+    free += static_cast<int>(v.slots.size()) - n;
   }
   metrics_->Fleet(alive, dead, free, used);
 }

@@ -34,6 +34,11 @@
 // (AgentManager::Send) and metrics are updated. Nothing is published or sent
 // for a change that did not commit.
 //
+// A scheduling pass reads the queue and the slots in use from the store's
+// in-memory index of live jobs (job_index.h), not from the rows, walks it
+// up to the first job that does not fit, and stores all its placements and
+// changed reasons in one transaction (ScheduleLocked).
+//
 // It is also the job side of the other two managers: AgentListener (agents
 // registering, lost or dead) and RankEventHandler (what a rank event does to
 // its job).
@@ -200,7 +205,10 @@ class JobManager final : public AgentListener, public RankEventHandler {
   bool AllExited(const v1::Job& job) const;
   void ExpireCancelsLocked(Pending* p);
   void ScheduleLocked(Pending* p);
-  std::vector<AgentView> FleetLocked(bool include_used);
+  // The live agents with a free slot, with the slots live jobs hold.
+  std::vector<AgentView> FreeFleetLocked();
+  // How many of the agent's slots are in `used` (ascending).
+  static int NumUsed(const AgentView& agent, const std::vector<int>& used);
   void Flush(Pending* p);  // publish, send, metrics: after commit
   // Flush, then schedule when a job ended or was requeued (slots freed).
   void FlushAndReschedule(Pending* p);
@@ -216,6 +224,13 @@ class JobManager final : public AgentListener, public RankEventHandler {
   std::mutex mu_;
   // Plans still running (a stuck read keeps its thread): shared with them.
   std::shared_ptr<std::atomic<int>> plans_in_flight_ = std::make_shared<std::atomic<int>>(0);
+  // FreeFleetLocked's last answer and what it was computed from.
+  struct FreeFleet {
+    std::shared_ptr<const std::vector<AgentView>> fleet;
+    uint64_t used_version = 0;
+    std::vector<AgentView> agents;
+  };
+  FreeFleet free_fleet_;  // guarded by mu_
   std::mutex expiry_mu_;
   int64_t next_expiry_ms_ = 0;                  // guarded by expiry_mu_
   std::set<std::string> events_expired_;        // guarded by expiry_mu_

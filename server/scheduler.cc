@@ -42,7 +42,7 @@ std::string MemoryClause(const v1::ResourceSpec& r) {
 
 // Picks slots for one job, or returns false. Ranks are numbered host by host
 // so that neighbouring ranks share a host.
-bool Place(const v1::ResourceSpec& r, std::vector<HostFree> hosts,
+bool PickSlots(const v1::ResourceSpec& r, std::vector<HostFree> hosts,
            std::vector<v1::RankPlacement>* out) {
   const int n = r.num_ranks();
   const int g = r.gpus_per_host();
@@ -110,46 +110,52 @@ bool Place(const v1::ResourceSpec& r, std::vector<HostFree> hosts,
 
 }  // namespace
 
+GangPlacer::GangPlacer(std::vector<AgentView> agents) : agents_(std::move(agents)) {
+  for (size_t i = 0; i < agents_.size(); ++i) by_id_[agents_[i].agent_id] = i;
+}
+
+Decision GangPlacer::Place(const PendingJob& job) {
+  Decision d;
+  d.job_id = job.job_id;
+  const auto hosts = EligibleFree(job.resources, agents_, /*ignore_use=*/false);
+  if (PickSlots(job.resources, hosts, &d.placement)) {
+    d.placed = true;
+    for (const auto& p : d.placement) agents_[by_id_[p.agent_id()]].used.insert(p.slot());
+    return d;
+  }
+  int free = 0;
+  for (const auto& h : hosts) free += static_cast<int>(h.slots.size());
+  d.reason = "waiting for slots: needs " + std::to_string(job.resources.num_ranks()) + " ranks" +
+             MemoryClause(job.resources) +
+             (job.resources.gpus_per_host() > 0
+                  ? " (" + std::to_string(job.resources.gpus_per_host()) + " per host)"
+                  : "") +
+             ", " + std::to_string(free) + " such slots free on " +
+             std::to_string(hosts.size()) + " live hosts";
+  d.reason_code = kSlotsMissingCode;
+  return d;
+}
+
+Decision JobsAhead(const std::string& job_id) {
+  Decision d;
+  d.job_id = job_id;
+  d.reason = kJobsAheadReason;
+  d.reason_code = kJobsAheadCode;
+  return d;
+}
+
 std::vector<Decision> Schedule(std::vector<PendingJob> pending,
-                               const std::vector<AgentView>& agents_in) {
+                               const std::vector<AgentView>& agents) {
   std::stable_sort(pending.begin(), pending.end(), [](const PendingJob& a, const PendingJob& b) {
     if (a.priority != b.priority) return a.priority > b.priority;
     return a.ordinal < b.ordinal;
   });
-  std::vector<AgentView> agents = agents_in;  // slots get marked used as we place
-  std::map<std::string, AgentView*> by_id;
-  for (auto& a : agents) by_id[a.agent_id] = &a;
-
+  GangPlacer placer(agents);
   std::vector<Decision> out;
-  const PendingJob* blocker = nullptr;
+  bool blocked = false;
   for (const auto& job : pending) {
-    Decision d;
-    d.job_id = job.job_id;
-    if (blocker != nullptr) {
-      d.reason = "waiting behind " + blocker->job_id + " (priority " +
-                 std::to_string(blocker->priority) + ", queued earlier or more urgent)";
-      d.reason_code = "jobs_ahead";
-      out.push_back(std::move(d));
-      continue;
-    }
-    const auto hosts = EligibleFree(job.resources, agents, /*ignore_use=*/false);
-    if (Place(job.resources, hosts, &d.placement)) {
-      d.placed = true;
-      for (const auto& p : d.placement) by_id[p.agent_id()]->used.insert(p.slot());
-    } else {
-      int free = 0;
-      for (const auto& h : hosts) free += static_cast<int>(h.slots.size());
-      d.reason = "waiting for slots: needs " + std::to_string(job.resources.num_ranks()) +
-                 " ranks" + MemoryClause(job.resources) +
-                 (job.resources.gpus_per_host() > 0
-                      ? " (" + std::to_string(job.resources.gpus_per_host()) + " per host)"
-                      : "") +
-                 ", " + std::to_string(free) + " such slots free on " +
-                 std::to_string(hosts.size()) + " live hosts";
-      d.reason_code = "slots_missing";
-      blocker = &job;
-    }
-    out.push_back(std::move(d));
+    out.push_back(blocked ? JobsAhead(job.job_id) : placer.Place(job));
+    blocked = blocked || !out.back().placed;
   }
   return out;
 }
@@ -161,7 +167,7 @@ absl::Status CheckFits(const v1::ResourceSpec& r, const std::vector<AgentView>& 
         "before submitting jobs");
   const auto hosts = EligibleFree(r, agents, /*ignore_use=*/true);
   std::vector<v1::RankPlacement> ignored;
-  if (Place(r, hosts, &ignored)) return absl::OkStatus();
+  if (PickSlots(r, hosts, &ignored)) return absl::OkStatus();
   int eligible = 0;
   int total = 0;
   for (const auto& h : hosts) eligible += static_cast<int>(h.slots.size());

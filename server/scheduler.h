@@ -4,11 +4,18 @@
 // them under its lock and tests can drive them with hand-made fleets.
 // Ordering is strict: a job that cannot be placed blocks the jobs behind it
 // (no backfill), so a large high-priority job is never starved by small ones;
-// each blocked job gets a reason saying what it waits for.
+// each blocked job gets a reason saying what it waits for. The first blocked
+// job says which slots it misses; every job behind it gets the same words
+// (kJobsAheadReason), as Slurm's "Priority" reason, so a queue of 100,000
+// jobs need not be rewritten each time its head moves.
+//
+// The job manager walks its queue (job_index.h) with a GangPlacer and stops
+// at the first job that does not fit; Schedule() is the same over a list.
 #ifndef FTUNE_SERVER_SCHEDULER_H_
 #define FTUNE_SERVER_SCHEDULER_H_
 
 #include <cstdint>
+#include <map>
 #include <set>
 #include <string>
 #include <vector>
@@ -33,13 +40,35 @@ struct PendingJob {
   v1::ResourceSpec resources;
 };
 
+inline constexpr char kJobsAheadCode[] = "jobs_ahead";
+inline constexpr char kSlotsMissingCode[] = "slots_missing";
+inline constexpr char kJobsAheadReason[] =
+    "waiting behind the jobs ahead of it in the queue (higher priority, or the same priority "
+    "and submitted earlier); the first of them waits for slots";
+
 struct Decision {
   std::string job_id;
   bool placed = false;
   std::vector<v1::RankPlacement> placement;  // by rank, when placed
   std::string reason;                        // why not, otherwise
-  std::string reason_code;                   // "jobs_ahead" | "slots_missing"
+  std::string reason_code;                   // kJobsAheadCode | kSlotsMissingCode
 };
+
+// Places jobs one at a time on the free slots of live agents, all ranks of
+// a job or none; the slots it gives out are used for the jobs after.
+class GangPlacer {
+ public:
+  explicit GangPlacer(std::vector<AgentView> agents);
+  // Placed, or not with a kSlotsMissingCode reason.
+  Decision Place(const PendingJob& job);
+
+ private:
+  std::vector<AgentView> agents_;
+  std::map<std::string, size_t> by_id_;  // index into agents_
+};
+
+// The decision for a job waiting behind a blocked one.
+Decision JobsAhead(const std::string& job_id);
 
 // Places pending jobs in priority-then-FIFO order onto the free slots of live
 // agents. Returns one decision per pending job, in scheduling order.

@@ -6,6 +6,8 @@
 #include <cstdio>
 #include <filesystem>
 
+#include "job_state.h"
+
 namespace ftune::server {
 namespace {
 
@@ -103,6 +105,7 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
     if (auto st = s->Exec(pragma); !st.ok()) return st;
   }
   if (auto st = s->Migrate(); !st.ok()) return st;
+  if (auto st = s->LoadJobIndex(&s->index_); !st.ok()) return st;
   return s;
 }
 
@@ -250,6 +253,7 @@ absl::Status Store::Transaction(const std::function<absl::Status()>& fn) {
     return st;
   }
   if (auto st = Exec("BEGIN IMMEDIATE"); !st.ok()) return st;
+  staged_.clear();
   ++transaction_depth_;
   absl::Status st = fn();
   --transaction_depth_;
@@ -257,7 +261,52 @@ absl::Status Store::Transaction(const std::function<absl::Status()>& fn) {
   // A failed COMMIT (a full disk) may leave the transaction open: end it,
   // so the next one can begin. Its own failure is logged by Exec.
   if (!st.ok() && !sqlite3_get_autocommit(db_)) Exec("ROLLBACK").IgnoreError();
+  // Rolled back (SQLite rolls back a COMMIT that fails on I/O or a full
+  // disk itself), the rows are what the index already holds.
+  if (st.ok())
+    for (auto& [job, inserted] : staged_) index_.Put(std::move(job), inserted);
+  staged_.clear();
   return st;
+}
+
+void Store::IndexJob(IndexedJob job, bool inserted) {
+  if (transaction_depth_ > 0) {
+    staged_.emplace_back(std::move(job), inserted);
+  } else {
+    index_.Put(std::move(job), inserted);
+  }
+}
+
+absl::Status Store::LoadJobIndex(JobIndex* index) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  index->Clear();
+  const std::string ended = std::to_string(v1::SUCCEEDED) + "," + std::to_string(v1::FAILED) +
+                            "," + std::to_string(v1::CANCELLED);
+  sqlite3_stmt* st = nullptr;
+  const std::string live_sql = "SELECT ordinal, job FROM jobs WHERE state NOT IN (" + ended + ")";
+  if (sqlite3_prepare_v2(db_, live_sql.c_str(), -1, &st, nullptr) != SQLITE_OK)
+    return Error("prepare loading the live jobs");
+  int rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    v1::Job job;
+    if (!job.ParseFromString(Blob(st, 1))) {
+      sqlite3_finalize(st);
+      return Failed(absl::DataLossError("a stored job is corrupt (loading the live jobs)"));
+    }
+    index->Put(IndexedJob::Of(job, sqlite3_column_int64(st, 0)), /*inserted=*/true);
+  }
+  sqlite3_finalize(st);
+  if (rc != SQLITE_DONE) return Error("load the live jobs");
+  const std::string ended_sql =
+      "SELECT state, COUNT(*) FROM jobs WHERE state IN (" + ended + ") GROUP BY state";
+  if (sqlite3_prepare_v2(db_, ended_sql.c_str(), -1, &st, nullptr) != SQLITE_OK)
+    return Error("prepare counting the ended jobs");
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+    index->AddEnded(static_cast<v1::JobState>(sqlite3_column_int(st, 0)),
+                    sqlite3_column_int64(st, 1));
+  sqlite3_finalize(st);
+  if (rc != SQLITE_DONE) return Error("count the ended jobs");
+  return absl::OkStatus();
 }
 
 #define FTUNE_PREPARE(var, sql)                                  \
@@ -292,18 +341,28 @@ absl::Status Store::InsertJob(const v1::Job& job, int64_t ordinal) {
       sqlite3_bind_text(st, 3, v.c_str(), -1, SQLITE_TRANSIENT);
       if (sqlite3_step(st) != SQLITE_DONE) return Error("insert label of " + job.id());
     }
+    IndexJob(IndexedJob::Of(job, ordinal), /*inserted=*/true);
     return absl::OkStatus();
   });
 }
 
 absl::Status Store::UpdateJob(const v1::Job& job) {
-  FTUNE_PREPARE(st, "UPDATE jobs SET state=?, job=? WHERE id=?");
-  const std::string blob = job.SerializeAsString();
-  sqlite3_bind_int(st, 1, job.state());
-  sqlite3_bind_blob(st, 2, blob.data(), static_cast<int>(blob.size()), SQLITE_TRANSIENT);
-  sqlite3_bind_text(st, 3, job.id().c_str(), -1, SQLITE_TRANSIENT);
-  if (sqlite3_step(st) != SQLITE_DONE) return Error("update job " + job.id());
-  if (sqlite3_changes(db_) != 1) return absl::NotFoundError("job " + job.id() + " not found");
+  int64_t ordinal = 0;
+  {
+    FTUNE_PREPARE(st, "UPDATE jobs SET state=?, priority=?, job=? WHERE id=? RETURNING ordinal");
+    const std::string blob = job.SerializeAsString();
+    sqlite3_bind_int(st, 1, job.state());
+    sqlite3_bind_int(st, 2, job.spec().priority());
+    sqlite3_bind_blob(st, 3, blob.data(), static_cast<int>(blob.size()), SQLITE_TRANSIENT);
+    sqlite3_bind_text(st, 4, job.id().c_str(), -1, SQLITE_TRANSIENT);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_DONE) return absl::NotFoundError("job " + job.id() + " not found");
+    if (rc != SQLITE_ROW) return Error("update job " + job.id());
+    ordinal = sqlite3_column_int64(st, 0);
+    // The change is made at the first step; the next one ends the statement.
+    if ((rc = sqlite3_step(st)) != SQLITE_DONE) return Error("update job " + job.id());
+  }
+  IndexJob(IndexedJob::Of(job, ordinal), /*inserted=*/false);
   return absl::OkStatus();
 }
 
@@ -380,22 +439,43 @@ absl::StatusOr<int64_t> Store::NextOrdinal() {
   return sqlite3_column_int64(st, 0);
 }
 
-absl::StatusOr<std::map<int, int>> Store::CountJobsByState() {
-  FTUNE_PREPARE(st, "SELECT state, COUNT(*) FROM jobs GROUP BY state");
-  std::map<int, int> out;
-  int rc;
-  while ((rc = sqlite3_step(st)) == SQLITE_ROW)
-    out[sqlite3_column_int(st, 0)] = sqlite3_column_int(st, 1);
-  if (rc != SQLITE_DONE) return Error("count jobs");
-  return out;
+std::map<int, int> Store::CountJobsByState() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  return index_.CountByState();
 }
 
-absl::StatusOr<int64_t> Store::CountJobs(int state, const std::string& owner) {
-  FTUNE_PREPARE(st, "SELECT COUNT(*) FROM jobs WHERE owner=? AND state=?");
-  sqlite3_bind_text(st, 1, owner.c_str(), -1, SQLITE_TRANSIENT);
-  sqlite3_bind_int(st, 2, state);
-  if (sqlite3_step(st) != SQLITE_ROW) return Error("count jobs of " + owner);
-  return sqlite3_column_int64(st, 0);
+int64_t Store::NumQueuedJobs(const std::string& owner) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  return index_.NumQueued(owner);
+}
+
+void Store::ForEachQueuedJob(const std::function<bool(const IndexedJob&)>& fn) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  index_.ForEachQueued(fn);
+}
+
+void Store::ForEachQueuedJobNotBehind(const std::function<bool(const IndexedJob&)>& fn) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  index_.ForEachQueuedNotBehind(fn);
+}
+
+std::map<std::string, std::vector<int>> Store::UsedSlots() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  return index_.UsedSlots();
+}
+
+uint64_t Store::UsedSlotsVersion() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  return index_.used_slots_version();
+}
+
+absl::Status Store::CheckJobIndex() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  JobIndex fresh;
+  if (auto st = LoadJobIndex(&fresh); !st.ok()) return st;
+  const std::string diff = index_.Diff(fresh);
+  if (diff.empty()) return absl::OkStatus();
+  return absl::InternalError("the in-memory job index differs from the stored jobs: " + diff);
 }
 
 absl::Status Store::AppendEvent(const v1::JobEvent& e) {

@@ -18,6 +18,14 @@
 // when the database is busy or locked, DATA_LOSS for corruption, INTERNAL
 // otherwise. "Not found" answers are not errors.
 //
+// The live jobs are also kept in memory (JobIndex, job_index.h) for the
+// scheduler: loaded once at Open, and fed every job InsertJob/UpdateJob
+// writes once its transaction commits; a transaction rolled back (a COMMIT
+// that fails is rolled back too) leaves it as it was. The database stays the
+// source of truth: a process that dies mid-transaction loses only the index,
+// which the next Open rebuilds. Ended jobs are only counted, so the index
+// relies on the state machine: an ended job never becomes live again.
+//
 // Thread-safety: a Store serializes all calls with an internal mutex, held
 // across a Transaction; the managers hold their own locks across
 // read-modify-write and take them before this one (coordinator.h).
@@ -36,6 +44,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "ftune/v1/job_service.pb.h"
+#include "job_index.h"
 
 struct sqlite3;
 struct sqlite3_stmt;
@@ -81,10 +90,26 @@ class Store {
   // Jobs matching the filter in submission order, each with its ordinal.
   absl::StatusOr<std::vector<std::pair<int64_t, v1::Job>>> ListJobs(const JobFilter& filter);
   absl::StatusOr<int64_t> NextOrdinal();
+
+  // --- the live jobs, from memory (JobIndex): what committed transactions
+  // stored, never what the current one has written so far.
   // Number of jobs in each state (states with none are absent).
-  absl::StatusOr<std::map<int, int>> CountJobsByState();
-  // Number of `owner`'s jobs in `state` (a v1::JobState).
-  absl::StatusOr<int64_t> CountJobs(int state, const std::string& owner);
+  std::map<int, int> CountJobsByState();
+  // Number of `owner`'s QUEUED jobs.
+  int64_t NumQueuedJobs(const std::string& owner);
+  // QUEUED jobs in scheduling order (priority, then submission), while fn
+  // returns true. fn must not write to the store.
+  void ForEachQueuedJob(const std::function<bool(const IndexedJob&)>& fn);
+  // The same, only those whose reason_code is not kJobsAheadCode.
+  void ForEachQueuedJobNotBehind(const std::function<bool(const IndexedJob&)>& fn);
+  // Slots held by live jobs (ranks not exited), per agent, ascending, and
+  // the version of that answer (JobIndex::used_slots_version).
+  std::map<std::string, std::vector<int>> UsedSlots();
+  uint64_t UsedSlotsVersion();
+  // Loads a fresh index from the rows and compares: OK when it matches the
+  // one kept in memory, INTERNAL naming the first difference otherwise.
+  // Reads every live job: for tests and checks, not for serving.
+  absl::Status CheckJobIndex();
 
   // --- events
   absl::Status AppendEvent(const v1::JobEvent& event);
@@ -117,11 +142,19 @@ class Store {
   // Logs and reports st (not OK) and returns it.
   absl::Status Failed(absl::Status st);
   absl::Status CheckIntegrity(const std::string& path);
+  // Reads the live jobs and the ended counts into `index`.
+  absl::Status LoadJobIndex(JobIndex* index);
+  // A job InsertJob/UpdateJob stored: into the index now outside a
+  // transaction, at its commit inside one.
+  void IndexJob(IndexedJob job, bool inserted);
 
   std::recursive_mutex mu_;
   sqlite3* db_ = nullptr;
   int schema_version_ = 0;
   int transaction_depth_ = 0;  // guarded by mu_
+  JobIndex index_;             // guarded by mu_
+  // Jobs written by the open transaction, for the index at its commit.
+  std::vector<std::pair<IndexedJob, bool>> staged_;  // guarded by mu_
   std::function<void(const absl::Status&)> on_error_;
   std::vector<std::pair<const char*, sqlite3_stmt*>> stmts_;
 };

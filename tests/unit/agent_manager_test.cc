@@ -144,14 +144,14 @@ TEST_F(AgentManagerTest, HeartbeatsAndEventsKeepAnAgentAliveSilenceKillsIt) {
   clock_.Advance(absl::Seconds(8));
   agents_->CheckLiveness();
   EXPECT_TRUE(jobs_.dead.empty());
-  EXPECT_TRUE(agents_->Fleet()[0].alive);
+  EXPECT_TRUE((*agents_->Fleet())[0].alive);
 
   clock_.Advance(absl::Seconds(3));  // 11 s since the last sign of life
   agents_->CheckLiveness();
   ASSERT_EQ(jobs_.dead.size(), 1u);
   EXPECT_EQ(jobs_.dead[0], std::set<std::string>{"a"});
   EXPECT_EQ(link->disconnects, 1);  // its stream is ended, so it registers again
-  EXPECT_FALSE(agents_->Fleet()[0].alive);
+  EXPECT_FALSE((*agents_->Fleet())[0].alive);
   EXPECT_FALSE(agents_->ListAgents()[0].alive());
   const size_t sent = link->sent.size();
   agents_->Send("a", Stop());  // its link is gone
@@ -169,11 +169,11 @@ TEST_F(AgentManagerTest, ADeadAgentWhoseStreamStayedOpenComesBackByRegistering) 
   ASSERT_EQ(paused->disconnects, 1);
   // Heartbeats on the old stream (before the cancel reaches it) revive nothing.
   agents_->Heartbeat("a");
-  EXPECT_FALSE(agents_->Fleet()[0].alive);
+  EXPECT_FALSE((*agents_->Fleet())[0].alive);
   // The agent registers again on a new stream: alive, and told which of its
   // ranks no job wants any more.
   auto back = Register(Reg("a", {Running("job-1", 0)}));
-  EXPECT_TRUE(agents_->Fleet()[0].alive);
+  EXPECT_TRUE((*agents_->Fleet())[0].alive);
   ASSERT_TRUE(back->sent[0].has_registered());
   ASSERT_EQ(back->sent[0].registered().stale_size(), 1);
   EXPECT_EQ(back->sent[0].registered().stale(0).job_id(), "job-1");
@@ -237,7 +237,7 @@ TEST_F(AgentManagerTest, RecoveredAgentsGetAFullTimeoutToComeBack) {
   ASSERT_TRUE(store_->SetAgentAck("a", 7).ok());
   clock_.Advance(absl::Seconds(60));
   Restart();  // a new coordinator process on the same store
-  auto fleet = agents_->Fleet();
+  const std::vector<AgentView> fleet = *agents_->Fleet();
   ASSERT_EQ(fleet.size(), 1u);
   EXPECT_TRUE(fleet[0].alive);
   EXPECT_EQ(fleet[0].host, "a-host");

@@ -11,7 +11,9 @@
 #include <utility>
 
 #include "coordinator.h"
+#include "full_disk.h"
 #include "jobspec.h"
+#include "temp_dir.h"
 
 namespace ftune::server {
 namespace {
@@ -156,6 +158,38 @@ class JobManagerTest : public ::testing::Test {
     });
   }
   v1::Job Get(const std::string& id) { return *manager_->GetJob(id); }
+  // The store on disk from here on, so that KillAndReopen can start from its
+  // file alone.
+  void UseStoreOnDisk() {
+    state_dir_ = std::make_unique<testutil::TempDir>("ftune-jm");
+    coordinator_.reset();
+    store_ = std::move(*Store::Open(state_dir_->path() + "/state"));
+    Restart();
+  }
+  // As after kill -9 of the coordinator: only what the store committed is
+  // left; the next process loads its job index from the rows.
+  void KillAndReopen() {
+    coordinator_.reset();
+    store_.reset();
+    auto reopened = Store::Open(state_dir_->path() + "/state");
+    ASSERT_TRUE(reopened.ok()) << reopened.status();
+    store_ = std::move(*reopened);
+    Restart();
+  }
+  // The in-memory queue is what a fresh load of the stored rows gives.
+  void ExpectIndexMatchesStore() {
+    const absl::Status st = store_->CheckJobIndex();
+    EXPECT_TRUE(st.ok()) << st;
+  }
+  // The queue in scheduling order, from the index.
+  std::vector<std::string> Queue() {
+    std::vector<std::string> ids;
+    store_->ForEachQueuedJob([&](const IndexedJob& j) {
+      ids.push_back(j.id);
+      return true;
+    });
+    return ids;
+  }
   std::vector<v1::JobEvent> Events(const std::string& id) {
     return *events_->ReadEvents(id, 0, 100000);
   }
@@ -175,6 +209,7 @@ class JobManagerTest : public ::testing::Test {
   std::map<std::string, int64_t> seq_;
   std::map<std::string, std::shared_ptr<FakeLink>> links_;
   v1::RankEventBatch last_batch_;
+  std::unique_ptr<testutil::TempDir> state_dir_;
 };
 
 TEST_F(JobManagerTest, MemoryPlanDecidesWhichSlotsAJobMayUse) {
@@ -774,6 +809,155 @@ TEST_F(JobManagerTest, ListJobsRefusesForeignPageTokens) {
   v1::ListJobsRequest bad;
   bad.set_page_token("garbage");
   EXPECT_EQ(manager_->ListJobs(bad).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// --- the queue in memory (store.h's job index) against the stored rows
+
+// Priorities, a cancel while queued, a gang restart back into the queue: at
+// each step the in-memory queue is the rows', the order is priority then
+// submission, and a gang is placed whole or not at all, never past the job
+// at the head (no backfill).
+TEST_F(JobManagerTest, QueueInMemoryFollowsEveryChangeOfTheRows) {
+  Register("a", 2);
+  const std::string j1 = manager_->CreateJob(Spec(2, /*max_restarts=*/1), "")->id();
+  const std::string j2 = manager_->CreateJob(Spec(1), "")->id();
+  EXPECT_EQ(Get(j2).reason_code(), "slots_missing");
+  ExpectIndexMatchesStore();
+  const std::string j3 = manager_->CreateJob(Spec(1, 2, /*priority=*/5), "")->id();
+  const std::string j4 = manager_->CreateJob(Spec(1), "")->id();
+  ExpectIndexMatchesStore();
+  EXPECT_EQ(Queue(), (std::vector<std::string>{j3, j2, j4}));
+  // The head says what it misses; the others wait behind it, in the same
+  // words whoever the head is (j2 was the head before j3 came).
+  EXPECT_EQ(Get(j3).reason_code(), "slots_missing");
+  EXPECT_EQ(Get(j2).reason_code(), "jobs_ahead");
+  EXPECT_EQ(Get(j2).state_reason(), kJobsAheadReason);
+  EXPECT_EQ(Get(j4).state_reason(), kJobsAheadReason);
+
+  ASSERT_TRUE(manager_->CancelJob(j2).ok());
+  ExpectIndexMatchesStore();
+  EXPECT_EQ(Queue(), (std::vector<std::string>{j3, j4}));
+
+  // j1's gang restarts: back in the queue, ahead of j4 (submitted earlier).
+  Hello("a", j1, 0, 0);
+  Hello("a", j1, 0, 1);
+  Exit("a", j1, 0, 0, 1);
+  EXPECT_EQ(Get(j1).state(), v1::RESTARTING);
+  ExpectIndexMatchesStore();
+  Exit("a", j1, 0, 1, 0);
+  ExpectIndexMatchesStore();
+  // j3 took one of the two slots; j1 needs both, so it waits with no rank
+  // placed, and j4, which would fit the free slot, waits behind it.
+  EXPECT_EQ(Get(j3).state(), v1::SCHEDULED);
+  v1::Job restarted = Get(j1);
+  EXPECT_EQ(restarted.state(), v1::QUEUED);
+  EXPECT_EQ(restarted.attempt(), 1);
+  EXPECT_EQ(restarted.placement_size(), 0);
+  EXPECT_EQ(restarted.reason_code(), "slots_missing");
+  EXPECT_NE(restarted.state_reason().find("1 such slots free"), std::string::npos)
+      << restarted.state_reason();
+  EXPECT_EQ(Get(j4).state(), v1::QUEUED);
+  EXPECT_EQ(Get(j4).reason_code(), "jobs_ahead");
+  EXPECT_EQ(Queue(), (std::vector<std::string>{j1, j4}));
+  EXPECT_EQ(store_->UsedSlots().at("a").size(), 1u);
+
+  // j3 ends: j1 gets both slots, then j4 waits for one.
+  Hello("a", j3, 0, 0);
+  Exit("a", j3, 0, 0, 0);
+  ExpectIndexMatchesStore();
+  EXPECT_EQ(Get(j1).state(), v1::SCHEDULED);
+  EXPECT_EQ(Get(j1).placement_size(), 2);
+  EXPECT_EQ(Get(j4).reason_code(), "slots_missing");
+  EXPECT_EQ(Queue(), (std::vector<std::string>{j4}));
+}
+
+// A coordinator killed and started again loads its queue from the rows: the
+// same order (priority, then submission), the same reasons, and the jobs it
+// had placed stay placed.
+TEST_F(JobManagerTest, RestartRecoversTheQueueInOrder) {
+  UseStoreOnDisk();
+  Register("a", 1);
+  const std::string running = manager_->CreateJob(Spec(1), "")->id();
+  Hello("a", running, 0, 0);
+  const std::string p0a = manager_->CreateJob(Spec(1), "")->id();
+  const std::string p3a = manager_->CreateJob(Spec(1, 2, 3), "")->id();
+  const std::string p0b = manager_->CreateJob(Spec(1), "")->id();
+  const std::string p3b = manager_->CreateJob(Spec(1, 2, 3), "")->id();
+  const std::vector<std::string> order = {p3a, p3b, p0a, p0b};
+  EXPECT_EQ(Queue(), order);
+
+  KillAndReopen();
+  ExpectIndexMatchesStore();
+  EXPECT_EQ(Queue(), order);
+  EXPECT_EQ(Get(p3a).reason_code(), "slots_missing");
+  for (const auto& id : {p3b, p0a, p0b}) EXPECT_EQ(Get(id).reason_code(), "jobs_ahead") << id;
+  v1::RunningRank rr;
+  rr.set_job_id(running);
+  rr.set_rank(0);
+  Register("a", 1, {rr}, seq_["a"]);
+  EXPECT_EQ(Get(running).state(), v1::RUNNING);
+  manager_->Tick();
+  EXPECT_EQ(Queue(), order);  // the slot is still taken
+
+  // Each job that ends lets the next one in, in that order.
+  std::string last = running;
+  for (const auto& next : order) {
+    Exit("a", last, 0, 0, 0);
+    ASSERT_EQ(Get(next).state(), v1::SCHEDULED) << next;
+    ExpectIndexMatchesStore();
+    Hello("a", next, 0, 0);
+    last = next;
+  }
+  EXPECT_TRUE(Queue().empty());
+}
+
+// A job submitted behind a queued one is stored as waiting behind it; when
+// the pass that follows finds the queue moving (an agent came since the last
+// tick), it corrects that reason.
+TEST_F(JobManagerTest, ANewJobsFirstReasonIsCorrectedWhenTheQueueMoves) {
+  Register("a", 1);
+  const std::string first = manager_->CreateJob(Spec(1), "")->id();
+  const std::string second = manager_->CreateJob(Spec(1), "")->id();
+  EXPECT_EQ(Get(second).state(), v1::QUEUED);
+  Register("b", 1);  // no pass until the next tick or change
+  EXPECT_EQ(Get(second).state(), v1::QUEUED);
+  const std::string third = manager_->CreateJob(Spec(1), "")->id();
+  EXPECT_EQ(Get(first).state(), v1::SCHEDULED);
+  EXPECT_EQ(Get(second).state(), v1::SCHEDULED);
+  EXPECT_EQ(Get(third).state(), v1::QUEUED);
+  EXPECT_EQ(Get(third).reason_code(), "slots_missing");
+  ExpectIndexMatchesStore();
+}
+
+// A pass whose transaction cannot be stored (here: the disk is full) sends
+// nothing and leaves the rows and the queue as they were; the next pass
+// places the job. Nothing stored before is lost.
+TEST_F(JobManagerTest, APassThatCannotBeStoredChangesNothing) {
+  UseStoreOnDisk();
+  Register("a", 1);
+  const std::string first = manager_->CreateJob(Spec(1), "")->id();
+  Hello("a", first, 0, 0);
+  const std::string second = manager_->CreateJob(Spec(1), "")->id();
+  auto b = Register("b", 1);
+  {
+    testutil::FullDisk full(0);
+    manager_->Tick();
+  }
+  EXPECT_EQ(Get(second).state(), v1::QUEUED);
+  EXPECT_TRUE(b->Assignments().empty());
+  ExpectIndexMatchesStore();
+  EXPECT_EQ(Queue(), (std::vector<std::string>{second}));
+  EXPECT_EQ(Get(first).state(), v1::RUNNING);
+
+  manager_->Tick();
+  EXPECT_EQ(Get(second).state(), v1::SCHEDULED);
+  ASSERT_EQ(b->Assignments().size(), 1u);
+  EXPECT_EQ(b->Assignments()[0].job_id(), second);
+  ExpectIndexMatchesStore();
+  KillAndReopen();
+  EXPECT_EQ(Get(second).state(), v1::SCHEDULED);
+  EXPECT_EQ(Get(first).state(), v1::RUNNING);
+  ExpectIndexMatchesStore();
 }
 
 }  // namespace

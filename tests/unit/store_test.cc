@@ -5,7 +5,9 @@
 
 #include <filesystem>
 #include <fstream>
+#include <random>
 
+#include "job_state.h"
 #include "store.h"
 #include "full_disk.h"
 #include "temp_dir.h"
@@ -119,8 +121,8 @@ TEST(Store, ListFiltersByStateAndLabelAndPages) {
   ASSERT_EQ(rows->size(), 2u);
   EXPECT_EQ((*rows)[0].second.id(), "job-3");
   auto counts = (*s)->CountJobsByState();
-  EXPECT_EQ((*counts)[v1::QUEUED], 3);
-  EXPECT_EQ((*counts)[v1::RUNNING], 2);
+  EXPECT_EQ(counts[v1::QUEUED], 3);
+  EXPECT_EQ(counts[v1::RUNNING], 2);
 }
 
 TEST(Store, RequestIdIsUnique) {
@@ -210,9 +212,8 @@ TEST(Store, AFullDiskIsResourceExhaustedAndLosesNothingStored) {
   // Room again: what was stored is there, the refused job is not, and the
   // store takes writes.
   const auto count = [](Store& store) {
-    auto counts = store.CountJobsByState();
-    EXPECT_TRUE(counts.ok()) << counts.status();
-    return counts.ok() ? (*counts)[v1::QUEUED] : -1;
+    EXPECT_TRUE(store.CheckJobIndex().ok()) << store.CheckJobIndex();
+    return store.CountJobsByState()[v1::QUEUED];
   };
   EXPECT_EQ(count(**s), num_stored);
   const int before = num_stored;
@@ -296,6 +297,197 @@ TEST(Store, JobsStoredBeforeOwnersExistedStayReadable) {
   ASSERT_TRUE(listed.ok());
   ASSERT_EQ(listed->size(), 1u);
   EXPECT_EQ((*listed)[0].second.id(), "job-2");
+}
+
+// --- the job index (store.h): the live jobs in memory, always the rows.
+
+std::vector<std::string> QueueOrder(Store& s) {
+  std::vector<std::string> ids;
+  s.ForEachQueuedJob([&](const IndexedJob& j) {
+    ids.push_back(j.id);
+    return true;
+  });
+  return ids;
+}
+
+v1::Job Queued(const std::string& id, int priority, const std::string& owner = "alice") {
+  v1::Job j = MakeJob(id, v1::QUEUED);
+  j.mutable_spec()->set_priority(priority);
+  j.set_owner(owner);
+  return j;
+}
+
+TEST(Store, JobIndexIsRebuiltAtOpenInSchedulingOrder) {
+  testutil::TempDir tmp("ftune-store");
+  const std::string dir = tmp.path() + "/state";
+  {
+    auto s = Store::Open(dir);
+    ASSERT_TRUE(s.ok()) << s.status();
+    ASSERT_TRUE((*s)->InsertJob(Queued("job-1", 0), 1).ok());
+    ASSERT_TRUE((*s)->InsertJob(Queued("job-2", 5, "bob"), 2).ok());
+    ASSERT_TRUE((*s)->InsertJob(MakeJob("job-3", v1::SUCCEEDED), 3).ok());
+    ASSERT_TRUE((*s)->InsertJob(Queued("job-4", 0), 4).ok());
+    ASSERT_TRUE((*s)->InsertJob(Queued("job-5", 5, "bob"), 5).ok());
+    v1::Job running = MakeJob("job-6", v1::RUNNING);
+    for (int r = 0; r < 2; ++r) {
+      auto* pl = running.add_placement();
+      pl->set_rank(r);
+      pl->set_agent_id("a");
+      pl->set_slot(r + 3);
+      running.add_ranks()->set_rank(r);
+    }
+    running.mutable_ranks(1)->set_exited(true);  // slot 4 is free again
+    ASSERT_TRUE((*s)->InsertJob(running, 6).ok());
+    EXPECT_EQ(QueueOrder(**s),
+              (std::vector<std::string>{"job-2", "job-5", "job-1", "job-4"}));
+  }
+  auto s = Store::Open(dir);  // as after kill -9: only the rows are left
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_TRUE((*s)->CheckJobIndex().ok()) << (*s)->CheckJobIndex();
+  EXPECT_EQ(QueueOrder(**s), (std::vector<std::string>{"job-2", "job-5", "job-1", "job-4"}));
+  EXPECT_EQ((*s)->NumQueuedJobs("alice"), 2);
+  EXPECT_EQ((*s)->NumQueuedJobs("bob"), 2);
+  EXPECT_EQ((*s)->NumQueuedJobs("carol"), 0);
+  auto counts = (*s)->CountJobsByState();
+  EXPECT_EQ(counts, (std::map<int, int>{{v1::QUEUED, 4}, {v1::RUNNING, 1}, {v1::SUCCEEDED, 1}}));
+  EXPECT_EQ((*s)->UsedSlots(), (std::map<std::string, std::vector<int>>{{"a", {3}}}));
+}
+
+TEST(Store, JobIndexTakesCommitsOnlyNotRollbacks) {
+  auto s = Store::Open(":memory:");
+  ASSERT_TRUE(s.ok());
+  ASSERT_TRUE((*s)->InsertJob(Queued("job-1", 0), 1).ok());
+  ASSERT_TRUE((*s)->InsertJob(Queued("job-2", 0), 2).ok());
+  // A transaction that places job-1, cancels job-2 and adds job-3, then
+  // fails: the index still has what the rows have.
+  auto st = (*s)->Transaction([&]() -> absl::Status {
+    v1::Job placed = Queued("job-1", 0);
+    placed.set_state(v1::SCHEDULED);
+    auto* pl = placed.add_placement();
+    pl->set_agent_id("a");
+    placed.add_ranks();
+    EXPECT_TRUE((*s)->UpdateJob(placed).ok());
+    v1::Job cancelled = Queued("job-2", 0);
+    cancelled.set_state(v1::CANCELLED);
+    EXPECT_TRUE((*s)->UpdateJob(cancelled).ok());
+    EXPECT_TRUE((*s)->InsertJob(Queued("job-3", 9), 3).ok());
+    // Inside the transaction the index still says what is committed.
+    EXPECT_EQ(QueueOrder(**s), (std::vector<std::string>{"job-1", "job-2"}));
+    return absl::InternalError("boom");
+  });
+  ASSERT_FALSE(st.ok());
+  EXPECT_EQ(QueueOrder(**s), (std::vector<std::string>{"job-1", "job-2"}));
+  EXPECT_TRUE((*s)->UsedSlots().empty());
+  EXPECT_EQ((*s)->CountJobsByState(), (std::map<int, int>{{v1::QUEUED, 2}}));
+  EXPECT_TRUE((*s)->CheckJobIndex().ok()) << (*s)->CheckJobIndex();
+  // The same, committed.
+  st = (*s)->Transaction([&]() -> absl::Status {
+    v1::Job cancelled = Queued("job-2", 0);
+    cancelled.set_state(v1::CANCELLED);
+    if (auto st = (*s)->UpdateJob(cancelled); !st.ok()) return st;
+    return (*s)->InsertJob(Queued("job-3", 9), 3);
+  });
+  ASSERT_TRUE(st.ok()) << st;
+  EXPECT_EQ(QueueOrder(**s), (std::vector<std::string>{"job-3", "job-1"}));
+  EXPECT_EQ((*s)->CountJobsByState(), (std::map<int, int>{{v1::QUEUED, 2}, {v1::CANCELLED, 1}}));
+  EXPECT_TRUE((*s)->CheckJobIndex().ok()) << (*s)->CheckJobIndex();
+}
+
+TEST(Store, APriorityChangeMovesAQueuedJob) {
+  testutil::TempDir tmp("ftune-store");
+  const std::string dir = tmp.path() + "/state";
+  {
+    auto s = Store::Open(dir);
+    ASSERT_TRUE(s.ok()) << s.status();
+    for (int i = 1; i <= 3; ++i)
+      ASSERT_TRUE((*s)->InsertJob(Queued("job-" + std::to_string(i), 0), i).ok());
+    ASSERT_TRUE((*s)->UpdateJob(Queued("job-3", 7)).ok());
+    ASSERT_TRUE((*s)->UpdateJob(Queued("job-1", -1)).ok());
+    EXPECT_EQ(QueueOrder(**s), (std::vector<std::string>{"job-3", "job-2", "job-1"}));
+    EXPECT_TRUE((*s)->CheckJobIndex().ok()) << (*s)->CheckJobIndex();
+  }
+  auto s = Store::Open(dir);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(QueueOrder(**s), (std::vector<std::string>{"job-3", "job-2", "job-1"}));
+  // The priority column, which the rows are listed by elsewhere, moved too.
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open((dir + "/ftune.db").c_str(), &db), SQLITE_OK);
+  sqlite3_stmt* q = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(db, "SELECT priority FROM jobs WHERE id='job-3'", -1, &q, nullptr),
+            SQLITE_OK);
+  ASSERT_EQ(sqlite3_step(q), SQLITE_ROW);
+  EXPECT_EQ(sqlite3_column_int(q, 0), 7);
+  sqlite3_finalize(q);
+  sqlite3_close(db);
+}
+
+// Random inserts and updates (state along the state machine's transitions,
+// priority, owner, reason, placement), some in transactions that fail:
+// after each step the index is what a fresh load of the rows gives, and so
+// it is after a reopen.
+TEST(Store, JobIndexNeverDriftsFromTheRows) {
+  testutil::TempDir tmp("ftune-store");
+  const std::string dir = tmp.path() + "/state";
+  std::mt19937 rng(7);
+  const v1::JobState states[] = {v1::QUEUED,     v1::SCHEDULED, v1::RUNNING, v1::RESTARTING,
+                                 v1::CANCELLING, v1::SUCCEEDED, v1::FAILED,  v1::CANCELLED};
+  std::vector<v1::Job> jobs;  // as last written (and maybe rolled back)
+  {
+    auto s = Store::Open(dir);
+    ASSERT_TRUE(s.ok()) << s.status();
+    auto random_change = [&](v1::Job job) {
+      // Mostly a change within the state (a reason, a rank exiting).
+      const v1::JobState to = states[rng() % 8];
+      if (CheckTransition(job.state(), to).ok()) job.set_state(to);
+      job.mutable_spec()->set_priority(static_cast<int>(rng() % 3));
+      job.set_owner(rng() % 2 ? "alice" : "bob");
+      job.set_reason_code(rng() % 2 ? "jobs_ahead" : "slots_missing");
+      job.set_state_reason("reason " + std::to_string(rng() % 3));
+      job.clear_placement();
+      job.clear_ranks();
+      for (int r = 0; r < static_cast<int>(rng() % 3); ++r) {
+        auto* pl = job.add_placement();
+        pl->set_rank(r);
+        pl->set_agent_id("agent-" + std::to_string(rng() % 3));
+        pl->set_slot(static_cast<int>(rng() % 4));
+        job.add_ranks()->set_rank(r);
+        job.mutable_ranks(r)->set_exited(rng() % 4 == 0);
+      }
+      return job;
+    };
+    for (int step = 0; step < 400; ++step) {
+      const bool fail = rng() % 4 == 0;
+      auto st = (*s)->Transaction([&]() -> absl::Status {
+        for (int n = 1 + static_cast<int>(rng() % 3); n > 0; --n) {
+          if (jobs.empty() || rng() % 3 == 0) {
+            v1::Job job = random_change(
+                MakeJob("job-" + std::to_string(jobs.size() + 1), states[rng() % 8]));
+            if (auto st = (*s)->InsertJob(job, static_cast<int64_t>(jobs.size() + 1)); !st.ok())
+              return st;
+            jobs.push_back(job);
+          } else {
+            v1::Job& job = jobs[rng() % jobs.size()];
+            job = random_change(job);
+            if (auto st = (*s)->UpdateJob(job); !st.ok()) return st;
+          }
+        }
+        return fail ? absl::InternalError("rolled back") : absl::OkStatus();
+      });
+      ASSERT_EQ(st.ok(), !fail) << st;
+      if (fail) {  // what the rows have again
+        jobs.clear();
+        JobFilter all;
+        all.limit = 1 << 20;
+        auto rows = (*s)->ListJobs(all);
+        ASSERT_TRUE(rows.ok()) << rows.status();
+        for (auto& [ord, job] : *rows) jobs.push_back(job);
+      }
+      ASSERT_TRUE((*s)->CheckJobIndex().ok()) << "step " << step << ": " << (*s)->CheckJobIndex();
+    }
+  }
+  auto s = Store::Open(dir);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_TRUE((*s)->CheckJobIndex().ok()) << (*s)->CheckJobIndex();
 }
 
 TEST(Store, RefusesNewerSchema) {

@@ -21,8 +21,9 @@ except ImportError as e:  # pragma: no cover - a setup problem, said plainly
         "(target ftune_python_client) and put <build>/clients/python on PYTHONPATH (%s)" % e
     ) from e
 
-from .client import FINAL_STATES, Client, FtuneError, state_name  # noqa: E402
+from .client import (FINAL_STATES, Client, FtuneError, is_loopback_address,  # noqa: E402
+                     state_name)
 from .spec import SpecError, job_spec  # noqa: E402
 
-__all__ = ["Client", "FtuneError", "SpecError", "FINAL_STATES", "job_spec", "messages",
-           "state_name"]
+__all__ = ["Client", "FtuneError", "SpecError", "FINAL_STATES", "is_loopback_address",
+           "job_spec", "messages", "state_name"]

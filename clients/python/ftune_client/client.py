@@ -16,6 +16,7 @@ Thread-safety: a Client may be shared by threads (gRPC channels are); each
 watch() iterator belongs to the thread that iterates it.
 """
 
+import ipaddress
 import time
 import uuid
 
@@ -52,6 +53,36 @@ def _state(value):
     return int(value)
 
 
+def is_loopback_address(address):
+    """Whether a gRPC address stays on this host, by the rule the CLI and the
+    coordinator use: "localhost", 127.0.0.0/8 and ::1 (as "host:port",
+    "[v6]:port", a bare host, with or without a "dns:///", "ipv4:" or "ipv6:"
+    prefix) and unix sockets are; a wildcard ("0.0.0.0", "[::]") is not."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    for prefix in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if address.startswith(prefix):
+            address = address[len(prefix):]
+            break
+    if address.startswith("["):
+        close = address.find("]")
+        host = address[1:close] if close >= 0 else address[1:]
+    elif address.count(":") == 1:
+        host = address.split(":", 1)[0]
+    else:  # no port, or a bare IPv6 host
+        host = address
+    host = host.lower()
+    if host in ("localhost", "localhost."):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if ip.version == 6:
+        return ip == ipaddress.IPv6Address("::1")
+    return ip.is_loopback
+
+
 class Client:
     """A connection to one coordinator.
 
@@ -60,9 +91,19 @@ class Client:
               sent as 'authorization: Bearer <token>'; None for none.
     tls_ca:   path of a PEM CA bundle; given, the connection uses TLS.
     timeout:  seconds for each unary call.
+    insecure: send the token without TLS to a coordinator on another host
+              (a network you trust); refused otherwise, as `ftune` refuses
+              without --insecure.
     """
 
-    def __init__(self, address="127.0.0.1:7450", token=None, tls_ca=None, timeout=30.0):
+    def __init__(self, address="127.0.0.1:7450", token=None, tls_ca=None, timeout=30.0,
+                 insecure=False):
+        # The token is the user's identity: never in plaintext off this host.
+        if token and not tls_ca and not insecure and not is_loopback_address(address):
+            raise ValueError(
+                "refusing to send the token in plaintext to %s, which is not on this host: "
+                "pass tls_ca (the coordinator serves TLS), or insecure=True on a network you "
+                "trust" % address)
         self.address = address
         self.timeout = timeout
         self._metadata = (("authorization", "Bearer " + token.strip()),) if token else ()
