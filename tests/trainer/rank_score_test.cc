@@ -355,7 +355,8 @@ TEST_P(GoldenScoreTest, RunScoreWritesTheDocumentedJson) {
 }
 
 INSTANTIATE_TEST_SUITE_P(TinyLlamas, GoldenScoreTest,
-                         ::testing::Values("llama3_tiny", "llama2_tiny"));
+                         ::testing::Values("llama3_tiny", "llama2_tiny", "qwen2_tiny",
+                                           "mistral_tiny"));
 
 TEST(RunScore, ReportsBadOptionsMissingFilesAndOutOfVocabIds) {
   ScoreOptions o;

@@ -305,6 +305,16 @@ Result<LlamaConfig> ParseLlamaConfig(std::string_view json_text, std::string_vie
                      "is not supported: ftune attends over the whole sequence; Qwen2 / Qwen2.5 "
                      "checkpoints as published set it to false");
     }
+    // transformers v5 also writes the per-layer kinds it derived from it.
+    if (const Json* types = r.Get("layer_types")) {
+      if (!types->is_array()) return r.Error("layer_types", *types, "must be a list");
+      for (const Json& t : *types) {
+        if (!t.is_string() || t.get<std::string>() != "full_attention") {
+          return r.Error("layer_types", *types,
+                         "is not supported: only full_attention layers are implemented");
+        }
+      }
+    }
   }
   if (c.family == ModelFamily::kMistral) {
     // MistralConfig(sliding_window=4096) when the key is absent; null = none.
