@@ -5,9 +5,9 @@
 //   model.safetensors            or, above max_shard_bytes,
 //   model-0000i-of-0000n.safetensors + model.safetensors.index.json
 //   tokenizer.json, tokenizer_config.json
-// The README demo trains a LoRA on the "tiny" preset on CPU; the Llama 3
-// 8B / 70B presets give GPU hosts models of the real shapes to measure
-// memory and speed on, without downloading Meta's weights.
+// The README demo trains a LoRA on the "tiny" preset on CPU; the Llama 3,
+// 3.1, 3.2, Mistral and Qwen2.5 presets give GPU hosts models of the real
+// shapes to measure memory and speed on, without downloading the weights.
 //
 // Weights (fully specified, so anyone can regenerate the same bytes):
 //   * norms (input_layernorm, post_attention_layernorm, model.norm) are 1;
