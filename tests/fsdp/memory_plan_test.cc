@@ -47,6 +47,46 @@ TEST(MemoryPlanTest, Nf4ShardBytesFollowsThe256BlockSplit) {
   EXPECT_EQ(Nf4ShardBytes(64 * 10, 64, true, 4), 256 * 32 + 256 + 4);
 }
 
+int64_t Item(const MemoryPlan& plan, const std::string& name) {
+  for (const auto& [n, bytes] : plan.device_items) {
+    if (n == name) return bytes;
+  }
+  ADD_FAILURE() << "no device item '" << name << "'";
+  return 0;
+}
+
+TEST(MemoryPlanTest, QwenBiasesAndTiedEmbeddingsAreCounted) {
+  // Qwen2.5 0.5B's shape (config.json on the Hub).
+  LlamaConfig c;
+  c.family = ModelFamily::kQwen2;
+  c.hidden_size = 896;
+  c.intermediate_size = 4864;
+  c.num_hidden_layers = 24;
+  c.num_attention_heads = 14;
+  c.num_key_value_heads = 2;
+  c.head_dim = 64;
+  c.vocab_size = 151936;
+  c.tie_word_embeddings = true;
+  c.qkv_bias = true;
+  MemoryPlanOptions o = Fleet(2, false);
+  o.compute_dtype_bytes = 2;
+  auto with = PlanMemory(c, o);
+  ASSERT_TRUE(with.ok());
+  LlamaConfig no_bias = c;
+  no_bias.qkv_bias = false;
+  auto without = PlanMemory(no_bias, o);
+  ASSERT_TRUE(without.ok());
+  // Per layer: q (896) + k, v (128 each) bias elements, split over 2 ranks.
+  EXPECT_EQ(Item(*with, "frozen shards") - Item(*without, "frozen shards"),
+            24 * (448 + 64 + 64) * 2);
+  LlamaConfig untied = c;
+  untied.tie_word_embeddings = false;
+  auto u = PlanMemory(untied, o);
+  ASSERT_TRUE(u.ok());
+  // An untied lm_head is a second (vocab x hidden) shard.
+  EXPECT_EQ(Item(*u, "frozen shards") - Item(*with, "frozen shards"), 151936 * 896 / 2 * 2);
+}
+
 TEST(MemoryPlanTest, OneRankGathersNothing) {
   // With one rank a unit's gathered layout is its shard (fsdp.h): the plan
   // adds no gathered copy of a layer or of the head on top of the shards.

@@ -334,6 +334,62 @@ TEST(InitModelTest, PresetsHaveTheLlama3Shapes) {
   EXPECT_NE(bad.status().message().find("tiny, llama3-8b"), std::string::npos);
 }
 
+TEST(InitModelTest, PresetsOfTheOtherFamiliesHaveThePublishedShapes) {
+  // Parameter counts of the published checkpoints (their safetensors sizes
+  // over 2 bytes), with the tokenizer smaller than the real vocabulary.
+  const std::vector<std::pair<std::string, int64_t>> expected = {
+      {"llama3.2-1b", 1'235'814'400},  {"llama3.2-3b", 3'212'749'824},
+      {"mistral-7b-v0.3", 7'248'023'552}, {"qwen2.5-0.5b", 494'032'768},
+      {"qwen2.5-1.5b", 1'543'714'304}, {"qwen2.5-3b", 3'085'938'688},
+      {"qwen2.5-7b", 7'615'616'512},   {"qwen2.5-14b", 14'770'033'664},
+      {"qwen2.5-32b", 32'763'876'352}, {"qwen2.5-72b", 72'706'203'648}};
+  for (const auto& [name, params] : expected) {
+    auto c = InitModelPresetConfig(name, 1000);
+    ASSERT_TRUE(c.ok()) << name << ": " << c.status().ToString();
+    EXPECT_EQ(c->NumParameters(), params) << name;
+    // config.json means the same to the parser, family included.
+    auto parsed = ParseLlamaConfig(LlamaConfigToJson(*c), name + "/config.json");
+    ASSERT_TRUE(parsed.ok()) << name << ": " << parsed.status().ToString();
+    EXPECT_EQ(parsed->family, c->family) << name;
+    EXPECT_EQ(parsed->NumParameters(), params) << name;
+    EXPECT_EQ(parsed->head_dim, c->head_dim) << name;
+    EXPECT_EQ(parsed->tie_word_embeddings, c->tie_word_embeddings) << name;
+    EXPECT_FALSE(parsed->sliding_window.has_value()) << name;
+    EXPECT_EQ(RopeInverseFrequencies(*parsed), RopeInverseFrequencies(*c)) << name;
+  }
+  auto l32 = InitModelPresetConfig("llama3.2-1b", 1000);
+  EXPECT_TRUE(l32->tie_word_embeddings);
+  EXPECT_EQ(l32->rope_scaling.type, RopeType::kLlama3);
+  EXPECT_EQ(l32->rope_scaling.factor, 32.0);
+  EXPECT_EQ(l32->head_dim, 64);
+  auto q = InitModelPresetConfig("qwen2.5-7b", 1000);
+  EXPECT_EQ(q->family, ModelFamily::kQwen2);
+  EXPECT_TRUE(q->qkv_bias);
+  EXPECT_FALSE(q->tie_word_embeddings);
+  const nlohmann::json qj = nlohmann::json::parse(LlamaConfigToJson(*q));
+  EXPECT_EQ(qj["architectures"], nlohmann::json::array({"Qwen2ForCausalLM"}));
+  EXPECT_EQ(qj["model_type"], "qwen2");
+  EXPECT_EQ(qj["use_sliding_window"], false);
+  EXPECT_FALSE(qj.contains("attention_bias"));  // Qwen2Config has no such key
+  const nlohmann::json mj =
+      nlohmann::json::parse(LlamaConfigToJson(*InitModelPresetConfig("mistral-7b-v0.3", 1)));
+  EXPECT_EQ(mj["model_type"], "mistral");
+  EXPECT_TRUE(mj["sliding_window"].is_null());
+  // The q/k/v biases are tensors of their own, after their weights.
+  std::vector<std::string> names;
+  for (const WeightSpec& w : LlamaWeightSpecs(*InitModelPresetConfig("qwen2.5-0.5b", 1))) {
+    if (w.name.rfind("model.layers.0.self_attn.", 0) == 0) names.push_back(w.name);
+  }
+  EXPECT_EQ(names, std::vector<std::string>({
+                       "model.layers.0.self_attn.q_proj.weight",
+                       "model.layers.0.self_attn.q_proj.bias",
+                       "model.layers.0.self_attn.k_proj.weight",
+                       "model.layers.0.self_attn.k_proj.bias",
+                       "model.layers.0.self_attn.v_proj.weight",
+                       "model.layers.0.self_attn.v_proj.bias",
+                       "model.layers.0.self_attn.o_proj.weight"}));
+}
+
 TEST(InitModelTest, CopiesARealTokenizer) {
   std::string missing;
   const std::string dir = data::test_data::TokenizerDir("llama3_1", &missing);

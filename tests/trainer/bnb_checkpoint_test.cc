@@ -273,7 +273,56 @@ TEST_P(BnbRoundTripTest, WithoutDoubleQuant) {
   EXPECT_TRUE(at::equal((*loaded)->Logits(ids, at::Tensor()), (*at_load)->Logits(ids, at::Tensor())));
 }
 
-INSTANTIATE_TEST_SUITE_P(Golden, BnbRoundTripTest, ::testing::Values("llama3_tiny", "llama2_tiny"));
+INSTANTIATE_TEST_SUITE_P(Golden, BnbRoundTripTest,
+                         ::testing::Values("llama3_tiny", "llama2_tiny", "qwen2_tiny"));
+
+// bitsandbytes' own 4-bit save of the Qwen2 golden model (transformers
+// from_pretrained with load_in_4bit, nf4, double quant, fp32 compute on CUDA,
+// then save_pretrained; made by tests/golden/model/make_golden.py --bnb):
+// ftune's quantize writes every tensor with the same bytes, the unquantized
+// q/k/v biases included, and the model loaded from bitsandbytes' directory
+// computes the logits bitsandbytes computed.
+TEST(BnbCheckpointTest, BitsandbytesOwnSaveOfQwen2IsFtunesQuantize) {
+  const std::string theirs_dir = GoldenDir() + "/qwen2_tiny_bnb4";
+  TempDir tmp;
+  QuantizeModelOptions qo;
+  qo.compute_dtype = "float32";
+  Status s = QuantizeModelDirectory(GoldenDir() + "/qwen2_tiny", tmp.path() + "/q", qo);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  auto theirs = SafetensorsFile::Open(theirs_dir + "/model.safetensors");
+  auto ours = SafetensorsFile::Open(tmp.path() + "/q/model.safetensors");
+  ASSERT_TRUE(theirs.ok() && ours.ok());
+  ASSERT_EQ((*theirs)->tensors().size(), (*ours)->tensors().size());
+  int biases = 0;
+  for (const TensorInfo& t : (*theirs)->tensors()) {
+    const TensorInfo* o = (*ours)->Info(t.name).ok() ? *(*ours)->Info(t.name) : nullptr;
+    ASSERT_NE(o, nullptr) << "ftune's quantize lacks '" << t.name << "'";
+    EXPECT_EQ(o->dtype, t.dtype) << t.name;
+    EXPECT_EQ(o->shape, t.shape) << t.name;
+    auto a = (*theirs)->Data(t.name);
+    auto b = (*ours)->Data(t.name);
+    ASSERT_TRUE(a.ok() && b.ok()) << t.name;
+    ASSERT_EQ(a->size, b->size) << t.name;
+    EXPECT_EQ(std::memcmp(a->data, b->data, a->size), 0)
+        << t.name << ": "
+        << (t.name.find("quant_state") != std::string::npos
+                ? std::string(reinterpret_cast<const char*>(a->data), a->size) + " vs " +
+                      std::string(reinterpret_cast<const char*>(b->data), b->size)
+                : std::string("bytes differ"));
+    if (t.name.size() > 5 && t.name.compare(t.name.size() - 5, 5, ".bias") == 0) ++biases;
+  }
+  EXPECT_EQ(biases, 3 * 2);
+  ASSERT_TRUE(*IsBnb4bitDirectory(theirs_dir));
+  auto loaded = LoadModelDirectory(theirs_dir, DefaultModelOptions(c10::kCPU));
+  ASSERT_TRUE(loaded.ok()) << loaded.status().ToString();
+  GoldenFile golden("qwen2_tiny");
+  GoldenFile bnb("qwen2_tiny_bnb4");
+  c10::NoGradGuard no_grad;
+  const at::Tensor got = (*loaded)->Logits(golden.Get("a.input_ids"), at::Tensor());
+  const double diff = testing::MaxAbsDiff(got, bnb.Get("a.bnb_logits"));
+  std::printf("PARITY qwen2_tiny bitsandbytes 4-bit logits max-abs %.3g\n", diff);
+  EXPECT_LT(diff, 1e-4);
+}
 
 TEST(BnbCheckpointTest, RefusesOtherQuantizations) {
   TempDir tmp;

@@ -198,7 +198,7 @@ TEST(CheckpointTest, CorruptManifestIsDataLoss) {
 
 TEST(MergeTest, MergedModelComputesWhatBasePlusAdapterComputes) {
   TempDir tmp;
-  for (const std::string model : {"llama2_tiny", "llama3_tiny"}) {
+  for (const std::string model : {"llama2_tiny", "llama3_tiny", "qwen2_tiny", "mistral_tiny"}) {
     const std::string base = testing::GoldenDir() + "/" + model;
     MergeOptions o;
     o.model_dir = base;
@@ -228,11 +228,22 @@ TEST(MergeTest, MergedModelComputesWhatBasePlusAdapterComputes) {
     auto out = SafetensorsModel::OpenDirectory(o.out_dir);
     ASSERT_TRUE(in.ok() && out.ok());
     EXPECT_EQ((*in)->shards().size(), (*out)->shards().size());
-    auto a = (*in)->Data("model.embed_tokens.weight");
-    auto b = (*out)->Data("model.embed_tokens.weight");
-    ASSERT_TRUE(a.ok() && b.ok());
-    ASSERT_EQ(a->size, b->size);
-    EXPECT_EQ(std::memcmp(a->data, b->data, a->size), 0);
+    // Qwen2's biases are untouched by a LoRA with bias="none"; a tied model
+    // gets no lm_head.
+    std::vector<std::string> same = {"model.embed_tokens.weight"};
+    if (config->has_qkv_bias()) {
+      for (const char* b : {"q_proj", "k_proj", "v_proj"}) {
+        same.push_back(std::string("model.layers.1.self_attn.") + b + ".bias");
+      }
+    }
+    for (const std::string& name : same) {
+      auto a = (*in)->Data(name);
+      auto b = (*out)->Data(name);
+      ASSERT_TRUE(a.ok() && b.ok()) << model << " " << name;
+      ASSERT_EQ(a->size, b->size);
+      EXPECT_EQ(std::memcmp(a->data, b->data, a->size), 0) << model << " " << name;
+    }
+    EXPECT_EQ((*out)->Find("lm_head.weight").ok(), !config->tie_word_embeddings) << model;
   }
 }
 

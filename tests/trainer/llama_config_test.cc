@@ -138,6 +138,40 @@ Result<LlamaConfig> ParseWith(const std::string& extra) {
   return ParseLlamaConfig(std::string(kMinimal) + extra + "}", "cfg.json");
 }
 
+TEST(LlamaConfigTest, Qwen2_5_0_5bHasQkvBiasesAndTiedEmbeddings) {
+  const LlamaConfig c = LoadFixture("qwen2_5_0_5b_config.json");
+  EXPECT_EQ(c.family, ModelFamily::kQwen2);
+  EXPECT_TRUE(c.qkv_bias);
+  EXPECT_FALSE(c.attention_bias);
+  EXPECT_TRUE(c.has_qkv_bias());
+  EXPECT_TRUE(c.tie_word_embeddings);
+  EXPECT_EQ(c.head_dim, 64);
+  EXPECT_EQ(c.kv_size(), 128);
+  EXPECT_EQ(c.rope_theta, 1000000.0);
+  EXPECT_EQ(c.rms_norm_eps, 1e-6);
+  // use_sliding_window false: the window in the file means nothing.
+  EXPECT_FALSE(c.sliding_window.has_value());
+  // Qwen's "0.49B": embedding + 24 x (projections + q/k/v biases + norms) + norm.
+  EXPECT_EQ(c.NumParameters(), 494032768);
+}
+
+TEST(LlamaConfigTest, Mistral7bV03IsTheLlamaArchitectureWithoutAWindow) {
+  const LlamaConfig c = LoadFixture("mistral_7b_v0_3_config.json");
+  EXPECT_EQ(c.family, ModelFamily::kMistral);
+  EXPECT_FALSE(c.has_qkv_bias());
+  EXPECT_FALSE(c.sliding_window.has_value());  // "sliding_window": null
+  EXPECT_EQ(c.vocab_size, 32768);
+  EXPECT_EQ(c.rope_theta, 1000000.0);
+  EXPECT_EQ(c.NumParameters(), 7248023552);  // "7.25B"
+  // MistralConfig's default window applies when the key is absent.
+  Result<LlamaConfig> d = ParseLlamaConfig(
+      R"({"model_type": "mistral", "hidden_size": 64, "intermediate_size": 128,
+          "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 10})",
+      "cfg");
+  ASSERT_TRUE(d.ok()) << d.status().ToString();
+  EXPECT_EQ(d->sliding_window, std::optional<int64_t>(4096));
+}
+
 TEST(LlamaConfigTest, DefaultsFollowTransformersLlamaConfig) {
   Result<LlamaConfig> c = ParseWith("");
   ASSERT_TRUE(c.ok()) << c.status().ToString();
@@ -248,8 +282,15 @@ std::vector<BadConfig> BadConfigs() {
        {"tie_word_embeddings (\"yes\") must be true or false"}},
       {"GeluActivation", Minimal(R"(, "hidden_act": "gelu")"),
        {"hidden_act (\"gelu\") is not supported"}},
-      {"OtherModelType", Minimal(R"(, "model_type": "mistral")"),
-       {"model_type (\"mistral\") is not \"llama\""}},
+      {"OtherModelType", Minimal(R"(, "model_type": "gemma")"),
+       {"model_type (\"gemma\") is not supported; supported model types are llama, mistral, qwen2"}},
+      {"QwenSlidingWindow", Minimal(R"(, "model_type": "qwen2", "use_sliding_window": true)"),
+       {"use_sliding_window (true) is not supported"}},
+      {"QwenSlidingLayer",
+       Minimal(R"(, "model_type": "qwen2", "layer_types": ["full_attention", "sliding_attention"])"),
+       {"layer_types ([\"full_attention\",\"sliding_attention\"]) is not supported"}},
+      {"MistralWindowNotInt", Minimal(R"(, "model_type": "mistral", "sliding_window": "4k")"),
+       {"sliding_window (\"4k\") must be an integer"}},
       {"UnknownDtype", Minimal(R"(, "torch_dtype": "int8")"),
        {"torch_dtype (\"int8\") must be bfloat16, float16 or float32"}},
       {"BadEos", Minimal(R"(, "eos_token_id": ["x"])"),

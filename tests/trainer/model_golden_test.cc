@@ -172,8 +172,9 @@ TEST_P(GoldenModelTest, TokenLogProbsAgreeWithTheLoss) {
   EXPECT_LT(std::abs(mean - ref) / ref, kRel);
 }
 
-INSTANTIATE_TEST_SUITE_P(TinyLlamas, GoldenModelTest,
-                         ::testing::Values("llama3_tiny", "llama2_tiny"));
+INSTANTIATE_TEST_SUITE_P(TinyModels, GoldenModelTest,
+                         ::testing::Values("llama3_tiny", "llama2_tiny", "qwen2_tiny",
+                                           "mistral_tiny"));
 
 TEST(LoraInit, KaimingUniformMatchesTorchBitForBit) {
   GoldenFile golden("llama3_tiny");

@@ -105,8 +105,9 @@ TEST_P(GoldenTrainingTest, TwentyAdamWStepsFollowPeft) {
               GetParam().c_str(), worst_loss, worst_norm, worst_lr, worst_w);
 }
 
-INSTANTIATE_TEST_SUITE_P(TinyLlamas, GoldenTrainingTest,
-                         ::testing::Values("llama3_tiny", "llama2_tiny"));
+INSTANTIATE_TEST_SUITE_P(TinyModels, GoldenTrainingTest,
+                         ::testing::Values("llama3_tiny", "llama2_tiny", "qwen2_tiny",
+                                           "mistral_tiny"));
 
 TEST(AdamW, OneStepIsTorchsFormula) {
   at::Tensor p = at::tensor({1.0f, -2.0f, 0.5f}).set_requires_grad(true);

@@ -484,6 +484,111 @@ TEST(Loading, Bf16CheckpointBecomesFp32OnTheCpu) {
                         ref->Logits(Ids({1, 2, 3}), at::Tensor())));
 }
 
+// The tiny config as another family: "qwen2" (q/k/v biases) or "mistral"
+// with a sliding window.
+LlamaConfig TinyFamilyConfig(const std::string& extra) {
+  std::string text = kTinyConfig;
+  text.replace(text.find("%TIE%"), 5, "true");
+  text.insert(text.size() - 1, ", " + extra);
+  auto c = ParseLlamaConfig(text, "tiny");
+  EXPECT_TRUE(c.ok()) << c.status().ToString();
+  return c.value();
+}
+
+TEST(Families, Qwen2BiasesAreAddedFrozenAndKeptDenseOverNf4) {
+  const LlamaConfig llama = TinyConfig(/*tie=*/true);
+  const LlamaConfig qwen = TinyFamilyConfig(R"("model_type": "qwen2")");
+  ASSERT_TRUE(qwen.qkv_bias);
+  auto w = RandomWeights(llama, 5);
+  const at::Tensor ids = Ids({3, 1, 4, 1, 5, 9, 2, 6});
+  // Without its biases a Qwen2 config is refused, naming the tensor.
+  auto missing = LlamaModel::Build(
+      qwen, [&](const std::string& n) -> Result<at::Tensor> {
+        auto it = w.find(n);
+        if (it == w.end()) return NotFoundError("tensor '" + n + "' not in the test map");
+        return it->second;
+      },
+      DefaultModelOptions(c10::kCPU), "weights");
+  ASSERT_FALSE(missing.ok());
+  EXPECT_THAT(missing.status().message(), HasSubstr("model.layers.0.self_attn.q_proj.bias"));
+  // Zero biases: the Llama computation exactly.
+  for (int64_t l = 0; l < qwen.num_hidden_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".self_attn.";
+    w[p + "q_proj.bias"] = at::zeros({qwen.q_size()});
+    w[p + "k_proj.bias"] = at::zeros({qwen.kv_size()});
+    w[p + "v_proj.bias"] = at::zeros({qwen.kv_size()});
+  }
+  auto plain = BuildModel(llama, w);
+  auto zero = BuildModel(qwen, w);
+  c10::NoGradGuard no_grad;
+  EXPECT_TRUE(at::equal(zero->Logits(ids, at::Tensor()), plain->Logits(ids, at::Tensor())));
+  // A v bias b shifts every attention output by b (softmax rows sum to 1),
+  // so o_proj's input moves by exactly b: check one layer's v path directly.
+  at::Generator g = at::make_generator<at::CPUGeneratorImpl>(9);
+  w["model.layers.0.self_attn.v_proj.bias"] = at::normal(0.0, 0.5, {qwen.kv_size()}, g);
+  w["model.layers.1.self_attn.q_proj.bias"] = at::normal(0.0, 0.5, {qwen.q_size()}, g);
+  auto biased = BuildModel(qwen, w);
+  const LoraLinear& v = *biased->layers()[0].v_proj;
+  EXPECT_TRUE(v.has_bias());
+  EXPECT_FALSE(biased->layers()[0].o_proj->has_bias());  // Qwen2: none on o_proj
+  const at::Tensor x = at::randn({2, 3, qwen.hidden_size}, g);
+  const at::Tensor want =
+      at::linear(x, static_cast<const DenseLinear&>(v.base()).weight()) +
+      w["model.layers.0.self_attn.v_proj.bias"];
+  EXPECT_LT(MaxAbsDiff(v.Forward(x, false), want), 1e-6);
+  EXPECT_GT(MaxAbsDiff(biased->Logits(ids, at::Tensor()), plain->Logits(ids, at::Tensor())), 1e-3);
+  EXPECT_FALSE(v.bias().requires_grad());
+  // NF4 base weights: the bias stays in the compute dtype, unquantized.
+  ModelOptions q = DefaultModelOptions(c10::kCPU);
+  q.quantize_base = true;
+  auto nf4 = BuildModel(qwen, w, q);
+  EXPECT_TRUE(at::equal(nf4->layers()[0].v_proj->bias(), w["model.layers.0.self_attn.v_proj.bias"]));
+}
+
+TEST(Families, Qwen2LoraSavesNoBiasesAndTrainsOnlyAdapters) {
+  const LlamaConfig qwen = TinyFamilyConfig(R"("model_type": "qwen2")");
+  auto w = RandomWeights(qwen, 5);
+  at::Generator g = at::make_generator<at::CPUGeneratorImpl>(4);
+  for (int64_t l = 0; l < qwen.num_hidden_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".self_attn.";
+    w[p + "q_proj.bias"] = at::normal(0.0, 0.5, {qwen.q_size()}, g);
+    w[p + "k_proj.bias"] = at::normal(0.0, 0.5, {qwen.kv_size()}, g);
+    w[p + "v_proj.bias"] = at::normal(0.0, 0.5, {qwen.kv_size()}, g);
+  }
+  auto m = BuildModel(qwen, w);
+  ASSERT_TRUE(m->AttachLora(LoraConfig{}).ok());
+  RandomizeB(*m, 3);
+  for (const NamedTensor& p : m->LoraParameters()) {
+    EXPECT_EQ(p.name.find("bias"), std::string::npos) << p.name;  // bias="none"
+  }
+  const at::Tensor ids = Ids({3, 1, 4, 1, 5, 9, 2, 6});
+  auto r = ComputeLossAndGrads(*m, ids, at::Tensor(), ids);
+  EXPECT_EQ(r.grads.size(), 2u * 7u * 2u);
+  for (const DecoderLayer& l : m->layers()) {
+    for (const LoraLinear* p : {l.q_proj.get(), l.k_proj.get(), l.v_proj.get()}) {
+      EXPECT_FALSE(p->bias().requires_grad());
+      EXPECT_FALSE(p->bias().grad().defined());
+    }
+  }
+}
+
+TEST(Families, MistralSlidingWindowLongerSequencesAreRefused) {
+  const LlamaConfig c = TinyFamilyConfig(R"("model_type": "mistral", "sliding_window": 8)");
+  ASSERT_EQ(c.sliding_window, std::optional<int64_t>(8));
+  auto m = BuildModel(c, RandomWeights(c, 2));
+  c10::NoGradGuard no_grad;
+  // Within the window the model is the Llama one.
+  auto llama = BuildModel(TinyConfig(true), RandomWeights(c, 2));
+  const at::Tensor eight = Ids({1, 2, 3, 4, 5, 6, 7, 8});
+  EXPECT_TRUE(at::equal(m->Logits(eight, at::Tensor()), llama->Logits(eight, at::Tensor())));
+  try {
+    m->Logits(Ids({1, 2, 3, 4, 5, 6, 7, 8, 9}), at::Tensor());
+    FAIL() << "a sequence longer than the window must be refused";
+  } catch (const c10::Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("sequence length 9 exceeds the model's sliding_window (8)"));
+  }
+}
+
 TEST(Loading, MissingTensorIsNamed) {
   LlamaConfig c = TinyConfig(false);
   const std::string dir = WriteBf16Model(c, RandomWeights(c, 3), false,

@@ -354,8 +354,9 @@ TEST_P(GoldenScoreTest, RunScoreWritesTheDocumentedJson) {
   EXPECT_LT(std::abs(doc["mean_loss"].get<double>() - ref) / ref, kLossRel);
 }
 
-INSTANTIATE_TEST_SUITE_P(TinyLlamas, GoldenScoreTest,
-                         ::testing::Values("llama3_tiny", "llama2_tiny"));
+INSTANTIATE_TEST_SUITE_P(TinyModels, GoldenScoreTest,
+                         ::testing::Values("llama3_tiny", "llama2_tiny", "qwen2_tiny",
+                                           "mistral_tiny"));
 
 TEST(RunScore, ReportsBadOptionsMissingFilesAndOutOfVocabIds) {
   ScoreOptions o;

@@ -33,6 +33,7 @@
 #include "ftune/file_util.h"
 #include "worker/modelio/init_model.h"
 #include "worker/modelio/safetensors.h"
+#include "worker/trainer/merge.h"
 #include "worker/trainer/train.h"
 
 namespace ftune::trainer {
@@ -466,6 +467,125 @@ TEST_F(TrainTest, ARankDyingMidStepMakesThePeersExitWithAnErrorNotACrash) {
     std::printf("rank 0 reported: %s\n",
                 exits[0].output.substr(at, exits[0].output.find('\n', at) - at).c_str());
   }
+}
+
+// A small model of another family, as init-model writes one: the tiny
+// model's shape and tokenizer, the family's config.json (LlamaConfigToJson)
+// and init-model's random weights (Qwen2's q/k/v biases included).
+std::string WriteFamilyModel(const std::string& name, ModelFamily family, bool tied,
+                             std::optional<int64_t> sliding_window = std::nullopt) {
+  const std::string dir = g_root + "/family-" + name;
+  Result<LlamaConfig> c = LoadLlamaConfig(g_model);
+  EXPECT_TRUE(c.ok()) << c.status().ToString();
+  c->family = family;
+  c->tie_word_embeddings = tied;
+  c->qkv_bias = family == ModelFamily::kQwen2;
+  c->sliding_window = sliding_window;
+  if (family != ModelFamily::kLlama) c->rope_theta = 1000000.0;
+  if (family == ModelFamily::kLlama) {  // Llama 3.2: llama3 RoPE scaling, factor 32
+    c->rope_scaling.type = RopeType::kLlama3;
+    c->rope_scaling.factor = 32.0;
+    c->rope_scaling.original_max_position_embeddings = 32;  // all three bands at seq 64
+  }
+  EXPECT_TRUE(MakeDirectory(dir).ok());
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json"}) {
+    Result<std::string> text = ReadFileToString(g_model + "/" + f, 64u << 20);
+    EXPECT_TRUE(text.ok()) << text.status().ToString();
+    EXPECT_TRUE(WriteFileAtomically(dir + "/" + f, *text).ok());
+  }
+  const Status w = WriteRandomLlamaWeights(dir, *c, 5, 5'000'000'000, 1, nullptr);
+  EXPECT_TRUE(w.ok()) << w.ToString();
+  EXPECT_TRUE(WriteFileAtomically(dir + "/config.json", LlamaConfigToJson(*c)).ok());
+  return dir;
+}
+
+// Llama 3.2 (tied, llama3 RoPE), Qwen2.5 (q/k/v biases, tied and untied) and
+// Mistral models load, train on 1 and 2 ranks alike (the biases and the tied
+// embedding sharded like any frozen tensor), save a PEFT adapter with
+// PEFT's names and no bias, and merge into an export that keeps the biases
+// and the tie.
+TEST_F(TrainTest, OtherFamiliesTrainSaveAdaptersAndExportMerged) {
+  struct Case {
+    const char* name;
+    ModelFamily family;
+    bool tied;
+  };
+  for (const Case& fc : {Case{"llama3.2", ModelFamily::kLlama, true},
+                         Case{"qwen2.5", ModelFamily::kQwen2, true},
+                         Case{"qwen2.5-untied", ModelFamily::kQwen2, false},
+                         Case{"mistral", ModelFamily::kMistral, false}}) {
+    SCOPED_TRACE(fc.name);
+    const std::string model = WriteFamilyModel(fc.name, fc.family, fc.tied);
+    RunConfig one{Spec(4, 4, 0), g_root + "/" + fc.name + "-1", "", 1};
+    one.spec.mutable_model()->set_model_name_or_path(model);
+    auto exits = TrainRanks(one);
+    ASSERT_TRUE(AllOk(exits, 1)) << Report(exits);
+    const std::vector<double> want = Losses(one.output_dir);
+    ASSERT_EQ(want.size(), 4u);
+    EXPECT_LT(want.back(), want.front());
+    RunConfig two{Spec(2, 4, 0), g_root + "/" + fc.name + "-2", "", 2};
+    two.spec.mutable_model()->set_model_name_or_path(model);
+    exits = TrainRanks(two);
+    ASSERT_TRUE(AllOk(exits, 2)) << Report(exits);
+    const std::vector<double> got = Losses(two.output_dir);
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < want.size(); ++i) {
+      EXPECT_NEAR(got[i], want[i], 1e-5 * std::fabs(want[i])) << "step " << i;
+    }
+    ExpectSameAdapter(two.output_dir + "/adapter", one.output_dir + "/adapter", fc.name);
+
+    // The adapter as PEFT writes it: lora_A/lora_B of 7 targets x 2 layers.
+    const auto adapter = Adapter(one.output_dir + "/adapter");
+    EXPECT_EQ(adapter.size(), 2u * 7u * 2u);
+    for (const auto& [key, t] : adapter) {
+      EXPECT_EQ(key.rfind("base_model.model.model.layers.", 0), 0u) << key;
+      EXPECT_EQ(key.find("bias"), std::string::npos) << key;
+    }
+
+    // Merged export: every base tensor, biases byte for byte; no lm_head
+    // when tied; the config unchanged.
+    MergeOptions mo;
+    mo.model_dir = model;
+    mo.adapter_dir = one.output_dir + "/adapter";
+    mo.out_dir = g_root + "/" + fc.name + "-merged";
+    Result<MergeReport> merged = MergeAdapter(mo);
+    ASSERT_TRUE(merged.ok()) << merged.status().ToString();
+    EXPECT_EQ(merged->merged_projections, 7 * 2);
+    auto base = SafetensorsFile::Open(model + "/model.safetensors");
+    auto out = SafetensorsFile::Open(mo.out_dir + "/model.safetensors");
+    ASSERT_TRUE(base.ok() && out.ok());
+    ASSERT_EQ((*out)->tensors().size(), (*base)->tensors().size());
+    int biases = 0;
+    bool has_lm_head = false;
+    for (const TensorInfo& t : (*base)->tensors()) {
+      has_lm_head = has_lm_head || t.name == "lm_head.weight";
+      if (t.name.size() < 5 || t.name.compare(t.name.size() - 5, 5, ".bias") != 0) continue;
+      ++biases;
+      auto a = (*base)->Data(t.name);
+      auto b = (*out)->Data(t.name);
+      ASSERT_TRUE(a.ok() && b.ok()) << t.name;
+      ASSERT_EQ(a->size, b->size);
+      EXPECT_EQ(std::memcmp(a->data, b->data, a->size), 0) << t.name;
+    }
+    EXPECT_EQ(biases, fc.family == ModelFamily::kQwen2 ? 3 * 2 : 0);
+    EXPECT_EQ(has_lm_head, !fc.tied);
+    Result<LlamaConfig> mc = LoadLlamaConfig(mo.out_dir);
+    ASSERT_TRUE(mc.ok()) << mc.status().ToString();
+    EXPECT_EQ(mc->family, fc.family);
+    EXPECT_EQ(mc->tie_word_embeddings, fc.tied);
+  }
+}
+
+TEST_F(TrainTest, AMistralWindowShorterThanTheSequencesIsRefused) {
+  const std::string model =
+      WriteFamilyModel("mistral-window", ModelFamily::kMistral, false, /*sliding_window=*/32);
+  RunConfig config{Spec(2, 2, 0), g_root + "/mistral-window", "", 1};
+  config.spec.mutable_model()->set_model_name_or_path(model);  // max_seq_len 64
+  auto exits = TrainRanks(config);
+  ASSERT_EQ(exits.size(), 1u);
+  EXPECT_FALSE(exits[0].ok());
+  EXPECT_THAT(exits[0].output, HasSubstr("training.max_seq_len (64) exceeds"));
+  EXPECT_THAT(exits[0].output, HasSubstr("sliding_window (32)"));
 }
 
 TEST_F(TrainTest, BadSpecsAreRefusedNamingTheKey) {

@@ -190,6 +190,37 @@ RenderedChat RenderChatML(const std::vector<ChatMessage>& messages, bool add_gen
   return out.Take();
 }
 
+constexpr std::string_view kQwenDefaultSystem =
+    "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
+
+// Qwen2.5-Instruct's template with no tools passed (its `tools` branches
+// are not taken, and no message carries tool_calls).
+Result<RenderedChat> RenderQwen25(const std::vector<ChatMessage>& messages,
+                                  bool add_generation_prompt) {
+  // `messages[0]['role']` on an empty list is an UndefinedError in Jinja.
+  if (messages.empty()) {
+    return InvalidArgumentError("qwen2.5 chat template: the conversation has no messages");
+  }
+  Out out;
+  out.Add("<|im_start|>system\n");
+  out.Add(messages[0].role == "system" ? std::string_view(messages[0].content)
+                                       : kQwenDefaultSystem);
+  out.Add("<|im_end|>\n");
+  for (size_t i = 0; i < messages.size(); ++i) {
+    const ChatMessage& m = messages[i];
+    if (m.role == "system" && i == 0) continue;  // rendered above
+    out.Add("<|im_start|>");
+    out.Add(m.role);
+    out.Add("\n");
+    const size_t begin = out.size();
+    out.Add(m.content);
+    out.Add("<|im_end|>\n");
+    if (m.role == "assistant") out.Span(begin);
+  }
+  if (add_generation_prompt) out.Add("<|im_start|>assistant\n");
+  return out.Take();
+}
+
 bool Has(std::string_view text, std::string_view marker) {
   return text.find(marker) != std::string_view::npos;
 }
@@ -226,7 +257,8 @@ std::string_view PythonStrip(std::string_view text) {
 }
 
 const std::vector<std::string>& SupportedChatTemplateNames() {
-  static const std::vector<std::string> names = {"llama3", "llama3.1", "llama2", "chatml", "mistral"};
+  static const std::vector<std::string> names = {"llama3", "llama3.1", "llama2",
+                                                 "chatml", "mistral", "qwen2.5"};
   return names;
 }
 
@@ -237,6 +269,7 @@ std::string ChatTemplateName(ChatTemplateKind kind) {
     case ChatTemplateKind::kLlama2: return "llama2";
     case ChatTemplateKind::kChatML: return "chatml";
     case ChatTemplateKind::kMistral: return "mistral";
+    case ChatTemplateKind::kQwen25: return "qwen2.5";
   }
   return "unknown";
 }
@@ -247,6 +280,7 @@ Result<ChatTemplateKind> ChatTemplateKindFromName(const std::string& name) {
   if (name == "llama2") return ChatTemplateKind::kLlama2;
   if (name == "chatml") return ChatTemplateKind::kChatML;
   if (name == "mistral") return ChatTemplateKind::kMistral;
+  if (name == "qwen2.5") return ChatTemplateKind::kQwen25;
   return InvalidArgumentError("chat_template \"" + name + "\" is not supported; use auto or one of " +
                               SupportedList());
 }
@@ -293,9 +327,16 @@ Result<ChatTemplateKind> DetectChatTemplate(std::string_view jinja, const std::s
     return ChatTemplateKind::kMistral;
   }
   if (Has(jinja, "<|im_start|>") && Has(jinja, "<|im_end|>")) {
+    // Qwen2.5-Instruct: its default system prompt and its tool-call format.
+    // Only conversations without tools are rendered (the data has none).
+    if (Has(jinja, kQwenDefaultSystem) && Has(jinja, "<tool_call>") &&
+        Has(jinja, "add_generation_prompt")) {
+      return ChatTemplateKind::kQwen25;
+    }
     if (Has(jinja, "tools") || Has(jinja, "You are")) {
       return InvalidArgumentError(where + "is a ChatML variant with a default system prompt or tool "
-                                          "handling (e.g. Qwen's) that ftune does not render" + fix);
+                                          "handling that ftune does not render (Qwen2.5-Instruct's "
+                                          "is recognized; this is another)" + fix);
     }
     return ChatTemplateKind::kChatML;
   }
@@ -324,7 +365,7 @@ Result<ChatTemplate> ResolveChatTemplate(const std::string& name, const Tokenize
   }
   t.bos_token = config.bos_token.value_or("");
   t.eos_token = config.eos_token.value_or("");
-  const bool needs_bos = t.kind != ChatTemplateKind::kChatML;
+  const bool needs_bos = t.kind != ChatTemplateKind::kChatML && t.kind != ChatTemplateKind::kQwen25;
   const bool needs_eos = t.kind == ChatTemplateKind::kLlama2 || t.kind == ChatTemplateKind::kMistral;
   if ((needs_bos && t.bos_token.empty()) || (needs_eos && t.eos_token.empty())) {
     return InvalidArgumentError(source + "/tokenizer_config.json names no " +
@@ -343,6 +384,7 @@ Result<RenderedChat> RenderChat(const ChatTemplate& tmpl, const std::vector<Chat
     case ChatTemplateKind::kLlama2: return RenderLlama2(tmpl, messages);
     case ChatTemplateKind::kChatML: return RenderChatML(messages, add_generation_prompt);
     case ChatTemplateKind::kMistral: return RenderMistral(tmpl, messages);
+    case ChatTemplateKind::kQwen25: return RenderQwen25(messages, add_generation_prompt);
   }
   return InternalError("unknown chat template kind");
 }

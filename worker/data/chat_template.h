@@ -16,6 +16,10 @@
 //   chatml    TRL's setup_chat_format ChatML: "<|im_start|>ROLE\ncontent<|im_end|>\n"
 //   mistral   Mixtral-8x7B-Instruct-v0.1 / Mistral-7B-Instruct-v0.1,v0.2 (2024
 //             template): "<s> [INST] system\n\nuser [/INST] answer</s>"
+//   qwen2.5   Qwen2.5-*-Instruct without tools: ChatML after a system block that
+//             is always there: the first message's content when it is a system
+//             message, else "You are Qwen, created by Alibaba Cloud. You are a
+//             helpful assistant."; later system messages render in place.
 // `trim` / `.strip()` are Python's str.strip() (Unicode whitespace).
 //
 // Assistant spans: for assistant message i, the span is what TRL calls the
@@ -23,6 +27,7 @@
 //   render(messages[:i+1])[len(render(messages[:i], add_generation_prompt=True)):]
 // i.e. the content and the end-of-turn token ("...<|eot_id|>", " answer </s>",
 // "answer<|im_end|>\n", " answer</s>"), placed where it sits in the full text.
+// (qwen2.5 and chatml spans are alike: "answer<|im_end|>\n".)
 // Loss masking turns these byte spans into token labels (packing.h).
 //
 // Thread-safety: pure functions of their arguments.
@@ -56,7 +61,7 @@ struct RenderedChat {
   std::vector<ByteSpan> assistant_spans;  // one per assistant message, in order
 };
 
-enum class ChatTemplateKind { kLlama3, kLlama31, kLlama2, kChatML, kMistral };
+enum class ChatTemplateKind { kLlama3, kLlama31, kLlama2, kChatML, kMistral, kQwen25 };
 
 struct ChatTemplate {
   ChatTemplateKind kind = ChatTemplateKind::kLlama3;
@@ -65,7 +70,7 @@ struct ChatTemplate {
   std::string date_string = "26 Jul 2024";  // llama3.1 only
 };
 
-// "llama3", "llama3.1", "llama2", "chatml", "mistral".
+// "llama3", "llama3.1", "llama2", "chatml", "mistral", "qwen2.5".
 const std::vector<std::string>& SupportedChatTemplateNames();
 std::string ChatTemplateName(ChatTemplateKind kind);
 // An explicit name; anything else is an error listing the supported names.
@@ -90,7 +95,8 @@ Result<ChatTemplate> ResolveChatTemplate(const std::string& name, const Tokenize
 // Renders `messages` as apply_chat_template does. Errors where the Jinja
 // template raises (Llama 2 / Mistral role alternation, Mistral's
 // roles other than user/assistant after the system message, an empty
-// conversation for llama3.1) and for a role other than system/user/assistant.
+// conversation for llama3.1 and qwen2.5) and for a role other than
+// system/user/assistant.
 Result<RenderedChat> RenderChat(const ChatTemplate& tmpl, const std::vector<ChatMessage>& messages,
                                 bool add_generation_prompt = false);
 

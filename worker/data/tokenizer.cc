@@ -12,6 +12,10 @@
 #include <utility>
 
 #include <nlohmann/json.hpp>
+#if FTUNE_HAVE_ICU
+#include <unicode/normalizer2.h>
+#include <unicode/unistr.h>
+#endif
 
 #include "ftune/file_util.h"
 
@@ -124,7 +128,7 @@ Pattern ParsePattern(const json& j, const char* what) {
 // ---------------------------------------------------------------- normalizer
 
 struct NormalizerStep {
-  enum class Kind { kPrepend, kReplace } kind;
+  enum class Kind { kPrepend, kReplace, kNfc } kind;
   std::string text;  // Prepend: what to prepend; Replace: the replacement
   Pattern pattern;   // Replace
 };
@@ -136,6 +140,13 @@ void ParseNormalizer(const json& j, std::vector<NormalizerStep>* steps) {
     auto it = j.find("normalizers");
     if (it == j.end() || !it->is_array()) Fail("normalizer Sequence has no \"normalizers\" list");
     for (const json& child : *it) ParseNormalizer(child, steps);
+  } else if (type == "NFC") {
+#if FTUNE_HAVE_ICU
+    steps->push_back({NormalizerStep::Kind::kNfc, {}, {}});
+#else
+    Fail("normalizer NFC needs ICU, which this build of ftune lacks (install libicu-dev and "
+         "rebuild)");
+#endif
   } else if (type == "Prepend") {
     steps->push_back({NormalizerStep::Kind::kPrepend, StringAt(j, "prepend", "normalizer Prepend"), {}});
   } else if (type == "Replace") {
@@ -144,7 +155,7 @@ void ParseNormalizer(const json& j, std::vector<NormalizerStep>* steps) {
     steps->push_back({NormalizerStep::Kind::kReplace, StringAt(j, "content", "normalizer Replace"),
                       ParsePattern(*it, "normalizer Replace")});
   } else {
-    Fail("normalizer type \"" + type + "\" is not supported (supported: Sequence, Prepend, Replace)");
+    Fail("normalizer type \"" + type + "\" is not supported (supported: Sequence, NFC, Prepend, Replace)");
   }
 }
 
@@ -521,6 +532,36 @@ Result<std::string> ReadFile(const std::string& path, uint64_t max_bytes) {
 
 }  // namespace
 
+// Unicode NFC, as HF's NFC normalizer (the unicode-normalization crate's
+// nfc()) applies it. ICU 72 carries Unicode 15 tables; NFC of text that was
+// assigned in an earlier version does not change between versions (Unicode's
+// normalization stability policy), so both agree on all text the older
+// tables know. Text that is all ASCII is already NFC and skips ICU.
+static void NfcInPlace(std::string* text) {
+#if FTUNE_HAVE_ICU
+  bool ascii = true;
+  for (const char c : *text) {
+    if (static_cast<unsigned char>(c) >= 0x80) {
+      ascii = false;
+      break;
+    }
+  }
+  if (ascii) return;
+  UErrorCode err = U_ZERO_ERROR;
+  const icu::Normalizer2* nfc = icu::Normalizer2::getNFCInstance(err);
+  if (U_FAILURE(err)) return;  // ICU's data is linked in; this does not happen
+  const icu::UnicodeString in = icu::UnicodeString::fromUTF8(*text);
+  if (nfc->isNormalized(in, err) && U_SUCCESS(err)) return;
+  err = U_ZERO_ERROR;
+  const icu::UnicodeString out = nfc->normalize(in, err);
+  if (U_FAILURE(err)) return;
+  text->clear();
+  out.toUTF8String(*text);
+#else
+  (void)text;  // NFC normalizers are refused at load without ICU
+#endif
+}
+
 // ----------------------------------------------------------------- Impl
 
 struct Tokenizer::Impl {
@@ -544,7 +585,9 @@ void Tokenizer::Impl::Normalize(std::string_view in, std::string* out) const {
   out->assign(in);
   std::string tmp;
   for (const NormalizerStep& step : normalizer) {
-    if (step.kind == NormalizerStep::Kind::kPrepend) {
+    if (step.kind == NormalizerStep::Kind::kNfc) {
+      NfcInPlace(out);
+    } else if (step.kind == NormalizerStep::Kind::kPrepend) {
       // HF Prepend leaves an empty string empty.
       if (!out->empty()) out->insert(0, step.text);
     } else if (step.pattern.regex != nullptr) {

@@ -1,10 +1,10 @@
 // A Hugging Face `tokenizer.json` tokenizer whose ids and decoded text are
 // identical to HF `tokenizers` (Tokenizer.encode / Tokenizer.decode) for the
-// Llama 2 and Llama 3 families.
+// Llama 2, Llama 3, Mistral and Qwen2 / Qwen2.5 families.
 //
 // Encode pipeline, in HF's order:
 //   1. added tokens with normalized=false are split out of the raw text;
-//   2. each remaining run is normalized (Sequence / Prepend / Replace), then
+//   2. each remaining run is normalized (Sequence / NFC / Prepend / Replace), then
 //      added tokens with normalized=true are split out of it;
 //   3. the pre-tokenizer cuts each run into pieces (Split with a regex or a
 //      string, ByteLevel, Metaspace, Sequence of those);

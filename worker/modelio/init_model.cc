@@ -294,10 +294,52 @@ Status WriteTensor(const WeightSpec& spec, uint64_t seed, int num_threads,
 }  // namespace
 
 const std::vector<std::string>& InitModelPresets() {
-  static const std::vector<std::string> presets = {"tiny", "llama3-8b", "llama3.1-8b",
-                                                   "llama3-70b", "llama3.1-70b"};
+  static const std::vector<std::string> presets = {
+      "tiny",          "llama3-8b",     "llama3.1-8b",   "llama3-70b",    "llama3.1-70b",
+      "llama3.2-1b",   "llama3.2-3b",   "mistral-7b-v0.3", "qwen2.5-0.5b", "qwen2.5-1.5b",
+      "qwen2.5-3b",    "qwen2.5-7b",    "qwen2.5-14b",   "qwen2.5-32b",   "qwen2.5-72b"};
   return presets;
 }
+
+namespace {
+
+// The shapes of the published checkpoints, from their config.json files on
+// the Hugging Face Hub:
+//   meta-llama/Meta-Llama-3-8B, Meta-Llama-3-70B, Llama-3.1-8B, Llama-3.1-70B,
+//   Llama-3.2-1B, Llama-3.2-3B;
+//   mistralai/Mistral-7B-v0.3;
+//   Qwen/Qwen2.5-0.5B, -1.5B, -3B, -7B, -14B, -32B, -72B (the Instruct
+//   variants share the shapes).
+struct Preset {
+  const char* name;
+  ModelFamily family;
+  int64_t hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, max_positions;
+  double rope_theta, rms_norm_eps;
+  bool tied;
+  double llama3_factor;  // 0: no rope_scaling
+};
+
+constexpr int64_t kQwenVocabSmall = 151936;  // 0.5B-3B
+constexpr int64_t kQwenVocabLarge = 152064;  // 7B-72B
+
+constexpr Preset kPresets[] = {
+    {"llama3-8b", ModelFamily::kLlama, 4096, 14336, 32, 32, 8, 128, kLlama3Vocab, 8192, 500000.0, 1e-5, false, 0},
+    {"llama3.1-8b", ModelFamily::kLlama, 4096, 14336, 32, 32, 8, 128, kLlama3Vocab, 131072, 500000.0, 1e-5, false, 8.0},
+    {"llama3-70b", ModelFamily::kLlama, 8192, 28672, 80, 64, 8, 128, kLlama3Vocab, 8192, 500000.0, 1e-5, false, 0},
+    {"llama3.1-70b", ModelFamily::kLlama, 8192, 28672, 80, 64, 8, 128, kLlama3Vocab, 131072, 500000.0, 1e-5, false, 8.0},
+    {"llama3.2-1b", ModelFamily::kLlama, 2048, 8192, 16, 32, 8, 64, kLlama3Vocab, 131072, 500000.0, 1e-5, true, 32.0},
+    {"llama3.2-3b", ModelFamily::kLlama, 3072, 8192, 28, 24, 8, 128, kLlama3Vocab, 131072, 500000.0, 1e-5, true, 32.0},
+    {"mistral-7b-v0.3", ModelFamily::kMistral, 4096, 14336, 32, 32, 8, 128, 32768, 32768, 1000000.0, 1e-5, false, 0},
+    {"qwen2.5-0.5b", ModelFamily::kQwen2, 896, 4864, 24, 14, 2, 64, kQwenVocabSmall, 32768, 1000000.0, 1e-6, true, 0},
+    {"qwen2.5-1.5b", ModelFamily::kQwen2, 1536, 8960, 28, 12, 2, 128, kQwenVocabSmall, 131072, 1000000.0, 1e-6, true, 0},
+    {"qwen2.5-3b", ModelFamily::kQwen2, 2048, 11008, 36, 16, 2, 128, kQwenVocabSmall, 32768, 1000000.0, 1e-6, true, 0},
+    {"qwen2.5-7b", ModelFamily::kQwen2, 3584, 18944, 28, 28, 4, 128, kQwenVocabLarge, 131072, 1000000.0, 1e-6, false, 0},
+    {"qwen2.5-14b", ModelFamily::kQwen2, 5120, 13824, 48, 40, 8, 128, kQwenVocabLarge, 131072, 1000000.0, 1e-5, false, 0},
+    {"qwen2.5-32b", ModelFamily::kQwen2, 5120, 27648, 64, 40, 8, 128, kQwenVocabLarge, 131072, 1000000.0, 1e-5, false, 0},
+    {"qwen2.5-72b", ModelFamily::kQwen2, 8192, 29568, 80, 64, 8, 128, kQwenVocabLarge, 131072, 1000000.0, 1e-5, false, 0},
+};
+
+}  // namespace
 
 Result<LlamaConfig> InitModelPresetConfig(const std::string& preset,
                                           int64_t tokenizer_vocab_size) {
@@ -306,55 +348,58 @@ Result<LlamaConfig> InitModelPresetConfig(const std::string& preset,
                                 std::to_string(tokenizer_vocab_size) + ") must be >= 1");
   }
   LlamaConfig c;
-  c.rope_theta = 500000.0;
-  c.rms_norm_eps = 1e-5;
-  c.tie_word_embeddings = false;
   c.torch_dtype = ModelDtype::kBFloat16;
-  c.max_position_embeddings = 8192;
-  const bool llama31 = preset == "llama3.1-8b" || preset == "llama3.1-70b";
   if (preset == "tiny") {
+    c.rope_theta = 500000.0;
+    c.rms_norm_eps = 1e-5;
+    c.max_position_embeddings = 8192;
     c.hidden_size = 256;
     c.intermediate_size = 688;
     c.num_hidden_layers = 4;
     c.num_attention_heads = 8;
     c.num_key_value_heads = 4;
+    c.head_dim = 32;
     c.vocab_size = tokenizer_vocab_size;
-  } else if (preset == "llama3-8b" || preset == "llama3.1-8b") {
-    c.hidden_size = 4096;
-    c.intermediate_size = 14336;
-    c.num_hidden_layers = 32;
-    c.num_attention_heads = 32;
-    c.num_key_value_heads = 8;
-    c.vocab_size = std::max(kLlama3Vocab, tokenizer_vocab_size);
-  } else if (preset == "llama3-70b" || preset == "llama3.1-70b") {
-    c.hidden_size = 8192;
-    c.intermediate_size = 28672;
-    c.num_hidden_layers = 80;
-    c.num_attention_heads = 64;
-    c.num_key_value_heads = 8;
-    c.vocab_size = std::max(kLlama3Vocab, tokenizer_vocab_size);
-  } else {
-    std::string names;
-    for (const std::string& p : InitModelPresets()) names += (names.empty() ? "" : ", ") + p;
-    return InvalidArgumentError("init-model: unknown preset \"" + preset + "\" (presets: " +
-                                names + ")");
+    return c;
   }
-  c.head_dim = c.hidden_size / c.num_attention_heads;
-  if (llama31) {
-    c.max_position_embeddings = 131072;
-    c.rope_scaling.type = RopeType::kLlama3;
-    c.rope_scaling.factor = 8.0;
-    c.rope_scaling.low_freq_factor = 1.0;
-    c.rope_scaling.high_freq_factor = 4.0;
-    c.rope_scaling.original_max_position_embeddings = 8192;
+  for (const Preset& p : kPresets) {
+    if (preset != p.name) continue;
+    c.family = p.family;
+    c.hidden_size = p.hidden;
+    c.intermediate_size = p.intermediate;
+    c.num_hidden_layers = p.layers;
+    c.num_attention_heads = p.heads;
+    c.num_key_value_heads = p.kv_heads;
+    c.head_dim = p.head_dim;
+    // The real embedding shape; a larger tokenizer grows it.
+    c.vocab_size = std::max(p.vocab, tokenizer_vocab_size);
+    c.max_position_embeddings = p.max_positions;
+    c.rope_theta = p.rope_theta;
+    c.rms_norm_eps = p.rms_norm_eps;
+    c.tie_word_embeddings = p.tied;
+    c.qkv_bias = p.family == ModelFamily::kQwen2;
+    if (p.llama3_factor > 0) {
+      c.rope_scaling.type = RopeType::kLlama3;
+      c.rope_scaling.factor = p.llama3_factor;
+      c.rope_scaling.low_freq_factor = 1.0;
+      c.rope_scaling.high_freq_factor = 4.0;
+      c.rope_scaling.original_max_position_embeddings = 8192;
+    }
+    return c;
   }
-  return c;
+  std::string names;
+  for (const std::string& p : InitModelPresets()) names += (names.empty() ? "" : ", ") + p;
+  return InvalidArgumentError("init-model: unknown preset \"" + preset + "\" (presets: " + names +
+                              ")");
 }
 
 std::string LlamaConfigToJson(const LlamaConfig& c) {
+  const bool llama = c.family == ModelFamily::kLlama;
+  const bool qwen2 = c.family == ModelFamily::kQwen2;
   ordered_json j = ordered_json::object();
-  j["architectures"] = ordered_json::array({"LlamaForCausalLM"});
-  j["attention_bias"] = c.attention_bias;
+  j["architectures"] = ordered_json::array(
+      {llama ? "LlamaForCausalLM" : qwen2 ? "Qwen2ForCausalLM" : "MistralForCausalLM"});
+  if (llama) j["attention_bias"] = c.attention_bias;
   j["attention_dropout"] = 0.0;
   if (c.bos_token_id) j["bos_token_id"] = *c.bos_token_id;
   if (c.eos_token_ids.size() == 1) {
@@ -362,19 +407,20 @@ std::string LlamaConfigToJson(const LlamaConfig& c) {
   } else if (!c.eos_token_ids.empty()) {
     j["eos_token_id"] = c.eos_token_ids;
   }
-  j["head_dim"] = c.head_dim;
+  if (!qwen2) j["head_dim"] = c.head_dim;  // Qwen2 configs derive it
   j["hidden_act"] = "silu";
   j["hidden_size"] = c.hidden_size;
   j["initializer_range"] = kInitStd;
   j["intermediate_size"] = c.intermediate_size;
   j["max_position_embeddings"] = c.max_position_embeddings;
-  j["mlp_bias"] = c.mlp_bias;
-  j["model_type"] = "llama";
+  if (qwen2) j["max_window_layers"] = c.num_hidden_layers;
+  if (llama) j["mlp_bias"] = c.mlp_bias;
+  j["model_type"] = std::string(ModelFamilyName(c.family));
   j["num_attention_heads"] = c.num_attention_heads;
   j["num_hidden_layers"] = c.num_hidden_layers;
   j["num_key_value_heads"] = c.num_key_value_heads;
   if (c.pad_token_id) j["pad_token_id"] = *c.pad_token_id;
-  j["pretraining_tp"] = 1;
+  if (llama) j["pretraining_tp"] = 1;
   j["rms_norm_eps"] = c.rms_norm_eps;
   switch (c.rope_scaling.type) {
     case RopeType::kDefault:
@@ -393,9 +439,15 @@ std::string LlamaConfigToJson(const LlamaConfig& c) {
       break;
   }
   j["rope_theta"] = c.rope_theta;
+  if (qwen2) {
+    j["sliding_window"] = c.max_position_embeddings;  // as published; off below
+  } else if (c.family == ModelFamily::kMistral) {
+    j["sliding_window"] = c.sliding_window ? ordered_json(*c.sliding_window) : ordered_json(nullptr);
+  }
   j["tie_word_embeddings"] = c.tie_word_embeddings;
   j["torch_dtype"] = std::string(ModelDtypeName(c.torch_dtype));
   j["use_cache"] = true;
+  if (qwen2) j["use_sliding_window"] = false;
   j["vocab_size"] = c.vocab_size;
   return j.dump(2) + "\n";
 }
@@ -410,9 +462,13 @@ std::vector<WeightSpec> LlamaWeightSpecs(const LlamaConfig& c) {
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const std::string p = "model.layers." + std::to_string(i) + ".";
     specs.push_back({p + "input_layernorm.weight", {hidden}, true});
-    specs.push_back({p + "self_attn.q_proj.weight", {q, hidden}, false, w});
-    specs.push_back({p + "self_attn.k_proj.weight", {kv, hidden}, false, w});
-    specs.push_back({p + "self_attn.v_proj.weight", {kv, hidden}, false, w});
+    // Qwen2's q/k/v biases follow their weights, in state-dict order (HF
+    // zero-initializes biases; random ones exercise the path).
+    for (const auto& [proj, out] : {std::pair<const char*, U>{"q_proj", q}, {"k_proj", kv},
+                                    {"v_proj", kv}}) {
+      specs.push_back({p + "self_attn." + proj + ".weight", {out, hidden}, false, w});
+      if (c.has_qkv_bias()) specs.push_back({p + "self_attn." + proj + ".bias", {out}, false, w});
+    }
     specs.push_back({p + "self_attn.o_proj.weight", {hidden, q}, false, w});
     specs.push_back({p + "post_attention_layernorm.weight", {hidden}, true});
     specs.push_back({p + "mlp.gate_proj.weight", {inter, hidden}, false, w});

@@ -1,12 +1,13 @@
 // Writes a Llama-architecture model directory with random weights, in the
 // layout transformers and ftune load (an HF "model dir"):
-//   config.json                  LlamaForCausalLM, Llama 3 fields
+//   config.json                  LlamaForCausalLM, MistralForCausalLM or
+//                                Qwen2ForCausalLM with that class's fields
 //   model.safetensors            or, above max_shard_bytes,
 //   model-0000i-of-0000n.safetensors + model.safetensors.index.json
 //   tokenizer.json, tokenizer_config.json
-// The README demo trains a LoRA on the "tiny" preset on CPU; the Llama 3
-// 8B / 70B presets give GPU hosts models of the real shapes to measure
-// memory and speed on, without downloading Meta's weights.
+// The README demo trains a LoRA on the "tiny" preset on CPU; the Llama 3,
+// 3.1, 3.2, Mistral and Qwen2.5 presets give GPU hosts models of the real
+// shapes to measure memory and speed on, without downloading the weights.
 //
 // Weights (fully specified, so anyone can regenerate the same bytes):
 //   * norms (input_layernorm, post_attention_layernorm, model.norm) are 1;
@@ -75,7 +76,7 @@ namespace ftune::trainer {
 struct InitModelOptions {
   std::string out_dir;
   // One of InitModelPresets(): "tiny", "llama3-8b", "llama3.1-8b",
-  // "llama3-70b", "llama3.1-70b".
+  // "llama3-70b", "llama3.1-70b", "llama3.2-1b", ..., "qwen2.5-72b".
   std::string preset = "tiny";
   // JSONL file of "messages" / "text" / "prompt"+"completion" records whose
   // strings the BPE tokenizer is trained on...
@@ -115,13 +116,20 @@ const std::vector<std::string>& InitModelPresets();
 //   llama3-8b:   Meta-Llama-3-8B (its config.json), max positions 8192;
 //   llama3.1-8b: the same with llama3 rope_scaling (factor 8, low 1,
 //                high 4, original 8192) and 131072 positions;
-//   llama3-70b, llama3.1-70b: likewise for 70B.
-//   The Llama 3 presets' vocab is max(128256, tokenizer's).
+//   llama3-70b, llama3.1-70b: likewise for 70B;
+//   llama3.2-1b, llama3.2-3b: Llama 3.2 (tied embeddings, llama3
+//                rope_scaling factor 32);
+//   mistral-7b-v0.3: Mistral 7B v0.3 (vocab 32768, rope_theta 1e6, no
+//                sliding window);
+//   qwen2.5-0.5b, -1.5b, -3b (tied), -7b, -14b, -32b, -72b: Qwen2.5 (q/k/v
+//                biases, rope_theta 1e6).
+//   Shapes as the published config.json files (sources in init_model.cc);
+//   the vocab is max(the checkpoint's, the tokenizer's).
 Result<LlamaConfig> InitModelPresetConfig(const std::string& preset,
                                           int64_t tokenizer_vocab_size);
 
-// config.json text for a config (HF LlamaConfig keys, sorted as
-// transformers writes them).
+// config.json text for a config (the keys of its family's HF config class,
+// sorted as transformers writes them).
 std::string LlamaConfigToJson(const LlamaConfig& config);
 
 // The HF weight names and shapes of a config, in module order (embedding,

@@ -195,6 +195,17 @@ std::string_view RopeTypeName(RopeType type) {
   return "?";
 }
 
+std::string_view ModelFamilyName(ModelFamily family) {
+  switch (family) {
+    case ModelFamily::kLlama: return "llama";
+    case ModelFamily::kMistral: return "mistral";
+    case ModelFamily::kQwen2: return "qwen2";
+  }
+  return "?";
+}
+
+std::string SupportedModelTypes() { return "llama, mistral, qwen2"; }
+
 std::string_view ModelDtypeName(ModelDtype dtype) {
   switch (dtype) {
     case ModelDtype::kFloat32: return "float32";
@@ -210,6 +221,7 @@ int64_t LlamaConfig::NumParameters() const {
                   + 3 * h * intermediate_size                      // gate, up, down
                   + 2 * h;                                         // two RMSNorms
   if (attention_bias) layer += q_size() + 2 * kv_size() + h;
+  if (qkv_bias && !attention_bias) layer += q_size() + 2 * kv_size();
   if (mlp_bias) layer += 2 * intermediate_size + h;
   const int64_t embed = vocab_size * h;
   return embed + num_hidden_layers * layer + h + (tie_word_embeddings ? 0 : embed);
@@ -229,8 +241,15 @@ Result<LlamaConfig> ParseLlamaConfig(std::string_view json_text, std::string_vie
 
   std::optional<std::string> model_type;
   FTUNE_RETURN_IF_ERROR(r.String("model_type", &model_type));
-  if (model_type && *model_type != "llama") {
-    return r.Error("model_type", *r.Get("model_type"), "is not \"llama\"");
+  if (!model_type || *model_type == "llama") {
+    c.family = ModelFamily::kLlama;
+  } else if (*model_type == "mistral") {
+    c.family = ModelFamily::kMistral;
+  } else if (*model_type == "qwen2") {
+    c.family = ModelFamily::kQwen2;
+  } else {
+    return r.Error("model_type", *r.Get("model_type"),
+                   "is not supported; supported model types are " + SupportedModelTypes());
   }
   FTUNE_RETURN_IF_ERROR(r.Int("hidden_size", true, 1, &c.hidden_size, kMaxWidth));
   FTUNE_RETURN_IF_ERROR(
@@ -272,8 +291,42 @@ Result<LlamaConfig> ParseLlamaConfig(std::string_view json_text, std::string_vie
       r.Int("max_position_embeddings", false, 1, &c.max_position_embeddings));
   FTUNE_RETURN_IF_ERROR(r.Positive("rms_norm_eps", false, &c.rms_norm_eps));
   FTUNE_RETURN_IF_ERROR(r.Bool("tie_word_embeddings", &c.tie_word_embeddings));
-  FTUNE_RETURN_IF_ERROR(r.Bool("attention_bias", &c.attention_bias));
-  FTUNE_RETURN_IF_ERROR(r.Bool("mlp_bias", &c.mlp_bias));
+  if (c.family == ModelFamily::kLlama) {
+    // Only LlamaConfig has these keys; Mistral's and Qwen2's modules ignore them.
+    FTUNE_RETURN_IF_ERROR(r.Bool("attention_bias", &c.attention_bias));
+    FTUNE_RETURN_IF_ERROR(r.Bool("mlp_bias", &c.mlp_bias));
+  }
+  if (c.family == ModelFamily::kQwen2) {
+    c.qkv_bias = true;  // Qwen2Attention: bias=True on q/k/v, False on o
+    bool use_sliding_window = false;
+    FTUNE_RETURN_IF_ERROR(r.Bool("use_sliding_window", &use_sliding_window));
+    if (use_sliding_window) {
+      return r.Error("use_sliding_window", *r.Get("use_sliding_window"),
+                     "is not supported: ftune attends over the whole sequence; Qwen2 / Qwen2.5 "
+                     "checkpoints as published set it to false");
+    }
+    // transformers v5 also writes the per-layer kinds it derived from it.
+    if (const Json* types = r.Get("layer_types")) {
+      if (!types->is_array()) return r.Error("layer_types", *types, "must be a list");
+      for (const Json& t : *types) {
+        if (!t.is_string() || t.get<std::string>() != "full_attention") {
+          return r.Error("layer_types", *types,
+                         "is not supported: only full_attention layers are implemented");
+        }
+      }
+    }
+  }
+  if (c.family == ModelFamily::kMistral) {
+    // MistralConfig(sliding_window=4096) when the key is absent; null = none.
+    const auto it = j.find("sliding_window");
+    if (it == j.end()) {
+      c.sliding_window = 4096;
+    } else if (!it->is_null()) {
+      int64_t window = 0;
+      FTUNE_RETURN_IF_ERROR(r.Int("sliding_window", false, 1, &window));
+      c.sliding_window = window;
+    }
+  }
 
   std::optional<std::string> act;
   FTUNE_RETURN_IF_ERROR(r.String("hidden_act", &act));

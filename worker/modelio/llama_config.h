@@ -1,5 +1,20 @@
-// Llama model configuration (HF config.json for Llama 2, 3, 3.1) and the RoPE
-// inverse frequencies it implies.
+// Llama-architecture model configuration (HF config.json for Llama 2, 3,
+// 3.1, 3.2, Mistral and Qwen2 / Qwen2.5) and the RoPE inverse frequencies
+// it implies.
+//
+// Families (config "model_type"; absent means llama):
+//   llama    LlamaConfig / LlamaForCausalLM.
+//   mistral  MistralConfig: the Llama decoder with an optional sliding
+//            window. MistralConfig's default window is 4096 when the key is
+//            absent; Mistral 7B v0.3 writes null (none). A window is kept in
+//            `sliding_window` and a sequence longer than it is refused where
+//            the model runs (attention over a window is not implemented).
+//   qwen2    Qwen2Config: biases on q_proj/k_proj/v_proj (not o_proj), as
+//            Qwen2Attention always has them (`qkv_bias`); defaults as
+//            Qwen2Config (rope_theta 10000, rms_norm_eps 1e-6).
+//            `use_sliding_window: true` is refused (not implemented); with
+//            false, sliding_window / max_window_layers mean nothing.
+//   Anything else is an error naming the supported model types.
 //
 // Parsing follows transformers' LlamaConfig, so a config means here what it
 // means there:
@@ -60,7 +75,14 @@ struct RopeScaling {
 enum class ModelDtype { kFloat32, kFloat16, kBFloat16 };
 std::string_view ModelDtypeName(ModelDtype dtype);  // "bfloat16", ...
 
+enum class ModelFamily { kLlama, kMistral, kQwen2 };
+// "llama", "mistral", "qwen2": the config's model_type.
+std::string_view ModelFamilyName(ModelFamily family);
+// The model types ParseLlamaConfig accepts, for messages: "llama, mistral, qwen2".
+std::string SupportedModelTypes();
+
 struct LlamaConfig {
+  ModelFamily family = ModelFamily::kLlama;
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
   int64_t num_hidden_layers = 0;
@@ -73,8 +95,12 @@ struct LlamaConfig {
   double rope_theta = 10000.0;
   RopeScaling rope_scaling;
   bool tie_word_embeddings = false;
-  bool attention_bias = false;
+  bool attention_bias = false;  // Llama: biases on q, k, v and o
   bool mlp_bias = false;
+  bool qkv_bias = false;        // Qwen2: biases on q, k and v only
+  // Mistral's attention window; nullopt = none (or a Qwen2 window that
+  // use_sliding_window leaves off).
+  std::optional<int64_t> sliding_window;
   ModelDtype torch_dtype = ModelDtype::kFloat32;
   std::optional<int64_t> bos_token_id;
   std::vector<int64_t> eos_token_ids;  // Llama 3.1 instruct lists three
@@ -84,8 +110,11 @@ struct LlamaConfig {
   int64_t q_size() const { return num_attention_heads * head_dim; }     // q_proj out
   int64_t kv_size() const { return num_key_value_heads * head_dim; }    // k/v_proj out
   int64_t num_kv_groups() const { return num_attention_heads / num_key_value_heads; }
-  // Parameters of LlamaForCausalLM (embedding, layers, final norm, lm_head
-  // unless tied; biases when enabled): 8,030,261,248 for Llama 3 8B.
+  // True when q/k/v_proj carry a bias (qkv_bias, or attention_bias).
+  bool has_qkv_bias() const { return qkv_bias || attention_bias; }
+  // Parameters of the ForCausalLM model (embedding, layers, final norm,
+  // lm_head unless tied; biases when enabled): 8,030,261,248 for Llama 3 8B,
+  // 494,032,768 for Qwen2.5 0.5B.
   int64_t NumParameters() const;
 };
 

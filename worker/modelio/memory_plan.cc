@@ -111,6 +111,9 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
 
   // Frozen shards and gathered sizes, per unit.
   int64_t layer_shard = 2 * dense_shard(h);  // the two norms
+  // Qwen2's q/k/v biases: dense elements of the layer's unit (never NF4).
+  if (c.has_qkv_bias()) layer_shard += dense_shard(q) + 2 * dense_shard(kv);
+  if (c.attention_bias) layer_shard += dense_shard(h);  // o_proj's
   int64_t largest_projection = 0;
   for (const Projection& p : Projections(c)) {
     const int64_t n = p.out * p.in;

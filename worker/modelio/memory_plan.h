@@ -7,8 +7,9 @@
 //   frozen shards   every unit's shard: per projection NF4 packed bytes +
 //                   uint8 absmax + fp32 absmax2 per 256 blocks, split at
 //                   256-block boundaries and padded to W pieces exactly as
-//                   Nf4ShardGeometry does; norms, embedding and lm_head in
-//                   the compute dtype split by elements. On the device, or
+//                   Nf4ShardGeometry does; norms, Qwen2's q/k/v biases,
+//                   embedding and lm_head (none when tied) in the compute
+//                   dtype split by elements. On the device, or
 //                   on the host (pinned) with offload_params.
 //   gathered units  the unit in use plus the one being prefetched (two
 //                   decoder layers), or every decoder layer from forward to

@@ -354,6 +354,15 @@ Result<std::unique_ptr<LlamaModel>> LoadShardedModel(const std::string& model_di
         u.tensors.push_back(dense(wname, shape, {static_cast<ShardedDenseLinear*>(b)->mutable_weight()}));
       }
     }
+    if (config.has_qkv_bias()) {
+      // Qwen2's biases: dense elements of the layer's unit, never quantized.
+      for (const auto& [name, m] : {std::pair<const char*, LoraLinear*>{"self_attn.q_proj.bias",
+                                                                        l.q_proj.get()},
+                                    {"self_attn.k_proj.bias", l.k_proj.get()},
+                                    {"self_attn.v_proj.bias", l.v_proj.get()}}) {
+        u.tensors.push_back(dense(p + name, {m->out_features()}, {&m->mutable_bias()}));
+      }
+    }
   }
   {
     Unit& u = list[model->head_unit()];

@@ -65,8 +65,21 @@ LoraAdapter& LoraLinear::mutable_adapter() {
   return *adapter_;
 }
 
+void LoraLinear::set_bias(at::Tensor bias) {
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == out_features(), "LoraLinear: bias ",
+              bias.sizes(), " does not fit a base layer with ", out_features(), " outputs");
+  bias_ = bias.detach().contiguous();
+  bias_.set_requires_grad(false);
+  has_bias_ = true;
+}
+
 at::Tensor LoraLinear::Forward(const at::Tensor& x, bool training) const {
   at::Tensor y = base_->Forward(x);  // (..., out) in x's dtype
+  if (has_bias_) {
+    TORCH_CHECK(bias_.defined(), "LoraLinear (", out_features(), ", ", in_features(),
+                "): bias not resident (an FSDP unit used without being gathered)");
+    y = y + bias_;  // F.linear(x, W, b) in the base layer, before the adapter
+  }
   if (!adapter_) return y;
   const LoraAdapter& ad = *adapter_;
   FTUNE_RANGE("ftune::lora");

@@ -16,6 +16,11 @@
 // later: a base layer only has to compute x W^T (and give its dense W for
 // merging and export); it decides itself what autograd keeps for backward.
 //
+// Bias: a base layer with a bias (Qwen2's q/k/v projections) keeps it here,
+// frozen, in the compute dtype and unquantized, as bitsandbytes' Linear4bit
+// keeps its bias: y = (x W^T + bias) + adapter, PEFT's order. Merging leaves
+// the bias as it is (LoRA with bias="none" trains none).
+//
 // Seeding: every adapter's A is drawn from its own CPU generator seeded by
 // LoraModuleSeed(seed, layer, module), so the initial adapter does not depend
 // on the order modules are built in, on the device, or on how FSDP shards
@@ -97,6 +102,15 @@ class LoraLinear {
   void set_fp32_compute(bool on) { fp32_compute_ = on; }
   bool fp32_compute() const { return fp32_compute_; }
 
+  // The frozen bias (out) in the compute dtype, or undefined for none. The
+  // FSDP engine points it at a view of a gathered unit.
+  const at::Tensor& bias() const { return bias_; }
+  at::Tensor& mutable_bias() { return bias_; }
+  void set_bias(at::Tensor bias);  // (out); stored frozen
+  // Whether the layer has a bias, resident or not (FSDP).
+  bool has_bias() const { return has_bias_; }
+  void set_has_bias(bool on) { has_bias_ = on; }
+
   // x (..., in) -> (..., out) in x's dtype. Dropout on the adapter input only
   // while training.
   at::Tensor Forward(const at::Tensor& x, bool training) const;
@@ -107,6 +121,8 @@ class LoraLinear {
   std::unique_ptr<BaseLinear> base_;
   std::unique_ptr<LoraAdapter> adapter_;
   bool fp32_compute_ = false;
+  at::Tensor bias_;  // (out), frozen; undefined when none or not resident
+  bool has_bias_ = false;
 };
 
 // PEFT's default A: uniform(-b, b) with b = sqrt(3) * sqrt(2 / (1 + 5)) /

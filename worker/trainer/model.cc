@@ -312,6 +312,9 @@ Result<std::unique_ptr<LlamaModel>> LlamaModel::BuildUnmaterialized(
       }
       *pr.slot = std::make_unique<LoraLinear>(std::move(base));
     }
+    if (config.has_qkv_bias()) {
+      for (LoraLinear* m : {l.q_proj.get(), l.k_proj.get(), l.v_proj.get()}) m->set_has_bias(true);
+    }
   }
   const std::vector<float> inv = RopeInverseFrequencies(config);
   m->inv_freq_ = at::tensor(inv, at::TensorOptions().dtype(at::kFloat)).to(options.device);
@@ -382,6 +385,19 @@ Result<std::unique_ptr<LlamaModel>> LlamaModel::Build(const LlamaConfig& config,
     FTUNE_ASSIGN_OR_RETURN(l.gate_proj, linear(p + "mlp.gate_proj.weight", inter, h));
     FTUNE_ASSIGN_OR_RETURN(l.up_proj, linear(p + "mlp.up_proj.weight", inter, h));
     FTUNE_ASSIGN_OR_RETURN(l.down_proj, linear(p + "mlp.down_proj.weight", h, inter));
+    if (config.has_qkv_bias()) {
+      // Qwen2: dense, in the compute dtype, also over NF4 weights.
+      const struct {
+        LoraLinear* m;
+        const char* name;
+      } biased[] = {{l.q_proj.get(), "self_attn.q_proj.bias"},
+                    {l.k_proj.get(), "self_attn.k_proj.bias"},
+                    {l.v_proj.get(), "self_attn.v_proj.bias"}};
+      for (const auto& b : biased) {
+        FTUNE_ASSIGN_OR_RETURN(at::Tensor bias, load(p + b.name, {b.m->out_features()}));
+        b.m->set_bias(std::move(bias));
+      }
+    }
   }
   const std::vector<float> inv = RopeInverseFrequencies(config);
   m->inv_freq_ = at::tensor(inv, at::TensorOptions().dtype(at::kFloat)).to(options.device);
@@ -496,6 +512,12 @@ at::Tensor LlamaModel::CheckedPositions(const at::Tensor& input_ids,
               input_ids.scalar_type());
   TORCH_CHECK(input_ids.device() == options_.device, "input_ids on ", input_ids.device(),
               " but the model is on ", options_.device);
+  // Within the window, sliding-window attention is plain causal attention.
+  TORCH_CHECK(!config_.sliding_window || input_ids.size(1) <= *config_.sliding_window,
+              "sequence length ", input_ids.size(1), " exceeds the model's sliding_window (",
+              config_.sliding_window.value_or(0),
+              "): sliding-window attention is not implemented; use max_seq_len <= ",
+              config_.sliding_window.value_or(0));
   if (!position_ids.defined()) {
     return at::arange(input_ids.size(1), input_ids.options()).unsqueeze(0).expand_as(input_ids);
   }

@@ -7,6 +7,9 @@
 //   embedding -> per layer [RMSNorm -> attention (q/k/v + LoRA, RoPE in
 //   rotate_half layout, GQA by repeating kv heads, causal mask) -> o_proj ->
 //   residual -> RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> lm_head.
+// The same decoder serves Mistral and Qwen2 (llama_config.h): Qwen2's q/k/v
+// projections add their frozen biases (LoraLinear::bias, lora.h), and a
+// Mistral sliding window is honoured by refusing sequences longer than it.
 // RMSNorm computes in fp32 and casts back before the weight (HF's
 // LlamaRMSNorm); RoPE's cos/sin are computed in fp32 from the config's
 // inverse frequencies (llama3/linear scaling included, llama_config.h) and

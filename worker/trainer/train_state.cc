@@ -189,6 +189,18 @@ Result<TrainingState> BuildTrainingState(const RunConfig& config, const RankEnv&
   ModelOptions model_options = ModelOptionsFor(config, env.device);
   FTUNE_RETURN_IF_ERROR(PlanDeviceMemory(config, env, &model_options));
   const std::string& model_dir = config.model.dir;
+  {
+    // Refused before any loading: rows longer than a Mistral sliding window
+    // would need windowed attention, which the model does not implement.
+    FTUNE_ASSIGN_OR_RETURN(LlamaConfig shape, LoadLlamaConfig(model_dir));
+    if (shape.sliding_window && config.data.max_seq_len > *shape.sliding_window) {
+      return InvalidArgumentError(
+          "training.max_seq_len (" + std::to_string(config.data.max_seq_len) + ") exceeds " +
+          model_dir + "'s sliding_window (" + std::to_string(*shape.sliding_window) +
+          "): sliding-window attention is not implemented; use max_seq_len <= " +
+          std::to_string(*shape.sliding_window));
+    }
+  }
   TrainingState state;
   // Load and quantize.
   if (!model_options.random_weights) {

