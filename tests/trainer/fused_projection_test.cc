@@ -109,6 +109,21 @@ TEST(FusedProjectionTest, AModuleWithoutAnAdapter) {
   Compare(Project(mods, x, true), Project(mods, x, false));
 }
 
+// Qwen2's q/k/v carry a frozen bias, added before the adapter.
+TEST(FusedProjectionTest, BiasesAsTheModulesAddThem) {
+  auto q = Module(32, 24, 4, 2.0, 9), k = Module(8, 24, 4, 2.0, 10), v = Module(8, 24, 4, 2.0, 11);
+  for (auto* m : {q.get(), k.get(), v.get()}) {
+    m->set_bias((at::randn({m->out_features()}) * 3.0).to(at::kBFloat16));
+  }
+  const std::vector<const LoraLinear*> mods = {q.get(), k.get(), v.get()};
+  const at::Tensor x = at::randn({2, 3, 24}).to(at::kBFloat16);
+  ASSERT_TRUE(FusedProjectionsApply(mods, x, true));
+  Compare(Project(mods, x, true), Project(mods, x, false));
+  // A bias of another dtype than the input's is left to the modules.
+  v->set_bias(at::zeros({8}));
+  EXPECT_FALSE(FusedProjectionsApply(mods, x, true));
+}
+
 TEST(FusedProjectionTest, AppliesOnlyWhereItComputesTheSame) {
   auto a = Module(8, 16, 2, 1.0, 6), b = Module(8, 16, 2, 1.0, 7), c = Module(8, 12, 2, 1.0, 8);
   const at::Tensor x = at::randn({3, 16}).to(at::kBFloat16);

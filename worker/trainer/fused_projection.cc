@@ -105,9 +105,10 @@ struct FusedProjectionFunction : public torch::autograd::Function<FusedProjectio
     at::Tensor y = at::mm(x2, w.t());  // (T, base_rows + lora_rows)
     const at::Tensor xa = y.narrow(1, l.base_rows, l.lora_rows).clone();  // (T, R): x A^T
     for (size_t i = 0; i < modules.size(); ++i) {
-      if (l.r[i] == 0) continue;
       at::Tensor yi = y.narrow(1, l.out_offset[i], l.out[i]);
-      yi.addmm_(xa.narrow(1, l.r_offset[i], l.r[i]), bs[i].t());
+      // The frozen bias before the adapter, as LoraLinear adds it.
+      if (modules[i]->has_bias()) yi.add_(modules[i]->bias());
+      if (l.r[i] > 0) yi.addmm_(xa.narrow(1, l.r_offset[i], l.r[i]), bs[i].t());
     }
     // Saved: x, x A^T, the cast Bs; the buffer itself or how to rebuild it.
     std::vector<at::Tensor> saved = {x2, xa};
@@ -213,6 +214,9 @@ bool FusedProjectionsApply(const std::vector<const LoraLinear*>& modules, const 
     const Nf4Linear* base = Nf4Base(*m);
     if (base == nullptr || !base->resident() || base->weight().device() != x.device() ||
         m->in_features() != x.size(-1)) {
+      return false;
+    }
+    if (m->has_bias() && (!m->bias().defined() || m->bias().scalar_type() != x.scalar_type())) {
       return false;
     }
     if (m->has_adapter()) {

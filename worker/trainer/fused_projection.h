@@ -8,7 +8,8 @@
 // same buffer, give x's whole gradient, with no per-path gradient adds.
 //
 // The results are LoraLinear::Forward's for each module (bf16 path, no
-// dropout), up to the order of fp32 sums. A module without an adapter
+// dropout; a frozen bias added before the adapter), up to the order of fp32
+// sums. A module without an adapter
 // contributes its base only. The adapters' gradients reach their fp32 A and
 // B as LoraLinear's do. Inside KeepDequantizedWeights the buffer is kept for
 // the backward; otherwise the backward dequantizes again (nf4_linear.h).
