@@ -16,6 +16,11 @@ Cases per model variant:
                  unconstrained run produced at step 5 (counted from 0), so
                  the run must stop right after it, as transformers does (the
                  stop token is the last generated id).
+Beside the JSON (ids), <out>.safetensors holds `case<i>.logits`: the logits
+transformers computed (with its own KV cache) at every generated position,
+(steps, vocab) fp32, which the test compares with ftune's cached forward at
+1e-4 (the Llama-3-like tiny model, with tied embeddings, keeps repeating a
+token greedily, so its ids alone test little).
 For every step the gap between the largest and second largest logit is
 recorded (`min_margin`): a greedy choice is only meaningful to compare where
 that gap is far above float32 rounding. Prompts whose gap falls under
@@ -37,6 +42,7 @@ import torch
 import peft
 import transformers
 from peft import PeftModel
+from safetensors.torch import save_file
 from transformers import LlamaForCausalLM
 
 MODELS = ["llama2_tiny", "llama3_tiny"]
@@ -59,14 +65,13 @@ def greedy(model, prompt, eos_token_id):
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos_token_id,
-                             pad_token_id=0, output_scores=True, return_dict_in_generate=True,
+                             pad_token_id=0, output_logits=True, return_dict_in_generate=True,
                              use_cache=True, temperature=None, top_p=None, top_k=None)
     new_ids = out.sequences[0, len(prompt):].tolist()
-    margins = []
-    for s in out.scores:  # one (1, vocab) per step
-        top = torch.topk(s[0].float(), 2).values
-        margins.append(float(top[0] - top[1]))
-    return new_ids, margins
+    logits = torch.stack([s[0].float() for s in out.logits]).contiguous()  # (steps, vocab)
+    top = torch.topk(logits, 2, dim=-1).values
+    margins = (top[:, 0] - top[:, 1]).tolist()
+    return new_ids, margins, logits
 
 
 def no_cache_check(model, prompt, new_ids):
@@ -92,6 +97,7 @@ def main():
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(args.seed)
     cases = []
+    tensors = {}  # per case: the logits of every generated position, (steps, vocab) fp32
     skipped = 0
     for name in MODELS:
         vocab = json.load(open(f"{args.models}/{name}/config.json"))["vocab_size"]
@@ -102,24 +108,28 @@ def main():
                 for attempt in range(100):
                     # ids 3.. : not bos (1) / eos (2) / 0.
                     prompt = torch.randint(3, vocab, (length,), generator=gen).tolist()
-                    new_ids, margins = greedy(model, prompt, eos_token_id=None)
+                    new_ids, margins, logits = greedy(model, prompt, eos_token_id=None)
                     if len(new_ids) == MAX_NEW_TOKENS and min(margins) >= MIN_MARGIN:
                         break
                     skipped += 1
                 else:
                     sys.exit(f"{variant}: no prompt of length {length} with margins >= {MIN_MARGIN}")
                 assert no_cache_check(model, prompt, new_ids), (variant, prompt)
-                cases.append({"name": f"{variant}/p{k}", "model": name, "adapter": with_adapter,
+                tensors[f"case{len(cases)}.logits"] = logits
+                cases.append({"logits": f"case{len(cases)}.logits", "name": f"{variant}/p{k}",
+                              "model": name, "adapter": with_adapter,
                               "prompt": prompt, "max_new_tokens": MAX_NEW_TOKENS,
                               "eos_token_id": None, "new_ids": new_ids,
                               "min_margin": min(margins)})
                 eos = new_ids[EOS_STEP]
-                eos_ids, eos_margins = greedy(model, prompt, eos_token_id=eos)
+                eos_ids, eos_margins, eos_logits = greedy(model, prompt, eos_token_id=eos)
                 # It stops at the first occurrence of that id, which may be
                 # earlier than EOS_STEP when the id also occurs before it.
                 first = new_ids.index(eos)
                 assert eos_ids == new_ids[:first + 1], (variant, eos_ids, new_ids)
-                cases.append({"name": f"{variant}/p{k}.eos", "model": name,
+                tensors[f"case{len(cases)}.logits"] = eos_logits
+                cases.append({"logits": f"case{len(cases)}.logits", "name": f"{variant}/p{k}.eos",
+                              "model": name,
                               "adapter": with_adapter, "prompt": prompt,
                               "max_new_tokens": MAX_NEW_TOKENS, "eos_token_id": eos,
                               "new_ids": eos_ids, "min_margin": min(eos_margins)})
@@ -138,6 +148,9 @@ def main():
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
         f.write("\n")
+    logits_path = args.out[:-len(".json")] + ".safetensors"
+    save_file(tensors, logits_path, metadata={"generator": doc["generator"],
+                                              "versions": json.dumps(doc["versions"])})
     print(f"wrote {len(cases)} cases to {args.out} ({skipped} prompts skipped)", file=sys.stderr)
 
 
