@@ -12,11 +12,10 @@ after the first one, on both sides (ftune reports it itself; for
 transformers it is (new - 1) / (time(new tokens) - time(1 token)), each the
 best of --repeat runs after a warm-up).
 
-One command on a GPU host (carry .deps and .peers, see DEVICE notes in
-tests/gpu/build_on_gpu_host.sh and run_on_gpu_host.sh):
-  bash tests/gpu/build_on_gpu_host.sh ftune-rank && PYTHONPATH=$PWD/.peers \
-    python3 tests/gpu/generate_bench.py --rank /tmp/ftune-build/worker/trainer/ftune-rank
-Prints one JSON line per side and a summary line with the ratio.
+On a GPU host, with .deps and .peers carried (tests/gpu/run_on_gpu_host.sh):
+  bash tests/gpu/generate_bench.sh
+which builds ftune-rank if needed and runs this script. Prints one JSON line
+per side and a summary line with both rates and their ratio.
 """
 import argparse
 import json
@@ -103,8 +102,8 @@ def main():
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--dir", default="/tmp/ftune-generate-bench")
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens")
-    ap.add_argument("--new", type=int, default=256, help="new tokens")
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--new", type=int, default=128, help="new tokens")
+    ap.add_argument("--repeat", type=int, default=1, help="transformers runs per length (best)")
     args = ap.parse_args()
     gpu = torch.cuda.get_device_name(0)
     path = f"{args.dir}/{args.shape}"
