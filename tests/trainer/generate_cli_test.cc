@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -23,6 +24,7 @@
 #include "temp_dir.h"
 #include "worker/data/chat_template.h"
 #include "worker/data/tokenizer.h"
+#include "worker/trainer/generate_command.h"
 
 namespace {
 
@@ -216,6 +218,55 @@ TEST(GenerateCli, ChatTemplateStreamingAndText) {
   ASSERT_EQ(t.exit_code, 0) << t.err;
   EXPECT_EQ(t.out, done["text"].get<std::string>() + "\n");
   EXPECT_THAT(t.err, HasSubstr("tokens/s"));
+}
+
+TEST(GenerateCli, StopIdsIncludeTheTemplatesEndOfTurn) {
+  auto tok = ftune::data::Tokenizer::Load(ChatModel());
+  ASSERT_TRUE(tok.ok());
+  auto chat = ftune::data::ResolveChatTemplate("auto", (*tok)->config(), ChatModel());
+  ASSERT_TRUE(chat.ok());
+  ASSERT_EQ(chat->kind, ftune::data::ChatTemplateKind::kLlama3);
+  const int64_t eot = *(*tok)->TokenToId("<|eot_id|>");
+  ftune::trainer::LlamaConfig config;
+  config.eos_token_ids = {5};
+  std::vector<int64_t> want = {5, 7, eot};
+  if ((*tok)->eos_id()) want.push_back(*(*tok)->eos_id());
+  std::sort(want.begin(), want.end());
+  want.erase(std::unique(want.begin(), want.end()), want.end());
+  EXPECT_EQ(ftune::trainer::GenerationStopIds(config, {7, 5}, tok->get(), *chat), want);
+  // Without a template (plain text or ids) the end-of-turn token is not one.
+  const std::vector<int64_t> plain =
+      ftune::trainer::GenerationStopIds(config, {}, tok->get(), std::nullopt);
+  EXPECT_EQ(std::count(plain.begin(), plain.end(), eot), (*tok)->eos_id() == eot ? 1 : 0);
+}
+
+// generation_config.json's eos ends the run right after that id: kept in
+// `ids`, left out of the text.
+TEST(GenerateCli, StopsAtGenerationConfigEos) {
+  const std::string args = " --prompt 'Tell me about llamas' --max-new-tokens 12 -o json";
+  const RunResult free = RunRank("generate --model '" + ChatModel() + "'" + args + " --ignore-eos");
+  ASSERT_EQ(free.exit_code, 0) << free.err;
+  const std::vector<int64_t> ids = JsonLines(free.out).back()["ids"];
+  ASSERT_EQ(ids.size(), 12u);
+  const int64_t stop = ids[4];
+  const size_t first = std::find(ids.begin(), ids.end(), stop) - ids.begin();
+  // A copy of the model directory with a generation_config.json.
+  const std::string dir = TempPath("chat_model_stop");
+  ASSERT_EQ(std::system(("mkdir -p '" + dir + "' && cp '" + ChatModel() + "'/* '" + dir + "'/")
+                            .c_str()),
+            0);
+  std::ofstream(dir + "/generation_config.json") << "{\"eos_token_id\": [" << stop << "]}\n";
+  const RunResult r = RunRank("generate --model '" + dir + "'" + args);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const json done = JsonLines(r.out).back();
+  EXPECT_EQ(done["ids"].get<std::vector<int64_t>>(),
+            std::vector<int64_t>(ids.begin(), ids.begin() + first + 1));
+  EXPECT_EQ(done["stop_reason"], "stop_id");
+  EXPECT_EQ(done["stop_id"], stop);
+  auto tok = ftune::data::Tokenizer::Load(dir);
+  ASSERT_TRUE(tok.ok());
+  EXPECT_EQ(done["text"].get<std::string>(),
+            (*tok)->Decode(std::vector<int32_t>(ids.begin(), ids.begin() + first), true));
 }
 
 TEST(GenerateCli, SeedReproducesASampledRun) {

@@ -116,31 +116,6 @@ Result<Prompt> BuildPrompt(const GenerateCommandOptions& o, const data::Tokenize
   return p;
 }
 
-std::vector<int64_t> StopIds(const LlamaConfig& config, const std::vector<int64_t>& generation_eos,
-                             const data::Tokenizer* tokenizer,
-                             const std::optional<data::ChatTemplate>& chat) {
-  std::vector<int64_t> ids = config.eos_token_ids;
-  ids.insert(ids.end(), generation_eos.begin(), generation_eos.end());
-  if (tokenizer != nullptr) {
-    if (tokenizer->eos_id()) ids.push_back(*tokenizer->eos_id());
-    if (chat) {
-      const char* end_of_turn = nullptr;
-      switch (chat->kind) {
-        case data::ChatTemplateKind::kLlama3:
-        case data::ChatTemplateKind::kLlama31: end_of_turn = "<|eot_id|>"; break;
-        case data::ChatTemplateKind::kChatML: end_of_turn = "<|im_end|>"; break;
-        default: break;  // llama2 / mistral end a turn with eos
-      }
-      if (end_of_turn != nullptr) {
-        if (std::optional<int32_t> id = tokenizer->TokenToId(end_of_turn)) ids.push_back(*id);
-      }
-    }
-  }
-  std::sort(ids.begin(), ids.end());
-  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
-  return ids;
-}
-
 Status CheckOptions(const GenerateCommandOptions& o) {
   const int inputs = !o.prompt.empty() + !o.messages_path.empty() + !o.input_ids.empty();
   if (inputs != 1) {
@@ -167,6 +142,32 @@ Status CheckOptions(const GenerateCommandOptions& o) {
 }
 
 }  // namespace
+
+std::vector<int64_t> GenerationStopIds(const LlamaConfig& config,
+                                       const std::vector<int64_t>& generation_eos,
+                                       const data::Tokenizer* tokenizer,
+                                       const std::optional<data::ChatTemplate>& chat) {
+  std::vector<int64_t> ids = config.eos_token_ids;
+  ids.insert(ids.end(), generation_eos.begin(), generation_eos.end());
+  if (tokenizer != nullptr) {
+    if (tokenizer->eos_id()) ids.push_back(*tokenizer->eos_id());
+    if (chat) {
+      const char* end_of_turn = nullptr;
+      switch (chat->kind) {
+        case data::ChatTemplateKind::kLlama3:
+        case data::ChatTemplateKind::kLlama31: end_of_turn = "<|eot_id|>"; break;
+        case data::ChatTemplateKind::kChatML: end_of_turn = "<|im_end|>"; break;
+        default: break;  // llama2 / mistral end a turn with eos
+      }
+      if (end_of_turn != nullptr) {
+        if (std::optional<int32_t> id = tokenizer->TokenToId(end_of_turn)) ids.push_back(*id);
+      }
+    }
+  }
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  return ids;
+}
 
 Result<std::vector<data::ChatMessage>> ParseMessagesJsonl(std::string_view text,
                                                           const std::string& source) {
@@ -278,7 +279,7 @@ Status RunGenerate(const GenerateCommandOptions& o, std::ostream& out, std::ostr
   gen.max_new_tokens = o.max_new_tokens;
   gen.sampling = o.sampling;
   if (!o.ignore_eos) {
-    gen.stop_ids = StopIds(model->config(), generation_eos, tokenizer.get(), prompt.chat);
+    gen.stop_ids = GenerationStopIds(model->config(), generation_eos, tokenizer.get(), prompt.chat);
   }
   std::optional<data::TextStream> stream;
   if (tokenizer) stream.emplace(*tokenizer);

@@ -34,6 +34,7 @@
 #define FTUNE_WORKER_TRAINER_GENERATE_COMMAND_H_
 
 #include <cstdint>
+#include <optional>
 #include <ostream>
 #include <string>
 #include <string_view>
@@ -41,6 +42,7 @@
 
 #include "ftune/status.h"
 #include "worker/data/chat_template.h"
+#include "worker/data/tokenizer.h"
 #include "worker/trainer/generate.h"
 
 namespace ftune::trainer {
@@ -70,6 +72,15 @@ Result<std::vector<data::ChatMessage>> ParseMessagesJsonl(std::string_view text,
 
 // "1, 5,9" -> {1, 5, 9}; INVALID_ARGUMENT naming the bad entry.
 Result<std::vector<int64_t>> ParseIdList(const std::string& text);
+
+// The ids generation stops at: config.json's eos_token_ids,
+// generation_config.json's (`generation_eos`), the tokenizer's eos token and,
+// when a chat template rendered the prompt, its end-of-turn token
+// (<|eot_id|> for llama3/llama3.1, <|im_end|> for chatml); sorted, unique.
+std::vector<int64_t> GenerationStopIds(const LlamaConfig& config,
+                                       const std::vector<int64_t>& generation_eos,
+                                       const data::Tokenizer* tokenizer,
+                                       const std::optional<data::ChatTemplate>& chat);
 
 // The whole command: checks the options, loads, generates, streams to `out`
 // (and the text mode's summary to `err`).
