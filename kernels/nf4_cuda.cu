@@ -299,6 +299,52 @@ __global__ void __launch_bounds__(256)
                   vector_ok, nf4);
 }
 
+// The training path's kernel, for whole CTA tiles: each thread dequantizes
+// kWideUnroll groups of 8 elements 256 * 8 apart, so every load and store of a warp stays coalesced; all loads are
+// issued before the first store, and the 256-entry map is copied to shared
+// memory once per 8192 elements instead of once per 2048.
+constexpr int kWideUnroll = 4;
+constexpr int64_t kWideTile = int64_t{256} * kWideUnroll * kPerThread;  // elements per CTA
+
+__global__ void __launch_bounds__(256)
+    DequantizeNf4NestedWideKernel(const uint8_t* __restrict__ packed,
+                                  const uint8_t* __restrict__ qabsmax,
+                                  const float* __restrict__ absmax2,
+                                  const float* __restrict__ offset, DynamicMap map,
+                                  int block_shift, uint16_t* __restrict__ out) {
+  __shared__ float nf4[16];
+  __shared__ float code[256];
+  if (threadIdx.x < 16) nf4[threadIdx.x] = kNf4ValuesDevice[threadIdx.x];
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = map.v[i];
+  __syncthreads();
+  const NestedAbsmax absmax_of{qabsmax, absmax2, offset, code};
+  const int64_t tile = static_cast<int64_t>(blockIdx.x) * kWideTile;
+  uint32_t words[kWideUnroll];
+  float a[kWideUnroll];
+#pragma unroll
+  for (int k = 0; k < kWideUnroll; ++k) {
+    const int64_t base = tile + (static_cast<int64_t>(k) * 256 + threadIdx.x) * kPerThread;
+    words[k] = *reinterpret_cast<const uint32_t*>(packed + base / 2);
+  }
+#pragma unroll
+  for (int k = 0; k < kWideUnroll; ++k) {
+    const int64_t base = tile + (static_cast<int64_t>(k) * 256 + threadIdx.x) * kPerThread;
+    a[k] = absmax_of(base >> block_shift);
+  }
+#pragma unroll
+  for (int k = 0; k < kWideUnroll; ++k) {
+    const int64_t base = tile + (static_cast<int64_t>(k) * 256 + threadIdx.x) * kPerThread;
+    float v[kPerThread];
+#pragma unroll
+    for (int i = 0; i < kPerThread / 2; ++i) {
+      const uint32_t byte = (words[k] >> (8 * i)) & 0xffu;
+      v[2 * i] = math::MulRn(nf4[byte >> 4], a[k]);
+      v[2 * i + 1] = math::MulRn(nf4[byte & 0x0fu], a[k]);
+    }
+    StoreEight(out, base, base + kPerThread, /*vector_ok=*/true, v);
+  }
+}
+
 Status CheckDequantArgs(const char* name, const uint8_t* packed, const void* stats, int64_t n,
                         int64_t blocksize, const void* out) {
   if (Status s = ValidateNf4Blocksize(blocksize); !s.ok()) return s;
@@ -551,8 +597,21 @@ Status DequantizeNf4Bf16NestedCuda(const uint8_t* packed, const uint8_t* qabsmax
     return Status::Error(std::string(name) + ": null pointer");
   }
   const bool vector_ok = Aligned(packed, 4) && Aligned(out, 16);
-  DequantizeNf4NestedKernel<<<DequantCtas(n), 256, 0, stream>>>(
-      packed, qabsmax, absmax2, offset, DeviceMap(), n, Log2(blocksize), out, vector_ok);
+  // Whole spans of 256 blocks (one absmax2 each) that are also whole wide
+  // tiles go to the wide kernel; the rest, with its pointers moved past
+  // them, to the general one.
+  const int64_t span = std::max<int64_t>(kWideTile, kNf4NestedBlocksize * blocksize);
+  const int64_t wide = vector_ok ? n / span * span : 0;
+  if (wide > 0) {
+    DequantizeNf4NestedWideKernel<<<static_cast<unsigned>(wide / kWideTile), 256, 0, stream>>>(
+        packed, qabsmax, absmax2, offset, DeviceMap(), Log2(blocksize), out);
+    FTUNE_CUDA_RETURN_IF_LAUNCH_ERROR("DequantizeNf4NestedWideKernel");
+  }
+  if (wide == n) return Status::Ok();
+  const int64_t blocks = wide / blocksize;
+  DequantizeNf4NestedKernel<<<DequantCtas(n - wide), 256, 0, stream>>>(
+      packed + wide / 2, qabsmax + blocks, absmax2 + blocks / kNf4NestedBlocksize, offset,
+      DeviceMap(), n - wide, Log2(blocksize), out + wide, vector_ok);
   FTUNE_CUDA_RETURN_IF_LAUNCH_ERROR("DequantizeNf4NestedKernel");
   return Status::Ok();
 }

@@ -126,6 +126,41 @@ TEST_P(CudaGoldenTest, CudaBf16AgainstCpuFp32) {
   EXPECT_LT(rel, kBf16LogitsRelL2);
 }
 
+// The fused kernels (RMSNorm with the residual add, SwiGLU, RoPE) against
+// the LibTorch op chains they replace, same model, same bf16 inputs: they
+// compute the same roundings, so only RMSNorm's row sums may differ.
+TEST_P(CudaGoldenTest, FusedKernelsMatchTheOpChains) {
+  for (bool checkpointing : {false, true}) {
+    ModelOptions o = DefaultModelOptions(c10::Device(c10::kCUDA, 0));
+    o.activation_checkpointing = checkpointing;
+    o.fused_kernels = true;
+    auto fused = LoadGoldenModel(GetParam(), o, /*with_adapter=*/true);
+    o.fused_kernels = false;
+    auto chain = LoadGoldenModel(GetParam(), o, /*with_adapter=*/true);
+    for (const char* prefix : {"a", "p"}) {
+      const std::string p = prefix;
+      const at::Tensor ids = G(p + ".input_ids");
+      const at::Tensor pos = p == "p" ? G("p.position_ids") : at::Tensor();
+      const std::string what = GetParam() + " fused vs chain " + (p == "a" ? "batch" : "packed") +
+                               (checkpointing ? "/checkpointed" : "");
+      {
+        c10::NoGradGuard no_grad;
+        const double rel = RelL2(fused->Logits(ids, pos), chain->Logits(ids, pos));
+        std::printf("PARITY-CUDA %s logits l2-rel=%.3g\n", what.c_str(), rel);
+        EXPECT_LT(rel, 5e-3) << what;
+      }
+      const LossAndGrads a = ComputeLossAndGrads(*fused, ids, pos, G(p + ".labels"));
+      const LossAndGrads b = ComputeLossAndGrads(*chain, ids, pos, G(p + ".labels"));
+      EXPECT_LT(std::abs(a.loss - b.loss) / b.loss, 2e-3) << what;
+      double worst = 0;
+      for (const auto& [name, g] : a.grads) worst = std::max(worst, RelL2(g, b.grads.at(name)));
+      std::printf("PARITY-CUDA %s loss %.6f vs %.6f, lora grads worst l2-rel=%.3g\n", what.c_str(),
+                  a.loss, b.loss, worst);
+      EXPECT_LT(worst, 3e-2) << what;
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(TinyLlamas, CudaGoldenTest,
                          ::testing::Values("llama3_tiny", "llama2_tiny"));
 

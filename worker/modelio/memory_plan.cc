@@ -153,7 +153,9 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
     // H100: 0.35 GiB per layer kept, as planned): each RMSNorm keeps its
     // fp32 input copy and its output; RoPE's products keep only cos/sin
     // (they need no gradient), flash attention q and k after RoPE and v.
-    saved += 2 * T * h * (4 + cb);                     // two RMSNorms
+    // Fused kernels: each RMSNorm keeps its bf16 input (and an fp32 per
+    // row), SwiGLU its two inputs (below).
+    saved += 2 * T * h * ((o.fused_kernels ? cb : 4) + cb);  // two RMSNorms
     saved += T * (q + 2 * kv) * cb;                    // q, k (after RoPE), v
   } else {
     saved += 2 * T * h * (2 * 4 + 2 * cb);             // two RMSNorms: fp32 stats + outputs
@@ -162,7 +164,8 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
   }
   if (!varlen_flash) saved += 2 * T * q * cb;          // k, v repeated to every head (GQA)
   saved += (varlen_flash ? 1 : 2) * T * q * cb;        // attention output (+ transposed copy)
-  saved += 4 * T * inter * cb;                         // gate, up, silu(gate), product
+  const bool fused_mlp = varlen_flash && o.fused_kernels;
+  saved += (fused_mlp ? 3 : 4) * T * inter * cb;       // gate, up, (silu(gate),) product
   for (const Projection& p : Projections(c)) {
     if (!targets.count(p.name)) continue;
     // fp32: the input cast + A's output; 16-bit: A's output in the compute
@@ -185,8 +188,13 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
   // the loss chunk's logits + grad.
   int64_t layer_dense = 0;
   for (const Projection& p : Projections(c)) layer_dense += p.out * p.in;
+  // Fused projections (16-bit varlen path with the fused kernels) dequantize
+  // q/k/v and gate/up each into one buffer.
+  const int64_t largest_dequant =
+      fused_mlp ? std::max({largest_projection, (q + 2 * kv) * h, 2 * inter * h})
+                : largest_projection;
   const int64_t dequant =
-      !o.quantize_base ? 0 : (num_checkpointed > 0 ? layer_dense : largest_projection) * cb;
+      !o.quantize_base ? 0 : (num_checkpointed > 0 ? layer_dense : largest_dequant) * cb;
   const int64_t loss_chunk = std::min(o.loss_chunk_tokens, T) * c.vocab_size * 4 * 2;
   const int64_t hidden_grads = 2 * T * h * 4;          // grad of the residual stream (fp32 in flight)
 

@@ -85,6 +85,10 @@ struct MemoryPlanOptions {
   // Flash attention: no (seq x seq) scores kept; with a 16-bit compute
   // dtype the varlen path, which shares kv heads without copies (model.h).
   bool flash_attention = true;
+  // With the 16-bit varlen path: RMSNorm, SwiGLU and RoPE as fused kernels,
+  // which keep bf16 inputs instead of fp32 copies and no silu(gate), and
+  // q/k/v and gate/up dequantized into one buffer each (model.h).
+  bool fused_kernels = true;
   bool prefetch = true;         // NCCL prefetch on a second stream (its own allocator pool)
   bool random_weights = false;  // model.random_weights: nothing read through the host
   // Runtime constants (see the file comment), measured on H200 ranks with

@@ -1,5 +1,7 @@
 // Llama decoder forward/backward; see model.h for the design.
 #include "worker/trainer/model.h"
+#include "worker/trainer/fused_ops.h"
+#include "worker/trainer/fused_projection.h"
 #include "worker/trainer/profiler.h"
 
 #include <ATen/ATen.h>
@@ -228,6 +230,10 @@ bool LlamaModel::UseSdpa() const {
     case AttentionImpl::kAuto: return compat::kHasSdpa;
   }
   return false;
+}
+
+bool LlamaModel::Fused(const at::Tensor& x) const {
+  return options_.fused_kernels && x.is_cuda() && FusedOpsApply(x);
 }
 
 bool LlamaModel::UseFlash() const {
@@ -547,11 +553,26 @@ at::Tensor LlamaModel::Attention(const DecoderLayer& layer, const at::Tensor& x,
   const double scale = std::pow(static_cast<double>(hd), -0.5);  // HF: head_dim ** -0.5
   if (ctx.flash) {
     // (b, s, heads * hd) -> (b * s, heads, hd): the projections' layout.
-    at::Tensor q = layer.q_proj->Forward(x, training).view({b, s, nh, hd});
-    at::Tensor k = layer.k_proj->Forward(x, training).view({b, s, nkv, hd});
-    at::Tensor v = layer.v_proj->Forward(x, training).view({b * s, nkv, hd});
-    q = q * ctx.cos + RotateHalf(q) * ctx.sin;
-    k = k * ctx.cos + RotateHalf(k) * ctx.sin;
+    at::Tensor q, k, v;
+    const std::vector<const LoraLinear*> qkv = {layer.q_proj.get(), layer.k_proj.get(),
+                                                layer.v_proj.get()};
+    if (Fused(x) && FusedProjectionsApply(qkv, x, training)) {
+      std::vector<at::Tensor> out = FusedLoraProjections(qkv, x, training);
+      q = out[0], k = out[1], v = out[2];
+    } else {
+      q = layer.q_proj->Forward(x, training), k = layer.k_proj->Forward(x, training);
+      v = layer.v_proj->Forward(x, training);
+    }
+    q = q.view({b, s, nh, hd});
+    k = k.view({b, s, nkv, hd});
+    v = v.view({b * s, nkv, hd});
+    if (Fused(x)) {
+      q = FusedRope(q, ctx.cos, ctx.sin);
+      k = FusedRope(k, ctx.cos, ctx.sin);
+    } else {
+      q = q * ctx.cos + RotateHalf(q) * ctx.sin;
+      k = k * ctx.cos + RotateHalf(k) * ctx.sin;
+    }
     at::Tensor out = compat::FlashAttentionVarlen(q.view({b * s, nh, hd}), k.view({b * s, nkv, hd}),
                                                   v, ctx.cu_seqlens, s, scale);  // (b * s, nh, hd)
     return layer.o_proj->Forward(out.view({b, s, nh * hd}), training);
@@ -585,6 +606,24 @@ at::Tensor LlamaModel::LayerForward(int64_t layer, const at::Tensor& h, const At
   FTUNE_RANGE("ftune::layer_forward");
   const DecoderLayer& l = layers_[layer];
   const double eps = config_.rms_norm_eps;
+  if (Fused(h) && !l.input_layernorm.requires_grad() &&
+      !l.post_attention_layernorm.requires_grad()) {
+    // The same ops as below, fused: norm; attention; residual add + norm;
+    // SwiGLU; residual add.
+    at::Tensor x = FusedRmsNorm(h, l.input_layernorm, eps);  // (b, s, hidden)
+    auto [out, x2] = FusedAddRmsNorm(h, Attention(l, x, ctx, training),
+                                     l.post_attention_layernorm, eps);
+    const std::vector<const LoraLinear*> gate_up = {l.gate_proj.get(), l.up_proj.get()};
+    at::Tensor gate, up;
+    if (FusedProjectionsApply(gate_up, x2, training)) {
+      std::vector<at::Tensor> gu = FusedLoraProjections(gate_up, x2, training);
+      gate = gu[0], up = gu[1];
+    } else {
+      gate = l.gate_proj->Forward(x2, training), up = l.up_proj->Forward(x2, training);
+    }
+    at::Tensor mlp = l.down_proj->Forward(FusedSwiglu(gate, up), training);
+    return out + mlp;  // (b, s, hidden)
+  }
   at::Tensor x = RmsNorm(h, l.input_layernorm, eps);  // (b, s, hidden)
   at::Tensor out = h + Attention(l, x, ctx, training);
   x = RmsNorm(out, l.post_attention_layernorm, eps);
@@ -660,6 +699,7 @@ at::Tensor LlamaModel::HiddenKeepHead(const at::Tensor& input_ids, const at::Ten
       *boundary = true;
     }
   }
+  if (Fused(h) && !norm_.requires_grad()) return FusedRmsNorm(h, norm_, config_.rms_norm_eps);
   return RmsNorm(h, norm_, config_.rms_norm_eps);
 }
 

@@ -27,6 +27,13 @@
 // no document boundary uses is_causal, a packed batch passes the
 // block-diagonal causal mask, kv heads are repeated as HF's repeat_kv.
 //
+// Fused kernels (bf16 on CUDA, ModelOptions::fused_kernels): RMSNorm, the
+// residual add before the second one, SwiGLU and RoPE run as single kernels
+// (fused_ops.h) with the op chains' roundings; they keep bf16 inputs for
+// backward instead of fp32 copies. With NF4 bases and no adapter dropout,
+// q/k/v and gate/up each run as one GEMM with the LoRA A rows appended
+// (fused_projection.h). fp32 and the CPU use the chains.
+//
 // Precision: ModelOptions::dtype is the compute dtype of activations and of
 // the frozen weights (fp32 on the CPU, bf16 on CUDA); LoRA adapters are fp32
 // always. Embeddings, norms and lm_head are frozen like the base linears.
@@ -89,6 +96,10 @@ struct ModelOptions {
   // LoRA's product in fp32 also when the compute dtype is 16-bit (PEFT
   // without autocast); by default it runs in the compute dtype (lora.h).
   bool lora_fp32_compute = false;
+  // bf16 on CUDA: RMSNorm (with the residual add before the second one),
+  // SwiGLU and RoPE as fused kernels (fused_ops.h); false keeps the LibTorch
+  // op chains they replace.
+  bool fused_kernels = true;
   int64_t loss_chunk_tokens = 1024;
   AttentionImpl attention = AttentionImpl::kAuto;
   // NF4 base weights for all 7 projections of every layer, quantized at load
@@ -332,6 +343,8 @@ class LlamaModel {
   // Flash attention (varlen, GQA without K/V copies, no mask): CUDA with a
   // 16-bit compute dtype and a head_dim it supports, attention auto or sdpa.
   bool UseFlash() const;
+  // Whether the fused kernels run for activation x (ModelOptions::fused_kernels).
+  bool Fused(const at::Tensor& x) const;
 
   LlamaConfig config_;
   ModelOptions options_;

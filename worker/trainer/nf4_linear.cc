@@ -247,15 +247,25 @@ Nf4Weight QuantizeNf4Weight(const at::Tensor& weight, const Nf4Options& options)
 }
 
 at::Tensor DequantizeNf4Weight(const Nf4Weight& w, c10::ScalarType dtype) {
-  FTUNE_RANGE("ftune::nf4_dequantize");
-  const c10::Device dev = w.device();
-  const int64_t n = w.numel();
   if (dtype != at::kFloat && dtype != at::kBFloat16) {
     // One rounding from the fp32 product, as bitsandbytes' kernel for fp16.
     return DequantizeNf4Weight(w, at::kFloat).to(dtype);
   }
   at::Tensor out = at::empty({w.out_features, w.in_features},
-                             at::TensorOptions().dtype(dtype).device(dev));  // (out, in)
+                             at::TensorOptions().dtype(dtype).device(w.device()));  // (out, in)
+  DequantizeNf4WeightInto(w, out);
+  return out;
+}
+
+void DequantizeNf4WeightInto(const Nf4Weight& w, const at::Tensor& out) {
+  FTUNE_RANGE("ftune::nf4_dequantize");
+  const c10::Device dev = w.device();
+  const int64_t n = w.numel();
+  const c10::ScalarType dtype = out.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && out.is_contiguous() &&
+                  out.numel() == n && out.device() == dev,
+              "DequantizeNf4WeightInto: out must be a contiguous fp32 or bf16 tensor of ", n,
+              " values on ", dev, "; got ", out.sizes(), " ", dtype, " on ", out.device());
   if (dev.is_cpu()) {
     at::Tensor absmax = BlockAbsmax(w);  // (num_blocks) fp32
     if (dtype == at::kFloat) {
@@ -268,7 +278,7 @@ at::Tensor DequantizeNf4Weight(const Nf4Weight& w, c10::ScalarType dtype) {
                                              reinterpret_cast<uint16_t*>(out.data_ptr())),
                   "DequantizeNf4Bf16");
     }
-    return out;
+    return;
   }
 #if FTUNE_NF4_CUDA
   c10::cuda::CUDAGuard guard(dev);
@@ -280,7 +290,7 @@ at::Tensor DequantizeNf4Weight(const Nf4Weight& w, c10::ScalarType dtype) {
                     w.nested_absmax.data_ptr<float>(), w.offset.data_ptr<float>(), n, w.blocksize,
                     reinterpret_cast<uint16_t*>(out.data_ptr()), stream),
                 "DequantizeNf4Bf16NestedCuda");
-    return out;
+    return;
   }
   at::Tensor absmax = BlockAbsmax(w);  // (num_blocks) fp32
   if (dtype == at::kFloat) {
@@ -293,7 +303,7 @@ at::Tensor DequantizeNf4Weight(const Nf4Weight& w, c10::ScalarType dtype) {
                                                reinterpret_cast<uint16_t*>(out.data_ptr()), stream),
                 "DequantizeNf4Bf16Cuda");
   }
-  return out;
+  return;
 #else
   TORCH_CHECK(false, "DequantizeNf4Weight: weight on ", dev,
               " but ftune was built without the NF4 CUDA kernels");

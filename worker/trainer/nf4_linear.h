@@ -89,6 +89,9 @@ Nf4Weight QuantizeNf4Weight(const at::Tensor& weight, const Nf4Options& options)
 
 // The dequantized weight (out, in) in fp32 or bf16 on the weight's device.
 at::Tensor DequantizeNf4Weight(const Nf4Weight& w, c10::ScalarType dtype);
+// The same into `out`: a contiguous fp32 or bf16 tensor of w.numel() values
+// on the weight's device (e.g. rows of a buffer several weights share).
+void DequantizeNf4WeightInto(const Nf4Weight& w, const at::Tensor& out);
 
 // Double quantization of a whole tensor's fp32 block absmax (num_blocks),
 // on its device: the uint8 codes (num_blocks), the fp32 absmax2

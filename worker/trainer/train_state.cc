@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <iomanip>
 #include <mutex>
 #include <sstream>
@@ -107,6 +108,11 @@ ModelOptions ModelOptionsFor(const RunConfig& config, c10::Device device) {
   o.nf4.double_quant = config.model.double_quant;
   o.random_weights = config.model.random_weights;
   o.random_seed = config.model.random_seed;
+  // A diagnostic switch for A/B measurements (docs/performance.md): the
+  // LibTorch op chains instead of the fused kernels.
+  if (const char* v = std::getenv("FTUNE_FUSED_KERNELS"); v != nullptr && std::string(v) == "0") {
+    o.fused_kernels = false;
+  }
   return o;
 }
 
@@ -153,7 +159,9 @@ Status PlanDeviceMemory(const RunConfig& config, const RankEnv& env, ModelOption
   int64_t layers = shape.num_hidden_layers;
   CheckpointChoice choice;
   if (budget > 0) {
-    FTUNE_ASSIGN_OR_RETURN(choice, ChooseCheckpointLayers(shape, config.plan, budget,
+    MemoryPlanOptions plan_options = config.plan;
+    plan_options.fused_kernels = options->fused_kernels;
+    FTUNE_ASSIGN_OR_RETURN(choice, ChooseCheckpointLayers(shape, plan_options, budget,
                                                           /*allocator_budget=*/limit > 0));
     layers = choice.checkpoint_layers;
   }

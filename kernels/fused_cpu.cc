@@ -1,0 +1,127 @@
+// CPU reference of the fused decoder-layer kernels (see fused.h).
+#include "kernels/fused.h"
+
+#include <string>
+
+#include "kernels/fused_math.h"
+
+namespace ftune::kernels {
+
+using math::Bf16ToFloat;
+using math::FloatToBf16;
+
+Status CheckRmsNormArgs(const char* name, int64_t rows, int64_t h, float eps) {
+  if (rows < 0 || h <= 0) {
+    return Status::Error(std::string(name) + ": rows (" + std::to_string(rows) + ") must be >= 0 and h (" +
+                         std::to_string(h) + ") > 0");
+  }
+  if (!(eps > 0.0f)) return Status::Error(std::string(name) + ": eps must be > 0");
+  return Status::Ok();
+}
+
+Status CheckRopeArgs(const char* name, int64_t tokens, int64_t heads, int64_t hd) {
+  if (tokens < 0 || heads <= 0 || hd <= 0 || hd % 2 != 0) {
+    return Status::Error(std::string(name) + ": need tokens >= 0, heads > 0 and an even head_dim; got " +
+                         std::to_string(tokens) + ", " + std::to_string(heads) + ", " +
+                         std::to_string(hd));
+  }
+  return Status::Ok();
+}
+
+Status RmsNormForward(const uint16_t* x, const uint16_t* residual, const uint16_t* w,
+                      int64_t rows, int64_t h, float eps, uint16_t* sum, uint16_t* y,
+                      float* rstd) {
+  if (Status s = CheckRmsNormArgs("RmsNormForward", rows, h, eps); !s.ok()) return s;
+  if (residual != nullptr && sum == nullptr) {
+    return Status::Error("RmsNormForward: a residual needs a sum output");
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* xr = x + r * h;
+    float ss = 0.0f;
+    for (int64_t i = 0; i < h; ++i) {
+      float v = Bf16ToFloat(xr[i]);
+      if (residual != nullptr) {
+        v = math::Bf(math::AddRn(v, Bf16ToFloat(residual[r * h + i])));
+        sum[r * h + i] = FloatToBf16(v);
+      }
+      ss = math::AddRn(ss, math::MulRn(v, v));
+    }
+    const float rs = math::RmsNormRstd(ss, h, eps);
+    rstd[r] = rs;
+    const uint16_t* sr = residual != nullptr ? sum + r * h : xr;
+    for (int64_t i = 0; i < h; ++i) {
+      y[r * h + i] = FloatToBf16(math::RmsNormOutput(Bf16ToFloat(sr[i]), rs, Bf16ToFloat(w[i])));
+    }
+  }
+  return Status::Ok();
+}
+
+Status RmsNormBackward(const uint16_t* dy, const uint16_t* s, const uint16_t* w,
+                       const float* rstd, const uint16_t* dres, int64_t rows, int64_t h,
+                       uint16_t* ds) {
+  if (Status st = CheckRmsNormArgs("RmsNormBackward", rows, h, 1.0f); !st.ok()) return st;
+  for (int64_t r = 0; r < rows; ++r) {
+    float dot = 0.0f;
+    for (int64_t i = 0; i < h; ++i) {
+      const float dn = math::RmsNormGradIn(Bf16ToFloat(dy[r * h + i]), Bf16ToFloat(w[i]));
+      dot = math::AddRn(dot, math::MulRn(dn, Bf16ToFloat(s[r * h + i])));
+    }
+    const float rs = rstd[r];
+    const float coef = math::MulRn(math::MulRn(math::MulRn(rs, rs), rs),
+                                   math::MulRn(dot, 1.0f / static_cast<float>(h)));
+    for (int64_t i = 0; i < h; ++i) {
+      const float dn = math::RmsNormGradIn(Bf16ToFloat(dy[r * h + i]), Bf16ToFloat(w[i]));
+      float g = math::Bf(math::RmsNormBackward(dn, Bf16ToFloat(s[r * h + i]), rs, coef));
+      if (dres != nullptr) g = math::AddRn(g, Bf16ToFloat(dres[r * h + i]));
+      ds[r * h + i] = FloatToBf16(g);
+    }
+  }
+  return Status::Ok();
+}
+
+Status SwigluForward(const uint16_t* g, const uint16_t* u, int64_t n, uint16_t* y) {
+  if (n < 0) return Status::Error("SwigluForward: n must be >= 0");
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] = FloatToBf16(math::SwigluForward(Bf16ToFloat(g[i]), Bf16ToFloat(u[i])));
+  }
+  return Status::Ok();
+}
+
+Status SwigluBackward(const uint16_t* dy, const uint16_t* g, const uint16_t* u, int64_t n,
+                      uint16_t* dg, uint16_t* du) {
+  if (n < 0) return Status::Error("SwigluBackward: n must be >= 0");
+  for (int64_t i = 0; i < n; ++i) {
+    float a, b;
+    math::SwigluBackward(Bf16ToFloat(dy[i]), Bf16ToFloat(g[i]), Bf16ToFloat(u[i]), &a, &b);
+    dg[i] = FloatToBf16(a);
+    du[i] = FloatToBf16(b);
+  }
+  return Status::Ok();
+}
+
+Status Rope(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t tokens,
+            int64_t heads, int64_t hd, bool backward, uint16_t* y) {
+  if (Status s = CheckRopeArgs("Rope", tokens, heads, hd); !s.ok()) return s;
+  const int64_t half = hd / 2;
+  for (int64_t t = 0; t < tokens; ++t) {
+    const uint16_t* c = cos + t * hd;
+    const uint16_t* sn = sin + t * hd;
+    for (int64_t hh = 0; hh < heads; ++hh) {
+      const uint16_t* xr = x + (t * heads + hh) * hd;
+      uint16_t* yr = y + (t * heads + hh) * hd;
+      for (int64_t i = 0; i < hd; ++i) {
+        const bool first = i < half;
+        const int64_t p = first ? i + half : i - half;
+        const float v =
+            backward ? math::RopeBackward(Bf16ToFloat(xr[i]), Bf16ToFloat(xr[p]),
+                                          Bf16ToFloat(c[i]), Bf16ToFloat(sn[p]), first)
+                     : math::RopeForward(Bf16ToFloat(xr[i]), Bf16ToFloat(xr[p]),
+                                         Bf16ToFloat(c[i]), Bf16ToFloat(sn[i]), first);
+        yr[i] = FloatToBf16(v);
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace ftune::kernels

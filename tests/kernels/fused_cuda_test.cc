@@ -1,0 +1,189 @@
+// The fused decoder-layer CUDA kernels against their CPU references
+// (kernels/fused.h) on random bf16 data, with row widths and pointers that
+// take the vectorized path and ones that do not. RoPE must agree bit for
+// bit; SwiGLU (exp may differ in its last fp32 bit) and RMSNorm (its row
+// sums add in another order) to one bf16 step on a small share of values.
+// Skipped with a message where no CUDA device is present.
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "kernels/fused.h"
+#include "kernels/fused_cuda.h"
+#include "kernels/nf4_math.h"
+
+namespace ftune::kernels {
+namespace {
+
+#define ASSERT_CUDA(call)                                                  \
+  do {                                                                     \
+    const cudaError_t e_ = (call);                                         \
+    ASSERT_EQ(e_, cudaSuccess) << #call << ": " << cudaGetErrorString(e_); \
+  } while (0)
+
+#define ASSERT_OK(expr)                                      \
+  do {                                                       \
+    const Status s_ = (expr);                                \
+    ASSERT_TRUE(s_.ok()) << #expr << ": " << s_.message();   \
+  } while (0)
+
+// A device copy of a host vector, `shift` elements into its allocation (a
+// shift of 1 defeats 16-byte alignment).
+template <typename T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer(size_t n, int shift = 0) : n_(n), shift_(shift) {
+    ok_ = cudaMalloc(&base_, (n + shift + 8) * sizeof(T)) == cudaSuccess;
+  }
+  explicit DeviceBuffer(const std::vector<T>& host, int shift = 0) : DeviceBuffer(host.size(), shift) {
+    if (ok_) ok_ = cudaMemcpy(get(), host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice) == cudaSuccess;
+  }
+  ~DeviceBuffer() { cudaFree(base_); }
+  bool ok() const { return ok_; }
+  T* get() { return static_cast<T*>(base_) + shift_; }
+  std::vector<T> Host() {
+    std::vector<T> h(n_);
+    ok_ = ok_ && cudaMemcpy(h.data(), get(), n_ * sizeof(T), cudaMemcpyDeviceToHost) == cudaSuccess;
+    return h;
+  }
+
+ private:
+  void* base_ = nullptr;
+  size_t n_;
+  int shift_;
+  bool ok_ = false;
+};
+
+std::vector<uint16_t> RandomBf16(size_t n, float scale, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<uint16_t> v(n);
+  for (auto& x : v) x = math::FloatToBf16(d(gen));
+  return v;
+}
+
+// Values differing at all, and by more than one bf16 step (adjacent bit
+// patterns of the same sign).
+struct Diff {
+  int64_t differ = 0, beyond_one_step = 0;
+};
+Diff Compare(const std::vector<uint16_t>& a, const std::vector<uint16_t>& b) {
+  Diff d;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i] == b[i]) continue;
+    ++d.differ;
+    const int step = std::abs(static_cast<int>(a[i]) - static_cast<int>(b[i]));
+    if (step > 1 || ((a[i] ^ b[i]) & 0x8000u)) ++d.beyond_one_step;
+  }
+  return d;
+}
+
+class FusedCudaTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+      GTEST_SKIP() << "no CUDA device: fused kernel tests skipped (run them on the GPU host)";
+    }
+  }
+};
+
+TEST_F(FusedCudaTest, RopeIsBitIdentical) {
+  for (const auto& [tokens, heads, hd] : {std::tuple{257, 8, 128}, {64, 3, 64}, {5, 1, 6}}) {
+    const size_t n = static_cast<size_t>(tokens) * heads * hd;
+    const auto x = RandomBf16(n, 1.0f, 1);
+    std::vector<uint16_t> cos(tokens * hd), sin(tokens * hd);
+    for (int t = 0; t < tokens; ++t) {
+      for (int i = 0; i < hd; ++i) {
+        const float a = t * std::pow(10000.0f, -2.0f * (i % (hd / 2)) / hd);
+        cos[t * hd + i] = math::FloatToBf16(std::cos(a));
+        sin[t * hd + i] = math::FloatToBf16(std::sin(a));
+      }
+    }
+    for (bool backward : {false, true}) {
+      std::vector<uint16_t> want(n);
+      ASSERT_OK(Rope(x.data(), cos.data(), sin.data(), tokens, heads, hd, backward, want.data()));
+      DeviceBuffer<uint16_t> dx(x), dc(cos), ds(sin), dy(n);
+      ASSERT_TRUE(dx.ok() && dc.ok() && ds.ok() && dy.ok());
+      ASSERT_OK(RopeCuda(dx.get(), dc.get(), ds.get(), tokens, heads, hd, backward, dy.get(), nullptr));
+      ASSERT_CUDA(cudaDeviceSynchronize());
+      const Diff d = Compare(dy.Host(), want);
+      EXPECT_EQ(d.differ, 0) << tokens << "x" << heads << "x" << hd << " backward=" << backward;
+    }
+  }
+}
+
+TEST_F(FusedCudaTest, SwigluAgreesWithTheReference) {
+  for (const auto& [n, shift] : {std::pair{size_t{1} << 20, 0}, {size_t{100003}, 1}}) {
+    const auto g = RandomBf16(n, 3.0f, 2), u = RandomBf16(n, 1.0f, 3), dy = RandomBf16(n, 0.1f, 4);
+    std::vector<uint16_t> y(n), dg(n), du(n);
+    ASSERT_OK(SwigluForward(g.data(), u.data(), n, y.data()));
+    ASSERT_OK(SwigluBackward(dy.data(), g.data(), u.data(), n, dg.data(), du.data()));
+    DeviceBuffer<uint16_t> G(g, shift), U(u, shift), DY(dy, shift), Y(n, shift), DG(n, shift),
+        DU(n, shift);
+    ASSERT_OK(SwigluForwardCuda(G.get(), U.get(), n, Y.get(), nullptr));
+    ASSERT_OK(SwigluBackwardCuda(DY.get(), G.get(), U.get(), n, DG.get(), DU.get(), nullptr));
+    ASSERT_CUDA(cudaDeviceSynchronize());
+    for (const auto& [name, got, want] : {std::tuple{"y", Y.Host(), y}, {"dg", DG.Host(), dg},
+                                          {"du", DU.Host(), du}}) {
+      const Diff d = Compare(got, want);
+      std::printf("FUSED-CUDA swiglu n=%zu %s: %lld of %zu differ, %lld by more than one step\n", n,
+                  name, static_cast<long long>(d.differ), n, static_cast<long long>(d.beyond_one_step));
+      EXPECT_EQ(d.beyond_one_step, 0) << name;
+      EXPECT_LT(d.differ, static_cast<int64_t>(n / 1000) + 1) << name;
+    }
+  }
+}
+
+TEST_F(FusedCudaTest, RmsNormAgreesWithTheReference) {
+  for (const auto& [rows, h, shift] : {std::tuple{64, 4096, 0}, {33, 8192, 0}, {7, 100, 1}, {3, 4104, 0}}) {
+    const size_t n = static_cast<size_t>(rows) * h;
+    const auto x = RandomBf16(n, 1.0f, 5), res = RandomBf16(n, 0.5f, 6), w = RandomBf16(h, 0.2f, 7);
+    const auto dy = RandomBf16(n, 0.01f, 8), dres = RandomBf16(n, 0.01f, 9);
+    for (bool with_residual : {false, true}) {
+      std::vector<uint16_t> sum(n), y(n), ds(n);
+      std::vector<float> rstd(rows);
+      ASSERT_OK(RmsNormForward(x.data(), with_residual ? res.data() : nullptr, w.data(), rows, h,
+                               1e-5f, sum.data(), y.data(), rstd.data()));
+      const uint16_t* s = with_residual ? sum.data() : x.data();
+      ASSERT_OK(RmsNormBackward(dy.data(), s, w.data(), rstd.data(),
+                                with_residual ? dres.data() : nullptr, rows, h, ds.data()));
+      DeviceBuffer<uint16_t> X(x, shift), R(res, shift), W(w, shift), S(n, shift), Y(n, shift),
+          DY(dy, shift), DR(dres, shift), DS(n, shift);
+      DeviceBuffer<float> RS(rows);
+      ASSERT_OK(RmsNormForwardCuda(X.get(), with_residual ? R.get() : nullptr, W.get(), rows, h,
+                                   1e-5f, S.get(), Y.get(), RS.get(), nullptr));
+      ASSERT_OK(RmsNormBackwardCuda(DY.get(), with_residual ? S.get() : X.get(), W.get(), RS.get(),
+                                    with_residual ? DR.get() : nullptr, rows, h, DS.get(), nullptr));
+      ASSERT_CUDA(cudaDeviceSynchronize());
+      if (with_residual) EXPECT_EQ(Compare(S.Host(), sum).differ, 0) << "sum is one rounded add";
+      const std::vector<float> got_rstd = RS.Host();
+      for (int r = 0; r < rows; ++r) EXPECT_NEAR(got_rstd[r], rstd[r], 1e-5 * rstd[r]) << r;
+      for (const auto& [name, got, want] : {std::tuple{"y", Y.Host(), y}, {"ds", DS.Host(), ds}}) {
+        const Diff d = Compare(got, want);
+        std::printf("FUSED-CUDA rmsnorm %dx%d residual=%d %s: %lld of %zu differ, %lld by more than one step\n",
+                    rows, h, with_residual, name, static_cast<long long>(d.differ), n,
+                    static_cast<long long>(d.beyond_one_step));
+        EXPECT_EQ(d.beyond_one_step, 0) << name;
+        EXPECT_LT(d.differ, static_cast<int64_t>(n / 100) + 1) << name;
+      }
+    }
+  }
+}
+
+TEST_F(FusedCudaTest, BadArgumentsAreNamed) {
+  EXPECT_NE(RmsNormForwardCuda(nullptr, nullptr, nullptr, 1, 0, 1e-5f, nullptr, nullptr, nullptr, nullptr)
+                .message()
+                .find("h (0)"),
+            std::string::npos);
+  EXPECT_NE(RopeCuda(nullptr, nullptr, nullptr, 1, 1, 7, false, nullptr, nullptr).message().find("even"),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace ftune::kernels

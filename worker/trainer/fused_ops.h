@@ -1,0 +1,41 @@
+// Differentiable fused ops of the decoder layer over the kernels of
+// kernels/fused.h: RMSNorm (optionally with the residual add before it),
+// SwiGLU and RoPE. Each gives what the LibTorch op chain it replaces gives
+// in bf16 (same roundings, up to the order of RMSNorm's row sums), reading
+// and writing each activation once instead of once per op, and saving
+// less for backward (RMSNorm keeps its bf16 input and one fp32 per row,
+// not fp32 copies of the row).
+//
+// bf16 only, on CUDA (the kernels) or the CPU (their references, for
+// tests); the norm weight must not require a gradient. `FusedOpsApply`
+// says whether a tensor qualifies; the model uses the unfused chain
+// otherwise, so fp32 and the parity tests against transformers are
+// untouched.
+#ifndef FTUNE_WORKER_TRAINER_FUSED_OPS_H_
+#define FTUNE_WORKER_TRAINER_FUSED_OPS_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <utility>
+
+namespace ftune::trainer {
+
+// True when x is bf16 and on a device the fused kernels run on (CUDA in a
+// build with the kernels, or the CPU).
+bool FusedOpsApply(const at::Tensor& x);
+
+// transformers' LlamaRMSNorm over the last dimension: w * bf16(x * rstd).
+at::Tensor FusedRmsNorm(const at::Tensor& x, const at::Tensor& w, double eps);
+// (s, RmsNorm(s)) with s = x + residual: the residual add and the norm
+// after it in one pass; gradients of both outputs flow to x and residual.
+std::pair<at::Tensor, at::Tensor> FusedAddRmsNorm(const at::Tensor& x, const at::Tensor& residual,
+                                                  const at::Tensor& w, double eps);
+// silu(g) * u.
+at::Tensor FusedSwiglu(const at::Tensor& g, const at::Tensor& u);
+// x * cos + rotate_half(x) * sin for x of shape (batch, seq, heads, head_dim)
+// and cos/sin of shape (batch, seq, 1, head_dim) (no gradient).
+at::Tensor FusedRope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
+}  // namespace ftune::trainer
+
+#endif  // FTUNE_WORKER_TRAINER_FUSED_OPS_H_

@@ -1,0 +1,39 @@
+// Several LoRA projections of one input as one GEMM: q/k/v of attention and
+// gate/up of the MLP read the same normed activation, so their NF4 weights
+// are dequantized into one bf16 buffer with every adapter's A rows appended,
+// and x [W_1; ...; W_n; A_1; ...; A_n]^T gives all base outputs and all
+// x A_i^T at once; each B_i (scaling folded in) is then accumulated into its
+// output in place (addmm). The backward is one GEMM too: the output
+// gradients and the adapters' input-side gradients side by side, times the
+// same buffer, give x's whole gradient, with no per-path gradient adds.
+//
+// The results are LoraLinear::Forward's for each module (bf16 path, no
+// dropout), up to the order of fp32 sums. A module without an adapter
+// contributes its base only. The adapters' gradients reach their fp32 A and
+// B as LoraLinear's do. Inside KeepDequantizedWeights the buffer is kept for
+// the backward; otherwise the backward dequantizes again (nf4_linear.h).
+#ifndef FTUNE_WORKER_TRAINER_FUSED_PROJECTION_H_
+#define FTUNE_WORKER_TRAINER_FUSED_PROJECTION_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+#include "worker/trainer/lora.h"
+
+namespace ftune::trainer {
+
+// True when FusedLoraProjections computes these modules for x: x bf16, every
+// base an NF4 layer with resident bytes on x's device and the same input
+// size, adapters (where attached) in the bf16 path and without dropout
+// while training.
+bool FusedProjectionsApply(const std::vector<const LoraLinear*>& modules, const at::Tensor& x,
+                           bool training);
+
+// modules[i]->Forward(x, training) for every i, computed together.
+std::vector<at::Tensor> FusedLoraProjections(const std::vector<const LoraLinear*>& modules,
+                                             const at::Tensor& x, bool training);
+
+}  // namespace ftune::trainer
+
+#endif  // FTUNE_WORKER_TRAINER_FUSED_PROJECTION_H_
