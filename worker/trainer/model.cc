@@ -834,8 +834,8 @@ at::Tensor LlamaModel::ForwardCached(const at::Tensor& input_ids, KvCache* cache
   at::Tensor pos = at::arange(start, start + n, input_ids.options()).unsqueeze(0);  // (1, n)
   at::Tensor freqs = pos.to(at::kFloat).unsqueeze(-1) * inv_freq_;                 // (1, n, hd/2)
   at::Tensor emb = at::cat({freqs, freqs}, -1);                                     // (1, n, hd)
-  const at::Tensor cos = emb.cos().to(options_.dtype).unsqueeze(1);                 // (1, 1, n, hd)
-  const at::Tensor sin = emb.sin().to(options_.dtype).unsqueeze(1);
+  const at::Tensor cos = emb.cos().to(options_.dtype).unsqueeze(2);                 // (1, n, 1, hd)
+  const at::Tensor sin = emb.sin().to(options_.dtype).unsqueeze(2);
   at::Tensor h = at::embedding(embed_tokens_, input_ids);  // (b, n, hidden)
   for (int64_t i = 0; i < static_cast<int64_t>(layers_.size()); ++i) {
     h = LayerForwardCached(i, h, cos, sin, cache);
@@ -849,6 +849,21 @@ at::Tensor LlamaModel::LayerForwardCached(int64_t layer, const at::Tensor& h, co
                                           const at::Tensor& sin, KvCache* cache) const {
   const DecoderLayer& l = layers_[layer];
   const double eps = config_.rms_norm_eps;
+  if (Fused(h)) {
+    // LayerForward's fused kernels (bf16 on CUDA), as training computes.
+    at::Tensor x = FusedRmsNorm(h, l.input_layernorm, eps);  // (b, n, hidden)
+    auto [out, x2] = FusedAddRmsNorm(h, AttentionCached(layer, x, cos, sin, cache),
+                                     l.post_attention_layernorm, eps);
+    const std::vector<const LoraLinear*> gate_up = {l.gate_proj.get(), l.up_proj.get()};
+    at::Tensor gate, up;
+    if (FusedProjectionsApply(gate_up, x2, false)) {
+      std::vector<at::Tensor> gu = FusedLoraProjections(gate_up, x2, false);
+      gate = gu[0], up = gu[1];
+    } else {
+      gate = l.gate_proj->Forward(x2, false), up = l.up_proj->Forward(x2, false);
+    }
+    return out + l.down_proj->Forward(FusedSwiglu(gate, up), false);
+  }
   at::Tensor x = RmsNorm(h, l.input_layernorm, eps);  // (b, n, hidden)
   at::Tensor out = h + AttentionCached(layer, x, cos, sin, cache);
   x = RmsNorm(out, l.post_attention_layernorm, eps);
@@ -864,12 +879,29 @@ at::Tensor LlamaModel::AttentionCached(int64_t layer, const at::Tensor& x, const
   const int64_t nh = config_.num_attention_heads, nkv = config_.num_key_value_heads;
   const int64_t hd = config_.head_dim;
   const double scale = std::pow(static_cast<double>(hd), -0.5);
-  // (b, n, heads * hd) -> (b, heads, n, hd)
-  at::Tensor q = l.q_proj->Forward(x, false).view({b, n, nh, hd}).transpose(1, 2);
-  at::Tensor k = l.k_proj->Forward(x, false).view({b, n, nkv, hd}).transpose(1, 2);
-  at::Tensor v = l.v_proj->Forward(x, false).view({b, n, nkv, hd}).transpose(1, 2);
-  q = q * cos + RotateHalf(q) * sin;
-  k = k * cos + RotateHalf(k) * sin;
+  at::Tensor q, k, v;  // (b, n, heads * hd)
+  const std::vector<const LoraLinear*> qkv = {l.q_proj.get(), l.k_proj.get(), l.v_proj.get()};
+  const bool fused = Fused(x);
+  if (fused && FusedProjectionsApply(qkv, x, false)) {
+    std::vector<at::Tensor> out = FusedLoraProjections(qkv, x, false);
+    q = out[0], k = out[1], v = out[2];
+  } else {
+    q = l.q_proj->Forward(x, false), k = l.k_proj->Forward(x, false);
+    v = l.v_proj->Forward(x, false);
+  }
+  // RoPE in the (b, n, heads, hd) layout, then (b, heads, n, hd).
+  q = q.view({b, n, nh, hd});
+  k = k.view({b, n, nkv, hd});
+  if (fused) {
+    q = FusedRope(q, cos, sin);
+    k = FusedRope(k, cos, sin);
+  } else {
+    q = q * cos + RotateHalf(q) * sin;
+    k = k * cos + RotateHalf(k) * sin;
+  }
+  q = q.transpose(1, 2);
+  k = k.transpose(1, 2);
+  v = v.view({b, n, nkv, hd}).transpose(1, 2);
   cache->keys[layer].slice(2, start, total).copy_(k);
   cache->values[layer].slice(2, start, total).copy_(v);
   at::Tensor keys = RepeatKv(cache->keys[layer].slice(2, 0, total), config_.num_kv_groups());

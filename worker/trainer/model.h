@@ -285,7 +285,8 @@ class LlamaModel {
   // call with the whole prompt, a decode step one call with n = 1; the
   // logits are those Logits() gives for the same prefix (to rounding: the
   // matmuls have other shapes). Position ids are plain 0, 1, ... (one
-  // document per row).
+  // document per row). Where LayerForward uses the fused kernels (bf16 on
+  // CUDA), so does this.
   at::Tensor ForwardCached(const at::Tensor& input_ids, KvCache* cache) const;
 
   // Frozen tensors; undefined in a sharded model while their unit is not
