@@ -172,8 +172,8 @@ TEST(RankCli, HelpListsOnlyRealCommands) {
     std::string first;
     if (words >> first) names.push_back(first);
   }
-  EXPECT_EQ(names, (std::vector<std::string>{"train", "run", "score", "quantize", "export",
-                                              "init-model", "plan", "info"}))
+  EXPECT_EQ(names, (std::vector<std::string>{"train", "run", "score", "generate", "quantize",
+                                              "export", "init-model", "plan", "info"}))
       << r.out;
   EXPECT_THAT(r.out, Not(HasSubstr("not available")));
   r = RunRank("");

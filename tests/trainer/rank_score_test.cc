@@ -19,6 +19,7 @@
 
 #include "model_test_util.h"
 #include "temp_dir.h"
+#include "worker/trainer/bnb_checkpoint.h"
 #include "worker/trainer/score.h"
 
 namespace ftune::trainer {
@@ -357,6 +358,47 @@ TEST_P(GoldenScoreTest, RunScoreWritesTheDocumentedJson) {
 INSTANTIATE_TEST_SUITE_P(TinyModels, GoldenScoreTest,
                          ::testing::Values("llama3_tiny", "llama2_tiny", "qwen2_tiny",
                                            "mistral_tiny"));
+
+// A directory pre-quantized in bitsandbytes' 4-bit layout (what `train`
+// accepts) scores like the dense directory quantized to NF4 at load: the
+// same NF4 bytes, so the same numbers.
+TEST(RunScore, AcceptsABitsandbytes4bitDirectory) {
+  for (const std::string name : {"llama3_tiny", "llama2_tiny"}) {
+    SCOPED_TRACE(name);
+    const std::string bnb_dir = testutil::SharedTempDir("rank_score_test") + "/" + name + "_bnb";
+    QuantizeModelOptions q;
+    q.compute_dtype = "float32";
+    ASSERT_TRUE(QuantizeModelDirectory(GoldenDir() + "/" + name, bnb_dir, q).ok());
+    const std::vector<int64_t> ids = {1, 17, 99, 3, 64, 8, 120, 33, 41, 7};
+    ScoreOptions o;
+    o.model_dir = bnb_dir;
+    o.adapter_dir = GoldenDir() + "/" + name + "_adapter";
+    o.tokens_path = TempFile(name + "_bnb.jsonl", nlohmann::json(ids).dump() + "\n");
+    Result<std::string> out = RunScore(o);
+    ASSERT_TRUE(out.ok()) << out.status().ToString();
+    const nlohmann::json doc = nlohmann::json::parse(*out);
+
+    ModelOptions nf4 = DefaultModelOptions(c10::Device(c10::kCPU));
+    nf4.quantize_base = true;
+    std::unique_ptr<LlamaModel> model = LoadGoldenModel(name, nf4, /*with_adapter=*/true);
+    ScoreSequence seq;
+    seq.line = 1;
+    seq.input_ids = seq.labels = ids;
+    Result<ScoreReport> want = ScoreSequences(*model, {seq});
+    ASSERT_TRUE(want.ok());
+    ASSERT_EQ(doc["sequences"][0]["logprobs"].size(), ids.size() - 1);
+    for (size_t t = 0; t + 1 < ids.size(); ++t) {
+      EXPECT_EQ(doc["sequences"][0]["logprobs"][t].get<double>(),
+                *want->sequences[0].logprobs[t]) << t;
+    }
+    // And it is not the dense model: NF4 moves the log-probs.
+    std::unique_ptr<LlamaModel> dense =
+        LoadGoldenModel(name, DefaultModelOptions(c10::Device(c10::kCPU)), true);
+    Result<ScoreReport> dense_score = ScoreSequences(*dense, {seq});
+    ASSERT_TRUE(dense_score.ok());
+    EXPECT_NE(dense_score->loss_sum, want->loss_sum);
+  }
+}
 
 TEST(RunScore, ReportsBadOptionsMissingFilesAndOutOfVocabIds) {
   ScoreOptions o;

@@ -820,4 +820,138 @@ at::Tensor LlamaModel::TokenLogProbs(const at::Tensor& input_ids,
   return lp.masked_fill(DocumentStarts(pos).slice(1, 1), std::numeric_limits<float>::quiet_NaN());
 }
 
+// --- Incremental decoding with a KV cache (model.h, KvCache). The same
+// operations as LayerForward / Attention on the new positions only; the
+// keys and values of earlier positions come from the cache.
+
+KvCache LlamaModel::NewKvCache(int64_t batch, int64_t capacity) const {
+  TORCH_CHECK(batch >= 1 && capacity >= 1, "NewKvCache: batch (", batch, ") and capacity (",
+              capacity, ") must be >= 1");
+  KvCache cache;
+  const auto opts = at::TensorOptions().dtype(options_.dtype).device(options_.device);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    cache.keys.push_back(
+        at::empty({batch, config_.num_key_value_heads, capacity, config_.head_dim}, opts));
+    cache.values.push_back(at::empty_like(cache.keys.back()));
+  }
+  return cache;
+}
+
+at::Tensor LlamaModel::ForwardCached(const at::Tensor& input_ids, KvCache* cache) const {
+  TORCH_CHECK(hooks_ == nullptr, "ForwardCached needs a resident model (no FSDP unit hooks)");
+  TORCH_CHECK(cache != nullptr && cache->keys.size() == layers_.size(),
+              "ForwardCached: the cache was not made by this model's NewKvCache");
+  TORCH_CHECK(input_ids.dim() == 2 && input_ids.size(1) >= 1 && input_ids.scalar_type() == at::kLong,
+              "ForwardCached: input_ids must be (batch, n) int64, got ", input_ids.sizes(), " ",
+              input_ids.scalar_type());
+  TORCH_CHECK(input_ids.device() == options_.device, "input_ids on ", input_ids.device(),
+              " but the model is on ", options_.device);
+  const int64_t b = input_ids.size(0), n = input_ids.size(1), start = cache->length;
+  TORCH_CHECK(cache->keys[0].size(0) == b, "ForwardCached: the cache holds ",
+              cache->keys[0].size(0), " rows, input_ids ", b);
+  TORCH_CHECK(start + n <= cache->capacity(), "ForwardCached: positions ", start, "..",
+              start + n - 1, " exceed the cache's capacity ", cache->capacity());
+  c10::NoGradGuard no_grad;
+  // RoPE tables of the new positions, as MakeAttentionContext computes them.
+  at::Tensor pos = at::arange(start, start + n, input_ids.options()).unsqueeze(0);  // (1, n)
+  at::Tensor freqs = pos.to(at::kFloat).unsqueeze(-1) * inv_freq_;                 // (1, n, hd/2)
+  at::Tensor emb = at::cat({freqs, freqs}, -1);                                     // (1, n, hd)
+  const at::Tensor cos = emb.cos().to(options_.dtype).unsqueeze(2);                 // (1, n, 1, hd)
+  const at::Tensor sin = emb.sin().to(options_.dtype).unsqueeze(2);
+  at::Tensor h = at::embedding(embed_tokens_, input_ids);  // (b, n, hidden)
+  for (int64_t i = 0; i < static_cast<int64_t>(layers_.size()); ++i) {
+    h = LayerForwardCached(i, h, cos, sin, cache);
+  }
+  cache->length = start + n;
+  at::Tensor last = RmsNorm(h.select(1, n - 1), norm_, config_.rms_norm_eps);  // (b, hidden)
+  return at::linear(last, lm_head_).to(at::kFloat);                            // (b, vocab)
+}
+
+at::Tensor LlamaModel::LayerForwardCached(int64_t layer, const at::Tensor& h, const at::Tensor& cos,
+                                          const at::Tensor& sin, KvCache* cache) const {
+  const DecoderLayer& l = layers_[layer];
+  const double eps = config_.rms_norm_eps;
+  if (Fused(h)) {
+    // LayerForward's fused kernels (bf16 on CUDA), as training computes.
+    at::Tensor x = FusedRmsNorm(h, l.input_layernorm, eps);  // (b, n, hidden)
+    auto [out, x2] = FusedAddRmsNorm(h, AttentionCached(layer, x, cos, sin, cache),
+                                     l.post_attention_layernorm, eps);
+    const std::vector<const LoraLinear*> gate_up = {l.gate_proj.get(), l.up_proj.get()};
+    at::Tensor gate, up;
+    if (FusedProjectionsApply(gate_up, x2, false)) {
+      std::vector<at::Tensor> gu = FusedLoraProjections(gate_up, x2, false);
+      gate = gu[0], up = gu[1];
+    } else {
+      gate = l.gate_proj->Forward(x2, false), up = l.up_proj->Forward(x2, false);
+    }
+    return out + l.down_proj->Forward(FusedSwiglu(gate, up), false);
+  }
+  at::Tensor x = RmsNorm(h, l.input_layernorm, eps);  // (b, n, hidden)
+  at::Tensor out = h + AttentionCached(layer, x, cos, sin, cache);
+  x = RmsNorm(out, l.post_attention_layernorm, eps);
+  at::Tensor mlp = l.down_proj->Forward(
+      at::silu(l.gate_proj->Forward(x, false)) * l.up_proj->Forward(x, false), false);
+  return out + mlp;
+}
+
+at::Tensor LlamaModel::AttentionCached(int64_t layer, const at::Tensor& x, const at::Tensor& cos,
+                                       const at::Tensor& sin, KvCache* cache) const {
+  const DecoderLayer& l = layers_[layer];
+  const int64_t b = x.size(0), n = x.size(1), start = cache->length, total = start + n;
+  const int64_t nh = config_.num_attention_heads, nkv = config_.num_key_value_heads;
+  const int64_t hd = config_.head_dim;
+  const double scale = std::pow(static_cast<double>(hd), -0.5);
+  at::Tensor q, k, v;  // (b, n, heads * hd)
+  const std::vector<const LoraLinear*> qkv = {l.q_proj.get(), l.k_proj.get(), l.v_proj.get()};
+  const bool fused = Fused(x);
+  if (fused && FusedProjectionsApply(qkv, x, false)) {
+    std::vector<at::Tensor> out = FusedLoraProjections(qkv, x, false);
+    q = out[0], k = out[1], v = out[2];
+  } else {
+    q = l.q_proj->Forward(x, false), k = l.k_proj->Forward(x, false);
+    v = l.v_proj->Forward(x, false);
+  }
+  // RoPE in the (b, n, heads, hd) layout, then (b, heads, n, hd).
+  q = q.view({b, n, nh, hd});
+  k = k.view({b, n, nkv, hd});
+  if (fused) {
+    q = FusedRope(q, cos, sin);
+    k = FusedRope(k, cos, sin);
+  } else {
+    q = q * cos + RotateHalf(q) * sin;
+    k = k * cos + RotateHalf(k) * sin;
+  }
+  q = q.transpose(1, 2);
+  k = k.transpose(1, 2);
+  v = v.view({b, n, nkv, hd}).transpose(1, 2);
+  cache->keys[layer].slice(2, start, total).copy_(k);
+  cache->values[layer].slice(2, start, total).copy_(v);
+  at::Tensor keys = RepeatKv(cache->keys[layer].slice(2, 0, total), config_.num_kv_groups());
+  at::Tensor values = RepeatKv(cache->values[layer].slice(2, 0, total), config_.num_kv_groups());
+  // Query i (position start + i) may attend to key j when j <= start + i:
+  // no mask for one query, plain causal for a prefill from an empty cache.
+  at::Tensor allowed;  // (n, total) bool, undefined when nothing is masked
+  if (n > 1) {
+    allowed = at::ones({n, total}, x.options().dtype(at::kBool)).tril(start);
+  }
+  at::Tensor out;  // (b, nh, n, hd)
+  if (UseSdpa()) {
+    const bool causal = n > 1 && start == 0;
+    out = compat::ScaledDotProductAttention(
+        q, keys, values, allowed.defined() && !causal ? allowed.view({1, 1, n, total}) : at::Tensor(),
+        causal, scale);
+  } else {
+    // HF eager, as Attention computes it.
+    at::Tensor w = at::matmul(q, keys.transpose(2, 3)) * scale;  // (b, nh, n, total)
+    if (allowed.defined()) {
+      w = w.masked_fill(allowed.logical_not().view({1, 1, n, total}),
+                        std::numeric_limits<float>::lowest());
+    }
+    w = at::softmax(w, -1, at::kFloat).to(q.scalar_type());
+    out = at::matmul(w, values);
+  }
+  out = out.transpose(1, 2).contiguous().view({b, n, nh * hd});  // (b, n, nh * hd)
+  return l.o_proj->Forward(out, false);
+}
+
 }  // namespace ftune::trainer

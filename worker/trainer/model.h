@@ -177,6 +177,20 @@ struct NamedTensor {
   at::Tensor tensor;
 };
 
+// Keys and values of the positions a sequence has seen so far, per layer,
+// for incremental decoding (LlamaModel::ForwardCached, generate.h). Each
+// layer's tensors are allocated once for `capacity` positions and filled in
+// place; keys are stored after RoPE, before the kv heads are repeated for
+// their query groups, so a cache costs
+// 2 * layers * batch * kv_heads * capacity * head_dim elements of the
+// compute dtype. Not thread-safe: one sequence (batch) decodes at a time.
+struct KvCache {
+  std::vector<at::Tensor> keys;    // per layer (batch, kv_heads, capacity, head_dim)
+  std::vector<at::Tensor> values;  // per layer (batch, kv_heads, capacity, head_dim)
+  int64_t length = 0;              // positions 0 .. length - 1 are filled
+  int64_t capacity() const { return keys.empty() ? 0 : keys[0].size(2); }
+};
+
 class LlamaModel {
  public:
   // Returns a tensor by HF name in any dtype on any device, or a Status.
@@ -263,6 +277,21 @@ class LlamaModel {
   // where t + 1 starts a new document.
   at::Tensor TokenLogProbs(const at::Tensor& input_ids, const at::Tensor& position_ids) const;
 
+  // --- Incremental decoding (inference only: no grad, no unit hooks).
+  // An empty cache for `batch` rows and up to `capacity` positions, on the
+  // model's device in the compute dtype.
+  KvCache NewKvCache(int64_t batch, int64_t capacity) const;
+  // Runs input_ids (batch, n) int64 at positions cache->length ..
+  // cache->length + n - 1, attending to every cached position and causally
+  // among themselves, appends their keys and values to the cache and returns
+  // the logits of the last position, (batch, vocab) fp32. A prefill is one
+  // call with the whole prompt, a decode step one call with n = 1; the
+  // logits are those Logits() gives for the same prefix (to rounding: the
+  // matmuls have other shapes). Position ids are plain 0, 1, ... (one
+  // document per row). Where LayerForward uses the fused kernels (bf16 on
+  // CUDA), so does this.
+  at::Tensor ForwardCached(const at::Tensor& input_ids, KvCache* cache) const;
+
   // Frozen tensors; undefined in a sharded model while their unit is not
   // gathered (FsdpUnits::GatherUnit).
   const at::Tensor& embed_tokens() const { return embed_tokens_; }  // (vocab, hidden)
@@ -309,6 +338,11 @@ class LlamaModel {
                                         const BatchLayout* layout) const;
   at::Tensor Attention(const DecoderLayer& layer, const at::Tensor& x, const AttentionContext& ctx,
                        bool training) const;
+  // The cached counterparts of LayerForward / Attention (ForwardCached).
+  at::Tensor LayerForwardCached(int64_t layer, const at::Tensor& h, const at::Tensor& cos,
+                                const at::Tensor& sin, KvCache* cache) const;
+  at::Tensor AttentionCached(int64_t layer, const at::Tensor& x, const at::Tensor& cos,
+                             const at::Tensor& sin, KvCache* cache) const;
   bool UseSdpa() const;
   // Flash attention (varlen, GQA without K/V copies, no mask): CUDA with a
   // 16-bit compute dtype and a head_dim it supports, attention auto or sdpa.

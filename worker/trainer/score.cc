@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "ftune/file_util.h"
+#include "worker/trainer/bnb_checkpoint.h"
 #include "worker/trainer/loss.h"
 
 namespace ftune::trainer {
@@ -282,7 +283,8 @@ Result<std::string> RunScore(const ScoreOptions& options) {
   model_options.loss_chunk_tokens = options.chunk_tokens;
   std::unique_ptr<LlamaModel> model;
   try {
-    Result<std::unique_ptr<LlamaModel>> loaded = LlamaModel::Load(options.model_dir, model_options);
+    // A dense directory or a bitsandbytes 4-bit one, as `train` accepts.
+    Result<std::unique_ptr<LlamaModel>> loaded = LoadModelDirectory(options.model_dir, model_options);
     if (!loaded.ok()) {
       return Status(loaded.status().code(), "--model " + loaded.status().message());
     }

@@ -12,6 +12,11 @@
 //       One rank launched by ftune-agent (docs/control-plane.md): events on
 //       the channel, rendezvous through it, StopRank honoured.
 //   ftune-rank score --model DIR [--adapter DIR] --tokens FILE ...
+//   ftune-rank generate --model DIR [--adapter DIR] (--prompt TEXT | --messages FILE)
+//                       [--max-new-tokens N] [--temperature T --top-k K --top-p P --seed S]
+//                       [--load-in-4bit] [--device cpu|cuda] [-o text|json]
+//       Chat with the model: its chat template, prefill + KV-cache decode,
+//       the text streamed to stdout (generate_command.h).
 //   ftune-rank quantize --model DIR --out DIR [--blocksize 64]
 //                       [--no-double-quant] [--compute-dtype bfloat16]
 //       The model pre-quantized in transformers + bitsandbytes' 4-bit layout.
@@ -74,6 +79,9 @@
 #include "worker/modelio/llama_config.h"
 #include "worker/modelio/memory_plan.h"
 #include "worker/config/plan_spec.h"
+#if defined(FTUNE_RANK_HAVE_GENERATE)
+#include "worker/trainer/generate_command.h"
+#endif
 #include "worker/trainer/merge.h"
 #include "worker/trainer/score.h"
 #if defined(FTUNE_RANK_HAVE_TRAIN)
@@ -489,6 +497,47 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
 
+#if defined(FTUNE_RANK_HAVE_GENERATE)
+  trainer::GenerateCommandOptions gen;
+  std::string gen_output = "text";
+  CLI::App* gen_cmd = app.add_subcommand(
+      "generate", "Generate a reply with the model's chat template, streamed to stdout");
+  gen_cmd->add_option("--model", gen.model_dir,
+                      "HF Llama directory: dense, merged export, or bitsandbytes 4-bit")
+      ->required();
+  gen_cmd->add_option("--adapter", gen.adapter_dir, "PEFT adapter directory (optional)");
+  gen_cmd->add_option("--tokenizer", gen.tokenizer_dir,
+                      "directory with tokenizer.json (default: --model)");
+  gen_cmd->add_option("--prompt", gen.prompt, "one user message");
+  gen_cmd->add_option("--system", gen.system, "a system message before --prompt");
+  gen_cmd->add_option("--messages", gen.messages_path,
+                      "JSONL, one {\"role\": ..., \"content\": ...} per line");
+  gen_cmd->add_option("--input-ids", gen.input_ids,
+                      "comma-separated prompt ids, used as given (no template)");
+  gen_cmd->add_option("--chat-template", gen.chat_template,
+                      "auto, llama3, llama3.1, llama2, chatml, mistral, or none (plain text)")
+      ->capture_default_str();
+  gen_cmd->add_option("--max-new-tokens", gen.max_new_tokens, "at most this many new tokens")
+      ->capture_default_str();
+  gen_cmd->add_option("--temperature", gen.sampling.temperature, "0: greedy; > 0: sample")
+      ->capture_default_str();
+  gen_cmd->add_option("--top-k", gen.sampling.top_k, "sampling: keep the k most likely (0: off)")
+      ->capture_default_str();
+  gen_cmd->add_option("--top-p", gen.sampling.top_p, "sampling: nucleus mass in (0, 1]")
+      ->capture_default_str();
+  gen_cmd->add_option("--seed", gen.sampling.seed, "sampling seed")->capture_default_str();
+  gen_cmd->add_flag("--ignore-eos", gen.ignore_eos,
+                    "generate --max-new-tokens whatever comes (benchmarks)");
+  gen_cmd->add_flag("--load-in-4bit", gen.load_in_4bit,
+                    "quantize a dense base to NF4 at load, as training does");
+  gen_cmd->add_option("--device", gen.device, "cpu (fp32) or cuda (bf16)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  gen_cmd->add_option("-o,--output", gen_output, "text (streamed) or json (JSON lines)")
+      ->check(CLI::IsMember({"text", "json"}))
+      ->capture_default_str();
+#endif
+
   std::string quant_in, quant_out;
   trainer::QuantizeModelOptions quant;
   bool no_double_quant = false;
@@ -602,6 +651,18 @@ int main(int argc, char** argv) {
     std::cout << *out << "\n";
     return kOk;
   }
+#if defined(FTUNE_RANK_HAVE_GENERATE)
+  if (gen_cmd->parsed()) {
+    gen.json = gen_output == "json";
+    const Status s = trainer::RunGenerate(gen, std::cout, std::cerr);
+    if (!s.ok()) {
+      std::cout << std::flush;
+      std::cerr << "ftune-rank generate: " << s.ToString() << "\n";
+      return ExitCodeFor(s);
+    }
+    return kOk;
+  }
+#endif
   if (quant_cmd->parsed()) {
     quant.nf4.double_quant = !no_double_quant;
     quant.device = c10::Device(quant_device == "cuda" ? "cuda:0" : "cpu");
