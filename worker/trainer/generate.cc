@@ -110,6 +110,15 @@ Result<GenerateResult> Generate(const LlamaModel& model, const std::vector<int64
         std::to_string(options.max_new_tokens) + ") exceeds the model's max_position_embeddings (" +
         std::to_string(config.max_position_embeddings) + ")");
   }
+  // Attention over the whole cache: a sliding window (Mistral v0.1) would
+  // have to drop keys that left it, which this path does not do.
+  if (config.sliding_window && positions > *config.sliding_window) {
+    return InvalidArgumentError(
+        "the prompt (" + std::to_string(num_prompt) + " tokens) plus --max-new-tokens (" +
+        std::to_string(options.max_new_tokens) + ") exceeds the model's sliding_window (" +
+        std::to_string(*config.sliding_window) +
+        "); lower --max-new-tokens or shorten the prompt");
+  }
   using Clock = std::chrono::steady_clock;
   GenerateResult result;
   result.prompt_tokens = num_prompt;
