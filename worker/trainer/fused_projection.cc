@@ -241,4 +241,14 @@ std::vector<at::Tensor> FusedLoraProjections(const std::vector<const LoraLinear*
   return FusedProjectionFunction::apply(x, at::TensorList(adapters), modules);
 }
 
+std::vector<at::Tensor> LoraProjections(const std::vector<const LoraLinear*>& modules,
+                                        const at::Tensor& x, bool training, bool fuse) {
+  if (fuse && FusedProjectionsApply(modules, x, training)) {
+    return FusedLoraProjections(modules, x, training);
+  }
+  std::vector<at::Tensor> out;
+  for (const LoraLinear* m : modules) out.push_back(m->Forward(x, training));
+  return out;
+}
+
 }  // namespace ftune::trainer

@@ -35,6 +35,11 @@ bool FusedProjectionsApply(const std::vector<const LoraLinear*>& modules, const 
 std::vector<at::Tensor> FusedLoraProjections(const std::vector<const LoraLinear*>& modules,
                                              const at::Tensor& x, bool training);
 
+// modules[i]->Forward(x, training) for every i: together when `fuse` is set
+// and FusedProjectionsApply, else module by module.
+std::vector<at::Tensor> LoraProjections(const std::vector<const LoraLinear*>& modules,
+                                        const at::Tensor& x, bool training, bool fuse);
+
 }  // namespace ftune::trainer
 
 #endif  // FTUNE_WORKER_TRAINER_FUSED_PROJECTION_H_

@@ -39,6 +39,12 @@ at::Tensor RotateHalf(const at::Tensor& x) {
   return at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
 }
 
+// x * cos + rotate_half(x) * sin, as one kernel when `fused` (fused_ops.h).
+at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                     bool fused) {
+  return fused ? FusedRope(x, cos, sin) : x * cos + RotateHalf(x) * sin;
+}
+
 // (batch, kv_heads, seq, head_dim) -> (batch, kv_heads * groups, seq, head_dim),
 // each kv head repeated for its group of query heads (HF's repeat_kv).
 at::Tensor RepeatKv(const at::Tensor& x, int64_t groups) {
@@ -575,26 +581,12 @@ at::Tensor LlamaModel::Attention(const DecoderLayer& layer, const at::Tensor& x,
   const double scale = std::pow(static_cast<double>(hd), -0.5);  // HF: head_dim ** -0.5
   if (ctx.flash) {
     // (b, s, heads * hd) -> (b * s, heads, hd): the projections' layout.
-    at::Tensor q, k, v;
-    const std::vector<const LoraLinear*> qkv = {layer.q_proj.get(), layer.k_proj.get(),
-                                                layer.v_proj.get()};
-    if (Fused(x) && FusedProjectionsApply(qkv, x, training)) {
-      std::vector<at::Tensor> out = FusedLoraProjections(qkv, x, training);
-      q = out[0], k = out[1], v = out[2];
-    } else {
-      q = layer.q_proj->Forward(x, training), k = layer.k_proj->Forward(x, training);
-      v = layer.v_proj->Forward(x, training);
-    }
-    q = q.view({b, s, nh, hd});
-    k = k.view({b, s, nkv, hd});
-    v = v.view({b * s, nkv, hd});
-    if (Fused(x)) {
-      q = FusedRope(q, ctx.cos, ctx.sin);
-      k = FusedRope(k, ctx.cos, ctx.sin);
-    } else {
-      q = q * ctx.cos + RotateHalf(q) * ctx.sin;
-      k = k * ctx.cos + RotateHalf(k) * ctx.sin;
-    }
+    const bool fused = Fused(x);
+    const std::vector<at::Tensor> qkv = LoraProjections(
+        {layer.q_proj.get(), layer.k_proj.get(), layer.v_proj.get()}, x, training, fused);
+    const at::Tensor q = ApplyRope(qkv[0].view({b, s, nh, hd}), ctx.cos, ctx.sin, fused);
+    const at::Tensor k = ApplyRope(qkv[1].view({b, s, nkv, hd}), ctx.cos, ctx.sin, fused);
+    const at::Tensor v = qkv[2].view({b * s, nkv, hd});
     at::Tensor out = compat::FlashAttentionVarlen(q.view({b * s, nh, hd}), k.view({b * s, nkv, hd}),
                                                   v, ctx.cu_seqlens, s, scale);  // (b * s, nh, hd)
     return layer.o_proj->Forward(out.view({b, s, nh * hd}), training);
@@ -603,8 +595,8 @@ at::Tensor LlamaModel::Attention(const DecoderLayer& layer, const at::Tensor& x,
   at::Tensor q = layer.q_proj->Forward(x, training).view({b, s, nh, hd}).transpose(1, 2);
   at::Tensor k = layer.k_proj->Forward(x, training).view({b, s, nkv, hd}).transpose(1, 2);
   at::Tensor v = layer.v_proj->Forward(x, training).view({b, s, nkv, hd}).transpose(1, 2);
-  q = q * ctx.cos + RotateHalf(q) * ctx.sin;
-  k = k * ctx.cos + RotateHalf(k) * ctx.sin;
+  q = ApplyRope(q, ctx.cos, ctx.sin, /*fused=*/false);
+  k = ApplyRope(k, ctx.cos, ctx.sin, /*fused=*/false);
   k = RepeatKv(k, config_.num_kv_groups());  // (b, nh, s, hd)
   v = RepeatKv(v, config_.num_kv_groups());
 
@@ -635,15 +627,9 @@ at::Tensor LlamaModel::LayerForward(int64_t layer, const at::Tensor& h, const At
     at::Tensor x = FusedRmsNorm(h, l.input_layernorm, eps);  // (b, s, hidden)
     auto [out, x2] = FusedAddRmsNorm(h, Attention(l, x, ctx, training),
                                      l.post_attention_layernorm, eps);
-    const std::vector<const LoraLinear*> gate_up = {l.gate_proj.get(), l.up_proj.get()};
-    at::Tensor gate, up;
-    if (FusedProjectionsApply(gate_up, x2, training)) {
-      std::vector<at::Tensor> gu = FusedLoraProjections(gate_up, x2, training);
-      gate = gu[0], up = gu[1];
-    } else {
-      gate = l.gate_proj->Forward(x2, training), up = l.up_proj->Forward(x2, training);
-    }
-    at::Tensor mlp = l.down_proj->Forward(FusedSwiglu(gate, up), training);
+    const std::vector<at::Tensor> gate_up =
+        LoraProjections({l.gate_proj.get(), l.up_proj.get()}, x2, training, /*fuse=*/true);
+    at::Tensor mlp = l.down_proj->Forward(FusedSwiglu(gate_up[0], gate_up[1]), training);
     return out + mlp;  // (b, s, hidden)
   }
   at::Tensor x = RmsNorm(h, l.input_layernorm, eps);  // (b, s, hidden)
@@ -876,15 +862,9 @@ at::Tensor LlamaModel::LayerForwardCached(int64_t layer, const at::Tensor& h, co
     at::Tensor x = FusedRmsNorm(h, l.input_layernorm, eps);  // (b, n, hidden)
     auto [out, x2] = FusedAddRmsNorm(h, AttentionCached(layer, x, cos, sin, cache),
                                      l.post_attention_layernorm, eps);
-    const std::vector<const LoraLinear*> gate_up = {l.gate_proj.get(), l.up_proj.get()};
-    at::Tensor gate, up;
-    if (FusedProjectionsApply(gate_up, x2, false)) {
-      std::vector<at::Tensor> gu = FusedLoraProjections(gate_up, x2, false);
-      gate = gu[0], up = gu[1];
-    } else {
-      gate = l.gate_proj->Forward(x2, false), up = l.up_proj->Forward(x2, false);
-    }
-    return out + l.down_proj->Forward(FusedSwiglu(gate, up), false);
+    const std::vector<at::Tensor> gate_up =
+        LoraProjections({l.gate_proj.get(), l.up_proj.get()}, x2, false, /*fuse=*/true);
+    return out + l.down_proj->Forward(FusedSwiglu(gate_up[0], gate_up[1]), false);
   }
   at::Tensor x = RmsNorm(h, l.input_layernorm, eps);  // (b, n, hidden)
   at::Tensor out = h + AttentionCached(layer, x, cos, sin, cache);
@@ -901,29 +881,13 @@ at::Tensor LlamaModel::AttentionCached(int64_t layer, const at::Tensor& x, const
   const int64_t nh = config_.num_attention_heads, nkv = config_.num_key_value_heads;
   const int64_t hd = config_.head_dim;
   const double scale = std::pow(static_cast<double>(hd), -0.5);
-  at::Tensor q, k, v;  // (b, n, heads * hd)
-  const std::vector<const LoraLinear*> qkv = {l.q_proj.get(), l.k_proj.get(), l.v_proj.get()};
   const bool fused = Fused(x);
-  if (fused && FusedProjectionsApply(qkv, x, false)) {
-    std::vector<at::Tensor> out = FusedLoraProjections(qkv, x, false);
-    q = out[0], k = out[1], v = out[2];
-  } else {
-    q = l.q_proj->Forward(x, false), k = l.k_proj->Forward(x, false);
-    v = l.v_proj->Forward(x, false);
-  }
+  const std::vector<at::Tensor> qkv =  // (b, n, heads * hd) each
+      LoraProjections({l.q_proj.get(), l.k_proj.get(), l.v_proj.get()}, x, false, fused);
   // RoPE in the (b, n, heads, hd) layout, then (b, heads, n, hd).
-  q = q.view({b, n, nh, hd});
-  k = k.view({b, n, nkv, hd});
-  if (fused) {
-    q = FusedRope(q, cos, sin);
-    k = FusedRope(k, cos, sin);
-  } else {
-    q = q * cos + RotateHalf(q) * sin;
-    k = k * cos + RotateHalf(k) * sin;
-  }
-  q = q.transpose(1, 2);
-  k = k.transpose(1, 2);
-  v = v.view({b, n, nkv, hd}).transpose(1, 2);
+  at::Tensor q = ApplyRope(qkv[0].view({b, n, nh, hd}), cos, sin, fused).transpose(1, 2);
+  at::Tensor k = ApplyRope(qkv[1].view({b, n, nkv, hd}), cos, sin, fused).transpose(1, 2);
+  const at::Tensor v = qkv[2].view({b, n, nkv, hd}).transpose(1, 2);
   cache->keys[layer].slice(2, start, total).copy_(k);
   cache->values[layer].slice(2, start, total).copy_(v);
   at::Tensor keys = RepeatKv(cache->keys[layer].slice(2, 0, total), config_.num_kv_groups());
