@@ -228,9 +228,10 @@ Status RemoveTree(const std::string& path) {
 
 namespace {
 
-// A "Key:   123 kB" line of /proc/self/status, in bytes.
-int64_t ProcStatusBytes(const char* key) {
-  FILE* f = std::fopen("/proc/self/status", "r");
+// A "Key:   123 kB" line of /proc/<pid>/status ("self" for this process),
+// in bytes; 0 when the file cannot be read or has no such line.
+int64_t ProcStatusBytes(const std::string& pid, const char* key) {
+  FILE* f = std::fopen(("/proc/" + pid + "/status").c_str(), "r");
   if (f == nullptr) return 0;
   char line[256];
   int64_t kb = 0;
@@ -247,8 +248,9 @@ int64_t ProcStatusBytes(const char* key) {
 
 }  // namespace
 
-int64_t CurrentRssBytes() { return ProcStatusBytes("VmRSS:"); }
-int64_t PeakRssBytes() { return ProcStatusBytes("VmHWM:"); }
+int64_t CurrentRssBytes() { return ProcStatusBytes("self", "VmRSS:"); }
+int64_t PeakRssBytes() { return ProcStatusBytes("self", "VmHWM:"); }
+int64_t ProcessRssBytes(int64_t pid) { return ProcStatusBytes(std::to_string(pid), "VmRSS:"); }
 
 // Makes a completed rename durable: without the directory fsync a crash can
 // leave the old directory entry in place although the data blocks are on

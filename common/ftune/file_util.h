@@ -108,6 +108,8 @@ std::string Dirname(const std::string& path);
 
 int64_t CurrentRssBytes();
 int64_t PeakRssBytes();
+// Another process' resident set; 0 when it cannot be read (e.g. it exited).
+int64_t ProcessRssBytes(int64_t pid);
 
 }  // namespace ftune
 

@@ -13,13 +13,13 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "cluster.h"
+#include "ftune/file_util.h"
 
 namespace ftune::testing {
 namespace {
@@ -33,20 +33,7 @@ constexpr int kSteps = 80;
 constexpr int64_t kHistoryLogBytes = 32 << 10;  // under the agent's 64 KiB cut
 constexpr int kHistoryLogs = 500;               // 16 MiB of stored history
 
-int64_t RssBytes(pid_t pid) {
-  std::ifstream f("/proc/" + std::to_string(pid) + "/status");
-  std::string key;
-  while (f >> key) {
-    if (key == "VmRSS:") {
-      int64_t kb = 0;
-      f >> kb;
-      return kb << 10;
-    }
-    std::string rest;
-    std::getline(f, rest);
-  }
-  return -1;
-}
+int64_t RssBytes(pid_t pid) { return ftune::ProcessRssBytes(pid); }
 
 std::shared_ptr<grpc::Channel> OwnChannel(const std::string& address, int id) {
   // Channels of their own (no shared subchannel): the slow watchers' TCP
