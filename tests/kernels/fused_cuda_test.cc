@@ -18,48 +18,10 @@
 #include "kernels/fused.h"
 #include "kernels/fused_cuda.h"
 #include "kernels/nf4_math.h"
+#include "tests/kernels/cuda_test_util.h"
 
 namespace ftune::kernels {
 namespace {
-
-#define ASSERT_CUDA(call)                                                  \
-  do {                                                                     \
-    const cudaError_t e_ = (call);                                         \
-    ASSERT_EQ(e_, cudaSuccess) << #call << ": " << cudaGetErrorString(e_); \
-  } while (0)
-
-#define ASSERT_OK(expr)                                      \
-  do {                                                       \
-    const Status s_ = (expr);                                \
-    ASSERT_TRUE(s_.ok()) << #expr << ": " << s_.message();   \
-  } while (0)
-
-// A device copy of a host vector, `shift` elements into its allocation (a
-// shift of 1 defeats 16-byte alignment).
-template <typename T>
-class DeviceBuffer {
- public:
-  DeviceBuffer(size_t n, int shift = 0) : n_(n), shift_(shift) {
-    ok_ = cudaMalloc(&base_, (n + shift + 8) * sizeof(T)) == cudaSuccess;
-  }
-  explicit DeviceBuffer(const std::vector<T>& host, int shift = 0) : DeviceBuffer(host.size(), shift) {
-    if (ok_) ok_ = cudaMemcpy(get(), host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice) == cudaSuccess;
-  }
-  ~DeviceBuffer() { cudaFree(base_); }
-  bool ok() const { return ok_; }
-  T* get() { return static_cast<T*>(base_) + shift_; }
-  std::vector<T> Host() {
-    std::vector<T> h(n_);
-    ok_ = ok_ && cudaMemcpy(h.data(), get(), n_ * sizeof(T), cudaMemcpyDeviceToHost) == cudaSuccess;
-    return h;
-  }
-
- private:
-  void* base_ = nullptr;
-  size_t n_;
-  int shift_;
-  bool ok_ = false;
-};
 
 std::vector<uint16_t> RandomBf16(size_t n, float scale, uint32_t seed) {
   std::mt19937 gen(seed);
@@ -110,11 +72,11 @@ TEST_F(FusedCudaTest, RopeIsBitIdentical) {
     for (bool backward : {false, true}) {
       std::vector<uint16_t> want(n);
       ASSERT_OK(Rope(x.data(), cos.data(), sin.data(), tokens, heads, hd, backward, want.data()));
-      DeviceBuffer<uint16_t> dx(x), dc(cos), ds(sin), dy(n);
+      DeviceArray<uint16_t> dx(x), dc(cos), ds(sin), dy(n);
       ASSERT_TRUE(dx.ok() && dc.ok() && ds.ok() && dy.ok());
       ASSERT_OK(RopeCuda(dx.get(), dc.get(), ds.get(), tokens, heads, hd, backward, dy.get(), nullptr));
       ASSERT_CUDA(cudaDeviceSynchronize());
-      const Diff d = Compare(dy.Host(), want);
+      const Diff d = Compare(dy.Download(), want);
       EXPECT_EQ(d.differ, 0) << tokens << "x" << heads << "x" << hd << " backward=" << backward;
     }
   }
@@ -126,13 +88,13 @@ TEST_F(FusedCudaTest, SwigluAgreesWithTheReference) {
     std::vector<uint16_t> y(n), dg(n), du(n);
     ASSERT_OK(SwigluForward(g.data(), u.data(), n, y.data()));
     ASSERT_OK(SwigluBackward(dy.data(), g.data(), u.data(), n, dg.data(), du.data()));
-    DeviceBuffer<uint16_t> G(g, shift), U(u, shift), DY(dy, shift), Y(n, shift), DG(n, shift),
+    DeviceArray<uint16_t> G(g, shift), U(u, shift), DY(dy, shift), Y(n, shift), DG(n, shift),
         DU(n, shift);
     ASSERT_OK(SwigluForwardCuda(G.get(), U.get(), n, Y.get(), nullptr));
     ASSERT_OK(SwigluBackwardCuda(DY.get(), G.get(), U.get(), n, DG.get(), DU.get(), nullptr));
     ASSERT_CUDA(cudaDeviceSynchronize());
-    for (const auto& [name, got, want] : {std::tuple{"y", Y.Host(), y}, {"dg", DG.Host(), dg},
-                                          {"du", DU.Host(), du}}) {
+    for (const auto& [name, got, want] : {std::tuple{"y", Y.Download(), y}, {"dg", DG.Download(), dg},
+                                          {"du", DU.Download(), du}}) {
       const Diff d = Compare(got, want);
       std::printf("FUSED-CUDA swiglu n=%zu %s: %lld of %zu differ, %lld by more than one step\n", n,
                   name, static_cast<long long>(d.differ), n, static_cast<long long>(d.beyond_one_step));
@@ -155,18 +117,18 @@ TEST_F(FusedCudaTest, RmsNormAgreesWithTheReference) {
       const uint16_t* s = with_residual ? sum.data() : x.data();
       ASSERT_OK(RmsNormBackward(dy.data(), s, w.data(), rstd.data(),
                                 with_residual ? dres.data() : nullptr, rows, h, ds.data()));
-      DeviceBuffer<uint16_t> X(x, shift), R(res, shift), W(w, shift), S(n, shift), Y(n, shift),
+      DeviceArray<uint16_t> X(x, shift), R(res, shift), W(w, shift), S(n, shift), Y(n, shift),
           DY(dy, shift), DR(dres, shift), DS(n, shift);
-      DeviceBuffer<float> RS(rows);
+      DeviceArray<float> RS(rows);
       ASSERT_OK(RmsNormForwardCuda(X.get(), with_residual ? R.get() : nullptr, W.get(), rows, h,
                                    1e-5f, S.get(), Y.get(), RS.get(), nullptr));
       ASSERT_OK(RmsNormBackwardCuda(DY.get(), with_residual ? S.get() : X.get(), W.get(), RS.get(),
                                     with_residual ? DR.get() : nullptr, rows, h, DS.get(), nullptr));
       ASSERT_CUDA(cudaDeviceSynchronize());
-      if (with_residual) EXPECT_EQ(Compare(S.Host(), sum).differ, 0) << "sum is one rounded add";
-      const std::vector<float> got_rstd = RS.Host();
+      if (with_residual) EXPECT_EQ(Compare(S.Download(), sum).differ, 0) << "sum is one rounded add";
+      const std::vector<float> got_rstd = RS.Download();
       for (int r = 0; r < rows; ++r) EXPECT_NEAR(got_rstd[r], rstd[r], 1e-5 * rstd[r]) << r;
-      for (const auto& [name, got, want] : {std::tuple{"y", Y.Host(), y}, {"ds", DS.Host(), ds}}) {
+      for (const auto& [name, got, want] : {std::tuple{"y", Y.Download(), y}, {"ds", DS.Download(), ds}}) {
         // A row's rstd may differ in its last fp32 bit, which flips a rare
         // rounding of x * rstd by one bf16 step; w * that may then move by
         // two, and the backward's subtraction may cancel. So: few values

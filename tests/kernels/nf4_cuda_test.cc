@@ -19,54 +19,11 @@
 
 #include "kernels/nf4.h"
 #include "kernels/nf4_cuda.h"
+#include "tests/kernels/cuda_test_util.h"
 #include "tests/kernels/golden_file.h"
 
 namespace ftune::kernels {
 namespace {
-
-#define ASSERT_CUDA(call)                                                           \
-  do {                                                                              \
-    const cudaError_t e_ = (call);                                                  \
-    ASSERT_EQ(e_, cudaSuccess) << #call << ": " << cudaGetErrorString(e_);          \
-  } while (0)
-
-#define ASSERT_OK(expr)                          \
-  do {                                           \
-    const Status s_ = (expr);                    \
-    ASSERT_TRUE(s_.ok()) << #expr << ": " << s_.message(); \
-  } while (0)
-
-// Owns a device allocation; `shift` elements of slack in front let a test
-// hand the kernels a pointer that defeats their vectorized path.
-template <typename T>
-class DeviceArray {
- public:
-  explicit DeviceArray(size_t n, size_t shift = 0) : n_(n), shift_(shift) {
-    void* p = nullptr;
-    if (cudaMalloc(&p, (n + shift + 1) * sizeof(T)) == cudaSuccess) base_ = static_cast<T*>(p);
-  }
-  ~DeviceArray() { cudaFree(base_); }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-
-  T* get() const { return base_ == nullptr ? nullptr : base_ + shift_; }
-  bool ok() const { return base_ != nullptr; }
-  cudaError_t Upload(const std::vector<T>& host) const {
-    return cudaMemcpy(get(), host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice);
-  }
-  std::vector<T> Download() const {
-    std::vector<T> host(n_);
-    if (cudaMemcpy(host.data(), get(), n_ * sizeof(T), cudaMemcpyDeviceToHost) != cudaSuccess) {
-      host.clear();
-    }
-    return host;
-  }
-
- private:
-  T* base_ = nullptr;
-  size_t n_;
-  size_t shift_;
-};
 
 template <typename T>
 std::string FirstMismatch(const std::vector<T>& got, const std::vector<T>& want) {
