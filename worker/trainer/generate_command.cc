@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "ftune/file_util.h"
+#include "ftune/text_lines.h"
 #include "worker/data/text_stream.h"
 #include "worker/data/tokenizer.h"
 #include "worker/trainer/bnb_checkpoint.h"
@@ -28,9 +29,6 @@ std::string Dump(const json& j) {
   return j.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
-bool IsBlank(std::string_view s) {
-  return std::all_of(s.begin(), s.end(), [](char c) { return c == ' ' || c == '\t' || c == '\r'; });
-}
 
 Result<c10::Device> ParseDevice(const std::string& name) {
   if (name == "cpu") return c10::Device(c10::kCPU);
@@ -172,15 +170,10 @@ std::vector<int64_t> GenerationStopIds(const LlamaConfig& config,
 Result<std::vector<data::ChatMessage>> ParseMessagesJsonl(std::string_view text,
                                                           const std::string& source) {
   std::vector<data::ChatMessage> out;
+  NonBlankLines lines(text);
+  std::string_view line_text;
   int64_t line = 0;
-  size_t pos = 0;
-  while (pos < text.size()) {
-    size_t end = text.find('\n', pos);
-    if (end == std::string_view::npos) end = text.size();
-    const std::string_view line_text = text.substr(pos, end - pos);
-    ++line;
-    pos = end + 1;
-    if (IsBlank(line_text)) continue;
+  while (lines.Next(&line_text, &line)) {
     const std::string where = source + " line " + std::to_string(line) + ": ";
     json doc = json::parse(line_text.begin(), line_text.end(), nullptr, /*allow_exceptions=*/false);
     if (doc.is_discarded()) {

@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "ftune/file_util.h"
+#include "ftune/text_lines.h"
 #include "worker/trainer/bnb_checkpoint.h"
 #include "worker/trainer/loss.h"
 
@@ -108,13 +109,6 @@ Result<ScoreSequence> ParseLine(std::string_view line_text, int64_t line,
   return seq;
 }
 
-bool IsBlank(std::string_view s) {
-  for (char c : s) {
-    if (c != ' ' && c != '\t' && c != '\r') return false;
-  }
-  return true;
-}
-
 std::string DtypeName(c10::ScalarType t) {
   switch (t) {
     case c10::ScalarType::Float: return "float32";
@@ -141,15 +135,10 @@ std::optional<double> ScoreReport::MeanLoss() const {
 Result<std::vector<ScoreSequence>> ParseTokenLines(std::string_view text,
                                                    const std::string& source_name) {
   std::vector<ScoreSequence> out;
+  NonBlankLines lines(text);
+  std::string_view line_text;
   int64_t line = 0;
-  size_t pos = 0;
-  while (pos < text.size()) {
-    size_t end = text.find('\n', pos);
-    if (end == std::string_view::npos) end = text.size();
-    const std::string_view line_text = text.substr(pos, end - pos);
-    ++line;
-    pos = end + 1;
-    if (IsBlank(line_text)) continue;
+  while (lines.Next(&line_text, &line)) {
     FTUNE_ASSIGN_OR_RETURN(ScoreSequence seq, ParseLine(line_text, line, source_name));
     out.push_back(std::move(seq));
   }
