@@ -37,6 +37,21 @@ Status SwigluForward(const uint16_t* g, const uint16_t* u, int64_t n, uint16_t* 
 Status SwigluBackward(const uint16_t* dy, const uint16_t* g, const uint16_t* u, int64_t n,
                       uint16_t* dg, uint16_t* du);
 
+// The same over `rows` rows of `cols` values where each operand has a row
+// stride (in values): g and u may be column ranges of one wider buffer (a
+// fused gate/up GEMM's output, row stride `ld_gu`) and dg/du may be written
+// into column ranges of another (`ld_d`), so no operand needs a copy.
+struct SwigluRows {
+  int64_t rows = 0, cols = 0;
+  int64_t ld_gu = 0;  // row stride of g and u
+  int64_t ld_y = 0;   // row stride of y (forward) or dy (backward)
+  int64_t ld_d = 0;   // row stride of dg and du (backward)
+};
+Status SwigluForwardRows(const uint16_t* g, const uint16_t* u, const SwigluRows& shape,
+                         uint16_t* y);
+Status SwigluBackwardRows(const uint16_t* dy, const uint16_t* g, const uint16_t* u,
+                          const SwigluRows& shape, uint16_t* dg, uint16_t* du);
+
 // RoPE on x of shape (tokens, heads, hd) with cos/sin of shape (tokens, hd):
 // y = x * cos + rotate_half(x) * sin. With backward = true, x is the
 // output's gradient and y the input's. hd must be even.
@@ -46,6 +61,8 @@ Status Rope(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t
 // Argument checks shared by both sides; `name` prefixes the message.
 Status CheckRmsNormArgs(const char* name, int64_t rows, int64_t h, float eps);
 Status CheckRopeArgs(const char* name, int64_t tokens, int64_t heads, int64_t hd);
+// Strides at least `cols` (ld_d only when `backward`), no negative sizes.
+Status CheckSwigluRows(const char* name, const SwigluRows& shape, bool backward);
 
 }  // namespace ftune::kernels
 

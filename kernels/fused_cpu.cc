@@ -79,24 +79,58 @@ Status RmsNormBackward(const uint16_t* dy, const uint16_t* s, const uint16_t* w,
   return Status::Ok();
 }
 
-Status SwigluForward(const uint16_t* g, const uint16_t* u, int64_t n, uint16_t* y) {
-  if (n < 0) return Status::Error("SwigluForward: n must be >= 0");
-  for (int64_t i = 0; i < n; ++i) {
-    y[i] = FloatToBf16(math::SwigluForward(Bf16ToFloat(g[i]), Bf16ToFloat(u[i])));
+Status CheckSwigluRows(const char* name, const SwigluRows& r, bool backward) {
+  if (r.rows < 0 || r.cols < 0 || r.ld_gu < r.cols || r.ld_y < r.cols ||
+      (backward && r.ld_d < r.cols)) {
+    return Status::Error(std::string(name) + ": need rows, cols >= 0 and row strides >= cols; got " +
+                         std::to_string(r.rows) + " x " + std::to_string(r.cols) + ", strides " +
+                         std::to_string(r.ld_gu) + ", " + std::to_string(r.ld_y) +
+                         (backward ? ", " + std::to_string(r.ld_d) : std::string()));
   }
   return Status::Ok();
+}
+
+Status SwigluForwardRows(const uint16_t* g, const uint16_t* u, const SwigluRows& r,
+                         uint16_t* y) {
+  if (Status s = CheckSwigluRows("SwigluForwardRows", r, false); !s.ok()) return s;
+  for (int64_t row = 0; row < r.rows; ++row) {
+    const uint16_t* gr = g + row * r.ld_gu;
+    const uint16_t* ur = u + row * r.ld_gu;
+    uint16_t* yr = y + row * r.ld_y;
+    for (int64_t i = 0; i < r.cols; ++i) {
+      yr[i] = FloatToBf16(math::SwigluForward(Bf16ToFloat(gr[i]), Bf16ToFloat(ur[i])));
+    }
+  }
+  return Status::Ok();
+}
+
+Status SwigluBackwardRows(const uint16_t* dy, const uint16_t* g, const uint16_t* u,
+                          const SwigluRows& r, uint16_t* dg, uint16_t* du) {
+  if (Status s = CheckSwigluRows("SwigluBackwardRows", r, true); !s.ok()) return s;
+  for (int64_t row = 0; row < r.rows; ++row) {
+    const uint16_t* dyr = dy + row * r.ld_y;
+    const uint16_t* gr = g + row * r.ld_gu;
+    const uint16_t* ur = u + row * r.ld_gu;
+    for (int64_t i = 0; i < r.cols; ++i) {
+      float a, b;
+      math::SwigluBackward(Bf16ToFloat(dyr[i]), Bf16ToFloat(gr[i]), Bf16ToFloat(ur[i]), &a, &b);
+      dg[row * r.ld_d + i] = FloatToBf16(a);
+      du[row * r.ld_d + i] = FloatToBf16(b);
+    }
+  }
+  return Status::Ok();
+}
+
+// n contiguous values are one row of n.
+Status SwigluForward(const uint16_t* g, const uint16_t* u, int64_t n, uint16_t* y) {
+  if (n < 0) return Status::Error("SwigluForward: n must be >= 0");
+  return SwigluForwardRows(g, u, SwigluRows{1, n, n, n, n}, y);
 }
 
 Status SwigluBackward(const uint16_t* dy, const uint16_t* g, const uint16_t* u, int64_t n,
                       uint16_t* dg, uint16_t* du) {
   if (n < 0) return Status::Error("SwigluBackward: n must be >= 0");
-  for (int64_t i = 0; i < n; ++i) {
-    float a, b;
-    math::SwigluBackward(Bf16ToFloat(dy[i]), Bf16ToFloat(g[i]), Bf16ToFloat(u[i]), &a, &b);
-    dg[i] = FloatToBf16(a);
-    du[i] = FloatToBf16(b);
-  }
-  return Status::Ok();
+  return SwigluBackwardRows(dy, g, u, SwigluRows{1, n, n, n, n}, dg, du);
 }
 
 Status Rope(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t tokens,

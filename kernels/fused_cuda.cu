@@ -192,24 +192,29 @@ int NormThreads(int64_t h) {
 
 // ------------------------------------------------------- elementwise
 
+// Rows of `cols` values with row strides (SwigluRows); contiguous operands
+// are one row. With kVector, cols and every stride are multiples of kVec
+// and the pointers 16-byte aligned, so each access stays within a row.
 template <bool kVector>
 __global__ void __launch_bounds__(256)
-    SwigluForwardKernel(const uint16_t* __restrict__ g, const uint16_t* __restrict__ u, int64_t n,
-                        uint16_t* __restrict__ y) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if constexpr (kVector) {
-    for (int64_t i = first * kVec; i < n; i += stride * kVec) {
+    SwigluForwardKernel(const uint16_t* __restrict__ g, const uint16_t* __restrict__ u,
+                        SwigluRows r, uint16_t* __restrict__ y) {
+  constexpr int kStep = kVector ? kVec : 1;
+  const int64_t n = r.rows * r.cols;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * kStep;
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kStep; i < n;
+       i += stride) {
+    const int64_t row = i / r.cols, col = i - row * r.cols;
+    const int64_t in = row * r.ld_gu + col, out = row * r.ld_y + col;
+    if constexpr (kVector) {
       float a[kVec], b[kVec];
-      Load8(g + i, a);
-      Load8(u + i, b);
+      Load8(g + in, a);
+      Load8(u + in, b);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) a[k] = math::SwigluForward(a[k], b[k]);
-      Store8(y + i, a);
-    }
-  } else {
-    for (int64_t i = first; i < n; i += stride) {
-      y[i] = FloatToBf16(math::SwigluForward(Bf16ToFloat(g[i]), Bf16ToFloat(u[i])));
+      Store8(y + out, a);
+    } else {
+      y[out] = FloatToBf16(math::SwigluForward(Bf16ToFloat(g[in]), Bf16ToFloat(u[in])));
     }
   }
 }
@@ -217,29 +222,35 @@ __global__ void __launch_bounds__(256)
 template <bool kVector>
 __global__ void __launch_bounds__(256)
     SwigluBackwardKernel(const uint16_t* __restrict__ dy, const uint16_t* __restrict__ g,
-                         const uint16_t* __restrict__ u, int64_t n, uint16_t* __restrict__ dg,
+                         const uint16_t* __restrict__ u, SwigluRows r, uint16_t* __restrict__ dg,
                          uint16_t* __restrict__ du) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if constexpr (kVector) {
-    for (int64_t i = first * kVec; i < n; i += stride * kVec) {
-      float d[kVec], a[kVec], b[kVec], oa[kVec], ob[kVec];
-      Load8(dy + i, d);
-      Load8(g + i, a);
-      Load8(u + i, b);
+  constexpr int kStep = kVector ? kVec : 1;
+  const int64_t n = r.rows * r.cols;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * kStep;
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kStep; i < n;
+       i += stride) {
+    const int64_t row = i / r.cols, col = i - row * r.cols;
+    const int64_t in = row * r.ld_gu + col, d = row * r.ld_y + col, out = row * r.ld_d + col;
+    if constexpr (kVector) {
+      float dd[kVec], a[kVec], b[kVec], oa[kVec], ob[kVec];
+      Load8(dy + d, dd);
+      Load8(g + in, a);
+      Load8(u + in, b);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) math::SwigluBackward(d[k], a[k], b[k], &oa[k], &ob[k]);
-      Store8(dg + i, oa);
-      Store8(du + i, ob);
-    }
-  } else {
-    for (int64_t i = first; i < n; i += stride) {
+      for (int k = 0; k < kVec; ++k) math::SwigluBackward(dd[k], a[k], b[k], &oa[k], &ob[k]);
+      Store8(dg + out, oa);
+      Store8(du + out, ob);
+    } else {
       float a, b;
-      math::SwigluBackward(Bf16ToFloat(dy[i]), Bf16ToFloat(g[i]), Bf16ToFloat(u[i]), &a, &b);
-      dg[i] = FloatToBf16(a);
-      du[i] = FloatToBf16(b);
+      math::SwigluBackward(Bf16ToFloat(dy[d]), Bf16ToFloat(g[in]), Bf16ToFloat(u[in]), &a, &b);
+      dg[out] = FloatToBf16(a);
+      du[out] = FloatToBf16(b);
     }
   }
+}
+
+bool RowsVectorize(const SwigluRows& r) {
+  return r.cols % kVec == 0 && r.ld_gu % kVec == 0 && r.ld_y % kVec == 0 && r.ld_d % kVec == 0;
 }
 
 unsigned ElementwiseCtas(int64_t work_items) {
@@ -359,29 +370,44 @@ Status RmsNormBackwardCuda(const uint16_t* dy, const uint16_t* s, const uint16_t
   return LaunchStatus("RmsNormBackwardKernel");
 }
 
+Status SwigluForwardRowsCuda(const uint16_t* g, const uint16_t* u, const SwigluRows& r,
+                             uint16_t* y, cudaStream_t stream) {
+  if (Status st = CheckSwigluRows("SwigluForwardRowsCuda", r, false); !st.ok()) return st;
+  const int64_t n = r.rows * r.cols;
+  if (n == 0) return Status::Ok();
+  if (RowsVectorize(r) && Aligned16(g) && Aligned16(u) && Aligned16(y)) {
+    SwigluForwardKernel<true><<<ElementwiseCtas(n / kVec), 256, 0, stream>>>(g, u, r, y);
+  } else {
+    SwigluForwardKernel<false><<<ElementwiseCtas(n), 256, 0, stream>>>(g, u, r, y);
+  }
+  return LaunchStatus("SwigluForwardKernel");
+}
+
+Status SwigluBackwardRowsCuda(const uint16_t* dy, const uint16_t* g, const uint16_t* u,
+                              const SwigluRows& r, uint16_t* dg, uint16_t* du,
+                              cudaStream_t stream) {
+  if (Status st = CheckSwigluRows("SwigluBackwardRowsCuda", r, true); !st.ok()) return st;
+  const int64_t n = r.rows * r.cols;
+  if (n == 0) return Status::Ok();
+  if (RowsVectorize(r) && Aligned16(dy) && Aligned16(g) && Aligned16(u) && Aligned16(dg) &&
+      Aligned16(du)) {
+    SwigluBackwardKernel<true><<<ElementwiseCtas(n / kVec), 256, 0, stream>>>(dy, g, u, r, dg, du);
+  } else {
+    SwigluBackwardKernel<false><<<ElementwiseCtas(n), 256, 0, stream>>>(dy, g, u, r, dg, du);
+  }
+  return LaunchStatus("SwigluBackwardKernel");
+}
+
 Status SwigluForwardCuda(const uint16_t* g, const uint16_t* u, int64_t n, uint16_t* y,
                          cudaStream_t stream) {
   if (n < 0) return Status::Error("SwigluForwardCuda: n must be >= 0");
-  if (n == 0) return Status::Ok();
-  if (n % kVec == 0 && Aligned16(g) && Aligned16(u) && Aligned16(y)) {
-    SwigluForwardKernel<true><<<ElementwiseCtas(n / kVec), 256, 0, stream>>>(g, u, n, y);
-  } else {
-    SwigluForwardKernel<false><<<ElementwiseCtas(n), 256, 0, stream>>>(g, u, n, y);
-  }
-  return LaunchStatus("SwigluForwardKernel");
+  return SwigluForwardRowsCuda(g, u, SwigluRows{1, n, n, n, n}, y, stream);
 }
 
 Status SwigluBackwardCuda(const uint16_t* dy, const uint16_t* g, const uint16_t* u, int64_t n,
                           uint16_t* dg, uint16_t* du, cudaStream_t stream) {
   if (n < 0) return Status::Error("SwigluBackwardCuda: n must be >= 0");
-  if (n == 0) return Status::Ok();
-  if (n % kVec == 0 && Aligned16(dy) && Aligned16(g) && Aligned16(u) && Aligned16(dg) &&
-      Aligned16(du)) {
-    SwigluBackwardKernel<true><<<ElementwiseCtas(n / kVec), 256, 0, stream>>>(dy, g, u, n, dg, du);
-  } else {
-    SwigluBackwardKernel<false><<<ElementwiseCtas(n), 256, 0, stream>>>(dy, g, u, n, dg, du);
-  }
-  return LaunchStatus("SwigluBackwardKernel");
+  return SwigluBackwardRowsCuda(dy, g, u, SwigluRows{1, n, n, n, n}, dg, du, stream);
 }
 
 Status RopeCuda(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t tokens,

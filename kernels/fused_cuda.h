@@ -25,6 +25,11 @@ Status SwigluForwardCuda(const uint16_t* g, const uint16_t* u, int64_t n, uint16
                          cudaStream_t stream);
 Status SwigluBackwardCuda(const uint16_t* dy, const uint16_t* g, const uint16_t* u, int64_t n,
                           uint16_t* dg, uint16_t* du, cudaStream_t stream);
+Status SwigluForwardRowsCuda(const uint16_t* g, const uint16_t* u, const SwigluRows& shape,
+                             uint16_t* y, cudaStream_t stream);
+Status SwigluBackwardRowsCuda(const uint16_t* dy, const uint16_t* g, const uint16_t* u,
+                              const SwigluRows& shape, uint16_t* dg, uint16_t* du,
+                              cudaStream_t stream);
 Status RopeCuda(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t tokens,
                 int64_t heads, int64_t hd, bool backward, uint16_t* y, cudaStream_t stream);
 

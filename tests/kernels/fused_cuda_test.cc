@@ -104,6 +104,43 @@ TEST_F(FusedCudaTest, SwigluAgreesWithTheReference) {
   }
 }
 
+// Gate and up as column ranges of one packed buffer (a fused GEMM's
+// output), the gradients written into another: the vector path (columns
+// and strides multiples of 8) and the scalar one.
+TEST_F(FusedCudaTest, SwigluRowsAgreesWithTheReference) {
+  for (const auto& [rows, cols, extra] : {std::tuple{int64_t{300}, int64_t{1024}, int64_t{16}},
+                                          {int64_t{37}, int64_t{100}, int64_t{3}}}) {
+    const int64_t ld = 2 * cols + extra;
+    const size_t n = static_cast<size_t>(rows * ld), m = static_cast<size_t>(rows * cols);
+    const auto gu = RandomBf16(n, 3.0f, 12), dy = RandomBf16(m, 0.1f, 13);
+    const auto fill = RandomBf16(n, 1.0f, 14);  // what the gradient buffer held before
+    const SwigluRows r{rows, cols, ld, cols, ld};
+    std::vector<uint16_t> y(m), d = fill;
+    ASSERT_OK(SwigluForwardRows(gu.data(), gu.data() + cols, r, y.data()));
+    ASSERT_OK(SwigluBackwardRows(dy.data(), gu.data(), gu.data() + cols, r, d.data(),
+                                 d.data() + cols));
+    DeviceArray<uint16_t> GU(gu, 0), DY(dy, 0), Y(m, 0), D(fill, 0);
+    ASSERT_OK(SwigluForwardRowsCuda(GU.get(), GU.get() + cols, r, Y.get(), nullptr));
+    ASSERT_OK(SwigluBackwardRowsCuda(DY.get(), GU.get(), GU.get() + cols, r, D.get(),
+                                     D.get() + cols, nullptr));
+    ASSERT_CUDA(cudaDeviceSynchronize());
+    for (const auto& [name, got, want] : {std::tuple{"y", Y.Download(), y}, {"d", D.Download(), d}}) {
+      const Diff diff = Compare(got, want);
+      std::printf("FUSED-CUDA swiglu rows %lldx%lld ld %lld %s: %lld differ, %lld by more than one "
+                  "step\n", static_cast<long long>(rows), static_cast<long long>(cols),
+                  static_cast<long long>(ld), name, static_cast<long long>(diff.differ),
+                  static_cast<long long>(diff.beyond_one_step));
+      EXPECT_EQ(diff.beyond_one_step, 0) << name;
+      EXPECT_LT(diff.differ, static_cast<int64_t>(got.size() / 1000) + 1) << name;
+    }
+    // The columns past gate and up keep what they held.
+    const auto got = D.Download();
+    for (int64_t row = 0; row < rows; ++row) {
+      for (int64_t c = 2 * cols; c < ld; ++c) ASSERT_EQ(got[row * ld + c], fill[row * ld + c]);
+    }
+  }
+}
+
 TEST_F(FusedCudaTest, RmsNormAgreesWithTheReference) {
   for (const auto& [rows, h, shift] : {std::tuple{64, 4096, 0}, {33, 8192, 0}, {7, 100, 1}, {3, 4104, 0}}) {
     const size_t n = static_cast<size_t>(rows) * h;

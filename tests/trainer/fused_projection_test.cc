@@ -11,6 +11,7 @@
 #include <memory>
 #include <vector>
 
+#include "worker/trainer/fused_ops.h"
 #include "worker/trainer/fused_projection.h"
 #include "worker/trainer/lora.h"
 #include "worker/trainer/nf4_linear.h"
@@ -122,6 +123,75 @@ TEST(FusedProjectionTest, BiasesAsTheModulesAddThem) {
   // A bias of another dtype than the input's is left to the modules.
   v->set_bias(at::zeros({8}));
   EXPECT_FALSE(FusedProjectionsApply(mods, x, true));
+}
+
+// The packed SwiGLU reads gate and up where one GEMM wrote them, and its
+// backward writes their gradients there: the same bits as the kernel on
+// separate copies.
+TEST(FusedProjectionTest, PackedSwigluIsTheSwigluOfItsColumns) {
+  at::manual_seed(12);
+  const int64_t rows = 5, cols = 24, width = 2 * cols + 6;  // 6 more columns, as A's rows
+  const at::Tensor packed = at::randn({rows, width}).to(at::kBFloat16);
+  const at::Tensor g = packed.narrow(1, 0, cols).contiguous();
+  const at::Tensor u = packed.narrow(1, cols, cols).contiguous();
+  EXPECT_TRUE(at::equal(SwigluOfPacked(packed, cols), FusedSwiglu(g, u)));
+  const at::Tensor gg = g.clone().set_requires_grad(true), uu = u.clone().set_requires_grad(true);
+  const at::Tensor dy = at::randn({rows, cols}).to(at::kBFloat16);
+  const auto grads = torch::autograd::grad({FusedSwiglu(gg, uu)}, {gg, uu}, {dy});
+  at::Tensor grad = at::full({rows, width}, 7.0, packed.options());
+  SwigluOfPackedBackward(dy, packed, cols, grad);
+  EXPECT_TRUE(at::equal(grad.narrow(1, 0, cols), grads[0]));
+  EXPECT_TRUE(at::equal(grad.narrow(1, cols, cols), grads[1]));
+  // The columns after gate and up are left alone.
+  EXPECT_TRUE(at::equal(grad.narrow(1, 2 * cols, width - 2 * cols),
+                        at::full({rows, width - 2 * cols}, 7.0, packed.options())));
+  EXPECT_THROW(SwigluOfPacked(packed, width), c10::Error);  // wider than the rows
+}
+
+// GateUpSwiglu against the projections it replaces: bit for bit against
+// FusedLoraProjections + FusedSwiglu (the same GEMMs and kernels, with
+// copies), and within bf16 roundings against silu(gate) * up module by
+// module; every gradient too, with the buffer kept or rebuilt.
+TEST(FusedProjectionTest, GateUpSwigluMatchesTheProjectionsAndSwiglu) {
+  auto gate = Module(40, 32, 4, 2.0, 13), up = Module(40, 32, 8, 0.5, 14);
+  const std::vector<const LoraLinear*> mods = {gate.get(), up.get()};
+  at::manual_seed(15);
+  const at::Tensor x_in = at::randn({2, 6, 32}).to(at::kBFloat16);
+  const at::Tensor dy = at::randn({2, 6, 40}).to(at::kBFloat16);
+  auto run = [&](int how) {
+    at::Tensor x = x_in.detach().clone().set_requires_grad(true);
+    at::Tensor y;
+    if (how == 0) {
+      y = GateUpSwiglu(*gate, *up, x, /*training=*/true, /*fuse=*/true);
+    } else if (how == 1) {
+      const std::vector<at::Tensor> gu = FusedLoraProjections(mods, x, true);
+      y = FusedSwiglu(gu[0], gu[1]);
+    } else {
+      y = at::silu(gate->Forward(x, true)) * up->Forward(x, true);
+    }
+    std::vector<at::Tensor> inputs = {x, gate->adapter().a, gate->adapter().b, up->adapter().a,
+                                      up->adapter().b};
+    std::vector<at::Tensor> out = torch::autograd::grad({y}, inputs, {dy});
+    out.insert(out.begin(), y);
+    return out;
+  };
+  for (bool keep : {false, true}) {
+    std::unique_ptr<KeepDequantizedWeights> kept;
+    if (keep) kept = std::make_unique<KeepDequantizedWeights>();
+    const auto fused = run(0), copies = run(1), plain = run(2);
+    ASSERT_EQ(fused.size(), 6u);
+    for (size_t i = 0; i < fused.size(); ++i) {
+      EXPECT_EQ(fused[i].sizes(), copies[i].sizes()) << i;
+      EXPECT_TRUE(at::equal(fused[i], copies[i])) << "tensor " << i << " keep " << keep;
+      const double rel = RelL2(fused[i], plain[i]);
+      std::printf("GATE-UP-SWIGLU %zu l2-rel %.3g (keep %d)\n", i, rel, keep);
+      EXPECT_LT(rel, 2e-2) << "tensor " << i;
+    }
+  }
+  // Unfused, it is the modules and LibTorch's ops.
+  at::Tensor x = x_in.to(at::kFloat);
+  EXPECT_TRUE(at::equal(GateUpSwiglu(*gate, *up, x, false, /*fuse=*/true),
+                        at::silu(gate->Forward(x, false)) * up->Forward(x, false)));
 }
 
 TEST(FusedProjectionTest, AppliesOnlyWhereItComputesTheSame) {

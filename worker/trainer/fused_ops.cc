@@ -247,6 +247,58 @@ at::Tensor FusedSwiglu(const at::Tensor& g, const at::Tensor& u) {
   return SwigluFunction::apply(g, u);
 }
 
+namespace {
+
+void CheckPacked(const char* op, const at::Tensor& t, int64_t rows, int64_t cols) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.dim() == 2 && t.size(0) == rows &&
+                  t.size(1) >= 2 * cols && t.stride(1) == 1,
+              op, ": needs a 2-D bf16 tensor of ", rows, " rows of at least ", 2 * cols,
+              " contiguous values; got ", t.scalar_type(), " ", t.sizes(), " strides ",
+              t.strides());
+}
+
+}  // namespace
+
+at::Tensor SwigluOfPacked(const at::Tensor& packed, int64_t cols) {
+  CheckPacked("SwigluOfPacked", packed, packed.size(0), cols);
+  at::Tensor y = at::empty({packed.size(0), cols}, packed.options());
+  const kernels::SwigluRows r{packed.size(0), cols, packed.stride(0), cols, 0};
+  const uint16_t* g = Bits(packed);
+  if (packed.is_cpu()) {
+    Check(kernels::SwigluForwardRows(g, g + cols, r, Bits(y)));
+    return y;
+  }
+#if FTUNE_FUSED_CUDA
+  c10::cuda::CUDAGuard guard(packed.device());
+  Check(kernels::SwigluForwardRowsCuda(g, g + cols, r, Bits(y), Stream(packed)));
+  return y;
+#else
+  TORCH_CHECK(false, "fused SwiGLU on ", packed.device(), ": built without the CUDA kernels");
+#endif
+}
+
+void SwigluOfPackedBackward(const at::Tensor& dy_in, const at::Tensor& packed, int64_t cols,
+                            const at::Tensor& grad) {
+  const int64_t rows = packed.size(0);
+  CheckPacked("SwigluOfPackedBackward", packed, rows, cols);
+  CheckPacked("SwigluOfPackedBackward", grad, rows, cols);
+  const at::Tensor dy = dy_in.reshape({rows, cols}).contiguous();
+  CheckOperand("SwigluOfPackedBackward", dy, packed);
+  const kernels::SwigluRows r{rows, cols, packed.stride(0), cols, grad.stride(0)};
+  const uint16_t* g = Bits(packed);
+  uint16_t* d = Bits(grad);
+  if (packed.is_cpu()) {
+    Check(kernels::SwigluBackwardRows(Bits(dy), g, g + cols, r, d, d + cols));
+    return;
+  }
+#if FTUNE_FUSED_CUDA
+  c10::cuda::CUDAGuard guard(packed.device());
+  Check(kernels::SwigluBackwardRowsCuda(Bits(dy), g, g + cols, r, d, d + cols, Stream(packed)));
+#else
+  TORCH_CHECK(false, "fused SwiGLU on ", packed.device(), ": built without the CUDA kernels");
+#endif
+}
+
 at::Tensor FusedRope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   CheckOperand("fused RoPE", x, x);
   CheckOperand("fused RoPE", cos, x);

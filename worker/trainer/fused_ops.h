@@ -32,6 +32,16 @@ std::pair<at::Tensor, at::Tensor> FusedAddRmsNorm(const at::Tensor& x, const at:
                                                   const at::Tensor& w, double eps);
 // silu(g) * u.
 at::Tensor FusedSwiglu(const at::Tensor& g, const at::Tensor& u);
+// silu(gate) * up where gate and up are the column ranges [0, cols) and
+// [cols, 2 cols) of the 2-D bf16 `packed` (a fused gate/up GEMM's output;
+// its rows may be wider): a new (rows, cols) tensor, with no copy of gate
+// or up. Not differentiable; the fused projection's autograd function
+// (fused_projection.h) calls it and the backward below.
+at::Tensor SwigluOfPacked(const at::Tensor& packed, int64_t cols);
+// The gradients of gate and up for dy (rows, cols), written into the same
+// column ranges of the 2-D bf16 `grad` (rows as wide as it is).
+void SwigluOfPackedBackward(const at::Tensor& dy, const at::Tensor& packed, int64_t cols,
+                            const at::Tensor& grad);
 // x * cos + rotate_half(x) * sin for x of shape (batch, seq, heads, head_dim)
 // and cos/sin of shape (batch, seq, 1, head_dim) (no gradient).
 at::Tensor FusedRope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);

@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "worker/trainer/fused_ops.h"
 #include "worker/trainer/nf4_linear.h"
 #include "worker/trainer/profiler.h"
 
@@ -83,10 +84,11 @@ Nf4Weight SavedWeight(AutogradContext* ctx, size_t i) {
 }
 
 // Inputs: x, then each adapter's (A, B) in module order (fp32 leaves);
-// outputs: one tensor per module.
+// outputs: one tensor per module, or with `swiglu` (two modules of equal
+// width: gate, up) the one tensor silu(gate) * up.
 struct FusedProjectionFunction : public torch::autograd::Function<FusedProjectionFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList adapters,
-                               const std::vector<const LoraLinear*>& modules) {
+                               const std::vector<const LoraLinear*>& modules, bool swiglu) {
     FTUNE_RANGE("ftune::fused_projection");
     const Layout l = MakeLayout(modules);
     const c10::ScalarType dt = x.scalar_type();
@@ -103,7 +105,10 @@ struct FusedProjectionFunction : public torch::autograd::Function<FusedProjectio
     }
     const at::Tensor w = StackedWeights(weights, a, l, x.options());
     at::Tensor y = at::mm(x2, w.t());  // (T, base_rows + lora_rows)
-    const at::Tensor xa = y.narrow(1, l.base_rows, l.lora_rows).clone();  // (T, R): x A^T
+    // (T, R): x A^T. With swiglu y is saved whole, so a view does; otherwise
+    // y is freed after the outputs are copied out of it.
+    const at::Tensor xa = swiglu ? y.narrow(1, l.base_rows, l.lora_rows)
+                                 : y.narrow(1, l.base_rows, l.lora_rows).clone();
     for (size_t i = 0; i < modules.size(); ++i) {
       at::Tensor yi = y.narrow(1, l.out_offset[i], l.out[i]);
       // The frozen bias before the adapter, as LoraLinear adds it.
@@ -111,7 +116,7 @@ struct FusedProjectionFunction : public torch::autograd::Function<FusedProjectio
       if (l.r[i] > 0) yi.addmm_(xa.narrow(1, l.r_offset[i], l.r[i]), bs[i].t());
     }
     // Saved: x, x A^T, the cast Bs; the buffer itself or how to rebuild it.
-    std::vector<at::Tensor> saved = {x2, xa};
+    std::vector<at::Tensor> saved = {x2, swiglu ? y : xa};
     for (size_t i = 0; i < modules.size(); ++i) {
       if (l.r[i] > 0) saved.push_back(bs[i]);
     }
@@ -125,6 +130,7 @@ struct FusedProjectionFunction : public torch::autograd::Function<FusedProjectio
       }
     }
     ctx->saved_data["modules"] = static_cast<int64_t>(modules.size());
+    ctx->saved_data["swiglu"] = swiglu;
     ctx->saved_data["lead"] = x.sizes().slice(0, x.dim() - 1).vec();
     for (size_t i = 0; i < modules.size(); ++i) {
       ctx->saved_data["out" + std::to_string(i)] = l.out[i];
@@ -132,6 +138,11 @@ struct FusedProjectionFunction : public torch::autograd::Function<FusedProjectio
       ctx->saved_data["scaling" + std::to_string(i)] = l.scaling[i];
     }
     std::vector<int64_t> shape = x.sizes().vec();
+    if (swiglu) {
+      // Gate and up read in place from y: no copies of them.
+      shape.back() = l.out[0];
+      return {SwigluOfPacked(y, l.out[0]).view(shape)};
+    }
     variable_list outputs;
     for (size_t i = 0; i < modules.size(); ++i) {
       shape.back() = l.out[i];
@@ -156,13 +167,21 @@ struct FusedProjectionFunction : public torch::autograd::Function<FusedProjectio
       l.scaling.push_back(ctx->saved_data["scaling" + std::to_string(i)].toDouble());
     }
     const variable_list saved = ctx->get_saved_variables();
+    const bool swiglu = ctx->saved_data["swiglu"].toBool();
     const at::Tensor& x2 = saved[0];  // (T, in)
-    const at::Tensor& xa = saved[1];  // (T, R)
+    // (T, R); with swiglu saved[1] is the GEMM's whole output y.
+    const at::Tensor xa = swiglu ? saved[1].narrow(1, l.base_rows, l.lora_rows) : saved[1];
     const int64_t T = x2.size(0), in = x2.size(1);
     // [dY_1, ..., dY_n, dY_1 B_1, ..., dY_n B_n]: the gradient of the GEMM's
     // whole output, A's part included.
     at::Tensor g = at::empty({T, l.base_rows + l.lora_rows}, x2.options());
-    for (size_t i = 0; i < n; ++i) {
+    if (swiglu && grads[0].defined()) {
+      // d(gate) and d(up) written straight into their columns of g.
+      SwigluOfPackedBackward(grads[0], saved[1], l.out[0], g);
+    } else if (swiglu) {
+      g.narrow(1, 0, l.base_rows).zero_();
+    }
+    for (size_t i = 0; i < n && !swiglu; ++i) {
       at::Tensor gi = g.narrow(1, l.out_offset[i], l.out[i]);
       if (grads[i].defined()) {
         gi.copy_(grads[i].reshape({T, l.out[i]}));
@@ -201,6 +220,7 @@ struct FusedProjectionFunction : public torch::autograd::Function<FusedProjectio
     shape.push_back(in);
     result[0] = at::mm(g, w).view(shape);  // (T, in): every path's gradient at once
     result.emplace_back();                 // `modules` is not differentiable
+    result.emplace_back();                 // nor `swiglu`
     return result;
   }
 };
@@ -238,7 +258,26 @@ std::vector<at::Tensor> FusedLoraProjections(const std::vector<const LoraLinear*
     adapters.push_back(m->adapter().a);
     adapters.push_back(m->adapter().b);
   }
-  return FusedProjectionFunction::apply(x, at::TensorList(adapters), modules);
+  return FusedProjectionFunction::apply(x, at::TensorList(adapters), modules, /*swiglu=*/false);
+}
+
+at::Tensor GateUpSwiglu(const LoraLinear& gate, const LoraLinear& up, const at::Tensor& x,
+                        bool training, bool fuse) {
+  const std::vector<const LoraLinear*> modules = {&gate, &up};
+  if (fuse && gate.out_features() == up.out_features() &&
+      FusedProjectionsApply(modules, x, training) && FusedOpsApply(x)) {
+    std::vector<at::Tensor> adapters;
+    for (const LoraLinear* m : modules) {
+      if (!m->has_adapter()) continue;
+      adapters.push_back(m->adapter().a);
+      adapters.push_back(m->adapter().b);
+    }
+    return FusedProjectionFunction::apply(x, at::TensorList(adapters), modules,
+                                          /*swiglu=*/true)[0];
+  }
+  const at::Tensor g = gate.Forward(x, training), u = up.Forward(x, training);
+  if (fuse && FusedOpsApply(g)) return FusedSwiglu(g, u);
+  return at::silu(g) * u;
 }
 
 std::vector<at::Tensor> LoraProjections(const std::vector<const LoraLinear*>& modules,

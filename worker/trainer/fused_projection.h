@@ -40,6 +40,15 @@ std::vector<at::Tensor> FusedLoraProjections(const std::vector<const LoraLinear*
 std::vector<at::Tensor> LoraProjections(const std::vector<const LoraLinear*>& modules,
                                         const at::Tensor& x, bool training, bool fuse);
 
+// silu(gate.Forward(x)) * up.Forward(x), the MLP's input to down_proj. With
+// `fuse`, when the projections fuse and the fused kernels apply to x, one
+// GEMM writes gate and up side by side and SwiGLU reads them there (and its
+// backward writes their gradients there): no per-module copies. Otherwise
+// the fused SwiGLU kernel over separate projections (`fuse`), or LibTorch's
+// silu and mul.
+at::Tensor GateUpSwiglu(const LoraLinear& gate, const LoraLinear& up, const at::Tensor& x,
+                        bool training, bool fuse);
+
 }  // namespace ftune::trainer
 
 #endif  // FTUNE_WORKER_TRAINER_FUSED_PROJECTION_H_

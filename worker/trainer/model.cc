@@ -627,9 +627,8 @@ at::Tensor LlamaModel::LayerForward(int64_t layer, const at::Tensor& h, const At
     at::Tensor x = FusedRmsNorm(h, l.input_layernorm, eps);  // (b, s, hidden)
     auto [out, x2] = FusedAddRmsNorm(h, Attention(l, x, ctx, training),
                                      l.post_attention_layernorm, eps);
-    const std::vector<at::Tensor> gate_up =
-        LoraProjections({l.gate_proj.get(), l.up_proj.get()}, x2, training, /*fuse=*/true);
-    at::Tensor mlp = l.down_proj->Forward(FusedSwiglu(gate_up[0], gate_up[1]), training);
+    at::Tensor mlp = l.down_proj->Forward(
+        GateUpSwiglu(*l.gate_proj, *l.up_proj, x2, training, /*fuse=*/true), training);
     return out + mlp;  // (b, s, hidden)
   }
   at::Tensor x = RmsNorm(h, l.input_layernorm, eps);  // (b, s, hidden)
@@ -862,9 +861,8 @@ at::Tensor LlamaModel::LayerForwardCached(int64_t layer, const at::Tensor& h, co
     at::Tensor x = FusedRmsNorm(h, l.input_layernorm, eps);  // (b, n, hidden)
     auto [out, x2] = FusedAddRmsNorm(h, AttentionCached(layer, x, cos, sin, cache),
                                      l.post_attention_layernorm, eps);
-    const std::vector<at::Tensor> gate_up =
-        LoraProjections({l.gate_proj.get(), l.up_proj.get()}, x2, false, /*fuse=*/true);
-    return out + l.down_proj->Forward(FusedSwiglu(gate_up[0], gate_up[1]), false);
+    return out + l.down_proj->Forward(
+                     GateUpSwiglu(*l.gate_proj, *l.up_proj, x2, false, /*fuse=*/true), false);
   }
   at::Tensor x = RmsNorm(h, l.input_layernorm, eps);  // (b, n, hidden)
   at::Tensor out = h + AttentionCached(layer, x, cos, sin, cache);
