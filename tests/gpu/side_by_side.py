@@ -12,8 +12,10 @@ Rows per shape:
                  capped at the peer's checkpointed peak (fsdp.device_memory_limit);
   fastest        each side at its fastest setting that fits the GPU: the peer
                  without checkpointing (when it fits), ftune with auto.
-For each: tokens/s of each side, the ratio, peak allocated GiB of each, and
-ftune's MFU and HFU over the GPU's dense bf16 peak (docs/performance.md):
+For each: tokens/s of each side, the ratio, peak allocated GiB of each,
+ftune's step time beside its GEMM floor (gemm_floor.py: the forward and
+input-gradient products of the shape, timed with cuBLAS in the same run),
+and ftune's MFU and HFU over the GPU's dense bf16 peak (docs/performance.md):
   MFU = tokens/s x model FLOPs per token / peak. Model FLOPs: forward 2N and
         input gradient 2N through the frozen weights (N = parameters in matrix
         products, lm_head included; frozen weights get no weight gradient),
@@ -61,6 +63,16 @@ def peer(script, shape, seq, ckpt, out):
     tail = open(log).read()[-600:]
     oom = "OutOfMemory" in tail or "out of memory" in tail
     return {"error": "out of memory" if oom else tail}
+
+
+def gemm_floor(model, seq, out):
+    log = f"{out}/gemm-floor-{os.path.basename(model)}-{seq}.log"
+    sh([sys.executable, os.path.join(os.path.dirname(__file__), "gemm_floor.py"),
+        "--config", f"{model}/config.json", "--tokens", str(seq)], log)
+    for line in open(log):
+        if line.startswith("{"):
+            return json.loads(line)["floor_ms"]
+    return None
 
 
 def model_flops(config, seq, recomputed_layers):
@@ -174,13 +186,20 @@ def main():
                 rows.append(("fastest that fits (peer ckpt " +
                              ("off" if p_best is p_off else "on") + ", ftune auto)", p_best,
                              ftune(a.rank, preset, layers, seq, "auto", None, a.out, data)))
+            model = f"{a.out}/{preset}{'-' + str(layers) if layers else ''}"
+            floor = gemm_floor(model, seq, a.out) if os.path.exists(f"{model}/config.json") \
+                else None
+            print(json.dumps({"gemm_floor_ms": floor, "shape": shape, "seq": seq}), flush=True)
             for label, p, f in rows:
+                if f.get("tokens_per_s"):
+                    f["step_ms"] = seq / f["tokens_per_s"] * 1000  # batch 1, rows of seq
+                    f["floor_ms"] = floor
                 print(json.dumps({"row": label, "shape": shape, "seq": seq, "ftune": {
                     k: v for k, v in f.items() if k != "flops"}}), flush=True)
                 table.append((shape, seq, label, p, f))
     print(f"\n| shape | seq | row | peer tok/s | ftune tok/s | ratio | peer GiB | ftune GiB "
-          f"(device) | ftune ckpt layers | MFU | HFU |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"(device) | ftune ckpt layers | ftune step ms (GEMM floor ms) | MFU | HFU |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for shape, seq, label, p, f in table:
         pt, ft = p.get("tokens_per_s"), f.get("tokens_per_s")
         ratio = f"{ft / pt:.2f}x" if pt and ft else "-"
@@ -188,10 +207,15 @@ def main():
         if ft and "flops" in f:
             mfu = f"{ft * f['flops'][0] / peak * 100:.1f}%"
             hfu = f"{ft * f['flops'][1] / peak * 100:.1f}%"
+        step = "-"
+        if f.get("step_ms"):
+            step = f"{f['step_ms']:.1f}"
+            if f.get("floor_ms"):
+                step += f" ({f['floor_ms']:.1f}, {f['step_ms'] / f['floor_ms']:.2f}x)"
         print(f"| {shape} | {seq} | {label} | {pt or p.get('error', '-')[:40]} | "
               f"{round(ft) if ft else f.get('error', '-')[:60]} | {ratio} | {p.get('peak_gib', '-')} | "
               f"{f.get('peak_gib', '-')} ({f.get('device_gib', '-')}) | {f.get('checkpointed', '-')} | "
-              f"{mfu} | {hfu} |")
+              f"{step} | {mfu} | {hfu} |")
     print(f"\n{a.gpu}, {time.strftime('%Y-%m-%d')}; MFU/HFU over {peak / 1e12:.0f} TFLOP/s dense bf16")
 
 

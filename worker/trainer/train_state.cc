@@ -113,6 +113,11 @@ ModelOptions ModelOptionsFor(const RunConfig& config, c10::Device device) {
   if (const char* v = std::getenv("FTUNE_FUSED_KERNELS"); v != nullptr && std::string(v) == "0") {
     o.fused_kernels = false;
   }
+  // And LoRA in fp32 as PEFT computes it (with the op chains: the path
+  // before the speed work, for the loss-curve comparison).
+  if (const char* v = std::getenv("FTUNE_LORA_FP32"); v != nullptr && std::string(v) == "1") {
+    o.lora_fp32_compute = true;
+  }
   return o;
 }
 
