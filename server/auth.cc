@@ -7,10 +7,14 @@
 namespace ftune::server {
 namespace {
 
-bool SameToken(std::string_view a, std::string_view b) {
-  unsigned diff = a.size() ^ b.size();
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i)
-    diff |= static_cast<unsigned char>(a[i]) ^ static_cast<unsigned char>(b[i]);
+// Constant time in the length of `expected` (the configured secret): the time
+// tells neither where `given` differs nor how long the secret is.
+bool SameToken(std::string_view expected, std::string_view given) {
+  unsigned diff = expected.size() ^ given.size();
+  for (size_t i = 0; i < expected.size(); ++i) {
+    const unsigned char g = given.empty() ? 0 : static_cast<unsigned char>(given[i % given.size()]);
+    diff |= static_cast<unsigned char>(expected[i]) ^ g;
+  }
   return diff == 0;
 }
 
@@ -53,13 +57,14 @@ std::string Where(const std::string& path, int line) {
   return path + ":" + std::to_string(line);
 }
 
-absl::Status CheckToken(std::string_view token, const std::string& where, const std::string& of) {
+absl::Status CheckToken(std::string_view token, const std::string& where, const std::string& of,
+                        const std::string& noun = "token") {
   if (!IsValidToken(token))
-    return absl::InvalidArgumentError(where + ": the token of " + of +
+    return absl::InvalidArgumentError(where + ": the " + noun + " of " + of +
                                       " has characters other than printable ASCII");
   if (token.size() < kMinTokenChars)
     return absl::InvalidArgumentError(
-        where + ": the token of " + of + " has " + std::to_string(token.size()) +
+        where + ": the " + noun + " of " + of + " has " + std::to_string(token.size()) +
         " characters; use at least " + std::to_string(kMinTokenChars) +
         " (e.g. `openssl rand -hex 32`)");
   return absl::OkStatus();
@@ -114,6 +119,31 @@ absl::StatusOr<std::vector<AgentToken>> ParseAgentTokens(std::string_view text,
   return out;
 }
 
+absl::StatusOr<std::vector<MetricsUser>> ParseMetricsUsers(std::string_view text,
+                                                           const std::string& path) {
+  std::vector<MetricsUser> out;
+  std::set<std::string> names;
+  for (auto& [line, f] : Lines(text)) {
+    const std::string where = Where(path, line);
+    const size_t colon = f[0].find(':');
+    if (f.size() != 1 || colon == std::string::npos)
+      return absl::InvalidArgumentError(where + ": expected `USER:PASSWORD` (no spaces)");
+    std::string name = f[0].substr(0, colon);
+    std::string password = f[0].substr(colon + 1);
+    if (!IsValidPrincipalName(name))
+      return absl::InvalidArgumentError(where + ": user name '" + name.substr(0, 64) +
+                                        "' must be 1 to 64 of A-Z a-z 0-9 . _ @ -");
+    if (!names.insert(name).second)
+      return absl::InvalidArgumentError(where + ": metrics user " + name +
+                                        " is listed twice; give each user one password");
+    if (auto st = CheckToken(password, where, "metrics user " + name, "password"); !st.ok())
+      return st;
+    out.push_back({std::move(name), std::move(password)});
+  }
+  if (out.empty()) return absl::InvalidArgumentError(path + " holds no `USER:PASSWORD` line");
+  return out;
+}
+
 absl::StatusOr<Authenticator> Authenticator::Create(AuthConfig config) {
   // Who holds each token, to refuse one token held twice.
   std::vector<std::pair<std::string_view, std::string>> holders;
@@ -121,6 +151,8 @@ absl::StatusOr<Authenticator> Authenticator::Create(AuthConfig config) {
   for (const auto& a : config.agents) holders.emplace_back(a.token, "agent " + a.agent_id);
   if (!config.shared_agent_token.empty())
     holders.emplace_back(config.shared_agent_token, "the shared agent token");
+  for (const auto& m : config.metrics_users)
+    holders.emplace_back(m.password, "metrics user " + m.name + " (as its password)");
   for (size_t i = 0; i < holders.size(); ++i)
     for (size_t j = i + 1; j < holders.size(); ++j)
       if (holders[i].first == holders[j].first)
@@ -190,6 +222,20 @@ absl::StatusOr<AgentIdentity> Authenticator::AuthenticateAgent(
         "a user credential may not connect as an agent; use the agent's own token");
   if (!agents_configured()) return AgentIdentity{};
   return absl::UnauthenticatedError("invalid agent token");
+}
+
+bool Authenticator::AuthenticateScrape(const std::string& user,
+                                       const std::string& password) const {
+  if (config_.metrics_users.empty()) return true;
+  // Every line is compared, whatever the name, so the time does not tell
+  // which names exist.
+  bool ok = false;
+  for (const auto& m : config_.metrics_users) {
+    const bool name = SameToken(m.name, user);
+    const bool pass = SameToken(m.password, password);
+    ok |= name & pass;
+  }
+  return ok;
 }
 
 absl::Status CheckCanSeeJob(const User& user, const v1::Job& job) {

@@ -11,6 +11,8 @@
 //     shared `--agent-token-file` proves only "some agent": any holder may
 //     claim any id (development only; main.cc refuses it off loopback
 //     without --insecure).
+//   * Prometheus: `--metrics-auth FILE`, lines `USER:PASSWORD`, checked by
+//     the /metrics exposer as HTTP basic auth (AuthenticateScrape).
 // A kind of credential that is not configured is not checked: without user
 // tokens every client call is the built-in admin `local`, without agent
 // tokens any caller may register any agent id. main.cc allows that only on a
@@ -62,6 +64,13 @@ struct AgentToken {
   std::string token;
 };
 
+// One `USER:PASSWORD` line of --metrics-auth: what a Prometheus scrape
+// config's `basic_auth` sends.
+struct MetricsUser {
+  std::string name;
+  std::string password;
+};
+
 // The built-in user of a coordinator without user tokens.
 inline constexpr char kLocalUser[] = "local";
 
@@ -70,6 +79,8 @@ struct AuthConfig {
   std::vector<AgentToken> agents;
   // Legacy shared agent token; empty: none.
   std::string shared_agent_token;
+  // Who may scrape /metrics; empty: anyone who reaches it.
+  std::vector<MetricsUser> metrics_users;
   // Non-admin users may set priority up to this (--max-user-priority).
   int max_user_priority = 0;
 };
@@ -82,7 +93,13 @@ absl::StatusOr<std::vector<UserToken>> ParseUserTokens(std::string_view text,
 absl::StatusOr<std::vector<AgentToken>> ParseAgentTokens(std::string_view text,
                                                          const std::string& path);
 
-// A token shorter than this in a token file is refused.
+// Parses a --metrics-auth file: `USER:PASSWORD` per line (the password is
+// the rest of the line after the first `:`, without spaces), `#` comments
+// and blank lines ignored. Errors name the file and line.
+absl::StatusOr<std::vector<MetricsUser>> ParseMetricsUsers(std::string_view text,
+                                                           const std::string& path);
+
+// A token (or metrics password) shorter than this in a file is refused.
 inline constexpr size_t kMinTokenChars = 16;
 
 // Agent ids and user names: 1 to 64 of [A-Za-z0-9._@-].
@@ -92,7 +109,8 @@ class Authenticator {
  public:
   // INVALID_ARGUMENT when a token is configured twice (for two users, two
   // agents, or a user and an agent: a client token that is also an agent
-  // token would let every user register agents).
+  // token would let every user register agents), or a metrics password is
+  // also a token.
   static absl::StatusOr<Authenticator> Create(AuthConfig config);
 
   bool users_configured() const { return !config_.users.empty(); }
@@ -100,12 +118,18 @@ class Authenticator {
     return !config_.agents.empty() || !config_.shared_agent_token.empty();
   }
   bool per_agent_tokens() const { return !config_.agents.empty(); }
+  bool metrics_auth_configured() const { return !config_.metrics_users.empty(); }
   int max_user_priority() const { return config_.max_user_priority; }
 
   // `authorization`: the call's metadata value, nullopt when absent.
   absl::StatusOr<User> AuthenticateUser(std::optional<std::string_view> authorization) const;
   absl::StatusOr<AgentIdentity> AuthenticateAgent(
       std::optional<std::string_view> authorization) const;
+  // Whether an HTTP basic auth pair may scrape /metrics: true when it
+  // matches a --metrics-auth line, or when none is configured. The password
+  // is compared in constant time against every configured user's, so the
+  // time taken does not tell which user names exist.
+  bool AuthenticateScrape(const std::string& user, const std::string& password) const;
 
  private:
   explicit Authenticator(AuthConfig config) : config_(std::move(config)) {}

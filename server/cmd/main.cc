@@ -60,7 +60,7 @@ bool ReadFile(const std::string& path, std::string* out) {
 }
 
 struct AuthFlags {
-  std::string user_tokens, client_token_file, agent_tokens, agent_token_file;
+  std::string user_tokens, client_token_file, agent_tokens, agent_token_file, metrics_auth;
   int max_user_priority = 0;
 };
 
@@ -99,6 +99,13 @@ absl::StatusOr<ftune::server::Authenticator> LoadAuth(const AuthFlags& f) {
     config.agents = std::move(*agents);
   }
   if (auto st = ReadTokenFile(f.agent_token_file, &config.shared_agent_token); !st.ok()) return st;
+  if (!f.metrics_auth.empty()) {
+    auto text = read("--metrics-auth", f.metrics_auth);
+    if (!text.ok()) return text.status();
+    auto users = ParseMetricsUsers(*text, f.metrics_auth);
+    if (!users.ok()) return users.status();
+    config.metrics_users = std::move(*users);
+  }
   return Authenticator::Create(std::move(config));
 }
 
@@ -148,11 +155,15 @@ int main(int argc, char** argv) {
   app.add_option("--agent-token-file", auth_flags.agent_token_file,
                  "file holding one agent token shared by all agents, any of which may claim "
                  "any agent id (development only)");
+  app.add_option("--metrics-auth", auth_flags.metrics_auth,
+                 "file of `USER:PASSWORD` lines: HTTP basic auth /metrics requires (Prometheus' "
+                 "basic_auth); needed when --metrics-listen is not a loopback address");
   app.add_option("--max-user-priority", auth_flags.max_user_priority,
                  "highest job priority a non-admin user may set")
       ->capture_default_str();
   app.add_flag("--insecure", insecure,
-               "serve a non-loopback --listen without user and per-agent credentials or TLS");
+               "serve a non-loopback --listen without user and per-agent credentials or TLS, "
+               "and a non-loopback --metrics-listen without --metrics-auth");
   app.add_option("--tls-cert", tls_cert, "PEM certificate: serve TLS (with --tls-key)");
   app.add_option("--tls-key", tls_key, "PEM private key of --tls-cert");
   app.add_option("--agent-timeout", agent_timeout_s,
@@ -199,9 +210,14 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "ftune-coordinator: %s\n", std::string(auth.status().message()).c_str());
     return 2;
   }
-  // Secure by default: off this host, every party proves who it is, over TLS.
+  // Secure by default: off this host, every party proves who it is, over TLS,
+  // and /metrics asks Prometheus for its password.
   const bool tls = !tls_cert.empty() || !tls_key.empty();
   const std::vector<std::string> missing = MissingProtection(*auth, tls);
+  const bool metrics_open = !metrics_listen.empty() &&
+                            !ftune::IsLoopbackAddress(metrics_listen) &&
+                            !auth->metrics_auth_configured();
+  bool refused = false;
   if (!missing.empty() && !ftune::IsLoopbackAddress(listen)) {
     if (!insecure) {
       std::fprintf(stderr,
@@ -212,21 +228,40 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "Give them (docs/security.md shows a secure start), listen on 127.0.0.1, "
                    "or pass --insecure on a network you trust.\n");
-      return 2;
+      refused = true;
+    } else {
+      for (const auto& m : missing)
+        std::fprintf(stderr, "ftune-coordinator: WARNING: --insecure: serving %s without %s\n",
+                     listen.c_str(), m.c_str());
+      std::fprintf(stderr,
+                   "ftune-coordinator: WARNING: --insecure: anyone who can reach %s may act as "
+                   "any user or agent the missing credentials would have stopped\n",
+                   listen.c_str());
     }
-    for (const auto& m : missing)
-      std::fprintf(stderr, "ftune-coordinator: WARNING: --insecure: serving %s without %s\n",
-                   listen.c_str(), m.c_str());
-    std::fprintf(stderr,
-                 "ftune-coordinator: WARNING: --insecure: anyone who can reach %s may act as "
-                 "any user or agent the missing credentials would have stopped\n",
-                 listen.c_str());
   } else if (!auth->users_configured() || !auth->agents_configured()) {
     std::printf("ftune-coordinator: loopback only, %s%s%s\n",
                 auth->users_configured() ? "" : "no user tokens: every client is the admin 'local'",
                 !auth->users_configured() && !auth->agents_configured() ? "; " : "",
                 auth->agents_configured() ? "" : "no agent tokens: any local agent may register");
   }
+  if (metrics_open) {
+    if (!insecure) {
+      std::fprintf(stderr,
+                   "ftune-coordinator: refusing to serve /metrics on %s, which other hosts can "
+                   "reach, without scrape credentials: give --metrics-auth FILE (`USER:PASSWORD` "
+                   "lines, sent by Prometheus' basic_auth), use --metrics-listen 127.0.0.1:9464, "
+                   "or pass --insecure on a network you trust.\n",
+                   metrics_listen.c_str());
+      refused = true;
+    } else {
+      std::fprintf(stderr,
+                   "ftune-coordinator: WARNING: --insecure: serving /metrics on %s without "
+                   "--metrics-auth: anyone who can reach it reads job ids, losses and host "
+                   "names\n",
+                   metrics_listen.c_str());
+    }
+  }
+  if (refused) return 2;
   Metrics metrics;  // before the store, which reports its errors to it
   auto store = Store::Open(state_dir);
   if (!store.ok()) {
@@ -235,7 +270,12 @@ int main(int argc, char** argv) {
   }
   (*store)->SetErrorListener([&metrics](const absl::Status&) { metrics.StoreError(); });
   if (!metrics_listen.empty()) {
-    if (auto err = metrics.Serve(metrics_listen); !err.empty()) {
+    Metrics::ScrapeAuth scrape_auth;
+    if (auth->metrics_auth_configured())
+      scrape_auth = [&auth](const std::string& user, const std::string& password) {
+        return auth->AuthenticateScrape(user, password);
+      };
+    if (auto err = metrics.Serve(metrics_listen, std::move(scrape_auth)); !err.empty()) {
       std::fprintf(stderr, "ftune-coordinator: %s (choose another --metrics-listen)\n",
                    err.c_str());
       return 1;
@@ -303,8 +343,9 @@ int main(int argc, char** argv) {
                  listen.c_str());
     return 1;
   }
-  std::printf("ftune-coordinator: serving on %s (metrics %s, state %s)\n", listen.c_str(),
-              metrics_listen.empty() ? "off" : metrics_listen.c_str(), state_dir.c_str());
+  std::printf("ftune-coordinator: serving on %s (metrics %s%s, state %s)\n", listen.c_str(),
+              metrics_listen.empty() ? "off" : metrics_listen.c_str(),
+              auth->metrics_auth_configured() ? " with basic auth" : "", state_dir.c_str());
   std::fflush(stdout);
 
   std::signal(SIGINT, OnSignal);

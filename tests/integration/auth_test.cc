@@ -10,7 +10,9 @@
 //   * an agent cannot move a job placed on another agent (checkpoint, rank
 //     exit, rendezvous);
 //   * secure by default: what the coordinator, agent and CLI refuse off
-//     loopback.
+//     loopback;
+//   * /metrics behind HTTP basic auth (--metrics-auth), scraped over a
+//     socket, and refused off loopback without it.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -18,6 +20,7 @@
 
 #include <climits>
 #include <csignal>
+#include <fstream>
 #include <functional>
 #include <set>
 #include <string>
@@ -41,6 +44,7 @@ constexpr char kBob[] = "bob-token-0123456789abcdef";
 constexpr char kRoot[] = "root-token-0123456789abcdef";
 constexpr char kAgentA[] = "host-a-agent-token-0123456789";
 constexpr char kAgentB[] = "host-b-agent-token-0123456789";
+constexpr char kPromPassword[] = "prom-password-0123456789";
 
 // Credentials, in the order of the matrix's columns; "" sends none.
 const std::vector<std::pair<std::string, std::string>> kCallers = {
@@ -175,8 +179,9 @@ std::string Code(const grpc::Status& st) {
   return c >= 0 && c <= 16 ? kNames[c] : std::to_string(c);
 }
 
-// GET http://127.0.0.1:port/metrics.
-std::string Scrape(int port) {
+// GET http://127.0.0.1:port/metrics, with an `Authorization` header when
+// `authorization` is not empty; the whole response, headers included.
+std::string Scrape(int port, const std::string& authorization = "") {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in a{};
   a.sin_family = AF_INET;
@@ -184,7 +189,9 @@ std::string Scrape(int port) {
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   std::string out;
   if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0) {
-    const std::string req = "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n";
+    std::string req = "GET /metrics HTTP/1.0\r\nHost: localhost\r\n";
+    if (!authorization.empty()) req += "Authorization: " + authorization + "\r\n";
+    req += "\r\n";
     (void)!write(fd, req.data(), req.size());
     char buf[65536];
     ssize_t n;
@@ -192,6 +199,28 @@ std::string Scrape(int port) {
   }
   close(fd);
   return out;
+}
+
+// The `Authorization` value of HTTP basic auth, as Prometheus sends it.
+std::string Basic(const std::string& user, const std::string& password) {
+  static const char kB64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  const std::string in = user + ":" + password;
+  std::string out;
+  for (size_t i = 0; i < in.size(); i += 3) {
+    uint32_t v = static_cast<unsigned char>(in[i]) << 16;
+    if (i + 1 < in.size()) v |= static_cast<unsigned char>(in[i + 1]) << 8;
+    if (i + 2 < in.size()) v |= static_cast<unsigned char>(in[i + 2]);
+    out += kB64[(v >> 18) & 63];
+    out += kB64[(v >> 12) & 63];
+    out += i + 1 < in.size() ? kB64[(v >> 6) & 63] : '=';
+    out += i + 2 < in.size() ? kB64[v & 63] : '=';
+  }
+  return "Basic " + out;
+}
+
+// The status line of an HTTP response ("HTTP/1.1 401 Unauthorized").
+std::string StatusLine(const std::string& response) {
+  return response.substr(0, response.find("\r\n"));
 }
 
 TEST(Auth, MatrixOverEveryRpc) {
@@ -543,6 +572,113 @@ TEST(Auth, NothingServesOrSendsCredentialsOffLoopbackUnprotected) {
   EXPECT_NE(log.find("refusing to send the agent token in plaintext to 10.1.2.3:7450"),
             std::string::npos)
       << log;
+}
+
+// /metrics with --metrics-auth: only a configured user with its password
+// reads a metric; everything else is 401 with a basic auth challenge.
+TEST(Auth, MetricsNeedAConfiguredUserAndPassword) {
+  Cluster c;
+  UseTestCredentials(&c);
+  const std::string file = c.dir() + "/metrics.auth";
+  std::ofstream(file) << "# Prometheus\nprom:" << kPromPassword << "\n";
+  c.StartCoordinator({"--metrics-auth=" + file});
+  const int port = c.metrics_port();
+
+  const std::vector<std::pair<std::string, std::string>> refused = {
+      {"no credentials", ""},
+      {"a wrong password", Basic("prom", "wrong-password-0123456789")},
+      {"a prefix of the password", Basic("prom", std::string(kPromPassword).substr(0, 20))},
+      {"an unknown user", Basic("grafana", kPromPassword)},
+      {"an empty password", Basic("prom", "")},
+      {"a user token", "Bearer " + std::string(kRoot)},
+      {"a malformed basic value", "Basic %%%not-base64%%%"},
+  };
+  for (const auto& [what, authorization] : refused) {
+    const std::string r = Scrape(port, authorization);
+    EXPECT_EQ(StatusLine(r), "HTTP/1.1 401 Unauthorized") << what << "\n" << r;
+    EXPECT_NE(r.find("WWW-Authenticate: Basic realm=\"ftune-coordinator\""), std::string::npos)
+        << what << "\n" << r;
+    EXPECT_EQ(r.find("ftune_"), std::string::npos) << what << "\n" << r;
+  }
+  const std::string r = Scrape(port, Basic("prom", kPromPassword));
+  EXPECT_EQ(StatusLine(r), "HTTP/1.1 200 OK") << r;
+  EXPECT_NE(r.find("ftune_build_info{version=\""), std::string::npos) << r;
+  EXPECT_NE(r.find("ftune_store_errors_total 0"), std::string::npos) << r;
+  EXPECT_NE(ReadFile(c.coordinator().log_path()).find(" with basic auth, state "),
+            std::string::npos)
+      << ReadFile(c.coordinator().log_path());
+}
+
+// /metrics reachable from other hosts needs --metrics-auth (or --insecure);
+// on loopback it needs nothing (every other test).
+TEST(Auth, MetricsOffLoopbackNeedAuth) {
+  Cluster c;
+  const std::string dir = c.dir();
+  const std::string listen = "--listen=127.0.0.1:" + std::to_string(FreePort());
+  const std::string mport = std::to_string(FreePort());
+  const std::string open_metrics = "--metrics-listen=0.0.0.0:" + mport;
+  auto run = [&](std::vector<std::string> argv, const std::string& log) {
+    Process p(std::move(argv), dir + "/" + log);
+    const int code = p.Wait(seconds(20));
+    if (code == INT_MIN) p.Signal(SIGKILL);
+    return std::make_pair(code, ReadFile(dir + "/" + log));
+  };
+  auto [code, log] =
+      run({FTUNE_COORDINATOR_BIN, "--state-dir=" + dir + "/s1", listen, open_metrics}, "open.log");
+  EXPECT_EQ(code, 2) << log;
+  EXPECT_NE(log.find("refusing to serve /metrics on 0.0.0.0:" + mport +
+                     ", which other hosts can reach, without scrape credentials: give "
+                     "--metrics-auth FILE"),
+            std::string::npos)
+      << log;
+
+  // A file that does not parse: refused, naming the file and line.
+  std::ofstream(dir + "/bad.auth") << "prom:" << kPromPassword << "\nops:short\n";
+  std::tie(code, log) = run({FTUNE_COORDINATOR_BIN, "--state-dir=" + dir + "/s1", listen,
+                             open_metrics, "--metrics-auth=" + dir + "/bad.auth"},
+                            "bad.log");
+  EXPECT_EQ(code, 2) << log;
+  EXPECT_NE(log.find(dir + "/bad.auth:2: the password of metrics user ops has 5 characters"),
+            std::string::npos)
+      << log;
+
+  auto serve = [&](std::vector<std::string> argv, const std::string& log) {
+    auto p = std::make_unique<Process>(std::move(argv), dir + "/" + log);
+    EXPECT_TRUE(WaitFor(
+        [&] { return ReadFile(dir + "/" + log).find("serving on") != std::string::npos; },
+        seconds(20)))
+        << ReadFile(dir + "/" + log);
+    return p;
+  };
+  // --insecure serves it open, and says so.
+  {
+    auto p = serve({FTUNE_COORDINATOR_BIN, "--state-dir=" + dir + "/s2", listen, open_metrics,
+                    "--insecure"},
+                   "insecure.log");
+    EXPECT_NE(ReadFile(dir + "/insecure.log")
+                  .find("WARNING: --insecure: serving /metrics on 0.0.0.0:" + mport +
+                        " without --metrics-auth"),
+              std::string::npos)
+        << ReadFile(dir + "/insecure.log");
+    EXPECT_EQ(StatusLine(Scrape(std::stoi(mport))), "HTTP/1.1 200 OK");
+    p->Signal(SIGTERM);
+    p->Wait(seconds(10));
+  }
+  // With --metrics-auth it serves on every interface, behind the password.
+  std::ofstream(dir + "/metrics.auth") << "prom:" << kPromPassword << "\n";
+  {
+    auto p = serve({FTUNE_COORDINATOR_BIN, "--state-dir=" + dir + "/s3", listen, open_metrics,
+                    "--metrics-auth=" + dir + "/metrics.auth"},
+                   "auth.log");
+    EXPECT_NE(ReadFile(dir + "/auth.log").find("(metrics 0.0.0.0:" + mport + " with basic auth"),
+              std::string::npos)
+        << ReadFile(dir + "/auth.log");
+    EXPECT_EQ(StatusLine(Scrape(std::stoi(mport))), "HTTP/1.1 401 Unauthorized");
+    EXPECT_EQ(StatusLine(Scrape(std::stoi(mport), Basic("prom", kPromPassword))),
+              "HTTP/1.1 200 OK");
+    p->Signal(SIGTERM);
+    p->Wait(seconds(10));
+  }
 }
 
 }  // namespace

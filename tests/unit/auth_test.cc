@@ -76,6 +76,59 @@ TEST(Auth, OneTokenIsNeverTwoCredentials) {
   EXPECT_FALSE(Authenticator::Create(two_users).ok());
 }
 
+TEST(Auth, MetricsAuthFiles) {
+  auto users = ParseMetricsUsers("# prometheus\n  prom:pass-0123456789abcdef:x \n\ngrafana:"
+                                 "grafana-pass-0123456789\r\n",
+                                 "m.txt");
+  ASSERT_TRUE(users.ok()) << users.status();
+  ASSERT_EQ(users->size(), 2u);
+  EXPECT_EQ((*users)[0].name, "prom");
+  EXPECT_EQ((*users)[0].password, "pass-0123456789abcdef:x");  // after the first ':'
+  EXPECT_EQ((*users)[1].name, "grafana");
+  EXPECT_EQ((*users)[1].password, "grafana-pass-0123456789");
+
+  auto bad = [](const std::string& text) {
+    return std::string(ParseMetricsUsers(text, "m.txt").status().message());
+  };
+  EXPECT_EQ(bad("prom pass-0123456789abcdef"), "m.txt:1: expected `USER:PASSWORD` (no spaces)");
+  EXPECT_EQ(bad("\nprom:pass 0123456789abcdef"), "m.txt:2: expected `USER:PASSWORD` (no spaces)");
+  EXPECT_EQ(bad("prom-pass-0123456789abcdef"), "m.txt:1: expected `USER:PASSWORD` (no spaces)");
+  EXPECT_EQ(bad("prom:short"),
+            "m.txt:1: the password of metrics user prom has 5 characters; use at least 16 (e.g. "
+            "`openssl rand -hex 32`)");
+  EXPECT_EQ(bad(":pass-0123456789abcdef"),
+            "m.txt:1: user name '' must be 1 to 64 of A-Z a-z 0-9 . _ @ -");
+  EXPECT_EQ(bad("prom:pass-0123456789abcdef\nprom:other-0123456789abcdef"),
+            "m.txt:2: metrics user prom is listed twice; give each user one password");
+  EXPECT_EQ(bad("# none\n"), "m.txt holds no `USER:PASSWORD` line");
+}
+
+TEST(Auth, AScrapeNeedsAConfiguredUserAndItsPassword) {
+  AuthConfig c;
+  c.metrics_users = *ParseMetricsUsers("prom:pass-0123456789abcdef\nops:ops-pass-0123456789ab",
+                                       "m.txt");
+  const Authenticator auth = *Authenticator::Create(c);
+  EXPECT_TRUE(auth.metrics_auth_configured());
+  EXPECT_TRUE(auth.AuthenticateScrape("prom", "pass-0123456789abcdef"));
+  EXPECT_TRUE(auth.AuthenticateScrape("ops", "ops-pass-0123456789ab"));
+  EXPECT_FALSE(auth.AuthenticateScrape("prom", "ops-pass-0123456789ab"));  // another's password
+  EXPECT_FALSE(auth.AuthenticateScrape("prom", "pass-0123456789abcde"));   // a prefix
+  EXPECT_FALSE(auth.AuthenticateScrape("prom", "pass-0123456789abcdefg"));  // longer
+  EXPECT_FALSE(auth.AuthenticateScrape("prom", ""));
+  EXPECT_FALSE(auth.AuthenticateScrape("", ""));
+  EXPECT_FALSE(auth.AuthenticateScrape("nobody", "pass-0123456789abcdef"));
+  // Without --metrics-auth anyone who reaches /metrics scrapes it.
+  const Authenticator open = *Authenticator::Create({});
+  EXPECT_FALSE(open.metrics_auth_configured());
+  EXPECT_TRUE(open.AuthenticateScrape("", ""));
+
+  // A metrics password is not a token too.
+  c.users = {{"pass-0123456789abcdef", User{"alice", false}}};
+  const auto st = Authenticator::Create(c).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("both user alice and metrics user prom"), std::string::npos) << st;
+}
+
 TEST(Auth, WhoEachCredentialIs) {
   const Authenticator auth = Full();
   using absl::StatusCode;
