@@ -27,10 +27,20 @@
 //
 // Tokens are compared in constant time against every configured one.
 //
-// Thread-safety: immutable after construction; every method is const.
+// Reload: the credentials can be replaced while serving (main.cc does on
+// SIGHUP, from the same files: LoadAuthConfig). Reload checks the new set as
+// Create does and swaps it in whole, or keeps the old one whole on error.
+// Every call after Reload returns sees only the new set, so a revoked token
+// is refused from the next RPC on; a call already authenticated (an open
+// stream) is not touched here (AgentServiceImpl ends agent streams whose
+// token was revoked).
+//
+// Thread-safety: every method may be called from any thread; a call reads
+// one snapshot of the credentials (a shared_ptr swapped under a mutex).
 #ifndef FTUNE_SERVER_AUTH_H_
 #define FTUNE_SERVER_AUTH_H_
 
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -38,6 +48,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "ftune/v1/job_service.pb.h"
 
 namespace ftune::server {
@@ -105,6 +116,24 @@ inline constexpr size_t kMinTokenChars = 16;
 // Agent ids and user names: 1 to 64 of [A-Za-z0-9._@-].
 bool IsValidPrincipalName(std::string_view name);
 
+// Reads a file holding one token (whitespace trimmed); empty path -> empty token.
+absl::Status ReadTokenFile(const std::string& path, std::string* token);
+
+// The credential files the coordinator's flags name; empty: not given.
+struct AuthFiles {
+  std::string user_tokens;        // --user-tokens
+  std::string client_token_file;  // --client-token-file
+  std::string agent_tokens;       // --agent-tokens
+  std::string agent_token_file;   // --agent-token-file
+  std::string metrics_auth;       // --metrics-auth
+  int max_user_priority = 0;      // --max-user-priority
+};
+
+// Reads and parses every file `files` names. Errors name the flag, the file
+// and, for a line that does not parse, its number. Create or Reload then
+// checks the files against each other.
+absl::StatusOr<AuthConfig> LoadAuthConfig(const AuthFiles& files);
+
 class Authenticator {
  public:
   // INVALID_ARGUMENT when a token is configured twice (for two users, two
@@ -113,13 +142,22 @@ class Authenticator {
   // also a token.
   static absl::StatusOr<Authenticator> Create(AuthConfig config);
 
-  bool users_configured() const { return !config_.users.empty(); }
-  bool agents_configured() const {
-    return !config_.agents.empty() || !config_.shared_agent_token.empty();
-  }
-  bool per_agent_tokens() const { return !config_.agents.empty(); }
-  bool metrics_auth_configured() const { return !config_.metrics_users.empty(); }
-  int max_user_priority() const { return config_.max_user_priority; }
+  // Replaces the credentials with `config`, checked as Create checks them,
+  // and as a whole: on error nothing changes. The kinds of credential
+  // configured (user, agent, per-agent, metrics) must stay as they are: the
+  // start-up rules of main.cc (what may serve off loopback) were checked
+  // against them (FAILED_PRECONDITION otherwise; restart to change them).
+  absl::Status Reload(AuthConfig config);
+
+  bool users_configured() const { return Config()->users.size() > 0; }
+  bool agents_configured() const;
+  bool per_agent_tokens() const { return Config()->agents.size() > 0; }
+  bool metrics_auth_configured() const { return Config()->metrics_users.size() > 0; }
+  int max_user_priority() const { return Config()->max_user_priority; }
+  // How many of each are configured now, for logs.
+  size_t num_users() const { return Config()->users.size(); }
+  size_t num_agents() const { return Config()->agents.size(); }
+  size_t num_metrics_users() const { return Config()->metrics_users.size(); }
 
   // `authorization`: the call's metadata value, nullopt when absent.
   absl::StatusOr<User> AuthenticateUser(std::optional<std::string_view> authorization) const;
@@ -132,14 +170,22 @@ class Authenticator {
   bool AuthenticateScrape(const std::string& user, const std::string& password) const;
 
  private:
-  explicit Authenticator(AuthConfig config) : config_(std::move(config)) {}
+  struct State {
+    mutable absl::Mutex mu;
+    std::shared_ptr<const AuthConfig> config ABSL_GUARDED_BY(mu);
+  };
+  explicit Authenticator(AuthConfig config);
+  // OK when no token is configured twice (Create's rule).
+  static absl::Status Check(const AuthConfig& config);
+  // The credentials now; callers keep the snapshot for the whole call.
+  std::shared_ptr<const AuthConfig> Config() const;
   // The bearer token of an authorization value; nullopt when malformed.
   static std::optional<std::string_view> Bearer(std::string_view authorization);
-  const UserToken* FindUser(std::string_view token) const;
-  const AgentToken* FindAgent(std::string_view token) const;
-  bool IsSharedAgentToken(std::string_view token) const;
+  static const UserToken* FindUser(const AuthConfig& c, std::string_view token);
+  static const AgentToken* FindAgent(const AuthConfig& c, std::string_view token);
+  static bool IsSharedAgentToken(const AuthConfig& c, std::string_view token);
 
-  AuthConfig config_;
+  std::unique_ptr<State> state_;  // a pointer, so an Authenticator moves
 };
 
 // --- What a user may do with jobs.

@@ -29,7 +29,9 @@ namespace {
 constexpr int kMaxReceiveBytes = 8 << 20;
 
 std::atomic<bool> g_stop{false};
+std::atomic<bool> g_reload{false};
 void OnSignal(int) { g_stop = true; }
+void OnHangup(int) { g_reload = true; }
 
 // "90", "90s", "15m", "12h", "30d" -> milliseconds; false if not one.
 bool ParseDurationMs(const std::string& text, int64_t* ms) {
@@ -59,56 +61,6 @@ bool ReadFile(const std::string& path, std::string* out) {
   return true;
 }
 
-struct AuthFlags {
-  std::string user_tokens, client_token_file, agent_tokens, agent_token_file, metrics_auth;
-  int max_user_priority = 0;
-};
-
-// The credentials the flags name, checked against each other.
-absl::StatusOr<ftune::server::Authenticator> LoadAuth(const AuthFlags& f) {
-  using namespace ftune::server;
-  AuthConfig config;
-  config.max_user_priority = f.max_user_priority;
-  auto read = [](const std::string& flag, const std::string& path) -> absl::StatusOr<std::string> {
-    ftune::Result<std::string> text = ftune::ReadFileToString(path, ftune::kMaxSmallFileBytes);
-    if (!text.ok())
-      return absl::InvalidArgumentError(flag + " " + path + ": " + text.status().message());
-    return std::move(*text);
-  };
-  if (!f.user_tokens.empty()) {
-    auto text = read("--user-tokens", f.user_tokens);
-    if (!text.ok()) return text.status();
-    auto users = ParseUserTokens(*text, f.user_tokens);
-    if (!users.ok()) return users.status();
-    config.users = std::move(*users);
-  }
-  if (!f.client_token_file.empty()) {
-    std::string token;
-    if (auto st = ReadTokenFile(f.client_token_file, &token); !st.ok()) return st;
-    config.users.push_back({token, User{"admin", true}});
-  }
-  if (!f.agent_tokens.empty() && !f.agent_token_file.empty())
-    return absl::InvalidArgumentError(
-        "--agent-tokens and --agent-token-file both given: the shared token would let its "
-        "holder register as any agent; keep --agent-tokens");
-  if (!f.agent_tokens.empty()) {
-    auto text = read("--agent-tokens", f.agent_tokens);
-    if (!text.ok()) return text.status();
-    auto agents = ParseAgentTokens(*text, f.agent_tokens);
-    if (!agents.ok()) return agents.status();
-    config.agents = std::move(*agents);
-  }
-  if (auto st = ReadTokenFile(f.agent_token_file, &config.shared_agent_token); !st.ok()) return st;
-  if (!f.metrics_auth.empty()) {
-    auto text = read("--metrics-auth", f.metrics_auth);
-    if (!text.ok()) return text.status();
-    auto users = ParseMetricsUsers(*text, f.metrics_auth);
-    if (!users.ok()) return users.status();
-    config.metrics_users = std::move(*users);
-  }
-  return Authenticator::Create(std::move(config));
-}
-
 // What a coordinator reachable from other hosts lacks; empty when nothing.
 std::vector<std::string> MissingProtection(const ftune::server::Authenticator& auth, bool tls) {
   std::vector<std::string> missing;
@@ -131,7 +83,7 @@ int main(int argc, char** argv) {
   std::string state_dir = "ftune-state";
   std::string listen = "127.0.0.1:7450";
   std::string metrics_listen = "127.0.0.1:9464";
-  AuthFlags auth_flags;
+  AuthFiles auth_files;
   bool insecure = false;
   std::string tls_cert, tls_key;
   double agent_timeout_s = 15;
@@ -146,19 +98,19 @@ int main(int argc, char** argv) {
   app.add_option("--state-dir", state_dir, "directory of the SQLite state (ftune.db)");
   app.add_option("--listen", listen, "gRPC address (JobService, AgentService, health, reflection)");
   app.add_option("--metrics-listen", metrics_listen, "Prometheus /metrics address; empty: off");
-  app.add_option("--user-tokens", auth_flags.user_tokens,
+  app.add_option("--user-tokens", auth_files.user_tokens,
                  "file of `TOKEN USER [admin]` lines: the users and their bearer tokens");
-  app.add_option("--client-token-file", auth_flags.client_token_file,
+  app.add_option("--client-token-file", auth_files.client_token_file,
                  "file holding one client token: the user `admin` (an admin)");
-  app.add_option("--agent-tokens", auth_flags.agent_tokens,
+  app.add_option("--agent-tokens", auth_files.agent_tokens,
                  "file of `AGENT_ID TOKEN` lines: each agent's own bearer token");
-  app.add_option("--agent-token-file", auth_flags.agent_token_file,
+  app.add_option("--agent-token-file", auth_files.agent_token_file,
                  "file holding one agent token shared by all agents, any of which may claim "
                  "any agent id (development only)");
-  app.add_option("--metrics-auth", auth_flags.metrics_auth,
+  app.add_option("--metrics-auth", auth_files.metrics_auth,
                  "file of `USER:PASSWORD` lines: HTTP basic auth /metrics requires (Prometheus' "
                  "basic_auth); needed when --metrics-listen is not a loopback address");
-  app.add_option("--max-user-priority", auth_flags.max_user_priority,
+  app.add_option("--max-user-priority", auth_files.max_user_priority,
                  "highest job priority a non-admin user may set")
       ->capture_default_str();
   app.add_flag("--insecure", insecure,
@@ -190,6 +142,8 @@ int main(int argc, char** argv) {
                  "seconds CreateJob waits for a job's memory plan (reading its config.json)")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  // From here on a SIGHUP is a reload, taken up once serving.
+  std::signal(SIGHUP, OnHangup);
 
   auto paths = ftune::PathPolicy::Create(allowed_roots);
   if (!paths.ok()) {
@@ -205,7 +159,9 @@ int main(int argc, char** argv) {
                  event_retention.c_str());
     return 2;
   }
-  auto auth = LoadAuth(auth_flags);
+  auto auth_config = LoadAuthConfig(auth_files);
+  auto auth = auth_config.ok() ? Authenticator::Create(*std::move(auth_config))
+                              : absl::StatusOr<Authenticator>(auth_config.status());
   if (!auth.ok()) {
     std::fprintf(stderr, "ftune-coordinator: %s\n", std::string(auth.status().message()).c_str());
     return 2;
@@ -348,9 +304,33 @@ int main(int argc, char** argv) {
               auth->metrics_auth_configured() ? " with basic auth" : "", state_dir.c_str());
   std::fflush(stdout);
 
+  // SIGHUP re-reads the credential files (as Prometheus and nginx do): all
+  // of them are checked as at start and swapped in together, or the old
+  // ones stay. The main loop does it, not the handler (nothing there is
+  // async-signal-safe).
+  auto reload_credentials = [&] {
+    absl::StatusOr<AuthConfig> config = LoadAuthConfig(auth_files);
+    const absl::Status st = config.ok() ? auth->Reload(*std::move(config)) : config.status();
+    if (!st.ok()) {
+      std::fprintf(stderr,
+                   "ftune-coordinator: SIGHUP: credentials not reloaded, the previous ones stay "
+                   "in force: %s\n",
+                   std::string(st.message()).c_str());
+      return;
+    }
+    const std::vector<std::string> ended = agent_service.EndStreamsOfRevokedCredentials();
+    std::string ended_text;
+    for (const auto& id : ended) ended_text += (ended_text.empty() ? "" : ", ") + id;
+    std::printf("ftune-coordinator: SIGHUP: credentials reloaded (%zu user tokens, %zu agent "
+                "tokens, %zu metrics users); streams ended for a revoked token: %s\n",
+                auth->num_users(), auth->num_agents(), auth->num_metrics_users(),
+                ended.empty() ? "none" : ("agent " + ended_text).c_str());
+    std::fflush(stdout);
+  };
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
   while (!g_stop) {
+    if (g_reload.exchange(false)) reload_credentials();
     coordinator.Tick();
     std::this_thread::sleep_for(std::chrono::milliseconds(tick_ms));
   }

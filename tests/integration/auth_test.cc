@@ -12,18 +12,22 @@
 //   * secure by default: what the coordinator, agent and CLI refuse off
 //     loopback;
 //   * /metrics behind HTTP basic auth (--metrics-auth), scraped over a
-//     socket, and refused off loopback without it.
+//     socket, and refused off loopback without it;
+//   * SIGHUP reloads the credential files: revoked tokens refused, new ones
+//     taken, an agent stream of a revoked token ended, a bad file ignored.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <climits>
 #include <csignal>
 #include <fstream>
 #include <functional>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -37,6 +41,7 @@ namespace ftune::testing {
 namespace {
 
 using grpc::StatusCode;
+using std::chrono::milliseconds;
 using std::chrono::seconds;
 
 constexpr char kAlice[] = "alice-token-0123456789abcdef";
@@ -679,6 +684,119 @@ TEST(Auth, MetricsOffLoopbackNeedAuth) {
     p->Signal(SIGTERM);
     p->Wait(seconds(10));
   }
+}
+
+grpc::Status ListJobsAs(Cluster& c, const std::string& token) {
+  auto stub = c.Client();
+  grpc::ClientContext ctx;
+  Auth(&ctx, token);
+  v1::ListJobsResponse r;
+  return stub->ListJobs(&ctx, {}, &r);
+}
+
+// SIGHUP re-reads --user-tokens, --agent-tokens and --metrics-auth: the next
+// call with a removed token is refused, a new one works, the open stream of
+// an agent whose token changed is ended; a file that does not parse changes
+// nothing.
+TEST(Auth, SighupReloadsTheCredentialFiles) {
+  constexpr char kCarol[] = "carol-token-0123456789abcdef";
+  constexpr char kAgentB2[] = "host-b-new-agent-token-01234";
+  constexpr char kNewPromPassword[] = "prom-new-password-0123456789";
+  Cluster c;
+  UseTestCredentials(&c);
+  const std::string metrics_file = c.dir() + "/metrics.auth";
+  std::ofstream(metrics_file) << "prom:" << kPromPassword << "\n";
+  c.StartCoordinator({"--metrics-auth=" + metrics_file});
+  c.StartAgent("host-a", 1);
+  ASSERT_TRUE(c.WaitAgents(1));
+  AgentStream b;
+  b.ctx.set_deadline(std::chrono::system_clock::now() + seconds(20));
+  ASSERT_TRUE(b.Open(c, kAgentB, "host-b").ok());
+  // host-b heartbeats, so nothing but the reload ends its stream (the
+  // coordinator would end a silent one after --agent-timeout).
+  std::atomic<bool> stop_heartbeats{false};
+  std::thread heartbeats([&] {
+    v1::AgentToCoordinator beat;
+    beat.mutable_heartbeat();
+    while (!stop_heartbeats && b.rw->Write(beat)) std::this_thread::sleep_for(milliseconds(200));
+  });
+  struct Join {
+    std::atomic<bool>& stop;
+    std::thread& thread;
+    ~Join() {
+      stop = true;
+      if (thread.joinable()) thread.join();
+    }
+  } join_heartbeats{stop_heartbeats, heartbeats};
+  ASSERT_TRUE(ListJobsAs(c, kAlice).ok());
+  ASSERT_EQ(ListJobsAs(c, kCarol).error_code(), StatusCode::UNAUTHENTICATED);
+
+  // alice removed, carol added; host-b gets a new token; prom a new password.
+  auto rewrite = [](const std::string& path, const std::string& text) {
+    std::ofstream(path, std::ios::trunc) << text;
+  };
+  rewrite(c.dir() + "/users.tokens",
+          std::string(kBob) + " bob\n" + kRoot + " root admin\n" + kCarol + " carol\n");
+  rewrite(c.dir() + "/agents.tokens",
+          std::string("host-a ") + kAgentA + "\nhost-b " + kAgentB2 + "\n");
+  rewrite(metrics_file, std::string("prom:") + kNewPromPassword + "\n");
+  const std::string log = c.coordinator().log_path();
+  c.coordinator().Signal(SIGHUP);
+  ASSERT_TRUE(WaitFor(
+      [&] { return ReadFile(log).find("SIGHUP: credentials reloaded") != std::string::npos; },
+      seconds(10)))
+      << ReadFile(log);
+  EXPECT_NE(ReadFile(log).find("credentials reloaded (3 user tokens, 2 agent tokens, 1 metrics "
+                               "users); streams ended for a revoked token: agent host-b\n"),
+            std::string::npos)
+      << ReadFile(log);
+
+  const grpc::Status alice = ListJobsAs(c, kAlice);
+  EXPECT_EQ(alice.error_code(), StatusCode::UNAUTHENTICATED) << alice.error_message();
+  EXPECT_EQ(alice.error_message(), "invalid user token");
+  EXPECT_TRUE(ListJobsAs(c, kCarol).ok());
+  EXPECT_TRUE(ListJobsAs(c, kBob).ok());
+  // host-b's stream, opened with its old token, was ended by the coordinator.
+  v1::CoordinatorToAgent msg;
+  while (b.rw->Read(&msg)) {
+  }
+  stop_heartbeats = true;
+  heartbeats.join();
+  EXPECT_EQ(b.rw->Finish().error_code(), StatusCode::CANCELLED);
+  AgentStream old_b;
+  EXPECT_EQ(old_b.Open(c, kAgentB, "host-b").error_code(), StatusCode::UNAUTHENTICATED);
+  AgentStream new_b;
+  EXPECT_TRUE(new_b.Open(c, kAgentB2, "host-b").ok());
+  new_b.Close();
+  // host-a's token did not change: its agent kept its stream and runs carol's job.
+  const v1::Job job = CreateAs(c, kCarol, c.Spec(1, 5, 0));
+  EXPECT_EQ(job.owner(), "carol");
+  EXPECT_TRUE(c.WaitState(job.id(), v1::SUCCEEDED)) << v1::JobState_Name(c.GetJob(job.id()).state());
+  EXPECT_EQ(ReadFile(c.agent(0).log_path()).find("rejected agent"), std::string::npos)
+      << ReadFile(c.agent(0).log_path());
+  // The scrape password changed with the file.
+  EXPECT_EQ(StatusLine(Scrape(c.metrics_port(), Basic("prom", kPromPassword))),
+            "HTTP/1.1 401 Unauthorized");
+  EXPECT_EQ(StatusLine(Scrape(c.metrics_port(), Basic("prom", kNewPromPassword))),
+            "HTTP/1.1 200 OK");
+
+  // A line that does not parse: the error names the file and line, and the
+  // credentials in force stay as they were.
+  rewrite(c.dir() + "/users.tokens", std::string(kRoot) + " root admin\nshort dave\n");
+  c.coordinator().Signal(SIGHUP);
+  ASSERT_TRUE(WaitFor(
+      [&] { return ReadFile(log).find("credentials not reloaded") != std::string::npos; },
+      seconds(10)))
+      << ReadFile(log);
+  EXPECT_NE(ReadFile(log).find("SIGHUP: credentials not reloaded, the previous ones stay in "
+                               "force: " +
+                               c.dir() + "/users.tokens:2: the token of user dave has 5 characters"),
+            std::string::npos)
+      << ReadFile(log);
+  EXPECT_TRUE(ListJobsAs(c, kCarol).ok());
+  EXPECT_TRUE(ListJobsAs(c, kBob).ok());
+  EXPECT_EQ(ListJobsAs(c, kAlice).error_code(), StatusCode::UNAUTHENTICATED);
+  EXPECT_TRUE(c.coordinator().Running());
 }
 
 }  // namespace
