@@ -84,8 +84,34 @@ AgentServiceImpl::AgentServiceImpl(AgentManager* agents, EventManager* events, J
                                    const Authenticator* auth)
     : agents_(agents), events_(events), jobs_(jobs), auth_(auth) {}
 
+absl::Status AgentServiceImpl::Recheck(const std::optional<std::string>& authorization,
+                                       const std::string& agent_id) const {
+  auto identity = auth_->AuthenticateAgent(authorization
+                                               ? std::optional<std::string_view>(*authorization)
+                                               : std::nullopt);
+  if (!identity.ok()) return identity.status();
+  return CheckAgentId(*identity, agent_id);
+}
+
+std::vector<std::string> AgentServiceImpl::EndStreamsOfRevokedCredentials() {
+  std::vector<std::shared_ptr<AgentLink>> revoked;
+  std::vector<std::string> ids;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [key, s] : open_)
+      if (!Recheck(s.authorization, s.agent_id).ok()) {
+        revoked.push_back(s.link);
+        ids.push_back(s.agent_id);
+      }
+  }
+  // Outside mu_: the handler takes it to leave open_ once its Read fails.
+  for (const auto& link : revoked) link->Disconnect();
+  return ids;
+}
+
 grpc::Status AgentServiceImpl::Connect(grpc::ServerContext* ctx, Stream* stream) {
-  auto identity = auth_->AuthenticateAgent(Authorization(*ctx));
+  const std::optional<std::string_view> authorization = Authorization(*ctx);
+  auto identity = auth_->AuthenticateAgent(authorization);
   if (!identity.ok()) return ToGrpc(identity.status());
   v1::AgentToCoordinator first;
   if (!stream->Read(&first)) return grpc::Status::OK;
@@ -95,7 +121,25 @@ grpc::Status AgentServiceImpl::Connect(grpc::ServerContext* ctx, Stream* stream)
   const std::string agent_id = first.register_().agent_id();
   if (auto st = CheckAgentId(*identity, agent_id); !st.ok()) return ToGrpc(st);
   auto link = std::make_shared<StreamLink>(ctx, stream);
+  OpenStream open{authorization ? std::optional<std::string>(*authorization) : std::nullopt,
+                  agent_id, link};
+  auto leave = [&] {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_.erase(link.get());
+  };
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_.emplace(link.get(), open);
+  }
+  // Once more, now that a reload would find the stream: a reload between
+  // the first check and here is not missed.
+  if (auto st = Recheck(open.authorization, agent_id); !st.ok()) {
+    leave();
+    link->Close();
+    return ToGrpc(st);
+  }
   if (auto st = agents_->RegisterAgent(first.register_(), link); !st.ok()) {
+    leave();
     link->Close();
     return ToGrpc(st);
   }
@@ -121,6 +165,7 @@ grpc::Status AgentServiceImpl::Connect(grpc::ServerContext* ctx, Stream* stream)
       break;
     }
   }
+  leave();
   agents_->AgentDisconnected(agent_id, link.get());
   link->Close();
   return result;

@@ -23,9 +23,6 @@ inline grpc::Status ToGrpc(const absl::Status& s) {
 // The call's "authorization" metadata, nullopt when absent.
 std::optional<std::string_view> Authorization(const grpc::ServerContextBase& ctx);
 
-// Reads a token file (whitespace trimmed); empty path -> empty token.
-absl::Status ReadTokenFile(const std::string& path, std::string* token);
-
 }  // namespace ftune::server
 
 #endif  // FTUNE_SERVER_GRPC_UTIL_H_

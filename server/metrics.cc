@@ -120,14 +120,24 @@ Metrics::Metrics() : impl_(std::make_unique<Impl>()) {
 }
 Metrics::~Metrics() = default;
 
-std::string Metrics::Serve(const std::string& listen) {
+std::string Metrics::Serve(const std::string& listen, ScrapeAuth auth) {
   try {
     impl_->exposer = std::make_unique<prometheus::Exposer>(listen);
+    // The check before the registry: no scrape is ever answered with
+    // metrics before it is in place.
+    if (auth) impl_->exposer->RegisterAuth(std::move(auth), "ftune-coordinator", "/metrics");
     impl_->exposer->RegisterCollectable(impl_->registry);
   } catch (const std::exception& e) {
+    impl_->exposer.reset();
     return "cannot serve metrics on " + listen + ": " + e.what();
   }
   return "";
+}
+
+int Metrics::port() const {
+  if (!impl_->exposer) return 0;
+  const std::vector<int> ports = impl_->exposer->GetListeningPorts();
+  return ports.empty() ? 0 : ports.front();
 }
 
 std::shared_ptr<prometheus::Registry> Metrics::registry() { return impl_->registry; }

@@ -6,10 +6,15 @@
 // construction, for the same reason. Per-job series are removed when the job
 // ends, so a long-lived coordinator does not accumulate dead series.
 //
+// /metrics may require HTTP basic auth (Serve's `auth`, --metrics-auth): a
+// scrape without an `Authorization: Basic` pair the check accepts gets 401
+// and a `WWW-Authenticate` challenge, and no metric.
+//
 // Thread-safe.
 #ifndef FTUNE_SERVER_METRICS_H_
 #define FTUNE_SERVER_METRICS_H_
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -26,8 +31,14 @@ class Metrics : public MetricsSink {
   Metrics();
   ~Metrics() override;
 
-  // Starts the HTTP exposer ("127.0.0.1:9464"); throws nothing, returns error text.
-  std::string Serve(const std::string& listen);
+  // Whether a basic auth (user, password) pair may scrape; called on the
+  // exposer's threads.
+  using ScrapeAuth = std::function<bool(const std::string& user, const std::string& password)>;
+  // Starts the HTTP exposer ("127.0.0.1:9464"); with `auth`, every request
+  // to /metrics must pass it. Throws nothing, returns error text.
+  std::string Serve(const std::string& listen, ScrapeAuth auth = nullptr);
+  // The port the exposer listens on (useful with port 0); 0 when not serving.
+  int port() const;
   std::shared_ptr<prometheus::Registry> registry();
 
   void JobStates(const std::map<v1::JobState, int>& counts) override;

@@ -29,7 +29,9 @@ namespace {
 constexpr int kMaxReceiveBytes = 8 << 20;
 
 std::atomic<bool> g_stop{false};
+std::atomic<bool> g_reload{false};
 void OnSignal(int) { g_stop = true; }
+void OnHangup(int) { g_reload = true; }
 
 // "90", "90s", "15m", "12h", "30d" -> milliseconds; false if not one.
 bool ParseDurationMs(const std::string& text, int64_t* ms) {
@@ -59,49 +61,6 @@ bool ReadFile(const std::string& path, std::string* out) {
   return true;
 }
 
-struct AuthFlags {
-  std::string user_tokens, client_token_file, agent_tokens, agent_token_file;
-  int max_user_priority = 0;
-};
-
-// The credentials the flags name, checked against each other.
-absl::StatusOr<ftune::server::Authenticator> LoadAuth(const AuthFlags& f) {
-  using namespace ftune::server;
-  AuthConfig config;
-  config.max_user_priority = f.max_user_priority;
-  auto read = [](const std::string& flag, const std::string& path) -> absl::StatusOr<std::string> {
-    ftune::Result<std::string> text = ftune::ReadFileToString(path, ftune::kMaxSmallFileBytes);
-    if (!text.ok())
-      return absl::InvalidArgumentError(flag + " " + path + ": " + text.status().message());
-    return std::move(*text);
-  };
-  if (!f.user_tokens.empty()) {
-    auto text = read("--user-tokens", f.user_tokens);
-    if (!text.ok()) return text.status();
-    auto users = ParseUserTokens(*text, f.user_tokens);
-    if (!users.ok()) return users.status();
-    config.users = std::move(*users);
-  }
-  if (!f.client_token_file.empty()) {
-    std::string token;
-    if (auto st = ReadTokenFile(f.client_token_file, &token); !st.ok()) return st;
-    config.users.push_back({token, User{"admin", true}});
-  }
-  if (!f.agent_tokens.empty() && !f.agent_token_file.empty())
-    return absl::InvalidArgumentError(
-        "--agent-tokens and --agent-token-file both given: the shared token would let its "
-        "holder register as any agent; keep --agent-tokens");
-  if (!f.agent_tokens.empty()) {
-    auto text = read("--agent-tokens", f.agent_tokens);
-    if (!text.ok()) return text.status();
-    auto agents = ParseAgentTokens(*text, f.agent_tokens);
-    if (!agents.ok()) return agents.status();
-    config.agents = std::move(*agents);
-  }
-  if (auto st = ReadTokenFile(f.agent_token_file, &config.shared_agent_token); !st.ok()) return st;
-  return Authenticator::Create(std::move(config));
-}
-
 // What a coordinator reachable from other hosts lacks; empty when nothing.
 std::vector<std::string> MissingProtection(const ftune::server::Authenticator& auth, bool tls) {
   std::vector<std::string> missing;
@@ -124,7 +83,7 @@ int main(int argc, char** argv) {
   std::string state_dir = "ftune-state";
   std::string listen = "127.0.0.1:7450";
   std::string metrics_listen = "127.0.0.1:9464";
-  AuthFlags auth_flags;
+  AuthFiles auth_files;
   bool insecure = false;
   std::string tls_cert, tls_key;
   double agent_timeout_s = 15;
@@ -139,20 +98,24 @@ int main(int argc, char** argv) {
   app.add_option("--state-dir", state_dir, "directory of the SQLite state (ftune.db)");
   app.add_option("--listen", listen, "gRPC address (JobService, AgentService, health, reflection)");
   app.add_option("--metrics-listen", metrics_listen, "Prometheus /metrics address; empty: off");
-  app.add_option("--user-tokens", auth_flags.user_tokens,
+  app.add_option("--user-tokens", auth_files.user_tokens,
                  "file of `TOKEN USER [admin]` lines: the users and their bearer tokens");
-  app.add_option("--client-token-file", auth_flags.client_token_file,
+  app.add_option("--client-token-file", auth_files.client_token_file,
                  "file holding one client token: the user `admin` (an admin)");
-  app.add_option("--agent-tokens", auth_flags.agent_tokens,
+  app.add_option("--agent-tokens", auth_files.agent_tokens,
                  "file of `AGENT_ID TOKEN` lines: each agent's own bearer token");
-  app.add_option("--agent-token-file", auth_flags.agent_token_file,
+  app.add_option("--agent-token-file", auth_files.agent_token_file,
                  "file holding one agent token shared by all agents, any of which may claim "
                  "any agent id (development only)");
-  app.add_option("--max-user-priority", auth_flags.max_user_priority,
+  app.add_option("--metrics-auth", auth_files.metrics_auth,
+                 "file of `USER:PASSWORD` lines: HTTP basic auth /metrics requires (Prometheus' "
+                 "basic_auth); needed when --metrics-listen is not a loopback address");
+  app.add_option("--max-user-priority", auth_files.max_user_priority,
                  "highest job priority a non-admin user may set")
       ->capture_default_str();
   app.add_flag("--insecure", insecure,
-               "serve a non-loopback --listen without user and per-agent credentials or TLS");
+               "serve a non-loopback --listen without user and per-agent credentials or TLS, "
+               "and a non-loopback --metrics-listen without --metrics-auth");
   app.add_option("--tls-cert", tls_cert, "PEM certificate: serve TLS (with --tls-key)");
   app.add_option("--tls-key", tls_key, "PEM private key of --tls-cert");
   app.add_option("--agent-timeout", agent_timeout_s,
@@ -179,6 +142,8 @@ int main(int argc, char** argv) {
                  "seconds CreateJob waits for a job's memory plan (reading its config.json)")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  // From here on a SIGHUP is a reload, taken up once serving.
+  std::signal(SIGHUP, OnHangup);
 
   auto paths = ftune::PathPolicy::Create(allowed_roots);
   if (!paths.ok()) {
@@ -194,14 +159,21 @@ int main(int argc, char** argv) {
                  event_retention.c_str());
     return 2;
   }
-  auto auth = LoadAuth(auth_flags);
+  auto auth_config = LoadAuthConfig(auth_files);
+  auto auth = auth_config.ok() ? Authenticator::Create(*std::move(auth_config))
+                              : absl::StatusOr<Authenticator>(auth_config.status());
   if (!auth.ok()) {
     std::fprintf(stderr, "ftune-coordinator: %s\n", std::string(auth.status().message()).c_str());
     return 2;
   }
-  // Secure by default: off this host, every party proves who it is, over TLS.
+  // Secure by default: off this host, every party proves who it is, over TLS,
+  // and /metrics asks Prometheus for its password.
   const bool tls = !tls_cert.empty() || !tls_key.empty();
   const std::vector<std::string> missing = MissingProtection(*auth, tls);
+  const bool metrics_open = !metrics_listen.empty() &&
+                            !ftune::IsLoopbackAddress(metrics_listen) &&
+                            !auth->metrics_auth_configured();
+  bool refused = false;
   if (!missing.empty() && !ftune::IsLoopbackAddress(listen)) {
     if (!insecure) {
       std::fprintf(stderr,
@@ -212,21 +184,40 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "Give them (docs/security.md shows a secure start), listen on 127.0.0.1, "
                    "or pass --insecure on a network you trust.\n");
-      return 2;
+      refused = true;
+    } else {
+      for (const auto& m : missing)
+        std::fprintf(stderr, "ftune-coordinator: WARNING: --insecure: serving %s without %s\n",
+                     listen.c_str(), m.c_str());
+      std::fprintf(stderr,
+                   "ftune-coordinator: WARNING: --insecure: anyone who can reach %s may act as "
+                   "any user or agent the missing credentials would have stopped\n",
+                   listen.c_str());
     }
-    for (const auto& m : missing)
-      std::fprintf(stderr, "ftune-coordinator: WARNING: --insecure: serving %s without %s\n",
-                   listen.c_str(), m.c_str());
-    std::fprintf(stderr,
-                 "ftune-coordinator: WARNING: --insecure: anyone who can reach %s may act as "
-                 "any user or agent the missing credentials would have stopped\n",
-                 listen.c_str());
   } else if (!auth->users_configured() || !auth->agents_configured()) {
     std::printf("ftune-coordinator: loopback only, %s%s%s\n",
                 auth->users_configured() ? "" : "no user tokens: every client is the admin 'local'",
                 !auth->users_configured() && !auth->agents_configured() ? "; " : "",
                 auth->agents_configured() ? "" : "no agent tokens: any local agent may register");
   }
+  if (metrics_open) {
+    if (!insecure) {
+      std::fprintf(stderr,
+                   "ftune-coordinator: refusing to serve /metrics on %s, which other hosts can "
+                   "reach, without scrape credentials: give --metrics-auth FILE (`USER:PASSWORD` "
+                   "lines, sent by Prometheus' basic_auth), use --metrics-listen 127.0.0.1:9464, "
+                   "or pass --insecure on a network you trust.\n",
+                   metrics_listen.c_str());
+      refused = true;
+    } else {
+      std::fprintf(stderr,
+                   "ftune-coordinator: WARNING: --insecure: serving /metrics on %s without "
+                   "--metrics-auth: anyone who can reach it reads job ids, losses and host "
+                   "names\n",
+                   metrics_listen.c_str());
+    }
+  }
+  if (refused) return 2;
   Metrics metrics;  // before the store, which reports its errors to it
   auto store = Store::Open(state_dir);
   if (!store.ok()) {
@@ -235,7 +226,12 @@ int main(int argc, char** argv) {
   }
   (*store)->SetErrorListener([&metrics](const absl::Status&) { metrics.StoreError(); });
   if (!metrics_listen.empty()) {
-    if (auto err = metrics.Serve(metrics_listen); !err.empty()) {
+    Metrics::ScrapeAuth scrape_auth;
+    if (auth->metrics_auth_configured())
+      scrape_auth = [&auth](const std::string& user, const std::string& password) {
+        return auth->AuthenticateScrape(user, password);
+      };
+    if (auto err = metrics.Serve(metrics_listen, std::move(scrape_auth)); !err.empty()) {
       std::fprintf(stderr, "ftune-coordinator: %s (choose another --metrics-listen)\n",
                    err.c_str());
       return 1;
@@ -303,13 +299,38 @@ int main(int argc, char** argv) {
                  listen.c_str());
     return 1;
   }
-  std::printf("ftune-coordinator: serving on %s (metrics %s, state %s)\n", listen.c_str(),
-              metrics_listen.empty() ? "off" : metrics_listen.c_str(), state_dir.c_str());
+  std::printf("ftune-coordinator: serving on %s (metrics %s%s, state %s)\n", listen.c_str(),
+              metrics_listen.empty() ? "off" : metrics_listen.c_str(),
+              auth->metrics_auth_configured() ? " with basic auth" : "", state_dir.c_str());
   std::fflush(stdout);
 
+  // SIGHUP re-reads the credential files (as Prometheus and nginx do): all
+  // of them are checked as at start and swapped in together, or the old
+  // ones stay. The main loop does it, not the handler (nothing there is
+  // async-signal-safe).
+  auto reload_credentials = [&] {
+    absl::StatusOr<AuthConfig> config = LoadAuthConfig(auth_files);
+    const absl::Status st = config.ok() ? auth->Reload(*std::move(config)) : config.status();
+    if (!st.ok()) {
+      std::fprintf(stderr,
+                   "ftune-coordinator: SIGHUP: credentials not reloaded, the previous ones stay "
+                   "in force: %s\n",
+                   std::string(st.message()).c_str());
+      return;
+    }
+    const std::vector<std::string> ended = agent_service.EndStreamsOfRevokedCredentials();
+    std::string ended_text;
+    for (const auto& id : ended) ended_text += (ended_text.empty() ? "" : ", ") + id;
+    std::printf("ftune-coordinator: SIGHUP: credentials reloaded (%zu user tokens, %zu agent "
+                "tokens, %zu metrics users); streams ended for a revoked token: %s\n",
+                auth->num_users(), auth->num_agents(), auth->num_metrics_users(),
+                ended.empty() ? "none" : ("agent " + ended_text).c_str());
+    std::fflush(stdout);
+  };
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
   while (!g_stop) {
+    if (g_reload.exchange(false)) reload_credentials();
     coordinator.Tick();
     std::this_thread::sleep_for(std::chrono::milliseconds(tick_ms));
   }

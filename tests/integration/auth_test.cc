@@ -10,17 +10,24 @@
 //   * an agent cannot move a job placed on another agent (checkpoint, rank
 //     exit, rendezvous);
 //   * secure by default: what the coordinator, agent and CLI refuse off
-//     loopback.
+//     loopback;
+//   * /metrics behind HTTP basic auth (--metrics-auth), scraped over a
+//     socket, and refused off loopback without it;
+//   * SIGHUP reloads the credential files: revoked tokens refused, new ones
+//     taken, an agent stream of a revoked token ended, a bad file ignored.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <climits>
 #include <csignal>
+#include <fstream>
 #include <functional>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -34,6 +41,7 @@ namespace ftune::testing {
 namespace {
 
 using grpc::StatusCode;
+using std::chrono::milliseconds;
 using std::chrono::seconds;
 
 constexpr char kAlice[] = "alice-token-0123456789abcdef";
@@ -41,6 +49,7 @@ constexpr char kBob[] = "bob-token-0123456789abcdef";
 constexpr char kRoot[] = "root-token-0123456789abcdef";
 constexpr char kAgentA[] = "host-a-agent-token-0123456789";
 constexpr char kAgentB[] = "host-b-agent-token-0123456789";
+constexpr char kPromPassword[] = "prom-password-0123456789";
 
 // Credentials, in the order of the matrix's columns; "" sends none.
 const std::vector<std::pair<std::string, std::string>> kCallers = {
@@ -175,8 +184,9 @@ std::string Code(const grpc::Status& st) {
   return c >= 0 && c <= 16 ? kNames[c] : std::to_string(c);
 }
 
-// GET http://127.0.0.1:port/metrics.
-std::string Scrape(int port) {
+// GET http://127.0.0.1:port/metrics, with an `Authorization` header when
+// `authorization` is not empty; the whole response, headers included.
+std::string Scrape(int port, const std::string& authorization = "") {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in a{};
   a.sin_family = AF_INET;
@@ -184,7 +194,9 @@ std::string Scrape(int port) {
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   std::string out;
   if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0) {
-    const std::string req = "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n";
+    std::string req = "GET /metrics HTTP/1.0\r\nHost: localhost\r\n";
+    if (!authorization.empty()) req += "Authorization: " + authorization + "\r\n";
+    req += "\r\n";
     (void)!write(fd, req.data(), req.size());
     char buf[65536];
     ssize_t n;
@@ -192,6 +204,28 @@ std::string Scrape(int port) {
   }
   close(fd);
   return out;
+}
+
+// The `Authorization` value of HTTP basic auth, as Prometheus sends it.
+std::string Basic(const std::string& user, const std::string& password) {
+  static const char kB64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  const std::string in = user + ":" + password;
+  std::string out;
+  for (size_t i = 0; i < in.size(); i += 3) {
+    uint32_t v = static_cast<unsigned char>(in[i]) << 16;
+    if (i + 1 < in.size()) v |= static_cast<unsigned char>(in[i + 1]) << 8;
+    if (i + 2 < in.size()) v |= static_cast<unsigned char>(in[i + 2]);
+    out += kB64[(v >> 18) & 63];
+    out += kB64[(v >> 12) & 63];
+    out += i + 1 < in.size() ? kB64[(v >> 6) & 63] : '=';
+    out += i + 2 < in.size() ? kB64[v & 63] : '=';
+  }
+  return "Basic " + out;
+}
+
+// The status line of an HTTP response ("HTTP/1.1 401 Unauthorized").
+std::string StatusLine(const std::string& response) {
+  return response.substr(0, response.find("\r\n"));
 }
 
 TEST(Auth, MatrixOverEveryRpc) {
@@ -543,6 +577,226 @@ TEST(Auth, NothingServesOrSendsCredentialsOffLoopbackUnprotected) {
   EXPECT_NE(log.find("refusing to send the agent token in plaintext to 10.1.2.3:7450"),
             std::string::npos)
       << log;
+}
+
+// /metrics with --metrics-auth: only a configured user with its password
+// reads a metric; everything else is 401 with a basic auth challenge.
+TEST(Auth, MetricsNeedAConfiguredUserAndPassword) {
+  Cluster c;
+  UseTestCredentials(&c);
+  const std::string file = c.dir() + "/metrics.auth";
+  std::ofstream(file) << "# Prometheus\nprom:" << kPromPassword << "\n";
+  c.StartCoordinator({"--metrics-auth=" + file});
+  const int port = c.metrics_port();
+
+  const std::vector<std::pair<std::string, std::string>> refused = {
+      {"no credentials", ""},
+      {"a wrong password", Basic("prom", "wrong-password-0123456789")},
+      {"a prefix of the password", Basic("prom", std::string(kPromPassword).substr(0, 20))},
+      {"an unknown user", Basic("grafana", kPromPassword)},
+      {"an empty password", Basic("prom", "")},
+      {"a user token", "Bearer " + std::string(kRoot)},
+      {"a malformed basic value", "Basic %%%not-base64%%%"},
+  };
+  for (const auto& [what, authorization] : refused) {
+    const std::string r = Scrape(port, authorization);
+    EXPECT_EQ(StatusLine(r), "HTTP/1.1 401 Unauthorized") << what << "\n" << r;
+    EXPECT_NE(r.find("WWW-Authenticate: Basic realm=\"ftune-coordinator\""), std::string::npos)
+        << what << "\n" << r;
+    EXPECT_EQ(r.find("ftune_"), std::string::npos) << what << "\n" << r;
+  }
+  const std::string r = Scrape(port, Basic("prom", kPromPassword));
+  EXPECT_EQ(StatusLine(r), "HTTP/1.1 200 OK") << r;
+  EXPECT_NE(r.find("ftune_build_info{version=\""), std::string::npos) << r;
+  EXPECT_NE(r.find("ftune_store_errors_total 0"), std::string::npos) << r;
+  EXPECT_NE(ReadFile(c.coordinator().log_path()).find(" with basic auth, state "),
+            std::string::npos)
+      << ReadFile(c.coordinator().log_path());
+}
+
+// /metrics reachable from other hosts needs --metrics-auth (or --insecure);
+// on loopback it needs nothing (every other test).
+TEST(Auth, MetricsOffLoopbackNeedAuth) {
+  Cluster c;
+  const std::string dir = c.dir();
+  const std::string listen = "--listen=127.0.0.1:" + std::to_string(FreePort());
+  const std::string mport = std::to_string(FreePort());
+  const std::string open_metrics = "--metrics-listen=0.0.0.0:" + mport;
+  auto run = [&](std::vector<std::string> argv, const std::string& log) {
+    Process p(std::move(argv), dir + "/" + log);
+    const int code = p.Wait(seconds(20));
+    if (code == INT_MIN) p.Signal(SIGKILL);
+    return std::make_pair(code, ReadFile(dir + "/" + log));
+  };
+  auto [code, log] =
+      run({FTUNE_COORDINATOR_BIN, "--state-dir=" + dir + "/s1", listen, open_metrics}, "open.log");
+  EXPECT_EQ(code, 2) << log;
+  EXPECT_NE(log.find("refusing to serve /metrics on 0.0.0.0:" + mport +
+                     ", which other hosts can reach, without scrape credentials: give "
+                     "--metrics-auth FILE"),
+            std::string::npos)
+      << log;
+
+  // A file that does not parse: refused, naming the file and line.
+  std::ofstream(dir + "/bad.auth") << "prom:" << kPromPassword << "\nops:short\n";
+  std::tie(code, log) = run({FTUNE_COORDINATOR_BIN, "--state-dir=" + dir + "/s1", listen,
+                             open_metrics, "--metrics-auth=" + dir + "/bad.auth"},
+                            "bad.log");
+  EXPECT_EQ(code, 2) << log;
+  EXPECT_NE(log.find(dir + "/bad.auth:2: the password of metrics user ops has 5 characters"),
+            std::string::npos)
+      << log;
+
+  auto serve = [&](std::vector<std::string> argv, const std::string& log) {
+    auto p = std::make_unique<Process>(std::move(argv), dir + "/" + log);
+    EXPECT_TRUE(WaitFor(
+        [&] { return ReadFile(dir + "/" + log).find("serving on") != std::string::npos; },
+        seconds(20)))
+        << ReadFile(dir + "/" + log);
+    return p;
+  };
+  // --insecure serves it open, and says so.
+  {
+    auto p = serve({FTUNE_COORDINATOR_BIN, "--state-dir=" + dir + "/s2", listen, open_metrics,
+                    "--insecure"},
+                   "insecure.log");
+    EXPECT_NE(ReadFile(dir + "/insecure.log")
+                  .find("WARNING: --insecure: serving /metrics on 0.0.0.0:" + mport +
+                        " without --metrics-auth"),
+              std::string::npos)
+        << ReadFile(dir + "/insecure.log");
+    EXPECT_EQ(StatusLine(Scrape(std::stoi(mport))), "HTTP/1.1 200 OK");
+    p->Signal(SIGTERM);
+    p->Wait(seconds(10));
+  }
+  // With --metrics-auth it serves on every interface, behind the password.
+  std::ofstream(dir + "/metrics.auth") << "prom:" << kPromPassword << "\n";
+  {
+    auto p = serve({FTUNE_COORDINATOR_BIN, "--state-dir=" + dir + "/s3", listen, open_metrics,
+                    "--metrics-auth=" + dir + "/metrics.auth"},
+                   "auth.log");
+    EXPECT_NE(ReadFile(dir + "/auth.log").find("(metrics 0.0.0.0:" + mport + " with basic auth"),
+              std::string::npos)
+        << ReadFile(dir + "/auth.log");
+    EXPECT_EQ(StatusLine(Scrape(std::stoi(mport))), "HTTP/1.1 401 Unauthorized");
+    EXPECT_EQ(StatusLine(Scrape(std::stoi(mport), Basic("prom", kPromPassword))),
+              "HTTP/1.1 200 OK");
+    p->Signal(SIGTERM);
+    p->Wait(seconds(10));
+  }
+}
+
+grpc::Status ListJobsAs(Cluster& c, const std::string& token) {
+  auto stub = c.Client();
+  grpc::ClientContext ctx;
+  Auth(&ctx, token);
+  v1::ListJobsResponse r;
+  return stub->ListJobs(&ctx, {}, &r);
+}
+
+// SIGHUP re-reads --user-tokens, --agent-tokens and --metrics-auth: the next
+// call with a removed token is refused, a new one works, the open stream of
+// an agent whose token changed is ended; a file that does not parse changes
+// nothing.
+TEST(Auth, SighupReloadsTheCredentialFiles) {
+  constexpr char kCarol[] = "carol-token-0123456789abcdef";
+  constexpr char kAgentB2[] = "host-b-new-agent-token-01234";
+  constexpr char kNewPromPassword[] = "prom-new-password-0123456789";
+  Cluster c;
+  UseTestCredentials(&c);
+  const std::string metrics_file = c.dir() + "/metrics.auth";
+  std::ofstream(metrics_file) << "prom:" << kPromPassword << "\n";
+  c.StartCoordinator({"--metrics-auth=" + metrics_file});
+  c.StartAgent("host-a", 1);
+  ASSERT_TRUE(c.WaitAgents(1));
+  AgentStream b;
+  b.ctx.set_deadline(std::chrono::system_clock::now() + seconds(20));
+  ASSERT_TRUE(b.Open(c, kAgentB, "host-b").ok());
+  // host-b heartbeats, so nothing but the reload ends its stream (the
+  // coordinator would end a silent one after --agent-timeout).
+  std::atomic<bool> stop_heartbeats{false};
+  std::thread heartbeats([&] {
+    v1::AgentToCoordinator beat;
+    beat.mutable_heartbeat();
+    while (!stop_heartbeats && b.rw->Write(beat)) std::this_thread::sleep_for(milliseconds(200));
+  });
+  struct Join {
+    std::atomic<bool>& stop;
+    std::thread& thread;
+    ~Join() {
+      stop = true;
+      if (thread.joinable()) thread.join();
+    }
+  } join_heartbeats{stop_heartbeats, heartbeats};
+  ASSERT_TRUE(ListJobsAs(c, kAlice).ok());
+  ASSERT_EQ(ListJobsAs(c, kCarol).error_code(), StatusCode::UNAUTHENTICATED);
+
+  // alice removed, carol added; host-b gets a new token; prom a new password.
+  auto rewrite = [](const std::string& path, const std::string& text) {
+    std::ofstream(path, std::ios::trunc) << text;
+  };
+  rewrite(c.dir() + "/users.tokens",
+          std::string(kBob) + " bob\n" + kRoot + " root admin\n" + kCarol + " carol\n");
+  rewrite(c.dir() + "/agents.tokens",
+          std::string("host-a ") + kAgentA + "\nhost-b " + kAgentB2 + "\n");
+  rewrite(metrics_file, std::string("prom:") + kNewPromPassword + "\n");
+  const std::string log = c.coordinator().log_path();
+  c.coordinator().Signal(SIGHUP);
+  ASSERT_TRUE(WaitFor(
+      [&] { return ReadFile(log).find("SIGHUP: credentials reloaded") != std::string::npos; },
+      seconds(10)))
+      << ReadFile(log);
+  EXPECT_NE(ReadFile(log).find("credentials reloaded (3 user tokens, 2 agent tokens, 1 metrics "
+                               "users); streams ended for a revoked token: agent host-b\n"),
+            std::string::npos)
+      << ReadFile(log);
+
+  const grpc::Status alice = ListJobsAs(c, kAlice);
+  EXPECT_EQ(alice.error_code(), StatusCode::UNAUTHENTICATED) << alice.error_message();
+  EXPECT_EQ(alice.error_message(), "invalid user token");
+  EXPECT_TRUE(ListJobsAs(c, kCarol).ok());
+  EXPECT_TRUE(ListJobsAs(c, kBob).ok());
+  // host-b's stream, opened with its old token, was ended by the coordinator.
+  v1::CoordinatorToAgent msg;
+  while (b.rw->Read(&msg)) {
+  }
+  stop_heartbeats = true;
+  heartbeats.join();
+  EXPECT_EQ(b.rw->Finish().error_code(), StatusCode::CANCELLED);
+  AgentStream old_b;
+  EXPECT_EQ(old_b.Open(c, kAgentB, "host-b").error_code(), StatusCode::UNAUTHENTICATED);
+  AgentStream new_b;
+  EXPECT_TRUE(new_b.Open(c, kAgentB2, "host-b").ok());
+  new_b.Close();
+  // host-a's token did not change: its agent kept its stream and runs carol's job.
+  const v1::Job job = CreateAs(c, kCarol, c.Spec(1, 5, 0));
+  EXPECT_EQ(job.owner(), "carol");
+  EXPECT_TRUE(c.WaitState(job.id(), v1::SUCCEEDED)) << v1::JobState_Name(c.GetJob(job.id()).state());
+  EXPECT_EQ(ReadFile(c.agent(0).log_path()).find("rejected agent"), std::string::npos)
+      << ReadFile(c.agent(0).log_path());
+  // The scrape password changed with the file.
+  EXPECT_EQ(StatusLine(Scrape(c.metrics_port(), Basic("prom", kPromPassword))),
+            "HTTP/1.1 401 Unauthorized");
+  EXPECT_EQ(StatusLine(Scrape(c.metrics_port(), Basic("prom", kNewPromPassword))),
+            "HTTP/1.1 200 OK");
+
+  // A line that does not parse: the error names the file and line, and the
+  // credentials in force stay as they were.
+  rewrite(c.dir() + "/users.tokens", std::string(kRoot) + " root admin\nshort dave\n");
+  c.coordinator().Signal(SIGHUP);
+  ASSERT_TRUE(WaitFor(
+      [&] { return ReadFile(log).find("credentials not reloaded") != std::string::npos; },
+      seconds(10)))
+      << ReadFile(log);
+  EXPECT_NE(ReadFile(log).find("SIGHUP: credentials not reloaded, the previous ones stay in "
+                               "force: " +
+                               c.dir() + "/users.tokens:2: the token of user dave has 5 characters"),
+            std::string::npos)
+      << ReadFile(log);
+  EXPECT_TRUE(ListJobsAs(c, kCarol).ok());
+  EXPECT_TRUE(ListJobsAs(c, kBob).ok());
+  EXPECT_EQ(ListJobsAs(c, kAlice).error_code(), StatusCode::UNAUTHENTICATED);
+  EXPECT_TRUE(c.coordinator().Running());
 }
 
 }  // namespace
