@@ -133,13 +133,19 @@ struct PhaseTimer::Impl {
   std::vector<StepPhase> phases;  // of each mark after the start
   std::vector<std::chrono::steady_clock::time_point> times;  // CPU: start + marks
 #if defined(FTUNE_TRAIN_CUDA)
-  std::vector<std::unique_ptr<at::cuda::CUDAEvent>> events;  // CUDA: start + marks
+  // CUDA: start + marks are events[0, used). The events are kept from step
+  // to step and recorded again, so a step creates none once the pool has
+  // as many as a step marks.
+  std::vector<std::unique_ptr<at::cuda::CUDAEvent>> events;
+  size_t used = 0;
 #endif
   void Record() {
 #if defined(FTUNE_TRAIN_CUDA)
     if (cuda) {
-      events.push_back(std::make_unique<at::cuda::CUDAEvent>(cudaEventDefault));
-      events.back()->record();
+      if (used == events.size()) {
+        events.push_back(std::make_unique<at::cuda::CUDAEvent>(cudaEventDefault));
+      }
+      events[used++]->record();
       return;
     }
 #endif
@@ -161,7 +167,7 @@ void PhaseTimer::Start() {
   impl_->phases.clear();
   impl_->times.clear();
 #if defined(FTUNE_TRAIN_CUDA)
-  impl_->events.clear();
+  impl_->used = 0;
 #endif
   impl_->Record();
 }
@@ -177,7 +183,7 @@ std::array<double, kNumStepPhases> PhaseTimer::Seconds() {
     double seconds = 0;
 #if defined(FTUNE_TRAIN_CUDA)
     if (impl_->cuda) {
-      if (i == 0) impl_->events.back()->synchronize();  // the step's end
+      if (i == 0) impl_->events[impl_->used - 1]->synchronize();  // the step's end
       seconds = impl_->events[i]->elapsed_time(*impl_->events[i + 1]) / 1000.0;
     }
 #endif
