@@ -63,6 +63,29 @@ at::Tensor DocumentStarts(const at::Tensor& position_ids) {
   return starts;
 }
 
+// Flash attention's cumulative sequence lengths of the flattened batch:
+// every document start, then the token count. Each row starts a document,
+// so documents never cross rows. (documents + 1) int32.
+at::Tensor CuSeqlens(const at::Tensor& starts) {
+  at::Tensor offsets = starts.reshape({-1}).nonzero().squeeze(1).to(at::kInt);  // (docs)
+  return at::cat({offsets, at::full({1}, starts.numel(), offsets.options())});
+}
+
+// The flattened (b, s - 1) indices of the positions that have a loss
+// target: position t predicts labels[t + 1], except ignored targets and
+// targets that open a new document (predicted across the boundary).
+at::Tensor LossRows(const at::Tensor& labels, const at::Tensor& starts) {
+  const at::Tensor valid =
+      (labels.slice(1, 1) != kIgnoreIndex) & starts.slice(1, 1).logical_not();  // (b, s - 1)
+  return valid.reshape({-1}).nonzero().squeeze(1);                                // (n)
+}
+
+void CheckTargets(const at::Tensor& t, int64_t vocab_size) {
+  TORCH_CHECK(t.numel() == 0 ||
+                  (t.min().item<int64_t>() >= 0 && t.max().item<int64_t>() < vocab_size),
+              "labels must be -100 or in [0, ", vocab_size, ")");
+}
+
 // The layer recomputed in backward (activation checkpointing). Forward runs
 // the layer without building a graph and keeps only its input; backward
 // re-runs it with grad enabled from the same RNG state and differentiates.
@@ -554,9 +577,7 @@ LlamaModel::AttentionContext LlamaModel::MakeAttentionContext(const at::Tensor& 
       ctx.cu_seqlens = layout->cu_seqlens;
       return ctx;
     }
-    // Each row starts a document, so the flattened rows never share one.
-    at::Tensor offsets = starts.reshape({-1}).nonzero().squeeze(1).to(at::kInt);  // (docs)
-    ctx.cu_seqlens = at::cat({offsets, at::full({1}, starts.numel(), offsets.options())});
+    ctx.cu_seqlens = CuSeqlens(starts);
     return ctx;
   }
   ctx.plain_causal = !starts.slice(1, 1).any().item<bool>();
@@ -726,17 +747,11 @@ BatchLayout LlamaModel::HostLayout(const at::Tensor& position_ids,
                   position_ids.dim() == 2 && labels.sizes() == position_ids.sizes(),
               "HostLayout: position ids ", position_ids.sizes(), " and labels ", labels.sizes(),
               " must be (batch, seq) int64 on the CPU");
-  const at::Tensor starts = DocumentStarts(position_ids);                    // (b, s)
-  at::Tensor offsets = starts.reshape({-1}).nonzero().squeeze(1).to(at::kInt);
+  const at::Tensor starts = DocumentStarts(position_ids);  // (b, s)
   BatchLayout l;
-  l.cu_seqlens = at::cat({offsets, at::full({1}, starts.numel(), offsets.options())});
-  const at::Tensor targets = labels.slice(1, 1);                             // (b, s - 1)
-  const at::Tensor valid = (targets != kIgnoreIndex) & starts.slice(1, 1).logical_not();
-  const at::Tensor rows = valid.reshape({-1}).nonzero().squeeze(1);          // (n)
-  const at::Tensor t = targets.reshape({-1}).index_select(0, rows);
-  TORCH_CHECK(t.numel() == 0 || (t.min().item<int64_t>() >= 0 &&
-                                 t.max().item<int64_t>() < config_.vocab_size),
-              "labels must be -100 or in [0, ", config_.vocab_size, ")");
+  l.cu_seqlens = CuSeqlens(starts);
+  const at::Tensor rows = LossRows(labels, starts);  // (n)
+  CheckTargets(labels.slice(1, 1).reshape({-1}).index_select(0, rows), config_.vocab_size);
   l.num_loss_tokens = rows.size(0);
   // Pageable copies: queued on the stream without waiting for it.
   l.cu_seqlens = l.cu_seqlens.to(options_.device);
@@ -755,22 +770,11 @@ LossOutput LlamaModel::Loss(const at::Tensor& input_ids, const at::Tensor& posit
   const int64_t s = input_ids.size(1), hidden = config_.hidden_size;
   bool boundary = false;
   at::Tensor h = HiddenKeepHead(input_ids, pos, training, &boundary, layout);  // (b, s, hidden)
-  // Position t predicts labels[t + 1]; skip ignored targets and targets that
-  // open a new document (they would be predicted across the boundary).
-  at::Tensor targets = labels.slice(1, 1);                                   // (b, s - 1)
-  at::Tensor rows;                                                           // (n)
-  if (layout != nullptr) {
-    rows = layout->loss_rows;  // checked by HostLayout
-  } else {
-    at::Tensor valid = (targets != kIgnoreIndex) & DocumentStarts(pos).slice(1, 1).logical_not();
-    rows = valid.reshape({-1}).nonzero().squeeze(1);
-  }
-  const at::Tensor t = targets.reshape({-1}).index_select(0, rows);          // (n)
-  if (layout == nullptr) {
-    TORCH_CHECK(t.numel() == 0 || (t.min().item<int64_t>() >= 0 &&
-                                   t.max().item<int64_t>() < config_.vocab_size),
-                "labels must be -100 or in [0, ", config_.vocab_size, ")");
-  }
+  // Targets as LossRows picks them (HostLayout did it on the host, and
+  // checked them, when a layout is given).
+  const at::Tensor rows = layout != nullptr ? layout->loss_rows : LossRows(labels, DocumentStarts(pos));
+  const at::Tensor t = labels.slice(1, 1).reshape({-1}).index_select(0, rows);  // (n)
+  if (layout == nullptr) CheckTargets(t, config_.vocab_size);
   at::Tensor hs = h.slice(1, 0, s - 1).reshape({-1, hidden}).index_select(0, rows);  // (n, hidden)
   LossOutput out;
   out.loss_sum = ChunkedCrossEntropySum(hs, lm_head_, t, options_.loss_chunk_tokens);
