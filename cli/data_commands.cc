@@ -123,6 +123,7 @@ int Prepare(const std::string& job_path, const std::string& cache_dir_flag, std:
     return kFailed;
   }
   const data::PreparedDataset& p = *prepared;
+  for (const std::string& w : p.warnings) err << "ftune data prepare: warning: " << w << "\n";
   const json report = {{"train_path", p.train_path},
                        {"eval_path", p.eval_path},
                        {"manifest_path", p.manifest_path},
@@ -139,7 +140,8 @@ int Prepare(const std::string& job_path, const std::string& cache_dir_flag, std:
                        {"train_trained_tokens", p.train_trained_tokens},
                        {"truncated_documents", p.truncated_documents},
                        {"skipped_records", p.skipped_records},
-                       {"skipped_examples", p.skipped_examples}};
+                       {"skipped_examples", p.skipped_examples},
+                       {"warnings", p.warnings}};
   out << report.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
   return kOk;
 }

@@ -161,7 +161,8 @@ std::vector<std::string> ValidateJobSpec(const v1::JobSpec& spec) {
     path_length("dataset.eval_data_files[" + std::to_string(i) + "]", d.eval_data_files(i));
   c.Choice("dataset.format", d.format(), {"auto", "messages", "text", "prompt_completion"});
   c.Choice("dataset.chat_template", d.chat_template(),
-           {"auto", "llama3", "llama3.1", "llama2", "chatml", "mistral", "qwen2.5"});
+           {"auto", "llama3", "llama3.1", "llama2", "chatml", "mistral", "qwen2.5",
+            "mistral-v0.3"});
   c.Range("dataset.eval_split_ratio", d.eval_split_ratio(), 0, 1, true);
   c.Require(!(d.eval_data_files_size() > 0 && d.eval_split_ratio() > 0), "dataset.eval_split_ratio",
             Num(d.eval_split_ratio()), "must be 0 when dataset.eval_data_files is given");

@@ -298,6 +298,64 @@ TEST_F(PrepareTest, ConversationalPromptCompletionUsesTheChatTemplate) {
   EXPECT_EQ(rows[0].input_ids.back(), 128009);  // <|eot_id|>
 }
 
+// Mistral-7B-Instruct-v0.3's template drops the system message of a
+// conversation that ends with the assistant; prepare renders that (as
+// transformers does) and warns once, with the count, on a cache hit too.
+TEST_F(PrepareTest, MistralV03WarnsOnceAboutDroppedSystemMessages) {
+  const json sys = {{"role", "system"}, {"content", "Be brief."}};
+  const json user = {{"role", "user"}, {"content", "Hi"}};
+  const json answer = {{"role", "assistant"}, {"content", "Hello"}};
+  std::ofstream(dir_ + "/sys.jsonl") << json{{"messages", {sys, user, answer}}}.dump() << "\n"
+                                     << json{{"messages", {user, answer}}}.dump() << "\n"
+                                     << json{{"messages", {sys, user, answer}}}.dump() << "\n";
+  DatasetOptions o = Options();
+  o.data_files = {dir_ + "/sys.jsonl"};
+  o.chat_template = "mistral-v0.3";
+  for (bool cache_hit : {false, true}) {
+    auto p = PrepareDataset(o, dir_ + "/cache");
+    ASSERT_TRUE(p.ok()) << p.status().ToString();
+    EXPECT_EQ(p->cache_hit, cache_hit);
+    EXPECT_EQ(p->chat_template, "mistral-v0.3");
+    ASSERT_EQ(p->warnings.size(), 1u);
+    EXPECT_EQ(p->warnings[0].rfind("chat template mistral-v0.3: 2 of 3 conversations start with a "
+                                   "system message and end with an assistant turn", 0),
+              0u)
+        << p->warnings[0];
+  }
+  // Without system messages, or with another template: nothing to say.
+  o.data_files = {dir_ + "/chat.jsonl"};
+  auto plain = PrepareDataset(o, dir_ + "/cache");
+  ASSERT_TRUE(plain.ok()) << plain.status().ToString();
+  EXPECT_TRUE(plain->warnings.empty());
+  o.data_files = {dir_ + "/sys.jsonl"};
+  o.chat_template = "mistral";
+  EXPECT_TRUE(PrepareDataset(o, dir_ + "/cache")->warnings.empty());
+
+  // A conversational prompt with a system message: the prompt renders it, the
+  // prompt + completion does not, which the error explains.
+  const json pc_record = {{"prompt", {sys, user}}, {"completion", json::array({answer})}};
+  std::ofstream(dir_ + "/pc.jsonl") << pc_record.dump() << "\n";
+  o.data_files = {dir_ + "/pc.jsonl"};
+  o.chat_template = "mistral-v0.3";
+  auto pc = PrepareDataset(o, dir_ + "/cache");
+  ASSERT_FALSE(pc.ok());
+  EXPECT_NE(pc.status().message().find("mistral-v0.3 writes the system message only into a "
+                                       "conversation that ends with a user turn"),
+            std::string::npos)
+      << pc.status().message();
+
+  // Tool calls are refused, naming the template.
+  json call = answer;
+  call["tool_calls"] = json::array({{{"id", "abcdefghi"}}});
+  std::ofstream(dir_ + "/tools.jsonl") << json{{"messages", {user, call}}}.dump() << "\n";
+  o.data_files = {dir_ + "/tools.jsonl"};
+  auto tools = PrepareDataset(o, dir_ + "/cache");
+  ASSERT_FALSE(tools.ok());
+  EXPECT_NE(tools.status().message().find("mistral-v0.3 chat template: messages[1] has tool_calls"),
+            std::string::npos)
+      << tools.status().message();
+}
+
 TEST_F(PrepareTest, EvalSplitsAndSkippedRecords) {
   DatasetOptions o = Options();
   o.eval_split_ratio = 0.25;

@@ -175,6 +175,67 @@ Result<RenderedChat> RenderMistral(const ChatTemplate& t, const std::vector<Chat
   return out.Take();
 }
 
+// Mistral-7B-Instruct-v0.3's template with no tools passed. Its alternation
+// check skips tool messages, but ftune refuses those before (they would
+// render as [TOOL_CALLS] / [TOOL_RESULTS] blocks), so it counts every message.
+Result<RenderedChat> RenderMistralV03(const ChatTemplate& t,
+                                      const std::vector<ChatMessage>& messages) {
+  // `messages[0]['role']` on an empty list is an UndefinedError in Jinja.
+  if (messages.empty()) {
+    return InvalidArgumentError("mistral-v0.3 chat template: the conversation has no messages");
+  }
+  const auto [system, first] = SplitSystem(messages);
+  for (size_t i = first; i < messages.size(); ++i) {
+    if ((messages[i].role == "user") != ((i - first) % 2 == 0)) {
+      return AlternationError("mistral-v0.3 chat template: After the optional system message, "
+                              "conversation roles must alternate user/assistant/user/assistant/...");
+    }
+  }
+  Out out;
+  out.Add(t.bos_token);
+  for (size_t i = first; i < messages.size(); ++i) {
+    const ChatMessage& m = messages[i];
+    if (m.role == "user") {
+      // The quirk: the system message goes into the last message only.
+      out.Add("[INST] ");
+      if (i + 1 == messages.size() && system != nullptr) {
+        out.Add(*system);
+        out.Add("\n\n");
+      }
+      out.Add(m.content);
+      out.Add("[/INST]");
+    } else if (m.role == "assistant") {
+      const size_t begin = out.size();
+      out.Add(" ");
+      out.Add(PythonStrip(m.content));
+      out.Add(t.eos_token);
+      out.Span(begin);
+    } else {
+      return InvalidArgumentError(
+          "mistral-v0.3 chat template: Only user and assistant roles are supported, with the "
+          "exception of an initial optional system message!");
+    }
+  }
+  return out.Take();
+}
+
+// Tool messages, which Mistral v0.3's template renders (as [TOOL_CALLS] /
+// [TOOL_RESULTS] blocks) and ftune does not: an error rather than text that
+// differs from transformers'.
+Status RefuseMistralV03Tools(const std::vector<ChatMessage>& messages) {
+  for (size_t i = 0; i < messages.size(); ++i) {
+    const ChatMessage& m = messages[i];
+    const bool tool_role = m.role == "tool" || m.role == "tool_results";
+    if (!tool_role && !m.tool_calls) continue;
+    return InvalidArgumentError(
+        "mistral-v0.3 chat template: messages[" + std::to_string(i) + "] " +
+        (tool_role ? "has role \"" + m.role + "\"" : std::string("has tool_calls")) +
+        ": ftune renders Mistral-7B-Instruct-v0.3's template without tools (no tool calls or "
+        "tool results)");
+  }
+  return OkStatus();
+}
+
 RenderedChat RenderChatML(const std::vector<ChatMessage>& messages, bool add_generation_prompt) {
   Out out;
   for (const ChatMessage& m : messages) {
@@ -257,8 +318,8 @@ std::string_view PythonStrip(std::string_view text) {
 }
 
 const std::vector<std::string>& SupportedChatTemplateNames() {
-  static const std::vector<std::string> names = {"llama3", "llama3.1", "llama2",
-                                                 "chatml", "mistral", "qwen2.5"};
+  static const std::vector<std::string> names = {"llama3",  "llama3.1", "llama2",      "chatml",
+                                                 "mistral", "qwen2.5",  "mistral-v0.3"};
   return names;
 }
 
@@ -270,6 +331,7 @@ std::string ChatTemplateName(ChatTemplateKind kind) {
     case ChatTemplateKind::kChatML: return "chatml";
     case ChatTemplateKind::kMistral: return "mistral";
     case ChatTemplateKind::kQwen25: return "qwen2.5";
+    case ChatTemplateKind::kMistralV03: return "mistral-v0.3";
   }
   return "unknown";
 }
@@ -281,6 +343,7 @@ Result<ChatTemplateKind> ChatTemplateKindFromName(const std::string& name) {
   if (name == "chatml") return ChatTemplateKind::kChatML;
   if (name == "mistral") return ChatTemplateKind::kMistral;
   if (name == "qwen2.5") return ChatTemplateKind::kQwen25;
+  if (name == "mistral-v0.3") return ChatTemplateKind::kMistralV03;
   return InvalidArgumentError("chat_template \"" + name + "\" is not supported; use auto or one of " +
                               SupportedList());
 }
@@ -314,9 +377,19 @@ Result<ChatTemplateKind> DetectChatTemplate(std::string_view jinja, const std::s
   }
   if (Has(jinja, "<<SYS>>") && Has(jinja, "[INST]")) return ChatTemplateKind::kLlama2;
   if (Has(jinja, "[INST]")) {
+    // Mistral-7B-Instruct-v0.3: tool blocks written with a space before the
+    // list, "[INST] " with one after, the system message in the last turn.
+    // Later templates write "[INST]" without the space (Mistral Nemo) or
+    // have a [SYSTEM_PROMPT] block.
+    if (Has(jinja, "[AVAILABLE_TOOLS] [") && Has(jinja, "[TOOL_CALLS] [") &&
+        Has(jinja, "[INST] ") && Has(jinja, "loop.last and system_message is defined") &&
+        !Has(jinja, "[SYSTEM_PROMPT]")) {
+      return ChatTemplateKind::kMistralV03;
+    }
     if (Has(jinja, "[AVAILABLE_TOOLS]") || Has(jinja, "[SYSTEM_PROMPT]")) {
-      return InvalidArgumentError(where + "is a later Mistral template (tools / [SYSTEM_PROMPT]) that "
-                                          "ftune does not render" + fix);
+      return InvalidArgumentError(
+          where + "is a later Mistral template (tools / [SYSTEM_PROMPT]) that ftune does not "
+                  "render" + fix + " (mistral-v0.3 is Mistral-7B-Instruct-v0.3's)");
     }
     if (!Has(jinja, "' [INST] '") || !Has(jinja, "system_message")) {
       return InvalidArgumentError(
@@ -366,7 +439,8 @@ Result<ChatTemplate> ResolveChatTemplate(const std::string& name, const Tokenize
   t.bos_token = config.bos_token.value_or("");
   t.eos_token = config.eos_token.value_or("");
   const bool needs_bos = t.kind != ChatTemplateKind::kChatML && t.kind != ChatTemplateKind::kQwen25;
-  const bool needs_eos = t.kind == ChatTemplateKind::kLlama2 || t.kind == ChatTemplateKind::kMistral;
+  const bool needs_eos = t.kind == ChatTemplateKind::kLlama2 || t.kind == ChatTemplateKind::kMistral ||
+                         t.kind == ChatTemplateKind::kMistralV03;
   if ((needs_bos && t.bos_token.empty()) || (needs_eos && t.eos_token.empty())) {
     return InvalidArgumentError(source + "/tokenizer_config.json names no " +
                                 (needs_bos && t.bos_token.empty() ? "bos_token" : "eos_token") +
@@ -377,6 +451,10 @@ Result<ChatTemplate> ResolveChatTemplate(const std::string& name, const Tokenize
 
 Result<RenderedChat> RenderChat(const ChatTemplate& tmpl, const std::vector<ChatMessage>& messages,
                                 bool add_generation_prompt) {
+  // Before CheckRoles, so that a tool message is refused naming the template.
+  if (tmpl.kind == ChatTemplateKind::kMistralV03) {
+    FTUNE_RETURN_IF_ERROR(RefuseMistralV03Tools(messages));
+  }
   FTUNE_RETURN_IF_ERROR(CheckRoles(messages));
   switch (tmpl.kind) {
     case ChatTemplateKind::kLlama3: return RenderLlama3(tmpl, messages, add_generation_prompt);
@@ -385,8 +463,15 @@ Result<RenderedChat> RenderChat(const ChatTemplate& tmpl, const std::vector<Chat
     case ChatTemplateKind::kChatML: return RenderChatML(messages, add_generation_prompt);
     case ChatTemplateKind::kMistral: return RenderMistral(tmpl, messages);
     case ChatTemplateKind::kQwen25: return RenderQwen25(messages, add_generation_prompt);
+    // add_generation_prompt: the template has no generation prompt.
+    case ChatTemplateKind::kMistralV03: return RenderMistralV03(tmpl, messages);
   }
   return InternalError("unknown chat template kind");
+}
+
+bool RenderDropsSystemMessage(ChatTemplateKind kind, const std::vector<ChatMessage>& messages) {
+  return kind == ChatTemplateKind::kMistralV03 && !messages.empty() &&
+         messages.front().role == "system" && messages.back().role != "user";
 }
 
 }  // namespace ftune::data

@@ -81,7 +81,11 @@ Status ParseMessageList(const json& array, const std::string& where, const std::
     } else {
       *expected = r == "user" ? "assistant" : "user";
     }
-    out->messages.push_back({r, content->get<std::string>()});
+    // Kept for the templates that would render tool calls (mistral-v0.3
+    // refuses them, chat_template.h); Jinja's `tool_calls is not none`.
+    const auto tool_calls = m.find("tool_calls");
+    out->messages.push_back(
+        {r, content->get<std::string>(), tool_calls != m.end() && !tool_calls->is_null()});
   }
   return OkStatus();
 }

@@ -214,9 +214,15 @@ Result<TokenizedDoc> DocumentEncoder::Encode(const Record& record) const {
         if (!p.ok()) return InvalidArgumentError(record.source + ": " + p.status().message());
         if (!full.ok()) return InvalidArgumentError(record.source + ": " + full.status().message());
         if (full->text.compare(0, p->text.size(), p->text) != 0) {
-          return InvalidArgumentError(record.source + ": the chat template applied to the prompt + "
-                                                      "completion does not start with the template applied "
-                                                      "to the prompt alone");
+          const bool dropped = RenderDropsSystemMessage(chat_.kind, record.messages);
+          return InvalidArgumentError(
+              record.source + ": the chat template applied to the prompt + completion does not "
+                              "start with the template applied to the prompt alone" +
+              (dropped ? std::string(" (" + ChatTemplateName(chat_.kind) +
+                                     " writes the system message only into a conversation that "
+                                     "ends with a user turn: the prompt has it, the prompt + "
+                                     "completion does not)")
+                       : std::string()));
         }
         const size_t num_prompt = tokenizer_.Encode(p->text, false).size();
         doc.input_ids = tokenizer_.Encode(full->text, false);

@@ -212,7 +212,31 @@ PreparedDataset FromManifest(const json& m, const std::string& dir) {
   p.format = m.value("format", "");
   p.chat_template = m.value("chat_template", "");
   if (m.contains("skipped_examples")) p.skipped_examples = m["skipped_examples"].get<std::vector<std::string>>();
+  if (m.contains("warnings")) p.warnings = m["warnings"].get<std::vector<std::string>>();
   return p;
+}
+
+// Mistral-7B-Instruct-v0.3's template writes the system message only into a
+// conversation's last user turn, so training conversations (which end with
+// the assistant) lose it. ftune renders what transformers renders, and says
+// so once, with the count.
+std::string DroppedSystemWarning(ChatTemplateKind kind, const std::vector<Record>& train,
+                                 const std::vector<Record>& eval) {
+  int64_t dropped = 0, conversations = 0;
+  for (const auto* records : {&train, &eval}) {
+    for (const Record& r : *records) {
+      if (r.format != RecordFormat::kMessages) continue;
+      ++conversations;
+      dropped += RenderDropsSystemMessage(kind, r.messages);
+    }
+  }
+  if (dropped == 0) return "";
+  return "chat template " + ChatTemplateName(kind) + ": " + std::to_string(dropped) + " of " +
+         std::to_string(conversations) +
+         " conversations start with a system message and end with an assistant turn; "
+         "Mistral-7B-Instruct-v0.3's template writes the system message only into a last user "
+         "turn, so these are rendered without it (as transformers renders them). To train with "
+         "it, put the system text into the first user message";
 }
 
 }  // namespace
@@ -360,6 +384,9 @@ Result<PreparedDataset> PrepareDataset(const DatasetOptions& options, const std:
     FTUNE_ASSIGN_OR_RETURN(chat, ResolveChatTemplate(options.chat_template, tokenizer->config(),
                                                             options.tokenizer_dir));
     out.chat_template = ChatTemplateName(chat.kind);
+    if (std::string w = DroppedSystemWarning(chat.kind, train_records, eval_records); !w.empty()) {
+      out.warnings.push_back(std::move(w));
+    }
   }
   if (needs_eos && !tokenizer->config().eos_token.has_value()) {
     return InvalidArgumentError(options.tokenizer_dir + "/tokenizer_config.json names no eos_token, which "
@@ -446,7 +473,8 @@ Result<PreparedDataset> PrepareDataset(const DatasetOptions& options, const std:
                    {"train_trained_tokens", out.train_trained_tokens},
                    {"truncated_documents", out.truncated_documents},
                    {"skipped_records", out.skipped_records},
-                   {"skipped_examples", out.skipped_examples}});
+                   {"skipped_examples", out.skipped_examples},
+                   {"warnings", out.warnings}});
   FTUNE_RETURN_IF_ERROR(WriteFileAtomic(manifest_path, manifest.dump(1) + "\n"));
   return out;
 }

@@ -37,7 +37,7 @@ namespace ftune::data {
 struct DatasetOptions {
   std::vector<std::string> data_files, eval_data_files;
   std::string format = "auto";          // auto|messages|text|prompt_completion
-  std::string chat_template = "auto";   // auto|llama3|llama3.1|llama2|chatml|mistral
+  std::string chat_template = "auto";   // auto or a name of SupportedChatTemplateNames()
   double eval_split_ratio = 0;
   bool skip_invalid = false;
   bool completion_only_loss = true;
@@ -63,6 +63,10 @@ struct PreparedDataset {
   std::string format;                // the record format used
   std::string chat_template;         // the template used ("" when not a messages dataset)
   std::vector<std::string> skipped_examples;
+  // Things about the data a user should know that are not errors, each said
+  // once (e.g. mistral-v0.3 dropping system messages); kept in the manifest,
+  // so a cache hit reports them too.
+  std::vector<std::string> warnings;
 };
 
 struct PrepareProgress {

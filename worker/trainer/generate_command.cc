@@ -189,7 +189,8 @@ Result<std::vector<data::ChatMessage>> ParseMessagesJsonl(std::string_view text,
         return InvalidArgumentError(where + "\"" + key + "\" must be a string");
       }
     }
-    data::ChatMessage m{doc["role"].get<std::string>(), doc["content"].get<std::string>()};
+    data::ChatMessage m{doc["role"].get<std::string>(), doc["content"].get<std::string>(),
+                        doc.contains("tool_calls") && !doc["tool_calls"].is_null()};
     if (m.role != "system" && m.role != "user" && m.role != "assistant") {
       return InvalidArgumentError(where + "unknown role \"" + m.role +
                                   "\" (expected system, user or assistant)");

