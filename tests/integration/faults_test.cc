@@ -363,5 +363,46 @@ TEST(Faults, AgentDiskFullHoldsTheRanksEventsAndDeliversThemInOrderOnceThereIsRo
   EXPECT_EQ(done.restarts(), 0);
 }
 
+// The same, with the agent's stream cut while the rank's exit is held (the
+// coordinator restarts): the agent registers again with that rank among its
+// running ones, so the coordinator does not take it for lost (a restart)
+// and waits for its exit.
+TEST(Faults, AgentDiskFullAcrossACoordinatorRestartLosesNoRank) {
+  Cluster c;
+  c.StartCoordinator();
+  const int agent = c.StartAgent("host-a", 1);
+  ASSERT_TRUE(c.WaitAgents(1));
+  constexpr int kSteps = 40;
+  v1::JobSpec spec = c.Spec(1, kSteps, 0);
+  spec.set_max_restarts(2);
+  const v1::Job job = c.Submit(spec);
+  ASSERT_TRUE(c.WaitFor_Step(job.id(), 5, seconds(60))) << Describe(c.GetJob(job.id()));
+  const pid_t agent_pid = c.agent(agent).pid();
+
+  FullDiskOf full(agent_pid, 16);
+  ASSERT_TRUE(WaitFor([&] { return ChildrenOf(agent_pid).empty(); }, seconds(90)))
+      << "the rank did not end";
+  c.KillCoordinator(SIGKILL);
+  c.StartCoordinator();
+  ASSERT_TRUE(c.WaitAgents(1));  // registered again, its rank's exit still held
+  const v1::Job held = c.GetJob(job.id());
+  EXPECT_EQ(held.state(), v1::RUNNING) << Describe(held);
+
+  full.Free();
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        const v1::JobState s = c.GetJob(job.id()).state();
+        return s == v1::SUCCEEDED || s == v1::FAILED || s == v1::CANCELLED;
+      },
+      seconds(90)))
+      << Describe(c.GetJob(job.id()));
+  const v1::Job done = c.GetJob(job.id());
+  EXPECT_EQ(done.state(), v1::SUCCEEDED) << Describe(done);
+  EXPECT_EQ(done.restarts(), 0) << Describe(done);
+  for (const auto& e : c.Events(job.id()))
+    if (e.has_error()) ADD_FAILURE() << "event " << e.seq() << ": " << e.error().message();
+  ExpectEveryEventInOrder(c, job.id(), kSteps);
+}
+
 }  // namespace
 }  // namespace ftune::testing
