@@ -78,6 +78,10 @@ std::vector<std::string> MissingProtection(const ftune::server::Authenticator& a
 
 int main(int argc, char** argv) {
   using namespace ftune::server;
+  // A write past the file size limit (RLIMIT_FSIZE) must fail with EFBIG,
+  // which the store reports as a full disk, not kill the coordinator with
+  // SIGXFSZ's default action.
+  std::signal(SIGXFSZ, SIG_IGN);
   CLI::App app{"ftune-coordinator: accepts fine-tuning jobs, schedules them onto agents, "
                "streams their events and exports metrics"};
   std::string state_dir = "ftune-state";

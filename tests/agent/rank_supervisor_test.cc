@@ -421,6 +421,34 @@ TEST_F(AgentRankSupervisorTest, EventsAFullDiskRefusesAreHeldInOrderAndSpooledOn
   EXPECT_EQ(events[2].agent_seq(), 3);
 }
 
+// The agent registers again with Running(): a rank whose exit the full
+// spool holds is still running as far as the coordinator may know, or it
+// would count it lost and restart the job.
+TEST_F(AgentRankSupervisorTest, ARankWhoseExitIsHeldStillCountsAsRunning) {
+  Start();
+  supervisor_->Assign(MakeAssignment(1, {{0, 1}}));
+  auto rank = launcher_.rank(0);
+  rank->Send(Step(1));
+  WaitEvents(1);
+  {
+    FullDisk full(std::filesystem::file_size(spool_->log_path()));
+    rank->Exit(0);
+    EXPECT_TRUE(supervisor_->WaitIdle(absl::Seconds(10)));  // the exit was handled
+    supervisor_->CheckTimers();                              // and still has no room
+    EXPECT_EQ(supervisor_->num_running(), 0u);
+    const std::vector<v1::RunningRank> running = supervisor_->Running();
+    ASSERT_EQ(running.size(), 1u);
+    EXPECT_EQ(running[0].job_id(), "job-1");
+    EXPECT_EQ(running[0].attempt(), 0);
+    EXPECT_EQ(running[0].rank(), 0);
+  }
+  supervisor_->CheckTimers();  // room again: the exit is spooled
+  auto events = Events();
+  ASSERT_EQ(events.size(), 2u);
+  EXPECT_TRUE(events[1].has_exit());
+  EXPECT_TRUE(supervisor_->Running().empty());
+}
+
 TEST_F(AgentRankSupervisorTest, FailedRankCarriesTheLastTwentyStderrLines) {
   Start();
   supervisor_->Assign(MakeAssignment(1, {{0, 0}}));

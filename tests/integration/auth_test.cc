@@ -184,28 +184,6 @@ std::string Code(const grpc::Status& st) {
   return c >= 0 && c <= 16 ? kNames[c] : std::to_string(c);
 }
 
-// GET http://127.0.0.1:port/metrics, with an `Authorization` header when
-// `authorization` is not empty; the whole response, headers included.
-std::string Scrape(int port, const std::string& authorization = "") {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  std::string out;
-  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0) {
-    std::string req = "GET /metrics HTTP/1.0\r\nHost: localhost\r\n";
-    if (!authorization.empty()) req += "Authorization: " + authorization + "\r\n";
-    req += "\r\n";
-    (void)!write(fd, req.data(), req.size());
-    char buf[65536];
-    ssize_t n;
-    while ((n = read(fd, buf, sizeof(buf))) > 0) out.append(buf, static_cast<size_t>(n));
-  }
-  close(fd);
-  return out;
-}
-
 // The `Authorization` value of HTTP basic auth, as Prometheus sends it.
 std::string Basic(const std::string& user, const std::string& password) {
   static const char kB64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";

@@ -46,6 +46,10 @@ bool WaitFor(const std::function<bool()>& pred, std::chrono::milliseconds timeou
 
 std::string ReadFile(const std::string& path);
 
+// GET http://127.0.0.1:port/metrics, with an `Authorization` header when
+// `authorization` is not empty; the whole response, headers included.
+std::string Scrape(int port, const std::string& authorization = "");
+
 class Cluster {
  public:
   Cluster();  // makes a fresh temp dir and token files

@@ -6,12 +6,25 @@
 //   * a rank exiting 2 (bad spec or input) fails the job without a restart;
 //   * following the watch of an ended job from its last event ends at once;
 //   * a 5 MiB log line and a 20 MiB error from a rank arrive truncated and
-//     the job goes on.
+//     the job goes on;
+//   * a full disk under the running coordinator, then under the running
+//     agent (RLIMIT_FSIZE lowered from outside with prlimit): CreateJob is
+//     refused RESOURCE_EXHAUSTED and counted, the agent holds its rank's
+//     events, and once there is room the job ends SUCCEEDED with every
+//     event stored, in order.
+#include <dirent.h>
 #include <signal.h>
+#include <sys/resource.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <set>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -153,6 +166,260 @@ TEST(Faults, HugeLogLineAndErrorFromARankArriveTruncatedAndTheJobGoesOn) {
   EXPECT_EQ(big_logs, 100);
   EXPECT_EQ(big_errors, 1);
   EXPECT_EQ(steps, 6);
+}
+
+// The disk under process `pid` is "full" while this lives: its soft
+// RLIMIT_FSIZE is lowered to `bytes`, so a write that would take a file past
+// that fails (EFBIG, or SIGXFSZ's default action kills the process: the
+// daemons must ignore it). Processes it forks meanwhile inherit the limit.
+class FullDiskOf {
+ public:
+  FullDiskOf(pid_t pid, rlim_t bytes) : pid_(pid) {
+    struct rlimit full {};
+    EXPECT_EQ(::prlimit(pid_, RLIMIT_FSIZE, nullptr, &old_), 0) << std::strerror(errno);
+    full = old_;
+    full.rlim_cur = bytes;
+    EXPECT_EQ(::prlimit(pid_, RLIMIT_FSIZE, &full, nullptr), 0) << std::strerror(errno);
+  }
+  ~FullDiskOf() { Free(); }
+  void Free() {
+    if (freed_) return;
+    freed_ = true;
+    EXPECT_EQ(::prlimit(pid_, RLIMIT_FSIZE, &old_, nullptr), 0) << std::strerror(errno);
+  }
+  FullDiskOf(const FullDiskOf&) = delete;
+  FullDiskOf& operator=(const FullDiskOf&) = delete;
+
+ private:
+  pid_t pid_;
+  struct rlimit old_ {};
+  bool freed_ = false;
+};
+
+// The children of `pid` (every thread's), from /proc.
+std::vector<pid_t> ChildrenOf(pid_t pid) {
+  std::vector<pid_t> out;
+  const std::string tasks = "/proc/" + std::to_string(pid) + "/task";
+  DIR* d = ::opendir(tasks.c_str());
+  if (d == nullptr) return out;
+  while (dirent* e = ::readdir(d)) {
+    if (e->d_name[0] == '.') continue;
+    std::ifstream in(tasks + "/" + e->d_name + "/children");
+    pid_t child;
+    while (in >> child) out.push_back(child);
+  }
+  ::closedir(d);
+  return out;
+}
+
+int64_t StoreErrors(int metrics_port) {
+  const std::string m = Scrape(metrics_port);
+  const std::string key = "\nftune_store_errors_total ";
+  const size_t at = m.find(key);
+  if (at == std::string::npos) return -1;
+  return static_cast<int64_t>(std::stod(m.substr(at + key.size())));
+}
+
+std::set<std::string> JobIds(Cluster& c) {
+  std::set<std::string> ids;
+  auto stub = c.Client();
+  v1::ListJobsRequest req;
+  req.set_page_size(100);
+  for (;;) {
+    grpc::ClientContext ctx;
+    c.AddAuth(&ctx);
+    v1::ListJobsResponse resp;
+    const grpc::Status st = stub->ListJobs(&ctx, req, &resp);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+    for (const auto& j : resp.jobs()) ids.insert(j.id());
+    if (!st.ok() || resp.next_page_token().empty()) return ids;
+    req.set_page_token(resp.next_page_token());
+  }
+}
+
+// Every stored event of a finished one-rank job of `steps` steps: seqs 1..n
+// without a gap, each step once and in order, the last a change to
+// SUCCEEDED.
+void ExpectEveryEventInOrder(Cluster& c, const std::string& id, int steps) {
+  const std::vector<v1::JobEvent> events = c.Events(id);
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(static_cast<int64_t>(events.size()), c.GetJob(id).last_event_seq());
+  int64_t last_step = 0;
+  for (size_t i = 0; i < events.size(); ++i) {
+    const v1::JobEvent& e = events[i];
+    EXPECT_EQ(e.seq(), static_cast<int64_t>(i) + 1) << "a gap before event " << e.seq();
+    if (e.has_step()) {
+      EXPECT_EQ(e.step().step(), last_step + 1) << "event " << e.seq();
+      last_step = e.step().step();
+    }
+  }
+  EXPECT_EQ(last_step, steps);
+  ASSERT_TRUE(events.back().has_state_change()) << events.back().DebugString();
+  EXPECT_EQ(events.back().state_change().to(), v1::SUCCEEDED);
+}
+
+// The coordinator's disk fills while a job runs: CreateJob is refused
+// RESOURCE_EXHAUSTED naming the full disk and the error is counted; the
+// job's events the store refuses stay in the agent's spool (never acked),
+// so once there is room again they all arrive and the job ends SUCCEEDED.
+TEST(Faults, CoordinatorDiskFullRefusesNewJobsAndLosesNoEventOnceThereIsRoom) {
+  Cluster c;
+  c.StartCoordinator();
+  const int agent = c.StartAgent("host-a", 1);
+  ASSERT_TRUE(c.WaitAgents(1));
+  const v1::Job before = c.Submit(c.Spec(1, 3, 0));
+  ASSERT_TRUE(c.WaitState(before.id(), v1::SUCCEEDED, seconds(60)))
+      << Describe(c.GetJob(before.id()));
+  // Long enough (8 s) that the rank is still running when the disk fills,
+  // even on a loaded machine.
+  constexpr int kSteps = 200;
+  const v1::JobSpec spec = c.Spec(1, kSteps, 0);
+  const v1::Job job = c.Submit(spec);
+  ASSERT_TRUE(c.WaitFor_Step(job.id(), 5, seconds(60))) << Describe(c.GetJob(job.id()));
+  const int64_t errors_before = StoreErrors(c.metrics_port());
+  ASSERT_GE(errors_before, 0);
+
+  // Full at the database's size as it is now: the next growth of either
+  // file fails.
+  const std::string db = c.dir() + "/state/ftune.db";
+  const auto limit = std::max(std::filesystem::file_size(db),
+                              std::filesystem::file_size(db + "-wal"));
+  FullDiskOf full(c.coordinator().pid(), limit);
+  std::set<std::string> stored = {before.id(), job.id()};
+  grpc::Status refused;
+  auto stub = c.Client();
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        grpc::ClientContext ctx;
+        c.AddAuth(&ctx);
+        v1::CreateJobRequest req;
+        *req.mutable_spec() = c.Spec(1, 3, 0);
+        v1::Job created;
+        refused = stub->CreateJob(&ctx, req, &created);
+        if (refused.ok()) stored.insert(created.id());
+        return !refused.ok();
+      },
+      seconds(60)))
+      << "no CreateJob refused on a full disk";
+  EXPECT_TRUE(refused.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED ||
+              refused.error_code() == grpc::StatusCode::UNAVAILABLE)
+      << refused.error_code() << ": " << refused.error_message();
+  EXPECT_NE(refused.error_message().find("disk is full"), std::string::npos)
+      << refused.error_message();
+  EXPECT_GT(StoreErrors(c.metrics_port()), errors_before);
+
+  // The rank runs to its end meanwhile; its last steps and its exit cannot
+  // be stored, so the job stays RUNNING (and the coordinator alive).
+  ASSERT_TRUE(WaitFor([&] { return ChildrenOf(c.agent(agent).pid()).empty(); }, seconds(90)))
+      << "the rank did not end";
+  ASSERT_TRUE(c.coordinator().Running()) << ReadFile(c.coordinator().log_path());
+  const v1::Job stuck = c.GetJob(job.id());
+  EXPECT_EQ(stuck.state(), v1::RUNNING) << Describe(stuck);
+  EXPECT_LT(stuck.last_step(), kSteps);
+
+  full.Free();
+  ASSERT_TRUE(c.WaitState(job.id(), v1::SUCCEEDED, seconds(90))) << Describe(c.GetJob(job.id()));
+  EXPECT_TRUE(c.coordinator().Running());
+  const std::set<std::string> listed = JobIds(c);
+  for (const auto& id : stored) EXPECT_TRUE(listed.count(id)) << id << " is gone";
+  ExpectEveryEventInOrder(c, job.id(), kSteps);
+  // And the coordinator takes new jobs again.
+  const v1::Job after = c.Submit(c.Spec(1, 3, 0));
+  EXPECT_FALSE(after.id().empty());
+}
+
+// The agent's disk fills while its rank runs: the spool refuses the rank's
+// events, the agent holds them in memory (and lives on), the job stays
+// RUNNING while the rank ends; once there is room the held events are
+// spooled and sent in order and the job ends SUCCEEDED.
+TEST(Faults, AgentDiskFullHoldsTheRanksEventsAndDeliversThemInOrderOnceThereIsRoom) {
+  Cluster c;
+  c.StartCoordinator();
+  const int agent = c.StartAgent("host-a", 1);
+  ASSERT_TRUE(c.WaitAgents(1));
+  constexpr int kSteps = 150;  // 6 s: still running when the disk fills
+  const v1::JobSpec spec = c.Spec(1, kSteps, 0);
+  const v1::Job job = c.Submit(spec);
+  ASSERT_TRUE(c.WaitFor_Step(job.id(), 5, seconds(60))) << Describe(c.GetJob(job.id()));
+  const pid_t agent_pid = c.agent(agent).pid();
+  ASSERT_EQ(ChildrenOf(agent_pid).size(), 1u);
+
+  // 16 bytes: no spool record fits (its job id alone is longer), the
+  // spool's `acked` file (a number) still does. The agent's own log, longer
+  // already, takes nothing meanwhile.
+  FullDiskOf full(agent_pid, 16);
+  ASSERT_TRUE(WaitFor([&] { return ChildrenOf(agent_pid).empty(); }, seconds(90)))
+      << "the rank did not end";
+  ASSERT_TRUE(c.agent(agent).Running()) << ReadFile(c.agent(agent).log_path());
+  const v1::Job held = c.GetJob(job.id());
+  EXPECT_EQ(held.state(), v1::RUNNING) << Describe(held);
+  EXPECT_LT(held.last_step(), kSteps);
+
+  full.Free();
+  ASSERT_TRUE(c.WaitState(job.id(), v1::SUCCEEDED, seconds(60))) << Describe(c.GetJob(job.id()));
+  EXPECT_TRUE(c.agent(agent).Running());
+  const std::string log = ReadFile(c.agent(agent).log_path());
+  EXPECT_NE(log.find("held in memory are spooled"), std::string::npos) << log;
+  ExpectEveryEventInOrder(c, job.id(), kSteps);
+  const v1::Job done = c.GetJob(job.id());
+  EXPECT_EQ(done.restarts(), 0);
+}
+
+// The same, with the agent's stream cut while the rank's exit is held (the
+// coordinator restarts): the agent registers again with that rank among its
+// running ones, so the coordinator does not take it for lost (a restart)
+// and waits for its exit.
+TEST(Faults, AgentDiskFullAcrossACoordinatorRestartLosesNoRank) {
+  Cluster c;
+  c.StartCoordinator();
+  const int agent = c.StartAgent("host-a", 1);
+  ASSERT_TRUE(c.WaitAgents(1));
+  constexpr int kSteps = 150;
+  v1::JobSpec spec = c.Spec(1, kSteps, 0);
+  spec.set_max_restarts(2);
+  const v1::Job job = c.Submit(spec);
+  ASSERT_TRUE(c.WaitFor_Step(job.id(), 5, seconds(60))) << Describe(c.GetJob(job.id()));
+  const pid_t agent_pid = c.agent(agent).pid();
+
+  FullDiskOf full(agent_pid, 16);
+  ASSERT_TRUE(WaitFor([&] { return ChildrenOf(agent_pid).empty(); }, seconds(90)))
+      << "the rank did not end";
+  c.KillCoordinator(SIGKILL);
+  c.StartCoordinator();
+  // The agent registered again, its rank's exit still held: a restarted
+  // coordinator counts the agents it knew as alive until they time out, so
+  // wait for a heartbeat, which comes only on a registered stream.
+  const int64_t started_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                                 std::chrono::system_clock::now().time_since_epoch())
+                                 .count();
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        auto stub = c.Client();
+        grpc::ClientContext ctx;
+        c.AddAuth(&ctx);
+        v1::ListAgentsResponse r;
+        return stub->ListAgents(&ctx, {}, &r).ok() && r.agents_size() == 1 &&
+               r.agents(0).last_seen_unix_ms() > started_ms;
+      },
+      seconds(30)));
+  const v1::Job held = c.GetJob(job.id());
+  EXPECT_EQ(held.state(), v1::RUNNING) << Describe(held);
+
+  full.Free();
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        const v1::JobState s = c.GetJob(job.id()).state();
+        return s == v1::SUCCEEDED || s == v1::FAILED || s == v1::CANCELLED;
+      },
+      seconds(90)))
+      << Describe(c.GetJob(job.id()));
+  const v1::Job done = c.GetJob(job.id());
+  EXPECT_EQ(done.state(), v1::SUCCEEDED) << Describe(done);
+  EXPECT_EQ(done.restarts(), 0) << Describe(done);
+  for (const auto& e : c.Events(job.id()))
+    EXPECT_FALSE(e.has_state_change() && e.state_change().to() == v1::RESTARTING)
+        << "event " << e.seq() << ": " << e.state_change().reason();
+  ExpectEveryEventInOrder(c, job.id(), kSteps);
 }
 
 }  // namespace

@@ -721,14 +721,35 @@ void RankSupervisor::DeliverRendezvous(const v1::RendezvousPublish& publish) {
 }
 
 std::vector<v1::RunningRank> RankSupervisor::Running() const {
-  absl::MutexLock lock(&mu_);
   std::vector<v1::RunningRank> out;
-  for (const auto& [key, r] : live_) {
+  std::set<Key> listed;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [key, r] : live_) {
+      v1::RunningRank rr;
+      rr.set_job_id(r->job_id);
+      rr.set_attempt(r->attempt);
+      rr.set_rank(r->rank);
+      rr.set_slot(r->slot);
+      out.push_back(std::move(rr));
+      listed.insert(key);
+    }
+  }
+  // A rank whose exit the spool has not taken yet (disk full) is gone from
+  // live_ but not reported exited: the coordinator, told it is not running
+  // and sent no agent_seq that covers its exit, would count it lost. (Its
+  // slot is left unset: the coordinator goes by its own placement.)
+  // Not under mu_: held_mu_ is taken before the agent's lock (the spool's
+  // listener), which is taken before mu_. Read after live_, nothing slips
+  // between: WaitLoop holds or spools the exit before it leaves live_, and
+  // the agent reads the spool's last seq after this.
+  absl::MutexLock lock(&held_mu_);
+  for (const v1::RankEvent& e : held_) {
+    if (!e.has_exit() || !listed.insert(Key(e.job_id(), e.attempt(), e.rank())).second) continue;
     v1::RunningRank rr;
-    rr.set_job_id(r->job_id);
-    rr.set_attempt(r->attempt);
-    rr.set_rank(r->rank);
-    rr.set_slot(r->slot);
+    rr.set_job_id(e.job_id());
+    rr.set_attempt(e.attempt());
+    rr.set_rank(e.rank());
     out.push_back(std::move(rr));
   }
   return out;

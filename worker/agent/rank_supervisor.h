@@ -124,7 +124,8 @@ class RankSupervisor {
   // ranks started later for that attempt get it right after they start.
   void DeliverRendezvous(const v1::RendezvousPublish& publish);
 
-  // Ranks started and not yet reported exited.
+  // Ranks started and not yet reported exited: those running, and those
+  // whose exit is held in memory because the spool is full.
   std::vector<v1::RunningRank> Running() const;
   size_t num_running() const;
 
@@ -210,7 +211,7 @@ class RankSupervisor {
   // checkpoints, errors and rendezvous are always kept; metrics and log
   // lines beyond kMaxHeldEvents are dropped (and counted in the log), so a
   // chatty rank on a full disk cannot grow the agent without bound.
-  absl::Mutex held_mu_ ABSL_ACQUIRED_AFTER(mu_);
+  mutable absl::Mutex held_mu_ ABSL_ACQUIRED_AFTER(mu_);
   std::deque<v1::RankEvent> held_ ABSL_GUARDED_BY(held_mu_);
   int64_t num_held_dropped_ ABSL_GUARDED_BY(held_mu_) = 0;
   // Set by Shutdown: later assignments are refused (launch_failed).

@@ -58,6 +58,11 @@ int main(int argc, char** argv) {
   sigaddset(&stop_signals, SIGINT);
   sigaddset(&stop_signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  // A write past the file size limit (RLIMIT_FSIZE) must fail with EFBIG,
+  // so that the spool holds events as on a full disk, not kill the agent
+  // with SIGXFSZ's default action. Ranks get the default back (the launcher
+  // resets every signal).
+  signal(SIGXFSZ, SIG_IGN);
 
   CLI::App app{"ftune host agent: registers this host's slots with the coordinator and runs ranks"};
   std::string coordinator = "127.0.0.1:7450";
