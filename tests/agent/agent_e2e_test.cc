@@ -19,6 +19,7 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -53,6 +54,9 @@ struct CoordinatorState {
   std::vector<v1::RendezvousPublish> rendezvous;
   int heartbeats = 0;
   int32_t heartbeat_interval_ms = 100;
+  // Ends every stream right after registering it (as a coordinator whose
+  // store refuses every write does).
+  bool end_after_register = false;
   std::vector<v1::RunningRank> stale_on_register;
 
   std::mutex write_mu;
@@ -91,6 +95,16 @@ class FakeAgentService final : public v1::AgentService::Service {
       stream->Write(registered);
       stream->Write(ack);
       s_->active = stream;
+    }
+    bool end_now = false;
+    {
+      std::lock_guard<std::mutex> lock(s_->mu);
+      end_now = s_->end_after_register;
+    }
+    if (end_now) {
+      std::lock_guard<std::mutex> lock(s_->write_mu);
+      s_->active = nullptr;
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE, "store refused the write");
     }
     while (stream->Read(&msg)) {
       if (msg.has_events()) {
@@ -600,6 +614,33 @@ TEST_F(AgentE2ETest, WaitsForACoordinatorThatIsNotUpYet) {
   coordinator_.Start(port);
   // Backoff is capped at 5 s.
   ASSERT_TRUE(WaitRegistrations(1, 15s)) << agent_->log();
+}
+
+// A coordinator that ends each stream right after registering it is not
+// reconnected to in a tight loop: the backoff keeps doubling (to its 5 s
+// cap) until a connection stays up. At the initial 100 ms backoff the agent
+// would register about 40 times in 4 s; doubling from 100 ms, at most 6.
+TEST_F(AgentE2ETest, StreamsEndedAtRegistrationBackOff) {
+  {
+    std::lock_guard<std::mutex> lock(state_.mu);
+    state_.end_after_register = true;
+  }
+  StartAgent();
+  ASSERT_TRUE(WaitRegistrations(1, 15s)) << agent_->log();
+  std::this_thread::sleep_for(4s);
+  size_t n = 0;
+  {
+    std::lock_guard<std::mutex> lock(state_.mu);
+    n = state_.registrations.size();
+    state_.end_after_register = false;
+  }
+  EXPECT_LE(n, 8u) << agent_->log();
+  EXPECT_GE(n, 2u) << agent_->log();  // it did retry
+  // Once the coordinator keeps the stream, the agent stays registered.
+  ASSERT_TRUE(WaitFor([&] {
+    std::lock_guard<std::mutex> lock(state_.mu);
+    return state_.heartbeats > 0;
+  }, 30s)) << agent_->log();
 }
 
 TEST_F(AgentE2ETest, WrongTokenIsRejectedWithAnActionableLogLine) {

@@ -153,11 +153,16 @@ void Agent::Run() {
         stopper_ = std::thread([this] { StopRanksThread(); });
       if (DoneLocked()) break;
     }
+    const absl::Time began = absl::Now();
     const Outcome outcome = RunConnection();
-    if (outcome.registered) {
+    // Only a connection that stayed up resets the backoff. One the
+    // coordinator ends right after registering (its disk is full and it
+    // refuses every batch, say) is no recovery: reconnecting at once would
+    // loop at the initial backoff, logging each time on both sides.
+    if (outcome.registered && absl::Now() - began >= options_.max_backoff) {
       backoff = options_.initial_backoff;
       failures = 0;
-    } else {
+    } else if (!outcome.registered) {
       ++failures;
     }
     const absl::Duration wait = backoff * jitter(rng);
