@@ -617,13 +617,16 @@ TEST_F(AgentE2ETest, WaitsForACoordinatorThatIsNotUpYet) {
 }
 
 // A coordinator that ends each stream right after registering it is not
-// reconnected to in a tight loop: the backoff keeps doubling (to its 5 s
-// cap) until a connection stays up. At the initial 100 ms backoff the agent
-// would register about 40 times in 4 s; doubling from 100 ms, at most 6.
+// reconnected to in a tight loop: the backoff keeps doubling until a
+// connection stays up, up to the heartbeat interval the coordinator asks
+// for (a registration is what keeps the agent alive there; 2 s here). At
+// the initial 100 ms backoff the agent would register about 40 times in
+// 4 s; doubling from 100 ms, at most 6.
 TEST_F(AgentE2ETest, StreamsEndedAtRegistrationBackOff) {
   {
     std::lock_guard<std::mutex> lock(state_.mu);
     state_.end_after_register = true;
+    state_.heartbeat_interval_ms = 2000;
   }
   StartAgent();
   ASSERT_TRUE(WaitRegistrations(1, 15s)) << agent_->log();

@@ -159,15 +159,21 @@ void Agent::Run() {
     // coordinator ends right after registering (its disk is full and it
     // refuses every batch, say) is no recovery: reconnecting at once would
     // loop at the initial backoff, logging each time on both sides.
-    if (outcome.registered && absl::Now() - began >= options_.max_backoff) {
+    const bool stayed_up = outcome.registered && absl::Now() - began >= options_.max_backoff;
+    if (stayed_up) {
       backoff = options_.initial_backoff;
       failures = 0;
     } else if (!outcome.registered) {
       ++failures;
     }
-    const absl::Duration wait = backoff * jitter(rng);
+    absl::Duration wait = backoff * jitter(rng);
     {
       absl::MutexLock lock(&mu_);
+      // A registration is what keeps this agent alive on the coordinator
+      // while its streams end early: come back within one heartbeat
+      // interval, or the coordinator would declare the agent dead and
+      // restart its jobs.
+      if (outcome.registered && !stayed_up) wait = std::min(wait, heartbeat_interval_);
       if (shutdown_requested_ && !stopper_.joinable())
         stopper_ = std::thread([this] { StopRanksThread(); });
       if (DoneLocked()) break;
