@@ -33,7 +33,7 @@
 // Every call after Reload returns sees only the new set, so a revoked token
 // is refused from the next RPC on; a call already authenticated (an open
 // stream) is not touched here (AgentServiceImpl ends agent streams whose
-// token was revoked).
+// token was revoked, JobServiceImpl WatchJob streams).
 //
 // Thread-safety: every method may be called from any thread; a call reads
 // one snapshot of the credentials (a shared_ptr swapped under a mutex).

@@ -96,16 +96,14 @@ grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext* ctx, const v1::Cance
   return grpc::Status::OK;
 }
 
-namespace {
-
 // One WatchJob stream. Sends stored events after `after_seq`, then live ones
 // from the bus, one write in flight at a time, each write carrying every
 // event ready by then (up to kMaxBatch); falls back to reading the store
 // whenever a live event does not follow the last one sent (it was published
 // before this watcher caught up, or the live queue overflowed). Deletes itself
-// in OnDone, after leaving the bus.
-class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
-                     public EventBus::Listener {
+// in OnDone, after leaving the bus and the service's open watches.
+class JobServiceImpl::WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
+                                     public EventBus::Listener {
  public:
   static constexpr size_t kMaxLive = 10000;
   static constexpr int kPage = 256;
@@ -122,9 +120,11 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
   // kMaxLiveBytes are dropped for a re-read from the store.
   static constexpr size_t kMaxLiveBytes = 4 << 20;
 
-  WatchReactor(JobManager* jobs, EventManager* events, const v1::WatchJobRequest& req,
+  WatchReactor(JobServiceImpl* service, JobManager* jobs, EventManager* events,
+               const v1::WatchJobRequest& req, std::optional<std::string_view> authorization,
                const absl::StatusOr<User>& user)
-      : jobs_(jobs),
+      : service_(service),
+        jobs_(jobs),
         events_(events),
         job_id_(req.job_id()),
         follow_(req.follow()),
@@ -151,13 +151,22 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
     }
     subscribed_ = true;
     auto job = jobs_->GetJob(job_id_);
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!job.ok()) {
-      FinishLocked(ToGrpc(job.status()));
-      return;
+    absl::Status seen = job.ok() ? CheckCanSeeJob(*user, *job) : job.status();
+    if (seen.ok()) {
+      // Outside mu_ (lock order: job_service.h). From here on a reload
+      // finds this watch; the check once more covers a reload between the
+      // first authentication and here.
+      OpenWatch open{authorization ? std::optional<std::string>(*authorization) : std::nullopt,
+                     user->name, {}};
+      open.job.set_id(job->id());
+      open.job.set_owner(job->owner());
+      service_->AddWatch(this, open);
+      registered_ = true;
+      seen = service_->Recheck(open);
     }
-    if (auto st = CheckCanSeeJob(*user, *job); !st.ok()) {
-      FinishLocked(ToGrpc(st));
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!seen.ok()) {
+      FinishLocked(ToGrpc(seen));
       return;
     }
     // An ended job's events are all stored: following it is a plain read,
@@ -199,7 +208,18 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
 
   void OnDone() override {
     if (subscribed_) events_->bus()->Unsubscribe(job_id_, this);
+    // Waits out a reload that is ending this watch (it holds watch_mu_).
+    if (registered_) service_->RemoveWatch(this);
     delete this;
+  }
+
+  // Ends the stream with `status` (a revoked credential); false when it had
+  // ended already. The caller holds watch_mu_, so OnDone has not run.
+  bool EndRevoked(const grpc::Status& status) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (finished_) return false;
+    FinishLocked(status);
+    return true;
   }
 
  private:
@@ -291,11 +311,13 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
     Finish(status);
   }
 
+  JobServiceImpl* const service_;
   JobManager* jobs_;
   EventManager* events_;
   const std::string job_id_;
   bool follow_;  // cleared for a job that has already ended
   bool subscribed_ = false;
+  bool registered_ = false;  // in service_->watches_
   std::mutex mu_;
   int64_t last_;
   bool catching_up_ = true;  // start by sending what is stored
@@ -309,11 +331,52 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::WatchJobResponse>,
   v1::WatchJobResponse response_;
 };
 
-}  // namespace
-
 grpc::ServerWriteReactor<v1::WatchJobResponse>* JobServiceImpl::WatchJob(
     grpc::CallbackServerContext* ctx, const v1::WatchJobRequest* req) {
-  return new WatchReactor(jobs_, events_, *req, auth_->AuthenticateUser(Authorization(*ctx)));
+  const std::optional<std::string_view> authorization = Authorization(*ctx);
+  return new WatchReactor(this, jobs_, events_, *req, authorization,
+                          auth_->AuthenticateUser(authorization));
+}
+
+absl::Status JobServiceImpl::Recheck(const OpenWatch& watch) const {
+  auto user = auth_->AuthenticateUser(watch.authorization
+                                          ? std::optional<std::string_view>(*watch.authorization)
+                                          : std::nullopt);
+  const std::string revoked =
+      "the credential this watch of job " + watch.job.id() + " was opened with was revoked: ";
+  if (!user.ok()) return absl::UnauthenticatedError(revoked + "it is no longer a user's");
+  if (user->name != watch.user)
+    return absl::UnauthenticatedError(revoked + "it is now user " + user->name + "'s, not " +
+                                      watch.user + "'s");
+  if (!CheckCanSeeJob(*user, watch.job).ok())
+    return absl::UnauthenticatedError(
+        revoked + "user " + watch.user + " is no longer an admin, and the job is " +
+        (watch.job.owner().empty() ? "nobody's" : watch.job.owner() + "'s"));
+  return absl::OkStatus();
+}
+
+void JobServiceImpl::AddWatch(WatchReactor* reactor, OpenWatch watch) {
+  absl::MutexLock lock(&watch_mu_);
+  watches_.emplace(reactor, std::move(watch));
+}
+
+void JobServiceImpl::RemoveWatch(WatchReactor* reactor) {
+  absl::MutexLock lock(&watch_mu_);
+  watches_.erase(reactor);
+}
+
+std::vector<std::string> JobServiceImpl::EndWatchesOfRevokedCredentials() {
+  std::vector<std::string> ended;
+  // The reactors are ended under watch_mu_: it keeps each alive (OnDone
+  // waits for it to leave watches_), and they take only their own mutex.
+  absl::MutexLock lock(&watch_mu_);
+  for (auto& [reactor, watch] : watches_) {
+    const absl::Status st = Recheck(watch);
+    if (st.ok()) continue;
+    if (reactor->EndRevoked(ToGrpc(st)))
+      ended.push_back("watch of job " + watch.job.id() + " by " + watch.user);
+  }
+  return ended;
 }
 
 grpc::Status JobServiceImpl::ListCheckpoints(grpc::ServerContext* ctx,

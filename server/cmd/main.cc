@@ -322,13 +322,15 @@ int main(int argc, char** argv) {
                    std::string(st.message()).c_str());
       return;
     }
-    const std::vector<std::string> ended = agent_service.EndStreamsOfRevokedCredentials();
-    std::string ended_text;
-    for (const auto& id : ended) ended_text += (ended_text.empty() ? "" : ", ") + id;
+    std::string ended;
+    for (const auto& id : agent_service.EndStreamsOfRevokedCredentials())
+      ended += (ended.empty() ? "agent " : ", agent ") + id;
+    for (const auto& watch : job_service.EndWatchesOfRevokedCredentials())
+      ended += (ended.empty() ? "" : ", ") + watch;
     std::printf("ftune-coordinator: SIGHUP: credentials reloaded (%zu user tokens, %zu agent "
                 "tokens, %zu metrics users); streams ended for a revoked token: %s\n",
                 auth->num_users(), auth->num_agents(), auth->num_metrics_users(),
-                ended.empty() ? "none" : ("agent " + ended_text).c_str());
+                ended.empty() ? "none" : ended.c_str());
     std::fflush(stdout);
   };
   std::signal(SIGINT, OnSignal);

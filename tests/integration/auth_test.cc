@@ -14,7 +14,9 @@
 //   * /metrics behind HTTP basic auth (--metrics-auth), scraped over a
 //     socket, and refused off loopback without it;
 //   * SIGHUP reloads the credential files: revoked tokens refused, new ones
-//     taken, an agent stream of a revoked token ended, a bad file ignored.
+//     taken, an agent stream of a revoked token ended, a bad file ignored;
+//     an open WatchJob of a removed user, or of a demoted admin on another's
+//     job, ended while the others keep streaming.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -25,6 +27,10 @@
 #include <csignal>
 #include <fstream>
 #include <functional>
+#include <future>
+#include <memory>
+#include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -775,6 +781,141 @@ TEST(Auth, SighupReloadsTheCredentialFiles) {
   EXPECT_TRUE(ListJobsAs(c, kBob).ok());
   EXPECT_EQ(ListJobsAs(c, kAlice).error_code(), StatusCode::UNAUTHENTICATED);
   EXPECT_TRUE(c.coordinator().Running());
+}
+
+// A follow WatchJob on its own thread: the stored events come first, then
+// the stream blocks until the job moves or the coordinator ends it.
+class Watcher {
+ public:
+  Watcher(Cluster& c, const std::string& token, const std::string& job_id)
+      : stub_(c.Client()) {
+    Auth(&ctx_, token);
+    // Bounds a stream the coordinator never ends (the bug this guards).
+    ctx_.set_deadline(std::chrono::system_clock::now() + seconds(120));
+    v1::WatchJobRequest req;
+    req.set_job_id(job_id);
+    req.set_follow(true);
+    reader_ = stub_->WatchJob(&ctx_, req);
+    done_ = std::async(std::launch::async, [this] {
+      v1::WatchJobResponse r;
+      while (reader_->Read(&r)) {
+        std::lock_guard<std::mutex> lock(mu_);
+        for (const auto& e : r.events()) events_.push_back(e);
+      }
+      return reader_->Finish();
+    });
+  }
+  ~Watcher() {
+    ctx_.TryCancel();
+    if (done_.valid()) done_.wait();
+  }
+  // Whether the watcher has received an event satisfying `pred`.
+  bool Seen(const std::function<bool(const v1::JobEvent&)>& pred) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& e : events_)
+      if (pred(e)) return true;
+    return false;
+  }
+  bool SeenState(v1::JobState to) {
+    return Seen([&](const v1::JobEvent& e) {
+      return e.has_state_change() && e.state_change().to() == to;
+    });
+  }
+  // The stream's status once it ends within `timeout`; nullopt while open.
+  std::optional<grpc::Status> Ended(std::chrono::milliseconds timeout) {
+    if (done_.wait_for(timeout) != std::future_status::ready) return std::nullopt;
+    return done_.get();  // once: valid() is false after
+  }
+  bool Open() {
+    return done_.valid() && done_.wait_for(milliseconds(0)) != std::future_status::ready;
+  }
+
+ private:
+  std::unique_ptr<v1::JobService::Stub> stub_;
+  grpc::ClientContext ctx_;
+  std::unique_ptr<grpc::ClientReader<v1::WatchJobResponse>> reader_;
+  std::mutex mu_;
+  std::vector<v1::JobEvent> events_;
+  std::future<grpc::Status> done_;
+};
+
+grpc::Status CancelAs(Cluster& c, const std::string& token, const std::string& id) {
+  auto stub = c.Client();
+  grpc::ClientContext ctx;
+  Auth(&ctx, token);
+  v1::CancelJobRequest req;
+  req.set_job_id(id);
+  v1::Job resp;
+  return stub->CancelJob(&ctx, req, &resp);
+}
+
+// A reload ends the open WatchJob streams its new credentials no longer
+// allow: alice's (her token removed) and root's of bob's job (root is no
+// longer an admin), each UNAUTHENTICATED. bob's watch of his job and root's
+// of root's own stay open and receive the job's next event. The one agent's
+// one slot runs a long job, so the watched jobs stay queued: only the
+// reload or a cancel moves their streams.
+TEST(Auth, SighupEndsTheWatchesOfARevokedCredential) {
+  Cluster c;
+  UseTestCredentials(&c);
+  c.StartCoordinator();
+  c.StartAgent("host-a", 1);
+  ASSERT_TRUE(c.WaitAgents(1));
+  const v1::Job blocker = CreateAs(c, kRoot, c.Spec(1, 1000000, 0));
+  const v1::Job alices = CreateAs(c, kAlice, c.Spec(1, 5, 0));
+  const v1::Job bobs = CreateAs(c, kBob, c.Spec(1, 5, 0));
+  const v1::Job roots = CreateAs(c, kRoot, c.Spec(1, 5, 0));
+  Watcher alice(c, kAlice, alices.id());
+  Watcher bob(c, kBob, bobs.id());
+  Watcher root_of_bobs(c, kRoot, bobs.id());
+  Watcher root_of_roots(c, kRoot, roots.id());
+  // Each stream is open on the coordinator once its stored "submitted"
+  // event arrived.
+  for (Watcher* w : {&alice, &bob, &root_of_bobs, &root_of_roots})
+    ASSERT_TRUE(WaitFor([&] { return w->SeenState(v1::QUEUED); }, seconds(30)));
+
+  // alice removed; root no longer an admin; bob as he was.
+  std::ofstream(c.dir() + "/users.tokens", std::ios::trunc)
+      << kBob << " bob\n" << kRoot << " root\n";
+  const std::string log = c.coordinator().log_path();
+  c.coordinator().Signal(SIGHUP);
+  ASSERT_TRUE(WaitFor(
+      [&] { return ReadFile(log).find("SIGHUP: credentials reloaded") != std::string::npos; },
+      seconds(30)))
+      << ReadFile(log);
+
+  const std::optional<grpc::Status> a = alice.Ended(seconds(30));
+  ASSERT_TRUE(a.has_value()) << "alice's watch still open after the reload";
+  EXPECT_EQ(a->error_code(), StatusCode::UNAUTHENTICATED) << a->error_message();
+  EXPECT_EQ(a->error_message(), "the credential this watch of job " + alices.id() +
+                                    " was opened with was revoked: it is no longer a user's");
+  const std::optional<grpc::Status> r = root_of_bobs.Ended(seconds(30));
+  ASSERT_TRUE(r.has_value()) << "the demoted root's watch of bob's job still open";
+  EXPECT_EQ(r->error_code(), StatusCode::UNAUTHENTICATED) << r->error_message();
+  EXPECT_EQ(r->error_message(), "the credential this watch of job " + bobs.id() +
+                                    " was opened with was revoked: user root is no longer an "
+                                    "admin, and the job is bob's");
+  EXPECT_NE(ReadFile(log).find("watch of job " + alices.id() + " by alice"), std::string::npos)
+      << ReadFile(log);
+  EXPECT_NE(ReadFile(log).find("watch of job " + bobs.id() + " by root"), std::string::npos)
+      << ReadFile(log);
+  EXPECT_EQ(ReadFile(log).find("watch of job " + bobs.id() + " by bob"), std::string::npos)
+      << ReadFile(log);
+
+  // The others were left alone: each gets its job's next event, the cancel,
+  // on the stream it had, which then ends as a finished watch does.
+  EXPECT_TRUE(bob.Open());
+  EXPECT_TRUE(root_of_roots.Open());
+  ASSERT_TRUE(CancelAs(c, kBob, bobs.id()).ok());
+  ASSERT_TRUE(CancelAs(c, kRoot, roots.id()).ok());
+  for (Watcher* w : {&bob, &root_of_roots}) {
+    EXPECT_TRUE(WaitFor([&] { return w->SeenState(v1::CANCELLED); }, seconds(30)));
+    const std::optional<grpc::Status> st = w->Ended(seconds(30));
+    ASSERT_TRUE(st.has_value());
+    EXPECT_TRUE(st->ok()) << Code(*st) << ": " << st->error_message();
+  }
+  EXPECT_TRUE(c.coordinator().Running());
+  EXPECT_TRUE(CancelAs(c, kRoot, blocker.id()).ok());
 }
 
 }  // namespace
