@@ -389,4 +389,21 @@ Result<std::unique_ptr<LlamaModel>> LoadModelDirectory(const std::string& dir,
   return LlamaModel::Build(config, tensors, options, stp->source(), bases);
 }
 
+Result<std::unique_ptr<LlamaModel>> LoadModelAndAdapter(const std::string& model_dir,
+                                                        const std::string& adapter_dir,
+                                                        const ModelOptions& options) {
+  try {
+    Result<std::unique_ptr<LlamaModel>> loaded = LoadModelDirectory(model_dir, options);
+    if (!loaded.ok()) return Status(loaded.status().code(), "--model " + loaded.status().message());
+    std::unique_ptr<LlamaModel> model = std::move(loaded).value();
+    if (!adapter_dir.empty()) {
+      const Status s = model->LoadAdapter(adapter_dir);
+      if (!s.ok()) return Status(s.code(), "--adapter " + adapter_dir + ": " + s.message());
+    }
+    return model;
+  } catch (const c10::Error& e) {
+    return InternalError("loading " + model_dir + ": " + e.what_without_backtrace());
+  }
+}
+
 }  // namespace ftune::trainer

@@ -106,6 +106,14 @@ Result<bool> IsBnb4bitDirectory(const std::string& dir);
 Result<std::unique_ptr<LlamaModel>> LoadModelDirectory(const std::string& dir,
                                                        const ModelOptions& options);
 
+// LoadModelDirectory(model_dir), then the PEFT adapter in adapter_dir (none
+// when empty), as the score and generate commands load them: errors name
+// the flag they came from (--model, --adapter), and a LibTorch error while
+// loading becomes an INTERNAL status naming the directory.
+Result<std::unique_ptr<LlamaModel>> LoadModelAndAdapter(const std::string& model_dir,
+                                                        const std::string& adapter_dir,
+                                                        const ModelOptions& options);
+
 }  // namespace ftune::trainer
 
 #endif  // FTUNE_WORKER_TRAINER_BNB_CHECKPOINT_H_

@@ -256,18 +256,8 @@ Status RunGenerate(const GenerateCommandOptions& o, std::ostream& out, std::ostr
   FTUNE_ASSIGN_OR_RETURN(bool bnb_dir, IsBnb4bitDirectory(o.model_dir));
   ModelOptions model_options = DefaultModelOptions(device);
   model_options.quantize_base = o.load_in_4bit;
-  std::unique_ptr<LlamaModel> model;
-  try {
-    Result<std::unique_ptr<LlamaModel>> loaded = LoadModelDirectory(o.model_dir, model_options);
-    if (!loaded.ok()) return Status(loaded.status().code(), "--model " + loaded.status().message());
-    model = std::move(loaded).value();
-    if (!o.adapter_dir.empty()) {
-      Status s = model->LoadAdapter(o.adapter_dir);
-      if (!s.ok()) return Status(s.code(), "--adapter " + o.adapter_dir + ": " + s.message());
-    }
-  } catch (const c10::Error& e) {
-    return InternalError("loading " + o.model_dir + ": " + e.what_without_backtrace());
-  }
+  FTUNE_ASSIGN_OR_RETURN(std::unique_ptr<LlamaModel> model,
+                         LoadModelAndAdapter(o.model_dir, o.adapter_dir, model_options));
 
   GenerateOptions gen;
   gen.max_new_tokens = o.max_new_tokens;

@@ -270,21 +270,10 @@ Result<std::string> RunScore(const ScoreOptions& options) {
 
   ModelOptions model_options = DefaultModelOptions(device);
   model_options.loss_chunk_tokens = options.chunk_tokens;
-  std::unique_ptr<LlamaModel> model;
-  try {
-    // A dense directory or a bitsandbytes 4-bit one, as `train` accepts.
-    Result<std::unique_ptr<LlamaModel>> loaded = LoadModelDirectory(options.model_dir, model_options);
-    if (!loaded.ok()) {
-      return Status(loaded.status().code(), "--model " + loaded.status().message());
-    }
-    model = std::move(loaded).value();
-    if (!options.adapter_dir.empty()) {
-      Status s = model->LoadAdapter(options.adapter_dir);
-      if (!s.ok()) return Status(s.code(), "--adapter " + options.adapter_dir + ": " + s.message());
-    }
-  } catch (const c10::Error& e) {
-    return InternalError("loading " + options.model_dir + ": " + e.what_without_backtrace());
-  }
+  // A dense directory or a bitsandbytes 4-bit one, as `train` accepts.
+  FTUNE_ASSIGN_OR_RETURN(
+      std::unique_ptr<LlamaModel> model,
+      LoadModelAndAdapter(options.model_dir, options.adapter_dir, model_options));
   FTUNE_RETURN_IF_ERROR(
       CheckVocabRange(sequences, model->config().vocab_size, options.tokens_path));
   FTUNE_ASSIGN_OR_RETURN(ScoreReport report, ScoreSequences(*model, sequences));
