@@ -13,23 +13,14 @@
 #include "tokenizer_test_data.h"
 #include "worker/data/text_stream.h"
 #include "worker/data/tokenizer.h"
+#include "worker/data/utf8.h"
 
 namespace ftune::data {
 namespace {
 
+// Well-formed UTF-8 with no U+FFFD: the real tokenizers' text decodes whole.
 bool ValidUtf8WithoutReplacement(const std::string& s) {
-  size_t i = 0;
-  while (i < s.size()) {
-    const unsigned char c = s[i];
-    const size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
-    if (n == 0 || i + n > s.size()) return false;
-    for (size_t k = 1; k < n; ++k) {
-      if ((static_cast<unsigned char>(s[i + k]) >> 6) != 2) return false;
-    }
-    if (s.compare(i, n, "\xEF\xBF\xBD") == 0) return false;
-    i += n;
-  }
-  return true;
+  return IsValidUtf8(s) && s.find("\xEF\xBF\xBD") == std::string::npos;
 }
 
 class TextStreamTest : public ::testing::TestWithParam<std::string> {

@@ -21,9 +21,11 @@
 #include <string>
 #include <vector>
 
+#include "run_binary.h"
 #include "temp_dir.h"
 #include "worker/data/chat_template.h"
 #include "worker/data/tokenizer.h"
+#include "worker/data/utf8.h"
 #include "worker/trainer/generate_command.h"
 
 namespace {
@@ -37,28 +39,12 @@ std::string TempPath(const std::string& name) {
   return ftune::testutil::SharedTempDir("generate_cli_test") + "/" + name;
 }
 
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+using ftune::testutil::ReadAll;
+using ftune::testutil::RunResult;
 
-struct RunResult {
-  int exit_code = -1;
-  std::string out, err;
-};
-
+// `ftune-rank ARGS > out 2> err`.
 RunResult RunRank(const std::string& args) {
-  const std::string out = TempPath("out"), err = TempPath("err");
-  const std::string command =
-      std::string("'") + FTUNE_RANK_BINARY + "' " + args + " > '" + out + "' 2> '" + err + "'";
-  const int status = std::system(command.c_str());
-  RunResult r;
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.out = ReadAll(out);
-  r.err = ReadAll(err);
-  return r;
+  return ftune::testutil::RunBinary(FTUNE_RANK_BINARY, args, ftune::testutil::SharedTempDir("generate_cli_test"));
 }
 
 std::vector<json> JsonLines(const std::string& text) {
@@ -156,22 +142,6 @@ const std::string& ChatModel() {
   return dir;
 }
 
-// Well-formed UTF-8. A U+FFFD is allowed: a random model may well produce
-// bytes that never form a character, which decode as U+FFFD (as in HF);
-// what must not happen is a chunk ending inside a character.
-bool ValidUtf8(const std::string& s) {
-  size_t i = 0;
-  while (i < s.size()) {
-    const unsigned char c = s[i];
-    const size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
-    if (n == 0 || i + n > s.size()) return false;
-    for (size_t k = 1; k < n; ++k) {
-      if ((static_cast<unsigned char>(s[i + k]) >> 6) != 2) return false;
-    }
-    i += n;
-  }
-  return true;
-}
 
 TEST(GenerateCli, ChatTemplateStreamingAndText) {
   const std::string model = ChatModel();
@@ -204,7 +174,10 @@ TEST(GenerateCli, ChatTemplateStreamingAndText) {
   std::string joined;
   for (size_t i = 0; i + 1 < lines.size(); ++i) {
     const std::string chunk = lines[i]["text"];
-    EXPECT_TRUE(ValidUtf8(chunk)) << i << ": " << chunk;
+    // Well-formed UTF-8. A U+FFFD is allowed: a random model may well
+    // produce bytes that never form a character, which decode as U+FFFD (as
+    // in HF); what must not happen is a chunk ending inside a character.
+    EXPECT_TRUE(ftune::data::IsValidUtf8(chunk)) << i << ": " << chunk;
     joined += chunk;
   }
   EXPECT_EQ(joined, done["text"].get<std::string>());

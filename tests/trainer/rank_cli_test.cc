@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "model_test_util.h"
+#include "run_binary.h"
 #include "temp_dir.h"
 
 namespace ftune::trainer {
@@ -31,29 +32,12 @@ std::string TempPath(const std::string& name) {
   return testutil::SharedTempDir("rank_cli_test") + "/" + name;
 }
 
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-struct RunResult {
-  int exit_code = -1;
-  std::string out, err;
-};
+using testutil::ReadAll;
+using testutil::RunResult;
 
 // `ftune-rank ARGS > out 2> err`.
 RunResult RunRank(const std::string& args) {
-  const std::string out = TempPath("out"), err = TempPath("err");
-  const std::string command =
-      std::string("'") + FTUNE_RANK_BINARY + "' " + args + " > '" + out + "' 2> '" + err + "'";
-  const int status = std::system(command.c_str());
-  RunResult r;
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.out = ReadAll(out);
-  r.err = ReadAll(err);
-  return r;
+  return testutil::RunBinary(FTUNE_RANK_BINARY, args, testutil::SharedTempDir("rank_cli_test"));
 }
 
 std::vector<int64_t> Row(const at::Tensor& t) {
