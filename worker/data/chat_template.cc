@@ -236,17 +236,20 @@ Status RefuseMistralV03Tools(const std::vector<ChatMessage>& messages) {
   return OkStatus();
 }
 
+// One ChatML turn; an assistant turn's content and end marker are its span.
+void AddChatMLTurn(Out& out, const ChatMessage& m) {
+  out.Add("<|im_start|>");
+  out.Add(m.role);
+  out.Add("\n");
+  const size_t begin = out.size();
+  out.Add(m.content);
+  out.Add("<|im_end|>\n");
+  if (m.role == "assistant") out.Span(begin);
+}
+
 RenderedChat RenderChatML(const std::vector<ChatMessage>& messages, bool add_generation_prompt) {
   Out out;
-  for (const ChatMessage& m : messages) {
-    out.Add("<|im_start|>");
-    out.Add(m.role);
-    out.Add("\n");
-    const size_t begin = out.size();
-    out.Add(m.content);
-    out.Add("<|im_end|>\n");
-    if (m.role == "assistant") out.Span(begin);
-  }
+  for (const ChatMessage& m : messages) AddChatMLTurn(out, m);
   if (add_generation_prompt) out.Add("<|im_start|>assistant\n");
   return out.Take();
 }
@@ -270,13 +273,7 @@ Result<RenderedChat> RenderQwen25(const std::vector<ChatMessage>& messages,
   for (size_t i = 0; i < messages.size(); ++i) {
     const ChatMessage& m = messages[i];
     if (m.role == "system" && i == 0) continue;  // rendered above
-    out.Add("<|im_start|>");
-    out.Add(m.role);
-    out.Add("\n");
-    const size_t begin = out.size();
-    out.Add(m.content);
-    out.Add("<|im_end|>\n");
-    if (m.role == "assistant") out.Span(begin);
+    AddChatMLTurn(out, m);
   }
   if (add_generation_prompt) out.Add("<|im_start|>assistant\n");
   return out.Take();
