@@ -8,11 +8,11 @@
 //            window. MistralConfig's default window is 4096 when the key is
 //            absent; Mistral 7B v0.3 writes null (none). A window is kept in
 //            `sliding_window` and a sequence longer than it is refused where
-//            the model runs (attention over a window is not implemented).
+//            the model runs (ftune attends over whole sequences only).
 //   qwen2    Qwen2Config: biases on q_proj/k_proj/v_proj (not o_proj), as
 //            Qwen2Attention always has them (`qkv_bias`); defaults as
 //            Qwen2Config (rope_theta 10000, rms_norm_eps 1e-6).
-//            `use_sliding_window: true` is refused (not implemented); with
+//            `use_sliding_window: true` is refused (no windowed attention); with
 //            false, sliding_window / max_window_layers mean nothing.
 //   Anything else is an error naming the supported model types.
 //

@@ -545,7 +545,7 @@ at::Tensor LlamaModel::CheckedPositions(const at::Tensor& input_ids,
   TORCH_CHECK(!config_.sliding_window || input_ids.size(1) <= *config_.sliding_window,
               "sequence length ", input_ids.size(1), " exceeds the model's sliding_window (",
               config_.sliding_window.value_or(0),
-              "): sliding-window attention is not implemented; use max_seq_len <= ",
+              "): ftune attends over whole sequences, without a sliding window; use max_seq_len <= ",
               config_.sliding_window.value_or(0));
   if (!position_ids.defined()) {
     return at::arange(input_ids.size(1), input_ids.options()).unsqueeze(0).expand_as(input_ids);

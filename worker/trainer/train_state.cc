@@ -203,7 +203,7 @@ Result<TrainingState> BuildTrainingState(const RunConfig& config, const RankEnv&
       return InvalidArgumentError(
           "training.max_seq_len (" + std::to_string(config.data.max_seq_len) + ") exceeds " +
           model_dir + "'s sliding_window (" + std::to_string(*shape.sliding_window) +
-          "): sliding-window attention is not implemented; use max_seq_len <= " +
+          "): ftune attends over whole sequences, without a sliding window; use max_seq_len <= " +
           std::to_string(*shape.sliding_window));
     }
   }
