@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <string>
 
 namespace ftune::trainer {
 namespace {
@@ -219,37 +220,152 @@ TEST(MemoryPlanTest, FusedKernelsKeepLessPerLayer) {
   EXPECT_LE(saved, per_layer * (c.num_hidden_layers + 1) * (1.0 + o.activation_grad_factor) * 1.01);
 }
 
-TEST(MemoryPlanTest, ChooseCheckpointLayersTakesTheFewestThatFit) {
+TEST(MemoryPlanTest, ChooseCheckpointLayersTakesTheLeastRecomputeThatFits) {
   const LlamaConfig c = Llama3_8B();
   const MemoryPlanOptions o = Fleet(1, false);
   // A device that holds every activation: nothing is recomputed.
   auto big = ChooseCheckpointLayers(c, o, 200 * kGiB, /*allocator_budget=*/false).value();
   EXPECT_TRUE(big.fits);
   EXPECT_EQ(big.checkpoint_layers, 0);
-  // Too small for even full checkpointing: all layers, reported as not fitting.
+  EXPECT_EQ(big.recompute_keep, RecomputeKeep::kNothing);
+  // Too small for even full checkpointing: all layers, keeping nothing,
+  // reported as not fitting.
   auto tiny = ChooseCheckpointLayers(c, o, 2 * kGiB, false).value();
   EXPECT_FALSE(tiny.fits);
   EXPECT_EQ(tiny.checkpoint_layers, 32);
-  // In between: the choice fits within 90% and one layer fewer would not.
-  for (int64_t gib : {12, 14, 18}) {
+  EXPECT_EQ(tiny.recompute_keep, RecomputeKeep::kNothing);
+  // In between: the choice fits within 90%, and every choice with less
+  // estimated recompute does not.
+  for (int64_t gib : {10, 12, 14, 18}) {
     SCOPED_TRACE(gib);
+    const double limit = 0.9 * static_cast<double>(gib * kGiB);
     auto mid = ChooseCheckpointLayers(c, o, gib * kGiB, false).value();
     ASSERT_TRUE(mid.fits);
     EXPECT_GT(mid.checkpoint_layers, 0);
-    EXPECT_LT(mid.checkpoint_layers, 32);
-    EXPECT_LE(mid.plan.device_peak_bytes, 0.9 * gib * kGiB);
-    MemoryPlanOptions fewer = o;
-    fewer.checkpoint_layers = mid.checkpoint_layers - 1;
-    EXPECT_GT(PlanMemory(c, fewer).value().device_peak_bytes, 0.9 * gib * kGiB);
-    std::printf("8B seq 2048 on %lld GiB: %lld of 32 layers checkpointed, plan %.2f GiB\n",
+    EXPECT_LE(mid.plan.device_peak_bytes, limit);
+    const double cost = RecomputeCost(c, o, mid.checkpoint_layers, mid.recompute_keep);
+    int64_t alternatives = 0;
+    for (int64_t n = 0; n <= 32; ++n) {
+      for (RecomputeKeep keep : {RecomputeKeep::kNothing, RecomputeKeep::kDownProj,
+                                 RecomputeKeep::kAllProjections}) {
+        if (RecomputeCost(c, o, n, keep) >= cost) continue;
+        MemoryPlanOptions other = o;
+        other.checkpoint_layers = n;
+        other.recompute_keep = keep;
+        EXPECT_GT(PlanMemory(c, other).value().device_peak_bytes, limit)
+            << n << " layers keeping " << RecomputeKeepName(keep) << " fit with less recompute";
+        ++alternatives;
+      }
+    }
+    EXPECT_GT(alternatives, 0);
+    std::printf("8B seq 2048 on %lld GiB: %lld of 32 layers checkpointed keeping %s, "
+                "plan %.2f GiB, recompute %.0f%% of full\n",
                 static_cast<long long>(gib), static_cast<long long>(mid.checkpoint_layers),
-                static_cast<double>(mid.plan.device_peak_bytes) / kGiB);
+                RecomputeKeepName(mid.recompute_keep),
+                static_cast<double>(mid.plan.device_peak_bytes) / kGiB,
+                100.0 * cost / RecomputeCost(c, o, 32, RecomputeKeep::kNothing));
   }
   // An allocator cap does not count the CUDA context against the budget.
   auto capped = ChooseCheckpointLayers(c, o, 16 * kGiB, /*allocator_budget=*/true).value();
   auto device = ChooseCheckpointLayers(c, o, 16 * kGiB, false).value();
-  EXPECT_LE(capped.checkpoint_layers, device.checkpoint_layers);
+  EXPECT_LE(RecomputeCost(c, o, capped.checkpoint_layers, capped.recompute_keep),
+            RecomputeCost(c, o, device.checkpoint_layers, device.recompute_keep));
   EXPECT_FALSE(ChooseCheckpointLayers(c, o, 0, false).ok());
+  // Dense bases keep nothing: only NF4 GEMMs take part.
+  MemoryPlanOptions dense = o;
+  dense.quantize_base = false;
+  for (int64_t gib : {12, 20, 30}) {
+    auto d = ChooseCheckpointLayers(c, dense, gib * kGiB, false).value();
+    EXPECT_EQ(d.recompute_keep, RecomputeKeep::kNothing) << gib;
+  }
+}
+
+// What each checkpointed layer keeps is counted: the down projection's
+// output (T x hidden), or every projection's (with the adapters' x A^T
+// columns of the fused q/k/v and gate/up GEMMs), per checkpointed layer.
+TEST(MemoryPlanTest, KeptGemmOutputsAreCountedPerCheckpointedLayer) {
+  const LlamaConfig c = Llama3_8B();
+  MemoryPlanOptions o = Fleet(1, false);
+  const int64_t T = o.micro_batch_size * o.seq_len, h = c.hidden_size, r = o.lora_r;
+  auto kept = [&](int64_t layers, RecomputeKeep keep) -> int64_t {
+    o.checkpoint_layers = layers;
+    o.recompute_keep = keep;
+    const MemoryPlan p = PlanMemory(c, o).value();
+    for (const auto& [name, bytes] : p.device_items) {
+      if (name.find("GEMM outputs kept") != std::string::npos) return bytes;
+    }
+    return 0;
+  };
+  EXPECT_EQ(kept(-1, RecomputeKeep::kNothing), 0);
+  EXPECT_EQ(kept(-1, RecomputeKeep::kDownProj), 32 * T * h * 2);
+  EXPECT_EQ(kept(10, RecomputeKeep::kDownProj), 10 * T * h * 2);
+  EXPECT_EQ(kept(0, RecomputeKeep::kDownProj), 0);
+  const int64_t columns = (c.q_size() + 2 * c.kv_size() + 3 * r) + h +
+                          (2 * c.intermediate_size + 2 * r) + h;
+  EXPECT_EQ(kept(-1, RecomputeKeep::kAllProjections), 32 * T * columns * 2);
+  // And they raise the peak by as much (plus the allocator's share).
+  o.checkpoint_layers = -1;
+  o.recompute_keep = RecomputeKeep::kNothing;
+  const int64_t none = PlanMemory(c, o).value().device_peak_bytes;
+  o.recompute_keep = RecomputeKeep::kDownProj;
+  const int64_t down = PlanMemory(c, o).value().device_peak_bytes;
+  EXPECT_GE(down - none, 32 * T * h * 2);
+  EXPECT_LE(down - none, static_cast<int64_t>(32 * T * h * 2 * 1.05));
+  // Not with dense bases.
+  o.quantize_base = false;
+  EXPECT_EQ(kept(-1, RecomputeKeep::kAllProjections), 0);
+}
+
+TEST(MemoryPlanTest, RecomputeCostRanksWhatIsKept) {
+  const LlamaConfig c = Llama3_8B();
+  MemoryPlanOptions o = Fleet(1, false);
+  EXPECT_EQ(RecomputeCost(c, o, 0, RecomputeKeep::kNothing), 0);
+  const double none = RecomputeCost(c, o, 32, RecomputeKeep::kNothing);
+  const double down = RecomputeCost(c, o, 32, RecomputeKeep::kDownProj);
+  const double all = RecomputeCost(c, o, 32, RecomputeKeep::kAllProjections);
+  EXPECT_LT(all, down);
+  EXPECT_LT(down, none);
+  EXPECT_DOUBLE_EQ(RecomputeCost(c, o, 16, RecomputeKeep::kNothing), none / 2);
+  // 8B: down_proj is 14336 x 4096 of the layer's 218M GEMM weights.
+  const double layer_gemm = 4096.0 * (4096 + 2 * 1024 + 4096 + 3 * 14336);
+  EXPECT_NEAR((none - down) / (none - all), 14336.0 * 4096 / layer_gemm, 1e-9);
+  EXPECT_NEAR(all / none, kNonGemmRecomputeShare / (1 + kNonGemmRecomputeShare), 1e-9);
+  o.quantize_base = false;
+  EXPECT_EQ(RecomputeCost(c, o, 32, RecomputeKeep::kAllProjections),
+            RecomputeCost(c, o, 32, RecomputeKeep::kNothing));
+}
+
+// The side-by-side rows' memory caps: what `auto` picks at the Python peer's
+// checkpointed peak (printed; the figures are in docs/performance.md).
+TEST(MemoryPlanTest, ChoicesAtThePeersCheckpointedMemory) {
+  struct Row {
+    const char* name;
+    LlamaConfig config;
+    double peer_gib;
+  };
+  LlamaConfig shape70 = Llama3_70B();
+  shape70.num_hidden_layers = 8;
+  for (const Row& row : {Row{"8B", Llama3_8B(), 9.31}, Row{"70B 8/80", shape70, 10.75}}) {
+    const MemoryPlanOptions o = Fleet(1, false);
+    const auto budget = static_cast<int64_t>(row.peer_gib * kGiB);
+    auto choice = ChooseCheckpointLayers(row.config, o, budget, /*allocator_budget=*/true).value();
+    // The 70B shape's plan with every layer checkpointed is above 90% of
+    // the peer's peak: no room to keep anything.
+    if (!choice.fits) {
+      EXPECT_EQ(choice.checkpoint_layers, row.config.num_hidden_layers);
+      EXPECT_EQ(choice.recompute_keep, RecomputeKeep::kNothing);
+    }
+    const double full = RecomputeCost(row.config, o, row.config.num_hidden_layers,
+                                      RecomputeKeep::kNothing);
+    std::printf("%s capped at %.2f GiB: %s%lld of %lld layers checkpointed keeping %s, plan %.2f GiB, "
+                "recompute %.0f%% of full\n",
+                row.name, row.peer_gib, choice.fits ? "" : "(does not fit) ", static_cast<long long>(choice.checkpoint_layers),
+                static_cast<long long>(row.config.num_hidden_layers),
+                RecomputeKeepName(choice.recompute_keep),
+                static_cast<double>(choice.plan.device_peak_bytes) / kGiB,
+                100.0 * RecomputeCost(row.config, o, choice.checkpoint_layers,
+                                      choice.recompute_keep) / full);
+  }
 }
 
 TEST(MemoryPlanTest, Llama70BOnTheIssuesThreeFleets) {

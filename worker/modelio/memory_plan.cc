@@ -186,6 +186,21 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
                                   : std::min<int64_t>(o.checkpoint_layers, L);
   const int64_t num_kept = L - num_checkpointed;       // layers keeping their activations
   const int64_t checkpoints = num_checkpointed * T * h * cb;  // checkpointed layers' inputs
+  // What each checkpointed layer keeps for its recompute (NF4 bases only):
+  // the GEMM outputs, with the adapters' x A^T columns in the fused GEMMs'.
+  int64_t kept_per_layer = 0;
+  if (o.quantize_base && o.recompute_keep == RecomputeKeep::kDownProj) {
+    kept_per_layer = T * h * cb;
+  } else if (o.quantize_base && o.recompute_keep == RecomputeKeep::kAllProjections) {
+    int64_t columns = 0;
+    for (const Projection& p : Projections(c)) {
+      columns += p.out;
+      const bool fused_gemm = std::string(p.name) != "o_proj" && std::string(p.name) != "down_proj";
+      if (fused_mlp && fused_gemm && targets.count(p.name)) columns += r;
+    }
+    kept_per_layer = T * columns * cb;
+  }
+  const int64_t kept_outputs = num_checkpointed * kept_per_layer;
   // Scratch: one dequantized projection, or while a checkpointed layer's
   // backward runs, all of its projections (its recompute keeps them, nf4_linear.h);
   // the loss chunk's logits + grad.
@@ -237,6 +252,11 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
     dev.push_back({"hidden-state grads", hidden_grads});
   }
   if (num_checkpointed > 0) dev.push_back({"checkpointed layer inputs", checkpoints});
+  if (kept_outputs > 0) {
+    dev.push_back({std::string("GEMM outputs kept for the recompute (") +
+                       RecomputeKeepName(o.recompute_keep) + ")",
+                   kept_outputs});
+  }
   if (num_kept > 0) {
     dev.push_back({num_checkpointed > 0 ? "activations of the layers not checkpointed"
                                         : "all layers' activations",
@@ -306,6 +326,22 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
   return plan;
 }
 
+double RecomputeCost(const LlamaConfig& config, const MemoryPlanOptions& options,
+                     int64_t checkpoint_layers, RecomputeKeep keep) {
+  const double T = static_cast<double>(options.micro_batch_size * options.seq_len);
+  double gemm = 0, down = 0;
+  for (const Projection& p : Projections(config)) {
+    const double flops = 2.0 * T * static_cast<double>(p.out) * static_cast<double>(p.in);
+    gemm += flops;
+    if (std::string(p.name) == "down_proj") down = flops;
+  }
+  double kept = 0;
+  if (options.quantize_base && keep == RecomputeKeep::kDownProj) kept = down;
+  if (options.quantize_base && keep == RecomputeKeep::kAllProjections) kept = gemm;
+  const int64_t n = std::clamp<int64_t>(checkpoint_layers, 0, config.num_hidden_layers);
+  return static_cast<double>(n) * (gemm - kept + kNonGemmRecomputeShare * gemm);
+}
+
 Result<CheckpointChoice> ChooseCheckpointLayers(const LlamaConfig& config,
                                                 MemoryPlanOptions options, int64_t budget_bytes,
                                                 bool allocator_budget) {
@@ -319,20 +355,40 @@ Result<CheckpointChoice> ChooseCheckpointLayers(const LlamaConfig& config,
                        : 0;
   const auto limit = static_cast<int64_t>(0.9 * static_cast<double>(budget_bytes));
   options.activation_checkpointing = true;
-  CheckpointChoice choice;
-  // Fewer checkpointed layers never need less memory: the first that fits
-  // is the fastest that fits.
+  // Keeping GEMM outputs only applies to NF4 bases.
+  std::vector<RecomputeKeep> keeps = {RecomputeKeep::kNothing};
+  if (options.quantize_base) {
+    keeps.push_back(RecomputeKeep::kDownProj);
+    keeps.push_back(RecomputeKeep::kAllProjections);
+  }
+  CheckpointChoice best;
+  double best_cost = 0;
   for (int64_t n = 0; n <= config.num_hidden_layers; ++n) {
-    options.checkpoint_layers = n;
-    FTUNE_ASSIGN_OR_RETURN(MemoryPlan plan, PlanMemory(config, options));
-    choice.checkpoint_layers = n;
-    choice.plan = std::move(plan);
-    if (choice.plan.device_peak_bytes - outside_allocator <= limit) {
-      choice.fits = true;
-      break;
+    for (RecomputeKeep keep : keeps) {
+      if (n == 0 && keep != RecomputeKeep::kNothing) continue;  // nothing to keep
+      options.checkpoint_layers = n;
+      options.recompute_keep = keep;
+      FTUNE_ASSIGN_OR_RETURN(MemoryPlan plan, PlanMemory(config, options));
+      if (plan.device_peak_bytes - outside_allocator > limit) continue;
+      const double cost = RecomputeCost(config, options, n, keep);
+      if (!best.fits || cost < best_cost ||
+          (cost == best_cost && plan.device_peak_bytes < best.plan.device_peak_bytes)) {
+        best.checkpoint_layers = n;
+        best.recompute_keep = keep;
+        best.fits = true;
+        best.plan = std::move(plan);
+        best_cost = cost;
+      }
     }
   }
-  return choice;
+  if (best.fits) return best;
+  // Nothing fits: every layer checkpointed, keeping nothing (the least memory).
+  options.checkpoint_layers = config.num_hidden_layers;
+  options.recompute_keep = RecomputeKeep::kNothing;
+  FTUNE_ASSIGN_OR_RETURN(best.plan, PlanMemory(config, options));
+  best.checkpoint_layers = config.num_hidden_layers;
+  best.recompute_keep = RecomputeKeep::kNothing;
+  return best;
 }
 
 }  // namespace ftune::trainer

@@ -9,6 +9,7 @@
 #include "worker/trainer/fused_ops.h"
 #include "worker/trainer/nf4_linear.h"
 #include "worker/trainer/profiler.h"
+#include "worker/trainer/recompute.h"
 
 namespace ftune::trainer {
 namespace {
@@ -103,25 +104,37 @@ struct FusedProjectionFunction : public torch::autograd::Function<FusedProjectio
         bs[i] = (adapters[j++] * l.scaling[i]).to(dt);  // (out, r), scaling folded in
       }
     }
-    const at::Tensor w = StackedWeights(weights, a, l, x.options());
-    at::Tensor y = at::mm(x2, w.t());  // (T, base_rows + lora_rows)
+    const bool keep = KeepDequantizedWeights::active();
+    at::Tensor w, y;  // the stacked weights; (T, base_rows + lora_rows)
+    if (GemmStashReplaying()) {
+      // A checkpointed layer's recompute with this GEMM's finished output
+      // kept (recompute.h): biases and adapters are in it already, and the
+      // weights are dequantized only for the backward.
+      y = GemmStashTake({x2.size(0), l.base_rows + l.lora_rows}, dt);
+      if (keep) w = StackedWeights(weights, a, l, x.options());
+    } else {
+      w = StackedWeights(weights, a, l, x.options());
+      y = at::mm(x2, w.t());
+      const at::Tensor xa = y.narrow(1, l.base_rows, l.lora_rows);  // (T, R): x A^T
+      for (size_t i = 0; i < modules.size(); ++i) {
+        at::Tensor yi = y.narrow(1, l.out_offset[i], l.out[i]);
+        // The frozen bias before the adapter, as LoraLinear adds it.
+        if (modules[i]->has_bias()) yi.add_(modules[i]->bias());
+        if (l.r[i] > 0) yi.addmm_(xa.narrow(1, l.r_offset[i], l.r[i]), bs[i].t());
+      }
+      GemmStashPut(y);
+    }
     // (T, R): x A^T. With swiglu y is saved whole, so a view does; otherwise
     // y is freed after the outputs are copied out of it.
     const at::Tensor xa = swiglu ? y.narrow(1, l.base_rows, l.lora_rows)
                                  : y.narrow(1, l.base_rows, l.lora_rows).clone();
-    for (size_t i = 0; i < modules.size(); ++i) {
-      at::Tensor yi = y.narrow(1, l.out_offset[i], l.out[i]);
-      // The frozen bias before the adapter, as LoraLinear adds it.
-      if (modules[i]->has_bias()) yi.add_(modules[i]->bias());
-      if (l.r[i] > 0) yi.addmm_(xa.narrow(1, l.r_offset[i], l.r[i]), bs[i].t());
-    }
     // Saved: x, x A^T, the cast Bs; the buffer itself or how to rebuild it.
     std::vector<at::Tensor> saved = {x2, swiglu ? y : xa};
     for (size_t i = 0; i < modules.size(); ++i) {
       if (l.r[i] > 0) saved.push_back(bs[i]);
     }
     ctx->save_for_backward(saved);
-    if (KeepDequantizedWeights::active()) {
+    if (keep) {
       ctx->saved_data["stacked"] = w;
     } else {
       for (size_t i = 0; i < weights.size(); ++i) SaveWeight(ctx, i, weights[i]);

@@ -97,7 +97,6 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
                             int64_t model_ptr, int64_t layer, int64_t attn_ptr, bool training) {
     const auto* model = reinterpret_cast<const LlamaModel*>(model_ptr);
     const auto& actx = *reinterpret_cast<const LlamaModel::AttentionContext*>(attn_ptr);
-    ctx->save_for_backward({h});
     ctx->saved_data["model"] = model_ptr;
     ctx->saved_data["layer"] = layer;
     ctx->saved_data["training"] = training;
@@ -116,11 +115,24 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
       std::lock_guard<std::mutex> lock(gen.mutex());
       ctx->saved_data["rng"] = gen.get_state();
     }
-    return model->LayerForward(layer, h, actx, training);
+    // Selective recompute: the GEMM outputs the options keep, for the
+    // recompute to take back (recompute.h).
+    GemmOutputStash stash(model->options().recompute_keep);
+    at::Tensor out;
+    {
+      RecordGemmOutputs record(&stash);
+      out = model->LayerForward(layer, h, actx, training);
+    }
+    stash.CheckUnmodified();
+    std::vector<at::Tensor> saved = {h};
+    saved.insert(saved.end(), stash.outputs().begin(), stash.outputs().end());
+    ctx->save_for_backward(saved);
+    return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const at::Tensor h = ctx->get_saved_variables()[0];
+    variable_list saved = ctx->get_saved_variables();
+    const at::Tensor h = saved[0];
     const auto* model = reinterpret_cast<const LlamaModel*>(ctx->saved_data["model"].toInt());
     const int64_t layer = ctx->saved_data["layer"].toInt();
     const bool training = ctx->saved_data["training"].toBool();
@@ -150,11 +162,16 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     }
     at::Tensor out;
     {
+      GemmOutputStash stash(model->options().recompute_keep,
+                            std::vector<at::Tensor>(saved.begin() + 1, saved.end()));
+      saved.clear();
       at::AutoGradMode enable(true);
       // The backward below follows at once: keep each dequantized weight
       // for it rather than dequantizing a third time.
       KeepDequantizedWeights keep;
+      ReplayGemmOutputs replay(&stash);
       out = model->LayerForward(layer, x, actx, training);
+      stash.CheckAllTaken();
     }
     {
       std::lock_guard<std::mutex> lock(gen.mutex());
@@ -596,6 +613,7 @@ LlamaModel::AttentionContext LlamaModel::MakeAttentionContext(const at::Tensor& 
 at::Tensor LlamaModel::Attention(const DecoderLayer& layer, const at::Tensor& x,
                                  const AttentionContext& ctx, bool training) const {
   FTUNE_RANGE("ftune::attention");
+  GemmSiteScope site(GemmSite::kAttention);  // q/k/v and o (recompute.h)
   const int64_t b = x.size(0), s = x.size(1);
   const int64_t nh = config_.num_attention_heads, nkv = config_.num_key_value_heads;
   const int64_t hd = config_.head_dim;
@@ -648,16 +666,24 @@ at::Tensor LlamaModel::LayerForward(int64_t layer, const at::Tensor& h, const At
     at::Tensor x = FusedRmsNorm(h, l.input_layernorm, eps);  // (b, s, hidden)
     auto [out, x2] = FusedAddRmsNorm(h, Attention(l, x, ctx, training),
                                      l.post_attention_layernorm, eps);
-    at::Tensor mlp = l.down_proj->Forward(
-        GateUpSwiglu(*l.gate_proj, *l.up_proj, x2, training, /*fuse=*/true), training);
-    return out + mlp;  // (b, s, hidden)
+    at::Tensor act;
+    {
+      GemmSiteScope site(GemmSite::kMlpIn);
+      act = GateUpSwiglu(*l.gate_proj, *l.up_proj, x2, training, /*fuse=*/true);
+    }
+    GemmSiteScope site(GemmSite::kDownProj);
+    return out + l.down_proj->Forward(act, training);  // (b, s, hidden)
   }
   at::Tensor x = RmsNorm(h, l.input_layernorm, eps);  // (b, s, hidden)
   at::Tensor out = h + Attention(l, x, ctx, training);
   x = RmsNorm(out, l.post_attention_layernorm, eps);
-  at::Tensor mlp = l.down_proj->Forward(
-      at::silu(l.gate_proj->Forward(x, training)) * l.up_proj->Forward(x, training), training);
-  return out + mlp;  // (b, s, hidden)
+  at::Tensor act;
+  {
+    GemmSiteScope site(GemmSite::kMlpIn);
+    act = at::silu(l.gate_proj->Forward(x, training)) * l.up_proj->Forward(x, training);
+  }
+  GemmSiteScope site(GemmSite::kDownProj);
+  return out + l.down_proj->Forward(act, training);  // (b, s, hidden)
 }
 
 at::Tensor LlamaModel::Hidden(const at::Tensor& input_ids, const at::Tensor& position_ids,

@@ -78,6 +78,7 @@
 #include "worker/modelio/llama_config.h"
 #include "worker/trainer/lora.h"
 #include "worker/trainer/nf4_linear.h"
+#include "worker/trainer/recompute.h"
 #include "ftune/status.h"
 #include "worker/trainer/weights.h"
 
@@ -96,6 +97,9 @@ struct ModelOptions {
   // With activation_checkpointing: how many layers (the first ones) are
   // checkpointed; -1 = all. The others keep their activations for backward.
   int64_t checkpoint_layers = -1;
+  // What a checkpointed layer keeps of its forward so its recompute skips
+  // those GEMMs (recompute.h); gradients are the same for every choice.
+  RecomputeKeep recompute_keep = RecomputeKeep::kNothing;
   // LoRA's product in fp32 also when the compute dtype is 16-bit (PEFT
   // without autocast); by default it runs in the compute dtype (lora.h).
   bool lora_fp32_compute = false;

@@ -1,11 +1,13 @@
 // NF4 base linear layer; see nf4_linear.h for the design.
 #include "worker/trainer/nf4_linear.h"
 #include "worker/trainer/profiler.h"
+#include "worker/trainer/recompute.h"
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <utility>
+#include <vector>
 
 #if FTUNE_NF4_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -66,11 +68,33 @@ thread_local bool keep_dequantized = false;
 // except in a KeepDequantizedWeights scope, where it saves the dense weight.
 struct Nf4MatMul : public torch::autograd::Function<Nf4MatMul> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const Nf4Weight& w) {
+    if (GemmStashReplaying()) {
+      // A checkpointed layer's recompute with this GEMM's output kept
+      // (recompute.h): the same node, without the product.
+      std::vector<int64_t> sizes = x.sizes().vec();
+      sizes.back() = w.out_features;
+      at::Tensor y = GemmStashTake(sizes, x.scalar_type());
+      if (keep_dequantized) {
+        ctx->saved_data["dense"] = DequantizeNf4Weight(w, x.scalar_type());
+      } else {
+        SaveQuantized(ctx, w);
+      }
+      return y;
+    }
     at::Tensor dense = DequantizeNf4Weight(w, x.scalar_type());  // (out, in)
     if (keep_dequantized) {
       ctx->saved_data["dense"] = dense;
-      return at::linear(x, dense);  // (..., out)
+      at::Tensor y = at::linear(x, dense);  // (..., out)
+      GemmStashPut(y);
+      return y;
     }
+    SaveQuantized(ctx, w);
+    at::Tensor y = at::linear(x, dense);  // (..., out); `dense` is freed on return
+    GemmStashPut(y);
+    return y;
+  }
+
+  static void SaveQuantized(AutogradContext* ctx, const Nf4Weight& w) {
     ctx->saved_data["packed"] = w.packed;
     ctx->saved_data["absmax"] = w.absmax;
     ctx->saved_data["nested"] = w.nested();
@@ -81,7 +105,6 @@ struct Nf4MatMul : public torch::autograd::Function<Nf4MatMul> {
     ctx->saved_data["out"] = w.out_features;
     ctx->saved_data["in"] = w.in_features;
     ctx->saved_data["blocksize"] = w.blocksize;
-    return at::linear(x, dense);  // (..., out); `dense` is freed on return
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {

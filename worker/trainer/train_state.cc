@@ -156,14 +156,30 @@ Status PlanDeviceMemory(const RunConfig& config, const RankEnv& env, ModelOption
     report << "device memory capped at " << limit / kGiB << " GiB of " << total / kGiB
            << " GiB; ";
   }
+  // A diagnostic switch for A/B measurements (docs/performance.md): what
+  // each checkpointed layer keeps for its recompute, whatever the plan picks.
+  RecomputeKeep forced_keep = RecomputeKeep::kNothing;
+  const char* keep_env = std::getenv("FTUNE_RECOMPUTE_KEEP");
+  if (keep_env != nullptr && !ParseRecomputeKeep(keep_env, &forced_keep)) {
+    return InvalidArgumentError(std::string("FTUNE_RECOMPUTE_KEEP=") + keep_env +
+                                " is not one of nothing, down_proj, projections");
+  }
   if (!config.model.checkpointing_auto) {
-    if (limit > 0 && env.rank == 0) env.events->Info(report.str() + "checkpointing as the spec says");
+    if (keep_env != nullptr) options->recompute_keep = forced_keep;
+    if ((limit > 0 || keep_env != nullptr) && env.rank == 0) {
+      env.events->Info(report.str() + "checkpointing as the spec says" +
+                       (keep_env != nullptr ? std::string(", keeping ") +
+                                                  RecomputeKeepName(forced_keep) +
+                                                  " for the recompute (FTUNE_RECOMPUTE_KEEP)"
+                                            : std::string()));
+    }
     return OkStatus();
   }
   const int64_t budget = limit > 0 ? limit : total;
   FTUNE_ASSIGN_OR_RETURN(LlamaConfig shape, LoadLlamaConfig(config.model.dir));
   int64_t layers = shape.num_hidden_layers;
   CheckpointChoice choice;
+  choice.checkpoint_layers = layers;
   if (budget > 0) {
     MemoryPlanOptions plan_options = config.plan;
     plan_options.fused_kernels = options->fused_kernels;
@@ -174,11 +190,20 @@ Status PlanDeviceMemory(const RunConfig& config, const RankEnv& env, ModelOption
   if (env.reduce != nullptr && env.world_size > 1) {
     FTUNE_ASSIGN_OR_RETURN(layers, env.reduce->MaxInt(layers));
   }
+  // What the checkpointed layers keep was planned for this rank's count; a
+  // larger count agreed with the other ranks keeps nothing.
+  RecomputeKeep keep =
+      layers == choice.checkpoint_layers ? choice.recompute_keep : RecomputeKeep::kNothing;
+  if (keep_env != nullptr) keep = forced_keep;
   options->activation_checkpointing = layers > 0;
   options->checkpoint_layers = layers;
+  options->recompute_keep = keep;
   if (env.rank == 0) {
     report << "gradient_checkpointing auto: " << layers << " of " << shape.num_hidden_layers
-           << " layers checkpointed (plan " << choice.plan.device_peak_bytes / kGiB
+           << " layers checkpointed";
+    if (layers > 0) report << ", each keeping " << RecomputeKeepName(keep) << " for its recompute";
+    if (keep_env != nullptr) report << " (FTUNE_RECOMPUTE_KEEP)";
+    report << " (plan " << choice.plan.device_peak_bytes / kGiB
            << " GiB for a budget of " << budget / kGiB << " GiB"
            << (budget > 0 && !choice.fits ? "; it does not fit even with every layer checkpointed"
                                           : "")
