@@ -10,6 +10,9 @@ Rows per shape:
   ckpt on        both sides checkpoint every layer;
   peer memory    ftune with gradient_checkpointing auto and its allocator
                  capped at the peer's checkpointed peak (fsdp.device_memory_limit);
+  keep           ftune checkpointing every layer, each keeping its down_proj
+                 output for the recompute (FTUNE_RECOMPUTE_KEEP=down_proj): a
+                 fixed policy within the peer's checkpointed memory;
   fastest        each side at its fastest setting that fits the GPU: the peer
                  without checkpointing (when it fits), ftune with auto.
 For each: tokens/s of each side, the ratio, peak allocated GiB of each,
@@ -75,8 +78,9 @@ def gemm_floor(model, seq, out):
     return None
 
 
-def model_flops(config, seq, recomputed_layers):
-    """(model FLOPs, executed FLOPs) per token."""
+def model_flops(config, seq, recomputed_layers, keep="nothing"):
+    """(model FLOPs, executed FLOPs) per token; `keep`: what each recomputed
+    layer kept of its forward (its GEMMs that did not run again)."""
     h, i, L, v = config["hidden_size"], config["intermediate_size"], \
         config["num_hidden_layers"], config["vocab_size"]
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
@@ -86,12 +90,14 @@ def model_flops(config, seq, recomputed_layers):
     # Causal attention: QK^T and PV over seq/2 keys on average, 2 flops each.
     attn_fwd_layer = 2 * 2 * (seq / 2) * heads * hd
     model = 2 * n + 2 * n + 3 * attn_fwd_layer * L      # forward + input gradient
-    executed = model + recomputed_layers * (2 * per_layer + attn_fwd_layer)
+    kept = {"nothing": 0, "down_proj": h * i, "projections": per_layer}[keep]
+    executed = model + recomputed_layers * (2 * (per_layer - kept) + attn_fwd_layer)
     return model, executed
 
 
-def ftune(rank, preset, layers, seq, mode, limit, out, data):
-    name = f"{preset}{'-' + str(layers) if layers else ''}-{seq}-{mode}"
+def ftune(rank, preset, layers, seq, mode, limit, out, data, keep=None):
+    name = f"{preset}{'-' + str(layers) if layers else ''}-{seq}-{mode}" + \
+        (f"-keep-{keep}" if keep else "")
     model = f"{out}/{preset}{'-' + str(layers) if layers else ''}"
     if not os.path.exists(f"{model}/config.json"):
         cmd = [rank, "init-model", "--preset", preset, "--no-weights", "--out", model,
@@ -118,7 +124,11 @@ output_dir: {out}/run-{name}
 """
     open(f"{out}/{name}.yaml", "w").write(spec)
     log = f"{out}/{name}.log"
-    rc = sh([rank, "train", "--device", "cuda", "--nproc", "1", "--spec", f"{out}/{name}.yaml"], log)
+    env = dict(os.environ)
+    if keep:
+        env["FTUNE_RECOMPUTE_KEEP"] = keep
+    rc = sh([rank, "train", "--device", "cuda", "--nproc", "1", "--spec", f"{out}/{name}.yaml"], log,
+            env)
     text = open(log).read()
     if rc != 0:
         oom = "out of memory" in text.lower()
@@ -128,13 +138,17 @@ output_dir: {out}/run-{name}
     mem = re.findall(r'memory \(end\).*device peak ([0-9.]+) GiB.*?device peak with runtime '
                      r'([0-9.]+) GiB', text)
     auto = re.search(r'gradient_checkpointing auto: (\d+) of (\d+) layers', text)
+    kept = re.search(r'each keeping (\w+) for its recompute', text)
     config = json.load(open(f"{model}/config.json"))
     L = config["num_hidden_layers"]
     recomputed = int(auto.group(1)) if auto else (L if mode == "on" else 0)
+    keep = keep or (kept.group(1) if kept else "nothing")
     return {"tokens_per_s": sum(steady) / max(1, len(steady)),
             "peak_gib": float(mem[-1][0]) if mem else None,
             "device_gib": float(mem[-1][1]) if mem else None,
-            "checkpointed": f"{recomputed}/{L}", "flops": model_flops(config, seq, recomputed)}
+            "checkpointed": f"{recomputed}/{L}" + (f" keep {keep}" if recomputed and keep != "nothing"
+                                                   else ""),
+            "flops": model_flops(config, seq, recomputed, keep)}
 
 
 def main():
@@ -145,7 +159,7 @@ def main():
     ap.add_argument("--seq", default="2048")
     ap.add_argument("--out", default="/tmp/ftune-side-by-side")
     ap.add_argument("--gpu", default="H100")
-    ap.add_argument("--rows", default="on,peer,fastest")
+    ap.add_argument("--rows", default="on,peer,keep,fastest")
     ap.add_argument("--skip-peer", action="store_true", help="ftune's rows only (quick checks)")
     ap.add_argument("--peer-memory", type=float, help="with --skip-peer: the peer's GiB to cap at")
     a = ap.parse_args()
@@ -165,7 +179,7 @@ def main():
         preset, layers = SHAPES[shape]
         for seq in [int(s) for s in a.seq.split(",")]:
             p_on = {"error": "not run"}
-            if "on" in a.rows or "peer" in a.rows:
+            if "on" in a.rows or "peer" in a.rows or "keep" in a.rows:
                 p_on = peer(a.peer, shape, seq, "on", a.out)
                 print(json.dumps({"peer": shape, "seq": seq, "ckpt": "on", **p_on}), flush=True)
             rows = []
@@ -178,6 +192,10 @@ def main():
                 limit = f"{p_on['peak_gib']}GiB"
                 rows.append((f"at the peer's memory ({limit})", p_on,
                              ftune(a.rank, preset, layers, seq, "auto", limit, a.out, data)))
+            if "keep" in a.rows:
+                rows.append(("ckpt on, keeping down_proj", p_on,
+                             ftune(a.rank, preset, layers, seq, "on", None, a.out, data,
+                                   keep="down_proj")))
             if "fastest" in a.rows:
                 p_off = peer(a.peer, shape, seq, "off", a.out)
                 print(json.dumps({"peer": shape, "seq": seq, "ckpt": "off", **p_off}), flush=True)

@@ -22,7 +22,9 @@
 //                   the flat shard, its gradient and AdamW's two moments are
 //                   1/W of the flat vector each (on the host with offload).
 //   activations     a checkpointed layer keeps its input (batch x seq x
-//                   hidden, compute dtype), plus one layer's recompute
+//                   hidden, compute dtype) and the GEMM outputs its
+//                   recompute_keep names (recompute_keep.h), plus one
+//                   layer's recompute
 //                   working set in backward; a layer that is not keeps its
 //                   whole working set (and its gathered unit when units are
 //                   copied in). The working set counts the tensors autograd
