@@ -7,6 +7,7 @@
 // part, and every misuse fails with a message. nf4_linear_test runs whole
 // models with each RecomputeKeep.
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/autograd.h>
