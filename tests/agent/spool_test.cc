@@ -14,6 +14,7 @@
 #include <sstream>
 #include <thread>
 
+#include "small_fs.h"
 #include "temp_dir.h"
 
 namespace ftune::agent {
@@ -367,6 +368,62 @@ TEST_F(AgentSpoolTest, UnusableDirectoryIsAClearError) {
   const std::string msg(s.status().message());
   EXPECT_NE(msg.find(root_ + "/file"), std::string::npos) << msg;
   EXPECT_NE(msg.find("--work-dir"), std::string::npos) << msg;
+}
+
+// A log that filled its disk itself (the coordinator was away): a record
+// is refused, and replacing `acked` needs a block the disk has not got.
+// The spool's reserve makes the room: the ack is recorded, the log
+// trimmed, the reserve taken again, and appends go on. Without a reserve
+// the ack is refused, and nothing would ever free the log.
+TEST_F(AgentSpoolTest, AnAckOnADiskTheLogFilledIsRecordedInTheReserve) {
+  for (const int64_t reserve_bytes : {int64_t{64 << 10}, int64_t{0}}) {
+    SCOPED_TRACE("reserve_bytes " + std::to_string(reserve_bytes));
+    testutil::SmallFs disk(256 << 10, "agent_spool_test_fs");
+    if (!disk.skip_reason().empty()) GTEST_SKIP() << disk.skip_reason();
+    ASSERT_TRUE(disk.mounted());
+    Spool::Options o;
+    o.dir = disk.path() + "/spool";
+    o.reserve_bytes = reserve_bytes;
+    absl::StatusOr<std::unique_ptr<Spool>> s = Spool::Open(o);
+    ASSERT_TRUE(s.ok()) << s.status();
+    EXPECT_EQ(fs::exists(o.dir + "/reserve"), reserve_bytes > 0);
+
+    // Records far smaller than a block: the last one is used up before
+    // one is refused.
+    absl::Status refused;
+    int64_t last = 0;
+    for (int64_t step = 1; refused.ok(); ++step) {
+      v1::RankEvent e = StepEvent(0, step);
+      refused = (*s)->Append(&e);
+      if (refused.ok()) last = e.agent_seq();
+    }
+    EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
+    EXPECT_EQ(disk.free_bytes(), 0u);
+    ASSERT_GT(last, 1000);
+
+    const absl::Status acked = (*s)->Ack(last);
+    if (reserve_bytes == 0) {
+      EXPECT_FALSE(acked.ok());
+      EXPECT_EQ((*s)->acked_seq(), 0);
+      EXPECT_EQ((*s)->num_unacked(), static_cast<size_t>(last));
+      continue;
+    }
+    ASSERT_TRUE(acked.ok()) << acked;
+    EXPECT_EQ((*s)->acked_seq(), last);
+    EXPECT_EQ((*s)->num_unacked(), 0u);
+    EXPECT_EQ((*s)->log_bytes(), 0);
+    EXPECT_TRUE(fs::exists(o.dir + "/reserve"));
+    v1::RankEvent next = StepEvent(0, last + 1);
+    ASSERT_TRUE((*s)->Append(&next).ok());
+    EXPECT_EQ(next.agent_seq(), last + 1);
+
+    // The ack is on disk.
+    s->reset();
+    s = Spool::Open(o);
+    ASSERT_TRUE(s.ok()) << s.status();
+    EXPECT_EQ((*s)->acked_seq(), last);
+    EXPECT_EQ(Seqs(**s), std::vector<int64_t>{last + 1});
+  }
 }
 
 TEST_F(AgentSpoolTest, LeftoverTemporaryFilesAreRemoved) {

@@ -17,6 +17,7 @@
 //   test.big_error_bytes  ... and a RankError whose message is this long
 //                         (it keeps training: the agent must cope)
 //   test.big_log_count    how many such LogLines (default 1)
+//   test.big_log_step     the step after which they are sent instead of 1
 //   test.hang_at_step     the targeted rank stops sending and sleeps forever
 //   test.fail_rendezvous  "true": the targeted rank reports a RankError and
 //                         exits 5 instead of training after the rendezvous
@@ -189,6 +190,7 @@ struct Script {
   int64_t big_log_bytes = 0;
   int64_t big_error_bytes = 0;
   int64_t big_log_count = 1;
+  int64_t big_log_step = 1;
   int64_t hang_at_step = -1;
   bool fail_rendezvous = false;
   bool targeted = false;  // whether the faults apply to this rank and attempt
@@ -214,6 +216,7 @@ Script ReadScript(const ftune::v1::JobSpec& spec, const Args& args) {
   label_int("test.big_log_bytes", &s.big_log_bytes, 0);
   label_int("test.big_error_bytes", &s.big_error_bytes, 0);
   label_int("test.big_log_count", &s.big_log_count, 0);
+  label_int("test.big_log_step", &s.big_log_step, 1);
   label_int("test.hang_at_step", &s.hang_at_step, 1);
   auto fr = labels.find("test.fail_rendezvous");
   if (fr != labels.end()) {
@@ -371,7 +374,7 @@ class Rank {
       checksum_ = Mix(checksum_, step);
       SendStep(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       if (step % 5 == 0) SendMemory();
-      if (script_.targeted && step == 1) SendBigMessages();
+      if (script_.targeted && step == script_.big_log_step) SendBigMessages();
 
       bool stop = false, save = false;
       Barrier(step, &stop, &save);

@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <climits>
 #include <fstream>
 #include <sstream>
@@ -109,10 +110,34 @@ std::string Scrape(int port, const std::string& authorization) {
   return out;
 }
 
-Cluster::Cluster()
-    : tmp_("ftune-it-" +
-           std::string(::testing::UnitTest::GetInstance()->current_test_info()->name())),
-      dir_(tmp_.path()) {
+namespace {
+
+// argv, less the --flags that `extra` gives again, then extra.
+std::vector<std::string> WithFlags(const std::vector<std::string>& argv,
+                                   const std::vector<std::string>& extra) {
+  const auto name = [](const std::string& arg) { return arg.substr(0, arg.find('=')); };
+  std::vector<std::string> out;
+  for (const std::string& a : argv) {
+    const bool replaced = a.rfind("--", 0) == 0 &&
+                          std::any_of(extra.begin(), extra.end(),
+                                      [&](const std::string& e) { return name(e) == name(a); });
+    if (!replaced) out.push_back(a);
+  }
+  out.insert(out.end(), extra.begin(), extra.end());
+  return out;
+}
+
+// The current test's name, fit for a file name (a parameterized test's has
+// a '/').
+std::string TestFileName() {
+  std::string name = ::testing::UnitTest::GetInstance()->current_test_info()->name();
+  std::replace(name.begin(), name.end(), '/', '.');
+  return name;
+}
+
+}  // namespace
+
+Cluster::Cluster() : tmp_("ftune-it-" + TestFileName()), dir_(tmp_.path()) {
   std::ofstream(dir_ + "/client.token") << client_token() << "\n";
   std::ofstream(dir_ + "/agent.token") << agent_token() << "\n";
   grpc_port_ = FreePort();
@@ -155,9 +180,9 @@ void Cluster::StartCoordinator(std::vector<std::string> extra) {
                                    "--heartbeat-ms=300",
                                    "--tick-ms=50"};
   for (auto& f : auth_flags_) argv.push_back(f);
-  for (auto& e : extra) argv.push_back(e);
   coordinator_ = std::make_unique<Process>(
-      argv, dir_ + "/coordinator-" + std::to_string(coordinator_starts_++) + ".log");
+      WithFlags(argv, extra),
+      dir_ + "/coordinator-" + std::to_string(coordinator_starts_++) + ".log");
   ASSERT_TRUE(WaitFor(
       [&] {
         // A fresh channel per try: a reused one backs off for seconds after
@@ -180,11 +205,6 @@ void Cluster::KillCoordinator(int sig) {
 int Cluster::StartAgent(const std::string& host, int cpu_slots, std::vector<std::string> extra,
                         const std::string& rank_binary) {
   const bool own_token = agent_tokens_.count(host) > 0;
-  auto given = [&](const std::string& flag) {
-    for (const auto& e : extra)
-      if (e.rfind(flag, 0) == 0) return true;
-    return false;
-  };
   std::vector<std::string> argv = {FTUNE_AGENT_BIN,
                                    "--coordinator=" + address(),
                                    "--work-dir=" + dir_ + "/agent-" + host,
@@ -193,13 +213,13 @@ int Cluster::StartAgent(const std::string& host, int cpu_slots, std::vector<std:
                                    "--rank-binary=" + (rank_binary.empty()
                                                            ? std::string(FTUNE_TEST_RANK_BIN)
                                                            : rank_binary),
-                                   "--grace-seconds=2"};
-  if (!given("--token-file="))
-    argv.push_back("--token-file=" + dir_ +
-                   (own_token ? "/agent-" + host + ".token" : "/agent.token"));
-  if (own_token && !given("--agent-id=")) argv.push_back("--agent-id=" + host);
-  for (auto& e : extra) argv.push_back(e);
-  agents_.push_back(std::make_unique<Process>(argv, dir_ + "/agent-" + host + ".log"));
+                                   "--grace-seconds=2",
+                                   "--token-file=" + dir_ +
+                                       (own_token ? "/agent-" + host + ".token"
+                                                  : "/agent.token")};
+  if (own_token) argv.push_back("--agent-id=" + host);
+  agents_.push_back(
+      std::make_unique<Process>(WithFlags(argv, extra), dir_ + "/agent-" + host + ".log"));
   return static_cast<int>(agents_.size()) - 1;
 }
 

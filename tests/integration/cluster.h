@@ -64,6 +64,10 @@ class Cluster {
                       const std::map<std::string, std::string>& agent_tokens,
                       const std::string& default_token);
 
+  // Flags in `extra` are appended; one the cluster passes itself
+  // (--state-dir=DIR/state, an agent's --work-dir=DIR/agent-<host>,
+  // --token-file, ...) is replaced by extra's of the same name, e.g. to put
+  // the coordinator's database or an agent's spool on another filesystem.
   void StartCoordinator(std::vector<std::string> extra = {});
   void KillCoordinator(int sig);
   // Starts an agent with `cpu_slots` CPU slots; returns its index. Ranks are

@@ -8,10 +8,17 @@
 //   * a 5 MiB log line and a 20 MiB error from a rank arrive truncated and
 //     the job goes on;
 //   * a full disk under the running coordinator, then under the running
-//     agent (RLIMIT_FSIZE lowered from outside with prlimit): CreateJob is
-//     refused RESOURCE_EXHAUSTED and counted, the agent holds its rank's
-//     events, and once there is room the job ends SUCCEEDED with every
-//     event stored, in order.
+//     agent, made full two ways (DiskFull, once per FullBy): the process's
+//     RLIMIT_FSIZE lowered from outside with prlimit (EFBIG), and its
+//     directory on a small tmpfs the test fills with a file of its own
+//     (ENOSPC, SQLITE_FULL: a real full disk; skipped where mounting is not
+//     permitted). CreateJob is refused RESOURCE_EXHAUSTED and counted, the
+//     agent holds its rank's events, and once there is room the job ends
+//     SUCCEEDED with every event stored, in order; a coordinator restarted
+//     on the filled filesystem opens its database and serves reads;
+//   * an agent whose own spool filled its disk while the coordinator was
+//     away empties it once the coordinator is back, with nobody making
+//     room: recording an ack on a full filesystem takes the spool's reserve.
 #include <dirent.h>
 #include <signal.h>
 #include <sys/resource.h>
@@ -21,6 +28,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -29,6 +38,7 @@
 #include <gtest/gtest.h>
 
 #include "cluster.h"
+#include "small_fs.h"
 
 namespace ftune::testing {
 namespace {
@@ -185,7 +195,9 @@ class FullDiskOf {
   void Free() {
     if (freed_) return;
     freed_ = true;
-    EXPECT_EQ(::prlimit(pid_, RLIMIT_FSIZE, &old_, nullptr), 0) << std::strerror(errno);
+    // A process already gone (the cluster was torn down first) keeps nothing.
+    if (::prlimit(pid_, RLIMIT_FSIZE, &old_, nullptr) != 0 && errno != ESRCH)
+      ADD_FAILURE() << "prlimit " << pid_ << ": " << std::strerror(errno);
   }
   FullDiskOf(const FullDiskOf&) = delete;
   FullDiskOf& operator=(const FullDiskOf&) = delete;
@@ -258,13 +270,102 @@ void ExpectEveryEventInOrder(Cluster& c, const std::string& id, int steps) {
   EXPECT_EQ(events.back().state_change().to(), v1::SUCCEEDED);
 }
 
+// How a test makes the disk under a running process full.
+enum class FullBy {
+  // The process's RLIMIT_FSIZE lowered from outside (prlimit): a write that
+  // takes one of its files past the limit fails with EFBIG. Needs nothing
+  // but the right to prlimit the process.
+  kFileSizeLimit,
+  // Its directory on a small tmpfs that the test fills with a file of its
+  // own: a write that needs a new block fails with ENOSPC (SQLite:
+  // SQLITE_FULL), as on a real full disk. Skipped where mounting is refused.
+  kFilledFilesystem,
+};
+
+std::string FullByName(const ::testing::TestParamInfo<FullBy>& info) {
+  return info.param == FullBy::kFileSizeLimit ? "FileSizeLimit" : "FilledFilesystem";
+}
+
+// The disk full tests, once per FullBy. Dir() names where the process under
+// test keeps its files (its --state-dir or --work-dir); Fill() and
+// MakeRoom() flip that disk between full and not while it runs.
+class DiskFull : public ::testing::TestWithParam<FullBy> {
+ protected:
+  // Room for the coordinator's database, its write-ahead log before its
+  // first checkpoint (about 4 MiB), or an agent's spool and job dirs.
+  static constexpr uint64_t kFilesystemBytes = 16 << 20;
+
+  void SetUp() override {
+    if (GetParam() != FullBy::kFilledFilesystem) return;
+    fs_ = std::make_unique<testutil::SmallFs>(kFilesystemBytes, "ftune-it-small-fs");
+    if (!fs_->skip_reason().empty()) GTEST_SKIP() << fs_->skip_reason();
+    ASSERT_TRUE(fs_->mounted());
+  }
+
+  // `name` on the disk the test fills: on the small filesystem, or in the
+  // cluster's own dir.
+  std::string Dir(const Cluster& c, const std::string& name) const {
+    return (fs_ != nullptr ? fs_->path() : c.dir()) + "/" + name;
+  }
+
+  // Full for process `pid`: no file of it may grow past `max_file_bytes`
+  // (kFileSizeLimit), or no block is left (kFilledFilesystem).
+  void Fill(pid_t pid, rlim_t max_file_bytes) {
+    if (fs_ == nullptr) {
+      limit_.emplace(pid, max_file_bytes);
+      return;
+    }
+    fs_->Fill();
+    // Space the process frees itself is its own again: a write of it in
+    // flight while the filler grew (the agent's spool records an ack, from
+    // its reserve if it must, and truncates its log) may free blocks just
+    // after. Fill those too, until nothing more was freed.
+    for (int quiet = 0; quiet < 3;) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      quiet = fs_->Fill() == 0 ? quiet + 1 : 0;
+    }
+  }
+
+  // Room for about `bytes` more for process `pid`: no file of it may grow
+  // past `bytes` (kFileSizeLimit), or all but `bytes` of the filesystem is
+  // taken (kFilledFilesystem).
+  void LeaveRoom(pid_t pid, rlim_t bytes) {
+    if (fs_ == nullptr) {
+      limit_.emplace(pid, bytes);
+    } else {
+      fs_->Fill(bytes);
+    }
+  }
+
+  void MakeRoom() {
+    if (fs_ == nullptr) {
+      limit_->Free();
+    } else {
+      fs_->MakeRoom();
+    }
+  }
+
+ private:
+  // Unmounted after the test body's cluster is gone, so never busy.
+  std::unique_ptr<testutil::SmallFs> fs_;
+  std::optional<FullDiskOf> limit_;
+};
+
+INSTANTIATE_TEST_SUITE_P(Faults, DiskFull,
+                         ::testing::Values(FullBy::kFileSizeLimit, FullBy::kFilledFilesystem),
+                         FullByName);
+
 // The coordinator's disk fills while a job runs: CreateJob is refused
 // RESOURCE_EXHAUSTED naming the full disk and the error is counted; the
 // job's events the store refuses stay in the agent's spool (never acked),
 // so once there is room again they all arrive and the job ends SUCCEEDED.
-TEST(Faults, CoordinatorDiskFullRefusesNewJobsAndLosesNoEventOnceThereIsRoom) {
+// The database is whole afterwards: a coordinator killed and started again
+// on it (quick_check, write-ahead log recovery) lists every job.
+TEST_P(DiskFull, OnTheCoordinatorRefusesNewJobsAndLosesNoEventOnceThereIsRoom) {
   Cluster c;
-  c.StartCoordinator();
+  const std::string state_dir = Dir(c, "state");
+  const std::vector<std::string> flags = {"--state-dir=" + state_dir};
+  c.StartCoordinator(flags);
   const int agent = c.StartAgent("host-a", 1);
   ASSERT_TRUE(c.WaitAgents(1));
   const v1::Job before = c.Submit(c.Spec(1, 3, 0));
@@ -279,12 +380,11 @@ TEST(Faults, CoordinatorDiskFullRefusesNewJobsAndLosesNoEventOnceThereIsRoom) {
   const int64_t errors_before = StoreErrors(c.metrics_port());
   ASSERT_GE(errors_before, 0);
 
-  // Full at the database's size as it is now: the next growth of either
-  // file fails.
-  const std::string db = c.dir() + "/state/ftune.db";
-  const auto limit = std::max(std::filesystem::file_size(db),
-                              std::filesystem::file_size(db + "-wal"));
-  FullDiskOf full(c.coordinator().pid(), limit);
+  // A file size limit at the database's size as it is now: the next growth
+  // of either file fails.
+  const std::string db = state_dir + "/ftune.db";
+  Fill(c.coordinator().pid(), std::max(std::filesystem::file_size(db),
+                                       std::filesystem::file_size(db + "-wal")));
   std::set<std::string> stored = {before.id(), job.id()};
   grpc::Status refused;
   auto stub = c.Client();
@@ -317,25 +417,43 @@ TEST(Faults, CoordinatorDiskFullRefusesNewJobsAndLosesNoEventOnceThereIsRoom) {
   EXPECT_EQ(stuck.state(), v1::RUNNING) << Describe(stuck);
   EXPECT_LT(stuck.last_step(), kSteps);
 
-  full.Free();
+  // A filled filesystem is full for a new process too (a file size limit
+  // is the old process's): a coordinator started again on it opens the
+  // database, recovering its write-ahead log with no block to spare, and
+  // serves reads. Its agent, away for seconds, retries at its backoff's
+  // cap (5 s): a timeout longer than that keeps the agent and its rank.
+  if (GetParam() == FullBy::kFilledFilesystem) {
+    c.KillCoordinator(SIGKILL);
+    c.StartCoordinator({"--state-dir=" + state_dir, "--agent-timeout=15"});
+    const v1::Job read = c.GetJob(job.id());
+    EXPECT_EQ(read.state(), v1::RUNNING) << Describe(read);
+    EXPECT_EQ(read.last_step(), stuck.last_step());
+  }
+
+  MakeRoom();
   ASSERT_TRUE(c.WaitState(job.id(), v1::SUCCEEDED, seconds(90))) << Describe(c.GetJob(job.id()));
   EXPECT_TRUE(c.coordinator().Running());
-  const std::set<std::string> listed = JobIds(c);
-  for (const auto& id : stored) EXPECT_TRUE(listed.count(id)) << id << " is gone";
   ExpectEveryEventInOrder(c, job.id(), kSteps);
   // And the coordinator takes new jobs again.
   const v1::Job after = c.Submit(c.Spec(1, 3, 0));
-  EXPECT_FALSE(after.id().empty());
+  ASSERT_FALSE(after.id().empty());
+  stored.insert(after.id());
+
+  c.KillCoordinator(SIGKILL);
+  c.StartCoordinator(flags);
+  const std::set<std::string> listed = JobIds(c);
+  for (const auto& id : stored) EXPECT_TRUE(listed.count(id)) << id << " is gone";
+  ExpectEveryEventInOrder(c, job.id(), kSteps);
 }
 
 // The agent's disk fills while its rank runs: the spool refuses the rank's
 // events, the agent holds them in memory (and lives on), the job stays
 // RUNNING while the rank ends; once there is room the held events are
 // spooled and sent in order and the job ends SUCCEEDED.
-TEST(Faults, AgentDiskFullHoldsTheRanksEventsAndDeliversThemInOrderOnceThereIsRoom) {
+TEST_P(DiskFull, OnTheAgentHoldsTheRanksEventsAndDeliversThemInOrderOnceThereIsRoom) {
   Cluster c;
   c.StartCoordinator();
-  const int agent = c.StartAgent("host-a", 1);
+  const int agent = c.StartAgent("host-a", 1, {"--work-dir=" + Dir(c, "agent-host-a")});
   ASSERT_TRUE(c.WaitAgents(1));
   constexpr int kSteps = 150;  // 6 s: still running when the disk fills
   const v1::JobSpec spec = c.Spec(1, kSteps, 0);
@@ -344,10 +462,10 @@ TEST(Faults, AgentDiskFullHoldsTheRanksEventsAndDeliversThemInOrderOnceThereIsRo
   const pid_t agent_pid = c.agent(agent).pid();
   ASSERT_EQ(ChildrenOf(agent_pid).size(), 1u);
 
-  // 16 bytes: no spool record fits (its job id alone is longer), the
-  // spool's `acked` file (a number) still does. The agent's own log, longer
-  // already, takes nothing meanwhile.
-  FullDiskOf full(agent_pid, 16);
+  // A file size limit of 16 bytes: no spool record fits (its job id alone
+  // is longer), the spool's `acked` file (a number) still does. The
+  // agent's own log, longer already, takes nothing meanwhile.
+  Fill(agent_pid, 16);
   ASSERT_TRUE(WaitFor([&] { return ChildrenOf(agent_pid).empty(); }, seconds(90)))
       << "the rank did not end";
   ASSERT_TRUE(c.agent(agent).Running()) << ReadFile(c.agent(agent).log_path());
@@ -355,7 +473,7 @@ TEST(Faults, AgentDiskFullHoldsTheRanksEventsAndDeliversThemInOrderOnceThereIsRo
   EXPECT_EQ(held.state(), v1::RUNNING) << Describe(held);
   EXPECT_LT(held.last_step(), kSteps);
 
-  full.Free();
+  MakeRoom();
   ASSERT_TRUE(c.WaitState(job.id(), v1::SUCCEEDED, seconds(60))) << Describe(c.GetJob(job.id()));
   EXPECT_TRUE(c.agent(agent).Running());
   const std::string log = ReadFile(c.agent(agent).log_path());
@@ -369,10 +487,10 @@ TEST(Faults, AgentDiskFullHoldsTheRanksEventsAndDeliversThemInOrderOnceThereIsRo
 // coordinator restarts): the agent registers again with that rank among its
 // running ones, so the coordinator does not take it for lost (a restart)
 // and waits for its exit.
-TEST(Faults, AgentDiskFullAcrossACoordinatorRestartLosesNoRank) {
+TEST_P(DiskFull, OnTheAgentAcrossACoordinatorRestartLosesNoRank) {
   Cluster c;
   c.StartCoordinator();
-  const int agent = c.StartAgent("host-a", 1);
+  const int agent = c.StartAgent("host-a", 1, {"--work-dir=" + Dir(c, "agent-host-a")});
   ASSERT_TRUE(c.WaitAgents(1));
   constexpr int kSteps = 150;
   v1::JobSpec spec = c.Spec(1, kSteps, 0);
@@ -381,7 +499,7 @@ TEST(Faults, AgentDiskFullAcrossACoordinatorRestartLosesNoRank) {
   ASSERT_TRUE(c.WaitFor_Step(job.id(), 5, seconds(60))) << Describe(c.GetJob(job.id()));
   const pid_t agent_pid = c.agent(agent).pid();
 
-  FullDiskOf full(agent_pid, 16);
+  Fill(agent_pid, 16);
   ASSERT_TRUE(WaitFor([&] { return ChildrenOf(agent_pid).empty(); }, seconds(90)))
       << "the rank did not end";
   c.KillCoordinator(SIGKILL);
@@ -405,7 +523,7 @@ TEST(Faults, AgentDiskFullAcrossACoordinatorRestartLosesNoRank) {
   const v1::Job held = c.GetJob(job.id());
   EXPECT_EQ(held.state(), v1::RUNNING) << Describe(held);
 
-  full.Free();
+  MakeRoom();
   ASSERT_TRUE(WaitFor(
       [&] {
         const v1::JobState s = c.GetJob(job.id()).state();
@@ -420,6 +538,59 @@ TEST(Faults, AgentDiskFullAcrossACoordinatorRestartLosesNoRank) {
     EXPECT_FALSE(e.has_state_change() && e.state_change().to() == v1::RESTARTING)
         << "event " << e.seq() << ": " << e.state_change().reason();
   ExpectEveryEventInOrder(c, job.id(), kSteps);
+}
+
+
+// The agent's spool fills its disk itself: the coordinator is down while a
+// rank sends many log lines, so nothing is acknowledged and the spool grows
+// until the disk refuses more; the rest is held in memory. Nobody makes
+// room: once the coordinator is back and acknowledges what was spooled,
+// the agent trims its log, spools what it held, and the job ends SUCCEEDED
+// with every event. On a filled filesystem recording the ack needs a block
+// the disk no longer has: the spool's reserve gives it one (spool.h).
+TEST_P(DiskFull, OnTheAgentFilledByItsOwnSpoolEmptiesOnceTheCoordinatorIsBack) {
+  Cluster c;
+  c.StartCoordinator();
+  const int agent = c.StartAgent("host-a", 1, {"--work-dir=" + Dir(c, "agent-host-a")});
+  ASSERT_TRUE(c.WaitAgents(1));
+  const pid_t agent_pid = c.agent(agent).pid();
+  // 1 MiB left: 1500 log lines of 1000 bytes need more. Each smaller than
+  // a block, the spool fills the last block before one is refused.
+  LeaveRoom(agent_pid, 1 << 20);
+  constexpr int kSteps = 35;
+  constexpr int kBigLogs = 1500;
+  v1::JobSpec spec = c.Spec(1, kSteps, 0);
+  // The lines come after step 30, 3 s in: time to stop the coordinator
+  // once the rank is past its rendezvous (which goes through it).
+  (*spec.mutable_labels())["test.step_ms"] = "100";
+  (*spec.mutable_labels())["test.big_log_bytes"] = "1000";
+  (*spec.mutable_labels())["test.big_log_count"] = std::to_string(kBigLogs);
+  (*spec.mutable_labels())["test.big_log_step"] = "30";
+  const v1::Job job = c.Submit(spec);
+  ASSERT_TRUE(c.WaitFor_Step(job.id(), 1, seconds(60))) << Describe(c.GetJob(job.id()));
+  c.KillCoordinator(SIGKILL);
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        return ReadFile(c.agent(agent).log_path()).find("holding events in memory") !=
+               std::string::npos;
+      },
+      seconds(30)))
+      << "the spool never filled the disk: " << ReadFile(c.agent(agent).log_path());
+  ASSERT_TRUE(WaitFor([&] { return ChildrenOf(agent_pid).empty(); }, seconds(60)))
+      << "the rank did not end";
+
+  // Away for seconds, the agent retries at its backoff's cap (5 s): a
+  // timeout longer than that keeps it (and its rank) alive meanwhile.
+  c.StartCoordinator({"--agent-timeout=15"});
+  ASSERT_TRUE(c.WaitState(job.id(), v1::SUCCEEDED, seconds(60)))
+      << Describe(c.GetJob(job.id())) << "\n"
+      << ReadFile(c.agent(agent).log_path());
+  EXPECT_TRUE(c.agent(agent).Running());
+  ExpectEveryEventInOrder(c, job.id(), kSteps);
+  int big_logs = 0;
+  for (const auto& e : c.Events(job.id())) big_logs += e.has_log() && e.log().text().size() == 1000;
+  EXPECT_EQ(big_logs, kBigLogs);
+  EXPECT_EQ(c.GetJob(job.id()).restarts(), 0);
 }
 
 }  // namespace

@@ -25,6 +25,9 @@ namespace {
 constexpr uint64_t kMaxRecordBytes = 16u << 20;
 static_assert(kMaxEventBytes + 64 < kMaxRecordBytes);
 constexpr size_t kMaxVarintBytes = 10;
+// The smallest reserve worth holding: a block of most filesystems, the room
+// one `acked` file takes.
+constexpr int64_t kMinReserveBytes = 4096;
 
 std::array<uint32_t, 256> MakeCrcTable() {
   std::array<uint32_t, 256> table{};
@@ -284,7 +287,14 @@ absl::Status Spool::Recover() {
   }
   file_size_ = off;
   last_seq_ = std::max(acked_, prev_seq);
-  return TrimLocked();
+  absl::Status trimmed = TrimLocked();
+  TakeReserveLocked();
+  if (reserve_bytes_ == 0 && options_.reserve_bytes >= kMinReserveBytes) {
+    LogWarning(absl::StrCat("spool ", dir_, ": no room for its reserve (", options_.reserve_bytes,
+                            " bytes); if the disk stays full, acks cannot be recorded and the "
+                            "spool cannot free its log; free disk space under --work-dir"));
+  }
+  return trimmed;
 }
 
 void Spool::SetAppendListener(std::function<void()> listener) {
@@ -360,7 +370,18 @@ absl::Status Spool::Append(std::vector<v1::RankEvent>* events) {
 absl::Status Spool::Ack(int64_t seq) {
   absl::MutexLock lock(&mu_);
   if (seq <= acked_) return absl::OkStatus();
-  if (absl::Status s = ToAbsl(WriteFileAtomically(dir_ + "/acked", absl::StrCat(seq, "\n"))); !s.ok()) {
+  const std::string acked_path = dir_ + "/acked";
+  const std::string text = absl::StrCat(seq, "\n");
+  absl::Status s = ToAbsl(WriteFileAtomically(acked_path, text));
+  if (!s.ok() && reserve_bytes_ > 0) {
+    // Most likely a full disk, perhaps filled by this log, which only a
+    // recorded ack lets us trim: the ack gets the reserve's room.
+    LogWarning(absl::StrCat("spool: ", s.message(), "; using the spool's ", reserve_bytes_,
+                            "-byte reserve to record ack ", seq));
+    ReleaseReserveLocked();
+    s = ToAbsl(WriteFileAtomically(acked_path, text));
+  }
+  if (!s.ok()) {
     return absl::InternalError(absl::StrCat("spool: cannot persist ack ", seq, ": ", s.message()));
   }
   acked_ = seq;
@@ -371,7 +392,36 @@ absl::Status Spool::Ack(int64_t seq) {
     last_seq_ = seq;
   }
   while (!index_.empty() && index_.front().seq <= seq) index_.pop_front();
-  return TrimLocked();
+  absl::Status trimmed = TrimLocked();
+  // Under mu_ still: no append of ours takes the room the trim and a
+  // released reserve left.
+  TakeReserveLocked();
+  return trimmed;
+}
+
+void Spool::TakeReserveLocked() {
+  if (reserve_bytes_ > 0 || options_.reserve_bytes < kMinReserveBytes) return;
+  const std::string path = dir_ + "/reserve";
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) return;
+  // Even one block is room for the next ack. A file already allocated (an
+  // earlier run's) is kept as it is.
+  for (int64_t n = options_.reserve_bytes; n >= kMinReserveBytes; n /= 2) {
+    if (::posix_fallocate(fd, 0, n) == 0) {
+      reserve_bytes_ = n;
+      break;
+    }
+    if (::ftruncate(fd, 0) != 0) break;  // drops what a failed try allocated
+  }
+  ::close(fd);
+  if (reserve_bytes_ == 0) ::unlink(path.c_str());
+}
+
+void Spool::ReleaseReserveLocked() {
+  const std::string path = dir_ + "/reserve";
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT)
+    LogError(absl::StrCat("spool: cannot delete ", path, ": ", ErrnoMessage(errno)));
+  reserve_bytes_ = 0;
 }
 
 absl::Status Spool::TrimLocked() {

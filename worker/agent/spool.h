@@ -14,6 +14,8 @@
 //   events.log   records: varint length | RankEvent bytes | CRC-32 (LE, 4 B)
 //                of length+bytes. The CRC lets recovery tell a torn or
 //                zero-filled tail (crash mid-append) from a real record.
+//   reserve      disk space held for `acked` (allocated, never read): see
+//                "A full disk" below.
 //
 // Invariants:
 //   * agent_seq is assigned here, starts at 1, and strictly increases across
@@ -26,6 +28,15 @@
 //   * Trimming: acked records are dropped from the in-memory index at once;
 //     the file is truncated to nothing when everything is acked, and rewritten
 //     without its acked prefix once that prefix exceeds compact_bytes.
+//
+// A full disk: Append refuses (RESOURCE_EXHAUSTED) and the caller holds its
+// events. The log may have filled the disk itself (the coordinator was
+// away): then only acks free space, by trimming, and persisting an ack
+// needs a new block for the new `acked` before the old one is freed, which
+// a full filesystem does not have. So the spool holds `reserve`: when an
+// ack cannot be written, the reserve is deleted and the ack written into
+// its room; after the trim the reserve is taken again (as much of it as
+// the disk has, down to one block). Appends never get that room.
 //
 // Thread-safety: every method may be called from any thread.
 #ifndef FTUNE_WORKER_AGENT_SPOOL_H_
@@ -56,6 +67,8 @@ class Spool {
     std::string agent_id;
     // Rewrite events.log once its acked prefix is at least this large.
     int64_t compact_bytes = 4 << 20;
+    // Disk space held for persisting acks on a full disk; below 4096: none.
+    int64_t reserve_bytes = 64 << 10;
   };
 
   // Opens (or creates) the spool and recovers events.log: a torn or corrupt
@@ -108,6 +121,11 @@ class Spool {
   absl::Status Recover();
   absl::Status TrimLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CompactLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Allocates `reserve` unless held: reserve_bytes, or as much as the disk
+  // has down to one block, or (a full disk) nothing until the next try.
+  void TakeReserveLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Deletes `reserve`, freeing its space.
+  void ReleaseReserveLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const Options options_;
   const std::string dir_;
@@ -118,6 +136,7 @@ class Spool {
   int64_t file_size_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t acked_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t last_seq_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t reserve_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // held now; 0: none
   // Unacked records, ascending seq.
   std::deque<Entry> index_ ABSL_GUARDED_BY(mu_);
 
