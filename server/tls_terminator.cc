@@ -128,10 +128,13 @@ bool SendAll(int fd, const char* data, size_t n) {
 
 // Bytes both ways between the TLS client and the plain upstream until the
 // upstream closes (it answered), a write fails, or nothing moves for
-// `idle`. When the client stops sending, the upstream's write side is shut
-// so it still answers what it got.
-void Relay(SSL* ssl, int client, int upstream, std::chrono::milliseconds idle) {
+// `idle`. The upstream connection is made with the client's first bytes,
+// so a client that only completes a handshake holds none of the upstream's
+// threads. When the client stops sending, the upstream's write side is
+// shut so it still answers what it got.
+void Relay(SSL* ssl, int client, int upstream_port, std::chrono::milliseconds idle) {
   char buf[16384];
+  int upstream = -1;
   bool client_open = true;
   for (;;) {
     bool client_ready = client_open && SSL_pending(ssl) > 0;
@@ -139,24 +142,27 @@ void Relay(SSL* ssl, int client, int upstream, std::chrono::milliseconds idle) {
       pollfd p[2] = {{upstream, POLLIN, 0}, {client_open ? client : -1, POLLIN, 0}};
       const int r = poll(p, 2, static_cast<int>(idle.count()));
       if (r < 0 && errno == EINTR) continue;
-      if (r <= 0) return;
+      if (r <= 0) break;
       if (p[0].revents & (POLLIN | POLLHUP | POLLERR)) {
         const ssize_t n = read(upstream, buf, sizeof(buf));
-        if (n <= 0) return;
-        if (SSL_write(ssl, buf, static_cast<int>(n)) != n) return;
+        if (n <= 0 || SSL_write(ssl, buf, static_cast<int>(n)) != n) break;
       }
       client_ready = client_open && (p[1].revents & (POLLIN | POLLHUP | POLLERR));
     }
     if (client_ready) {
       const int n = SSL_read(ssl, buf, sizeof(buf));
       if (n > 0) {
-        if (!SendAll(upstream, buf, static_cast<size_t>(n))) return;
+        if (upstream < 0 && (upstream = ConnectLoopback(upstream_port, idle)) < 0) break;
+        if (!SendAll(upstream, buf, static_cast<size_t>(n))) break;
+      } else if (upstream < 0) {
+        break;  // gone before asking anything
       } else {
         client_open = false;
         shutdown(upstream, SHUT_WR);
       }
     }
   }
+  if (upstream >= 0) close(upstream);
 }
 
 }  // namespace
@@ -261,20 +267,19 @@ void TlsTerminator::Serve(int client, const std::shared_ptr<const TlsIdentity>& 
   pthread_sigmask(SIG_BLOCK, &pipe, nullptr);
   SetTimeouts(client, options_.handshake_timeout);
   NoDelay(client);
-  SSL* ssl = SSL_new(identity->ctx());
-  if (!ssl) return;
-  int upstream = -1;
-  if (SSL_set_fd(ssl, client) == 1 && SSL_accept(ssl) == 1) {
-    SetTimeouts(client, options_.idle_timeout);
-    upstream = ConnectLoopback(upstream_port_, options_.idle_timeout);
+  if (SSL* ssl = SSL_new(identity->ctx())) {
+    if (SSL_set_fd(ssl, client) == 1 && SSL_accept(ssl) == 1) {
+      SetTimeouts(client, options_.idle_timeout);
+      Relay(ssl, client, upstream_port_, options_.idle_timeout);
+      SSL_shutdown(ssl);
+    }
+    SSL_free(ssl);
   }
-  if (upstream >= 0) {
-    Relay(ssl, client, upstream, options_.idle_timeout);
-    SSL_shutdown(ssl);
-    close(upstream);
-  }
-  SSL_free(ssl);
   ERR_clear_error();  // this thread's queue: a failed handshake leaves errors there
+  // The peer sees the end now; the descriptor itself is closed once this
+  // thread is joined, so its number is not reused while the destructor may
+  // still shut it down.
+  shutdown(client, SHUT_RDWR);
 }
 
 }  // namespace ftune::server
