@@ -5,14 +5,15 @@
 // whose TLS loads OpenSSL at run time by name (libssl.so) and looks up
 // functions OpenSSL 3 no longer exports. Debian 12's civetweb 1.15 starts
 // anyway and jumps to a null SSL_get_peer_certificate on the first HTTPS
-// connection, killing the process; later civetweb refuses to start. So the
+// connection, killing the process; newer civetweb refuses to start. So the
 // exposer listens on 127.0.0.1 at a port of its own and this terminator,
 // built on the OpenSSL ftune links, listens on --metrics-listen: it
 // completes each client's handshake with the current identity, connects to
-// the exposer, and relays bytes both ways until either side closes. HTTP,
-// basic auth and its 401 stay the exposer's, byte for byte. Nothing but
-// TLS is answered on the public address: a plaintext request fails the
-// handshake and is closed.
+// the exposer with the client's first bytes (so a client that only
+// handshakes holds none of the exposer's threads), and relays bytes both
+// ways until either side closes. HTTP, basic auth and its 401 stay the
+// exposer's, byte for byte. Nothing but TLS is answered on the public
+// address: a plaintext request fails the handshake and is closed.
 //
 // Limits, so a client cannot hold the coordinator's threads: at most
 // `max_connections` open (more are closed at accept), a handshake must
