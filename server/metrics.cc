@@ -11,6 +11,7 @@
 #include <prometheus/registry.h>
 
 #include "job_state.h"
+#include "tls_terminator.h"
 
 namespace ftune::server {
 
@@ -25,6 +26,8 @@ using prometheus::Histogram;
 struct Metrics::Impl {
   std::shared_ptr<prometheus::Registry> registry = std::make_shared<prometheus::Registry>();
   std::unique_ptr<prometheus::Exposer> exposer;
+  // Declared after the exposer: it stops first, so no relay outlives it.
+  std::unique_ptr<TlsTerminator> tls;
   std::mutex mu;
 
   Family<Gauge>& jobs = BuildGauge().Name("ftune_jobs").Help("Jobs by state").Register(*registry);
@@ -120,21 +123,43 @@ Metrics::Metrics() : impl_(std::make_unique<Impl>()) {
 }
 Metrics::~Metrics() = default;
 
-std::string Metrics::Serve(const std::string& listen, ScrapeAuth auth) {
+std::string Metrics::Serve(const std::string& listen, ScrapeAuth auth,
+                           std::shared_ptr<const TlsIdentity> tls) {
+  // With TLS the exposer is reachable from this host only, and only the
+  // terminator listens on `listen`.
+  const std::string exposer_listen = tls ? "127.0.0.1:0" : listen;
   try {
-    impl_->exposer = std::make_unique<prometheus::Exposer>(listen);
+    impl_->exposer = std::make_unique<prometheus::Exposer>(exposer_listen);
     // The check before the registry: no scrape is ever answered with
     // metrics before it is in place.
     if (auth) impl_->exposer->RegisterAuth(std::move(auth), "ftune-coordinator", "/metrics");
     impl_->exposer->RegisterCollectable(impl_->registry);
   } catch (const std::exception& e) {
     impl_->exposer.reset();
-    return "cannot serve metrics on " + listen + ": " + e.what();
+    return "cannot serve metrics on " + exposer_listen + ": " + e.what();
+  }
+  if (tls) {
+    const std::vector<int> ports = impl_->exposer->GetListeningPorts();
+    auto terminator =
+        ports.empty() ? absl::StatusOr<std::unique_ptr<TlsTerminator>>(
+                            absl::InternalError("the exposer reports no port"))
+                      : TlsTerminator::Start(listen, ports.front(), std::move(tls));
+    if (!terminator.ok()) {
+      impl_->exposer.reset();
+      return "cannot serve metrics over TLS on " + listen + ": " +
+             std::string(terminator.status().message());
+    }
+    impl_->tls = *std::move(terminator);
   }
   return "";
 }
 
+void Metrics::SetTlsIdentity(std::shared_ptr<const TlsIdentity> tls) {
+  if (impl_->tls) impl_->tls->SetIdentity(std::move(tls));
+}
+
 int Metrics::port() const {
+  if (impl_->tls) return impl_->tls->port();
   if (!impl_->exposer) return 0;
   const std::vector<int> ports = impl_->exposer->GetListeningPorts();
   return ports.empty() ? 0 : ports.front();

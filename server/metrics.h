@@ -10,6 +10,10 @@
 // scrape without an `Authorization: Basic` pair the check accepts gets 401
 // and a `WWW-Authenticate` challenge, and no metric.
 //
+// With a TLS identity (Serve's `tls`, --metrics-tls-cert and -key) /metrics
+// is HTTPS only: the exposer listens on 127.0.0.1 at a port of its own and
+// a TlsTerminator (tls_terminator.h says why) on the address asked for.
+//
 // Thread-safe.
 #ifndef FTUNE_SERVER_METRICS_H_
 #define FTUNE_SERVER_METRICS_H_
@@ -19,6 +23,7 @@
 #include <string>
 
 #include "metrics_sink.h"
+#include "tls_identity.h"
 
 namespace prometheus {
 class Registry;
@@ -35,9 +40,14 @@ class Metrics : public MetricsSink {
   // exposer's threads.
   using ScrapeAuth = std::function<bool(const std::string& user, const std::string& password)>;
   // Starts the HTTP exposer ("127.0.0.1:9464"); with `auth`, every request
-  // to /metrics must pass it. Throws nothing, returns error text.
-  std::string Serve(const std::string& listen, ScrapeAuth auth = nullptr);
-  // The port the exposer listens on (useful with port 0); 0 when not serving.
+  // to /metrics must pass it; with `tls`, it is served over TLS only.
+  // Throws nothing, returns error text.
+  std::string Serve(const std::string& listen, ScrapeAuth auth = nullptr,
+                    std::shared_ptr<const TlsIdentity> tls = nullptr);
+  // The identity later TLS handshakes use (a reloaded certificate); open
+  // connections keep theirs. Nothing when not serving TLS.
+  void SetTlsIdentity(std::shared_ptr<const TlsIdentity> tls);
+  // The port /metrics listens on (useful with port 0); 0 when not serving.
   int port() const;
   std::shared_ptr<prometheus::Registry> registry();
 

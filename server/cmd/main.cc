@@ -19,6 +19,7 @@
 #include "metrics.h"
 #include "reflection_service.h"
 #include "store.h"
+#include "tls_identity.h"
 #include "ftune/address.h"
 #include "ftune/file_util.h"
 #include "ftune/path_policy.h"
@@ -74,6 +75,56 @@ std::vector<std::string> MissingProtection(const ftune::server::Authenticator& a
   return missing;
 }
 
+// What a /metrics other hosts can reach lacks, and what --insecure then
+// warns about; empty when nothing.
+struct MetricsGap {
+  std::string missing;
+  std::string warning;
+};
+std::vector<MetricsGap> MissingMetricsProtection(bool scrape_auth, bool tls) {
+  std::vector<MetricsGap> gaps;
+  if (!scrape_auth)
+    gaps.push_back({"scrape credentials (--metrics-auth FILE: `USER:PASSWORD` lines, sent by "
+                    "Prometheus' basic_auth)",
+                    "without --metrics-auth: anyone who can reach it reads job ids, losses and "
+                    "host names"});
+  if (!tls)
+    gaps.push_back({"TLS (--metrics-tls-cert FILE and --metrics-tls-key FILE; Prometheus then "
+                    "scrapes with `scheme: https`): over plain HTTP the basic auth password "
+                    "crosses the network in clear with every scrape",
+                    std::string("over plain HTTP, without --metrics-tls-cert and "
+                                "--metrics-tls-key: ") +
+                        (scrape_auth ? "the basic auth password crosses the network in clear "
+                                       "with every scrape"
+                                     : "the metrics cross the network in clear")});
+  return gaps;
+}
+
+// The /metrics TLS identity of --metrics-tls-cert and --metrics-tls-key;
+// nullptr when neither is given. Errors name the flags and files. Warns of
+// an expired certificate, which is still served (clocks differ; the
+// operator decides).
+absl::StatusOr<std::shared_ptr<const ftune::server::TlsIdentity>> LoadMetricsTls(
+    const ftune::server::PemFile& cert, const ftune::server::PemFile& key,
+    const std::string& metrics_listen) {
+  if (cert.path.empty() && key.path.empty()) return nullptr;
+  if (cert.path.empty() || key.path.empty()) {
+    const auto& given = cert.path.empty() ? key : cert;
+    return absl::InvalidArgumentError(cert.flag + " and " + key.flag +
+                                      " go together: got only " + given.flag + " " + given.path);
+  }
+  if (metrics_listen.empty())
+    return absl::InvalidArgumentError(cert.flag + " and " + key.flag +
+                                      " need --metrics-listen (it is empty: /metrics is off)");
+  auto identity = ftune::server::TlsIdentity::Load(cert, key);
+  if (identity.ok() && (*identity)->expired())
+    std::fprintf(stderr,
+                 "ftune-coordinator: WARNING: %s %s has expired (%s): Prometheus will refuse "
+                 "it\n",
+                 cert.flag.c_str(), cert.path.c_str(), (*identity)->summary().c_str());
+  return identity;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -90,6 +141,7 @@ int main(int argc, char** argv) {
   AuthFiles auth_files;
   bool insecure = false;
   std::string tls_cert, tls_key;
+  std::string metrics_tls_cert, metrics_tls_key;
   double agent_timeout_s = 15;
   int grace_seconds = 30;
   int heartbeat_ms = 2000;
@@ -114,12 +166,18 @@ int main(int argc, char** argv) {
   app.add_option("--metrics-auth", auth_files.metrics_auth,
                  "file of `USER:PASSWORD` lines: HTTP basic auth /metrics requires (Prometheus' "
                  "basic_auth); needed when --metrics-listen is not a loopback address");
+  app.add_option("--metrics-tls-cert", metrics_tls_cert,
+                 "PEM certificate (then any intermediates): serve /metrics over HTTPS only "
+                 "(with --metrics-tls-key); needed when --metrics-listen is not a loopback "
+                 "address. Re-read on SIGHUP");
+  app.add_option("--metrics-tls-key", metrics_tls_key,
+                 "PEM private key of --metrics-tls-cert, unencrypted");
   app.add_option("--max-user-priority", auth_files.max_user_priority,
                  "highest job priority a non-admin user may set")
       ->capture_default_str();
   app.add_flag("--insecure", insecure,
                "serve a non-loopback --listen without user and per-agent credentials or TLS, "
-               "and a non-loopback --metrics-listen without --metrics-auth");
+               "and a non-loopback --metrics-listen without --metrics-auth or without TLS");
   app.add_option("--tls-cert", tls_cert, "PEM certificate: serve TLS (with --tls-key)");
   app.add_option("--tls-key", tls_key, "PEM private key of --tls-cert");
   app.add_option("--agent-timeout", agent_timeout_s,
@@ -170,13 +228,24 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "ftune-coordinator: %s\n", std::string(auth.status().message()).c_str());
     return 2;
   }
+  // /metrics over TLS: both files, checked now (exit 2 naming the flag and
+  // the file), and again on each SIGHUP.
+  const PemFile metrics_cert_file{"--metrics-tls-cert", metrics_tls_cert};
+  const PemFile metrics_key_file{"--metrics-tls-key", metrics_tls_key};
+  auto loaded_tls = LoadMetricsTls(metrics_cert_file, metrics_key_file, metrics_listen);
+  if (!loaded_tls.ok()) {
+    std::fprintf(stderr, "ftune-coordinator: %s\n",
+                 std::string(loaded_tls.status().message()).c_str());
+    return 2;
+  }
+  std::shared_ptr<const TlsIdentity> metrics_tls = *std::move(loaded_tls);
   // Secure by default: off this host, every party proves who it is, over TLS,
-  // and /metrics asks Prometheus for its password.
+  // and /metrics asks Prometheus for its password, over TLS too: basic auth
+  // sends the password with every scrape, readable by anyone on the path.
   const bool tls = !tls_cert.empty() || !tls_key.empty();
   const std::vector<std::string> missing = MissingProtection(*auth, tls);
-  const bool metrics_open = !metrics_listen.empty() &&
-                            !ftune::IsLoopbackAddress(metrics_listen) &&
-                            !auth->metrics_auth_configured();
+  const bool metrics_off_host =
+      !metrics_listen.empty() && !ftune::IsLoopbackAddress(metrics_listen);
   bool refused = false;
   if (!missing.empty() && !ftune::IsLoopbackAddress(listen)) {
     if (!insecure) {
@@ -204,21 +273,25 @@ int main(int argc, char** argv) {
                 !auth->users_configured() && !auth->agents_configured() ? "; " : "",
                 auth->agents_configured() ? "" : "no agent tokens: any local agent may register");
   }
-  if (metrics_open) {
+  const std::vector<MetricsGap> metrics_gaps =
+      metrics_off_host
+          ? MissingMetricsProtection(auth->metrics_auth_configured(), metrics_tls != nullptr)
+          : std::vector<MetricsGap>();
+  if (!metrics_gaps.empty()) {
     if (!insecure) {
       std::fprintf(stderr,
                    "ftune-coordinator: refusing to serve /metrics on %s, which other hosts can "
-                   "reach, without scrape credentials: give --metrics-auth FILE (`USER:PASSWORD` "
-                   "lines, sent by Prometheus' basic_auth), use --metrics-listen 127.0.0.1:9464, "
-                   "or pass --insecure on a network you trust.\n",
+                   "reach, without:\n",
                    metrics_listen.c_str());
+      for (const auto& gap : metrics_gaps) std::fprintf(stderr, "  - %s\n", gap.missing.c_str());
+      std::fprintf(stderr,
+                   "Give them (docs/security.md shows a secure start), use --metrics-listen "
+                   "127.0.0.1:9464, or pass --insecure on a network you trust.\n");
       refused = true;
     } else {
-      std::fprintf(stderr,
-                   "ftune-coordinator: WARNING: --insecure: serving /metrics on %s without "
-                   "--metrics-auth: anyone who can reach it reads job ids, losses and host "
-                   "names\n",
-                   metrics_listen.c_str());
+      for (const auto& gap : metrics_gaps)
+        std::fprintf(stderr, "ftune-coordinator: WARNING: --insecure: serving /metrics on %s %s\n",
+                     metrics_listen.c_str(), gap.warning.c_str());
     }
   }
   if (refused) return 2;
@@ -235,7 +308,8 @@ int main(int argc, char** argv) {
       scrape_auth = [&auth](const std::string& user, const std::string& password) {
         return auth->AuthenticateScrape(user, password);
       };
-    if (auto err = metrics.Serve(metrics_listen, std::move(scrape_auth)); !err.empty()) {
+    if (auto err = metrics.Serve(metrics_listen, std::move(scrape_auth), metrics_tls);
+        !err.empty()) {
       std::fprintf(stderr, "ftune-coordinator: %s (choose another --metrics-listen)\n",
                    err.c_str());
       return 1;
@@ -303,18 +377,26 @@ int main(int argc, char** argv) {
                  listen.c_str());
     return 1;
   }
-  std::printf("ftune-coordinator: serving on %s (metrics %s%s, state %s)\n", listen.c_str(),
+  if (metrics_tls)
+    std::printf("ftune-coordinator: /metrics TLS certificate: %s\n",
+                metrics_tls->summary().c_str());
+  std::printf("ftune-coordinator: serving on %s (metrics %s%s%s, state %s)\n", listen.c_str(),
               metrics_listen.empty() ? "off" : metrics_listen.c_str(),
+              metrics_tls ? " over TLS" : "",
               auth->metrics_auth_configured() ? " with basic auth" : "", state_dir.c_str());
   std::fflush(stdout);
 
-  // SIGHUP re-reads the credential files (as Prometheus and nginx do): all
-  // of them are checked as at start and swapped in together, or the old
-  // ones stay. The main loop does it, not the handler (nothing there is
-  // async-signal-safe).
+  // SIGHUP re-reads the credential files and the /metrics certificate and
+  // key (as Prometheus and nginx do): all of them are checked as at start
+  // and swapped in together, or the old ones stay. The main loop does it,
+  // not the handler (nothing there is async-signal-safe).
   auto reload_credentials = [&] {
+    absl::StatusOr<std::shared_ptr<const TlsIdentity>> new_tls =
+        LoadMetricsTls(metrics_cert_file, metrics_key_file, metrics_listen);
     absl::StatusOr<AuthConfig> config = LoadAuthConfig(auth_files);
-    const absl::Status st = config.ok() ? auth->Reload(*std::move(config)) : config.status();
+    const absl::Status st = !new_tls.ok()  ? new_tls.status()
+                            : config.ok() ? auth->Reload(*std::move(config))
+                                          : config.status();
     if (!st.ok()) {
       std::fprintf(stderr,
                    "ftune-coordinator: SIGHUP: credentials not reloaded, the previous ones stay "
@@ -331,6 +413,12 @@ int main(int argc, char** argv) {
                 "tokens, %zu metrics users); streams ended for a revoked token: %s\n",
                 auth->num_users(), auth->num_agents(), auth->num_metrics_users(),
                 ended.empty() ? "none" : ended.c_str());
+    if (metrics_tls) {
+      metrics_tls = *std::move(new_tls);
+      metrics.SetTlsIdentity(metrics_tls);
+      std::printf("ftune-coordinator: SIGHUP: /metrics TLS certificate for new connections: %s\n",
+                  metrics_tls->summary().c_str());
+    }
     std::fflush(stdout);
   };
   std::signal(SIGINT, OnSignal);

@@ -598,8 +598,9 @@ TEST(Auth, MetricsNeedAConfiguredUserAndPassword) {
       << ReadFile(c.coordinator().log_path());
 }
 
-// /metrics reachable from other hosts needs --metrics-auth (or --insecure);
-// on loopback it needs nothing (every other test).
+// /metrics reachable from other hosts needs --metrics-auth and TLS (or
+// --insecure); on loopback it needs nothing (every other test). Over TLS:
+// metrics_tls_integration_test.
 TEST(Auth, MetricsOffLoopbackNeedAuth) {
   Cluster c;
   const std::string dir = c.dir();
@@ -616,8 +617,11 @@ TEST(Auth, MetricsOffLoopbackNeedAuth) {
       run({FTUNE_COORDINATOR_BIN, "--state-dir=" + dir + "/s1", listen, open_metrics}, "open.log");
   EXPECT_EQ(code, 2) << log;
   EXPECT_NE(log.find("refusing to serve /metrics on 0.0.0.0:" + mport +
-                     ", which other hosts can reach, without scrape credentials: give "
-                     "--metrics-auth FILE"),
+                     ", which other hosts can reach, without:\n  - scrape credentials "
+                     "(--metrics-auth FILE"),
+            std::string::npos)
+      << log;
+  EXPECT_NE(log.find("\n  - TLS (--metrics-tls-cert FILE and --metrics-tls-key FILE"),
             std::string::npos)
       << log;
 
@@ -653,11 +657,13 @@ TEST(Auth, MetricsOffLoopbackNeedAuth) {
     p->Signal(SIGTERM);
     p->Wait(seconds(10));
   }
-  // With --metrics-auth it serves on every interface, behind the password.
+  // With --metrics-auth it serves on every interface, behind the password
+  // (in plaintext only with --insecure: without TLS the password crosses
+  // the network in clear).
   std::ofstream(dir + "/metrics.auth") << "prom:" << kPromPassword << "\n";
   {
     auto p = serve({FTUNE_COORDINATOR_BIN, "--state-dir=" + dir + "/s3", listen, open_metrics,
-                    "--metrics-auth=" + dir + "/metrics.auth"},
+                    "--metrics-auth=" + dir + "/metrics.auth", "--insecure"},
                    "auth.log");
     EXPECT_NE(ReadFile(dir + "/auth.log").find("(metrics 0.0.0.0:" + mport + " with basic auth"),
               std::string::npos)
