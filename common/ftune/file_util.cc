@@ -86,6 +86,7 @@ Result<std::unique_ptr<AtomicFileWriter>> AtomicFileWriter::Create(const std::st
   // pid + a process-wide counter make the name unique among concurrent
   // writers; O_EXCL turns a leftover from a crashed process with a recycled
   // pid into a retry instead of a clobber.
+  // IsAtomicFileWriterTemp recognizes these names: change both together.
   static std::atomic<uint64_t> counter{0};
   for (int attempt = 0; attempt < 100; ++attempt) {
     std::string tmp = path + ".tmp." + std::to_string(::getpid()) + "." +
@@ -101,6 +102,24 @@ Result<std::unique_ptr<AtomicFileWriter>> AtomicFileWriter::Create(const std::st
     }
   }
   return InternalError(path + ": cannot find an unused temporary file name");
+}
+
+bool IsAtomicFileWriterTemp(std::string_view file_name, std::string_view dest_name) {
+  // The name Create makes: keep the two in step.
+  const std::string_view infix = ".tmp.";
+  if (dest_name.empty() || file_name.size() <= dest_name.size() + infix.size() ||
+      file_name.substr(0, dest_name.size()) != dest_name ||
+      file_name.substr(dest_name.size(), infix.size()) != infix) {
+    return false;
+  }
+  const std::string_view rest = file_name.substr(dest_name.size() + infix.size());
+  const size_t dot = rest.find('.');
+  if (dot == std::string_view::npos) return false;
+  const auto all_digits = [](std::string_view s) {
+    return !s.empty() &&
+           std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+  };
+  return all_digits(rest.substr(0, dot)) && all_digits(rest.substr(dot + 1));
 }
 
 AtomicFileWriter::~AtomicFileWriter() {

@@ -77,6 +77,15 @@ class AtomicFileWriter {
   bool committed_ = false;
 };
 
+// Whether file_name (no directory) is a temporary file that
+// AtomicFileWriter::Create makes for the destination dest_name in the same
+// directory: exactly "<dest_name>.tmp.<pid>.<n>", both decimal numbers. A
+// crash between Append and Commit leaves such a file behind; an owner of a
+// directory may remove those of its own destinations when it starts (the
+// agent's spool does). Nothing here removes them by itself: other writers'
+// temporaries may belong to a live process.
+bool IsAtomicFileWriterTemp(std::string_view file_name, std::string_view dest_name);
+
 // Writes contents to path atomically (AtomicFileWriter in one call).
 Status WriteFileAtomically(const std::string& path, std::string_view contents);
 

@@ -436,6 +436,46 @@ TEST_F(AgentSpoolTest, LeftoverTemporaryFilesAreRemoved) {
   EXPECT_EQ(s->acked_seq(), 0);
 }
 
+// A crash (kill -9) between an atomic write and its rename leaves the
+// writer's temporary "<file>.tmp.<pid>.<n>" behind; Open removes those of the
+// files the spool writes atomically (acked, agent_id), whatever their pid,
+// and nothing else.
+TEST_F(AgentSpoolTest, CrashedAtomicWriteTemporariesAreRemovedAndNothingElse) {
+  std::string id;
+  {
+    auto s = Open();
+    ASSERT_NE(s, nullptr);
+    id = s->agent_id();
+    AppendSteps(s.get(), 4);
+    ASSERT_TRUE(s->Ack(2).ok());
+  }
+  const std::string pid = std::to_string(::getpid());
+  const std::vector<std::string> leftovers = {
+      "acked.tmp." + pid + ".0", "acked.tmp." + pid + ".17", "acked.tmp.4194303.2",
+      "agent_id.tmp.31337.0"};
+  const std::vector<std::string> unrelated = {
+      "acked.tmp.123",         "acked.tmp.123.",   "acked.tmp..4",       "acked.tmp.12a.3",
+      "acked.tmp.1.2.bak",     "acked.tmpx.1.2",   "xacked.tmp.1.2",     "acked.bak.1.2",
+      "events.log.tmp.1.2",    "agent_id.tmp.1.2 ", "notes.txt"};
+  for (const std::string& n : leftovers) std::ofstream(dir_ + "/" + n) << "99\n";
+  for (const std::string& n : unrelated) std::ofstream(dir_ + "/" + n) << "keep\n";
+
+  auto s = Open();
+  ASSERT_NE(s, nullptr);
+  for (const std::string& n : leftovers) EXPECT_FALSE(fs::exists(dir_ + "/" + n)) << n;
+  for (const std::string& n : unrelated) EXPECT_TRUE(fs::exists(dir_ + "/" + n)) << n;
+  EXPECT_EQ(s->agent_id(), id);
+  EXPECT_EQ(s->acked_seq(), 2);
+  EXPECT_EQ(Seqs(*s), (std::vector<int64_t>{3, 4}));
+  EXPECT_EQ(AppendSteps(s.get(), 1), (std::vector<int64_t>{5}));
+  // The spool's own atomic writes still work after the cleanup.
+  ASSERT_TRUE(s->Ack(5).ok());
+  s.reset();
+  s = Open();
+  EXPECT_EQ(s->acked_seq(), 5);
+  EXPECT_TRUE(Seqs(*s).empty());
+}
+
 TEST_F(AgentSpoolTest, ConcurrentAppendsGetDistinctContiguousSeqsAndNotifyTheListener) {
   auto s = Open(/*compact_bytes=*/512);
   std::atomic<int> notified{0};

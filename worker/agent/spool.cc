@@ -144,9 +144,34 @@ absl::StatusOr<std::unique_ptr<Spool>> Spool::Open(const Options& options) {
   const std::string& dir = spool->dir_;
 
   // Leftovers of a crash in the middle of an atomic write or a compaction:
-  // the real files are intact, these are garbage.
+  // the real files are intact, these are garbage, and on a full disk they
+  // hold space the spool needs. The spool's atomic writes (agent_id, acked:
+  // WriteFileAtomically) leave "<name>.tmp.<pid>.<n>"; the spool owns this
+  // directory, and no write of its own runs yet, so every such file is a
+  // crashed one, whatever its pid. Only those exact names are removed.
+  int removed = 0;
   for (const char* name : {"agent_id.tmp", "acked.tmp", "events.log.compact"}) {
-    ::unlink(absl::StrCat(dir, "/", name).c_str());
+    if (::unlink(absl::StrCat(dir, "/", name).c_str()) == 0) ++removed;
+  }
+  if (Result<std::vector<std::string>> names = ListDirectory(dir); names.ok()) {
+    for (const std::string& name : *names) {
+      if (!IsAtomicFileWriterTemp(name, "acked") && !IsAtomicFileWriterTemp(name, "agent_id"))
+        continue;
+      const std::string path = absl::StrCat(dir, "/", name);
+      if (::unlink(path.c_str()) == 0) {
+        ++removed;
+      } else if (errno != ENOENT) {
+        LogWarning(absl::StrCat("spool: cannot remove leftover temporary file ", path, ": ",
+                                ErrnoMessage(errno)));
+      }
+    }
+  } else {
+    LogWarning(absl::StrCat("spool: ", names.status().message(),
+                            "; leftover temporary files are not removed"));
+  }
+  if (removed > 0) {
+    LogInfo(absl::StrCat("spool ", dir, ": removed ", removed,
+                         " leftover temporary file(s) of an interrupted write"));
   }
 
   const std::string id_path = dir + "/agent_id";

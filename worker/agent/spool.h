@@ -72,7 +72,9 @@ class Spool {
   };
 
   // Opens (or creates) the spool and recovers events.log: a torn or corrupt
-  // tail is cut off (logged with the number of bytes dropped).
+  // tail is cut off (logged with the number of bytes dropped). Temporary
+  // files a crash left in the middle of an atomic write of agent_id or acked
+  // ("<name>.tmp.<pid>.<n>") are removed (logged with their number).
   static absl::StatusOr<std::unique_ptr<Spool>> Open(const Options& options);
   ~Spool();
   Spool(const Spool&) = delete;
