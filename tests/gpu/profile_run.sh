@@ -2,7 +2,7 @@
 # One profiled QLoRA run of a Llama shape on one GPU (random weights, seq
 # 2048 packed, batch 1, LoRA r16 on all projections), then the trace's
 # summary (tests/gpu/trace_summary.py): where a step's time goes.
-#   bash tests/gpu/profile_run.sh RANK_BINARY [PRESET] [CHECKPOINTING] [OUT]
+#   bash tests/gpu/profile_run.sh RANK_BINARY [PRESET] [CHECKPOINTING] [OUT] [LAYERS]
 #   e.g. bash tests/gpu/profile_run.sh /tmp/ftune-build/worker/trainer/ftune-rank llama3-8b true
 # Set FTUNE_FUSED_KERNELS=0 to trace the op chains instead of the fused kernels.
 set -euo pipefail
@@ -10,10 +10,11 @@ rank=$1
 preset=${2:-llama3-8b}
 ckpt=${3:-true}
 out=${4:-/tmp/ftune-profile}
+layers=${5:-}  # e.g. 8: the preset's first 8 layers (the 70B shape's side-by-side row)
 mkdir -p "$out"
-model=$out/$preset
+model=$out/$preset${layers:+-$layers}
 [ -f "$model/config.json" ] || "$rank" init-model --preset "$preset" --no-weights --out "$model" \
-  --tokenizer-corpus examples/data/instructions.jsonl > "$out/init.log" 2>&1
+  --tokenizer-corpus examples/data/instructions.jsonl ${layers:+--layers "$layers"} > "$out/init.log" 2>&1
 python3 - "$out/long.jsonl" <<'PY'
 import json, random, sys
 words = open("examples/data/instructions.jsonl").read().split()
