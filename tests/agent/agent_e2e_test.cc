@@ -85,7 +85,6 @@ class FakeAgentService final : public v1::AgentService::Service {
     v1::CoordinatorToAgent registered, ack;
     {
       std::lock_guard<std::mutex> lock(s_->mu);
-      s_->registrations.push_back(msg.register_());
       registered.mutable_registered()->set_heartbeat_interval_ms(s_->heartbeat_interval_ms);
       for (const auto& r : s_->stale_on_register) *registered.mutable_registered()->add_stale() = r;
       ack.mutable_ack()->set_agent_seq(s_->stored_seq);
@@ -95,6 +94,12 @@ class FakeAgentService final : public v1::AgentService::Service {
       stream->Write(registered);
       stream->Write(ack);
       s_->active = stream;
+    }
+    {
+      // Counted once the stream is active, so a test that saw the
+      // registration can Send at once.
+      std::lock_guard<std::mutex> lock(s_->mu);
+      s_->registrations.push_back(msg.register_());
     }
     bool end_now = false;
     {
