@@ -15,6 +15,8 @@
 #include <utility>
 #include <vector>
 
+#include "loopback.h"
+
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
@@ -117,14 +119,8 @@ class HttpsClient {
     X509_free(trusted);
     SSL_CTX_set_verify(ctx_, SSL_VERIFY_PEER, nullptr);
     X509_VERIFY_PARAM_set1_ip_asc(SSL_CTX_get0_param(ctx_), "127.0.0.1");
-    fd_ = socket(AF_INET, SOCK_STREAM, 0);
-    timeval tv{10, 0};
-    setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_port = htons(static_cast<uint16_t>(port));
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(fd_, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+    fd_ = ConnectLoopback(port, std::chrono::seconds(10));
+    if (fd_ < 0) {
       error_ = "connect failed";
       return false;
     }

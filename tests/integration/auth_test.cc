@@ -190,28 +190,6 @@ std::string Code(const grpc::Status& st) {
   return c >= 0 && c <= 16 ? kNames[c] : std::to_string(c);
 }
 
-// The `Authorization` value of HTTP basic auth, as Prometheus sends it.
-std::string Basic(const std::string& user, const std::string& password) {
-  static const char kB64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  const std::string in = user + ":" + password;
-  std::string out;
-  for (size_t i = 0; i < in.size(); i += 3) {
-    uint32_t v = static_cast<unsigned char>(in[i]) << 16;
-    if (i + 1 < in.size()) v |= static_cast<unsigned char>(in[i + 1]) << 8;
-    if (i + 2 < in.size()) v |= static_cast<unsigned char>(in[i + 2]);
-    out += kB64[(v >> 18) & 63];
-    out += kB64[(v >> 12) & 63];
-    out += i + 1 < in.size() ? kB64[(v >> 6) & 63] : '=';
-    out += i + 2 < in.size() ? kB64[v & 63] : '=';
-  }
-  return "Basic " + out;
-}
-
-// The status line of an HTTP response ("HTTP/1.1 401 Unauthorized").
-std::string StatusLine(const std::string& response) {
-  return response.substr(0, response.find("\r\n"));
-}
-
 TEST(Auth, MatrixOverEveryRpc) {
   Cluster c;
   UseTestCredentials(&c);

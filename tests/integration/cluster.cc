@@ -9,11 +9,14 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdint>
 #include <fstream>
 #include <sstream>
 #include <thread>
 
 #include <gtest/gtest.h>
+
+#include "loopback.h"
 
 namespace ftune::testing {
 
@@ -90,14 +93,30 @@ std::string ReadFile(const std::string& path) {
   return b.str();
 }
 
-std::string Scrape(int port, const std::string& authorization) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+std::string Basic(const std::string& user, const std::string& password) {
+  static const char kB64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  const std::string in = user + ":" + password;
   std::string out;
-  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0) {
+  for (size_t i = 0; i < in.size(); i += 3) {
+    uint32_t v = static_cast<unsigned char>(in[i]) << 16;
+    if (i + 1 < in.size()) v |= static_cast<unsigned char>(in[i + 1]) << 8;
+    if (i + 2 < in.size()) v |= static_cast<unsigned char>(in[i + 2]);
+    out += kB64[(v >> 18) & 63];
+    out += kB64[(v >> 12) & 63];
+    out += i + 1 < in.size() ? kB64[(v >> 6) & 63] : '=';
+    out += i + 2 < in.size() ? kB64[v & 63] : '=';
+  }
+  return "Basic " + out;
+}
+
+std::string StatusLine(const std::string& response) {
+  return response.substr(0, response.find("\r\n"));
+}
+
+std::string Scrape(int port, const std::string& authorization) {
+  const int fd = testutil::ConnectLoopback(port);
+  std::string out;
+  if (fd >= 0) {
     std::string req = "GET /metrics HTTP/1.0\r\nHost: localhost\r\n";
     if (!authorization.empty()) req += "Authorization: " + authorization + "\r\n";
     req += "\r\n";
@@ -105,8 +124,8 @@ std::string Scrape(int port, const std::string& authorization) {
     char buf[65536];
     ssize_t n;
     while ((n = read(fd, buf, sizeof(buf))) > 0) out.append(buf, static_cast<size_t>(n));
+    close(fd);
   }
-  close(fd);
   return out;
 }
 

@@ -50,6 +50,12 @@ std::string ReadFile(const std::string& path);
 // `authorization` is not empty; the whole response, headers included.
 std::string Scrape(int port, const std::string& authorization = "");
 
+// The `Authorization` value of HTTP basic auth, as Prometheus sends it.
+std::string Basic(const std::string& user, const std::string& password);
+
+// The status line of an HTTP response ("HTTP/1.1 401 Unauthorized").
+std::string StatusLine(const std::string& response);
+
 class Cluster {
  public:
   Cluster();  // makes a fresh temp dir and token files

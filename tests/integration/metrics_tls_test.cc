@@ -31,7 +31,6 @@
 #include <vector>
 
 #include <gtest/gtest.h>
-#include <openssl/evp.h>
 
 #include "cluster.h"
 #include "tls_test_util.h"
@@ -49,21 +48,6 @@ constexpr char kPromPassword[] = "prom-password-0123456789";
 
 void WriteFile(const std::string& path, const std::string& text) {
   std::ofstream(path, std::ios::trunc) << text;
-}
-
-// The `Authorization` value of HTTP basic auth.
-std::string Basic(const std::string& user, const std::string& password) {
-  const std::string in = user + ":" + password;
-  std::string out(4 * ((in.size() + 2) / 3) + 1, '\0');
-  const int n = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data()),
-                                reinterpret_cast<const unsigned char*>(in.data()),
-                                static_cast<int>(in.size()));
-  out.resize(static_cast<size_t>(n));
-  return "Basic " + out;
-}
-
-std::string StatusLine(const std::string& response) {
-  return response.substr(0, response.find("\r\n"));
 }
 
 // GET /metrics over a fresh HTTPS connection; "" with `error` set when the
@@ -106,12 +90,8 @@ TEST(MetricsTls, ScrapedOverHttpsAgainstItsCertificateOnly) {
   // Clients that never handshake hold no scrape up.
   std::vector<int> idle;
   for (int i = 0; i < 4; ++i) {
-    idle.push_back(socket(AF_INET, SOCK_STREAM, 0));
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_port = htons(static_cast<uint16_t>(port));
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    ASSERT_EQ(connect(idle.back(), reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+    idle.push_back(testutil::ConnectLoopback(port));
+    ASSERT_GE(idle.back(), 0);
   }
   std::string error;
   const std::string r = HttpsScrape(port, tls.pem.cert_pem, "", &error);

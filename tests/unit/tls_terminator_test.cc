@@ -86,14 +86,8 @@ std::shared_ptr<const TlsIdentity> Identity(const testutil::TempDir& dir, const 
 
 // A plain TCP connection to 127.0.0.1:port that gives up reading after 5 s.
 int RawConnect(int port) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  timeval tv{5, 0};
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  EXPECT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  const int fd = testutil::ConnectLoopback(port, std::chrono::seconds(5));
+  EXPECT_GE(fd, 0);
   return fd;
 }
 
