@@ -228,42 +228,53 @@ TEST(MemoryPlanTest, ChooseCheckpointLayersTakesTheLeastRecomputeThatFits) {
   EXPECT_TRUE(big.fits);
   EXPECT_EQ(big.checkpoint_layers, 0);
   EXPECT_EQ(big.recompute_keep, RecomputeKeep::kNothing);
+  EXPECT_EQ(big.dequantized_kept_layers, 32);  // and every layer keeps its weights
   // Too small for even full checkpointing: all layers, keeping nothing,
   // reported as not fitting.
   auto tiny = ChooseCheckpointLayers(c, o, 2 * kGiB, false).value();
   EXPECT_FALSE(tiny.fits);
   EXPECT_EQ(tiny.checkpoint_layers, 32);
   EXPECT_EQ(tiny.recompute_keep, RecomputeKeep::kNothing);
+  EXPECT_EQ(tiny.dequantized_kept_layers, 0);
   // In between: the choice fits within 90%, and every choice with less
-  // estimated recompute does not.
-  for (int64_t gib : {10, 12, 14, 18}) {
+  // estimated work (recompute less the dequantizations saved) does not.
+  const auto work = [&](int64_t n, RecomputeKeep keep, int64_t dense) {
+    return RecomputeCost(c, o, n, keep) - DequantizeSaving(c, o, dense);
+  };
+  for (int64_t gib : {10, 12, 14, 18, 24, 28}) {
     SCOPED_TRACE(gib);
     const double limit = 0.9 * static_cast<double>(gib * kGiB);
     auto mid = ChooseCheckpointLayers(c, o, gib * kGiB, false).value();
     ASSERT_TRUE(mid.fits);
-    EXPECT_GT(mid.checkpoint_layers, 0);
     EXPECT_LE(mid.plan.device_peak_bytes, limit);
-    const double cost = RecomputeCost(c, o, mid.checkpoint_layers, mid.recompute_keep);
+    EXPECT_LE(mid.dequantized_kept_layers, 32 - mid.checkpoint_layers);
+    const double cost = work(mid.checkpoint_layers, mid.recompute_keep, mid.dequantized_kept_layers);
     int64_t alternatives = 0;
     for (int64_t n = 0; n <= 32; ++n) {
       for (RecomputeKeep keep : {RecomputeKeep::kNothing, RecomputeKeep::kDownProj,
                                  RecomputeKeep::kAllProjections}) {
-        if (RecomputeCost(c, o, n, keep) >= cost) continue;
-        MemoryPlanOptions other = o;
-        other.checkpoint_layers = n;
-        other.recompute_keep = keep;
-        EXPECT_GT(PlanMemory(c, other).value().device_peak_bytes, limit)
-            << n << " layers keeping " << RecomputeKeepName(keep) << " fit with less recompute";
-        ++alternatives;
+        for (int64_t dense = 0; dense <= 32 - n; ++dense) {
+          if (work(n, keep, dense) >= cost) continue;
+          MemoryPlanOptions other = o;
+          other.checkpoint_layers = n;
+          other.recompute_keep = keep;
+          other.dequantized_kept_layers = dense;
+          EXPECT_GT(PlanMemory(c, other).value().device_peak_bytes, limit)
+              << n << " layers keeping " << RecomputeKeepName(keep) << ", " << dense
+              << " keeping dequantized weights fit with less work";
+          ++alternatives;
+        }
       }
     }
     EXPECT_GT(alternatives, 0);
     std::printf("8B seq 2048 on %lld GiB: %lld of 32 layers checkpointed keeping %s, "
-                "plan %.2f GiB, recompute %.0f%% of full\n",
+                "%lld keeping dequantized weights, plan %.2f GiB, recompute %.0f%% of full\n",
                 static_cast<long long>(gib), static_cast<long long>(mid.checkpoint_layers),
                 RecomputeKeepName(mid.recompute_keep),
+                static_cast<long long>(mid.dequantized_kept_layers),
                 static_cast<double>(mid.plan.device_peak_bytes) / kGiB,
-                100.0 * cost / RecomputeCost(c, o, 32, RecomputeKeep::kNothing));
+                100.0 * RecomputeCost(c, o, mid.checkpoint_layers, mid.recompute_keep) /
+                    RecomputeCost(c, o, 32, RecomputeKeep::kNothing));
   }
   // An allocator cap does not count the CUDA context against the budget.
   auto capped = ChooseCheckpointLayers(c, o, 16 * kGiB, /*allocator_budget=*/true).value();
@@ -277,7 +288,61 @@ TEST(MemoryPlanTest, ChooseCheckpointLayersTakesTheLeastRecomputeThatFits) {
   for (int64_t gib : {12, 20, 30}) {
     auto d = ChooseCheckpointLayers(c, dense, gib * kGiB, false).value();
     EXPECT_EQ(d.recompute_keep, RecomputeKeep::kNothing) << gib;
+    EXPECT_EQ(d.dequantized_kept_layers, 0) << gib;
   }
+}
+
+// Layers not checkpointed that keep their dequantized weights count them:
+// the projections in the compute dtype, with the adapters' A rows of the
+// fused q/k/v and gate/up buffers; never more layers than are not
+// checkpointed, and none with dense bases.
+TEST(MemoryPlanTest, DequantizedWeightsKeptAreCountedPerLayerNotCheckpointed) {
+  const LlamaConfig c = Llama3_8B();
+  MemoryPlanOptions o = Fleet(1, false);
+  const int64_t h = c.hidden_size, r = o.lora_r, inter = c.intermediate_size;
+  auto kept = [&](bool checkpointing, int64_t checkpointed, int64_t dense) -> int64_t {
+    o.activation_checkpointing = checkpointing;
+    o.checkpoint_layers = checkpointed;
+    o.dequantized_kept_layers = dense;
+    const MemoryPlan p = PlanMemory(c, o).value();
+    for (const auto& [name, bytes] : p.device_items) {
+      if (name == "dequantized weights kept for backward") return bytes;
+    }
+    return 0;
+  };
+  const int64_t weights = h * (c.q_size() + 2 * c.kv_size()) + c.q_size() * h + 3 * inter * h;
+  const int64_t per_layer = (weights + 5 * r * h) * 2;  // A rows of q, k, v, gate, up
+  EXPECT_EQ(kept(false, -1, 0), 0);
+  EXPECT_EQ(kept(false, -1, 1), per_layer);
+  EXPECT_EQ(kept(false, -1, 32), 32 * per_layer);
+  EXPECT_EQ(kept(false, -1, 40), 32 * per_layer);
+  EXPECT_EQ(kept(true, 30, 8), 2 * per_layer);   // only the 2 layers not checkpointed
+  EXPECT_EQ(kept(true, -1, 8), 0);
+  // The peak moves by as much (plus the allocator's share).
+  const int64_t none = [&] { kept(false, -1, 0); return PlanMemory(c, o).value().device_peak_bytes; }();
+  const int64_t all = [&] { kept(false, -1, 32); return PlanMemory(c, o).value().device_peak_bytes; }();
+  EXPECT_GE(all - none, 32 * per_layer);
+  EXPECT_LE(all - none, static_cast<int64_t>(32 * per_layer * 1.05));
+  o.quantize_base = false;
+  EXPECT_EQ(kept(false, -1, 32), 0);
+  o.quantize_base = true;
+  o.dequantized_kept_layers = -1;
+  EXPECT_FALSE(o.Validate().ok());
+}
+
+TEST(MemoryPlanTest, DequantizeSavingIsOnePassOfTheKeptLayersWeights) {
+  const LlamaConfig c = Llama3_8B();
+  MemoryPlanOptions o = Fleet(1, false);
+  EXPECT_EQ(DequantizeSaving(c, o, 0), 0);
+  const double layer_weights = 4096.0 * (4096 + 2 * 1024 + 4096 + 3 * 14336);
+  EXPECT_DOUBLE_EQ(DequantizeSaving(c, o, 1), kDequantizeFlopsPerWeight * layer_weights);
+  EXPECT_DOUBLE_EQ(DequantizeSaving(c, o, 32), 32 * DequantizeSaving(c, o, 1));
+  EXPECT_DOUBLE_EQ(DequantizeSaving(c, o, 99), DequantizeSaving(c, o, 32));
+  // Worth less than not recomputing a layer, so memory goes to activations
+  // first.
+  EXPECT_LT(DequantizeSaving(c, o, 1), RecomputeCost(c, o, 1, RecomputeKeep::kNothing));
+  o.quantize_base = false;
+  EXPECT_EQ(DequantizeSaving(c, o, 32), 0);
 }
 
 // What each checkpointed layer keeps is counted: the down projection's
@@ -357,11 +422,13 @@ TEST(MemoryPlanTest, ChoicesAtThePeersCheckpointedMemory) {
     }
     const double full = RecomputeCost(row.config, o, row.config.num_hidden_layers,
                                       RecomputeKeep::kNothing);
-    std::printf("%s capped at %.2f GiB: %s%lld of %lld layers checkpointed keeping %s, plan %.2f GiB, "
-                "recompute %.0f%% of full\n",
-                row.name, row.peer_gib, choice.fits ? "" : "(does not fit) ", static_cast<long long>(choice.checkpoint_layers),
+    std::printf("%s capped at %.2f GiB: %s%lld of %lld layers checkpointed keeping %s, "
+                "%lld keeping dequantized weights, plan %.2f GiB, recompute %.0f%% of full\n",
+                row.name, row.peer_gib, choice.fits ? "" : "(does not fit) ",
+                static_cast<long long>(choice.checkpoint_layers),
                 static_cast<long long>(row.config.num_hidden_layers),
                 RecomputeKeepName(choice.recompute_keep),
+                static_cast<long long>(choice.dequantized_kept_layers),
                 static_cast<double>(choice.plan.device_peak_bytes) / kGiB,
                 100.0 * RecomputeCost(row.config, o, choice.checkpoint_layers,
                                       choice.recompute_keep) / full);

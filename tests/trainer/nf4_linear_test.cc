@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <map>
 #include <string>
 
 #include "kernels/nf4.h"
@@ -408,6 +409,83 @@ TEST_P(Nf4ModelTest, SelectiveRecomputeGivesTheSameLossAndGradients) {
                     RecomputeKeepName(keep), kept.loss, full.loss, worst);
       }
     }
+  }
+}
+
+// Layers that keep their dequantized weights for backward give the same
+// gradients, and their backward reads no NF4 bytes: overwriting every
+// packed weight between the forward and the backward leaves those layers'
+// gradients as they were, and changes them where a layer dequantizes again.
+TEST_P(Nf4ModelTest, DequantizedWeightsKeptSkipTheBackwardDequantization) {
+  std::vector<c10::Device> devices = {c10::Device(c10::kCPU)};
+  if (at::hasCUDA()) devices.push_back(c10::Device(c10::kCUDA, 0));
+  for (const c10::Device& device : devices) {
+    GoldenFile golden(GetParam());
+    const at::Tensor ids = golden.Get("p.input_ids", device);
+    const at::Tensor pos = golden.Get("p.position_ids", device);
+    const at::Tensor labels = golden.Get("p.labels", device);
+    // checkpoint_layers < 0: none checkpointed.
+    auto run = [&](int64_t checkpoint_layers, int64_t dense_layers, bool overwrite) {
+      ModelOptions o = DefaultModelOptions(device);
+      o.quantize_base = true;
+      o.activation_checkpointing = checkpoint_layers >= 0;
+      o.checkpoint_layers = std::max<int64_t>(checkpoint_layers, 0);
+      o.dequantized_kept_layers = dense_layers;
+      auto m = testing::LoadGoldenModel(GetParam(), o, /*with_adapter=*/true);
+      LossOutput out = m->Loss(ids, pos, labels, /*training=*/true);
+      at::Tensor loss = out.Mean();
+      if (overwrite) {
+        for (const DecoderLayer& l : m->layers()) {
+          for (const char* name : {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                   "down_proj"}) {
+            const auto* base = dynamic_cast<const Nf4Linear*>(&l.Module(name)->base());
+            if (base == nullptr) {
+              ADD_FAILURE() << name << " is not an NF4 layer";
+              continue;
+            }
+            base->weight().packed.fill_(0x5a);
+          }
+        }
+      }
+      loss.backward();
+      std::map<std::string, at::Tensor> grads;
+      for (auto& p : m->LoraParameters()) grads[p.name] = p.tensor.grad().to(at::kFloat).cpu();
+      return grads;
+    };
+    auto same = [&](const std::map<std::string, at::Tensor>& a,
+                    const std::map<std::string, at::Tensor>& b) {
+      double worst = 0;
+      for (const auto& [name, g] : a) {
+        if (device.is_cpu() && !at::equal(g, b.at(name))) return false;
+        worst = std::max(worst, RelDiff(g, b.at(name)));
+      }
+      return worst <= 1e-3;
+    };
+    SCOPED_TRACE(device.str());
+    const auto reference = run(-1, 0, /*overwrite=*/false);
+    // Both layers keep theirs: the same gradients, with or without the
+    // NF4 bytes after the forward.
+    EXPECT_TRUE(same(run(-1, 2, false), reference));
+    EXPECT_TRUE(same(run(-1, 2, true), reference));
+    // A count above the layers not checkpointed keeps them all.
+    EXPECT_TRUE(same(run(-1, 5, true), reference));
+    // Only the first keeps its own: the second dequantizes the overwritten
+    // bytes in its backward, and every gradient below it moves.
+    EXPECT_TRUE(same(run(-1, 1, false), reference));
+    EXPECT_FALSE(same(run(-1, 1, true), reference));
+    EXPECT_FALSE(same(run(-1, 0, true), reference));
+    // The first layer checkpointed (its recompute dequantizes in backward,
+    // reading the overwritten bytes), the second keeping its weights.
+    const auto one_checkpointed = run(1, 0, false);
+    EXPECT_TRUE(same(run(1, 1, false), one_checkpointed));
+    const auto second_only = run(1, 1, true);
+    const std::string second = "base_model.model.model.layers.1.";
+    for (const auto& [name, g] : second_only) {
+      if (name.rfind(second, 0) == 0) {
+        EXPECT_TRUE(same({{name, g}}, {{name, one_checkpointed.at(name)}})) << name;
+      }
+    }
+    EXPECT_FALSE(same(second_only, one_checkpointed));
   }
 }
 

@@ -51,6 +51,9 @@ Status MemoryPlanOptions::Validate() const {
     return bad("checkpoint dtype bytes", file_dtype_bytes, "2 or 4");
   }
   if (loss_chunk_tokens < 1) return bad("loss_chunk_tokens", loss_chunk_tokens, ">= 1");
+  if (dequantized_kept_layers < 0) {
+    return bad("dequantized_kept_layers", dequantized_kept_layers, ">= 0");
+  }
   static const std::set<std::string> kKnown = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
                                                "gate_proj", "up_proj", "down_proj"};
   for (const std::string& m : target_modules) {
@@ -201,11 +204,22 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
     kept_per_layer = T * columns * cb;
   }
   const int64_t kept_outputs = num_checkpointed * kept_per_layer;
+  // Layers not checkpointed that keep their dequantized weights for
+  // backward: the weights in the compute dtype, with the adapters' A rows in
+  // the fused q/k/v and gate/up buffers.
+  const int64_t num_dense_kept =
+      o.quantize_base ? std::clamp<int64_t>(o.dequantized_kept_layers, 0, num_kept) : 0;
+  int64_t layer_dense = 0;      // one layer's projection weights, elements
+  int64_t fused_a_rows = 0;     // the A rows in its fused buffers, elements
+  for (const Projection& p : Projections(c)) {
+    layer_dense += p.out * p.in;
+    const bool fused_gemm = std::string(p.name) != "o_proj" && std::string(p.name) != "down_proj";
+    if (fused_mlp && fused_gemm && targets.count(p.name)) fused_a_rows += r * p.in;
+  }
+  const int64_t dense_kept = num_dense_kept * (layer_dense + fused_a_rows) * cb;
   // Scratch: one dequantized projection, or while a checkpointed layer's
   // backward runs, all of its projections (its recompute keeps them, nf4_linear.h);
   // the loss chunk's logits + grad.
-  int64_t layer_dense = 0;
-  for (const Projection& p : Projections(c)) layer_dense += p.out * p.in;
   // Fused projections (16-bit varlen path with the fused kernels) dequantize
   // q/k/v and gate/up each into one buffer.
   const int64_t largest_dequant =
@@ -267,6 +281,7 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
       dev.push_back({"gathered units kept for backward", num_kept * layer_gathered});
     }
   }
+  if (dense_kept > 0) dev.push_back({"dequantized weights kept for backward", dense_kept});
   dev.push_back({"LoRA adapters (whole) + their grads", 2 * lora_full});
   if (!o.offload_params) dev.push_back({"LoRA shard + AdamW moments", optimizer_at_peak});
   // With several ranks each layer's reduced gradient span is added into a
@@ -342,6 +357,17 @@ double RecomputeCost(const LlamaConfig& config, const MemoryPlanOptions& options
   return static_cast<double>(n) * (gemm - kept + kNonGemmRecomputeShare * gemm);
 }
 
+double DequantizeSaving(const LlamaConfig& config, const MemoryPlanOptions& options,
+                        int64_t dequantized_kept_layers) {
+  if (!options.quantize_base) return 0;
+  double weights = 0;
+  for (const Projection& p : Projections(config)) {
+    weights += static_cast<double>(p.out) * static_cast<double>(p.in);
+  }
+  const int64_t n = std::clamp<int64_t>(dequantized_kept_layers, 0, config.num_hidden_layers);
+  return static_cast<double>(n) * kDequantizeFlopsPerWeight * weights;
+}
+
 Result<CheckpointChoice> ChooseCheckpointLayers(const LlamaConfig& config,
                                                 MemoryPlanOptions options, int64_t budget_bytes,
                                                 bool allocator_budget) {
@@ -361,6 +387,9 @@ Result<CheckpointChoice> ChooseCheckpointLayers(const LlamaConfig& config,
     keeps.push_back(RecomputeKeep::kDownProj);
     keeps.push_back(RecomputeKeep::kAllProjections);
   }
+  const auto fits = [&](const MemoryPlan& plan) {
+    return plan.device_peak_bytes - outside_allocator <= limit;
+  };
   CheckpointChoice best;
   double best_cost = 0;
   for (int64_t n = 0; n <= config.num_hidden_layers; ++n) {
@@ -368,13 +397,37 @@ Result<CheckpointChoice> ChooseCheckpointLayers(const LlamaConfig& config,
       if (n == 0 && keep != RecomputeKeep::kNothing) continue;  // nothing to keep
       options.checkpoint_layers = n;
       options.recompute_keep = keep;
+      options.dequantized_kept_layers = 0;
       FTUNE_ASSIGN_OR_RETURN(MemoryPlan plan, PlanMemory(config, options));
-      if (plan.device_peak_bytes - outside_allocator > limit) continue;
-      const double cost = RecomputeCost(config, options, n, keep);
+      if (!fits(plan)) continue;
+      // The most layers not checkpointed that can keep their dequantized
+      // weights as well (the peak grows with their count): a bisection.
+      int64_t dense = 0;
+      if (options.quantize_base) {
+        int64_t lo = 0, hi = config.num_hidden_layers - n;
+        while (lo < hi) {
+          const int64_t mid = (lo + hi + 1) / 2;
+          options.dequantized_kept_layers = mid;
+          FTUNE_ASSIGN_OR_RETURN(MemoryPlan with, PlanMemory(config, options));
+          if (fits(with)) {
+            lo = mid;
+          } else {
+            hi = mid - 1;
+          }
+        }
+        dense = lo;
+        if (dense > 0) {
+          options.dequantized_kept_layers = dense;
+          FTUNE_ASSIGN_OR_RETURN(plan, PlanMemory(config, options));
+        }
+      }
+      const double cost =
+          RecomputeCost(config, options, n, keep) - DequantizeSaving(config, options, dense);
       if (!best.fits || cost < best_cost ||
           (cost == best_cost && plan.device_peak_bytes < best.plan.device_peak_bytes)) {
         best.checkpoint_layers = n;
         best.recompute_keep = keep;
+        best.dequantized_kept_layers = dense;
         best.fits = true;
         best.plan = std::move(plan);
         best_cost = cost;
@@ -385,9 +438,11 @@ Result<CheckpointChoice> ChooseCheckpointLayers(const LlamaConfig& config,
   // Nothing fits: every layer checkpointed, keeping nothing (the least memory).
   options.checkpoint_layers = config.num_hidden_layers;
   options.recompute_keep = RecomputeKeep::kNothing;
+  options.dequantized_kept_layers = 0;
   FTUNE_ASSIGN_OR_RETURN(best.plan, PlanMemory(config, options));
   best.checkpoint_layers = config.num_hidden_layers;
   best.recompute_keep = RecomputeKeep::kNothing;
+  best.dequantized_kept_layers = 0;
   return best;
 }
 

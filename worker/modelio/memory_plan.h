@@ -33,6 +33,8 @@
 //                   output, MLP gate/up/activation/product, LoRA's A outputs
 //                   and, in fp32 compute, its input casts) and the gradients
 //                   alive at its peak (activation_grad_factor of it).
+//                   Those of dequantized_kept_layers also keep their
+//                   projections' dequantized weights.
 //   scratch         the dequantized weight of the largest projection
 //                   (forward and backward each dequantize it once), the
 //                   loss's chunk of fp32 logits and their gradient, and with
@@ -82,6 +84,10 @@ struct MemoryPlanOptions {
   // (NF4 bases only; recompute_keep.h): those GEMM outputs stay alive from
   // the layer's forward to its backward.
   RecomputeKeep recompute_keep = RecomputeKeep::kNothing;
+  // How many of the layers not checkpointed keep their projections'
+  // dequantized weights (compute dtype) from forward to backward (NF4 bases
+  // only; model.h): one dequantization per weight and step instead of two.
+  int64_t dequantized_kept_layers = 0;
   bool lora_dropout = false;  // lora_dropout > 0: each adapter keeps its dropped input
   bool reshard_after_forward = true;
   bool quantize_base = true;  // NF4 projections (QLoRA); else dense in the compute dtype
@@ -133,14 +139,16 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& config, const MemoryPlanOptions
 
 // Automatic checkpointing: among the plans that fit `budget_bytes` with
 // headroom (the device peak at most 90% of it), the one with the least
-// estimated recompute (RecomputeCost): how many layers are checkpointed and
-// what each keeps for its recompute; every layer checkpointed, keeping
-// nothing, when none fits. With `allocator_budget` the budget caps
+// estimated extra work (RecomputeCost, less DequantizeSaving): how many
+// layers are checkpointed, what each keeps for its recompute, and how many
+// of the others keep their dequantized weights for backward; every layer
+// checkpointed, keeping nothing, when none fits. With `allocator_budget` the budget caps
 // the caching allocator only (fsdp.device_memory_limit), so the CUDA
 // context and NCCL's buffers are not counted against it.
 struct CheckpointChoice {
   int64_t checkpoint_layers = 0;  // of config.num_hidden_layers
   RecomputeKeep recompute_keep = RecomputeKeep::kNothing;
+  int64_t dequantized_kept_layers = 0;  // of the layers not checkpointed
   bool fits = false;              // false: every layer checkpointed and still over
   MemoryPlan plan;                // the plan of that choice
 };
@@ -159,6 +167,17 @@ double RecomputeCost(const LlamaConfig& config, const MemoryPlanOptions& options
 // 58 ms of a step, of which the forward GEMMs at the step's GEMM rate are
 // about 40 ms: the rest is about 0.45 of the GEMM time.
 inline constexpr double kNonGemmRecomputeShare = 0.45;
+
+// What `dequantized_kept_layers` layers keeping their dequantized weights
+// save per step, in the same units as RecomputeCost: one dequantization of
+// each of their NF4 projections (0 for dense bases). A dequantization pass
+// is memory-bound (4 bits read, 16 written per weight) while the GEMMs grow
+// with the tokens: on an H100 the 8B layers' 7e9 weights took 7 ms to
+// dequantize (the trace: 15 ms for two passes), as long as about 700 GEMM
+// FLOPs per weight at the step's GEMM rate.
+double DequantizeSaving(const LlamaConfig& config, const MemoryPlanOptions& options,
+                        int64_t dequantized_kept_layers);
+inline constexpr double kDequantizeFlopsPerWeight = 700.0;
 
 // Bytes of one rank's shard of an NF4 tensor of `numel` elements split over
 // `world` ranks (packed + absmax + absmax2 pieces, padded as fsdp.h does).

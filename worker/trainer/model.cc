@@ -13,6 +13,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <utility>
 
@@ -730,6 +731,8 @@ at::Tensor LlamaModel::HiddenKeepHead(const at::Tensor& input_ids, const at::Ten
       // Without checkpointing autograd keeps references to the gathered
       // tensors it saved, so backward needs no re-gather (and a released
       // unit's memory lives until then).
+      std::optional<KeepDequantizedWeights> keep_dense;
+      if (grad && i < num_checkpointed + options_.dequantized_kept_layers) keep_dense.emplace();
       h = LayerForward(i, h, ctx, training);
       if (hooks != nullptr) hooks->Release(LayerUnit(i), after_forward);
       continue;

@@ -100,6 +100,12 @@ struct ModelOptions {
   // What a checkpointed layer keeps of its forward so its recompute skips
   // those GEMMs (recompute.h); gradients are the same for every choice.
   RecomputeKeep recompute_keep = RecomputeKeep::kNothing;
+  // How many of the layers that are not checkpointed (the first ones after
+  // the checkpointed) keep their NF4 projections' dequantized weights from
+  // forward to backward, whose backward then dequantizes nothing: one
+  // dequantization per weight and step instead of two, for the weights' bf16
+  // bytes (KeepDequantizedWeights, nf4_linear.h). Gradients are the same.
+  int64_t dequantized_kept_layers = 0;
   // LoRA's product in fp32 also when the compute dtype is 16-bit (PEFT
   // without autocast); by default it runs in the compute dtype (lora.h).
   bool lora_fp32_compute = false;

@@ -164,14 +164,31 @@ Status PlanDeviceMemory(const RunConfig& config, const RankEnv& env, ModelOption
     return InvalidArgumentError(std::string("FTUNE_RECOMPUTE_KEEP=") + keep_env +
                                 " is not one of nothing, down_proj, projections");
   }
+  // Likewise how many layers not checkpointed keep their dequantized weights.
+  int64_t forced_dense = 0;
+  const char* dense_env = std::getenv("FTUNE_DEQUANTIZED_KEPT_LAYERS");
+  if (dense_env != nullptr) {
+    char* end = nullptr;
+    forced_dense = std::strtoll(dense_env, &end, 10);
+    if (*dense_env == '\0' || *end != '\0' || forced_dense < 0) {
+      return InvalidArgumentError(std::string("FTUNE_DEQUANTIZED_KEPT_LAYERS=") + dense_env +
+                                  " is not a layer count (an integer >= 0)");
+    }
+  }
   if (!config.model.checkpointing_auto) {
     if (keep_env != nullptr) options->recompute_keep = forced_keep;
-    if ((limit > 0 || keep_env != nullptr) && env.rank == 0) {
+    if (dense_env != nullptr) options->dequantized_kept_layers = forced_dense;
+    if ((limit > 0 || keep_env != nullptr || dense_env != nullptr) && env.rank == 0) {
       env.events->Info(report.str() + "checkpointing as the spec says" +
                        (keep_env != nullptr ? std::string(", keeping ") +
                                                   RecomputeKeepName(forced_keep) +
                                                   " for the recompute (FTUNE_RECOMPUTE_KEEP)"
-                                            : std::string()));
+                                            : std::string()) +
+                       (dense_env != nullptr
+                            ? ", " + std::to_string(forced_dense) +
+                                  " layers not checkpointed keeping their dequantized weights "
+                                  "(FTUNE_DEQUANTIZED_KEPT_LAYERS)"
+                            : std::string()));
     }
     return OkStatus();
   }
@@ -192,17 +209,27 @@ Status PlanDeviceMemory(const RunConfig& config, const RankEnv& env, ModelOption
   }
   // What the checkpointed layers keep was planned for this rank's count; a
   // larger count agreed with the other ranks keeps nothing.
-  RecomputeKeep keep =
-      layers == choice.checkpoint_layers ? choice.recompute_keep : RecomputeKeep::kNothing;
+  const bool as_planned = layers == choice.checkpoint_layers;
+  RecomputeKeep keep = as_planned ? choice.recompute_keep : RecomputeKeep::kNothing;
   if (keep_env != nullptr) keep = forced_keep;
+  int64_t dense = as_planned ? choice.dequantized_kept_layers : 0;
+  if (dense_env != nullptr) dense = forced_dense;
   options->activation_checkpointing = layers > 0;
   options->checkpoint_layers = layers;
   options->recompute_keep = keep;
+  options->dequantized_kept_layers = dense;
   if (env.rank == 0) {
     report << "gradient_checkpointing auto: " << layers << " of " << shape.num_hidden_layers
            << " layers checkpointed";
     if (layers > 0) report << ", each keeping " << RecomputeKeepName(keep) << " for its recompute";
     if (keep_env != nullptr) report << " (FTUNE_RECOMPUTE_KEEP)";
+    const int64_t dense_layers = std::min(dense, shape.num_hidden_layers - layers);
+    if (dense_layers > 0) {
+      report << "; " << dense_layers << " of the "
+             << (layers > 0 ? "others" : "layers")
+             << " keeping their dequantized weights for backward";
+      if (dense_env != nullptr) report << " (FTUNE_DEQUANTIZED_KEPT_LAYERS)";
+    }
     report << " (plan " << choice.plan.device_peak_bytes / kGiB
            << " GiB for a budget of " << budget / kGiB << " GiB"
            << (budget > 0 && !choice.fits ? "; it does not fit even with every layer checkpointed"
