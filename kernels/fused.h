@@ -1,5 +1,6 @@
-// Fused decoder-layer kernels for bf16 training: RMSNorm (with the residual
-// add before it), SwiGLU and RoPE, forward and backward. Each replaces a
+// Fused kernels for bf16 training: RMSNorm (with the residual add before
+// it), SwiGLU and RoPE, forward and backward, and the loss's cross-entropy
+// with its gradient. Each replaces a
 // chain of LibTorch tensor ops (which read and write the whole activation
 // once per op) by one pass, with the chain's roundings (fused_math.h).
 //
@@ -58,11 +59,22 @@ Status SwigluBackwardRows(const uint16_t* dy, const uint16_t* g, const uint16_t*
 Status Rope(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t tokens,
             int64_t heads, int64_t hd, bool backward, uint16_t* y);
 
+// Cross-entropy of `rows` rows of `vocab` bf16 logits against targets in
+// [0, vocab), as LibTorch computes it on the logits cast to fp32:
+//   lse = log(sum exp(x - m)) + m (m the row's max, 0 if infinite),
+//   loss[r] = lse - x[target];
+// and, when grad is not null, grad = bf16(exp(x - lse) - [i == target]),
+// the gradient of the row's loss that meets lm_head. grad may be logits
+// itself (overwritten in place).
+Status CrossEntropyRows(const uint16_t* logits, const int64_t* targets, int64_t rows,
+                        int64_t vocab, float* loss, uint16_t* grad);
+
 // Argument checks shared by both sides; `name` prefixes the message.
 Status CheckRmsNormArgs(const char* name, int64_t rows, int64_t h, float eps);
 Status CheckRopeArgs(const char* name, int64_t tokens, int64_t heads, int64_t hd);
 // Strides at least `cols` (ld_d only when `backward`), no negative sizes.
 Status CheckSwigluRows(const char* name, const SwigluRows& shape, bool backward);
+Status CheckCrossEntropyArgs(const char* name, int64_t rows, int64_t vocab);
 
 }  // namespace ftune::kernels
 

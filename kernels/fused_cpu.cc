@@ -1,6 +1,8 @@
-// CPU reference of the fused decoder-layer kernels (see fused.h).
+// CPU reference of the fused kernels (see fused.h).
 #include "kernels/fused.h"
 
+#include <algorithm>
+#include <cmath>
 #include <string>
 
 #include "kernels/fused_math.h"
@@ -153,6 +155,43 @@ Status Rope(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t
                                          Bf16ToFloat(c[i]), Bf16ToFloat(sn[i]), first);
         yr[i] = FloatToBf16(v);
       }
+    }
+  }
+  return Status::Ok();
+}
+
+Status CheckCrossEntropyArgs(const char* name, int64_t rows, int64_t vocab) {
+  if (rows < 0) return Status::Error(std::string(name) + ": rows must be >= 0");
+  if (vocab < 1) return Status::Error(std::string(name) + ": vocab must be >= 1");
+  return Status::Ok();
+}
+
+Status CrossEntropyRows(const uint16_t* logits, const int64_t* targets, int64_t rows,
+                        int64_t vocab, float* loss, uint16_t* grad) {
+  if (Status s = CheckCrossEntropyArgs("CrossEntropyRows", rows, vocab); !s.ok()) return s;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = targets[r];
+    if (t < 0 || t >= vocab) {
+      return Status::Error("CrossEntropyRows: target " + std::to_string(t) + " of row " +
+                           std::to_string(r) + " is outside [0, " + std::to_string(vocab) + ")");
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* x = logits + r * vocab;
+    float m = -INFINITY;
+    for (int64_t i = 0; i < vocab; ++i) m = std::max(m, Bf16ToFloat(x[i]));
+    const float shift = math::CrossEntropyShift(m);
+    float sum = 0.0f;
+    for (int64_t i = 0; i < vocab; ++i) {
+      sum = math::AddRn(sum, math::ExpF(math::SubRn(Bf16ToFloat(x[i]), shift)));
+    }
+    const float lse = math::CrossEntropyLse(shift, sum);
+    const int64_t t = targets[r];
+    loss[r] = math::SubRn(lse, Bf16ToFloat(x[t]));  // before grad may overwrite x
+    if (grad == nullptr) continue;
+    uint16_t* g = grad + r * vocab;
+    for (int64_t i = 0; i < vocab; ++i) {
+      g[i] = FloatToBf16(math::CrossEntropyGrad(Bf16ToFloat(x[i]), lse, i == t));
     }
   }
   return Status::Ok();

@@ -65,6 +65,23 @@ __device__ float BlockSum(float v, float* shared) {
   return v;
 }
 
+// Max over the CTA; every thread gets the result. `shared` has 32 floats.
+// NaN wins, as in LibTorch's amax.
+__device__ __forceinline__ float MaxNan(float a, float b) { return (a != a || a > b) ? a : b; }
+__device__ float BlockMax(float v, float* shared) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = MaxNan(v, __shfl_xor_sync(0xffffffffu, v, off));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warps = (blockDim.x + 31) / 32;
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = lane < warps ? shared[lane] : -INFINITY;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = MaxNan(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
 // ------------------------------------------------------------- RMSNorm
 
 template <bool kVector>
@@ -327,6 +344,66 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// ------------------------------------------------------- cross-entropy
+
+// One CTA per row of `vocab` logits: three passes over the row (max, sum of
+// exps, gradient); the later ones mostly hit L2.
+template <bool kVector>
+__global__ void __launch_bounds__(512)
+    CrossEntropyKernel(const uint16_t* __restrict__ logits, const int64_t* __restrict__ targets,
+                       int64_t vocab, float* __restrict__ loss, uint16_t* grad) {
+  __shared__ float shared[32];
+  const int64_t row = blockIdx.x;
+  const uint16_t* x = logits + row * vocab;
+  const int64_t t = targets[row];
+  const bool valid = t >= 0 && t < vocab;
+  // Read before any thread may overwrite the row with its gradient (the
+  // reductions below synchronize the CTA first).
+  const float xt = threadIdx.x == 0 && valid ? Bf16ToFloat(x[t]) : 0.0f;
+  float m = -INFINITY;
+  if constexpr (kVector) {
+    for (int64_t i = threadIdx.x * kVec; i < vocab; i += blockDim.x * kVec) {
+      float v[kVec];
+      Load8(x + i, v);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) m = MaxNan(m, v[k]);
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) m = MaxNan(m, Bf16ToFloat(x[i]));
+  }
+  const float shift = math::CrossEntropyShift(BlockMax(m, shared));
+  float sum = 0.0f;
+  if constexpr (kVector) {
+    for (int64_t i = threadIdx.x * kVec; i < vocab; i += blockDim.x * kVec) {
+      float v[kVec];
+      Load8(x + i, v);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) sum = math::AddRn(sum, math::ExpF(math::SubRn(v[k], shift)));
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
+      sum = math::AddRn(sum, math::ExpF(math::SubRn(Bf16ToFloat(x[i]), shift)));
+    }
+  }
+  const float lse = math::CrossEntropyLse(shift, BlockSum(sum, shared));
+  if (threadIdx.x == 0) loss[row] = valid ? math::SubRn(lse, xt) : NAN;
+  if (grad == nullptr) return;
+  uint16_t* g = grad + row * vocab;
+  if constexpr (kVector) {
+    for (int64_t i = threadIdx.x * kVec; i < vocab; i += blockDim.x * kVec) {
+      float v[kVec];
+      Load8(x + i, v);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) v[k] = math::CrossEntropyGrad(v[k], lse, i + k == t);
+      Store8(g + i, v);
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
+      g[i] = FloatToBf16(math::CrossEntropyGrad(Bf16ToFloat(x[i]), lse, i == t));
+    }
+  }
+}
+
 }  // namespace
 
 Status RmsNormForwardCuda(const uint16_t* x, const uint16_t* residual, const uint16_t* w,
@@ -422,6 +499,20 @@ Status RopeCuda(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, int
   RopeKernel<<<ElementwiseCtas(tokens * heads * (hd / 2)), 256, 0, stream>>>(
       x, cos, sin, tokens, heads, hd, backward, y);
   return LaunchStatus("RopeKernel");
+}
+
+Status CrossEntropyRowsCuda(const uint16_t* logits, const int64_t* targets, int64_t rows,
+                            int64_t vocab, float* loss, uint16_t* grad, cudaStream_t stream) {
+  if (Status s = CheckCrossEntropyArgs("CrossEntropyRowsCuda", rows, vocab); !s.ok()) return s;
+  if (rows == 0) return Status::Ok();
+  if (rows > 0x7fffffff) return Status::Error("CrossEntropyRowsCuda: more than 2^31 - 1 rows");
+  const unsigned grid = static_cast<unsigned>(rows);
+  if (vocab % kVec == 0 && Aligned16(logits) && (grad == nullptr || Aligned16(grad))) {
+    CrossEntropyKernel<true><<<grid, 512, 0, stream>>>(logits, targets, vocab, loss, grad);
+  } else {
+    CrossEntropyKernel<false><<<grid, 512, 0, stream>>>(logits, targets, vocab, loss, grad);
+  }
+  return LaunchStatus("CrossEntropyKernel");
 }
 
 }  // namespace ftune::kernels

@@ -33,6 +33,13 @@ Status SwigluBackwardRowsCuda(const uint16_t* dy, const uint16_t* g, const uint1
 Status RopeCuda(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t tokens,
                 int64_t heads, int64_t hd, bool backward, uint16_t* y, cudaStream_t stream);
 
+// One CTA per row: the row's max, then its sum of exps, then (with grad)
+// the gradient over it; grad may be logits. A target outside [0, vocab)
+// cannot be refused on the device: its row's loss is NaN (callers check
+// targets first).
+Status CrossEntropyRowsCuda(const uint16_t* logits, const int64_t* targets, int64_t rows,
+                            int64_t vocab, float* loss, uint16_t* grad, cudaStream_t stream);
+
 }  // namespace ftune::kernels
 
 #endif  // FTUNE_KERNELS_FUSED_CUDA_H_

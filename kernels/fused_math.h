@@ -96,6 +96,33 @@ FTUNE_HD float RmsNormBackward(float dn, float x, float rstd, float coef) {
   return SubRn(MulRn(dn, rstd), MulRn(x, coef));
 }
 
+// ------------------------------------------------------- cross-entropy
+// fp32 log: the libm-accuracy logf on both sides.
+FTUNE_HD float LogF(float x) {
+#if defined(__CUDA_ARCH__)
+  return logf(x);
+#else
+  return std::log(x);
+#endif
+}
+// The shift LibTorch's logsumexp takes out of a row before the exps: its
+// max, or 0 when that is infinite.
+FTUNE_HD float CrossEntropyShift(float row_max) {
+#if defined(__CUDA_ARCH__)
+  return isinf(row_max) ? 0.0f : row_max;
+#else
+  return std::isinf(row_max) ? 0.0f : row_max;
+#endif
+}
+// logsumexp of a row from its shift and sum of exp(x - shift).
+FTUNE_HD float CrossEntropyLse(float shift, float sum_exp) { return AddRn(LogF(sum_exp), shift); }
+// d (lse - x_target) / d x: softmax, less 1 at the target, in fp32 (the
+// caller rounds it to bf16 as the chain's cast before lm_head does).
+FTUNE_HD float CrossEntropyGrad(float x, float lse, bool target) {
+  const float p = ExpF(SubRn(x, lse));
+  return target ? AddRn(p, -1.0f) : p;
+}
+
 }  // namespace ftune::kernels::math
 
 #endif  // FTUNE_KERNELS_FUSED_MATH_H_

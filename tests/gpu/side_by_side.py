@@ -14,7 +14,10 @@ Rows per shape:
                  output for the recompute (FTUNE_RECOMPUTE_KEEP=down_proj): a
                  fixed policy within the peer's checkpointed memory;
   fastest        each side at its fastest setting that fits the GPU: the peer
-                 without checkpointing (when it fits), ftune with auto.
+                 without checkpointing (when it fits), ftune with auto;
+  fastest-redequant  ftune's fastest row again with no layer keeping its
+                 dequantized weights for backward
+                 (FTUNE_DEQUANTIZED_KEPT_LAYERS=0): what keeping them buys.
 For each: tokens/s of each side, the ratio, peak allocated GiB of each,
 ftune's step time beside its GEMM floor (gemm_floor.py: the forward and
 input-gradient products of the shape, timed with cuBLAS in the same run),
@@ -95,9 +98,9 @@ def model_flops(config, seq, recomputed_layers, keep="nothing"):
     return model, executed
 
 
-def ftune(rank, preset, layers, seq, mode, limit, out, data, keep=None):
+def ftune(rank, preset, layers, seq, mode, limit, out, data, keep=None, dense=None):
     name = f"{preset}{'-' + str(layers) if layers else ''}-{seq}-{mode}" + \
-        (f"-keep-{keep}" if keep else "")
+        (f"-keep-{keep}" if keep else "") + (f"-dense-{dense}" if dense is not None else "")
     model = f"{out}/{preset}{'-' + str(layers) if layers else ''}"
     if not os.path.exists(f"{model}/config.json"):
         cmd = [rank, "init-model", "--preset", preset, "--no-weights", "--out", model,
@@ -127,6 +130,8 @@ output_dir: {out}/run-{name}
     env = dict(os.environ)
     if keep:
         env["FTUNE_RECOMPUTE_KEEP"] = keep
+    if dense is not None:
+        env["FTUNE_DEQUANTIZED_KEPT_LAYERS"] = str(dense)
     rc = sh([rank, "train", "--device", "cuda", "--nproc", "1", "--spec", f"{out}/{name}.yaml"], log,
             env)
     text = open(log).read()
@@ -139,6 +144,7 @@ output_dir: {out}/run-{name}
                      r'([0-9.]+) GiB', text)
     auto = re.search(r'gradient_checkpointing auto: (\d+) of (\d+) layers', text)
     kept = re.search(r'each keeping (\w+) for its recompute', text)
+    dense_kept = re.search(r'(\d+) of the (?:others|layers) keeping their dequantized weights', text)
     config = json.load(open(f"{model}/config.json"))
     L = config["num_hidden_layers"]
     recomputed = int(auto.group(1)) if auto else (L if mode == "on" else 0)
@@ -147,7 +153,8 @@ output_dir: {out}/run-{name}
             "peak_gib": float(mem[-1][0]) if mem else None,
             "device_gib": float(mem[-1][1]) if mem else None,
             "checkpointed": f"{recomputed}/{L}" + (f" keep {keep}" if recomputed and keep != "nothing"
-                                                   else ""),
+                                                   else "") +
+                            (f", {dense_kept.group(1)} dequant kept" if dense_kept else ""),
             "flops": model_flops(config, seq, recomputed, keep)}
 
 
@@ -204,6 +211,10 @@ def main():
                 rows.append(("fastest that fits (peer ckpt " +
                              ("off" if p_best is p_off else "on") + ", ftune auto)", p_best,
                              ftune(a.rank, preset, layers, seq, "auto", None, a.out, data)))
+                if "fastest-redequant" in a.rows.split(","):
+                    rows.append(("fastest, no dequantized weights kept", p_best,
+                                 ftune(a.rank, preset, layers, seq, "auto", None, a.out, data,
+                                       dense=0)))
             model = f"{a.out}/{preset}{'-' + str(layers) if layers else ''}"
             floor = gemm_floor(model, seq, a.out) if os.path.exists(f"{model}/config.json") \
                 else None

@@ -64,6 +64,35 @@ def main():
               % (gpu_total / 1e3, 100 * gpu_total / wall if wall else 0))
         table("GPU kernels and copies", kernels, gpu_total)
     table("CPU ops (aten::, nested: times overlap)", ops, wall or None)
+    gaps(events, steps)
+
+
+def gaps(events, steps, top=8):
+    """The GPU's idle time inside the traced steps: the spans between one
+    kernel's end and the next one's start (on any stream), with the kernels
+    on either side, largest first."""
+    gpu = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e.get("name", ""))
+                 for e in events if e.get("cat", "") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    if not gpu or not steps:
+        return
+    idle = []
+    for a, b in steps:
+        inside = [k for k in gpu if k[0] < b and k[1] > a]
+        if not inside:
+            continue
+        end, before = a, "(step start)"
+        for start, stop, name in inside:
+            if start > end:
+                idle.append((start - end, before, name))
+            if stop > end:
+                end, before = stop, name
+        if b > end:
+            idle.append((b - end, before, "(step end)"))
+    total = sum(d for d, _, _ in idle)
+    print("\nGPU idle inside the steps: %.2f ms in %d gaps; %.2f ms in gaps over 50 us"
+          % (total / 1e3, len(idle), sum(d for d, _, _ in idle if d > 50) / 1e3))
+    for d, before, after in sorted(idle, reverse=True)[:top]:
+        print("  %8.3f ms  after %s  before %s" % (d / 1e3, before[:60], after[:60]))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-// The fused decoder-layer CUDA kernels against their CPU references
+// The fused CUDA kernels (decoder layer and loss) against their CPU references
 // (kernels/fused.h) on random bf16 data, with row widths and pointers that
 // take the vectorized path and ones that do not. RoPE must agree bit for
 // bit; SwiGLU (exp may differ in its last fp32 bit) to one bf16 step on a
@@ -186,12 +186,57 @@ TEST_F(FusedCudaTest, RmsNormAgreesWithTheReference) {
   }
 }
 
+// The loss rows: Llama 3's vocabulary (vectorized) and an odd one (not),
+// with the gradient written apart and over the logits. The rows' sums add
+// in another order, so the loss may move by a few fp32 ulps and a rare
+// gradient by one bf16 step.
+TEST_F(FusedCudaTest, CrossEntropyAgreesWithTheReference) {
+  for (const auto& [rows, vocab, shift] : {std::tuple{9, 128256, 0}, {5, 1001, 1}}) {
+    const size_t n = static_cast<size_t>(rows) * vocab;
+    const auto logits = RandomBf16(n, 3.0f, 11);
+    std::vector<int64_t> targets(rows);
+    for (int r = 0; r < rows; ++r) targets[r] = (r * 7919 + 13) % vocab;
+    std::vector<float> loss(rows);
+    std::vector<uint16_t> grad(n);
+    ASSERT_OK(CrossEntropyRows(logits.data(), targets.data(), rows, vocab, loss.data(), grad.data()));
+    for (bool in_place : {false, true}) {
+      DeviceArray<uint16_t> X(logits, shift), G(n, shift);
+      DeviceArray<int64_t> T(targets);
+      DeviceArray<float> L(rows);
+      ASSERT_OK(CrossEntropyRowsCuda(X.get(), T.get(), rows, vocab, L.get(),
+                                     in_place ? X.get() : G.get(), nullptr));
+      ASSERT_CUDA(cudaDeviceSynchronize());
+      const std::vector<float> got_loss = L.Download();
+      for (int r = 0; r < rows; ++r) EXPECT_NEAR(got_loss[r], loss[r], 1e-5 * std::abs(loss[r])) << r;
+      const Diff d = Compare(in_place ? X.Download() : G.Download(), grad);
+      std::printf("FUSED-CUDA cross-entropy %dx%d in_place=%d: %lld of %zu gradients differ, "
+                  "%lld by more than one step\n",
+                  rows, vocab, in_place, static_cast<long long>(d.differ), n,
+                  static_cast<long long>(d.beyond_one_step));
+      EXPECT_LT(d.differ, static_cast<int64_t>(n / 100) + 1);
+      EXPECT_EQ(d.beyond_one_step, 0);
+    }
+    // Loss only: no gradient written, the logits untouched.
+    DeviceArray<uint16_t> X(logits, shift);
+    DeviceArray<int64_t> T(targets);
+    DeviceArray<float> L(rows);
+    ASSERT_OK(CrossEntropyRowsCuda(X.get(), T.get(), rows, vocab, L.get(), nullptr, nullptr));
+    ASSERT_CUDA(cudaDeviceSynchronize());
+    EXPECT_EQ(Compare(X.Download(), logits).differ, 0);
+    EXPECT_NEAR(L.Download()[0], loss[0], 1e-5 * std::abs(loss[0]));
+  }
+}
+
 TEST_F(FusedCudaTest, BadArgumentsAreNamed) {
   EXPECT_NE(RmsNormForwardCuda(nullptr, nullptr, nullptr, 1, 0, 1e-5f, nullptr, nullptr, nullptr, nullptr)
                 .message()
                 .find("h (0)"),
             std::string::npos);
   EXPECT_NE(RopeCuda(nullptr, nullptr, nullptr, 1, 1, 7, false, nullptr, nullptr).message().find("even"),
+            std::string::npos);
+  EXPECT_NE(CrossEntropyRowsCuda(nullptr, nullptr, 1, 0, nullptr, nullptr, nullptr)
+                .message()
+                .find("vocab must be >= 1"),
             std::string::npos);
 }
 

@@ -8,6 +8,7 @@
 #include <torch/csrc/autograd/autograd.h>
 
 #include <cstdio>
+#include <string>
 
 #include "worker/trainer/fused_ops.h"
 
@@ -119,6 +120,47 @@ TEST(FusedOpsTest, AddRmsNormAgreesWithTheChain) {
   const Agreement a = Agree(Grad(y1, dy, x), Grad(y1_want, dy, x));
   EXPECT_LT(a.differ_share, 0.05);
   EXPECT_LT(a.max_rel, 5e-2);
+}
+
+// The loss rows against loss.cc's fp32 chain on bf16 logits: the cast,
+// logsumexp, lse - logit[target], and exp(x - lse) - onehot cast to bf16.
+TEST(FusedOpsTest, CrossEntropyRowsAgreeWithTheChain) {
+  at::manual_seed(5);
+  for (int64_t vocab : {int64_t{1000}, int64_t{4096}}) {
+    SCOPED_TRACE(vocab);
+    const at::Tensor logits = RandomBf16({6, vocab}, 3.0, /*grad=*/false);
+    const at::Tensor targets = at::randint(0, vocab, {6}, at::kLong);
+    const at::Tensor xf = logits.to(at::kFloat);
+    const at::Tensor lse = at::logsumexp(xf, {-1}, /*keepdim=*/true);
+    const at::Tensor want_loss = (lse - xf.gather(1, targets.unsqueeze(1))).squeeze(1);
+    at::Tensor p = (xf - lse).exp();
+    p.scatter_add_(1, targets.unsqueeze(1), at::full({6, 1}, -1.0));
+    const at::Tensor want_grad = p.to(at::kBFloat16);
+
+    const at::Tensor kept = logits.clone();
+    const at::Tensor loss_only = FusedCrossEntropyRows(kept, targets, /*grad_in_place=*/false);
+    EXPECT_TRUE(at::equal(kept, logits)) << "the logits changed without grad_in_place";
+    at::Tensor work = logits.clone();
+    const at::Tensor loss = FusedCrossEntropyRows(work, targets, /*grad_in_place=*/true);
+    EXPECT_TRUE(at::equal(loss, loss_only));
+    EXPECT_LT((loss - want_loss).abs().max().item<double>(), 1e-5 * want_loss.abs().max().item<double>());
+    const Agreement a = Agree(work, want_grad);
+    std::printf("FUSED cross-entropy vocab %lld: %.4f of gradients differ, max rel %.3g\n",
+                static_cast<long long>(vocab), a.differ_share, a.max_rel);
+    EXPECT_LT(a.differ_share, 0.01);
+    EXPECT_LT(a.max_rel, 1.6e-2);
+    // A gradient without the target's -1 is far off at the targets.
+    EXPECT_GT(Agree(work, (xf - lse).exp().to(at::kBFloat16)).max_rel, 0.5);
+  }
+  // Targets outside the vocabulary are refused by name on the CPU.
+  at::Tensor logits = at::zeros({2, 10}, at::kBFloat16);
+  try {
+    FusedCrossEntropyRows(logits, at::full({2}, 10, at::kLong), true);
+    FAIL() << "a target past the vocabulary was accepted";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("target 10 of row 0 is outside [0, 10)"), std::string::npos)
+        << e.what();
+  }
 }
 
 TEST(FusedOpsTest, RefusesWhatItDoesNotHandle) {

@@ -306,4 +306,35 @@ at::Tensor FusedRope(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
   return RopeFunction::apply(x, cos, sin);
 }
 
+at::Tensor FusedCrossEntropyRows(const at::Tensor& logits, const at::Tensor& targets,
+                                 bool grad_in_place) {
+  CheckOperand("fused cross-entropy", logits, logits);
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(),
+              "fused cross-entropy: logits must be a contiguous (rows, vocab) tensor, got ",
+              logits.sizes());
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 &&
+                  targets.size(0) == logits.size(0) && targets.device() == logits.device(),
+              "fused cross-entropy: targets must be int64 (", logits.size(0), ") on ",
+              logits.device(), ", got ", targets.scalar_type(), " ", targets.sizes(), " on ",
+              targets.device());
+  const at::Tensor t = targets.contiguous();
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  at::Tensor loss = at::empty({rows}, logits.options().dtype(at::kFloat));
+  uint16_t* grad = grad_in_place ? Bits(logits) : nullptr;
+  if (logits.is_cpu()) {
+    Check(kernels::CrossEntropyRows(Bits(logits), t.data_ptr<int64_t>(), rows, vocab,
+                                    loss.data_ptr<float>(), grad));
+    return loss;
+  }
+#if FTUNE_FUSED_CUDA
+  c10::cuda::CUDAGuard guard(logits.device());
+  Check(kernels::CrossEntropyRowsCuda(Bits(logits), t.data_ptr<int64_t>(), rows, vocab,
+                                      loss.data_ptr<float>(), grad, Stream(logits)));
+  return loss;
+#else
+  TORCH_CHECK(false, "fused cross-entropy on ", logits.device(),
+              ": built without the CUDA kernels");
+#endif
+}
+
 }  // namespace ftune::trainer

@@ -1,6 +1,6 @@
 // Differentiable fused ops of the decoder layer over the kernels of
 // kernels/fused.h: RMSNorm (optionally with the residual add before it),
-// SwiGLU and RoPE. Each gives what the LibTorch op chain it replaces gives
+// SwiGLU and RoPE; and the loss's cross-entropy rows. Each gives what the LibTorch op chain it replaces gives
 // in bf16 (same roundings, up to the order of RMSNorm's row sums), reading
 // and writing each activation once instead of once per op, and saving
 // less for backward (RMSNorm keeps its bf16 input and one fp32 per row,
@@ -45,6 +45,17 @@ void SwigluOfPackedBackward(const at::Tensor& dy, const at::Tensor& packed, int6
 // x * cos + rotate_half(x) * sin for x of shape (batch, seq, heads, head_dim)
 // and cos/sin of shape (batch, seq, 1, head_dim) (no gradient).
 at::Tensor FusedRope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
+// The cross-entropy of each row of the 2-D contiguous bf16 `logits`
+// (rows, vocab) against `targets` (rows) int64 in [0, vocab) (not checked
+// on CUDA; a row with a target outside gets a NaN loss): returns the fp32
+// per-row lse - logit[target] (rows), as LibTorch computes it on the
+// logits cast to fp32, and with `grad_in_place` overwrites the logits with
+// bf16(softmax - onehot), the rows' gradient that meets lm_head. One kernel
+// instead of the fp32 chain's casts, logsumexp, subtract and exp. Not
+// differentiable (the loss's autograd function calls it).
+at::Tensor FusedCrossEntropyRows(const at::Tensor& logits, const at::Tensor& targets,
+                                 bool grad_in_place);
 
 }  // namespace ftune::trainer
 

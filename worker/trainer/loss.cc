@@ -1,5 +1,6 @@
 // Chunked lm_head cross-entropy; see loss.h for why and how.
 #include "worker/trainer/loss.h"
+#include "worker/trainer/fused_ops.h"
 #include "worker/trainer/profiler.h"
 
 #include <ATen/ATen.h>
@@ -41,7 +42,7 @@ struct ChunkedCrossEntropy : public torch::autograd::Function<ChunkedCrossEntrop
   // per chunk instead of three, no logits recomputed.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hidden,
                             const at::Tensor& weight, const at::Tensor& targets,
-                            int64_t chunk_tokens, bool eager_grad) {
+                            int64_t chunk_tokens, bool eager_grad, bool fused) {
     ctx->saved_data["chunk"] = chunk_tokens;
     ctx->saved_data["eager"] = eager_grad;
     const int64_t n = hidden.size(0);
@@ -49,6 +50,15 @@ struct ChunkedCrossEntropy : public torch::autograd::Function<ChunkedCrossEntrop
     at::Tensor grad_h = eager_grad ? at::empty_like(hidden) : at::Tensor();  // (n, hidden)
     for (int64_t b = 0; b < n; b += chunk_tokens) {
       const int64_t e = std::min(n, b + chunk_tokens);
+      if (fused) {
+        // bf16 logits; the kernel writes each row's loss and overwrites
+        // the logits with their gradient.
+        at::Tensor logits = at::linear(hidden.slice(0, b, e), weight);  // (rows, vocab)
+        total.add_(FusedCrossEntropyRows(logits, targets.slice(0, b, e), /*grad_in_place=*/true)
+                       .sum());
+        grad_h.slice(0, b, e).copy_(at::matmul(logits, weight));
+        continue;
+      }
       const at::Tensor t = targets.slice(0, b, e).unsqueeze(1);             // (rows, 1)
       at::Tensor logits = ChunkLogits(hidden, weight, b, e);                // (rows, vocab)
       at::Tensor lse = at::logsumexp(logits, {-1}, /*keepdim=*/true);       // (rows, 1)
@@ -74,7 +84,7 @@ struct ChunkedCrossEntropy : public torch::autograd::Function<ChunkedCrossEntrop
       ctx->saved_data.erase("grad_h");
       const at::Tensor g = grad_outputs[0].to(at::kFloat);  // () d loss / d sum
       return {grad_h.mul(g).to(grad_h.scalar_type()), at::Tensor(), at::Tensor(), at::Tensor(),
-              at::Tensor()};
+              at::Tensor(), at::Tensor()};
     }
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& hidden = saved[0];
@@ -99,19 +109,22 @@ struct ChunkedCrossEntropy : public torch::autograd::Function<ChunkedCrossEntrop
       if (need_w) grad_w.add_(at::matmul(gl.t(), hidden.slice(0, b, e)).to(at::kFloat));
     }
     if (need_w) grad_w = grad_w.to(weight.scalar_type());
-    return {grad_h, grad_w, at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad_h, grad_w, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 }  // namespace
 
 at::Tensor ChunkedCrossEntropySum(const at::Tensor& hidden, const at::Tensor& weight,
-                                  const at::Tensor& targets, int64_t chunk_tokens) {
+                                  const at::Tensor& targets, int64_t chunk_tokens, bool fused) {
   FTUNE_RANGE("ftune::loss");
   CheckInputs(hidden, weight, targets, chunk_tokens);
   const bool eager_grad =
       at::GradMode::is_enabled() && hidden.requires_grad() && !weight.requires_grad();
-  return ChunkedCrossEntropy::apply(hidden, weight, targets, chunk_tokens, eager_grad);
+  // The fused kernel computes the gradient with the loss: only on the eager
+  // path, for bf16 on a device the kernels run on.
+  fused = fused && eager_grad && FusedOpsApply(hidden);
+  return ChunkedCrossEntropy::apply(hidden, weight, targets, chunk_tokens, eager_grad, fused);
 }
 
 at::Tensor ChunkedTargetLogProbs(const at::Tensor& hidden, const at::Tensor& weight,

@@ -33,8 +33,13 @@ inline constexpr int64_t kIgnoreIndex = -100;
 // dtype, targets (tokens) int64 in [0, vocab) (ignored tokens removed by the
 // caller). Returns the fp32 scalar sum over tokens of -log p(target);
 // differentiable w.r.t. hidden (and weight if it requires grad).
+// With `fused` (bf16 hidden, lm_head frozen, fused_ops.h's
+// FusedOpsApply), each chunk's log-softmax and gradient are one kernel over
+// its bf16 logits (FusedCrossEntropyRows) instead of the fp32 chain: the
+// same math up to the order of the row sums.
 at::Tensor ChunkedCrossEntropySum(const at::Tensor& hidden, const at::Tensor& weight,
-                                  const at::Tensor& targets, int64_t chunk_tokens);
+                                  const at::Tensor& targets, int64_t chunk_tokens,
+                                  bool fused = false);
 
 // log p(target) per token, (tokens) fp32, without autograd: for scoring.
 at::Tensor ChunkedTargetLogProbs(const at::Tensor& hidden, const at::Tensor& weight,
