@@ -64,7 +64,7 @@ struct Reset {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
+absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& dir, StoreSync sync) {
   std::unique_ptr<Store> s(new Store());
   std::string path = dir;
   if (dir != ":memory:") {
@@ -83,9 +83,10 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
   }
   sqlite3_busy_timeout(s->db_, 5000);
   if (auto st = s->CheckIntegrity(path); !st.ok()) return st;
-  // WAL + synchronous=FULL: a committed transaction survives power loss, and
-  // readers never block the writer. journal_mode answers with the mode in
-  // effect, which is not WAL where the filesystem cannot share memory.
+  // WAL: readers never block the writer, and with synchronous=FULL a
+  // committed transaction survives power loss (NORMAL: a process crash; see
+  // StoreSync). journal_mode answers with the mode in effect, which is not
+  // WAL where the filesystem cannot share memory.
   if (dir != ":memory:") {
     sqlite3_stmt* q = nullptr;
     std::string mode;
@@ -101,12 +102,44 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
           mode + "', " + sqlite3_errmsg(s->db_) +
           "): put --state-dir on a local filesystem");
   }
-  for (const char* pragma : {"PRAGMA synchronous=FULL", "PRAGMA foreign_keys=ON"}) {
-    if (auto st = s->Exec(pragma); !st.ok()) return st;
-  }
+  if (auto st = s->SetSync(sync); !st.ok()) return st;
+  if (auto st = s->Exec("PRAGMA foreign_keys=ON"); !st.ok()) return st;
   if (auto st = s->Migrate(); !st.ok()) return st;
   if (auto st = s->LoadJobIndex(&s->index_); !st.ok()) return st;
   return s;
+}
+
+const char* StoreSyncName(StoreSync sync) {
+  return sync == StoreSync::kNormal ? "normal" : "full";
+}
+
+int Store::SynchronousMode() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  sqlite3_stmt* q = nullptr;
+  int mode = -1;
+  if (sqlite3_prepare_v2(db_, "PRAGMA synchronous", -1, &q, nullptr) == SQLITE_OK &&
+      sqlite3_step(q) == SQLITE_ROW)
+    mode = sqlite3_column_int(q, 0);
+  sqlite3_finalize(q);
+  return mode;
+}
+
+// The level in effect is read back rather than trusted (SQLite answers a
+// pragma it does not take with silence, not an error): a store must not
+// claim a durability it does not have.
+absl::Status Store::SetSync(StoreSync sync) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  if (transaction_depth_ > 0)
+    return absl::FailedPreconditionError("the store's synchronous mode cannot change inside a "
+                                         "transaction");
+  const int want = static_cast<int>(sync);
+  if (auto st = Exec("PRAGMA synchronous=" + std::to_string(want)); !st.ok()) return st;
+  if (const int got = SynchronousMode(); got != want)
+    return absl::FailedPreconditionError(
+        "state database: PRAGMA synchronous reads back " + std::to_string(got) +
+        " after setting it to " + std::to_string(want) + " (--store-sync=" +
+        StoreSyncName(sync) + "): the store would not have the durability asked for");
+  return absl::OkStatus();
 }
 
 // quick_check reads every page (not the indexes' contents): a few ms for a

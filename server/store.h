@@ -1,4 +1,5 @@
-// Durable state of the coordinator in SQLite (WAL mode, synchronous=FULL).
+// Durable state of the coordinator in SQLite (WAL mode, synchronous=FULL by
+// default, NORMAL by choice: StoreSync below).
 //
 // Jobs, agents and checkpoints are stored as serialized protobuf next to the
 // few columns that are queried (state, priority, order, request id, owner,
@@ -9,8 +10,9 @@
 // versioned; Open() applies the missing migrations in order.
 //
 // Open refuses a database it cannot trust: journal_mode=WAL must take
-// effect (a filesystem without shared memory cannot do it) and
-// `PRAGMA quick_check` must pass; the error says what to do.
+// effect (a filesystem without shared memory cannot do it), the synchronous
+// mode asked for must read back as set, and `PRAGMA quick_check` must pass;
+// the error says what to do.
 //
 // Every SQLite failure is logged to stderr and reported to the error
 // listener (ftune_store_errors_total) where it happens, then returned:
@@ -56,6 +58,23 @@ struct StoredAgent {
   int64_t acked_seq = 0;  // highest agent_seq stored from this agent
 };
 
+// How far a committed transaction (an acknowledged CreateJob, a stored
+// event) is durable, as PostgreSQL's synchronous_commit chooses it. The
+// values are SQLite's `PRAGMA synchronous` levels.
+enum class StoreSync {
+  // Every commit waits for an fdatasync of the WAL: it survives power loss
+  // and an OS crash. Costs one disk flush per commit.
+  kFull = 2,
+  // Commits reach the OS but are not flushed (the WAL is synced at each
+  // checkpoint): they survive a crash or kill -9 of the coordinator, but the
+  // last ones acknowledged before an OS crash or power loss can roll back.
+  // The database is never corrupted either way.
+  kNormal = 1,
+};
+
+// "full" or "normal", as --store-sync spells it.
+const char* StoreSyncName(StoreSync sync);
+
 struct JobFilter {
   std::vector<v1::JobState> states;  // empty: all
   std::vector<std::pair<std::string, std::string>> labels;
@@ -67,8 +86,17 @@ struct JobFilter {
 class Store {
  public:
   // Opens (creating if needed) <dir>/ftune.db; ":memory:" for tests.
-  static absl::StatusOr<std::unique_ptr<Store>> Open(const std::string& dir);
+  static absl::StatusOr<std::unique_ptr<Store>> Open(const std::string& dir,
+                                                     StoreSync sync = StoreSync::kFull);
   ~Store();
+
+  // The connection's `PRAGMA synchronous`, read back from SQLite (2: FULL,
+  // 1: NORMAL); -1 if it cannot be read.
+  int SynchronousMode();
+  // Sets the synchronous mode on the open store and reads it back: Open
+  // does it, and a benchmark comparing the modes on one state. Not inside a
+  // Transaction.
+  absl::Status SetSync(StoreSync sync);
 
   static constexpr int kSchemaVersion = 3;
   int schema_version() const { return schema_version_; }

@@ -2,6 +2,8 @@
 #include <signal.h>
 #include <sqlite3.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
@@ -55,6 +57,77 @@ TEST(Store, PersistsAcrossReopen) {
   auto agents = (*s)->ListAgents();
   ASSERT_EQ(agents->size(), 1u);
   EXPECT_EQ((*agents)[0].acked_seq, 7);
+}
+
+TEST(Store, EachSyncModeIsInEffectAndKeepsJobsAcrossReopen) {
+  {
+    auto s = Store::Open(":memory:");  // the default
+    ASSERT_TRUE(s.ok()) << s.status();
+    EXPECT_EQ((*s)->SynchronousMode(), 2);  // FULL
+  }
+  for (const auto& [sync, pragma] : {std::pair{StoreSync::kFull, 2}, {StoreSync::kNormal, 1}}) {
+    SCOPED_TRACE(StoreSyncName(sync));
+    testutil::TempDir tmp("ftune-store");
+    const std::string dir = tmp.path() + "/state";
+    {
+      auto s = Store::Open(dir, sync);
+      ASSERT_TRUE(s.ok()) << s.status();
+      EXPECT_EQ((*s)->SynchronousMode(), pragma);
+      ASSERT_TRUE((*s)->InsertJob(MakeJob("job-1", v1::QUEUED), 1).ok());
+    }
+    auto s = Store::Open(dir, sync);
+    ASSERT_TRUE(s.ok()) << s.status();
+    EXPECT_EQ((*s)->SynchronousMode(), pragma);
+    auto job = (*s)->GetJob("job-1");
+    ASSERT_TRUE(job.ok()) << job.status();
+    EXPECT_EQ(job->state(), v1::QUEUED);
+  }
+}
+
+TEST(Store, SyncModeChangesOnAnOpenStoreOutsideATransactionOnly) {
+  testutil::TempDir tmp("ftune-store");
+  auto s = Store::Open(tmp.path() + "/state");
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE((*s)->SetSync(StoreSync::kNormal).ok());
+  EXPECT_EQ((*s)->SynchronousMode(), 1);
+  const absl::Status inside =
+      (*s)->Transaction([&]() -> absl::Status { return (*s)->SetSync(StoreSync::kFull); });
+  EXPECT_EQ(inside.code(), absl::StatusCode::kFailedPrecondition) << inside;
+  EXPECT_EQ((*s)->SynchronousMode(), 1);
+  ASSERT_TRUE((*s)->SetSync(StoreSync::kFull).ok());
+  EXPECT_EQ((*s)->SynchronousMode(), 2);
+}
+
+// synchronous=NORMAL gives up durability against power loss only: a
+// coordinator killed right after its commits (no clean close, no checkpoint)
+// keeps every one of them.
+TEST(Store, NormalSyncKeepsEveryCommitOfAKilledProcess) {
+  testutil::TempDir tmp("ftune-store");
+  const std::string dir = tmp.path() + "/state";
+  constexpr int kNumJobs = 100;
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    auto s = Store::Open(dir, StoreSync::kNormal);
+    if (!s.ok()) _exit(1);
+    for (int i = 1; i <= kNumJobs; ++i)  // one commit each, as CreateJob
+      if (!(*s)->InsertJob(MakeJob("job-" + std::to_string(i), v1::QUEUED), i).ok()) _exit(1);
+    kill(getpid(), SIGKILL);
+    _exit(1);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL)
+      << "the child did not store its jobs (status " << status << ")";
+  // A clean close checkpoints the WAL and removes it; the killed one left it.
+  ASSERT_TRUE(std::filesystem::exists(dir + "/ftune.db-wal"));
+
+  auto s = Store::Open(dir, StoreSync::kNormal);
+  ASSERT_TRUE(s.ok()) << s.status();
+  for (int i = 1; i <= kNumJobs; ++i)
+    EXPECT_TRUE((*s)->GetJob("job-" + std::to_string(i)).ok()) << "job-" << i;
+  EXPECT_EQ((*s)->CountJobsByState()[v1::QUEUED], kNumJobs);
+  EXPECT_TRUE((*s)->CheckJobIndex().ok()) << (*s)->CheckJobIndex();
 }
 
 TEST(Store, PutAgentUpdatesTheRecordButNotTheAck) {
