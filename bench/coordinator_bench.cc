@@ -9,10 +9,11 @@
 //     streams, heartbeating, against M queued jobs: the time to open the
 //     store on them (its queue loaded once), the scheduling tick, the
 //     coordinator's CPU per heartbeat, CreateJob p50/p99 over gRPC and
-//     called directly, next to the disk's own fdatasync p50/p99 (each
-//     CreateJob commits once), and the coordinator's RSS. The agents run in a child process forked
-//     before gRPC starts, so the CPU and memory figures are the
-//     coordinator's alone.
+//     called directly with each --store-sync mode (full, then normal, on
+//     the same store and fleet), next to the disk's own fdatasync p50/p99
+//     (with full, each CreateJob waits for one), and the coordinator's RSS.
+//     The agents run in a child process forked before gRPC starts, so the
+//     CPU and memory figures are the coordinator's alone.
 //
 //   coordinator_bench [--events N] [--batch B] [--watchers 1,100,1000]
 //                     [--fanout-events N] [--fanout-period-ms MS]
@@ -281,9 +282,9 @@ class SimAgent : public grpc::ClientBidiReactor<v1::AgentToCoordinator, v1::Coor
   v1::CoordinatorToAgent in_;
 };
 
-// What one durable commit costs at least on the state dir's disk: the store
-// runs synchronous=FULL, so every committed transaction (each CreateJob)
-// waits for one fdatasync of the WAL. p50 and p99 of n syncs of 4 KiB, ms.
+// What one durable commit costs at least on the state dir's disk: with
+// --store-sync=full every committed transaction (each CreateJob) waits for
+// one fdatasync of the WAL. p50 and p99 of n syncs of 4 KiB, ms.
 std::pair<double, double> SyncLatencyMs(const std::string& dir, int n) {
   const std::string path = dir + "/sync-probe";
   const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
@@ -301,6 +302,58 @@ std::pair<double, double> SyncLatencyMs(const std::string& dir, int n) {
   if (ms.empty()) return {-1, -1};
   std::sort(ms.begin(), ms.end());
   return {ms[ms.size() / 2], ms[std::min(ms.size() - 1, ms.size() * 99 / 100)]};
+}
+
+// p50 and p99 of the latencies, ms (sorts them).
+std::pair<double, double> P50P99(std::vector<double>& ms) {
+  std::sort(ms.begin(), ms.end());
+  return {ms[ms.size() / 2], ms[std::min(ms.size() - 1, ms.size() * 99 / 100)]};
+}
+
+// num_creates CreateJob calls over gRPC, then as many on the JobManager
+// directly (validation, the per-user cap, the fit check, one commit, a
+// pass: what CreateJob costs without gRPC), with the store's synchronous
+// mode set to `sync` first.
+void CreateJobLatency(Store& store, StoreSync sync, v1::JobService::Stub& stub, JobManager& jobs,
+                      const v1::JobSpec& spec, int num_creates, int num_queued) {
+  if (auto st = store.SetSync(sync); !st.ok()) {
+    std::fprintf(stderr, "--store-sync=%s: %s\n", StoreSyncName(sync),
+                 std::string(st.message()).c_str());
+    return;
+  }
+  std::vector<double> lat;
+  for (int i = 0; i < num_creates; ++i) {
+    grpc::ClientContext ctx;
+    v1::CreateJobRequest req;
+    *req.mutable_spec() = spec;
+    v1::Job out;
+    const auto a = Steady::now();
+    const grpc::Status s = stub.CreateJob(&ctx, req, &out);
+    lat.push_back(std::chrono::duration<double, std::milli>(Steady::now() - a).count());
+    if (!s.ok()) {
+      std::fprintf(stderr, "CreateJob: %s\n", s.error_message().c_str());
+      break;
+    }
+  }
+  if (!lat.empty()) {
+    const auto [p50, p99] = P50P99(lat);
+    std::printf("scale: CreateJob over gRPC, --store-sync=%s, with %d queued: p50 %.1f ms, "
+                "p99 %.1f ms (%zu calls)\n",
+                StoreSyncName(sync), num_queued, p50, p99, lat.size());
+  }
+  std::vector<double> direct;
+  for (int i = 0; i < num_creates; ++i) {
+    const auto a = Steady::now();
+    const auto job = jobs.CreateJob(spec, "");
+    direct.push_back(std::chrono::duration<double, std::milli>(Steady::now() - a).count());
+    if (!job.ok()) break;
+  }
+  if (!direct.empty()) {
+    const auto [p50, p99] = P50P99(direct);
+    std::printf("scale: CreateJob in the process (no gRPC), --store-sync=%s: p50 %.1f ms, "
+                "p99 %.1f ms (%zu calls)\n",
+                StoreSyncName(sync), p50, p99, direct.size());
+  }
 }
 
 // The child: connects num_agents agents and heartbeats each every
@@ -439,47 +492,17 @@ void ScaleBench(int num_agents, int num_queued, int heartbeat_ms, int num_create
               "heartbeat\n",
               expected / window, 100.0 * cpu / window, 1e6 * cpu / expected);
 
-  // CreateJob over gRPC against the full queue.
+  const auto [sync_p50, sync_p99] = SyncLatencyMs(dir, 300);
+  std::printf("scale: fdatasync of 4 KiB on the state dir's disk (one per commit with "
+              "--store-sync=full): p50 %.1f ms, p99 %.1f ms\n",
+              sync_p50, sync_p99);
+  // CreateJob against the full queue, with each synchronous mode in turn
+  // on the same store, agents and server.
   auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(port),
                                      grpc::InsecureChannelCredentials());
   auto stub = v1::JobService::NewStub(channel);
-  std::vector<double> lat;
-  for (int i = 0; i < num_creates; ++i) {
-    grpc::ClientContext ctx;
-    v1::CreateJobRequest req;
-    *req.mutable_spec() = spec;
-    v1::Job out;
-    const auto a = Steady::now();
-    const grpc::Status s = stub->CreateJob(&ctx, req, &out);
-    lat.push_back(std::chrono::duration<double, std::milli>(Steady::now() - a).count());
-    if (!s.ok()) {
-      std::fprintf(stderr, "CreateJob: %s\n", s.error_message().c_str());
-      break;
-    }
-  }
-  std::sort(lat.begin(), lat.end());
-  const auto [sync_p50, sync_p99] = SyncLatencyMs(dir, 300);
-  std::printf("scale: fdatasync of 4 KiB on the state dir's disk (one per commit): p50 %.1f ms, "
-              "p99 %.1f ms\n",
-              sync_p50, sync_p99);
-  if (!lat.empty())
-    std::printf("scale: CreateJob over gRPC with %d queued: p50 %.1f ms, p99 %.1f ms (%zu calls)\n",
-                num_queued, lat[lat.size() / 2],
-                lat[std::min(lat.size() - 1, lat.size() * 99 / 100)], lat.size());
-  // The same calls on the JobManager directly: what CreateJob costs without
-  // gRPC (validation, the per-user cap, the fit check, one commit, a pass).
-  std::vector<double> direct;
-  for (int i = 0; i < num_creates; ++i) {
-    const auto a = Steady::now();
-    const auto job = coordinator.jobs().CreateJob(spec, "");
-    direct.push_back(std::chrono::duration<double, std::milli>(Steady::now() - a).count());
-    if (!job.ok()) break;
-  }
-  std::sort(direct.begin(), direct.end());
-  if (!direct.empty())
-    std::printf("scale: CreateJob in the process (no gRPC): p50 %.1f ms, p99 %.1f ms (%zu calls)\n",
-                direct[direct.size() / 2],
-                direct[std::min(direct.size() - 1, direct.size() * 99 / 100)], direct.size());
+  for (StoreSync sync : {StoreSync::kFull, StoreSync::kNormal})
+    CreateJobLatency(*store, sync, *stub, coordinator.jobs(), spec, num_creates, num_queued);
   std::printf("scale: coordinator RSS %.0f MiB\n", ftune::CurrentRssBytes() / 1048576.0);
 
   close(to_child[1]);  // the agents stop

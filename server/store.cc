@@ -53,6 +53,24 @@ std::string Blob(sqlite3_stmt* st, int col) {
   return p ? std::string(static_cast<const char*>(p), n) : std::string();
 }
 
+// The integer a pragma answers (`PRAGMA synchronous`); -1 if it cannot be
+// read.
+int64_t PragmaInt(sqlite3* db, const char* sql) {
+  sqlite3_stmt* q = nullptr;
+  int64_t value = -1;
+  if (sqlite3_prepare_v2(db, sql, -1, &q, nullptr) == SQLITE_OK && sqlite3_step(q) == SQLITE_ROW)
+    value = sqlite3_column_int64(q, 0);
+  sqlite3_finalize(q);
+  return value;
+}
+
+// Sets `PRAGMA synchronous` on db and reads it back.
+int64_t SetSynchronous(sqlite3* db, int level) {
+  const std::string sql = "PRAGMA synchronous=" + std::to_string(level);
+  if (sqlite3_exec(db, sql.c_str(), nullptr, nullptr, nullptr) != SQLITE_OK) return -1;
+  return PragmaInt(db, "PRAGMA synchronous");
+}
+
 // Resets a cached statement however the scope is left.
 struct Reset {
   sqlite3_stmt* st;
@@ -64,7 +82,7 @@ struct Reset {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
+absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& dir, StoreSync sync) {
   std::unique_ptr<Store> s(new Store());
   std::string path = dir;
   if (dir != ":memory:") {
@@ -83,9 +101,10 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
   }
   sqlite3_busy_timeout(s->db_, 5000);
   if (auto st = s->CheckIntegrity(path); !st.ok()) return st;
-  // WAL + synchronous=FULL: a committed transaction survives power loss, and
-  // readers never block the writer. journal_mode answers with the mode in
-  // effect, which is not WAL where the filesystem cannot share memory.
+  // WAL: readers never block the writer, and with synchronous=FULL a
+  // committed transaction survives power loss (NORMAL: a process crash; see
+  // StoreSync). journal_mode answers with the mode in effect, which is not
+  // WAL where the filesystem cannot share memory.
   if (dir != ":memory:") {
     sqlite3_stmt* q = nullptr;
     std::string mode;
@@ -100,13 +119,60 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
           "state database '" + path + "' cannot use write-ahead logging (journal_mode is '" +
           mode + "', " + sqlite3_errmsg(s->db_) +
           "): put --state-dir on a local filesystem");
+    // No commit checkpoints: the checkpoint thread does (the head of store.h).
+    if (auto st = s->Exec("PRAGMA wal_autocheckpoint=0"); !st.ok()) return st;
+    if (const int pages = s->WalAutocheckpoint(); pages != 0)
+      return absl::FailedPreconditionError(
+          "state database '" + path + "': PRAGMA wal_autocheckpoint reads back " +
+          std::to_string(pages) + " after setting it to 0: commits would run checkpoints");
   }
-  for (const char* pragma : {"PRAGMA synchronous=FULL", "PRAGMA foreign_keys=ON"}) {
-    if (auto st = s->Exec(pragma); !st.ok()) return st;
-  }
+  if (auto st = s->SetSync(sync); !st.ok()) return st;
+  if (auto st = s->Exec("PRAGMA foreign_keys=ON"); !st.ok()) return st;
   if (auto st = s->Migrate(); !st.ok()) return st;
   if (auto st = s->LoadJobIndex(&s->index_); !st.ok()) return st;
+  if (dir != ":memory:")
+    if (auto st = s->StartCheckpointer(path, sync); !st.ok()) return st;
   return s;
+}
+
+const char* StoreSyncName(StoreSync sync) {
+  return sync == StoreSync::kNormal ? "normal" : "full";
+}
+
+int Store::SynchronousMode() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  return static_cast<int>(PragmaInt(db_, "PRAGMA synchronous"));
+}
+
+int Store::WalAutocheckpoint() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  return static_cast<int>(PragmaInt(db_, "PRAGMA wal_autocheckpoint"));
+}
+
+// The level in effect is read back rather than trusted (SQLite answers a
+// pragma it does not take with silence, not an error): a store must not
+// claim a durability it does not have.
+absl::Status Store::SetSync(StoreSync sync) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  if (transaction_depth_ > 0)
+    return absl::FailedPreconditionError("the store's synchronous mode cannot change inside a "
+                                         "transaction");
+  const int want = static_cast<int>(sync);
+  if (auto st = Exec("PRAGMA synchronous=" + std::to_string(want)); !st.ok()) return st;
+  if (const int got = SynchronousMode(); got != want)
+    return absl::FailedPreconditionError(
+        "state database: PRAGMA synchronous reads back " + std::to_string(got) +
+        " after setting it to " + std::to_string(want) + " (--store-sync=" +
+        StoreSyncName(sync) + "): the store would not have the durability asked for");
+  // The checkpoint connection follows, so that its checkpoints sync as the
+  // store's own would.
+  if (checkpoint_db_ != nullptr)
+    if (const int64_t got = SetSynchronous(checkpoint_db_, want); got != want)
+      return absl::FailedPreconditionError(
+          "state database: PRAGMA synchronous of the checkpoint connection reads back " +
+          std::to_string(got) + " after setting it to " + std::to_string(want) +
+          " (--store-sync=" + StoreSyncName(sync) + ")");
+  return absl::OkStatus();
 }
 
 // quick_check reads every page (not the indexes' contents): a few ms for a
@@ -149,6 +215,19 @@ absl::Status Store::Failed(absl::Status st) {
 }
 
 Store::~Store() {
+  if (checkpointer_.joinable()) {
+    {
+      std::lock_guard<std::mutex> lock(checkpointer_mu_);
+      stopping_ = true;
+    }
+    checkpointer_wake_.notify_one();
+    checkpointer_.join();
+  }
+  // Closed first, so that the store's connection is the last one: its
+  // close checkpoints the WAL and removes it.
+  if (checkpoint_db_ && sqlite3_close(checkpoint_db_) != SQLITE_OK)
+    std::fprintf(stderr, "ftune-coordinator: store error: closing the checkpoint connection: %s\n",
+                 sqlite3_errmsg(checkpoint_db_));
   for (auto& [sql, st] : stmts_) sqlite3_finalize(st);
   if (db_) sqlite3_close(db_);
 }
@@ -183,7 +262,103 @@ absl::Status StatusFor(int rc, int sys_errno, const std::string& msg) {
   }
 }
 
+struct CheckpointResult {
+  int rc = SQLITE_OK;
+  int sys_errno = 0;    // with rc, SystemErrno
+  std::string message;  // with rc, sqlite3_errmsg
+  int num_log = 0;      // frames in the WAL
+  int num_done = 0;     // of those, copied into the database file
+};
+
+// One checkpoint of every database of db. The error is read under the
+// connection's mutex, before another call on it (SetSync) can replace it.
+CheckpointResult RunCheckpoint(sqlite3* db, int mode) {
+  CheckpointResult r;
+  sqlite3_mutex* mu = sqlite3_db_mutex(db);
+  sqlite3_mutex_enter(mu);
+  errno = 0;
+  r.rc = sqlite3_wal_checkpoint_v2(db, nullptr, mode, &r.num_log, &r.num_done);
+  if (r.rc != SQLITE_OK) {
+    r.sys_errno = SystemErrno(db);
+    r.message = sqlite3_errmsg(db);
+  }
+  sqlite3_mutex_leave(mu);
+  return r;
+}
+
 }  // namespace
+
+// The checkpoints get a connection of their own: on the store's they would
+// wait for its mutex behind requests, and requests behind them.
+absl::Status Store::StartCheckpointer(const std::string& path, StoreSync sync) {
+  if (sqlite3_open_v2(path.c_str(), &checkpoint_db_,
+                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_FULLMUTEX, nullptr) != SQLITE_OK)
+    return absl::FailedPreconditionError("cannot open a checkpoint connection to the state "
+                                         "database '" + path + "': " +
+                                         sqlite3_errmsg(checkpoint_db_));
+  // A passive checkpoint never waits; a truncating one waits this long for
+  // the store's write in progress.
+  sqlite3_busy_timeout(checkpoint_db_, 5000);
+  const int want = static_cast<int>(sync);
+  if (const int64_t got = SetSynchronous(checkpoint_db_, want); got != want)
+    return absl::FailedPreconditionError(
+        "state database '" + path + "': PRAGMA synchronous of the checkpoint connection reads "
+        "back " + std::to_string(got) + " after setting it to " + std::to_string(want));
+  const int64_t page_size = PragmaInt(checkpoint_db_, "PRAGMA page_size");
+  if (page_size <= 0)
+    return absl::FailedPreconditionError("state database '" + path +
+                                         "': cannot read its page size: " +
+                                         sqlite3_errmsg(checkpoint_db_));
+  max_wal_frames_ = kMaxWalBytes / page_size;
+  checkpointer_ = std::thread([this] { CheckpointLoop(); });
+  return absl::OkStatus();
+}
+
+// Each tick checkpoints what was committed since the last complete
+// checkpoint. `PRAGMA data_version` on this connection moves with every
+// commit of another one (the store's), so an idle store costs a pragma a
+// tick, not a checkpoint. A checkpoint that failed, or left frames a reader
+// still needed, is tried again at the next tick.
+void Store::CheckpointLoop() {
+  int64_t checkpointed_version = -1;  // data_version the last complete one saw
+  std::unique_lock<std::mutex> lock(checkpointer_mu_);
+  while (!checkpointer_wake_.wait_for(lock, kCheckpointInterval, [this] { return stopping_; })) {
+    lock.unlock();
+    const int64_t version = PragmaInt(checkpoint_db_, "PRAGMA data_version");
+    if (version < 0 || version != checkpointed_version) {
+      const CheckpointResult r = RunCheckpoint(checkpoint_db_, SQLITE_CHECKPOINT_PASSIVE);
+      if (r.rc == SQLITE_OK) {
+        ++num_checkpoints_;
+        if (r.num_done == r.num_log) checkpointed_version = version;
+      } else if ((r.rc & 0xff) != SQLITE_BUSY) {
+        // BUSY: another connection (an operator's sqlite3 shell) is
+        // checkpointing; the next tick tries again.
+        CheckpointFailed(r.rc, r.sys_errno, "checkpoint the WAL: " + r.message);
+      }
+      // The WAL starts over at the first commit after a complete checkpoint;
+      // writes that never pause, or an outside reader, can keep it from it.
+      if (r.rc == SQLITE_OK && r.num_log >= max_wal_frames_) {
+        std::fprintf(stderr,
+                     "ftune-coordinator: store: the WAL holds %d pages (%lld MiB or more) that "
+                     "passive checkpoints could not reset; truncating it, writes wait meanwhile\n",
+                     r.num_log, static_cast<long long>(kMaxWalBytes >> 20));
+        const CheckpointResult t = RunCheckpoint(checkpoint_db_, SQLITE_CHECKPOINT_TRUNCATE);
+        if (t.rc == SQLITE_OK)
+          ++num_checkpoints_;
+        else
+          CheckpointFailed(t.rc, t.sys_errno,
+                           "truncate the WAL of " + std::to_string(r.num_log) +
+                               " pages: " + t.message);
+      }
+    }
+    lock.lock();
+  }
+}
+
+void Store::CheckpointFailed(int rc, int sys_errno, const std::string& what) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);  // the listener's contract
+  Failed(StatusFor(rc, sys_errno, what)).IgnoreError();
+}
 
 absl::Status Store::Error(const std::string& what) {
   return Failed(StatusFor(sqlite3_extended_errcode(db_), SystemErrno(db_),

@@ -151,7 +151,15 @@ int main(int argc, char** argv) {
   size_t max_watchers_per_job = 1000;
   std::string event_retention = "0";
   double plan_timeout_s = 5;
+  std::string store_sync = "full";
   app.add_option("--state-dir", state_dir, "directory of the SQLite state (ftune.db)");
+  app.add_option("--store-sync", store_sync,
+                 "durability of each acknowledged change: full (an fdatasync per commit: "
+                 "survives power loss and OS crashes) or normal (no sync per commit: survives a "
+                 "coordinator crash or kill -9, but the last changes acknowledged before an OS "
+                 "crash or power loss can be lost; the database is never corrupted)")
+      ->check(CLI::IsMember({"full", "normal"}))
+      ->capture_default_str();
   app.add_option("--listen", listen, "gRPC address (JobService, AgentService, health, reflection)");
   app.add_option("--metrics-listen", metrics_listen, "Prometheus /metrics address; empty: off");
   app.add_option("--user-tokens", auth_files.user_tokens,
@@ -295,8 +303,13 @@ int main(int argc, char** argv) {
     }
   }
   if (refused) return 2;
+  const StoreSync sync = store_sync == "normal" ? StoreSync::kNormal : StoreSync::kFull;
+  if (sync == StoreSync::kNormal)
+    std::printf("ftune-coordinator: --store-sync=normal: commits are not flushed to disk one by "
+                "one; the last jobs and events acknowledged before a power loss or OS crash can "
+                "be lost (a coordinator crash loses nothing)\n");
   Metrics metrics;  // before the store, which reports its errors to it
-  auto store = Store::Open(state_dir);
+  auto store = Store::Open(state_dir, sync);
   if (!store.ok()) {
     std::fprintf(stderr, "ftune-coordinator: %s\n", std::string(store.status().message()).c_str());
     return 1;

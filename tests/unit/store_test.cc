@@ -2,10 +2,16 @@
 #include <signal.h>
 #include <sqlite3.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <mutex>
 #include <random>
+#include <thread>
 
 #include "job_state.h"
 #include "store.h"
@@ -23,6 +29,64 @@ v1::Job MakeJob(const std::string& id, v1::JobState state, const std::string& la
   j.mutable_spec()->set_name(id);
   if (!label.empty()) (*j.mutable_spec()->mutable_labels())["team"] = label;
   return j;
+}
+
+// A queued job whose spec is about kBigJobBytes (its name): a commit of one
+// fills several WAL pages.
+constexpr int kBigJobBytes = 16384;
+std::string BigJobName(int i) { return std::string(kBigJobBytes, static_cast<char>('a' + i % 26)); }
+v1::Job BigJob(int i) {
+  v1::Job j = MakeJob("job-" + std::to_string(i), v1::QUEUED, "team");
+  j.mutable_spec()->set_name(BigJobName(i));
+  return j;
+}
+
+// Polls cond until it holds, for up to `limit`.
+bool WaitUntil(const std::function<bool()>& cond,
+               std::chrono::milliseconds limit = std::chrono::seconds(10)) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (!cond()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return true;
+}
+
+// Store errors as the listener gets them, from any thread (the checkpoint
+// thread reports its own).
+class ErrorLog {
+ public:
+  void Listen(Store& store) {
+    store.SetErrorListener([this](const absl::Status& st) {
+      std::lock_guard<std::mutex> lock(mu_);
+      errors_.push_back(st);
+    });
+  }
+  std::vector<absl::Status> errors() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return errors_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<absl::Status> errors_;
+};
+
+// `PRAGMA wal_checkpoint(PASSIVE)` from a connection of the test's own:
+// true when nothing was left to copy or it copied everything.
+bool WalFullyCheckpointed(const std::string& dir) {
+  sqlite3* db = nullptr;
+  bool done = false;
+  if (sqlite3_open_v2((dir + "/ftune.db").c_str(), &db, SQLITE_OPEN_READWRITE, nullptr) ==
+      SQLITE_OK) {
+    sqlite3_stmt* q = nullptr;
+    if (sqlite3_prepare_v2(db, "PRAGMA wal_checkpoint(PASSIVE)", -1, &q, nullptr) == SQLITE_OK &&
+        sqlite3_step(q) == SQLITE_ROW)  // busy, frames in the WAL, frames copied
+      done = sqlite3_column_int(q, 0) == 0 && sqlite3_column_int(q, 1) == sqlite3_column_int(q, 2);
+    sqlite3_finalize(q);
+  }
+  sqlite3_close(db);
+  return done;
 }
 
 TEST(Store, PersistsAcrossReopen) {
@@ -55,6 +119,219 @@ TEST(Store, PersistsAcrossReopen) {
   auto agents = (*s)->ListAgents();
   ASSERT_EQ(agents->size(), 1u);
   EXPECT_EQ((*agents)[0].acked_seq, 7);
+}
+
+TEST(Store, EachSyncModeIsInEffectAndKeepsJobsAcrossReopen) {
+  {
+    auto s = Store::Open(":memory:");  // the default
+    ASSERT_TRUE(s.ok()) << s.status();
+    EXPECT_EQ((*s)->SynchronousMode(), 2);  // FULL
+  }
+  for (const auto& [sync, pragma] : {std::pair{StoreSync::kFull, 2}, {StoreSync::kNormal, 1}}) {
+    SCOPED_TRACE(StoreSyncName(sync));
+    testutil::TempDir tmp("ftune-store");
+    const std::string dir = tmp.path() + "/state";
+    {
+      auto s = Store::Open(dir, sync);
+      ASSERT_TRUE(s.ok()) << s.status();
+      EXPECT_EQ((*s)->SynchronousMode(), pragma);
+      ASSERT_TRUE((*s)->InsertJob(MakeJob("job-1", v1::QUEUED), 1).ok());
+    }
+    auto s = Store::Open(dir, sync);
+    ASSERT_TRUE(s.ok()) << s.status();
+    EXPECT_EQ((*s)->SynchronousMode(), pragma);
+    auto job = (*s)->GetJob("job-1");
+    ASSERT_TRUE(job.ok()) << job.status();
+    EXPECT_EQ(job->state(), v1::QUEUED);
+  }
+}
+
+TEST(Store, SyncModeChangesOnAnOpenStoreOutsideATransactionOnly) {
+  testutil::TempDir tmp("ftune-store");
+  auto s = Store::Open(tmp.path() + "/state");
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE((*s)->SetSync(StoreSync::kNormal).ok());
+  EXPECT_EQ((*s)->SynchronousMode(), 1);
+  const absl::Status inside =
+      (*s)->Transaction([&]() -> absl::Status { return (*s)->SetSync(StoreSync::kFull); });
+  EXPECT_EQ(inside.code(), absl::StatusCode::kFailedPrecondition) << inside;
+  EXPECT_EQ((*s)->SynchronousMode(), 1);
+  ASSERT_TRUE((*s)->SetSync(StoreSync::kFull).ok());
+  EXPECT_EQ((*s)->SynchronousMode(), 2);
+}
+
+// synchronous=NORMAL gives up durability against power loss only: a
+// coordinator killed right after its commits (no clean close, no checkpoint)
+// keeps every one of them.
+TEST(Store, NormalSyncKeepsEveryCommitOfAKilledProcess) {
+  testutil::TempDir tmp("ftune-store");
+  const std::string dir = tmp.path() + "/state";
+  constexpr int kNumJobs = 100;
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    auto s = Store::Open(dir, StoreSync::kNormal);
+    if (!s.ok()) _exit(1);
+    for (int i = 1; i <= kNumJobs; ++i)  // one commit each, as CreateJob
+      if (!(*s)->InsertJob(MakeJob("job-" + std::to_string(i), v1::QUEUED), i).ok()) _exit(1);
+    kill(getpid(), SIGKILL);
+    _exit(1);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL)
+      << "the child did not store its jobs (status " << status << ")";
+  // A clean close checkpoints the WAL and removes it; the killed one left it.
+  ASSERT_TRUE(std::filesystem::exists(dir + "/ftune.db-wal"));
+
+  auto s = Store::Open(dir, StoreSync::kNormal);
+  ASSERT_TRUE(s.ok()) << s.status();
+  for (int i = 1; i <= kNumJobs; ++i)
+    EXPECT_TRUE((*s)->GetJob("job-" + std::to_string(i)).ok()) << "job-" << i;
+  EXPECT_EQ((*s)->CountJobsByState()[v1::QUEUED], kNumJobs);
+  EXPECT_TRUE((*s)->CheckJobIndex().ok()) << (*s)->CheckJobIndex();
+}
+
+// Commits never checkpoint (SQLite would, past 1,000 WAL pages, inside the
+// commit): the store's thread copies the WAL into the database file while
+// the store is open, the connection's autocheckpoint reads 0.
+TEST(Store, TheCheckpointThreadNotTheCommitsCopiesTheWalIntoTheDatabase) {
+  {
+    auto s = Store::Open(":memory:");  // no WAL, no thread
+    ASSERT_TRUE(s.ok()) << s.status();
+    EXPECT_EQ((*s)->NumCheckpoints(), 0);
+  }
+  testutil::TempDir tmp("ftune-store");
+  const std::string dir = tmp.path() + "/state";
+  auto s = Store::Open(dir);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ((*s)->WalAutocheckpoint(), 0);
+  // One commit each, 5 WAL pages or more each: past 1,000 pages.
+  constexpr int kNumJobs = 300;
+  for (int i = 1; i <= kNumJobs; ++i) ASSERT_TRUE((*s)->InsertJob(BigJob(i), i).ok());
+  const std::string db = dir + "/ftune.db";
+  // Only a checkpoint puts the jobs into ftune.db, and the store has not
+  // closed. (The count moves once the checkpoint returns, after the file
+  // has grown.)
+  EXPECT_TRUE(WaitUntil([&] {
+    return std::filesystem::file_size(db) >= kNumJobs * kBigJobBytes &&
+           (*s)->NumCheckpoints() >= 1;
+  })) << "ftune.db holds " << std::filesystem::file_size(db) << " bytes after "
+      << (*s)->NumCheckpoints() << " checkpoints";
+}
+
+// Jobs committed before, between and after the thread's checkpoints are all
+// there once the store is closed (its close checkpoints the rest and removes
+// the WAL, autocheckpoint off or not) and opened again (quick_check passes).
+TEST(Store, JobsAroundBackgroundCheckpointsAreAllThereAfterReopen) {
+  testutil::TempDir tmp("ftune-store");
+  const std::string dir = tmp.path() + "/state";
+  const std::string db = dir + "/ftune.db";
+  constexpr int kNumRounds = 3;
+  constexpr int kJobsPerRound = 100;
+  {
+    ErrorLog errors;  // outlives the store, whose thread calls it
+    auto s = Store::Open(dir, StoreSync::kNormal);
+    ASSERT_TRUE(s.ok()) << s.status();
+    errors.Listen(**s);
+    for (int round = 0; round < kNumRounds; ++round) {
+      for (int i = round * kJobsPerRound + 1; i <= (round + 1) * kJobsPerRound; ++i) {
+        ASSERT_TRUE((*s)->Transaction([&]() -> absl::Status {
+                          if (auto st = (*s)->InsertJob(BigJob(i), i); !st.ok()) return st;
+                          v1::JobEvent e;
+                          e.set_job_id("job-" + std::to_string(i));
+                          e.set_seq(1);
+                          return (*s)->AppendEvent(e);
+                        }).ok());
+      }
+      if (round + 1 == kNumRounds) break;  // the last round stays in the WAL
+      const uintmax_t stored = static_cast<uintmax_t>(round + 1) * kJobsPerRound * kBigJobBytes;
+      ASSERT_TRUE(WaitUntil([&] { return std::filesystem::file_size(db) >= stored; }))
+          << "round " << round << ": no checkpoint";
+    }
+    EXPECT_TRUE(errors.errors().empty()) << errors.errors()[0];
+  }
+  EXPECT_FALSE(std::filesystem::exists(db + "-wal"));
+  auto s = Store::Open(dir, StoreSync::kNormal);
+  ASSERT_TRUE(s.ok()) << s.status();
+  for (int i = 1; i <= kNumRounds * kJobsPerRound; ++i) {
+    auto job = (*s)->GetJob("job-" + std::to_string(i));
+    ASSERT_TRUE(job.ok()) << job.status();
+    EXPECT_EQ(job->spec().name(), BigJobName(i)) << "job-" << i;
+    auto events = (*s)->ReadEvents("job-" + std::to_string(i), 0, 10, 10);
+    ASSERT_TRUE(events.ok()) << events.status();
+    EXPECT_EQ(events->size(), 1u) << "job-" << i;
+  }
+  EXPECT_EQ((*s)->CountJobsByState()[v1::QUEUED], kNumRounds * kJobsPerRound);
+  EXPECT_TRUE((*s)->CheckJobIndex().ok()) << (*s)->CheckJobIndex();
+}
+
+// The destructor wakes the thread rather than waiting out its tick, even
+// right after Open.
+TEST(Store, ClosingStopsTheCheckpointThreadAtOnce) {
+  testutil::TempDir tmp("ftune-store");
+  const std::string dir = tmp.path() + "/state";
+  for (int i = 1; i <= 5; ++i) {
+    auto s = Store::Open(dir);
+    ASSERT_TRUE(s.ok()) << s.status();
+    ASSERT_TRUE((*s)->InsertJob(MakeJob("job-" + std::to_string(i), v1::QUEUED), i).ok());
+    const auto start = std::chrono::steady_clock::now();
+    s->reset();
+    EXPECT_LT(std::chrono::steady_clock::now() - start, Store::kCheckpointInterval);
+  }
+  auto s = Store::Open(dir);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ((*s)->CountJobsByState()[v1::QUEUED], 5);
+}
+
+using testutil::FullDisk;
+
+// A checkpoint the disk refuses is logged and reported as any store error
+// (RESOURCE_EXHAUSTED, from the checkpoint thread), and tried again until
+// it succeeds.
+TEST(Store, AFailedCheckpointIsReportedAndTriedAgain) {
+  testutil::TempDir tmp("ftune-store");
+  const std::string dir = tmp.path() + "/state";
+  const std::string db = dir + "/ftune.db";
+  ErrorLog errors;  // outlives the store, whose thread calls it
+  auto s = Store::Open(dir);
+  ASSERT_TRUE(s.ok()) << s.status();
+  errors.Listen(**s);
+  int num_stored = 0;
+  for (; num_stored < 50; ++num_stored)
+    ASSERT_TRUE((*s)->InsertJob(BigJob(num_stored + 1), num_stored + 1).ok());
+  // Everything in ftune.db: the next commit starts the WAL over from its
+  // first page, so the WAL has room under the limit below (ftune.db's size,
+  // 800 KiB or more) while a checkpoint of a new job must grow ftune.db.
+  ASSERT_TRUE(WaitUntil([&] { return WalFullyCheckpointed(dir); }));
+  const auto checkpoint_error = [&]() -> std::optional<absl::Status> {
+    for (const absl::Status& st : errors.errors())
+      if (st.message().find("checkpoint") != std::string::npos) return st;
+    return std::nullopt;
+  };
+  std::optional<absl::Status> failed;
+  {
+    FullDisk full(std::filesystem::file_size(db));
+    ASSERT_TRUE(WaitUntil([&] {
+      // Some of these may be refused too once the WAL cannot start over.
+      if ((*s)->InsertJob(BigJob(num_stored + 1), num_stored + 1).ok()) ++num_stored;
+      return (failed = checkpoint_error()).has_value();
+    })) << "no checkpoint failed on a full disk; " << errors.errors().size() << " store errors";
+  }
+  EXPECT_EQ(failed->code(), absl::StatusCode::kResourceExhausted) << *failed;
+  // Room again: the next tick's checkpoint succeeds.
+  const int64_t before = (*s)->NumCheckpoints();
+  EXPECT_TRUE(WaitUntil([&] { return (*s)->NumCheckpoints() > before; }));
+  EXPECT_TRUE(WaitUntil([&] { return WalFullyCheckpointed(dir); }));
+  s->reset();
+  auto reopened = Store::Open(dir);  // quick_check passes
+  ASSERT_TRUE(reopened.ok()) << reopened.status();
+  EXPECT_EQ((*reopened)->CountJobsByState()[v1::QUEUED], num_stored);
+  for (int i = 1; i <= num_stored; ++i) {
+    auto job = (*reopened)->GetJob("job-" + std::to_string(i));
+    ASSERT_TRUE(job.ok()) << job.status();
+    EXPECT_EQ(job->spec().name(), BigJobName(i));
+  }
 }
 
 TEST(Store, PutAgentUpdatesTheRecordButNotTheAck) {
@@ -171,15 +448,13 @@ TEST(Store, ErrorsAreReportedToTheListenerAndReturned) {
   EXPECT_EQ(errors.size(), 1u);
 }
 
-using testutil::FullDisk;
-
 TEST(Store, AFullDiskIsResourceExhaustedAndLosesNothingStored) {
   testutil::TempDir tmp("ftune-store");
   const std::string dir = tmp.path() + "/state";
+  ErrorLog errors;  // outlives the store, whose checkpoint thread may call it
   auto s = Store::Open(dir);
   ASSERT_TRUE(s.ok()) << s.status();
-  std::vector<absl::Status> errors;
-  (*s)->SetErrorListener([&](const absl::Status& st) { errors.push_back(st); });
+  errors.Listen(**s);
   int num_stored = 0;
   const auto insert = [&]() {
     const int i = num_stored + 1;
@@ -206,8 +481,8 @@ TEST(Store, AFullDiskIsResourceExhaustedAndLosesNothingStored) {
   ASSERT_FALSE(refused.ok()) << "nothing was refused on a full disk";
   EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
   EXPECT_NE(refused.message().find("disk is full"), std::string::npos) << refused;
-  ASSERT_FALSE(errors.empty());
-  EXPECT_EQ(errors.back().code(), absl::StatusCode::kResourceExhausted);
+  ASSERT_FALSE(errors.errors().empty());
+  EXPECT_EQ(errors.errors().back().code(), absl::StatusCode::kResourceExhausted);
 
   // Room again: what was stored is there, the refused job is not, and the
   // store takes writes.
