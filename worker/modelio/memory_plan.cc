@@ -227,10 +227,7 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
                 : largest_projection;
   const int64_t dequant =
       !o.quantize_base ? 0 : (num_checkpointed > 0 ? layer_dense : largest_dequant) * cb;
-  // The loss chunk's logits: fp32 with their fp32 gradient, or with the
-  // fused kernels (16-bit) the compute-dtype logits the gradient overwrites.
-  const int64_t loss_chunk =
-      std::min(o.loss_chunk_tokens, T) * c.vocab_size * (fused_mlp ? cb : 4 * 2);
+  const int64_t loss_chunk = std::min(o.loss_chunk_tokens, T) * c.vocab_size * 4 * 2;
   const int64_t hidden_grads = 2 * T * h * 4;          // grad of the residual stream (fp32 in flight)
 
   MemoryPlan plan;

@@ -37,8 +37,7 @@
 //                   projections' dequantized weights.
 //   scratch         the dequantized weight of the largest projection
 //                   (forward and backward each dequantize it once), the
-//                   loss's chunk of fp32 logits and their gradient (with
-//                   the fused kernels, its bf16 logits), and with
+//                   loss's chunk of fp32 logits and their gradient, and with
 //                   math attention the (heads x seq x seq) scores.
 //   runtime         the CUDA context/cuBLAS workspace and NCCL's buffers
 //                   (device) and the process' libraries (host), as
