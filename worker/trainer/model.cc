@@ -806,7 +806,8 @@ LossOutput LlamaModel::Loss(const at::Tensor& input_ids, const at::Tensor& posit
   if (layout == nullptr) CheckTargets(t, config_.vocab_size);
   at::Tensor hs = h.slice(1, 0, s - 1).reshape({-1, hidden}).index_select(0, rows);  // (n, hidden)
   LossOutput out;
-  out.loss_sum = ChunkedCrossEntropySum(hs, lm_head_, t, options_.loss_chunk_tokens, Fused(hs));
+  out.loss_sum = ChunkedCrossEntropySum(hs, lm_head_, t, options_.loss_chunk_tokens,
+                                        options_.fused_loss && Fused(hs));
   out.num_tokens = layout != nullptr ? layout->num_loss_tokens : rows.size(0);
   if (!boundary) ReleaseHead();
   return out;

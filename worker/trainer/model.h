@@ -113,6 +113,10 @@ struct ModelOptions {
   // SwiGLU and RoPE as fused kernels (fused_ops.h); false keeps the LibTorch
   // op chains they replace.
   bool fused_kernels = true;
+  // With fused_kernels on CUDA: the loss's log-softmax and gradient as one
+  // kernel over each chunk's bf16 logits (FusedCrossEntropyRows,
+  // fused_ops.h) instead of the fp32 chain.
+  bool fused_loss = false;
   int64_t loss_chunk_tokens = 1024;
   AttentionImpl attention = AttentionImpl::kAuto;
   // NF4 base weights for all 7 projections of every layer, quantized at load

@@ -114,6 +114,12 @@ ModelOptions ModelOptionsFor(const RunConfig& config, c10::Device device) {
   if (const char* v = std::getenv("FTUNE_FUSED_KERNELS"); v != nullptr && std::string(v) == "0") {
     o.fused_kernels = false;
   }
+  // The fused loss kernel on GPU ranks: off until its CUDA kernel has run
+  // against its reference on a GPU host (fused_cuda_test); the CPU
+  // reference is tested against the fp32 chain.
+  if (const char* v = std::getenv("FTUNE_FUSED_LOSS"); v != nullptr && std::string(v) == "1") {
+    o.fused_loss = true;
+  }
   // And LoRA in fp32 as PEFT computes it (with the op chains: the path
   // before the speed work, for the loss-curve comparison).
   if (const char* v = std::getenv("FTUNE_LORA_FP32"); v != nullptr && std::string(v) == "1") {
