@@ -18,6 +18,7 @@
 #include <cstring>
 
 #include "absl/status/status.h"
+#include "ftune/socket_util.h"
 
 namespace ftune::server {
 namespace {
@@ -84,37 +85,6 @@ absl::StatusOr<int> ListenOn(const std::string& listen, int* bound_port) {
   return fd;
 }
 
-// Each relayed chunk goes out at once: with Nagle's algorithm a response's
-// second segment waits for the peer's delayed ACK (40 ms a scrape).
-void NoDelay(int fd) {
-  const int one = 1;
-  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-}
-
-void SetTimeouts(int fd, std::chrono::milliseconds t) {
-  timeval tv{};
-  tv.tv_sec = static_cast<time_t>(t.count() / 1000);
-  tv.tv_usec = static_cast<suseconds_t>((t.count() % 1000) * 1000);
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-}
-
-int ConnectLoopback(int port, std::chrono::milliseconds timeout) {
-  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return -1;
-  SetTimeouts(fd, timeout);
-  NoDelay(fd);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
-    close(fd);
-    return -1;
-  }
-  return fd;
-}
-
 bool SendAll(int fd, const char* data, size_t n) {
   while (n > 0) {
     const ssize_t w = send(fd, data, n, MSG_NOSIGNAL);
@@ -152,7 +122,7 @@ void Relay(SSL* ssl, int client, int upstream_port, std::chrono::milliseconds id
     if (client_ready) {
       const int n = SSL_read(ssl, buf, sizeof(buf));
       if (n > 0) {
-        if (upstream < 0 && (upstream = ConnectLoopback(upstream_port, idle)) < 0) break;
+        if (upstream < 0 && (upstream = ftune::ConnectLoopback(upstream_port, idle)) < 0) break;
         if (!SendAll(upstream, buf, static_cast<size_t>(n))) break;
       } else if (upstream < 0) {
         break;  // gone before asking anything
@@ -265,11 +235,11 @@ void TlsTerminator::Serve(int client, const std::shared_ptr<const TlsIdentity>& 
   sigemptyset(&pipe);
   sigaddset(&pipe, SIGPIPE);
   pthread_sigmask(SIG_BLOCK, &pipe, nullptr);
-  SetTimeouts(client, options_.handshake_timeout);
-  NoDelay(client);
+  ftune::SetSocketTimeouts(client, options_.handshake_timeout);
+  ftune::SetNoDelay(client);
   if (SSL* ssl = SSL_new(identity->ctx())) {
     if (SSL_set_fd(ssl, client) == 1 && SSL_accept(ssl) == 1) {
-      SetTimeouts(client, options_.idle_timeout);
+      ftune::SetSocketTimeouts(client, options_.idle_timeout);
       Relay(ssl, client, upstream_port_, options_.idle_timeout);
       SSL_shutdown(ssl);
     }

@@ -15,7 +15,7 @@
 #include <utility>
 #include <vector>
 
-#include "loopback.h"
+#include "ftune/socket_util.h"
 
 #include <openssl/err.h>
 #include <openssl/evp.h>

@@ -16,7 +16,7 @@
 
 #include <gtest/gtest.h>
 
-#include "loopback.h"
+#include "ftune/socket_util.h"
 
 namespace ftune::testing {
 
@@ -114,7 +114,7 @@ std::string StatusLine(const std::string& response) {
 }
 
 std::string Scrape(int port, const std::string& authorization) {
-  const int fd = testutil::ConnectLoopback(port);
+  const int fd = ConnectLoopback(port);
   std::string out;
   if (fd >= 0) {
     std::string req = "GET /metrics HTTP/1.0\r\nHost: localhost\r\n";

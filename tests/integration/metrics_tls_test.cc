@@ -32,6 +32,7 @@
 
 #include <gtest/gtest.h>
 
+#include "ftune/socket_util.h"
 #include "cluster.h"
 #include "tls_test_util.h"
 
@@ -90,7 +91,7 @@ TEST(MetricsTls, ScrapedOverHttpsAgainstItsCertificateOnly) {
   // Clients that never handshake hold no scrape up.
   std::vector<int> idle;
   for (int i = 0; i < 4; ++i) {
-    idle.push_back(testutil::ConnectLoopback(port));
+    idle.push_back(ConnectLoopback(port));
     ASSERT_GE(idle.back(), 0);
   }
   std::string error;

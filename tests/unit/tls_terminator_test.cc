@@ -4,6 +4,7 @@
 // and a connection that goes idle; a new identity serves new handshakes
 // while an open connection keeps its own; destruction ends open
 // connections at once. Timeouts are the Options', made short here.
+#include "ftune/socket_util.h"
 #include "tls_terminator.h"
 
 #include <arpa/inet.h>
@@ -86,7 +87,7 @@ std::shared_ptr<const TlsIdentity> Identity(const testutil::TempDir& dir, const 
 
 // A plain TCP connection to 127.0.0.1:port that gives up reading after 5 s.
 int RawConnect(int port) {
-  const int fd = testutil::ConnectLoopback(port, std::chrono::seconds(5));
+  const int fd = ConnectLoopback(port, std::chrono::seconds(5));
   EXPECT_GE(fd, 0);
   return fd;
 }

@@ -171,6 +171,12 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
   if (!varlen_flash) saved += 2 * T * q * cb;          // k, v repeated to every head (GQA)
   saved += (varlen_flash ? 1 : 2) * T * q * cb;        // attention output (+ transposed copy)
   const bool fused_mlp = varlen_flash && o.fused_kernels;
+  // Whether p's adapter A rows ride in a fused q/k/v or gate/up GEMM (its
+  // buffer and output gain r rows / columns).
+  const auto fused_adapter = [&](const Projection& p) {
+    const std::string name = p.name;
+    return fused_mlp && name != "o_proj" && name != "down_proj" && targets.count(name) > 0;
+  };
   saved += (fused_mlp ? 3 : 4) * T * inter * cb;       // gate, up, (silu(gate),) product
   for (const Projection& p : Projections(c)) {
     if (!targets.count(p.name)) continue;
@@ -198,8 +204,7 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
     int64_t columns = 0;
     for (const Projection& p : Projections(c)) {
       columns += p.out;
-      const bool fused_gemm = std::string(p.name) != "o_proj" && std::string(p.name) != "down_proj";
-      if (fused_mlp && fused_gemm && targets.count(p.name)) columns += r;
+      if (fused_adapter(p)) columns += r;
     }
     kept_per_layer = T * columns * cb;
   }
@@ -213,8 +218,7 @@ Result<MemoryPlan> PlanMemory(const LlamaConfig& c, const MemoryPlanOptions& o) 
   int64_t fused_a_rows = 0;     // the A rows in its fused buffers, elements
   for (const Projection& p : Projections(c)) {
     layer_dense += p.out * p.in;
-    const bool fused_gemm = std::string(p.name) != "o_proj" && std::string(p.name) != "down_proj";
-    if (fused_mlp && fused_gemm && targets.count(p.name)) fused_a_rows += r * p.in;
+    if (fused_adapter(p)) fused_a_rows += r * p.in;
   }
   const int64_t dense_kept = num_dense_kept * (layer_dense + fused_a_rows) * cb;
   // Scratch: one dequantized projection, or while a checkpointed layer's
